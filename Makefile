@@ -1,0 +1,52 @@
+# svcproxy developer entry points. `make test` and `make demo` work on a fresh
+# machine (as root): they install what they need, then run.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e demo clean
+
+all: test
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+# Debian packages, the lab's Kubernetes binaries (cached by version outside
+# the repo) and the user-mode-linux kernel: see hack/setup.sh.
+host-deps:
+	bash hack/setup.sh
+
+lint: venv
+	$(BIN)/ruff check operator tests benchmarks
+	$(BIN)/lint-imports
+
+typecheck: venv
+	$(BIN)/mypy
+
+crds: venv
+	$(BIN)/svcproxy crds --output-dir crds
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+test-dataplane: venv host-deps
+	$(BIN)/pytest -q tests/dataplane $(PYTEST_ARGS)
+
+test-e2e: venv host-deps
+	$(BIN)/pytest -q tests/e2e $(PYTEST_ARGS)
+
+test: venv host-deps lint typecheck
+	$(BIN)/pytest -q tests $(PYTEST_ARGS)
+
+demo: venv host-deps
+	$(BIN)/svcproxy demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
