@@ -1,0 +1,133 @@
+"""ProxyVirtualServer: the compiled program of one Service, written by the operator.
+
+One object per proxied Service, with the Service's name and namespace. It lists
+every virtual server (service port x virtual IP) with its scheduler, flags,
+persistence and real servers, in the order the agents program them. Agents
+read these and nothing else; the content hash lets them report exactly which
+program they applied.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from svcproxy.api.common import API_VERSION, ApiModel, ObjectMeta
+from svcproxy.api.policy import Mode, Scheduler, SchedulerFlag
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
+IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
+
+
+class RealServer(ApiModel):
+    """One endpoint behind a virtual server."""
+
+    address: IPAddress
+    """The endpoint's IP address."""
+    port: int = Field(ge=1, le=65535)
+    """The endpoint's port (the Service's targetPort, resolved)."""
+    weight: int = Field(default=1, ge=0, le=65535)
+    """IPVS weight; 0 drains: no new connections, existing ones continue."""
+    node_name: str | None = None
+    """The node the endpoint runs on."""
+    pod_name: str | None = None
+    """The Pod behind the endpoint."""
+    ready: bool = True
+    """The endpoint is ready: it takes new connections."""
+    serving: bool = True
+    """The endpoint is serving (ready, or terminating but still answering)."""
+    terminating: bool = False
+    """The endpoint is terminating; served endpoints that terminate are drained."""
+
+
+class VirtualServer(ApiModel):
+    """One virtual server: a virtual IP, protocol and port, and its real servers."""
+
+    port_name: Annotated[str, StringConstraints(max_length=63)] = ""
+    """The Service port's name ("" for a single unnamed port)."""
+    protocol: Protocol = "TCP"
+    """Transport protocol."""
+    address: IPAddress
+    """The virtual IP (a ClusterIP today; the shape allows external and load-balancer IPs)."""
+    address_type: AddressType = "ClusterIP"
+    """Where the virtual IP comes from."""
+    port: int = Field(ge=1, le=65535)
+    """The virtual port."""
+    mode: Mode = "ipvs"
+    """Proxy mode for this virtual server."""
+    scheduler: Scheduler | None = None
+    """Scheduler (none in iptables mode, where the choice is random)."""
+    scheduler_flags: list[SchedulerFlag] = Field(default_factory=list)
+    """Scheduler flags (sh and mh only)."""
+    persistence_timeout_seconds: int = Field(default=0, ge=0, le=86400)
+    """ClientIP affinity timeout; 0 means no affinity."""
+    real_servers: list[RealServer] = Field(default_factory=list)
+    """Real servers in canonical order (sorted by address and port): every node adds
+    them in this order so hashing schedulers agree across nodes."""
+
+
+class ObjectRef(ApiModel):
+    """A reference to the object a program came from."""
+
+    name: str
+    """Name."""
+    uid: str | None = None
+    """UID."""
+    generation: int | None = None
+    """.metadata.generation at compile time (policies only)."""
+
+
+class ProgramSummary(ApiModel):
+    """Short text for `kubectl get pvs`."""
+
+    vips: str = ""
+    """Virtual IP:port/protocol list."""
+    endpoints: str = ""
+    """Ready endpoints over all listed endpoints."""
+
+
+class ProxyVirtualServerSpec(ApiModel):
+    """The compiled program of one Service."""
+
+    service: ObjectRef
+    """The Service this programs (same name and namespace as this object)."""
+    policy: ObjectRef
+    """The ServiceProxyPolicy it was compiled from."""
+    mode: Mode
+    """Proxy mode."""
+    scheduler: Scheduler | None = None
+    """Scheduler (none in iptables mode)."""
+    scheduler_flags: list[SchedulerFlag] = Field(default_factory=list)
+    """Scheduler flags."""
+    persistence_timeout_seconds: int = Field(default=0, ge=0, le=86400)
+    """ClientIP affinity timeout; 0 means no affinity."""
+    virtual_servers: list[VirtualServer] = Field(default_factory=list)
+    """One entry per service port and virtual IP."""
+    content_hash: str = ""
+    """Hash of everything above: agents report it once applied."""
+    summary: ProgramSummary = Field(default_factory=ProgramSummary)
+    """Short text for printer columns."""
+
+
+class ProxyVirtualServer(ApiModel):
+    """The compiled proxy program of one Service, written only by the svcproxy operator
+    and read by every node agent."""
+
+    model_config = ConfigDict(
+        alias_generator=ApiModel.model_config.get("alias_generator"),
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    api_version: Literal["svcproxy.io/v1alpha1"] = API_VERSION
+    kind: Literal["ProxyVirtualServer"] = "ProxyVirtualServer"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: ProxyVirtualServerSpec
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> ProxyVirtualServer:
+        return cls.model_validate(obj)
