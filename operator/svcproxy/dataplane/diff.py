@@ -1,0 +1,183 @@
+"""The diff: desired table + observed table -> smallest list of kernel operations.
+
+Pure (no I/O), the heart of the agent. Every proxier calls :func:`diff`
+(full syncs diff against the kernel read back, partial syncs against the
+in-memory mirror) and the in-memory fakes use :func:`apply` to play the
+operations onto a table. Property-tested in ``tests/unit/test_diff*.py``.
+
+Rules:
+
+* Only keys in ``owned`` (observed virtual servers the agent owns) and keys
+  absent from ``observed`` are ever touched; a foreign virtual server at a
+  desired key is left alone (:func:`conflicts` lists them).
+* Order keeps traffic flowing: new and updated virtual servers first, then
+  per virtual server real-server adds and weight updates before deletes,
+  then deletes of whole virtual servers.
+* Hash schedulers (sh, dh, mh) need the kernel's real-server order to be
+  the canonical one; the kernel appends on add, so when the observed order
+  differs, real servers are deleted from the first out-of-order position
+  and re-added in canonical order (those deletes must precede the adds).
+  For other schedulers order is irrelevant and never causes operations.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from svcproxy.dataplane.table import RealServer, Table, VirtualServer, VSKey, canonical_order
+
+
+class OpKind(enum.Enum):
+    ADD_VS = "add_virtual_server"
+    UPDATE_VS = "update_virtual_server"
+    DELETE_VS = "delete_virtual_server"
+    ADD_RS = "add_real_server"
+    UPDATE_RS = "update_real_server"
+    DELETE_RS = "delete_real_server"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One kernel operation.
+
+    ``virtual_server`` is the desired virtual server (its own attributes,
+    without real servers) for adds/updates, the observed one for deletes,
+    and the parent for real-server operations.
+    """
+
+    kind: OpKind
+    virtual_server: VirtualServer
+    real_server: RealServer | None = None
+
+    @property
+    def key(self) -> VSKey:
+        return self.virtual_server.key
+
+    @property
+    def owner(self) -> str:
+        return self.virtual_server.owner
+
+    def __str__(self) -> str:
+        rs = f" -> {self.real_server.address}:{self.real_server.port}" if self.real_server else ""
+        return f"{self.kind.value} {self.key}{rs}"
+
+
+def count_kinds(ops: Iterable[Operation]) -> dict[str, int]:
+    return dict(Counter(op.kind.value for op in ops))
+
+
+def _real_ops(want: VirtualServer, have: VirtualServer) -> tuple[list[Operation], list[Operation]]:
+    """(adds/updates, deletes) that turn ``have``'s real servers into ``want``'s."""
+    parent = want.without_reals()
+    desired = canonical_order(want.real_servers) if want.hashed else want.real_servers
+    want_by_key = {r.key: r for r in desired}
+    have_by_key = {r.key: r for r in have.real_servers}
+    early: list[Operation] = []  # deletes that must come before adds (hash re-order)
+    adds: list[Operation] = []
+    deletes: list[Operation] = []
+    keep = [r for r in have.real_servers if r.key in want_by_key]
+    readd_from = len(keep)
+    if want.hashed:
+        for i, r in enumerate(keep):
+            if r.key != desired[i].key:
+                readd_from = i
+                break
+        # When the kept ones are a prefix of desired, new ones are appended in order.
+    for r in keep[readd_from:]:
+        early.append(Operation(OpKind.DELETE_RS, parent, r))
+    readd = {r.key for r in keep[readd_from:]}
+    for r in have.real_servers:
+        if r.key not in want_by_key:
+            # Removing a real server never disturbs the order of the others: delete last.
+            deletes.append(Operation(OpKind.DELETE_RS, parent, r))
+    for r in desired:
+        old = have_by_key.get(r.key)
+        if old is None or r.key in readd:
+            adds.append(Operation(OpKind.ADD_RS, parent, r))
+        elif old.weight != r.weight:
+            adds.append(Operation(OpKind.UPDATE_RS, parent, r))
+    return early + adds, deletes
+
+
+def diff(desired: Table, observed: Table, owned: Collection[VSKey]) -> list[Operation]:
+    """Operations that make the owned part of ``observed`` equal ``desired``.
+
+    ``owned``: keys of ``observed`` the agent owns; anything else in
+    ``observed`` is foreign and never touched (not even when desired).
+    Owned keys missing from ``desired`` are deleted.
+    """
+    vs_ops: list[Operation] = []
+    real_ops: list[Operation] = []
+    late: list[Operation] = []
+    for key in sorted(desired, key=_key_order):
+        want = desired[key]
+        have = observed.get(key)
+        if have is None:
+            vs_ops.append(Operation(OpKind.ADD_VS, want.without_reals()))
+            real_ops.extend(
+                Operation(OpKind.ADD_RS, want.without_reals(), r)
+                for r in (canonical_order(want.real_servers) if want.hashed else want.real_servers)
+            )
+            continue
+        if key not in owned:
+            continue  # foreign: see conflicts()
+        if not want.same_service(have):
+            vs_ops.append(Operation(OpKind.UPDATE_VS, want.without_reals()))
+        first, last = _real_ops(want, have)
+        real_ops.extend(first)
+        late.extend(last)
+    for key in sorted(observed, key=_key_order):
+        if key in owned and key not in desired:
+            late.append(Operation(OpKind.DELETE_VS, observed[key].without_reals()))
+    return vs_ops + real_ops + late
+
+
+def conflicts(desired: Table, observed: Table, owned: Collection[VSKey]) -> list[VSKey]:
+    """Desired keys held in the kernel by someone else (left alone by :func:`diff`)."""
+    return [k for k in desired if k in observed and k not in owned]
+
+
+def apply(table: Table, ops: Iterable[Operation]) -> dict[VSKey, VirtualServer]:
+    """Play operations onto a table the way the kernel does (reals appended on add).
+
+    Raises ``KeyError``/``ValueError`` on an operation the kernel would refuse
+    (unknown virtual server, duplicate real server), like the kernel's
+    ENOENT/EEXIST. Used by the in-memory fakes and the property tests.
+    """
+    out = dict(table)
+    for op in ops:
+        key = op.key
+        if op.kind is OpKind.ADD_VS:
+            if key in out:
+                raise ValueError(f"{key} exists (EEXIST)")
+            out[key] = op.virtual_server.without_reals()
+        elif op.kind is OpKind.UPDATE_VS:
+            old = out[key]
+            out[key] = op.virtual_server.with_reals(old.real_servers)
+        elif op.kind is OpKind.DELETE_VS:
+            del out[key]
+        else:
+            rs = op.real_server
+            assert rs is not None, f"{op.kind} without a real server"
+            vs = out[key]
+            reals = list(vs.real_servers)
+            index = next((i for i, r in enumerate(reals) if r.key == rs.key), None)
+            if op.kind is OpKind.ADD_RS:
+                if index is not None:
+                    raise ValueError(f"{key} already has {rs.key} (EEXIST)")
+                reals.append(rs)
+            elif index is None:
+                raise KeyError(f"{key} has no real server {rs.key} (ENOENT)")
+            elif op.kind is OpKind.UPDATE_RS:
+                reals[index] = rs
+            else:
+                del reals[index]
+            out[key] = vs.with_reals(reals)
+    return out
+
+
+def _key_order(key: VSKey) -> tuple[str, str, int]:
+    return (key.protocol, key.address, key.port)

@@ -1,0 +1,164 @@
+"""The one interface every proxy mode implements, and what it returns.
+
+The agent (``svcproxy.agent``) holds one :class:`Proxier` per mode in use
+(``ipvs``, ``iptables``, ``userspace``; built by
+:func:`svcproxy.dataplane.modes.build_proxier`), hands each the part of the
+desired table that runs in that mode and reads back a :class:`SyncResult`.
+No mode imports another; they share only this module, ``table``, ``diff``
+and the netfilter adapter.
+
+Contract of :meth:`Proxier.sync`:
+
+* ``only=None`` is a full sync: the proxier re-reads the kernel, diffs it
+  against ``desired`` (the complete table for this mode), applies the
+  operations and sweeps leftovers it owns. The first sync after start must
+  be full (that is how a restarted agent adopts what it programmed before
+  without interrupting traffic) and ``desired`` must then be complete, or
+  the sweep removes live services.
+* ``only={owners}`` is a partial sync: only those ProxyVirtualServers
+  ("namespace/name") are brought in line, against an in-memory mirror of
+  what was applied, so its cost does not grow with the number of
+  services. ``desired`` needs to hold just those owners' virtual servers
+  (the agent passes ``owned_by(table, only)``); an owner with nothing in
+  ``desired`` is withdrawn.
+
+Errors never escape as exceptions from ``sync``: each lands in
+``SyncResult.errors`` as a typed :class:`DataplaneError` whose ``action``
+tells the agent what to do; the owners it concerns are in
+``SyncResult.failed_owners`` (everything else was applied).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from svcproxy.dataplane.table import Table
+
+MODES = ("ipvs", "iptables", "userspace")
+
+
+class Action(enum.Enum):
+    """What the agent should do about an error."""
+
+    RETRY = "retry"  # transient: the next sync (full or partial) tries again
+    FALLBACK = "fallback"  # this mode cannot run here: serve the owner in iptables mode
+    FIX_SPEC = "fix-spec"  # the spec cannot be programmed as asked: report, do not retry
+    CONFLICT = "conflict"  # someone else owns that kernel object: report, leave it alone
+
+
+class DataplaneError(Exception):
+    """Base of every data-plane error: carries the owner and what to do."""
+
+    action: Action = Action.RETRY
+
+    def __init__(self, message: str, *, owner: str | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+class KernelError(DataplaneError):
+    """A kernel request failed (netlink errno, iptables-restore exit status)."""
+
+    action = Action.RETRY
+
+    def __init__(self, message: str, *, owner: str | None = None, errno: int = 0) -> None:
+        super().__init__(message, owner=owner)
+        self.errno = errno
+
+
+class ModeUnavailableError(DataplaneError):
+    """The mode cannot run on this node (no IPVS, no iptables)."""
+
+    action = Action.FALLBACK
+
+
+class SchedulerUnavailableError(DataplaneError):
+    """The IPVS scheduler module does not load on this node."""
+
+    action = Action.FALLBACK
+
+
+class ForeignObjectError(DataplaneError):
+    """The virtual server exists in the kernel but the agent did not create it."""
+
+    action = Action.CONFLICT
+
+
+class UnsupportedError(DataplaneError):
+    """The spec asks for something this mode cannot do (e.g. SCTP in userspace)."""
+
+    action = Action.FIX_SPEC
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a mode can do on this node (reported in ProxyNode status)."""
+
+    mode: str
+    available: bool
+    reason: str = ""  # why not, and what to do, when not available
+    schedulers: frozenset[str] = frozenset()  # usable schedulers (ipvs, userspace)
+    protocols: frozenset[str] = frozenset({"TCP", "UDP"})
+    backend: str = ""  # e.g. "iptables-nft" / "iptables-legacy" / "netlink"
+    detail: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a proxier owns right now (from its mirror, refreshed on full syncs)."""
+
+    virtual_servers: int = 0
+    real_servers: int = 0
+    rules: int = 0  # netfilter rules (iptables/userspace) or 0
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """Outcome of one sync or cleanup."""
+
+    mode: str
+    full: bool
+    operations: Mapping[str, int]  # OpKind.value -> count applied
+    errors: tuple[DataplaneError, ...] = ()
+    failed_owners: frozenset[str] = frozenset()
+    duration: float = 0.0  # seconds, wall clock
+    counts: Counts = Counts()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def total_operations(self) -> int:
+        return sum(self.operations.values())
+
+
+@runtime_checkable
+class Proxier(Protocol):
+    """One proxy mode. All methods run in the agent's event loop."""
+
+    @property
+    def mode(self) -> str: ...
+
+    def capabilities(self) -> Capabilities:
+        """Detected once at construction; cheap to call."""
+        ...
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        """Bring the kernel in line with ``desired`` (see module docstring)."""
+        ...
+
+    async def cleanup(self) -> SyncResult:
+        """Remove everything this mode owns on the node (``svcproxy agent --cleanup``)."""
+        ...
+
+    def counts(self) -> Counts:
+        """Owned objects now, from the in-memory mirror (no kernel access)."""
+        ...
+
+    async def close(self) -> None:
+        """Release sockets, listeners and tasks; leaves the kernel state as it is."""
+        ...

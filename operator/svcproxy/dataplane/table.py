@@ -1,0 +1,206 @@
+"""Plain values of the data plane: virtual servers, real servers, tables.
+
+Named as the kernel names them (IPVS ``ip_vs_service`` / ``ip_vs_dest``):
+a :class:`VirtualServer` is one VIP:port:protocol with a scheduler, flags,
+persistence and an ordered tuple of :class:`RealServer`. A table maps
+:class:`VSKey` -> :class:`VirtualServer`. The agent builds the desired
+table from ProxyVirtualServers; every proxier (ipvs, iptables, userspace)
+takes it; :mod:`svcproxy.dataplane.diff` compares two of them. Pure: no I/O.
+
+Real-server order matters for hash schedulers (sh, dh, mh): they choose
+the same backend for a client on every node only if every node's kernel
+holds the same real servers in the same order. Desired tables therefore
+keep real servers in ONE canonical order (:func:`canonical_order`); built
+through :meth:`VirtualServer.create` they always are.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
+
+# Schedulers whose choice is a hash of the packet: backend order must be canonical.
+HASH_SCHEDULERS = frozenset({"sh", "dh", "mh"})
+# Every IPVS scheduler the kernel ships (modules ip_vs_<name>).
+IPVS_SCHEDULERS = frozenset(
+    {"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo", "ovf", "twos"}
+)
+# Scheduler flags as ipvsadm spells them (-b): sh and mh use flag-1 / flag-2.
+SCHEDULER_FLAGS = frozenset({"sh-fallback", "sh-port", "mh-fallback", "mh-port"})
+# ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
+DEFAULT_AFFINITY_SECONDS = 10800
+
+
+def normalize_address(address: str) -> str:
+    """The one spelling of an IP address (IPv6 compressed, IPv4 dotted)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError as err:
+        raise ValueError(f"{address!r} is not an IP address: give an IPv4 or IPv6 address") from err
+
+
+def address_sort_key(address: str) -> tuple[int, bytes]:
+    ip = ipaddress.ip_address(address)
+    return (ip.version, ip.packed)
+
+
+class VSKey(NamedTuple):
+    """What the kernel keys a virtual server by."""
+
+    protocol: Protocol
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.protocol}/{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RealServer:
+    """One backend of a virtual server; weight 0 = draining (no new connections)."""
+
+    address: str
+    port: int
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", normalize_address(self.address))
+        if not 0 < self.port < 65536:
+            raise ValueError(f"real server port {self.port} is out of range 1-65535")
+        if self.weight < 0:
+            raise ValueError(f"real server weight {self.weight} is negative: use 0 to drain")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+    @property
+    def draining(self) -> bool:
+        return self.weight == 0
+
+
+def real_server_sort_key(real: RealServer) -> tuple[int, bytes, int]:
+    version, packed = address_sort_key(real.address)
+    return (version, packed, real.port)
+
+
+def canonical_order(reals: Iterable[RealServer]) -> tuple[RealServer, ...]:
+    """Real servers sorted by (address, port): the order every node uses."""
+    return tuple(sorted(reals, key=real_server_sort_key))
+
+
+@dataclass(frozen=True)
+class VirtualServer:
+    """One virtual server (VIP:port/protocol) and its real servers.
+
+    ``persistence`` is the IPVS persistence timeout in seconds (0 = none);
+    ClientIP session affinity maps to it. ``owner`` is "namespace/name" of
+    the ProxyVirtualServer it came from; the kernel does not store it, so
+    tables read back from a kernel carry ``owner=""``.
+    """
+
+    protocol: Protocol
+    address: str
+    port: int
+    scheduler: str = "rr"
+    flags: frozenset[str] = field(default_factory=frozenset)
+    persistence: int = 0
+    owner: str = ""
+    real_servers: tuple[RealServer, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        object.__setattr__(self, "address", normalize_address(self.address))
+        object.__setattr__(self, "flags", frozenset(self.flags))
+        if not 0 < self.port < 65536:
+            raise ValueError(f"virtual server port {self.port} is out of range 1-65535")
+        if self.persistence < 0:
+            raise ValueError(f"persistence {self.persistence} is negative: use 0 for none")
+        unknown = self.flags - SCHEDULER_FLAGS
+        if unknown:
+            raise ValueError(
+                f"unknown scheduler flags {sorted(unknown)}: use {sorted(SCHEDULER_FLAGS)}"
+            )
+        keys = [r.key for r in self.real_servers]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"{self.key}: the same real server is listed twice")
+
+    @classmethod
+    def create(
+        cls,
+        protocol: Protocol,
+        address: str,
+        port: int,
+        real_servers: Iterable[RealServer] = (),
+        *,
+        scheduler: str = "rr",
+        flags: Iterable[str] = (),
+        persistence: int = 0,
+        owner: str = "",
+    ) -> VirtualServer:
+        """A virtual server with its real servers in canonical order (for desired tables)."""
+        return cls(
+            protocol=protocol,
+            address=address,
+            port=port,
+            scheduler=scheduler,
+            flags=frozenset(flags),
+            persistence=persistence,
+            owner=owner,
+            real_servers=canonical_order(real_servers),
+        )
+
+    @property
+    def key(self) -> VSKey:
+        return VSKey(self.protocol, self.address, self.port)
+
+    @property
+    def hashed(self) -> bool:
+        """True when the scheduler hashes, so real-server order must be canonical."""
+        return self.scheduler in HASH_SCHEDULERS
+
+    def same_service(self, other: VirtualServer) -> bool:
+        """Same kernel attributes of the virtual server itself (reals and owner aside)."""
+        return (
+            self.scheduler == other.scheduler
+            and self.flags == other.flags
+            and self.persistence == other.persistence
+        )
+
+    def without_reals(self) -> VirtualServer:
+        return replace(self, real_servers=())
+
+    def with_reals(self, reals: Iterable[RealServer]) -> VirtualServer:
+        return replace(self, real_servers=tuple(reals))
+
+    def canonical(self) -> VirtualServer:
+        return replace(self, real_servers=canonical_order(self.real_servers))
+
+
+Table = Mapping[VSKey, VirtualServer]
+
+
+def make_table(servers: Iterable[VirtualServer]) -> dict[VSKey, VirtualServer]:
+    """A table from virtual servers; refuses two servers with one key."""
+    table: dict[VSKey, VirtualServer] = {}
+    for vs in servers:
+        if vs.key in table:
+            raise ValueError(
+                f"{vs.key} is programmed by both {table[vs.key].owner!r} and {vs.owner!r}:"
+                " one VIP:port/protocol can belong to one ProxyVirtualServer only"
+            )
+        table[vs.key] = vs
+    return table
+
+
+def owned_by(table: Table, owners: Iterable[str]) -> dict[VSKey, VirtualServer]:
+    """The part of ``table`` that belongs to ``owners`` (for partial syncs)."""
+    wanted = set(owners)
+    return {k: v for k, v in table.items() if v.owner in wanted}
