@@ -1,0 +1,308 @@
+"""Bringing a whole lab up and down: toolchain, network, PKI, control plane, nodes, svcproxy.
+
+Called by ``cli.py`` (``svcproxy lab up|down|status``) and by the e2e
+fixture through that command. A lab is described by ``<state>/lab.json``
+(node kinds and count); processes by pid files in ``<state>/pids``. Only one
+lab runs per machine because the address plan and namespace names are
+fixed; ``/run/svcproxy-lab.owner`` names the state folder of the running one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from svcproxy.lab import controlplane, network
+from svcproxy.lab.kubeapi import ApiError, KubeApi
+from svcproxy.lab.node import (
+    LabContext,
+    LabNode,
+    make_node,
+    node_name,
+    pid_alive,
+    read_pid,
+    spawn,
+    terminate,
+    uml_available,
+)
+from svcproxy.lab.pki import NODE_API, Pki
+
+REPO = Path(__file__).resolve().parents[3]
+BUILD_SCRIPT = Path(__file__).resolve().parent / "toolchain" / "build.sh"
+OWNER_FILE = Path("/run/svcproxy-lab.owner")
+DEFAULT_STATE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svcproxy/labs/default"
+
+Say = Callable[[str], None]
+
+
+class LabError(RuntimeError):
+    """The lab cannot do what was asked; the message says what to do instead."""
+
+
+def say_stderr(msg: str) -> None:
+    print(f"[lab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, routes): run it with sudo")
+
+
+def ensure_toolchain(say: Say) -> Path:
+    """The bin folder of the pinned binaries; builds them first if missing (minutes, cold)."""
+    if shutil.which("go") is None and not _cached_bin_dir():
+        raise LabError(
+            "Go is not installed and the Kubernetes binaries are not built yet: install Go "
+            ">= 1.26 (or run hack/setup.sh), then retry"
+        )
+    cached = _cached_bin_dir()
+    if cached is None:
+        say("building the Kubernetes toolchain from Go modules (cold: many minutes)")
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True,
+                          check=False)  # its progress goes straight to our stderr
+    if proc.returncode != 0:
+        raise LabError(f"toolchain build failed (exit {proc.returncode}); see the messages above")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def _cached_bin_dir() -> Path | None:
+    key_line = [ln for ln in BUILD_SCRIPT.read_text().splitlines() if ln.startswith("K8S_VERSION=")]
+    version = key_line[0].split("=", 1)[1] if key_line else ""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svcproxy/toolchain"
+    for d in sorted(root.glob(f"k8s-{version}_*/bin")):
+        if (d / "kube-apiserver").exists() and (d / "kubectl").exists():
+            return d
+    return None
+
+
+class Lab:
+    """One lab, described by its state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir.resolve()
+        self.state_file = self.state_dir / "lab.json"
+
+    # --- state ----------------------------------------------------------------
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def context(self, state: dict[str, Any]) -> LabContext:
+        return LabContext(
+            state_dir=self.state_dir,
+            bin_dir=Path(state["bin_dir"]),
+            python=sys.executable,
+            api_url=NODE_API,
+            node_count=len(state["nodes"]),
+        )
+
+    def nodes(self, state: dict[str, Any]) -> list[LabNode]:
+        ctx = self.context(state)
+        return [make_node(n["kind"], n["index"], ctx) for n in state["nodes"]]
+
+    def alive(self) -> bool:
+        pid = read_pid(self.state_dir / "pids" / "kube-apiserver.pid")
+        return pid is not None and pid_alive(pid)
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.state_dir / "pki" / "admin.kubeconfig"
+
+    # --- up -------------------------------------------------------------------
+
+    def up(self, nodes: int, ipvs_nodes: int, svcproxy: bool, say: Say = say_stderr) -> Path:
+        require_root()
+        if ipvs_nodes > nodes:
+            raise LabError(f"--ipvs-nodes {ipvs_nodes} is more than --nodes {nodes}")
+        if ipvs_nodes and not uml_available():
+            raise LabError("--ipvs-nodes needs user-mode-linux nodes (svcproxy.lab.uml), "
+                           "which this checkout does not have; use --ipvs-nodes 0")
+        self._check_owner(say)
+        state = self.load()
+        if state is not None and not self.alive():
+            say(f"stale lab state in {self.state_dir}: its processes are dead; cleaning it up")
+            self.down(say)
+            state = None
+        kinds = ["netns"] * (nodes - ipvs_nodes) + ["uml"] * ipvs_nodes
+        wanted: list[dict[str, Any]] = [{"index": i, "kind": k} for i, k in enumerate(kinds, start=1)]
+        if state is not None and state["nodes"] != wanted:
+            raise LabError(
+                f"the lab in {self.state_dir} runs with nodes {state['nodes']}; "
+                f"run `svcproxy lab down --state-dir {self.state_dir}` first to change them"
+            )
+        bin_dir = ensure_toolchain(say)
+        state = {"nodes": wanted, "bin_dir": str(bin_dir), "svcproxy": svcproxy,
+                 "created": state["created"] if state else time.time()}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=1))
+        OWNER_FILE.write_text(f"{self.state_dir}\n")
+        ctx = self.context(state)
+        for d in (ctx.log_dir, ctx.pid_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        network.ensure_bridge()
+        pki = Pki(ctx.pki_dir)
+        pki.ensure([node_name(n["index"]) for n in wanted])
+        controlplane.start(ctx, pki, say)
+        lab_nodes = self.nodes(state)
+        for node in lab_nodes:
+            node.create(ctx)
+            if not _process_alive(node, "kubelet"):
+                say(f"starting the lab kubelet on {node.name}")
+                node.start_process("kubelet", self.kubelet_argv(ctx, node))
+        self.wait_nodes_ready(lab_nodes, say)
+        if svcproxy:
+            self.start_svcproxy(ctx, lab_nodes, say)
+        return self.admin_kubeconfig
+
+    def kubelet_argv(self, ctx: LabContext, node: LabNode) -> list[str]:
+        return [
+            ctx.python, "-m", "svcproxy.cli", "lab", "kubelet", "--node", node.name,
+            "--kubeconfig", str(ctx.kubeconfig(node.name)),
+            "--state-dir", str(ctx.node_state_dir(node.name)),
+            "--pod-cidr", node.pod_cidr, "--address", node.address,
+            "--label", f"svcproxy.io/lab-ipvs={'true' if node.has_ipvs else 'false'}",
+        ]
+
+    def _check_owner(self, say: Say) -> None:
+        try:
+            owner = Path(OWNER_FILE.read_text().strip())
+        except OSError:
+            return
+        if owner == self.state_dir:
+            return
+        if Lab(owner).alive():
+            raise LabError(
+                f"another lab runs from {owner} (one lab per machine: the addresses are fixed); "
+                f"run `svcproxy lab down --state-dir {owner}` first"
+            )
+        say(f"a dead lab from {owner} left things behind; cleaning them up")
+        Lab(owner).down(say)
+
+    def wait_nodes_ready(self, nodes: list[LabNode], say: Say, timeout: float = 120) -> None:
+        api = KubeApi(self.admin_kubeconfig)
+        names = {n.name for n in nodes}
+        say(f"waiting for {len(names)} Nodes to be Ready")
+        deadline = time.monotonic() + timeout
+        not_ready: set[str] = set(names)
+        while time.monotonic() < deadline:
+            try:
+                items = api.get("/api/v1/nodes").get("items", [])
+            except (OSError, ApiError):
+                items = []
+            ready = {n["metadata"]["name"] for n in items if _node_ready(n)}
+            not_ready = names - ready
+            if not not_ready:
+                return
+            time.sleep(0.2)
+        raise LabError(
+            f"Nodes {sorted(not_ready)} not Ready after {timeout:.0f} s; see the kubelet logs in "
+            f"{self.state_dir / 'logs'} and kube-controller-manager.log"
+        )
+
+    def start_svcproxy(self, ctx: LabContext, nodes: list[LabNode], say: Say) -> None:
+        crds = sorted((REPO / "crds").glob("*.yaml"))
+        if crds:
+            subprocess.run([str(ctx.bin_dir / "kubectl"), "--kubeconfig",
+                            str(self.admin_kubeconfig), "apply", "-f", str(REPO / "crds")],
+                           check=True, stdout=subprocess.DEVNULL)
+            say(f"applied {len(crds)} CRD files from {REPO / 'crds'}")
+        else:
+            say(f"no CRDs in {REPO / 'crds'} yet; skipping")
+        if importlib.util.find_spec("svcproxy.controller.main") is None:
+            say("svcproxy.controller.main does not exist yet; not starting the operator")
+        else:
+            pid = read_pid(ctx.pid_dir / "operator.pid")
+            if pid is None or not pid_alive(pid):
+                say("starting the svcproxy operator")
+                spawn([ctx.python, "-m", "svcproxy.cli", "operator", "--kubeconfig",
+                       str(self.admin_kubeconfig)], ctx.log_dir / "operator.log",
+                      ctx.pid_dir / "operator.pid")
+        if importlib.util.find_spec("svcproxy.agent.main") is None:
+            say("svcproxy.agent.main does not exist yet; not starting agents")
+            return
+        for node in nodes:
+            if not _process_alive(node, "agent"):
+                say(f"starting the svcproxy agent on {node.name}")
+                node.start_process("agent", [ctx.python, "-m", "svcproxy.cli", "agent",
+                                             "--kubeconfig", str(ctx.kubeconfig("admin-node")),
+                                             "--node-name", node.name])
+
+    # --- down / status ----------------------------------------------------------
+
+    def down(self, say: Say = say_stderr) -> None:
+        """Stop everything and remove every namespace, link and route; safe to repeat."""
+        require_root()
+        state = self.load()
+        pid_dir = self.state_dir / "pids"
+        terminate(pid_dir / "operator.pid")
+        if state is not None:
+            for node in self.nodes(state):
+                say(f"removing {node.name}")
+                node.destroy()
+        # Whatever else has a pid file (a node kind that left one behind, the control plane).
+        for pid_file in sorted(pid_dir.glob("node-*.pid")):
+            terminate(pid_file)
+        if state is not None:
+            controlplane.stop(self.context(state))
+        for component in controlplane.COMPONENTS:
+            terminate(pid_dir / f"{component}.pid")
+        network.sweep()
+        for sub in ("etcd", "nodes", "pids"):
+            shutil.rmtree(self.state_dir / sub, ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)
+        try:
+            if Path(OWNER_FILE.read_text().strip()) == self.state_dir:
+                OWNER_FILE.unlink()
+        except OSError:
+            pass
+        say(f"lab in {self.state_dir} is down (certificates and logs kept)")
+
+    def status(self) -> str:
+        state = self.load()
+        if state is None:
+            return f"no lab in {self.state_dir}"
+        lines = [f"lab in {self.state_dir}: nodes {state['nodes']}", "processes:"]
+        for pid_file in sorted((self.state_dir / "pids").glob("*.pid")):
+            pid = read_pid(pid_file)
+            alive = pid is not None and pid_alive(pid)
+            lines.append(f"  {pid_file.stem:<28} pid {pid}  {'running' if alive else 'DEAD'}")
+        if self.alive():
+            try:
+                items = KubeApi(self.admin_kubeconfig).get("/api/v1/nodes").get("items", [])
+            except (OSError, ApiError) as exc:
+                items = []
+                lines.append(f"API server not answering: {exc}")
+            lines.append("nodes:")
+            for n in items:
+                ready = "Ready" if _node_ready(n) else "NotReady"
+                lines.append(f"  {n['metadata']['name']:<10} {ready:<9} "
+                             f"podCIDR {n['spec'].get('podCIDR')}")
+        else:
+            lines.append("the API server is not running: stale state; run `svcproxy lab down`")
+        lines.append(f"KUBECONFIG={self.admin_kubeconfig}")
+        return "\n".join(lines)
+
+
+def _process_alive(node: LabNode, name: str) -> bool:
+    check = getattr(node, "process_alive", None)
+    return bool(check(name)) if callable(check) else False
+
+
+def _node_ready(node: dict[str, Any]) -> bool:
+    conds = node.get("status", {}).get("conditions") or []
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    tainted = any(t.get("key") == "node.kubernetes.io/not-ready"
+                  for t in node.get("spec", {}).get("taints") or [])
+    return ready and not tainted

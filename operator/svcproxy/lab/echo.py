@@ -1,0 +1,139 @@
+"""The echo server the lab kubelet runs for Pods of image ``svcproxy.io/echo``.
+
+Started by ``kubelet.py`` inside the Pod's network namespace as
+``python -m svcproxy.lab.echo --name POD --port 80 ...``. On every port it
+listens for TCP and UDP. It answers one line, ``<pod-name> <client-ip>:<client-port>``:
+to a UDP datagram, to a TCP connection that sends anything but an HTTP
+request (or nothing for 0.3 s), and as the body of ``HTTP/1.1 200`` to an
+HTTP request. HTTP also serves:
+
+- ``GET /healthz``: 200 when ready, 503 when not (the readiness endpoint);
+- ``POST /admin/ready?value=false`` (or ``true``): make this Pod unready/ready;
+- the Pod is also unready while the file given by ``--unready-file`` exists.
+
+On SIGTERM it keeps serving for ``--drain-seconds`` (the Pod's env
+``SVCPROXY_ECHO_DRAIN_SECONDS``, default 0), then exits, so tests can watch a
+terminating endpoint drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import cast
+
+_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+
+
+class Echo:
+    def __init__(self, name: str, unready_file: Path | None) -> None:
+        self.name = name
+        self.unready_file = unready_file
+        self.admin_ready = True
+
+    @property
+    def ready(self) -> bool:
+        if self.unready_file is not None and self.unready_file.exists():
+            return False
+        return self.admin_ready
+
+    def line(self, peer: tuple[str, int]) -> bytes:
+        return f"{self.name} {peer[0]}:{peer[1]}\n".encode()
+
+    async def handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[:2]
+        try:
+            try:
+                head = await asyncio.wait_for(reader.read(4096), timeout=0.3)
+            except TimeoutError:
+                head = b""
+            if head.startswith(_HTTP_METHODS):
+                while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 65536:
+                    more = await asyncio.wait_for(reader.read(4096), timeout=5)
+                    if not more:
+                        break
+                    head += more
+                writer.write(self.http(head, peer))
+            else:
+                writer.write(self.line(peer))
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass  # the client went away; nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def http(self, head: bytes, peer: tuple[str, int]) -> bytes:
+        request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = request_line.split()
+        method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("GET", "/")
+        url = urllib.parse.urlsplit(target)
+        status, body = 200, self.line(peer)
+        if url.path == "/healthz":
+            status, body = (200, b"ok\n") if self.ready else (503, b"not ready\n")
+        elif url.path == "/admin/ready" and method in ("POST", "PUT"):
+            value = urllib.parse.parse_qs(url.query).get("value", ["true"])[0].lower()
+            self.admin_ready = value not in ("false", "0", "no")
+            body = f"ready={str(self.admin_ready).lower()}\n".encode()
+        reason = {200: "OK", 503: "Service Unavailable"}[status]
+        header = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        return header + (b"" if method == "HEAD" else body)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's UDP transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if self.transport is not None:
+            host, port = str(addr[0]), int(str(addr[1]))
+            self.transport.sendto(self.echo.line((host, port)), addr)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    echo = Echo(args.name, Path(args.unready_file) if args.unready_file else None)
+    loop = asyncio.get_running_loop()
+    servers = []
+    for port in args.port:
+        servers.append(await asyncio.start_server(echo.handle_tcp, "0.0.0.0", port, backlog=1024))
+        await loop.create_datagram_endpoint(lambda: _Udp(echo), local_addr=("0.0.0.0", port))
+    print(f"echo {args.name}: serving TCP and UDP on {args.port}", flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    if args.drain_seconds > 0:
+        print(f"echo {args.name}: SIGTERM, serving {args.drain_seconds} s more", flush=True)
+        await asyncio.sleep(args.drain_seconds)
+    for server in servers:
+        server.close()
+    print(f"echo {args.name}: exiting", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svcproxy-echo", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="the Pod's name, sent in every answer")
+    parser.add_argument("--port", type=int, action="append", required=True)
+    parser.add_argument("--unready-file", help="the Pod is unready while this file exists")
+    parser.add_argument("--drain-seconds", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

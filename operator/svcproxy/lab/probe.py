@@ -1,0 +1,63 @@
+"""A one-shot test client: send one TCP/UDP/HTTP request and print the answer.
+
+Run by ``traffic.py`` inside a client network namespace (never in the root
+namespace: network safety rule) as
+``python -m svcproxy.lab.probe [--proto tcp|udp|http] [--path /] IP PORT``.
+Exit status 0 with the answer on stdout, 1 with the error on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import socket
+import sys
+
+
+def ask(ip: str, port: int, proto: str, timeout: float, *, path: str = "/",
+        method: str = "GET") -> str:
+    if proto == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.sendto(b"hello\n", (ip, port))
+            data, _ = sock.recvfrom(65535)
+            return data.decode()
+    if proto == "http":
+        conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+        try:
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return f"{resp.status} {resp.read().decode()}"
+        finally:
+            conn.close()
+    with socket.create_connection((ip, port), timeout=timeout) as sock:
+        sock.sendall(b"hello\n")  # anything but HTTP gets the echo line at once
+        chunks = []
+        while True:
+            chunk = sock.recv(65535)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svcproxy-probe", description=__doc__.splitlines()[0])
+    parser.add_argument("ip")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--proto", choices=("tcp", "udp", "http"), default="tcp")
+    parser.add_argument("--path", default="/")
+    parser.add_argument("--method", default="GET")
+    parser.add_argument("--timeout", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    try:
+        sys.stdout.write(ask(args.ip, args.port, args.proto, args.timeout, path=args.path,
+                             method=args.method))
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"{args.proto} {args.ip}:{args.port}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
