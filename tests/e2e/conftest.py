@@ -1,0 +1,170 @@
+"""Fixtures of the end-to-end suite: a lab (or any cluster) and helpers to drive it.
+
+The session fixture ``lab`` brings up ``svcproxy lab up --nodes 3 --no-svcproxy``
+in a state folder under /tmp (``SVCPROXY_E2E_STATE_DIR`` overrides it; an
+already-running lab there is reused, since ``up`` is idempotent) and takes it
+down at the end. With ``SVCPROXY_E2E_KUBECONFIG`` set it starts nothing and
+runs against that cluster instead; tests that need the lab's own machinery
+(client namespaces, the lab's processes) skip there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from svcproxy.lab import traffic
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_STATE = Path("/tmp/svcproxy-e2e-lab")
+
+
+def wait_until(what: str, check: Callable[[], T | None], timeout: float = 60,
+               interval: float = 0.2) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Lab:
+    """What tests get: the cluster, kubectl, and (on a local lab) traffic from client netns."""
+
+    kubeconfig: Path
+    kubectl_bin: str
+    state_dir: Path | None  # None: an existing cluster named by SVCPROXY_E2E_KUBECONFIG
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> bool:
+        return self.state_dir is not None
+
+    @staticmethod
+    def wait_until(what: str, check: Callable[[], T | None], timeout: float = 60) -> T:
+        return wait_until(what, check, timeout)
+
+    def require_local(self) -> None:
+        if not self.local:
+            pytest.skip("needs the svcproxy lab itself, not an existing cluster")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, timeout=120, check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str) -> None:
+        items = manifest if isinstance(manifest, list) else [manifest]
+        doc = {"apiVersion": "v1", "kind": "List", "items": items}
+        self.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+    def request(self, node: str | int, ip: str, port: int, proto: str = "tcp",
+                timeout: float = 2) -> str:
+        """One request from the client namespace behind ``node`` (lab only)."""
+        self.require_local()
+        return traffic.request(node, ip, port, proto, timeout=timeout)
+
+    def set_ready(self, node: str | int, pod_ip: str, port: int, ready: bool) -> None:
+        self.require_local()
+        traffic.set_ready(node, pod_ip, port, ready)
+
+    def up(self) -> None:
+        assert self.state_dir is not None
+        subprocess.run(svcproxy("lab", "up", "--nodes", "3", "--no-svcproxy",
+                                "--state-dir", str(self.state_dir)),
+                       check=True, stdout=subprocess.PIPE, timeout=3600)
+
+    def down(self) -> None:
+        assert self.state_dir is not None
+        subprocess.run(svcproxy("lab", "down", "--state-dir", str(self.state_dir)),
+                       check=True, timeout=300)
+
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.kubectl_json(
+            "get", "pods", "-n", namespace, "-l", selector)["items"]
+        return items
+
+    def endpoint_addresses(self, namespace: str, service: str,
+                           ready: bool | None = True) -> set[str]:
+        """Addresses in the Service's EndpointSlices (only ready ones, unless ready=None)."""
+        slices = self.kubectl_json("get", "endpointslices", "-n", namespace, "-l",
+                                   f"kubernetes.io/service-name={service}")["items"]
+        found: set[str] = set()
+        for s in slices:
+            for ep in s.get("endpoints") or []:
+                if ready is None or bool(ep.get("conditions", {}).get("ready")) == ready:
+                    found.update(ep["addresses"])
+        return found
+
+
+def svcproxy(*args: str) -> list[str]:
+    return [sys.executable, "-m", "svcproxy.cli", *args]
+
+
+def _kubectl_bin() -> str:
+    try:
+        out = subprocess.run(["bash", str(REPO / "operator/svcproxy/lab/toolchain/build.sh")],
+                             capture_output=True, text=True, check=True, timeout=7200).stdout
+        return str(Path(out.strip().splitlines()[-1]) / "kubectl")
+    except (subprocess.CalledProcessError, OSError):
+        found = shutil.which("kubectl")
+        if found is None:
+            pytest.skip("no kubectl: neither the lab toolchain nor one on PATH")
+        return found
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    external = os.environ.get("SVCPROXY_E2E_KUBECONFIG")
+    if external:
+        handle = Lab(Path(external), shutil.which("kubectl") or _kubectl_bin(), None)
+        nodes = handle.kubectl_json("get", "nodes")["items"]
+        handle.nodes = [n["metadata"]["name"] for n in nodes]
+        yield handle
+        return
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces); run the e2e suite as root")
+    state = Path(os.environ.get("SVCPROXY_E2E_STATE_DIR", DEFAULT_STATE))
+    handle = Lab(state / "pki" / "admin.kubeconfig", _kubectl_bin(), state)
+    handle.up()
+    handle.nodes = ["node-1", "node-2", "node-3"]
+    try:
+        yield handle
+    finally:
+        if not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
+            handle.down()
+
+
+@pytest.fixture
+def namespace(lab: Lab) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting for it to go)."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    lab.kubectl("create", "namespace", name)
+    wait_until(f"the default ServiceAccount in {name}",
+               lambda: lab.kubectl("get", "serviceaccount", "default", "-n", name, check=False))
+    yield name
+    lab.kubectl("delete", "namespace", name, "--wait=false", check=False)
