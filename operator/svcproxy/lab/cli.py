@@ -16,6 +16,7 @@ from pathlib import Path
 
 from svcproxy.lab import network
 from svcproxy.lab.cluster import DEFAULT_STATE, Lab, LabError
+from svcproxy.lab.controlplane import ControlPlaneError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except LabError as exc:
+        print(f"svcproxy lab {args.lab_command}: {exc}", file=sys.stderr)
+        return 1
+    except ControlPlaneError as exc:
         print(f"svcproxy lab {args.lab_command}: {exc}", file=sys.stderr)
         return 1
     except network.NetworkError as exc:

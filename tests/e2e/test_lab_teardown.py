@@ -1,0 +1,76 @@
+"""``svcproxy lab down`` leaves no process, namespace, interface, route or mount behind.
+
+The test takes the session's lab down, checks the machine, runs ``down`` a
+second time, then brings the lab back up so later tests still have one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from svcproxy.lab import network
+from svcproxy.lab.node import pid_alive, read_pid
+
+if TYPE_CHECKING:
+    from conftest import Lab
+
+pytestmark = pytest.mark.lab
+
+
+def _lab_processes(state_dir: Path) -> list[str]:
+    """Live processes whose command line names the lab's state folder."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(state_dir) in cmdline and pid_alive(int(proc.name)):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_down_leaves_nothing_behind(lab: Lab) -> None:
+    lab.require_local()
+    assert lab.state_dir is not None
+    state = lab.state_dir
+    # Give down something to clean: a Pod (namespace, veth, echo) and a client namespace.
+    lab.kubectl("run", "leftover", "--image=svcproxy.io/echo", "--port=80")
+    pod = lab.wait_until(
+        "the leftover Pod to run",
+        lambda: (p := json.loads(lab.kubectl("get", "pod", "leftover", "-o", "json")))
+        and p["status"].get("podIP") and p,
+    )
+    assert lab.request("node-1", pod["status"]["podIP"], 80).split()[0] == "leftover"
+    pids = [read_pid(f) for f in (state / "pids").glob("*.pid")]
+    pids += [json.loads(f.read_text()).get("pid") for f in state.glob("nodes/*/pods/*.json")]
+    assert len([p for p in pids if p]) >= 8  # 4 control plane + 3 kubelets + the echo
+    assert _lab_processes(state), "the check for leftover processes sees nothing while up"
+    assert network.leftovers(), "the check for leftover plumbing sees nothing while up"
+
+    lab.down()
+
+    assert [p for p in pids if isinstance(p, int) and pid_alive(p)] == []
+    assert _lab_processes(state) == []
+    assert network.leftovers() == []
+    assert [n for n in network.netns_list() if n.startswith("svcp")] == []
+    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True,
+                            text=True, check=True).stdout
+    assert not [r for r in routes.splitlines()
+                if any(c in r for c in ("10.96.", "10.244.", "172.29.", "svcp"))]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert "svcp" not in mounts
+
+    lab.down()  # a second time is fine
+    assert network.leftovers() == []
+
+    lab.up()  # later tests still get a lab
+    assert "node-1" in lab.kubectl("get", "nodes")
