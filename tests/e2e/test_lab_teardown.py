@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +73,19 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
 
     lab.down()  # a second time is fine
     assert network.leftovers() == []
+
+    # A port the control plane needs, taken by someone else: up refuses and says which.
+    with socket.socket() as squatter:
+        # etcd's last connections may sit in TIME_WAIT; a listener still blocks the port.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 2379))
+        squatter.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "svcproxy.cli", "lab", "up", "--no-svcproxy",
+             "--state-dir", str(state)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 1
+    assert "port 2379 (for etcd) is taken" in proc.stderr
+    lab.down()
 
     lab.up()  # later tests still get a lab
     assert "node-1" in lab.kubectl("get", "nodes")

@@ -214,9 +214,14 @@ class Lab:
     def start_svcproxy(self, ctx: LabContext, nodes: list[LabNode], say: Say) -> None:
         crds = sorted((REPO / "crds").glob("*.yaml"))
         if crds:
-            subprocess.run([str(ctx.bin_dir / "kubectl"), "--kubeconfig",
-                            str(self.admin_kubeconfig), "apply", "-f", str(REPO / "crds")],
-                           check=True, stdout=subprocess.DEVNULL)
+            proc = subprocess.run([str(ctx.bin_dir / "kubectl"), "--kubeconfig",
+                                   str(self.admin_kubeconfig), "apply", "-f", str(REPO / "crds")],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise LabError(
+                    f"the API server refused the CRDs in {REPO / 'crds'}: {proc.stderr.strip()}\n"
+                    "fix the API models and run `make crds`, or start the lab with --no-svcproxy"
+                )
             say(f"applied {len(crds)} CRD files from {REPO / 'crds'}")
         else:
             say(f"no CRDs in {REPO / 'crds'} yet; skipping")
