@@ -94,6 +94,11 @@ def _argv(ctx: LabContext, component: str, pki: Pki) -> list[str]:
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--cluster-cidr=10.244.0.0/16", "--controllers=*", "--v=1",
+            # Lift the not-ready taint of a new Node within a second, not five.
+            "--node-monitor-period=1s",
+            # Each controller gets its own ServiceAccount token at start; the default
+            # client rate limit (20 qps) spreads that over seconds.
+            "--kube-api-qps=200", "--kube-api-burst=400",
         ]
     if component == "kube-scheduler":
         kc = str(ctx.kubeconfig("scheduler"))
