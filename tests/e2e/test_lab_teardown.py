@@ -63,13 +63,13 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
     assert [p for p in pids if isinstance(p, int) and pid_alive(p)] == []
     assert _lab_processes(state) == []
     assert network.leftovers() == []
-    assert [n for n in network.netns_list() if n.startswith("svcp")] == []
+    assert [n for n in network.netns_list() if n.startswith("svcp-node")] == []
     routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True,
                             text=True, check=True).stdout
     assert not [r for r in routes.splitlines()
-                if any(c in r for c in ("10.96.", "10.244.", "172.29.", "svcp"))]
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert "svcp" not in mounts
+                if any(c in r for c in ("10.96.", "10.244.", "172.29.", "svcpbr0", "svcp-n"))]
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    assert [m for m in mounts if network.LAB_NETNS.match(Path(m).name)] == []
 
     lab.down()  # a second time is fine
     assert network.leftovers() == []

@@ -14,6 +14,7 @@ client veth; the client namespace ``svcp-node-i-client`` has 10.244.i.254/32.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Sequence
 
@@ -23,7 +24,9 @@ LAB_SUBNET = "172.29.0.0/24"
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_POD_CIDR = "10.244.0.0/16"
 BLACKHOLES = (SERVICE_CIDR, CLUSTER_POD_CIDR)
-NETNS_PREFIX = "svcp-"
+# Only these names are the lab's: other svcp-* namespaces (dataplane tests) are left alone.
+LAB_NETNS = re.compile(r"^svcp-(node-\d+(-client)?|p\d+-[0-9a-f-]+)$")
+LAB_LINK = re.compile(r"^(svcpbr0|svcp-n\d+)$")
 
 
 class NetworkError(RuntimeError):
@@ -185,11 +188,8 @@ def ensure_client_netns(index: int) -> str:
 
 def leftovers() -> list[str]:
     """Everything of a lab still present: namespaces, links, routes (empty when clean)."""
-    found = [f"netns {n}" for n in netns_list() if n.startswith(NETNS_PREFIX)]
-    for line in sh(["ip", "-br", "link"], check=False).stdout.splitlines():
-        name = line.split()[0].split("@")[0] if line.strip() else ""
-        if name == BRIDGE or name.startswith("svcp-"):
-            found.append(f"link {name}")
+    found = [f"netns {n}" for n in netns_list() if LAB_NETNS.match(n)]
+    found += [f"link {name}" for name in _links() if LAB_LINK.match(name)]
     routes = sh(["ip", "route", "show"], check=False).stdout
     for line in routes.splitlines():
         if any(c in line for c in (*BLACKHOLES, "172.29.0.")):
@@ -200,10 +200,14 @@ def leftovers() -> list[str]:
 def sweep() -> None:
     """Remove every lab namespace, link and route, whichever lab made them."""
     for name in netns_list():
-        if name.startswith(NETNS_PREFIX):
+        if LAB_NETNS.match(name):
             delete_netns(name)
-    for line in sh(["ip", "-br", "link"], check=False).stdout.splitlines():
-        name = line.split()[0].split("@")[0] if line.strip() else ""
-        if name.startswith("svcp-n"):
+    for name in _links():
+        if LAB_LINK.match(name) and name != BRIDGE:
             sh(["ip", "link", "del", name], check=False)
     remove_bridge()
+
+
+def _links() -> list[str]:
+    out = sh(["ip", "-br", "link"], check=False).stdout
+    return [line.split()[0].split("@")[0] for line in out.splitlines() if line.strip()]
