@@ -33,6 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--ipvs-nodes", type=int, default=0,
                     help="how many of the nodes (the last ones) are user-mode-linux guests "
                          "with IPVS (default 0)")
+    up.add_argument("--kube-proxy", choices=("iptables", "nftables", "ipvs"),
+                    help="also run the real kube-proxy in this mode on every node "
+                         "(the peer of handover tests and benchmarks)")
     up.add_argument("--no-svcproxy", action="store_true",
                     help="do not apply CRDs or start the operator and agents")
     add("down", "stop the lab and remove every namespace, link and route it made")
@@ -94,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     cmd = _exec_options(args) if args.lab_command == "exec" else []
     lab = Lab(args.state_dir)
     if args.lab_command == "up":
-        kubeconfig = lab.up(args.nodes, args.ipvs_nodes, not args.no_svcproxy)
+        kubeconfig = lab.up(args.nodes, args.ipvs_nodes, not args.no_svcproxy,
+                            kube_proxy=args.kube_proxy)
         print(f"export KUBECONFIG={kubeconfig}", file=sys.stderr)
         print(kubeconfig)
         return 0

@@ -122,7 +122,8 @@ class Lab:
 
     # --- up -------------------------------------------------------------------
 
-    def up(self, nodes: int, ipvs_nodes: int, svcproxy: bool, say: Say = say_stderr) -> Path:
+    def up(self, nodes: int, ipvs_nodes: int, svcproxy: bool, say: Say = say_stderr,
+           kube_proxy: str | None = None) -> Path:
         require_root()
         if ipvs_nodes > nodes:
             raise LabError(f"--ipvs-nodes {ipvs_nodes} is more than --nodes {nodes}")
@@ -162,9 +163,57 @@ class Lab:
                 say(f"starting the lab kubelet on {node.name}")
                 node.start_process("kubelet", self.kubelet_argv(ctx, node))
         self.wait_nodes_ready(lab_nodes, say)
+        if kube_proxy:
+            self.start_kube_proxy(kube_proxy, say)
         if svcproxy:
             self.start_svcproxy(ctx, lab_nodes, say)
         return self.admin_kubeconfig
+
+    def start_kube_proxy(self, mode: str, say: Say = say_stderr) -> None:
+        """Run the real kube-proxy in ``mode`` on every node (not restarted if running)."""
+        state = self._running_state()
+        ctx = self.context(state)
+        for node in self.nodes(state):
+            if not _process_alive(node, "kube-proxy"):
+                say(f"starting kube-proxy ({mode} mode) on {node.name}")
+                node.start_process("kube-proxy", self.kube_proxy_argv(ctx, node, mode))
+
+    def stop_kube_proxy(self, say: Say = say_stderr) -> None:
+        """Stop kube-proxy everywhere and remove its rules (``kube-proxy --cleanup``)."""
+        state = self._running_state()
+        ctx = self.context(state)
+        for node in self.nodes(state):
+            node.stop_process("kube-proxy")
+            proc = node.run([str(ctx.bin_dir / "kube-proxy"), "--cleanup"], timeout=120)
+            if proc.returncode != 0:
+                raise LabError(f"kube-proxy --cleanup failed on {node.name}: "
+                               f"{proc.stderr.decode(errors='replace')[-500:]}")
+            say(f"stopped kube-proxy on {node.name} and removed its rules")
+
+    def _running_state(self) -> dict[str, Any]:
+        state = self.load()
+        if state is None or not self.alive():
+            raise LabError(f"no running lab in {self.state_dir}: run `svcproxy lab up` first")
+        return state
+
+    def kube_proxy_argv(self, ctx: LabContext, node: LabNode, mode: str) -> list[str]:
+        """The real kube-proxy for ``node``, configured for the lab (its config file written)."""
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "mode": mode,
+            "hostnameOverride": node.name,
+            "clusterCIDR": network.CLUSTER_POD_CIDR,
+            "clientConnection": {"kubeconfig": str(ctx.kubeconfig("kube-proxy"))},
+            # nf_conntrack_max is global: leave the host's value alone.
+            "conntrack": {"maxPerCore": 0},
+            "metricsBindAddress": "127.0.0.1:10249",
+            "healthzBindAddress": "127.0.0.1:10256",
+        }
+        path = ctx.node_state_dir(node.name) / "kube-proxy.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=1))
+        return [str(ctx.bin_dir / "kube-proxy"), f"--config={path}", "--v=1"]
 
     def kubelet_argv(self, ctx: LabContext, node: LabNode) -> list[str]:
         return [

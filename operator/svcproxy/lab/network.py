@@ -19,7 +19,8 @@ import subprocess
 from collections.abc import Sequence
 
 BRIDGE = "svcpbr0"
-BRIDGE_CIDR = "172.29.0.1/24"
+BRIDGE_IP = "172.29.0.1"
+BRIDGE_CIDR = f"{BRIDGE_IP}/24"
 LAB_SUBNET = "172.29.0.0/24"
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_POD_CIDR = "10.244.0.0/16"
@@ -72,8 +73,7 @@ def ensure_bridge() -> None:
     """Bridge with the API server's address, and blackholes for the cluster's CIDRs."""
     if not link_exists(BRIDGE):
         sh(["ip", "link", "add", BRIDGE, "type", "bridge"])
-    shown = sh(["ip", "-br", "addr", "show", "dev", BRIDGE]).stdout
-    if BRIDGE_CIDR.split("/", maxsplit=1)[0] not in shown:
+    if BRIDGE_IP not in sh(["ip", "-br", "addr", "show", "dev", BRIDGE]).stdout:
         sh(["ip", "addr", "add", BRIDGE_CIDR, "dev", BRIDGE])
     sh(["ip", "link", "set", BRIDGE, "up"])
     # Traffic to a ClusterIP or Pod IP from the root namespace must go nowhere,
@@ -115,6 +115,10 @@ def create_node_netns(netns: str, index: int, node_count: int) -> None:
     # Asymmetric paths (client -> service on node A -> pod on node B) are normal here.
     _sysctl(netns, "net.ipv4.conf.all.rp_filter=0")
     _sysctl(netns, "net.ipv4.conf.default.rp_filter=0")
+    # Node-local clients of a ClusterIP need a route before kube-proxy's OUTPUT DNAT (or
+    # the agent's) runs; real nodes use their default route. Via the bridge it ends in
+    # the root namespace's blackhole if nothing translated it.
+    sh(["ip", "-n", netns, "route", "replace", SERVICE_CIDR, "via", BRIDGE_IP, "dev", "eth0"])
     for other in range(1, node_count + 1):
         if other != index:
             sh(["ip", "-n", netns, "route", "replace", f"10.244.{other}.0/24",
