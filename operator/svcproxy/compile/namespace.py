@@ -1,0 +1,396 @@
+"""Plan one namespace: programs to write, handover steps, policy statuses (pure).
+
+The operator's reconciler gathers what it knows about one namespace into a
+:class:`NamespaceView` (raw policies, Services, EndpointSlices, Pod labels,
+existing ProxyVirtualServers, every ProxyNode report, the clock) and calls
+:func:`plan_namespace`. The returned :class:`Plan` says exactly what to do:
+which ProxyVirtualServers to write (only those whose content changed) or
+delete, which Services to label or unlabel for the handover with kube-proxy,
+the status of every policy and the Events of condition transitions. Nothing
+here talks to the API server, so every rule is unit-tested directly.
+
+Handover order: a Service is labelled ``service.kubernetes.io/service-proxy-name``
+only once every node reports its current program; when no live policy
+selects it any more, the label goes first, and its ProxyVirtualServer is
+deleted only ``handover_delay`` seconds later, so kube-proxy has programmed
+the Service again before the agents withdraw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE, Condition
+from svcproxy.api.node import ProxyNode
+from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
+from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.compile.conflicts import selects, why_wins, winner
+from svcproxy.compile.program import NotProxied, compile_program, not_proxied
+
+JSON = dict[str, Any]
+CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
+# Conditions whose "True" is bad news (no Event when they start out False).
+_BAD_WHEN_TRUE = {"Conflicted", "Degraded"}
+# Transitions worth a Warning Event; the rest are Normal.
+_WARNINGS = {("Accepted", "False"), ("Conflicted", "True"), ("Degraded", "True")}
+
+
+@dataclass(frozen=True)
+class NamespaceView:
+    """Everything the planner reads about one namespace (plain API objects)."""
+
+    namespace: str
+    policies: Sequence[JSON]
+    services: Mapping[str, JSON]
+    slices: Mapping[str, Sequence[JSON]]  # Service name -> its EndpointSlices
+    pod_labels: Mapping[str, Mapping[str, str]]
+    programs: Mapping[str, JSON]  # existing ProxyVirtualServers by name
+    nodes: Sequence[ProxyNode]
+    now: float  # seconds, the reconciler's monotonic-ish clock
+    now_iso: str  # RFC 3339, for lastTransitionTime
+    unlabelled_at: Mapping[str, float] = field(default_factory=dict)
+    handover_delay: float = 3.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on a policy."""
+
+    policy: str
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """What the reconciler does for one namespace, in this order."""
+
+    writes: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+    label: list[str] = field(default_factory=list)
+    unlabel: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    statuses: dict[str, JSON] = field(default_factory=dict)  # policy -> status (wire form)
+    events: list[Event] = field(default_factory=list)
+    unlabelled_at: dict[str, float] = field(default_factory=dict)
+    recheck_at: float | None = None  # run again then: a handover delay ends
+    owned_after: dict[str, str] = field(default_factory=dict)  # PVS name -> policy, once applied
+    compiled: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+
+
+def _key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def _parse(raw: JSON) -> tuple[ServiceProxyPolicy | None, str]:
+    try:
+        return ServiceProxyPolicy.parse(raw), ""
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return None, f"invalid spec ({err.error_count()} problem(s)); first at {where}: {first.get('msg')}"[
+            :1000
+        ]
+
+
+def _labelled(service: JSON) -> str | None:
+    labels = (service.get("metadata") or {}).get("labels") or {}
+    value = labels.get(HANDOVER_LABEL)
+    return value if isinstance(value, str) else None
+
+
+def _owner_of(program: JSON) -> str | None:
+    spec = program.get("spec") or {}
+    policy = spec.get("policy") or {}
+    name = policy.get("name")
+    return name if isinstance(name, str) else None
+
+
+def plan_namespace(view: NamespaceView) -> Plan:
+    """Decide programs, handover steps and statuses for every policy in ``view``."""
+    plan = Plan(unlabelled_at=dict(view.unlabelled_at))
+    parsed: dict[str, ServiceProxyPolicy] = {}
+    invalid: dict[str, str] = {}
+    raw_by_name: dict[str, JSON] = {}
+    for raw in view.policies:
+        name = str((raw.get("metadata") or {}).get("name", ""))
+        raw_by_name[name] = raw
+        if (raw.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # going away: it no longer selects anything
+        policy, error = _parse(raw)
+        if policy is None:
+            invalid[name] = error
+        else:
+            parsed[name] = policy
+
+    # Who selects what, and who wins each Service.
+    selected_by: dict[str, list[ServiceProxyPolicy]] = {}
+    for svc_name, svc in sorted(view.services.items()):
+        for policy in parsed.values():
+            if selects(policy, svc):
+                selected_by.setdefault(svc_name, []).append(policy)
+
+    desired: dict[str, ProxyVirtualServerSpec] = {}
+    not_proxied_by_svc: dict[str, NotProxied] = {}
+    for svc_name, pols in selected_by.items():
+        svc = view.services[svc_name]
+        other = _labelled(svc)
+        why = not_proxied(svc)
+        if why is None and other is not None and other != HANDOVER_VALUE:
+            why = NotProxied(
+                "OtherProxy", f"the Service is handed to proxy {other!r} by its {HANDOVER_LABEL} label"
+            )
+        if why is not None:
+            not_proxied_by_svc[svc_name] = why
+            continue
+        win = winner(pols)
+        result = compile_program(win, svc, view.slices.get(svc_name, ()), view.pod_labels)
+        if isinstance(result, NotProxied):
+            not_proxied_by_svc[svc_name] = result
+        else:
+            desired[svc_name] = result
+    plan.compiled = dict(desired)
+
+    _plan_programs(view, desired, plan)
+    for name, policy in parsed.items():
+        status = _policy_status(view, policy, selected_by, desired, not_proxied_by_svc)
+        _finish_status(view, name, raw_by_name[name], status, plan)
+    for name, error in invalid.items():
+        generation = (raw_by_name[name].get("metadata") or {}).get("generation")
+        status = ServiceProxyPolicyStatus(
+            observed_generation=generation,
+            conditions=[
+                Condition(type="Accepted", status="False", reason="InvalidSpec", message=error),
+                Condition(type="Programmed", status="False", reason="InvalidSpec", message="spec is invalid"),
+            ],
+        )
+        _finish_status(view, name, raw_by_name[name], status, plan)
+    return plan
+
+
+def _plan_programs(view: NamespaceView, desired: Mapping[str, ProxyVirtualServerSpec], plan: Plan) -> None:
+    """Writes, labels, unlabels and deletes, in handover order."""
+    for svc_name, spec in sorted(desired.items()):
+        existing = view.programs.get(svc_name)
+        if existing is None or (existing.get("spec") or {}) != spec.wire():
+            plan.writes[svc_name] = spec
+        plan.owned_after[svc_name] = spec.policy.name
+        plan.unlabelled_at.pop(svc_name, None)
+        svc = view.services[svc_name]
+        if _labelled(svc) is None and _all_nodes_applied(view, svc_name, spec.content_hash):
+            plan.label.append(svc_name)
+    for svc_name, svc in sorted(view.services.items()):
+        if svc_name not in desired and _labelled(svc) == HANDOVER_VALUE:
+            plan.unlabel.append(svc_name)
+            plan.unlabelled_at[svc_name] = view.now
+    for pvs_name, program in sorted(view.programs.items()):
+        if pvs_name in desired:
+            continue
+        if pvs_name not in view.services:
+            plan.delete.append(pvs_name)  # its Service is gone; garbage collection races us
+            plan.unlabelled_at.pop(pvs_name, None)
+            continue
+        # kube-proxy needs time to program the Service again before agents withdraw;
+        # an orphan found unlabelled (e.g. after an operator restart) waits too.
+        since = plan.unlabelled_at.setdefault(pvs_name, view.now)
+        if view.now >= since + view.handover_delay:
+            plan.delete.append(pvs_name)
+            plan.unlabelled_at.pop(pvs_name, None)
+        else:
+            owner = _owner_of(program)
+            if owner is not None:
+                plan.owned_after[pvs_name] = owner
+            due = since + view.handover_delay
+            plan.recheck_at = due if plan.recheck_at is None else min(plan.recheck_at, due)
+    for svc_name in list(plan.unlabelled_at):
+        if svc_name not in view.programs and svc_name not in plan.unlabel:
+            plan.unlabelled_at.pop(svc_name)
+
+
+def _all_nodes_applied(view: NamespaceView, svc_name: str, content_hash: str) -> bool:
+    key = _key(view.namespace, svc_name)
+    return bool(view.nodes) and all(n.status.applied.get(key) == content_hash for n in view.nodes)
+
+
+def _fallback_nodes(view: NamespaceView, mode: str) -> list[str]:
+    out = []
+    for node in view.nodes:
+        if any(m.requested == mode and m.effective != m.requested for m in node.status.modes):
+            out.append(node.metadata.name)
+    return out
+
+
+def _policy_status(
+    view: NamespaceView,
+    policy: ServiceProxyPolicy,
+    selected_by: Mapping[str, Sequence[ServiceProxyPolicy]],
+    desired: Mapping[str, ProxyVirtualServerSpec],
+    not_proxied_by_svc: Mapping[str, NotProxied],
+) -> ServiceProxyPolicyStatus:
+    name = policy.metadata.name
+    total = len(view.nodes)
+    rows: list[PolicyServiceStatus] = []
+    conflicts: list[str] = []
+    mine: list[str] = []
+    fallback = _fallback_nodes(view, policy.spec.mode)
+    for svc_name in sorted(
+        s for s, pols in selected_by.items() if any(p.metadata.name == name for p in pols)
+    ):
+        svc_spec = view.services[svc_name].get("spec") or {}
+        ports = [
+            f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
+            for p in svc_spec.get("ports") or []
+            if isinstance(p, dict)
+        ]
+        cluster_ip = svc_spec.get("clusterIP") if isinstance(svc_spec.get("clusterIP"), str) else None
+        base = {"name": svc_name, "cluster_ip": cluster_ip, "ports": ports, "nodes_total": total}
+        if svc_name in not_proxied_by_svc:
+            why = not_proxied_by_svc[svc_name]
+            rows.append(PolicyServiceStatus(**base, state="NotProxied", message=why.message))
+            continue
+        win = winner(selected_by[svc_name])
+        if win.metadata.name != name:
+            text = f"Service {svc_name}: policy {win.metadata.name} wins ({why_wins(win, policy)})"
+            conflicts.append(text)
+            rows.append(PolicyServiceStatus(**base, state="Conflicted", message=text))
+            continue
+        mine.append(svc_name)
+        spec = desired[svc_name]
+        key = _key(view.namespace, svc_name)
+        done = sum(1 for n in view.nodes if n.status.applied.get(key) == spec.content_hash)
+        mode = spec.mode + (f" ({_fallback_text(view, spec.mode, fallback)})" if fallback else "")
+        state = "Programmed" if total and done == total else "Pending"
+        message = "" if state == "Programmed" else f"{done}/{total} nodes report content {spec.content_hash}"
+        rows.append(
+            PolicyServiceStatus(**base, mode=mode, state=state, nodes_programmed=done, message=message)
+        )
+    missing = sorted(set(policy.spec.services or ()) - set(view.services))
+    conditions = [
+        _accepted(rows, missing),
+        _programmed(view, rows, mine, desired),
+        Condition(
+            type="Conflicted",
+            status="True" if conflicts else "False",
+            reason="OtherPolicyWins" if conflicts else "NoConflict",
+            message="; ".join(conflicts)[:4000],
+        ),
+        _degraded(view, mine, fallback, policy.spec.mode),
+    ]
+    nodes_all = sum(
+        1
+        for n in view.nodes
+        if mine
+        and all(n.status.applied.get(_key(view.namespace, s)) == desired[s].content_hash for s in mine)
+    )
+    return ServiceProxyPolicyStatus(
+        observed_generation=policy.metadata.generation,
+        conditions=conditions,
+        services=rows,
+        programmed=f"{nodes_all}/{total}",
+    )
+
+
+def _fallback_text(view: NamespaceView, mode: str, nodes: list[str]) -> str:
+    effective = sorted(
+        {
+            m.effective
+            for n in view.nodes
+            for m in n.status.modes
+            if m.requested == mode and m.effective != mode
+        }
+    )
+    return f"{','.join(effective)} on {', '.join(nodes)}"
+
+
+def _accepted(rows: list[PolicyServiceStatus], missing: list[str]) -> Condition:
+    if not rows:
+        text = "no Service in this namespace matches the policy"
+        if missing:
+            text = f"Services not found: {', '.join(missing)}"
+        return Condition(type="Accepted", status="False", reason="NoServicesFound", message=text[:4000])
+    text = f"selects {len(rows)} Service(s)"
+    if missing:
+        text += f"; not found: {', '.join(missing)}"
+    return Condition(type="Accepted", status="True", reason="Accepted", message=text[:4000])
+
+
+def _programmed(
+    view: NamespaceView,
+    rows: list[PolicyServiceStatus],
+    mine: list[str],
+    desired: Mapping[str, ProxyVirtualServerSpec],
+) -> Condition:
+    if not mine:
+        return Condition(
+            type="Programmed",
+            status="False",
+            reason="NothingToProgram",
+            message="no Service is proxied by this policy",
+        )
+    if not view.nodes:
+        return Condition(
+            type="Programmed", status="False", reason="NoAgents", message="no ProxyNode reports yet"
+        )
+    pending = [r for r in rows if r.state == "Pending"]
+    if pending:
+        text = "; ".join(f"{r.name}: {r.nodes_programmed}/{r.nodes_total} nodes" for r in pending)
+        return Condition(type="Programmed", status="False", reason="Pending", message=text[:4000])
+    return Condition(
+        type="Programmed",
+        status="True",
+        reason="Programmed",
+        message=f"{len(mine)} Service(s) programmed on {len(view.nodes)}/{len(view.nodes)} nodes",
+    )
+
+
+def _degraded(view: NamespaceView, mine: list[str], fallback: list[str], mode: str) -> Condition:
+    problems: list[str] = []
+    if mine and fallback:
+        problems.append(f"{mode} fell back to {_fallback_text(view, mode, fallback)}")
+    keys = {_key(view.namespace, s) for s in mine}
+    for node in view.nodes:
+        for err in node.status.errors:
+            if err.service in keys:
+                problems.append(f"{node.metadata.name}: {err.service}: {err.message}")
+    if problems:
+        return Condition(
+            type="Degraded", status="True", reason="NodeProblems", message="; ".join(problems)[:4000]
+        )
+    return Condition(type="Degraded", status="False", reason="AllNodesHealthy", message="")
+
+
+def _finish_status(
+    view: NamespaceView, name: str, raw: JSON, status: ServiceProxyPolicyStatus, plan: Plan
+) -> None:
+    """Carry lastTransitionTime over unchanged conditions; Events for transitions."""
+    old_conditions = {
+        c.get("type"): c for c in ((raw.get("status") or {}).get("conditions") or []) if isinstance(c, dict)
+    }
+    generation = status.observed_generation
+    conditions = []
+    for cond in status.conditions:
+        old = old_conditions.get(cond.type)
+        same = old is not None and old.get("status") == cond.status
+        stamp = old.get("lastTransitionTime") if same and old is not None else view.now_iso
+        conditions.append(
+            cond.model_copy(update={"last_transition_time": stamp, "observed_generation": generation})
+        )
+        changed = not same or (old is not None and old.get("reason") != cond.reason)
+        if cond.type == "Conflicted" and cond.status == "True" and old is not None:
+            changed = changed or old.get("message") != cond.message
+        if changed and not (old is None and cond.status == "False" and cond.type in _BAD_WHEN_TRUE):
+            plan.events.append(
+                Event(
+                    policy=name,
+                    type="Warning" if (cond.type, cond.status) in _WARNINGS else "Normal",
+                    reason=f"{cond.type}{cond.status}" if not cond.reason else cond.reason,
+                    message=f"{cond.type}={cond.status}: {cond.message}"[:1000],
+                )
+            )
+    wire = status.model_copy(update={"conditions": conditions}).wire()
+    if (raw.get("status") or {}) != wire:
+        plan.statuses[name] = wire

@@ -1,0 +1,267 @@
+"""Compile one Service into its ProxyVirtualServer program (pure).
+
+``compile_program(policy, service, slices, pod_labels)`` turns a parsed
+ServiceProxyPolicy, the Service object and its EndpointSlices (plain dicts as
+the API server returns them) into a :class:`ProxyVirtualServerSpec`, or a
+:class:`NotProxied` saying why the Service cannot be proxied (ExternalName,
+headless, no ClusterIP yet, no ports). ``pod_labels`` maps Pod name -> labels
+in the Service's namespace so the policy's ``weights`` can match Pods without
+this module doing I/O. Called by the operator's reconciler and by
+``svcproxy plan``; the output is identical for any order of the slices and of
+their endpoints, which is what makes the content hash meaningful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from svcproxy.api.policy import ServiceProxyPolicy
+from svcproxy.api.program import (
+    ObjectRef,
+    ProgramSummary,
+    ProxyVirtualServerSpec,
+    RealServer,
+    VirtualServer,
+)
+
+JSON = dict[str, Any]
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+DEFAULT_SERVICE_AFFINITY_TIMEOUT = 10800
+
+
+@dataclass(frozen=True)
+class NotProxied:
+    """A Service svcproxy never programs, and why (shown in the policy status)."""
+
+    reason: str
+    message: str
+
+
+def address_key(address: str) -> tuple[int, bytes, str]:
+    """Numeric order of IP addresses (IPv4 before IPv6), the agents' canonical order."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, b"", address)
+    return (ip.version, ip.packed, "")
+
+
+def _family(address: str) -> int:
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return 0
+
+
+def not_proxied(service: JSON) -> NotProxied | None:
+    """Why ``service`` is never proxied, or None when it can be."""
+    spec = service.get("spec") or {}
+    if spec.get("type") == "ExternalName":
+        return NotProxied("ExternalName", "ExternalName Services are resolved by DNS only; nothing to proxy")
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip == "None":
+        return NotProxied("Headless", "headless Service (clusterIP: None): clients reach Pods directly")
+    if not cluster_ip:
+        return NotProxied("NoClusterIP", "the Service has no ClusterIP yet")
+    if not isinstance(spec.get("ports"), list) or not spec["ports"]:
+        return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
+    return None
+
+
+def virtual_ips(service: JSON) -> list[str]:
+    """The Service's ClusterIPs (dual-stack aware); external IPs may join later."""
+    spec = service.get("spec") or {}
+    ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    return [ip for ip in ips if isinstance(ip, str) and ip and ip != "None"]
+
+
+def persistence_timeout(policy: ServiceProxyPolicy, service: JSON) -> int:
+    """ClientIP affinity timeout: the policy's, else the Service's own; 0 means none."""
+    affinity = policy.spec.session_affinity
+    if affinity is not None:
+        return affinity.timeout_seconds if affinity.type == "ClientIP" else 0
+    spec = service.get("spec") or {}
+    if spec.get("sessionAffinity") != "ClientIP":
+        return 0
+    config = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+    timeout = config.get("timeoutSeconds", DEFAULT_SERVICE_AFFINITY_TIMEOUT)
+    if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+        return DEFAULT_SERVICE_AFFINITY_TIMEOUT
+    return timeout
+
+
+def endpoint_weight(policy: ServiceProxyPolicy, labels: Mapping[str, str] | None) -> int:
+    """The first matching weight entry's weight; 1 when none matches (or no labels)."""
+    for entry in policy.spec.weights or []:
+        if labels is not None and entry.pod_selector.matches(dict(labels)):
+            return entry.weight
+    return 1
+
+
+def _slice_port(slice_: JSON, name: str, protocol: str) -> int | None:
+    """The slice's resolved target port for the Service port called ``name``."""
+    for port in slice_.get("ports") or []:
+        if not isinstance(port, dict):
+            continue
+        if (port.get("name") or "") == name and (port.get("protocol") or "TCP") == protocol:
+            value = port.get("port")
+            if isinstance(value, int) and 1 <= value <= 65535:
+                return value
+    return None
+
+
+def _candidates(
+    policy: ServiceProxyPolicy,
+    *,
+    slices: Iterable[JSON],
+    port_name: str,
+    protocol: str,
+    family: int,
+    pod_labels: Mapping[str, Mapping[str, str]],
+) -> list[RealServer]:
+    """Real servers of one Service port and address family, one per address:port."""
+    best: dict[tuple[str, int], RealServer] = {}
+    for slice_ in slices:
+        target = _slice_port(slice_, port_name, protocol)
+        if target is None:
+            continue
+        for ep in slice_.get("endpoints") or []:
+            if not isinstance(ep, dict) or not ep.get("addresses"):
+                continue
+            # EndpointSlice API: consumers use only the first address of an endpoint.
+            address = str(ep["addresses"][0])
+            if _family(address) != family:
+                continue
+            cond = ep.get("conditions") or {}
+            # API semantics: ready nil -> ready; serving nil -> same as ready; terminating nil -> false.
+            ready = cond.get("ready") is not False
+            serving = cond.get("serving") if isinstance(cond.get("serving"), bool) else ready
+            terminating = cond.get("terminating") is True
+            if terminating:
+                ready = False
+            if not ready and not (serving and terminating):
+                continue  # not serving: no traffic, not even draining
+            ref = ep.get("targetRef") or {}
+            pod = ref.get("name") if ref.get("kind") == "Pod" else None
+            weight = endpoint_weight(policy, pod_labels.get(pod) if pod else None) if ready else 0
+            node = ep.get("nodeName")
+            rs = RealServer(
+                address=address,
+                port=target,
+                weight=weight,
+                node_name=node if isinstance(node, str) else None,
+                pod_name=pod if isinstance(pod, str) else None,
+                ready=ready,
+                serving=bool(serving),
+                terminating=terminating,
+            )
+            key = (address, target)
+            # The same endpoint can sit in two slices while the controller moves it:
+            # keep one, chosen by content so slice order cannot change the result.
+            if key not in best or _rank(rs) > _rank(best[key]):
+                best[key] = rs
+    return sorted(best.values(), key=lambda r: (address_key(r.address), r.port))
+
+
+def _rank(rs: RealServer) -> tuple[bool, bool, int, str, str]:
+    return (rs.ready, rs.serving, rs.weight, rs.node_name or "", rs.pod_name or "")
+
+
+def content_hash(spec: ProxyVirtualServerSpec) -> str:
+    """Hash of what agents program (mode, scheduler, persistence, virtual servers)."""
+    program = spec.model_dump(
+        by_alias=True,
+        mode="json",
+        include={"mode", "scheduler", "scheduler_flags", "persistence_timeout_seconds", "virtual_servers"},
+    )
+    text = json.dumps(program, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def summarize(virtual_servers: list[VirtualServer]) -> ProgramSummary:
+    """Short texts for `kubectl get pvs`: VIP:port/proto list and ready/all endpoints."""
+    vips = ",".join(f"{_bracket(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
+    every = {rs.address for vs in virtual_servers for rs in vs.real_servers}
+    ready = {rs.address for vs in virtual_servers for rs in vs.real_servers if rs.ready}
+    if len(vips) > 200:
+        vips = vips[:197] + "..."
+    return ProgramSummary(vips=vips, endpoints=f"{len(ready)}/{len(every)}")
+
+
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def compile_program(
+    policy: ServiceProxyPolicy,
+    service: JSON,
+    slices: Iterable[JSON],
+    pod_labels: Mapping[str, Mapping[str, str]] | None = None,
+) -> ProxyVirtualServerSpec | NotProxied:
+    """The program of ``service`` under ``policy``, or why it is not proxied.
+
+    ``slices`` are the Service's EndpointSlices (any order); ``pod_labels`` maps
+    Pod names to labels for weight selection (Pods missing from it weigh 1).
+    """
+    why = not_proxied(service)
+    if why is not None:
+        return why
+    slices = list(slices)
+    pod_labels = pod_labels or {}
+    spec = policy.spec
+    meta = service.get("metadata") or {}
+    scheduler = spec.scheduler
+    flags = list(spec.scheduler_flags) if scheduler is not None else []
+    persistence = persistence_timeout(policy, service)
+    servers: list[VirtualServer] = []
+    for port in service["spec"]["ports"]:
+        if not isinstance(port, dict):
+            continue
+        number = port.get("port")
+        protocol = port.get("protocol") or "TCP"
+        if not isinstance(number, int) or not 1 <= number <= 65535 or protocol not in PROTOCOLS:
+            continue
+        name = str(port.get("name") or "")
+        for vip in virtual_ips(service):
+            servers.append(
+                VirtualServer(
+                    port_name=name,
+                    protocol=protocol,
+                    address=vip,
+                    address_type="ClusterIP",
+                    port=number,
+                    mode=spec.mode,
+                    scheduler=scheduler,
+                    scheduler_flags=flags,
+                    persistence_timeout_seconds=persistence,
+                    real_servers=_candidates(
+                        policy,
+                        slices=slices,
+                        port_name=name,
+                        protocol=protocol,
+                        family=_family(vip),
+                        pod_labels=pod_labels,
+                    ),
+                )
+            )
+    if not servers:
+        return NotProxied("NoPorts", "the Service has no usable ports (port 1..65535, TCP/UDP/SCTP)")
+    servers.sort(key=lambda vs: (address_key(vs.address), vs.port, vs.protocol))
+    program = ProxyVirtualServerSpec(
+        service=ObjectRef(name=str(meta.get("name", "")), uid=meta.get("uid")),
+        policy=ObjectRef(
+            name=policy.metadata.name, uid=policy.metadata.uid, generation=policy.metadata.generation
+        ),
+        mode=spec.mode,
+        scheduler=scheduler,
+        scheduler_flags=flags,
+        persistence_timeout_seconds=persistence,
+        virtual_servers=servers,
+        summary=summarize(servers),
+    )
+    return program.model_copy(update={"content_hash": content_hash(program)})

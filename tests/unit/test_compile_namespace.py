@@ -1,0 +1,235 @@
+"""plan_namespace: programs written only on change, handover order, policy statuses, Events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
+
+from svcproxy.api import HANDOVER_LABEL, ProxyNode
+from svcproxy.compile.namespace import NamespaceView, Plan, plan_namespace
+
+JSON = dict[str, Any]
+
+
+def view(
+    policies: list[JSON],
+    services: list[JSON] | None = None,
+    *,
+    programs: dict[str, JSON] | None = None,
+    nodes: list[ProxyNode] | None = None,
+    now: float = 100.0,
+    unlabelled_at: dict[str, float] | None = None,
+) -> NamespaceView:
+    svcs = services if services is not None else [service("web")]
+    return NamespaceView(
+        namespace="ns",
+        policies=policies,
+        services={s["metadata"]["name"]: s for s in svcs},
+        slices={"web": [endpoint_slice([endpoint("10.244.1.2", pod="web-1"), endpoint("10.244.2.2")])]},
+        pod_labels={},
+        programs=programs or {},
+        nodes=nodes if nodes is not None else [proxy_node("node-1"), proxy_node("node-2")],
+        now=now,
+        now_iso="2026-11-26T18:00:00Z",
+        unlabelled_at=unlabelled_at or {},
+        handover_delay=3.0,
+    )
+
+
+def conditions(plan: Plan, name: str) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c.get("reason", "")) for c in plan.statuses[name]["conditions"]}
+
+
+def stored(plan: Plan, name: str = "web") -> dict[str, JSON]:
+    return {name: {"metadata": {"name": name}, "spec": plan.writes[name].wire()}}
+
+
+def test_new_policy_writes_program_and_is_accepted_not_programmed() -> None:
+    plan = plan_namespace(view([policy_obj("p")]))
+    assert list(plan.writes) == ["web"]
+    assert [r.address for r in plan.writes["web"].virtual_servers[0].real_servers] == [
+        "10.244.1.2",
+        "10.244.2.2",
+    ]
+    assert conditions(plan, "p") == {
+        "Accepted": ("True", "Accepted"),
+        "Programmed": ("False", "Pending"),
+        "Conflicted": ("False", "NoConflict"),
+        "Degraded": ("False", "AllNodesHealthy"),
+    }
+    status = plan.statuses["p"]
+    assert status["programmed"] == "0/2" and status["observedGeneration"] == 1
+    assert status["services"][0]["state"] == "Pending"
+    assert plan.label == [] and plan.delete == []
+    assert {e.reason for e in plan.events} == {"Accepted", "Pending"}
+
+
+def test_unchanged_program_is_not_rewritten() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    again = plan_namespace(view([policy_obj("p")], programs=stored(first)))
+    assert again.writes == {}
+
+
+def test_programmed_on_every_node_labels_the_service() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    digest = first.writes["web"].content_hash
+    half = plan_namespace(
+        view(
+            [policy_obj("p")],
+            programs=stored(first),
+            nodes=[proxy_node("node-1", {"ns/web": digest}), proxy_node("node-2")],
+        )
+    )
+    assert half.label == []
+    assert half.statuses["p"]["services"][0]["nodesProgrammed"] == 1
+    assert half.statuses["p"]["programmed"] == "1/2"
+    both = [proxy_node("node-1", {"ns/web": digest}), proxy_node("node-2", {"ns/web": digest})]
+    done = plan_namespace(
+        view([policy_obj("p", status=half.statuses["p"])], programs=stored(first), nodes=both)
+    )
+    assert done.label == ["web"]
+    assert conditions(done, "p")["Programmed"] == ("True", "Programmed")
+    assert done.statuses["p"]["programmed"] == "2/2"
+    assert [e.reason for e in done.events] == ["Programmed"]
+    stale = [proxy_node("node-1", {"ns/web": "old"}), proxy_node("node-2", {"ns/web": digest})]
+    assert plan_namespace(view([policy_obj("p")], programs=stored(first), nodes=stale)).label == []
+
+
+def test_no_agents_means_not_programmed() -> None:
+    plan = plan_namespace(view([policy_obj("p")], nodes=[]))
+    assert conditions(plan, "p")["Programmed"] == ("False", "NoAgents")
+    assert plan.label == []
+
+
+def test_policy_gone_unlabels_first_then_deletes_after_delay() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    labelled = service("web", labels={HANDOVER_LABEL: "svcproxy"})
+    step1 = plan_namespace(
+        view([policy_obj("p", deleting=True)], [labelled], programs=stored(first), now=100)
+    )
+    assert step1.unlabel == ["web"] and step1.delete == []
+    assert step1.recheck_at == 103.0
+    assert step1.owned_after == {"web": "p"}  # the finalizer keeps waiting
+    assert "p" not in step1.statuses  # no status writes for a policy being deleted
+    unlabelled = service("web")
+    step2 = plan_namespace(
+        view(
+            [policy_obj("p", deleting=True)],
+            [unlabelled],
+            programs=stored(first),
+            now=102,
+            unlabelled_at=step1.unlabelled_at,
+        )
+    )
+    assert step2.delete == [] and step2.unlabel == []
+    step3 = plan_namespace(
+        view(
+            [policy_obj("p", deleting=True)],
+            [unlabelled],
+            programs=stored(first),
+            now=103.5,
+            unlabelled_at=step2.unlabelled_at,
+        )
+    )
+    assert step3.delete == ["web"] and step3.owned_after == {}
+    assert step3.unlabelled_at == {}
+
+
+def test_service_dropped_from_selection_withdraws_too() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    labelled = service("web", labels={HANDOVER_LABEL: "svcproxy"})
+    plan = plan_namespace(
+        view([policy_obj("p", {"services": ["other"]})], [labelled], programs=stored(first))
+    )
+    assert plan.unlabel == ["web"] and plan.delete == []
+    assert conditions(plan, "p")["Accepted"] == ("False", "NoServicesFound")
+
+
+def test_program_of_a_deleted_service_is_deleted_at_once() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    plan = plan_namespace(view([policy_obj("p")], [], programs=stored(first)))
+    assert plan.delete == ["web"]
+
+
+def test_conflict_loser_names_service_and_winner_and_gets_warning() -> None:
+    old = policy_obj("old", created="2026-01-01T00:00:00Z")
+    new = policy_obj(
+        "new", {"services": ["web"], "ipvs": {"scheduler": "lc"}}, created="2026-02-01T00:00:00Z"
+    )
+    plan = plan_namespace(view([new, old]))
+    assert plan.writes["web"].policy.name == "old" and plan.writes["web"].scheduler == "rr"
+    assert conditions(plan, "new")["Conflicted"] == ("True", "OtherPolicyWins")
+    assert conditions(plan, "old")["Conflicted"] == ("False", "NoConflict")
+    msg = next(c["message"] for c in plan.statuses["new"]["conditions"] if c["type"] == "Conflicted")
+    assert msg == "Service web: policy old wins (same priority, older policy)"
+    assert plan.statuses["new"]["services"][0]["state"] == "Conflicted"
+    warnings = [e for e in plan.events if e.type == "Warning"]
+    assert [(e.policy, e.reason) for e in warnings] == [("new", "OtherPolicyWins")]
+    # The loser wins once it outranks the other.
+    urgent = policy_obj(
+        "new",
+        {"services": ["web"], "ipvs": {"scheduler": "lc"}, "priority": 5},
+        created="2026-02-01T00:00:00Z",
+    )
+    assert plan_namespace(view([urgent, old])).writes["web"].scheduler == "lc"
+
+
+def test_external_name_and_headless_are_not_proxied() -> None:
+    svcs = [service("web", cluster_ip="None"), service("ext", type_="ExternalName", cluster_ip=None)]
+    plan = plan_namespace(view([policy_obj("p", {"services": ["web", "ext"]})], svcs))
+    assert plan.writes == {}
+    rows = {r["name"]: r for r in plan.statuses["p"]["services"]}
+    assert rows["web"]["state"] == "NotProxied" and "headless" in rows["web"]["message"]
+    assert rows["ext"]["state"] == "NotProxied" and "DNS" in rows["ext"]["message"]
+    assert conditions(plan, "p")["Programmed"] == ("False", "NothingToProgram")
+
+
+def test_service_handed_to_another_proxy_is_left_alone() -> None:
+    svc = service("web", labels={HANDOVER_LABEL: "cilium"})
+    plan = plan_namespace(view([policy_obj("p")], [svc]))
+    assert plan.writes == {} and plan.unlabel == []
+    assert plan.statuses["p"]["services"][0]["state"] == "NotProxied"
+
+
+def test_fallback_and_errors_make_degraded_naming_nodes() -> None:
+    nodes = [
+        proxy_node("node-1", modes=[{"requested": "ipvs", "effective": "iptables", "reason": "no IPVS"}]),
+        proxy_node("node-2", errors=[{"service": "ns/web", "message": "scheduler mh not loaded"}]),
+    ]
+    plan = plan_namespace(view([policy_obj("p")], nodes=nodes))
+    cond = next(c for c in plan.statuses["p"]["conditions"] if c["type"] == "Degraded")
+    assert cond["status"] == "True"
+    assert (
+        "iptables on node-1" in cond["message"]
+        and "node-2: ns/web: scheduler mh not loaded" in cond["message"]
+    )
+    assert plan.statuses["p"]["services"][0]["mode"] == "ipvs (iptables on node-1)"
+
+
+def test_invalid_policy_gets_a_status_message_not_a_crash() -> None:
+    bad = policy_obj("bad", {"services": ["web"], "mode": "warp", "ipvs": {"scheduler": "nope"}})
+    plan = plan_namespace(view([bad]))
+    cond = next(c for c in plan.statuses["bad"]["conditions"] if c["type"] == "Accepted")
+    assert cond["status"] == "False" and cond["reason"] == "InvalidSpec"
+    assert "mode" in cond["message"] or "scheduler" in cond["message"]
+    assert plan.writes == {}
+
+
+def test_huge_selector_and_service_without_ports() -> None:
+    huge = {"serviceSelector": {"matchLabels": {f"k{i}": "v" for i in range(500)}}}
+    plan = plan_namespace(view([policy_obj("huge", huge), policy_obj("p")], [service("web", ports=[])]))
+    assert conditions(plan, "huge")["Accepted"] == ("False", "InvalidSpec")
+    assert plan.statuses["p"]["services"][0]["state"] == "NotProxied"
+
+
+def test_transition_times_kept_and_no_write_when_status_unchanged() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    later = NamespaceView(
+        **{
+            **view([policy_obj("p", status=first.statuses["p"])], programs=stored(first)).__dict__,
+            "now_iso": "2030-01-01T00:00:00Z",
+        }
+    )
+    again = plan_namespace(later)
+    assert "p" not in again.statuses and again.events == []
