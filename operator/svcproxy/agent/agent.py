@@ -1,0 +1,339 @@
+"""The agent's core: desired state, routing to proxiers, syncs and their outcome.
+
+The watch feeds :meth:`Agent.upsert` / :meth:`Agent.delete` /
+:meth:`Agent.replace_all` (cheap: remember the program, mark its owner in
+the change tracker). :meth:`Agent.sync` runs one :class:`Batch`: it places
+each changed owner's virtual servers in a mode (:mod:`routing`), hands every
+proxier only the owners that changed (a partial sync), or everything (a full
+sync: observe -> diff -> apply in the proxier, which never flushes), and
+folds the results into ``applied`` hashes, errors and retries.
+
+Make-before-break: when a live virtual server changes mode, phase 1
+programs the new mode while the old mode keeps it; phase 2 withdraws it
+from the old mode, only for owners whose phase 1 succeeded. The cost of a
+partial sync follows the changed owners, not the number of services.
+Called by :mod:`svcproxy.agent.main` (real proxiers) and the unit tests
+(in-memory proxiers, fake time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from svcproxy.agent.convert import Program
+from svcproxy.agent.metrics import Metrics
+from svcproxy.agent.report import AgentSnapshot, OwnerError
+from svcproxy.agent.routing import FALLBACK_MODE, Placement, Route, Router
+from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.dataplane.proxier import Action, Capabilities, DataplaneError, Proxier, SyncResult
+from svcproxy.dataplane.table import VirtualServer, VSKey
+
+log = logging.getLogger("svcproxy.agent")
+
+MODE_ORDER = ("iptables", "userspace", "ipvs")
+
+
+@dataclass
+class SyncOutcome:
+    """What one :meth:`Agent.sync` did (also what tests look at)."""
+
+    batch: Batch
+    results: list[SyncResult] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and all(r.ok for r in self.results)
+
+
+class Agent:
+    def __init__(
+        self,
+        proxiers: Mapping[str, Proxier],
+        *,
+        node_name: str,
+        tracker: ChangeTracker | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        agent_version: str = "",
+        kernel_release: str = "",
+        unavailable: Mapping[str, Capabilities] | None = None,
+    ) -> None:
+        self.proxiers = dict(proxiers)
+        self.node_name = node_name
+        self.clock = clock
+        self.wall = wall
+        self.tracker = tracker or ChangeTracker(now=clock())
+        self.metrics = metrics or Metrics()
+        self.agent_version = agent_version
+        self.kernel_release = kernel_release
+        caps: dict[str, Capabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
+        # Modes that could not be built or are not usable here: routed around, reported.
+        for mode, mode_caps in (unavailable or {}).items():
+            caps.setdefault(mode, mode_caps)
+        self.router = Router(caps)
+        self.programs: dict[str, Program] = {}
+        self.placement: dict[str, Placement] = {}  # owner -> what the proxiers were told
+        self.routes: dict[str, list[Route]] = {}
+        self.key_owner: dict[str, dict[VSKey, str]] = {}  # mode -> key -> owner holding it
+        self.applied: dict[str, str] = {}
+        self.errors: dict[str, OwnerError] = {}
+        self.node_errors: list[str] = []
+        self.last_sync_time: float | None = None
+        self.last_sync_duration: float | None = None
+        self.last_sync_ok = False
+        self.synced_once = False
+
+    # ---- desired state (called by the watch) -------------------------------------------
+    def upsert(self, program: Program) -> None:
+        old = self.programs.get(program.owner)
+        self.programs[program.owner] = program
+        if old != program:
+            self.tracker.changed(program.owner, self.clock())
+
+    def delete(self, owner: str) -> None:
+        if self.programs.pop(owner, None) is not None or owner in self.placement:
+            self.tracker.changed(owner, self.clock())
+
+    def replace_all(self, programs: Iterable[Program]) -> None:
+        """After a (re-)list: the complete set; owners missing from it are deleted."""
+        fresh = {p.owner: p for p in programs}
+        for owner in list(self.programs):
+            if owner not in fresh:
+                self.delete(owner)
+        for program in fresh.values():
+            self.upsert(program)
+
+    # ---- placement ---------------------------------------------------------------------
+    def _place(self, owner: str) -> Placement:
+        """Where ``owner``'s virtual servers go now; records routes and key conflicts."""
+        program = self.programs.get(owner)
+        self.routes.pop(owner, None)
+        if program is None:
+            return {}
+        if program.error:
+            self._error(owner, program.error)
+            return {}
+        placement, routes = self.router.place(program)
+        self.routes[owner] = routes
+        for mode, servers in placement.items():
+            index = self.key_owner.setdefault(mode, {})
+            for key in list(servers):
+                holder = index.get(key)
+                if holder is not None and holder != owner and holder in self.programs:
+                    del servers[key]
+                    self._error(
+                        owner,
+                        f"{key} is already programmed by {holder}: one VIP:port/protocol can belong"
+                        " to one ProxyVirtualServer only; remove it from one of them",
+                    )
+        return {m: s for m, s in placement.items() if s}
+
+    def _index(self, owner: str, old: Placement, new: Placement) -> None:
+        for mode, servers in old.items():
+            index = self.key_owner.get(mode, {})
+            for key in servers:
+                if index.get(key) == owner:
+                    del index[key]
+        for mode, servers in new.items():
+            index = self.key_owner.setdefault(mode, {})
+            for key in servers:
+                index[key] = owner
+
+    def _error(self, owner: str, message: str) -> None:
+        self.errors[owner] = OwnerError(owner, message, self.wall())
+
+    # ---- sync --------------------------------------------------------------------------
+    async def run_due(self) -> SyncOutcome | None:
+        """Sync if the tracker says a batch is due now."""
+        batch = self.tracker.take(self.clock())
+        if batch is None:
+            return None
+        return await self.sync(batch)
+
+    async def sync(self, batch: Batch) -> SyncOutcome:
+        started = self.clock()
+        outcome = SyncOutcome(batch)
+        owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
+        for owner in owners:
+            self.errors.pop(owner, None)
+        old = {o: self.placement.get(o, {}) for o in owners}
+        for owner in owners:
+            self._index(owner, old[owner], {})
+        new = {o: self._place(o) for o in sorted(owners)}
+        for owner in owners:
+            self._index(owner, {}, new[owner])
+        # Keys moving to another mode stay in their old mode until the new one holds them.
+        moving: dict[str, dict[str, dict[VSKey, VirtualServer]]] = {}  # mode -> owner -> keys
+        for owner in owners:
+            new_keys = {k: m for m, s in new[owner].items() for k in s}
+            for mode, servers in old[owner].items():
+                moved = {k: v for k, v in servers.items() if k in new_keys and new_keys[k] != mode}
+                if moved:
+                    moving.setdefault(mode, {})[owner] = moved
+        modes = [m for m in MODE_ORDER if m in self.proxiers or any(m in p for p in new.values())]
+        failed: set[str] = set()
+        for mode in modes:  # phase 1: make
+            desired: dict[VSKey, VirtualServer] = {}
+            only: set[str] = set()
+            for owner in owners:
+                desired.update(new[owner].get(mode, {}))
+                if new[owner].get(mode) or old[owner].get(mode):
+                    only.add(owner)
+            for moved in moving.get(mode, {}).values():
+                for key, vs in moved.items():
+                    desired.setdefault(key, vs)
+            if not batch.full and not only:
+                continue
+            if batch.full and mode not in self.proxiers and not desired:
+                continue
+            result = await self._sync_mode(mode, desired, None if batch.full else frozenset(only))
+            outcome.results.append(result)
+            failed |= self._absorb(result, only, batch)
+        for mode, by_owner in moving.items():  # phase 2: break, only after a successful make
+            ready = {o for o in by_owner if o not in failed}
+            if not ready:
+                continue
+            desired = {k: v for o in ready for k, v in new[o].get(mode, {}).items()}
+            result = await self._sync_mode(mode, desired, frozenset(ready))
+            outcome.results.append(result)
+            failed |= self._absorb(result, ready, batch)
+        for owner in owners:
+            placement = {m: dict(s) for m, s in new[owner].items()}
+            for mode, by_owner in moving.items():
+                if owner in by_owner and owner in failed:
+                    placement.setdefault(mode, {}).update(by_owner[owner])
+            if placement:
+                self.placement[owner] = placement
+            else:
+                self.placement.pop(owner, None)
+            program = self.programs.get(owner)
+            if program is None or owner in failed or owner in self.errors:
+                self.applied.pop(owner, None)
+            else:
+                self.applied[owner] = program.content_hash
+        done = self.clock()
+        outcome.failed = failed
+        outcome.duration = done - started
+        for owner, seen in batch.seen.items():
+            if owner not in failed:
+                self.metrics.programming_latency.observe(max(0.0, done - seen))
+        self.metrics.sync_duration.labels("full" if batch.full else "partial").observe(outcome.duration)
+        self._update_gauges()
+        self.last_sync_time = self.wall()
+        self.last_sync_duration = outcome.duration
+        self.last_sync_ok = all(r.ok for r in outcome.results) and not self.node_errors
+        self.synced_once = self.synced_once or batch.full
+        log.info(
+            "sync done",
+            extra={
+                "full": batch.full,
+                "owners": len(owners),
+                "operations": sum(r.total_operations for r in outcome.results),
+                "failed": sorted(failed)[:20],
+                "seconds": round(outcome.duration, 6),
+            },
+        )
+        return outcome
+
+    async def _sync_mode(
+        self, mode: str, desired: dict[VSKey, VirtualServer], only: frozenset[str] | None
+    ) -> SyncResult:
+        proxier = self.proxiers.get(mode)
+        if proxier is None:
+            caps = self.router.capabilities.get(mode)
+            reason = caps.reason if caps and caps.reason else f"{mode} mode is not available on this node"
+            owners = frozenset(vs.owner for vs in desired.values()) | (only or frozenset())
+            return SyncResult(
+                mode=mode,
+                full=only is None,
+                operations={},
+                errors=(DataplaneError(reason),),
+                failed_owners=owners,
+            )
+        return await proxier.sync(desired, only)
+
+    def _absorb(self, result: SyncResult, owners: set[str], batch: Batch) -> set[str]:
+        """Record a result's operations and errors; returns the owners that failed."""
+        for kind, count in result.operations.items():
+            self.metrics.operations.labels(result.mode, kind).inc(count)
+        failed = set(result.failed_owners)
+        retry: set[str] = set()
+        for err in result.errors:
+            self.metrics.errors.labels(result.mode, err.action.value).inc()
+            concerned = {err.owner} if err.owner else (set(result.failed_owners) or set())
+            if not concerned:
+                self.node_errors.append(f"{result.mode}: {err}")
+                del self.node_errors[:-10]
+                continue
+            failed |= concerned
+            for owner in concerned:
+                self._error(owner, f"{result.mode}: {err}")
+                log.warning(
+                    "sync failed", extra={"owner": owner, "mode": result.mode, "action": err.action.value,
+                                          "error": str(err)},
+                )
+            if err.action is Action.FALLBACK and result.mode != FALLBACK_MODE:
+                for owner in concerned:
+                    self.router.forced[owner] = f"{result.mode} mode failed on this node: {err}"
+                self.tracker.changed_many(concerned, self.clock())
+            elif err.action is Action.RETRY:
+                retry |= concerned
+        if retry:
+            self.tracker.retry(retry, self.clock(), batch.seen)
+        if result.full and result.ok:
+            self.node_errors = [e for e in self.node_errors if not e.startswith(f"{result.mode}:")]
+        return failed & (owners | set(result.failed_owners))
+
+    def _update_gauges(self) -> None:
+        for mode, proxier in self.proxiers.items():
+            counts = proxier.counts()
+            self.metrics.virtual_servers.labels(mode).set(counts.virtual_servers)
+            self.metrics.real_servers.labels(mode).set(counts.real_servers)
+            self.metrics.rules.labels(mode).set(counts.rules)
+        self.metrics.services.set(len(self.applied))
+
+    # ---- cleanup and report ------------------------------------------------------------
+    async def cleanup(self) -> list[SyncResult]:
+        """Every mode's cleanup (``svcproxy agent --cleanup``)."""
+        return [await p.cleanup() for p in self.proxiers.values()]
+
+    def snapshot(self, *, watch_live: bool) -> AgentSnapshot:
+        vs = rs = 0
+        for proxier in self.proxiers.values():
+            counts = proxier.counts()
+            vs += counts.virtual_servers
+            rs += counts.real_servers
+        routes = [r for rs_ in self.routes.values() for r in rs_]
+        ready = watch_live and self.synced_once and self.last_sync_ok
+        if ready:
+            reason, message = "Synced", "the kernel matches every ProxyVirtualServer it could apply"
+        elif not self.synced_once:
+            reason, message = "Starting", "waiting for the first full sync"
+        elif not watch_live:
+            reason, message = "WatchDown", "the ProxyVirtualServer watch is reconnecting"
+        else:
+            reason, message = "SyncFailed", "the last sync had errors: see errors"
+        return AgentSnapshot(
+            node_name=self.node_name,
+            agent_version=self.agent_version,
+            capabilities=self.router.capabilities,
+            kernel_release=self.kernel_release,
+            routes=routes,
+            applied=dict(self.applied),
+            services=len(self.applied),
+            virtual_servers=vs,
+            real_servers=rs,
+            errors=list(self.errors.values()),
+            last_sync_time=self.last_sync_time,
+            last_sync_duration=self.last_sync_duration,
+            ready=ready,
+            ready_reason=reason,
+            ready_message=message,
+            extra_errors=tuple(self.node_errors),
+        )

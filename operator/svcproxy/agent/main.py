@@ -1,0 +1,258 @@
+"""``svcproxy agent``: the node agent's command line and its asyncio main loop.
+
+``configure`` adds the options; ``run`` starts one event loop that holds
+the ProxyVirtualServer watch (:mod:`watch`), the sync loop driving
+:class:`svcproxy.agent.agent.Agent` from the change tracker, the ProxyNode
+report loop (:mod:`kube`), and an HTTP server with ``/healthz`` and
+``/metrics``. The userspace proxier runs in this same loop, so kernel work
+must not block it: proxiers run netlink and iptables-restore in executor
+threads. The first sync waits for the first complete list (a full sync
+with a partial table would sweep live services). ``--cleanup`` removes
+everything every mode owns and exits. Called by :mod:`svcproxy.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from importlib import metadata
+
+from aiohttp import web
+from kubernetes_asyncio import client, config
+
+from svcproxy.agent import logs
+from svcproxy.agent.agent import Agent
+from svcproxy.agent.kube import ProxyNodeWriter
+from svcproxy.agent.metrics import Metrics
+from svcproxy.agent.report import ReportThrottle, build_status
+from svcproxy.agent.tracker import ChangeTracker
+from svcproxy.agent.watch import PvsWatch
+from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
+from svcproxy.dataplane.proxier import MODES, Capabilities, Proxier
+
+log = logging.getLogger("svcproxy.agent")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                        help="this node's name (default: $NODE_NAME)")
+    parser.add_argument("--full-sync-interval", type=float, default=60.0,
+                        help="seconds between full reconciles that repair drift (default 60)")
+    parser.add_argument("--min-sync-interval", type=float, default=0.05,
+                        help="minimum seconds between two syncs; bursts coalesce (default 0.05)")
+    parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--health-port", type=int, default=9102, help="/healthz port (0: off)")
+    parser.add_argument("--bind-address", default="0.0.0.0", help="address of the HTTP endpoints")
+    parser.add_argument("--masquerade-all", action="store_true", help="masquerade all proxied traffic")
+    parser.add_argument("--cluster-cidr", action="append", default=None,
+                        help="Pod CIDR(s); traffic from outside them is masqueraded (default 10.244.0.0/16)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="remove everything the agent owns in the kernel (every mode) and exit")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def version() -> str:
+    try:
+        return metadata.version("svcproxy")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def build_proxiers(cfg: DataplaneConfig) -> tuple[dict[str, Proxier], dict[str, Capabilities]]:
+    """Every mode's proxier that can run here, and the capabilities of those that cannot."""
+    usable: dict[str, Proxier] = {}
+    unusable: dict[str, Capabilities] = {}
+    for mode in MODES:
+        try:
+            proxier = build_proxier(mode, cfg)
+        except Exception as err:  # a mode's package missing or failing to import
+            unusable[mode] = Capabilities(mode, False, f"{mode} mode cannot start: {err}")
+            log.warning("mode unavailable", extra={"mode": mode, "error": repr(err)})
+            continue
+        caps = proxier.capabilities()
+        if caps.available:
+            usable[mode] = proxier
+        else:
+            unusable[mode] = caps
+            log.warning("mode unavailable", extra={"mode": mode, "reason": caps.reason})
+    return usable, unusable
+
+
+class AgentProcess:
+    """The running agent: watch, sync loop, report loop and HTTP endpoints."""
+
+    def __init__(self, args: argparse.Namespace, agent: Agent, api: client.ApiClient) -> None:
+        self.args = args
+        self.agent = agent
+        self.api = api
+        self.wake = asyncio.Event()
+        self.listed = asyncio.Event()
+        self.watch = PvsWatch(
+            api,
+            on_list=self._on_list,
+            on_upsert=lambda p: self._poke(agent.upsert, p),
+            on_delete=lambda o: self._poke(agent.delete, o),
+            on_restart=lambda reason: agent.metrics.watch_restarts.labels(reason).inc(),
+        )
+        self.writer = ProxyNodeWriter(api, args.node_name, ReportThrottle(1.0))
+        self.report_wake = asyncio.Event()
+
+    def _poke(self, fn: object, arg: object) -> None:
+        fn(arg)  # type: ignore[operator]
+        self.wake.set()
+
+    def _on_list(self, programs: object) -> None:
+        self.agent.replace_all(programs)  # type: ignore[arg-type]
+        self.listed.set()
+        self.wake.set()
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.watch.live:
+            return False, "the ProxyVirtualServer watch is not live"
+        if not self.agent.synced_once:
+            return False, "the first full sync has not finished"
+        if not self.agent.last_sync_ok:
+            return False, "the last sync had errors (see the ProxyNode status)"
+        return True, "ok"
+
+    async def sync_loop(self) -> None:
+        await self.listed.wait()
+        tracker = self.agent.tracker
+        while True:
+            delay = tracker.due_at() - self.agent.clock()
+            if delay > 0:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=min(delay, 3600))
+                continue
+            try:
+                outcome = await self.agent.run_due()
+            except Exception:
+                log.exception("sync crashed; full sync next")
+                tracker.request_full()
+                await asyncio.sleep(1)
+                continue
+            if outcome is not None:
+                self.report_wake.set()
+
+    async def report_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.report_wake.wait(), timeout=10)
+            self.report_wake.clear()
+            now = time.monotonic()
+            delay = self.writer.throttle.due_at() - now
+            if delay > 0:
+                await asyncio.sleep(delay)  # coalesce: one write per second at most
+            snap = self.agent.snapshot(watch_live=self.watch.live)
+            status = build_status(snap, self.writer.throttle.sent)
+            try:
+                if await self.writer.write(status, time.monotonic()):
+                    self.agent.metrics.report_writes.labels("ok").inc()
+            except Exception as err:
+                self.agent.metrics.report_writes.labels("error").inc()
+                log.warning("ProxyNode write failed; retrying", extra={"error": repr(err)})
+                await asyncio.sleep(2)
+                self.report_wake.set()
+
+    async def serve_http(self) -> list[web.AppRunner]:
+        runners: list[web.AppRunner] = []
+
+        async def healthz(_: web.Request) -> web.Response:
+            ok, why = self.healthy()
+            return web.Response(status=200 if ok else 503, text=why + "\n")
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=self.agent.metrics.render(),
+                                headers={"Content-Type": "text/plain; version=0.0.4"})
+
+        routes = {self.args.health_port: [("/healthz", healthz), ("/readyz", healthz)],
+                  self.args.metrics_port: [("/metrics", metrics)]}
+        if self.args.health_port == self.args.metrics_port:
+            routes = {self.args.health_port: routes[self.args.health_port] + routes[self.args.metrics_port]}
+        for port, handlers in routes.items():
+            if not port:
+                continue
+            app = web.Application()
+            for path, handler in handlers:
+                app.router.add_get(path, handler)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, self.args.bind_address, port).start()
+            runners.append(runner)
+        return runners
+
+
+async def _load_config(kubeconfig: str | None) -> client.ApiClient:
+    if kubeconfig:
+        await config.load_kube_config(config_file=kubeconfig)
+    else:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+async def amain(args: argparse.Namespace) -> int:
+    cfg = DataplaneConfig(
+        cluster_cidrs=tuple(args.cluster_cidr or DataplaneConfig.cluster_cidrs),
+        masquerade_all=args.masquerade_all,
+    )
+    usable, unusable = build_proxiers(cfg)
+    metrics = Metrics()
+    agent = Agent(
+        usable,
+        node_name=args.node_name,
+        tracker=ChangeTracker(min_interval=args.min_sync_interval, full_interval=args.full_sync_interval,
+                              now=time.monotonic()),
+        metrics=metrics,
+        agent_version=version(),
+        kernel_release=os.uname().release,
+        unavailable=unusable,
+    )
+    if args.cleanup:
+        results = await agent.cleanup()
+        for r in results:
+            log.info("cleaned up", extra={"mode": r.mode, "operations": dict(r.operations),
+                                          "errors": [str(e) for e in r.errors]})
+        for proxier in usable.values():
+            await proxier.close()
+        return 0 if all(r.ok for r in results) else 1
+    api = await _load_config(args.kubeconfig)
+    proc = AgentProcess(args, agent, api)
+    runners = await proc.serve_http()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(c) for c in (proc.watch.run(), proc.sync_loop(), proc.report_loop())]
+    log.info("agent started", extra={"modes": sorted(usable), "unavailable": sorted(unusable)})
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    rc = 0
+    for task in done:
+        if task is not stopper and task.exception() is not None:
+            log.error("agent task failed", exc_info=task.exception())
+            rc = 1
+    for task in [*tasks, stopper]:
+        task.cancel()
+    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    # Leave the kernel as it is: a restarted agent adopts it without interrupting traffic.
+    for proxier in usable.values():
+        await proxier.close()
+    for runner in runners:
+        await runner.cleanup()
+    await api.close()
+    return rc
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.setup(args.node_name or "?", getattr(logging, args.log_level.upper()))
+    if not args.node_name and not args.cleanup:
+        log.error("no node name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)")
+        return 2
+    return asyncio.run(amain(args))

@@ -1,0 +1,86 @@
+"""Mode routing: which proxier runs each virtual server on this node; pure.
+
+Modes do not know each other; the agent asks the router where each virtual
+server of a :class:`~svcproxy.agent.convert.Program` goes. An ``ipvs``
+virtual server runs in ``iptables`` mode when IPVS is not usable on the
+node, when its scheduler's module does not load, or when the ipvs proxier
+reported a fallback error for its owner at runtime. A ``userspace`` one
+falls back to ``iptables`` too if the agent cannot proxy here. Each decision
+is a :class:`Route` (requested, effective, reason) that the ProxyNode
+report lists. Called by :class:`svcproxy.agent.agent.Agent`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from svcproxy.agent.convert import Program
+from svcproxy.dataplane.proxier import Capabilities
+from svcproxy.dataplane.table import VirtualServer, VSKey
+
+FALLBACK_MODE = "iptables"
+
+
+@dataclass(frozen=True)
+class Route:
+    requested: str
+    effective: str
+    reason: str = ""
+
+
+Placement = dict[str, dict[VSKey, VirtualServer]]
+"""Effective mode -> that mode's virtual servers of one owner."""
+
+
+class Router:
+    """Decides the effective mode of each virtual server from detected capabilities."""
+
+    def __init__(self, capabilities: Mapping[str, Capabilities]) -> None:
+        self.capabilities = dict(capabilities)
+        # owner -> reason: the ipvs proxier refused it at runtime (e.g. a scheduler failed to load).
+        self.forced: dict[str, str] = {}
+
+    def available(self, mode: str) -> bool:
+        caps = self.capabilities.get(mode)
+        return caps is not None and caps.available
+
+    def route(self, mode: str, vs: VirtualServer) -> Route:
+        if mode == FALLBACK_MODE:
+            return Route(mode, mode)
+        caps = self.capabilities.get(mode)
+        if caps is None or not caps.available:
+            why = caps.reason if caps is not None and caps.reason else f"{mode} mode is not available"
+            return Route(mode, FALLBACK_MODE, why)
+        if mode == "ipvs" and caps.schedulers and vs.scheduler not in caps.schedulers:
+            return Route(
+                mode,
+                FALLBACK_MODE,
+                f"IPVS scheduler {vs.scheduler} does not load on this node (module ip_vs_{vs.scheduler})",
+            )
+        forced = self.forced.get(vs.owner)
+        if forced:
+            return Route(mode, FALLBACK_MODE, forced)
+        return Route(mode, mode)
+
+    def place(self, program: Program) -> tuple[Placement, list[Route]]:
+        """Effective placement of one program's virtual servers, and the routes taken."""
+        placement: Placement = {}
+        routes: list[Route] = []
+        for mode, servers in program.by_mode.items():
+            for vs in servers:
+                route = self.route(mode, vs)
+                placement.setdefault(route.effective, {})[vs.key] = vs
+                if route not in routes:
+                    routes.append(route)
+        return placement, routes
+
+
+def modes_summary(routes: list[Route]) -> str:
+    """Short text for ``kubectl get pn``, e.g. "iptables(ipvs),userspace"."""
+    parts: list[str] = []
+    for r in sorted(set(routes), key=lambda r: (r.effective, r.requested)):
+        text = r.effective if r.effective == r.requested else f"{r.effective}({r.requested})"
+        if text not in parts:
+            parts.append(text)
+    return ",".join(parts)

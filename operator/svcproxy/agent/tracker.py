@@ -1,0 +1,104 @@
+"""The change tracker: coalesces ProxyVirtualServer changes into bounded-rate syncs.
+
+Like kube-proxy's change trackers plus its ``BoundedFrequencyRunner``: the
+watch calls :meth:`ChangeTracker.changed` for each event (cheap, no kernel
+work); the agent's sync loop asks :meth:`ChangeTracker.due_at` when to wake
+and :meth:`ChangeTracker.take` for the next :class:`Batch`. Many events
+between two syncs become one batch; two syncs are at least
+``min_interval`` apart; a full reconcile comes every ``full_interval``
+(it also covers every pending owner); owners whose sync failed come back
+after ``retry_interval``. Time is passed in, never read, so tests drive it
+with a fake clock. Pure: no I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One sync's worth of work."""
+
+    full: bool
+    owners: frozenset[str]
+    # owner -> when its oldest unsynced change was seen (for programming latency).
+    seen: Mapping[str, float] = field(default_factory=dict)
+
+
+class ChangeTracker:
+    def __init__(
+        self,
+        *,
+        min_interval: float = 0.05,
+        full_interval: float = 60.0,
+        retry_interval: float = 1.0,
+        now: float = 0.0,
+    ) -> None:
+        self.min_interval = min_interval
+        self.full_interval = full_interval
+        self.retry_interval = retry_interval
+        self._dirty: dict[str, float] = {}
+        self._retry: dict[str, float] = {}  # owner -> not before
+        self._retry_seen: dict[str, float] = {}
+        self._full_requested = True  # the first sync after start is full (restart safety)
+        self._last_run: float | None = None
+        self._last_full = now
+
+    @property
+    def pending(self) -> frozenset[str]:
+        return frozenset(self._dirty) | frozenset(self._retry)
+
+    def changed(self, owner: str, now: float) -> None:
+        """An owner's program changed (or was deleted) at ``now``."""
+        if self._retry.pop(owner, None) is not None:
+            now = min(now, self._retry_seen.pop(owner, now))
+        self._dirty.setdefault(owner, now)
+
+    def changed_many(self, owners: Iterable[str], now: float) -> None:
+        for owner in owners:
+            self.changed(owner, now)
+
+    def request_full(self) -> None:
+        self._full_requested = True
+
+    def retry(self, owners: Iterable[str], now: float, seen: Mapping[str, float] | None = None) -> None:
+        """Owners whose sync failed transiently: try again after ``retry_interval``."""
+        for owner in owners:
+            if owner in self._dirty:
+                continue  # a newer change is already pending
+            self._retry[owner] = now + self.retry_interval
+            if seen and owner in seen:
+                # Keep the original change time so latency counts the failed attempt too.
+                self._retry_seen[owner] = seen[owner]
+
+    def due_at(self) -> float:
+        """The earliest time the next sync should run (may be in the past)."""
+        earliest = self._last_full + self.full_interval
+        if self._full_requested or self._dirty:
+            earliest = float("-inf")
+        if self._retry:
+            earliest = min(earliest, *self._retry.values())
+        if self._last_run is not None:
+            earliest = max(earliest, self._last_run + self.min_interval)
+        return earliest
+
+    def take(self, now: float) -> Batch | None:
+        """The batch to sync now, or None when nothing is due yet."""
+        if now < self.due_at():
+            return None
+        for owner, not_before in list(self._retry.items()):
+            if not_before <= now:
+                del self._retry[owner]
+                self._dirty.setdefault(owner, self._retry_seen.pop(owner, now))
+        full = self._full_requested or now >= self._last_full + self.full_interval
+        if not full and not self._dirty:
+            return None
+        seen = dict(self._dirty)
+        self._dirty.clear()
+        self._last_run = now
+        if full:
+            self._full_requested = False
+            self._last_full = now
+        return Batch(full=full, owners=frozenset(seen), seen=seen)
