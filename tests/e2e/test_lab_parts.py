@@ -10,6 +10,7 @@ import base64
 import ipaddress
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -17,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from svcproxy.lab.echo import Echo
 from svcproxy.lab.kubelet import is_echo, parse_probe
 from svcproxy.lab.pki import Pki
-from svcproxy.lab.podnet import Ipam, netns_name, veth_name
+from svcproxy.lab.podnet import Ipam, PodNetError, netns_name, veth_name
 
 
 def _user_cert(kubeconfig: Path) -> x509.Certificate:
@@ -70,7 +71,18 @@ def test_ipam_keeps_addresses_across_restarts_and_skips_gateway_and_client(
     again = Ipam(tmp_path / "ipam.json", "10.244.2.0/24")  # a restarted kubelet
     assert again.allocate("uid-7") == first[7]
     again.release("uid-7")
-    assert again.allocate("uid-new") == first[7]
+    assert again.allocate("uid-new") == first[7]  # the only free address
+    with pytest.raises(PodNetError):
+        again.allocate("one-too-many")
+
+
+def test_ipam_does_not_hand_a_released_address_out_at_once(tmp_path: Path) -> None:
+    ipam = Ipam(tmp_path / "ipam.json", "10.244.1.0/24")
+    a = ipam.allocate("a")
+    ipam.release("a")
+    b = ipam.allocate("b")
+    assert (a, b) == ("10.244.1.2", "10.244.1.3")
+    assert Ipam(tmp_path / "ipam.json", "10.244.1.0/24").allocate("c") == "10.244.1.4"
 
 
 def test_names_fit_linux_limits() -> None:

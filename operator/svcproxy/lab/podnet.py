@@ -49,44 +49,51 @@ def netns_exists(name: str) -> bool:
 
 
 class Ipam:
-    """Pod addresses of one node, persisted as ``{uid: ip}`` in ``path``."""
+    """Pod addresses of one node, persisted in ``path`` as ``{"pods": {uid: ip}, "last": n}``.
+
+    Allocation goes round the range after the last address handed out, like
+    host-local IPAM, so a deleted Pod's address is not at once reused by the
+    next Pod (its conntrack entries and endpoints would be mistaken for it).
+    """
 
     def __init__(self, path: Path, pod_cidr: str) -> None:
         self.path = path
         self.network = ipaddress.ip_network(pod_cidr)
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> tuple[dict[str, str], int]:
         try:
-            data: dict[str, str] = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}
-        return data
+            return {}, FIRST_HOST - 1
+        return dict(data.get("pods", {})), int(data.get("last", FIRST_HOST - 1))
 
-    def _save(self, data: dict[str, str]) -> None:
+    def _save(self, pods: dict[str, str], last: int) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"pods": pods, "last": last}, indent=1, sort_keys=True))
         tmp.replace(self.path)
 
     def allocate(self, uid: str) -> str:
-        data = self._load()
-        if uid in data:
-            return data[uid]
-        used = set(data.values())
-        for host in range(FIRST_HOST, LAST_HOST + 1):
+        pods, last = self._load()
+        if uid in pods:
+            return pods[uid]
+        used = set(pods.values())
+        size = LAST_HOST - FIRST_HOST + 1
+        for step in range(1, size + 1):
+            host = FIRST_HOST + (last - FIRST_HOST + step) % size
             ip = str(self.network[host])
             if ip not in used:
-                data[uid] = ip
-                self._save(data)
+                pods[uid] = ip
+                self._save(pods, host)
                 return ip
         raise PodNetError(f"no free Pod address left in {self.network} (.{FIRST_HOST}-.{LAST_HOST})")
 
     def release(self, uid: str) -> None:
-        data = self._load()
-        if data.pop(uid, None) is not None:
-            self._save(data)
+        pods, last = self._load()
+        if pods.pop(uid, None) is not None:
+            self._save(pods, last)
 
     def owners(self) -> dict[str, str]:
-        return self._load()
+        return self._load()[0]
 
 
 def setup(node_index: int, pod_cidr: str, uid: str, ip: str) -> str:
