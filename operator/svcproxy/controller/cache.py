@@ -1,0 +1,109 @@
+"""The operator's in-memory picture of the cluster, fed by kopf watch events.
+
+Handlers put every ServiceProxyPolicy, Service, EndpointSlice, Pod (labels
+only), ProxyVirtualServer and ProxyNode they see here; the reconciler reads a
+consistent :class:`~svcproxy.compile.namespace.NamespaceView` of one namespace
+from it. Writes the operator makes are put here too (newer resourceVersions
+win), so a reconcile never acts on a picture older than its own last write.
+Single-threaded: used only from the operator's event loop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from pydantic import ValidationError
+
+from svcproxy.api.node import ProxyNode
+from svcproxy.compile.namespace import NamespaceView
+
+JSON = dict[str, Any]
+KINDS = ("policy", "service", "slice", "program", "node")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def _rv(obj: JSON) -> int | None:
+    value = (obj.get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+class Cache:
+    """Objects by kind -> namespace -> name (ProxyNodes under namespace "")."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, dict[str, JSON]]] = {k: defaultdict(dict) for k in KINDS}
+        self.pod_labels: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+
+    def put(self, kind: str, obj: JSON) -> bool:
+        """Store ``obj`` unless the cache holds a newer version; True when stored."""
+        meta = obj.get("metadata") or {}
+        ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        current = self.objects[kind][ns].get(name)
+        if current is not None:
+            old, new = _rv(current), _rv(obj)
+            if old is not None and new is not None and new < old:
+                return False
+        self.objects[kind][ns][name] = obj
+        return True
+
+    def remove(self, kind: str, namespace: str, name: str) -> None:
+        self.objects[kind][namespace].pop(name, None)
+
+    def get(self, kind: str, namespace: str, name: str) -> JSON | None:
+        return self.objects[kind][namespace].get(name)
+
+    def set_pod_labels(self, namespace: str, name: str, labels: dict[str, str] | None) -> bool:
+        """Remember a Pod's labels (None: the Pod is gone); True when they changed."""
+        before = self.pod_labels[namespace].get(name)
+        if labels is None:
+            self.pod_labels[namespace].pop(name, None)
+        else:
+            self.pod_labels[namespace][name] = labels
+        return before != labels
+
+    def namespaces_with_policies(self) -> list[str]:
+        return sorted(ns for ns, items in self.objects["policy"].items() if items)
+
+    def namespace_needs_pod_labels(self, namespace: str) -> bool:
+        return any((p.get("spec") or {}).get("weights") for p in self.objects["policy"][namespace].values())
+
+    def nodes(self) -> list[ProxyNode]:
+        out = []
+        for raw in self.objects["node"][""].values():
+            try:
+                out.append(ProxyNode.parse(raw))
+            except ValidationError:
+                continue  # a report we cannot read counts as no report
+        return sorted(out, key=lambda n: n.metadata.name)
+
+    def view(
+        self,
+        namespace: str,
+        *,
+        now: float,
+        now_iso: str,
+        unlabelled_at: dict[str, float],
+        handover_delay: float,
+    ) -> NamespaceView:
+        slices: dict[str, list[JSON]] = defaultdict(list)
+        for s in self.objects["slice"][namespace].values():
+            owner = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if owner:
+                slices[str(owner)].append(s)
+        return NamespaceView(
+            namespace=namespace,
+            policies=list(self.objects["policy"][namespace].values()),
+            services=dict(self.objects["service"][namespace]),
+            slices=dict(slices),
+            pod_labels=dict(self.pod_labels[namespace]),
+            programs=dict(self.objects["program"][namespace]),
+            nodes=self.nodes(),
+            now=now,
+            now_iso=now_iso,
+            unlabelled_at=dict(unlabelled_at),
+            handover_delay=handover_delay,
+        )

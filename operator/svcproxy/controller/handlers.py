@@ -1,0 +1,146 @@
+"""kopf handlers of the operator: a few lines each, delegating to plain functions.
+
+Every watched kind feeds :func:`observe`, which updates the cache and touches
+the namespaces the change affects; the reconciler does the rest. The policy's
+delete handler (which makes kopf keep a finalizer on every policy) waits until
+the handover of its Services back to kube-proxy is done. ``on_startup``
+applies the production settings. Imported by :mod:`svcproxy.controller.main`,
+which is what registers these handlers with kopf.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from svcproxy.api.common import GROUP, VERSION
+from svcproxy.controller.cache import Cache
+from svcproxy.controller.client import ApiWriter, connect
+from svcproxy.controller.reconciler import Reconciler
+
+JSON = dict[str, Any]
+FINALIZER = "svcproxy.io/handover"
+
+
+def configure_settings(settings: kopf.OperatorSettings, options: Any) -> None:
+    """Production settings; ``options`` is the parsed CLI (see main.configure)."""
+    settings.persistence.finalizer = FINALIZER
+    # Keep kopf's bookkeeping out of our status schema (it would be pruned anyway).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="svcproxy.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="svcproxy.io", key="last-handled-configuration"
+    )
+    settings.batching.worker_limit = options.workers
+    # Watch streams can stall silently: the server ends each watch, the client gives up after.
+    settings.watching.server_timeout = options.watch_server_timeout
+    settings.watching.client_timeout = options.watch_server_timeout + 30
+    settings.watching.connect_timeout = 10
+    settings.watching.reconnect_backoff = 1.0
+    settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
+    settings.peering.stealth = True
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    configure_settings(settings, memo.options)
+    api = await connect(memo.options.kubeconfig)
+    memo.api = api
+    memo.reconciler.writer = ApiWriter(api)
+
+
+async def cleanup(memo: kopf.Memo) -> None:
+    api = getattr(memo, "api", None)
+    if api is not None:
+        await api.close()
+
+
+def observe(cache: Cache, reconciler: Reconciler, kind: str, event: JSON) -> None:
+    """Record one watch event and touch the namespaces it affects."""
+    obj = dict(event.get("object") or {})
+    meta = obj.get("metadata") or {}
+    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    gone = event.get("type") == "DELETED"
+    if kind == "pod":
+        labels = None if gone else {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+        if cache.set_pod_labels(namespace, name, labels) and cache.namespace_needs_pod_labels(namespace):
+            reconciler.touch(namespace)
+        return
+    if gone:
+        cache.remove(kind, namespace, name)
+    else:
+        cache.put(kind, obj)
+    if kind == "node":
+        reconciler.touch_all()  # every policy's Programmed count may move
+    elif (
+        kind == "policy"
+        or namespace in cache.namespaces_with_policies()
+        or cache.objects["program"][namespace]
+    ):
+        reconciler.touch(namespace)
+
+
+async def withdraw(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
+    """Finalizer step of a deleted policy: done once none of its programs remain."""
+    cache.put("policy", body)
+    meta = body.get("metadata") or {}
+    namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+    plan = await reconciler.reconcile(namespace)
+    if plan is None:
+        raise kopf.TemporaryError("could not reconcile the namespace; retrying", delay=2)
+    owned = reconciler.still_owned(namespace, name)
+    if owned:
+        raise kopf.TemporaryError(
+            f"handing {', '.join(owned)} back to kube-proxy before removing the program", delay=1
+        )
+    logging.getLogger("svcproxy.operator").info(
+        "every Service handed back; policy can go", extra={"k8s_ref": {"namespace": namespace, "name": name}}
+    )
+
+
+# --- registrations (one line each) -------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    await startup(settings, memo)
+
+
+@kopf.on.cleanup()
+async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await cleanup(memo)
+
+
+@kopf.on.event(GROUP, VERSION, "serviceproxypolicies")
+async def on_policy(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "policy", dict(event))
+
+
+@kopf.on.delete(GROUP, VERSION, "serviceproxypolicies")
+async def on_policy_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await withdraw(memo.cache, memo.reconciler, dict(body))
+
+
+@kopf.on.event("", "v1", "services")
+async def on_service(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "service", dict(event))
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+async def on_slice(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "slice", dict(event))
+
+
+@kopf.on.event(GROUP, VERSION, "proxyvirtualservers")
+async def on_program(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "program", dict(event))
+
+
+@kopf.on.event(GROUP, VERSION, "proxynodes")
+async def on_node(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "node", dict(event))
+
+
+@kopf.on.event("", "v1", "pods")
+async def on_pod(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "pod", dict(event))

@@ -1,0 +1,150 @@
+"""``svcproxy operator``: run the kopf operator with production settings.
+
+Parses the command line, sets up JSON logs, the Prometheus endpoint and
+peering, then hands over to ``kopf.run`` with the handlers of
+:mod:`svcproxy.controller.handlers`. Peering: with the kopf peering CRDs
+installed (``crds/kopf-peering.yaml``) the operator joins peering NAME
+(creating the peering object if needed) so that of two replicas one is
+active; without them it warns and runs standalone, which is what a lab or a
+single replica needs. Called by ``svcproxy.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from svcproxy.controller import handlers, metrics
+from svcproxy.controller.cache import Cache
+from svcproxy.controller.reconciler import Reconciler
+
+log = logging.getLogger("svcproxy.operator")
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", help="watch only this namespace")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--peering", default="svcproxy", help="kopf peering name (default: svcproxy)")
+    parser.add_argument("--standalone", action="store_true", help="no peering: the only replica")
+    parser.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--liveness-port", type=int, default=8080, help="liveness /healthz port (0: off)")
+    parser.add_argument(
+        "--handover-delay",
+        type=float,
+        default=3.0,
+        help="seconds between removing a Service's handover label and deleting its program (default 3)",
+    )
+    parser.add_argument("--workers", type=int, default=20, help="kopf worker limit (default 20)")
+    parser.add_argument(
+        "--watch-server-timeout",
+        type=int,
+        default=60,
+        help="seconds the API server keeps a watch (default 60)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logs")
+
+
+def _peering_available(namespace: str | None) -> bool:
+    """True when the kopf peering CRD for this scope exists; creates the peering object."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    if os.environ.get("KUBECONFIG"):
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    else:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    plural = "kopfpeerings" if namespace else "clusterkopfpeerings"
+    try:
+        client.ApiextensionsV1Api().read_custom_resource_definition(f"{plural}.{PEERING_GROUP}")
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def _ensure_peering_object(name: str, namespace: str | None) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CustomObjectsApi()
+    meta: dict[str, Any] = {"name": name}
+    try:
+        if namespace:
+            meta["namespace"] = namespace
+            body = {
+                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+                "kind": "KopfPeering",
+                "metadata": meta,
+            }
+            api.create_namespaced_custom_object(
+                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", body
+            )
+        else:
+            body = {
+                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+                "kind": "ClusterKopfPeering",
+                "metadata": meta,
+            }
+            api.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        if not os.path.isfile(args.kubeconfig):
+            print(f"svcproxy operator: kubeconfig {args.kubeconfig} does not exist: give an existing file")
+            return 2
+        # kopf's own login reads $KUBECONFIG; the writer and the peering check read it too.
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="k8s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    standalone = args.standalone
+    if not standalone:
+        try:
+            available = _peering_available(args.namespace)
+        except Exception as err:
+            log.warning("cannot check for the kopf peering CRD (%s); running standalone", err)
+            available = False
+        if available:
+            _ensure_peering_object(args.peering, args.namespace)
+        else:
+            log.warning(
+                "the kopf peering CRD is not installed (apply crds/kopf-peering.yaml for two replicas); "
+                "running standalone: do not run a second replica"
+            )
+            standalone = True
+    metrics.serve(args.metrics_port)
+    cache = Cache()
+    memo = kopf.Memo(options=args, cache=cache)
+    memo.reconciler = Reconciler(cache, _NoWriter(), handover_delay=args.handover_delay)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    kopf.run(
+        standalone=standalone,
+        peering_name=None if standalone else args.peering,
+        clusterwide=not args.namespace,
+        namespaces=[args.namespace] if args.namespace else (),
+        liveness_endpoint=liveness,
+        memo=memo,
+    )
+    return 0
+
+
+class _NoWriter:
+    """Placeholder until the startup handler connects the real writer."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the operator is not connected to the API server yet")
+
+
+# Registering the handlers is importing them; keep the reference so linters see the use.
+_HANDLERS = handlers

@@ -1,0 +1,167 @@
+"""Coalescing reconciler: one namespace at a time, plan purely, then write.
+
+kopf handlers record what they see in the :class:`~svcproxy.controller.cache.Cache`
+and call :meth:`Reconciler.touch` for the namespaces it affects. A single
+worker task drains the set of touched namespaces, so a burst of ten
+EndpointSlice events costs one plan and at most one write per object. Each
+pass asks :func:`svcproxy.compile.namespace.plan_namespace` what to do and
+performs it in handover order: write programs, label Services, unlabel
+Services, delete programs (the plan only deletes once the handover delay has
+passed, and asks for a recheck then), write policy status, post Events.
+Failures are logged, counted and retried with a backoff; they never stop the
+worker. Used by :mod:`svcproxy.controller.handlers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from svcproxy.compile.namespace import Plan, plan_namespace
+from svcproxy.controller import metrics
+from svcproxy.controller.cache import Cache
+from svcproxy.controller.client import Writer
+
+JSON = dict[str, Any]
+log = logging.getLogger("svcproxy.operator")
+RETRY_SECONDS = (0.5, 1, 2, 5, 10, 30)
+
+
+def _iso_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ref(namespace: str, name: str = "") -> dict[str, Any]:
+    return {"k8s_ref": {"namespace": namespace, "name": name}}
+
+
+class Reconciler:
+    """Plans and applies one namespace at a time; see the module docstring."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        writer: Writer,
+        *,
+        handover_delay: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.writer = writer
+        self.handover_delay = handover_delay
+        self.clock = clock
+        self.unlabelled_at: dict[str, dict[str, float]] = {}
+        self.owned_after: dict[str, dict[str, str]] = {}
+        self.failures: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def touch(self, namespace: str) -> None:
+        """Ask for a reconcile of ``namespace`` soon (bursts coalesce)."""
+        self._dirty.add(namespace)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name="svcproxy-reconciler")
+
+    def touch_all(self) -> None:
+        for namespace in self.cache.namespaces_with_policies() + sorted(self.owned_after):
+            self.touch(namespace)
+
+    def _later(self, namespace: str, delay: float) -> None:
+        old = self._timers.pop(namespace, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[namespace] = loop.call_later(max(delay, 0.05), self.touch, namespace)
+
+    async def _worker(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # A short pause lets a burst of watch events land before planning.
+            await asyncio.sleep(0.05)
+            batch, self._dirty = sorted(self._dirty), set()
+            for namespace in batch:
+                await self.reconcile(namespace)
+
+    async def reconcile(self, namespace: str) -> Plan | None:
+        """Plan and apply ``namespace`` now; None when the pass failed (it is retried)."""
+        lock = self._locks.setdefault(namespace, asyncio.Lock())
+        async with lock:
+            try:
+                plan = await self._reconcile(namespace)
+            except Exception as err:
+                count = self.failures.get(namespace, 0)
+                self.failures[namespace] = count + 1
+                delay = RETRY_SECONDS[min(count, len(RETRY_SECONDS) - 1)]
+                metrics.RECONCILES.labels("error").inc()
+                log.warning(
+                    "reconcile of %s failed (retry in %s s): %s", namespace, delay, err, extra=_ref(namespace)
+                )
+                self._later(namespace, delay)
+                return None
+            self.failures.pop(namespace, None)
+            metrics.RECONCILES.labels("ok").inc()
+            if plan.recheck_at is not None:
+                self._later(namespace, plan.recheck_at - self.clock())
+            return plan
+
+    async def _reconcile(self, namespace: str) -> Plan:
+        view = self.cache.view(
+            namespace,
+            now=self.clock(),
+            now_iso=_iso_now(),
+            unlabelled_at=self.unlabelled_at.get(namespace, {}),
+            handover_delay=self.handover_delay,
+        )
+        started = time.perf_counter()
+        plan = plan_namespace(view)
+        metrics.COMPILE_SECONDS.observe(time.perf_counter() - started)
+        w = self.writer
+        for name, spec in plan.writes.items():
+            op = "replace" if name in view.programs else "create"
+            stored = await self._step("write", w.write_program(namespace, view.services[name], spec))
+            self.cache.put("program", stored)
+            metrics.PROGRAM_WRITES.labels(op).inc()
+            log.info("%s ProxyVirtualServer (content %s)", op, spec.content_hash, extra=_ref(namespace, name))
+        for name, on in [(n, True) for n in plan.label] + [(n, False) for n in plan.unlabel]:
+            out = await self._step("label", w.set_handover_label(namespace, name, on))
+            if out is not None:
+                self.cache.put("service", out)
+            metrics.LABEL_WRITES.labels("add" if on else "remove").inc()
+            log.info("%s handover label", "added" if on else "removed", extra=_ref(namespace, name))
+        # Deletes come after unlabels: the plan only lists programs whose delay is over.
+        for name in plan.delete:
+            await self._step("delete", w.delete_program(namespace, name))
+            self.cache.remove("program", namespace, name)
+            metrics.PROGRAM_WRITES.labels("delete").inc()
+            log.info("deleted ProxyVirtualServer", extra=_ref(namespace, name))
+        self.unlabelled_at[namespace] = plan.unlabelled_at
+        self.owned_after[namespace] = plan.owned_after
+        for name, status in plan.statuses.items():
+            out = await self._step("status", w.patch_policy_status(namespace, name, status))
+            if out is not None:
+                self.cache.put("policy", out)
+        for event in plan.events:
+            policy = self.cache.get("policy", namespace, event.policy)
+            if policy is not None:
+                await self._step("event", w.post_event(policy, event.type, event.reason, event.message))
+        return plan
+
+    async def _step(self, stage: str, call: Any) -> Any:
+        try:
+            return await call
+        except Exception:
+            metrics.ERRORS.labels(stage).inc()
+            raise
+
+    def still_owned(self, namespace: str, policy: str) -> list[str]:
+        """ProxyVirtualServers that still come from ``policy`` after the last pass."""
+        return sorted(n for n, p in self.owned_after.get(namespace, {}).items() if p == policy)
