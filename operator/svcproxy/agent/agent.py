@@ -84,6 +84,7 @@ class Agent:
         self.applied: dict[str, str] = {}
         self.errors: dict[str, OwnerError] = {}
         self.node_errors: list[str] = []
+        self.conflicted: set[str] = set()  # owners refused a key another owner holds
         self.last_sync_time: float | None = None
         self.last_sync_duration: float | None = None
         self.last_sync_ok = False
@@ -127,6 +128,7 @@ class Agent:
                 holder = index.get(key)
                 if holder is not None and holder != owner and holder in self.programs:
                     del servers[key]
+                    self.conflicted.add(owner)
                     self._error(
                         owner,
                         f"{key} is already programmed by {holder}: one VIP:port/protocol can belong"
@@ -165,9 +167,17 @@ class Agent:
         old = {o: self.placement.get(o, {}) for o in owners}
         for owner in owners:
             self._index(owner, old[owner], {})
-        new = {o: self._place(o) for o in sorted(owners)}
-        for owner in owners:
+        self.conflicted -= owners
+        new: dict[str, Placement] = {}
+        for owner in sorted(owners):
+            new[owner] = self._place(owner)
             self._index(owner, {}, new[owner])
+        # Keys released now may unblock programs refused earlier for holding the same VIP.
+        released = any(
+            k not in new[o].get(m, {}) for o in owners for m, s in old[o].items() for k in s
+        )
+        if released and self.conflicted:
+            self.tracker.changed_many(self.conflicted - owners, self.clock())
         # Keys moving to another mode stay in their old mode until the new one holds them.
         moving: dict[str, dict[str, dict[VSKey, VirtualServer]]] = {}  # mode -> owner -> keys
         for owner in owners:
@@ -178,6 +188,7 @@ class Agent:
                     moving.setdefault(mode, {})[owner] = moved
         modes = [m for m in MODE_ORDER if m in self.proxiers or any(m in p for p in new.values())]
         failed: set[str] = set()
+        failed_in: dict[str, set[str]] = {}
         for mode in modes:  # phase 1: make
             desired: dict[VSKey, VirtualServer] = {}
             only: set[str] = set()
@@ -194,7 +205,8 @@ class Agent:
                 continue
             result = await self._sync_mode(mode, desired, None if batch.full else frozenset(only))
             outcome.results.append(result)
-            failed |= self._absorb(result, only, batch)
+            failed_in[mode] = self._absorb(result, only, batch)
+            failed |= failed_in[mode]
         for mode, by_owner in moving.items():  # phase 2: break, only after a successful make
             ready = {o for o in by_owner if o not in failed}
             if not ready:
@@ -202,12 +214,20 @@ class Agent:
             desired = {k: v for o in ready for k, v in new[o].get(mode, {}).items()}
             result = await self._sync_mode(mode, desired, frozenset(ready))
             outcome.results.append(result)
-            failed |= self._absorb(result, ready, batch)
+            failed_in[mode] = failed_in.get(mode, set()) | self._absorb(result, ready, batch)
+            failed |= failed_in[mode]
         for owner in owners:
-            placement = {m: dict(s) for m, s in new[owner].items()}
-            for mode, by_owner in moving.items():
-                if owner in by_owner and owner in failed:
-                    placement.setdefault(mode, {}).update(by_owner[owner])
+            # What each mode now holds of this owner, as far as the agent knows.
+            placement: Placement = {}
+            for mode in set(new[owner]) | set(old[owner]):
+                if owner in failed_in.get(mode, ()):
+                    held = dict(old[owner].get(mode, {}))  # unknown: the next full sync re-reads
+                else:
+                    held = dict(new[owner].get(mode, {}))
+                    if owner in failed and owner in moving.get(mode, {}):
+                        held.update(moving[mode][owner])  # not withdrawn: the new mode failed
+                if held:
+                    placement[mode] = held
             if placement:
                 self.placement[owner] = placement
             else:

@@ -1,0 +1,116 @@
+"""An in-memory kernel and proxier for the agent's unit tests (no root, no network).
+
+``FakeKernel`` holds one table per mode plus the marks that say which
+virtual servers the agent owns (as the real modes mark theirs: a VIP on
+svcproxy0, a rule in SVCPROXY- chains), so a second agent over the same
+kernel adopts what the first one programmed. ``FakeProxier`` follows the
+Proxier contract: full syncs re-read the kernel and diff, partial syncs
+diff against the mirror of the given owners only. Also tests the fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from svcproxy.dataplane import diff as dpdiff
+from svcproxy.dataplane.proxier import Capabilities, Counts, DataplaneError, Proxier, SyncResult
+from svcproxy.dataplane.table import Table, VirtualServer, VSKey
+
+
+@dataclass
+class FakeKernel:
+    tables: dict[str, dict[VSKey, VirtualServer]] = field(default_factory=dict)
+    owned: dict[str, dict[VSKey, str]] = field(default_factory=dict)  # mode -> key -> owner mark
+    # Called after every sync of any mode (for invariants across modes).
+    observers: list[Callable[[FakeKernel], None]] = field(default_factory=list)
+
+    def table(self, mode: str) -> dict[VSKey, VirtualServer]:
+        return self.tables.setdefault(mode, {})
+
+    def marks(self, mode: str) -> dict[VSKey, str]:
+        return self.owned.setdefault(mode, {})
+
+    def serving(self) -> dict[VSKey, set[str]]:
+        """key -> modes whose table holds it."""
+        out: dict[VSKey, set[str]] = {}
+        for mode, table in self.tables.items():
+            for key in table:
+                out.setdefault(key, set()).add(mode)
+        return out
+
+
+class FakeProxier:
+    def __init__(self, mode: str, kernel: FakeKernel, caps: Capabilities | None = None) -> None:
+        self._mode = mode
+        self.kernel = kernel
+        self.caps = caps or Capabilities(mode, True, schedulers=frozenset({"rr", "wrr", "sh", "lc"}))
+        self.fail: dict[str, DataplaneError] = {}  # owner -> error its next syncs raise
+        self.desired_sizes: list[int] = []  # entries handed in, per partial sync (cost check)
+        self.syncs: list[frozenset[str] | None] = []
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def capabilities(self) -> Capabilities:
+        return self.caps
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        self.syncs.append(only)
+        table = self.kernel.table(self._mode)
+        marks = self.kernel.marks(self._mode)
+        # An owner fails where it is being programmed (withdrawing it always works).
+        failed = {vs.owner for vs in desired.values() if vs.owner in self.fail}
+        errors = tuple(self.fail[o] for o in sorted(failed))
+        want = {k: v for k, v in desired.items() if v.owner not in failed}
+        if only is None:
+            owned = {k for k in marks if marks[k] not in failed}
+            observed: dict[VSKey, VirtualServer] = dict(table)
+        else:
+            self.desired_sizes.append(len(desired))
+            owned = {k for k, o in marks.items() if o in only and o not in failed}
+            observed = {k: table[k] for k in owned}
+            observed.update({k: table[k] for k in want if k in table})
+        ops = dpdiff.diff(want, observed, owned)
+        new = dpdiff.apply(table, ops)
+        table.clear()
+        table.update(new)
+        for op in ops:
+            if op.kind is dpdiff.OpKind.DELETE_VS:
+                marks.pop(op.key, None)
+            elif op.kind is dpdiff.OpKind.ADD_VS:
+                marks[op.key] = op.owner
+        for observer in self.kernel.observers:
+            observer(self.kernel)
+        return SyncResult(
+            mode=self._mode,
+            full=only is None,
+            operations=dpdiff.count_kinds(ops),
+            errors=errors,
+            failed_owners=frozenset(failed),
+            counts=self.counts(),
+        )
+
+    async def cleanup(self) -> SyncResult:
+        table = self.kernel.table(self._mode)
+        marks = self.kernel.marks(self._mode)
+        for key in list(marks):
+            table.pop(key, None)
+            del marks[key]
+        return SyncResult(mode=self._mode, full=True, operations={})
+
+    def counts(self) -> Counts:
+        marks = self.kernel.marks(self._mode)
+        table = self.kernel.table(self._mode)
+        return Counts(
+            virtual_servers=len(marks),
+            real_servers=sum(len(table[k].real_servers) for k in marks if k in table),
+        )
+
+    async def close(self) -> None:
+        return None
+
+
+def test_fake_is_a_proxier() -> None:
+    assert isinstance(FakeProxier("iptables", FakeKernel()), Proxier)
