@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -52,6 +53,12 @@ class Lab:
     kubectl_bin: str
     state_dir: Path | None  # None: an existing cluster named by SVCPROXY_E2E_KUBECONFIG
     nodes: list[str] = field(default_factory=list)
+
+    @property
+    def traffic(self) -> ModuleType:
+        """``svcproxy.lab.traffic``: request(), answered_by(), set_ready() (lab only)."""
+        self.require_local()
+        return traffic
 
     @property
     def local(self) -> bool:

@@ -78,6 +78,8 @@ def _argv(ctx: LabContext, component: str, pki: Pki) -> list[str]:
             f"--service-account-signing-key-file={pki.sa_key}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true", "--profiling=false", "--v=1",
+            # It listens on every address of the host: only certificate holders get in.
+            "--anonymous-auth=false",
         ]
     common = [
         "--authentication-kubeconfig={kc}", "--authorization-kubeconfig={kc}",
