@@ -35,6 +35,8 @@ from svcproxy.lab.node import (
 )
 from svcproxy.lab.pki import NODE_API, Pki
 
+__all__ = ["DEFAULT_STATE", "Lab", "LabError", "ensure_toolchain", "uml_available"]
+
 REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = Path(__file__).resolve().parent / "toolchain" / "build.sh"
 OWNER_FILE = Path("/run/svcproxy-lab.owner")
