@@ -99,15 +99,20 @@ class Lab:
         self.require_local()
         traffic.set_ready(node, pod_ip, port, ready)
 
-    def up(self) -> None:
+    def up(self, *, svcproxy: bool = False, kube_proxy: str | None = None) -> None:
+        """``svcproxy lab up`` (idempotent). ``svcproxy=True`` adds CRDs, operator and agents;
+        ``kube_proxy="iptables"`` etc. the real kube-proxy on every node."""
         assert self.state_dir is not None
-        subprocess.run(svcproxy("lab", "up", "--nodes", "3", "--no-svcproxy",
-                                "--state-dir", str(self.state_dir)),
-                       check=True, stdout=subprocess.PIPE, timeout=3600)
+        argv = svcproxy_cli("lab", "up", "--nodes", "3", "--state-dir", str(self.state_dir))
+        if not svcproxy:
+            argv.append("--no-svcproxy")
+        if kube_proxy:
+            argv += ["--kube-proxy", kube_proxy]
+        subprocess.run(argv, check=True, stdout=subprocess.PIPE, timeout=3600)
 
     def down(self) -> None:
         assert self.state_dir is not None
-        subprocess.run(svcproxy("lab", "down", "--state-dir", str(self.state_dir)),
+        subprocess.run(svcproxy_cli("lab", "down", "--state-dir", str(self.state_dir)),
                        check=True, timeout=300)
 
     def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
@@ -128,7 +133,7 @@ class Lab:
         return found
 
 
-def svcproxy(*args: str) -> list[str]:
+def svcproxy_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "svcproxy.cli", *args]
 
 
