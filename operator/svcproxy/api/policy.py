@@ -152,7 +152,7 @@ class ServiceProxyPolicySpec(ApiModel):
                 or (s.ipvs.scheduler in USERSPACE_SCHEDULERS and not s.ipvs.scheduler_flags)
             ),
             field_path=".ipvs.scheduler",
-            reason="FieldValueNotSupported",
+            reason="FieldValueInvalid",
         ),
         CelRule(
             rule=(
