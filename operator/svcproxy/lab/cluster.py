@@ -282,9 +282,11 @@ class Lab:
             pid = read_pid(ctx.pid_dir / "operator.pid")
             if pid is None or not pid_alive(pid):
                 say("starting the svcproxy operator")
+                # KUBECONFIG too: client libraries read it when imported, before any flag.
                 spawn([ctx.python, "-m", "svcproxy.cli", "operator", "--kubeconfig",
                        str(self.admin_kubeconfig)], ctx.log_dir / "operator.log",
-                      ctx.pid_dir / "operator.pid")
+                      ctx.pid_dir / "operator.pid",
+                      env=dict(os.environ, KUBECONFIG=str(self.admin_kubeconfig)))
         if importlib.util.find_spec("svcproxy.agent.main") is None:
             say("svcproxy.agent.main does not exist yet; not starting agents")
             return
