@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masquerade-all", action="store_true", help="masquerade all proxied traffic")
     parser.add_argument("--cluster-cidr", action="append", default=None,
                         help="Pod CIDR(s); traffic from outside them is masqueraded (default 10.244.0.0/16)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated proxy modes this agent may run (default: all);"
+                        " Services asking for another run in iptables mode, or fail if that is off")
     parser.add_argument("--cleanup", action="store_true",
                         help="remove everything the agent owns in the kernel (every mode) and exit")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -64,11 +67,16 @@ def version() -> str:
         return "0.0.0+unknown"
 
 
-def build_proxiers(cfg: DataplaneConfig) -> tuple[dict[str, Proxier], dict[str, Capabilities]]:
+def build_proxiers(
+    cfg: DataplaneConfig, modes: list[str]
+) -> tuple[dict[str, Proxier], dict[str, Capabilities]]:
     """Every mode's proxier that can run here, and the capabilities of those that cannot."""
     usable: dict[str, Proxier] = {}
     unusable: dict[str, Capabilities] = {}
     for mode in MODES:
+        if mode not in modes:
+            unusable[mode] = Capabilities(mode, False, f"{mode} mode is turned off on this agent (--modes)")
+            continue
         try:
             proxier = build_proxier(mode, cfg)
         except Exception as err:  # a mode's package missing or failing to import
@@ -202,7 +210,12 @@ async def amain(args: argparse.Namespace) -> int:
         cluster_cidrs=tuple(args.cluster_cidr or DataplaneConfig.cluster_cidrs),
         masquerade_all=args.masquerade_all,
     )
-    usable, unusable = build_proxiers(cfg)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        log.error("unknown modes in --modes", extra={"unknown": unknown, "valid": list(MODES)})
+        return 2
+    usable, unusable = build_proxiers(cfg, modes)
     metrics = Metrics()
     agent = Agent(
         usable,
