@@ -257,3 +257,16 @@ async def test_a_released_vip_goes_to_the_program_that_was_refused_it() -> None:
     await settle(agent, clock)
     assert kernel.table("iptables")[key()].owner == "default/b"
     assert agent.applied == {"default/b": "hb"} and agent.errors == {}
+
+
+async def test_without_iptables_an_ipvs_service_is_reported_and_not_retried_every_second() -> None:
+    clock = Clock()
+    agent = Agent({}, node_name="node-1", clock=clock, wall=clock,
+                  tracker=ChangeTracker(now=clock()),
+                  unavailable={m: Capabilities(m, False, reason=f"{m} is off") for m in
+                               ("ipvs", "iptables", "userspace")})
+    agent.replace_all([pvs("a", mode="ipvs")])
+    await settle(agent, clock)
+    assert agent.applied == {} and "iptables is off" in agent.errors["default/a"].message
+    assert agent.tracker.pending == frozenset()
+    assert agent.snapshot(watch_live=True).ready is False

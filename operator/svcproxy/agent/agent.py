@@ -28,7 +28,13 @@ from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Placement, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
-from svcproxy.dataplane.proxier import Action, Capabilities, DataplaneError, Proxier, SyncResult
+from svcproxy.dataplane.proxier import (
+    Action,
+    Capabilities,
+    ModeUnavailableError,
+    Proxier,
+    SyncResult,
+)
 from svcproxy.dataplane.table import VirtualServer, VSKey
 
 log = logging.getLogger("svcproxy.agent")
@@ -273,7 +279,7 @@ class Agent:
                 mode=mode,
                 full=only is None,
                 operations={},
-                errors=(DataplaneError(reason),),
+                errors=(ModeUnavailableError(reason),),
                 failed_owners=owners,
             )
         return await proxier.sync(desired, only)
@@ -302,6 +308,8 @@ class Agent:
                 for owner in concerned:
                     self.router.forced[owner] = f"{result.mode} mode failed on this node: {err}"
                 self.tracker.changed_many(concerned, self.clock())
+            # A fallback error in iptables mode itself has nowhere to go: reported, and the
+            # next full sync tries again.
             elif err.action is Action.RETRY:
                 retry |= concerned
         if retry:
