@@ -93,7 +93,10 @@ class LabelSelectorRequirement(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0",
+            rule=(
+                "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
+                "(!has(self.values) || size(self.values) == 0)"
+            ),
             message="values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist",
             check=lambda s: (len(s.values) > 0) == (s.operator in ("In", "NotIn")),
             field_path=".values",

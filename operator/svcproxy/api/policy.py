@@ -72,7 +72,10 @@ class IPVSSpec(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule=f"size(self.schedulerFlags) == 0 || self.scheduler in {_cel_list(FLAGGED_SCHEDULERS)}",
+            rule=(
+                "!has(self.schedulerFlags) || size(self.schedulerFlags) == 0 || "
+                f"self.scheduler in {_cel_list(FLAGGED_SCHEDULERS)}"
+            ),
             message="schedulerFlags are valid only with scheduler sh or mh",
             check=lambda s: not s.scheduler_flags or s.scheduler in FLAGGED_SCHEDULERS,
             field_path=".schedulerFlags",
@@ -141,7 +144,7 @@ class ServiceProxyPolicySpec(ApiModel):
             rule=(
                 "self.mode != 'userspace' || !has(self.ipvs) || "
                 f"(self.ipvs.scheduler in {_cel_list(USERSPACE_SCHEDULERS)} && "
-                "size(self.ipvs.schedulerFlags) == 0)"
+                "(!has(self.ipvs.schedulerFlags) || size(self.ipvs.schedulerFlags) == 0))"
             ),
             message=(
                 "userspace mode supports schedulers rr, wrr, lc, sh, dh, sed and nq, without schedulerFlags"
