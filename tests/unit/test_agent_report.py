@@ -124,3 +124,15 @@ def test_an_object_that_does_not_parse_programs_nothing_and_says_why() -> None:
     program = parse(pvs_obj("bad", "1", virtualServers=[{"address": "10.96.0.1", "port": 0}]))
     assert program.owner == "ns/bad" and program.by_mode == {}
     assert "does not parse" in program.error and "port" in program.error
+
+
+def test_watch_stream_lines_longer_than_64k_are_reassembled() -> None:
+    from svcproxy.agent.watch import LineBuffer
+
+    big = b'{"a": "' + b"x" * 200_000 + b'"}'
+    buf = LineBuffer()
+    out: list[bytes] = []
+    stream = big + b"\n" + b"{}\n\n" + b'{"b": 1}\n'
+    for i in range(0, len(stream), 7000):
+        out += buf.feed(stream[i:i + 7000])
+    assert out == [big, b"{}", b'{"b": 1}']

@@ -32,6 +32,22 @@ log = logging.getLogger("svcproxy.agent.watch")
 PLURAL = "proxyvirtualservers"
 
 
+class LineBuffer:
+    """Splits a byte stream into complete non-empty lines, however long."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\n" not in chunk:
+            self._parts.append(chunk)
+            return []
+        head, *middle, tail = chunk.split(b"\n")
+        first = b"".join([*self._parts, head])
+        self._parts = [tail] if tail else []
+        return [line for line in (first, *middle) if line.strip()]
+
+
 class ExpiredError(Exception):
     """The resourceVersion is too old (410 Gone): list again."""
 
@@ -126,8 +142,11 @@ class PvsWatch:
             raise
         self.live = True
         try:
-            async for line in resp.content:
-                if line.strip():
+            # Not `async for line in resp.content`: aiohttp refuses lines over 64 KiB, and
+            # one event of a Service with many endpoints is longer than that.
+            lines = LineBuffer()
+            async for chunk in resp.content.iter_any():
+                for line in lines.feed(chunk):
                     self._event(json.loads(line))
         finally:
             resp.release()
