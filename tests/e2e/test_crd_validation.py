@@ -92,6 +92,24 @@ def test_valid_policy_is_accepted_with_defaults(crds: Lab, namespace: str) -> No
     assert table.split("\n")[1].split()[:4] == ["p", "ipvs", "sh", "ClientIP"]
 
 
+@pytest.mark.parametrize("spec", [
+    {"services": ["web"], "ipvs": {"scheduler": "rr"}},
+    {"services": ["web"], "mode": "userspace", "ipvs": {"scheduler": "wrr"},
+     "weights": [{"podSelector": {"matchLabels": {"track": "canary"}}, "weight": 3}]},
+    {"serviceSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"},
+                                              {"key": "app", "operator": "In", "values": ["web"]}]}},
+], ids=["scheduler-without-flags", "userspace-weights", "selector-expressions"])
+def test_policies_leaving_optional_lists_out_are_accepted(crds: Lab, namespace: str, spec: dict[str, Any]) -> None:
+    proc = _apply(crds, namespace, _policy(spec))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_selector_expression_values_rule(crds: Lab, namespace: str) -> None:
+    bad = {"serviceSelector": {"matchExpressions": [{"key": "tier", "operator": "In"}]}}
+    proc = _apply(crds, namespace, _policy(bad))
+    assert proc.returncode != 0 and "values must be non-empty for In and NotIn" in proc.stderr
+
+
 def test_kubectl_explain_reads_well(crds: Lab) -> None:
     text = crds.kubectl("explain", "spp.spec.ipvs")
     assert "KIND:       ServiceProxyPolicy" in text
