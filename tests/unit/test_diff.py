@@ -45,9 +45,7 @@ def virtual_servers(draw: st.DrawFn, canonical: bool) -> VirtualServer:
 
 
 def tables(canonical: bool) -> st.SearchStrategy[dict[VSKey, VirtualServer]]:
-    return st.lists(virtual_servers(canonical), max_size=6, unique_by=lambda v: v.key).map(
-        make_table
-    )
+    return st.lists(virtual_servers(canonical), max_size=6, unique_by=lambda v: v.key).map(make_table)
 
 
 def same(vs_a: VirtualServer, vs_b: VirtualServer) -> bool:

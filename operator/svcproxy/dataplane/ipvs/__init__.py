@@ -1,0 +1,1 @@
+"""The ``ipvs`` mode: proxier, kernel protocol + fake, netlink adapter, node setup."""

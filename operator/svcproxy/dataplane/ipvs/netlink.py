@@ -1,0 +1,359 @@
+"""IPVS and interface addresses over netlink: the real ``IpvsKernel`` / ``AddressKernel``.
+
+One of the only modules that import pyroute2 (for message encoding and
+decoding); ``svcproxy.dataplane.ipvs.proxier.create`` builds it. Writes are
+pipelined: many IPVS requests go out in one ``sendmsg`` and their
+acknowledgements are collected afterwards (one request at a time costs a
+system-call round trip each, which dominates in a UML guest). Every service
+request carries scheduler, flags, timeout and netmask, and every real
+server NAT forwarding (fwd_method 0): pyroute2's helper classes would send
+class defaults instead (see notes/ipvs-test-kernel.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink.generic import GenericNetlinkSocket
+from pyroute2.netlink.generic import ipvs as nl
+
+from svcproxy.dataplane.diff import Operation, OpKind
+from svcproxy.dataplane.ipvs.kernel import Failure
+from svcproxy.dataplane.table import (
+    IPVS_SCHEDULERS,
+    Protocol,
+    RealServer,
+    VirtualServer,
+    VSKey,
+    normalize_address,
+)
+
+NETLINK_GENERIC = 16
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+_HDR = struct.Struct("=IHHII")
+
+PROTO_NUMBERS: dict[Protocol, int] = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTO_NAMES: dict[int, Protocol] = {v: k for k, v in PROTO_NUMBERS.items()}
+F_PERSISTENT = 0x1
+FLAG_BITS = {"sh-fallback": 0x8, "sh-port": 0x10, "mh-fallback": 0x8, "mh-port": 0x10}
+FWD_MASQ = 0
+# Requests in flight before acknowledgements are read: bounded so acks never
+# overflow the receive buffer (ENOBUFS would lose them).
+WINDOW = 256
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _netmask(family: int) -> str:
+    # The kernel reads IPVS_SVC_ATTR_NETMASK raw: all ones for IPv4, the prefix
+    # length 128 (host byte order, as ipvsadm sends it) for IPv6.
+    if family == socket.AF_INET:
+        return "255.255.255.255"
+    return socket.inet_ntoa(struct.pack("=I", 128))
+
+
+def _flags(vs: VirtualServer) -> int:
+    bits = F_PERSISTENT if vs.persistence else 0
+    for flag in vs.flags:
+        if flag.split("-")[0] == vs.scheduler:
+            bits |= FLAG_BITS[flag]
+    return bits
+
+
+def _service_key(key: VSKey) -> list[tuple[str, Any]]:
+    return [
+        ("IPVS_SVC_ATTR_AF", _family(key.address)),
+        ("IPVS_SVC_ATTR_PROTOCOL", PROTO_NUMBERS[key.protocol]),
+        ("IPVS_SVC_ATTR_ADDR", key.address),
+        ("IPVS_SVC_ATTR_PORT", key.port),
+    ]
+
+
+def _service_full(vs: VirtualServer) -> list[tuple[str, Any]]:
+    return [
+        *_service_key(vs.key),
+        ("IPVS_SVC_ATTR_SCHED_NAME", vs.scheduler),
+        ("IPVS_SVC_ATTR_FLAGS", {"flags": _flags(vs), "mask": 0xFFFFFFFF}),
+        ("IPVS_SVC_ATTR_TIMEOUT", vs.persistence),
+        ("IPVS_SVC_ATTR_NETMASK", _netmask(_family(vs.address))),
+    ]
+
+
+def _dest(rs: RealServer, full: bool) -> list[tuple[str, Any]]:
+    attrs: list[tuple[str, Any]] = [
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", _family(rs.address)),
+        ("IPVS_DEST_ATTR_ADDR", rs.address),
+        ("IPVS_DEST_ATTR_PORT", rs.port),
+    ]
+    if full:
+        attrs += [
+            ("IPVS_DEST_ATTR_FWD_METHOD", FWD_MASQ),
+            ("IPVS_DEST_ATTR_WEIGHT", rs.weight),
+            ("IPVS_DEST_ATTR_U_THRESH", 0),
+            ("IPVS_DEST_ATTR_L_THRESH", 0),
+        ]
+    return attrs
+
+
+_COMMANDS = {
+    OpKind.ADD_VS: (nl.IPVS_CMD_NEW_SERVICE, NLM_F_CREATE | NLM_F_EXCL),
+    OpKind.UPDATE_VS: (nl.IPVS_CMD_SET_SERVICE, 0),
+    OpKind.DELETE_VS: (nl.IPVS_CMD_DEL_SERVICE, 0),
+    OpKind.ADD_RS: (nl.IPVS_CMD_NEW_DEST, NLM_F_CREATE | NLM_F_EXCL),
+    OpKind.UPDATE_RS: (nl.IPVS_CMD_SET_DEST, 0),
+    OpKind.DELETE_RS: (nl.IPVS_CMD_DEL_DEST, 0),
+}
+
+
+class NetlinkIpvs:
+    """IPVS over generic netlink, with pipelined writes."""
+
+    def __init__(self) -> None:
+        self._family_id: int | None = None
+        self._reason = ""
+        self._schedulers: frozenset[str] | None = None
+        self._seq = 0
+        self._sock: socket.socket | None = None
+        try:
+            self._family_id = self._resolve()
+        except Exception:
+            subprocess.run(["modprobe", "ip_vs"], capture_output=True, check=False)
+            try:
+                self._family_id = self._resolve()
+            except Exception as err:
+                self._reason = (
+                    f"the IPVS generic netlink family is missing ({err}): the kernel lacks"
+                    " CONFIG_IP_VS or `modprobe ip_vs` failed; ipvs Services fall back to iptables"
+                )
+
+    @staticmethod
+    def _resolve() -> int:
+        gen = GenericNetlinkSocket()
+        try:
+            gen.bind(nl.GENL_NAME, nl.ipvsmsg)
+            return int(gen.prid)
+        finally:
+            gen.close()
+
+    def available(self) -> str:
+        return self._reason
+
+    def schedulers(self) -> frozenset[str]:
+        if self._schedulers is None:
+            found = set()
+            for name in sorted(IPVS_SCHEDULERS):
+                if os.path.isdir(f"/sys/module/ip_vs_{name}") or subprocess.run(
+                    ["modprobe", f"ip_vs_{name}"], capture_output=True, check=False
+                ).returncode == 0:
+                    found.add(name)
+            self._schedulers = frozenset(found)
+        return self._schedulers
+
+    # Socket and message plumbing.
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+            try:  # root may exceed rmem_max: room for a whole window of acks
+                sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+    def _encode(self, cmd: int, flags: int, attrs: list[tuple[str, Any]]) -> tuple[int, bytes]:
+        assert self._family_id is not None
+        self._seq += 1
+        msg = nl.ipvsmsg()
+        msg["cmd"] = cmd
+        msg["version"] = nl.GENL_VERSION
+        msg["attrs"] = attrs
+        msg["header"]["type"] = self._family_id
+        msg["header"]["flags"] = NLM_F_REQUEST | flags
+        msg["header"]["sequence_number"] = self._seq
+        msg.encode()
+        return self._seq, bytes(msg.data)
+
+    def _messages(self, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+        """(type, flags, seq, whole message) for each message in a datagram."""
+        offset = 0
+        while offset + _HDR.size <= len(data):
+            length, mtype, mflags, seq, _pid = _HDR.unpack_from(data, offset)
+            if length < _HDR.size:
+                break
+            yield mtype, mflags, seq, data[offset : offset + length]
+            offset += (length + 3) & ~3
+
+    def _op_message(self, op: Operation) -> tuple[int, bytes]:
+        cmd, flags = _COMMANDS[op.kind]
+        vs = op.virtual_server
+        if op.kind in (OpKind.ADD_VS, OpKind.UPDATE_VS):
+            attrs = [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_full(vs)})]
+        elif op.kind is OpKind.DELETE_VS:
+            attrs = [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key(vs.key)})]
+        else:
+            assert op.real_server is not None
+            attrs = [
+                ("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key(vs.key)}),
+                (
+                    "IPVS_CMD_ATTR_DEST",
+                    {"attrs": _dest(op.real_server, op.kind is not OpKind.DELETE_RS)},
+                ),
+            ]
+        return self._encode(cmd, flags | NLM_F_ACK, attrs)
+
+    def execute(self, ops: Sequence[Operation]) -> list[Failure]:
+        sock = self._socket()
+        failures: list[Failure] = []
+        for start in range(0, len(ops), WINDOW):
+            window = ops[start : start + WINDOW]
+            pending: dict[int, Operation] = {}
+            batch = bytearray()
+            for op in window:
+                seq, data = self._op_message(op)
+                pending[seq] = op
+                batch += data
+                if len(batch) > 48 * 1024:
+                    sock.sendall(bytes(batch))
+                    batch.clear()
+            if batch:
+                sock.sendall(bytes(batch))
+            while pending:
+                for mtype, _f, seq, msg in self._messages(sock.recv(1 << 20)):
+                    if mtype != NLMSG_ERROR or seq not in pending:
+                        continue
+                    (code,) = struct.unpack_from("=i", msg, _HDR.size)
+                    op = pending.pop(seq)
+                    if code:
+                        failures.append(Failure(op, -code, os.strerror(-code)))
+        return failures
+
+    def _dump(self, cmd: int, attrs: list[tuple[str, Any]]) -> list[nl.ipvsmsg]:
+        sock = self._socket()
+        seq, data = self._encode(cmd, NLM_F_DUMP, attrs)
+        sock.sendall(data)
+        out: list[nl.ipvsmsg] = []
+        while True:
+            for mtype, _f, mseq, msg in self._messages(sock.recv(1 << 20)):
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", msg, _HDR.size)
+                    if code:
+                        raise OSError(-code, f"IPVS dump failed: {os.strerror(-code)}")
+                    return out
+                parsed = nl.ipvsmsg(msg)
+                parsed.decode()
+                out.append(parsed)
+
+    def dump(self) -> dict[VSKey, VirtualServer]:
+        table: dict[VSKey, VirtualServer] = {}
+        for msg in self._dump(nl.IPVS_CMD_GET_SERVICE, []):
+            svc = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
+            proto = PROTO_NAMES.get(svc.get_attr("IPVS_SVC_ATTR_PROTOCOL") or 0)
+            addr = svc.get_attr("IPVS_SVC_ATTR_ADDR")
+            if proto is None or not addr:  # fwmark services are not ours
+                continue
+            key = VSKey(proto, normalize_address(addr), svc.get_attr("IPVS_SVC_ATTR_PORT"))
+            sched = svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME")
+            bits = svc.get_attr("IPVS_SVC_ATTR_FLAGS")["flags"]
+            timeout = svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") or 0
+            flags = frozenset(
+                f for f, b in FLAG_BITS.items() if f.startswith(sched + "-") and bits & b
+            )
+            reals = []
+            for dmsg in self._dump(
+                nl.IPVS_CMD_GET_DEST,
+                [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key(key)})],
+            ):
+                dest = dmsg.get_attr("IPVS_CMD_ATTR_DEST")
+                reals.append(
+                    RealServer(
+                        dest.get_attr("IPVS_DEST_ATTR_ADDR"),
+                        dest.get_attr("IPVS_DEST_ATTR_PORT"),
+                        dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
+                    )
+                )
+            table[key] = VirtualServer(
+                protocol=key.protocol,
+                address=key.address,
+                port=key.port,
+                scheduler=sched,
+                flags=flags,
+                persistence=timeout if bits & F_PERSISTENT else 0,
+                real_servers=tuple(reals),
+            )
+        return table
+
+
+class NetlinkAddresses:
+    """The dummy interface holding VIPs, over rtnetlink (pyroute2 IPRoute)."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+
+    def _index(self, name: str) -> int | None:
+        found = self._ipr.link_lookup(ifname=name)
+        return int(found[0]) if found else None
+
+    def ensure_interface(self, name: str) -> None:
+        if self._index(name) is None:
+            try:
+                self._ipr.link("add", ifname=name, kind="dummy")
+            except Exception as err:  # pyroute2 raises NetlinkError
+                if getattr(err, "code", 0) != errno.EEXIST:
+                    raise
+        index = self._index(name)
+        self._ipr.link("set", index=index, state="up")
+
+    def delete_interface(self, name: str) -> None:
+        index = self._index(name)
+        if index is not None:
+            self._ipr.link("del", index=index)
+
+    def addresses(self, name: str) -> set[str]:
+        index = self._index(name)
+        if index is None:
+            return set()
+        out = set()
+        for msg in self._ipr.get_addr(index=index):
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                out.add(normalize_address(addr))
+        return out
+
+    def _change(self, cmd: str, name: str, addresses: Sequence[str]) -> list[str]:
+        index = self._index(name)
+        if index is None:
+            return list(addresses)
+        failed = []
+        for addr in addresses:
+            try:
+                self._ipr.addr(cmd, index=index, address=addr, prefixlen=128 if ":" in addr else 32)
+            except Exception as err:
+                code = getattr(err, "code", 0)
+                if not (cmd == "add" and code == errno.EEXIST) and not (
+                    cmd == "del" and code == errno.EADDRNOTAVAIL
+                ):
+                    failed.append(addr)
+        return failed
+
+    def add_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
+        return self._change("add", name, addresses)
+
+    def delete_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
+        return self._change("del", name, addresses)

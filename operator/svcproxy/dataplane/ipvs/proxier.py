@@ -1,0 +1,292 @@
+"""The ``ipvs`` mode: virtual servers in the kernel's IPVS, VIPs on ``svcproxy0``.
+
+Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``) on a
+real node, or directly with the fakes from ``kernel.py`` in unit tests.
+Ownership: an IPVS virtual server is ours when its VIP is on the dummy
+interface (``svcproxy0``); that survives an agent restart, so a restarted
+agent adopts its services on the first full sync instead of rebuilding
+them. Foreign virtual servers (VIP not on the interface) are never
+touched. Partial syncs diff against an in-memory mirror of what was
+applied (cost independent of the number of services); full syncs re-read
+the kernel and sweep owned leftovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+from svcproxy.dataplane.diff import Operation, OpKind, apply, count_kinds, diff
+from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
+from svcproxy.dataplane.proxier import (
+    Capabilities,
+    Counts,
+    DataplaneError,
+    ForeignObjectError,
+    KernelError,
+    ModeUnavailableError,
+    SchedulerUnavailableError,
+    SyncResult,
+)
+from svcproxy.dataplane.table import Table, VirtualServer, VSKey
+
+MODE = "ipvs"
+
+
+class IpvsProxier:
+    """One IPVS proxier per node (see module docstring)."""
+
+    def __init__(
+        self,
+        kernel: IpvsKernel,
+        addresses: AddressKernel,
+        *,
+        interface: str = "svcproxy0",
+        prepare: Callable[[], list[DataplaneError]] | None = None,
+        unprepare: Callable[[], None] | None = None,
+    ) -> None:
+        self._kernel = kernel
+        self._addresses = addresses
+        self._interface = interface
+        # Node setup (sysctls, masquerade rules) run on each full sync / cleanup.
+        self._prepare = prepare
+        self._unprepare = unprepare
+        self._mirror: dict[VSKey, VirtualServer] = {}
+        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
+        self._vip_users: Counter[str] = Counter()
+        self._synced = False
+        self._lock = asyncio.Lock()
+        reason = kernel.available()
+        self._caps = Capabilities(
+            mode=MODE,
+            available=not reason,
+            reason=reason,
+            schedulers=kernel.schedulers() if not reason else frozenset(),
+            protocols=frozenset({"TCP", "UDP", "SCTP"}),
+            backend="netlink",
+        )
+
+    @property
+    def mode(self) -> str:
+        return MODE
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def counts(self) -> Counts:
+        return Counts(
+            virtual_servers=len(self._mirror),
+            real_servers=sum(len(v.real_servers) for v in self._mirror.values()),
+        )
+
+    async def close(self) -> None:
+        return None
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.sync_blocking, desired, only)
+
+    async def cleanup(self) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.cleanup_blocking)
+
+    # The blocking halves: run in a worker thread by the agent, directly by benchmarks.
+
+    def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        start = time.monotonic()
+        full = only is None or not self._synced
+        if not self._caps.available:
+            owners = frozenset(v.owner for v in desired.values())
+            err = ModeUnavailableError(f"IPVS is not usable here: {self._caps.reason}")
+            return SyncResult(MODE, full, {}, (err,), owners, time.monotonic() - start)
+        errors: list[DataplaneError] = []
+        if full and self._prepare is not None:
+            errors.extend(self._prepare())
+        want, refused = self._programmable(desired, only)
+        errors.extend(refused)
+        if only is None:
+            self._addresses.ensure_interface(self._interface)
+            vips = self._addresses.addresses(self._interface)
+            observed = self._kernel.dump()
+            owned = {k for k in observed if k.address in vips}
+            for key in [k for k in want if k in observed and k not in owned]:
+                errors.append(_foreign(want.pop(key)))
+            have = {k: observed[k] for k in owned}
+        else:
+            if not self._synced:
+                self._adopt()
+            keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+            keys |= {k for k in want if k in self._mirror}  # moved from another owner
+            have = {k: self._mirror[k] for k in keys}
+            owned = set(have)
+        ops = diff(want, have, owned)
+        failures = self._kernel.execute(ops)
+        failed_ops = {id(f.operation) for f in failures}
+        errors.extend(_error(f) for f in failures)
+        applied = _apply_lenient(have, [op for op in ops if id(op) not in failed_ops])
+        # Owners from the desired table: the kernel stores none.
+        for key, vs in applied.items():
+            if key in want:
+                applied[key] = _owned(vs, want[key])
+        if only is None:
+            self._mirror.clear()
+            self._by_owner.clear()
+            self._vip_users.clear()
+        self._replace(have, applied)
+        errors.extend(self._sync_vips(applied, set(have) - set(applied)))
+        self._synced = True
+        failed = frozenset(e.owner for e in errors if e.owner)
+        return SyncResult(
+            MODE,
+            full,
+            count_kinds(op for op in ops if id(op) not in failed_ops),
+            tuple(errors),
+            failed,
+            time.monotonic() - start,
+            self.counts(),
+        )
+
+    def cleanup_blocking(self) -> SyncResult:
+        start = time.monotonic()
+        errors: list[DataplaneError] = []
+        ops: list[Operation] = []
+        if self._caps.available:
+            vips = self._addresses.addresses(self._interface)
+            observed = self._kernel.dump()
+            ops = [Operation(OpKind.DELETE_VS, v) for k, v in observed.items() if k.address in vips]
+            errors.extend(_error(f) for f in self._kernel.execute(ops))
+        self._addresses.delete_interface(self._interface)
+        if self._unprepare is not None:
+            self._unprepare()
+        self._mirror.clear()
+        self._by_owner.clear()
+        self._vip_users.clear()
+        self._synced = False
+        return SyncResult(
+            MODE, True, count_kinds(ops), tuple(errors), frozenset(), time.monotonic() - start
+        )
+
+    # Internals.
+
+    def _programmable(
+        self, desired: Table, only: frozenset[str] | None
+    ) -> tuple[dict[VSKey, VirtualServer], list[DataplaneError]]:
+        want: dict[VSKey, VirtualServer] = {}
+        refused: list[DataplaneError] = []
+        for key, vs in desired.items():
+            if only is not None and vs.owner not in only:
+                continue
+            if vs.scheduler not in self._caps.schedulers:
+                refused.append(
+                    SchedulerUnavailableError(
+                        f"{key}: IPVS scheduler {vs.scheduler!r} does not load on this node"
+                        f" (modprobe ip_vs_{vs.scheduler}); usable:"
+                        f" {', '.join(sorted(self._caps.schedulers))}",
+                        owner=vs.owner,
+                    )
+                )
+                continue
+            want[key] = vs
+        return want, refused
+
+    def _adopt(self) -> None:
+        """First sync was partial: learn what we own in the kernel (no sweep)."""
+        self._addresses.ensure_interface(self._interface)
+        vips = self._addresses.addresses(self._interface)
+        observed = self._kernel.dump()
+        self._replace({}, {k: v for k, v in observed.items() if k.address in vips})
+
+    def _replace(self, old: Table, new: dict[VSKey, VirtualServer]) -> None:
+        for key in old:
+            prev = self._mirror.pop(key, None)
+            if prev is not None:
+                self._by_owner[prev.owner].discard(key)
+                self._vip_users[key.address] -= 1
+        for key, vs in new.items():
+            self._mirror[key] = vs
+            self._by_owner[vs.owner].add(key)
+            self._vip_users[key.address] += 1
+        for owner in [o for o in self._by_owner if not self._by_owner[o]]:
+            del self._by_owner[owner]
+
+    def _sync_vips(self, present: Table, gone: set[VSKey]) -> list[DataplaneError]:
+        """Add VIPs of present virtual servers, drop VIPs no virtual server uses."""
+        if not present and not gone:
+            return []
+        have = self._addresses.addresses(self._interface)
+        add = sorted({k.address for k in present} - have)
+        drop = sorted({k.address for k in gone if self._vip_users[k.address] <= 0} & have)
+        for vip in drop:
+            del self._vip_users[vip]
+        errors: list[DataplaneError] = []
+        for vip in self._addresses.add_addresses(self._interface, add):
+            errors.append(KernelError(f"could not add VIP {vip} to {self._interface}"))
+        for vip in self._addresses.delete_addresses(self._interface, drop):
+            errors.append(KernelError(f"could not remove VIP {vip} from {self._interface}"))
+        return errors
+
+
+def _owned(have: VirtualServer, want: VirtualServer) -> VirtualServer:
+    return VirtualServer(
+        protocol=have.protocol,
+        address=have.address,
+        port=have.port,
+        scheduler=have.scheduler,
+        flags=have.flags,
+        persistence=have.persistence,
+        owner=want.owner,
+        real_servers=have.real_servers,
+    )
+
+
+def _apply_lenient(table: Table, ops: Sequence[Operation]) -> dict[VSKey, VirtualServer]:
+    out = dict(table)
+    for op in ops:
+        try:
+            out = apply(out, [op])
+        except (KeyError, ValueError):
+            continue  # the kernel refused it too; reported as a failure already
+    return out
+
+
+def _foreign(vs: VirtualServer) -> DataplaneError:
+    return ForeignObjectError(
+        f"{vs.key} already exists in IPVS and was not created by svcproxy (its VIP is not on"
+        " svcproxy0): remove it or pick another ClusterIP",
+        owner=vs.owner,
+    )
+
+
+def _error(failure: Failure) -> DataplaneError:
+    op = failure.operation
+    if op.kind is OpKind.ADD_VS and failure.errno == errno.EEXIST:
+        return _foreign(op.virtual_server)
+    if op.kind in (OpKind.ADD_VS, OpKind.UPDATE_VS) and failure.errno == errno.ENOENT:
+        return SchedulerUnavailableError(
+            f"{op.key}: IPVS refused scheduler {op.virtual_server.scheduler!r} (ENOENT):"
+            " its module does not load on this node",
+            owner=op.owner,
+        )
+    return KernelError(
+        f"IPVS refused {op}: {failure.message} (errno {failure.errno}); retried on the next sync",
+        owner=op.owner,
+        errno=failure.errno,
+    )
+
+
+def create(config: object) -> IpvsProxier:
+    """The real-kernel proxier (called by ``modes.build_proxier``)."""
+    from svcproxy.dataplane.ipvs import netlink, nodesetup
+
+    interface = getattr(config, "interface", "svcproxy0")
+    kernel = netlink.NetlinkIpvs()
+    return IpvsProxier(
+        kernel,
+        netlink.NetlinkAddresses(),
+        interface=interface,
+        prepare=lambda: nodesetup.prepare(config),
+        unprepare=nodesetup.unprepare,
+    )

@@ -1,0 +1,119 @@
+"""The netfilter adapter: the only module that runs iptables-save / iptables-restore.
+
+Used by the ``iptables`` and ``userspace`` proxiers (their NAT chains) and by
+the ``ipvs`` node setup (its masquerade chain). Every write goes through
+``iptables-restore --noflush``, which applies a whole batch atomically and
+touches only the chains named in it, so chains and rules the project does
+not own are never flushed. Each mode owns chains under its own prefix and
+sweeps only those.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from svcproxy.dataplane.proxier import KernelError, ModeUnavailableError
+
+
+@dataclass(frozen=True)
+class Jump:
+    """A rule in a built-in chain that sends traffic into one of our chains."""
+
+    table: str
+    chain: str  # built-in chain (PREROUTING, OUTPUT, POSTROUTING)
+    rule: str  # rule spec after "-A CHAIN ", e.g. "-m comment --comment svcproxy -j SVCPROXY-SERVICES"
+
+
+def detect_backend() -> tuple[str, str]:
+    """("iptables-nft" | "iptables-legacy", "") or ("", why not usable)."""
+    if shutil.which("iptables-restore") is None:
+        return "", "iptables-restore is not installed: install the iptables package"
+    proc = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return "", f"`iptables -V` failed: {proc.stderr.strip()}"
+    return ("iptables-nft" if "nf_tables" in proc.stdout else "iptables-legacy"), ""
+
+
+class Netfilter:
+    """iptables-save / iptables-restore for one address family."""
+
+    def __init__(self, ipv6: bool = False) -> None:
+        self._save = "ip6tables-save" if ipv6 else "iptables-save"
+        self._restore = "ip6tables-restore" if ipv6 else "iptables-restore"
+
+    def save(self, table: str = "nat") -> str:
+        proc = subprocess.run(
+            [self._save, "-t", table], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise ModeUnavailableError(
+                f"{self._save} -t {table} failed: {proc.stderr.strip()} (is the iptable_{table}"
+                " or nf_tables module loadable?)"
+            )
+        return proc.stdout
+
+    def restore(self, text: str) -> None:
+        """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""
+        proc = subprocess.run(
+            [self._restore, "--noflush", "-w", "5"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise KernelError(
+                f"{self._restore} --noflush refused the batch: {proc.stderr.strip()[:2000]}"
+                " (retried on the next sync)",
+                errno=proc.returncode,
+            )
+
+    def chains(self, table: str, prefix: str) -> dict[str, list[str]]:
+        """Our chains (name starts with ``prefix``) and their rules as saved."""
+        return parse_chains(self.save(table), prefix)
+
+    def ensure_jumps(self, jumps: Iterable[Jump], saved: str | None = None) -> None:
+        """Insert missing jump rules (first position) into built-in chains."""
+        by_table: dict[str, list[Jump]] = {}
+        for jump in jumps:
+            by_table.setdefault(jump.table, []).append(jump)
+        for table, items in by_table.items():
+            text = saved if saved is not None and table == "nat" else self.save(table)
+            lines = set(text.splitlines())
+            missing = [j for j in items if f"-A {j.chain} {j.rule}" not in lines]
+            if missing:
+                body = "\n".join(f"-I {j.chain} 1 {j.rule}" for j in missing)
+                self.restore(f"*{table}\n{body}\nCOMMIT\n")
+
+    def remove(self, table: str, prefix: str, jumps: Iterable[Jump]) -> None:
+        """Delete our jumps and every chain under ``prefix`` in ``table``."""
+        text = self.save(table)
+        lines = set(text.splitlines())
+        ours = parse_chains(text, prefix)
+        out = [f"*{table}"]
+        out += [f"-D {j.chain} {j.rule}" for j in jumps if f"-A {j.chain} {j.rule}" in lines]
+        out += [f":{name} - [0:0]" for name in ours]  # flush first: -X needs empty chains
+        out += [f"-X {name}" for name in ours]
+        if len(out) > 1:
+            self.restore("\n".join(out) + "\nCOMMIT\n")
+
+
+_CHAIN = re.compile(r"^:(\S+) ")
+
+
+def parse_chains(saved: str, prefix: str) -> dict[str, list[str]]:
+    """Chains starting with ``prefix`` -> their rule lines ("-A ...") from iptables-save."""
+    chains: dict[str, list[str]] = {}
+    for line in saved.splitlines():
+        match = _CHAIN.match(line)
+        if match and match.group(1).startswith(prefix):
+            chains[match.group(1)] = []
+        elif line.startswith("-A "):
+            name = line.split(" ", 2)[1]
+            if name in chains:
+                chains[name].append(line)
+    return chains
