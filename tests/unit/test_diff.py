@@ -118,21 +118,31 @@ def test_one_changed_service_yields_operations_for_it_only(
     assert same(apply(table, ops)[key], changed[key])
 
 
-def test_hash_scheduler_reorders_from_the_first_out_of_order_position() -> None:
+def test_hash_scheduler_adds_back_to_front_because_the_kernel_prepends() -> None:
+    a, b, c = (RealServer(f"10.244.1.{i}", 80) for i in (1, 2, 3))
+    observed = make_table([VirtualServer("TCP", "10.96.0.10", 80, "sh", real_servers=(b, c))])
+    desired = make_table([VirtualServer.create("TCP", "10.96.0.10", 80, [c, a, b], scheduler="sh")])
+    ops = diff(desired, observed, set(observed))
+    assert [(op.kind, op.real_server) for op in ops] == [(OpKind.ADD_RS, a)]
+    key = next(iter(desired))
+    assert apply(observed, ops)[key].real_servers == (a, b, c)
+
+
+def test_hash_scheduler_reorders_what_precedes_the_first_out_of_order_position() -> None:
     a, b, c, d = (RealServer(f"10.244.1.{i}", 80) for i in (1, 2, 3, 4))
-    observed = make_table([VirtualServer("TCP", "10.96.0.10", 80, "sh", real_servers=(a, c, b))])
+    observed = make_table([VirtualServer("TCP", "10.96.0.10", 80, "sh", real_servers=(c, b, d))])
     desired = make_table([VirtualServer.create("TCP", "10.96.0.10", 80, [a, b, c, d], scheduler="sh")])
     ops = diff(desired, observed, set(observed))
-    # a stays (no traffic loss for its clients); c and b go and come back in order; d appended.
+    # d stays (no traffic loss for its clients); c and b go and come back in order; a prepended.
     assert [(op.kind, op.real_server) for op in ops] == [
         (OpKind.DELETE_RS, c),
         (OpKind.DELETE_RS, b),
-        (OpKind.ADD_RS, b),
         (OpKind.ADD_RS, c),
-        (OpKind.ADD_RS, d),
+        (OpKind.ADD_RS, b),
+        (OpKind.ADD_RS, a),
     ]
-    result = apply(observed, ops)
-    assert result[desired.popitem()[0]].real_servers == canonical_order([d, c, b, a])
+    key = next(iter(desired))
+    assert apply(observed, ops)[key].real_servers == (a, b, c, d)
 
 
 def test_adds_and_updates_come_before_deletes() -> None:

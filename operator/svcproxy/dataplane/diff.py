@@ -13,10 +13,12 @@ Rules:
 * Order keeps traffic flowing: new and updated virtual servers first, then
   per virtual server real-server adds and weight updates before deletes,
   then deletes of whole virtual servers.
-* Hash schedulers (sh, dh, mh) need the kernel's real-server order to be
-  the canonical one; the kernel appends on add, so when the observed order
-  differs, real servers are deleted from the first out-of-order position
-  and re-added in canonical order (those deletes must precede the adds).
+* Hash schedulers (sh, dh, mh) need the kernel's real-server list to be in
+  the canonical order. The kernel puts a new real server at the HEAD of its
+  list (``list_add_rcu`` in ip_vs_ctl.c; the dump returns that order), so
+  real servers are added back to front; when the kept ones are not a suffix
+  of the canonical list, those before the first out-of-order position are
+  deleted and re-added (those deletes precede the adds).
   For other schedulers order is irrelevant and never causes operations.
 """
 
@@ -79,21 +81,22 @@ def _real_ops(want: VirtualServer, have: VirtualServer) -> tuple[list[Operation]
     adds: list[Operation] = []
     deletes: list[Operation] = []
     keep = [r for r in have.real_servers if r.key in want_by_key]
-    readd_from = len(keep)
+    i, j = len(keep), len(desired)
     if want.hashed:
-        for i, r in enumerate(keep):
-            if r.key != desired[i].key:
-                readd_from = i
-                break
-        # When the kept ones are a prefix of desired, new ones are appended in order.
-    for r in keep[readd_from:]:
+        # The kernel prepends a new real server to its list, so the kept ones must
+        # be a suffix of the desired list; the rest is (re-)added back to front.
+        while i and j and keep[i - 1].key == desired[j - 1].key:
+            i, j = i - 1, j - 1
+    else:
+        i = 0
+    for r in keep[:i]:
         early.append(Operation(OpKind.DELETE_RS, parent, r))
-    readd = {r.key for r in keep[readd_from:]}
+    readd = {r.key for r in keep[:i]}
     for r in have.real_servers:
         if r.key not in want_by_key:
             # Removing a real server never disturbs the order of the others: delete last.
             deletes.append(Operation(OpKind.DELETE_RS, parent, r))
-    for r in desired:
+    for r in reversed(desired) if want.hashed else desired:
         old = have_by_key.get(r.key)
         if old is None or r.key in readd:
             adds.append(Operation(OpKind.ADD_RS, parent, r))
@@ -117,9 +120,9 @@ def diff(desired: Table, observed: Table, owned: Collection[VSKey]) -> list[Oper
         have = observed.get(key)
         if have is None:
             vs_ops.append(Operation(OpKind.ADD_VS, want.without_reals()))
+            reals = canonical_order(want.real_servers) if want.hashed else want.real_servers
             real_ops.extend(
-                Operation(OpKind.ADD_RS, want.without_reals(), r)
-                for r in (canonical_order(want.real_servers) if want.hashed else want.real_servers)
+                Operation(OpKind.ADD_RS, want.without_reals(), r) for r in reversed(reals)
             )
             continue
         if key not in owned:
@@ -141,7 +144,7 @@ def conflicts(desired: Table, observed: Table, owned: Collection[VSKey]) -> list
 
 
 def apply(table: Table, ops: Iterable[Operation]) -> dict[VSKey, VirtualServer]:
-    """Play operations onto a table the way the kernel does (reals appended on add).
+    """Play operations onto a table the way the kernel does (a real server added goes to the head).
 
     Raises ``KeyError``/``ValueError`` on an operation the kernel would refuse
     (unknown virtual server, duplicate real server), like the kernel's
@@ -168,7 +171,7 @@ def apply(table: Table, ops: Iterable[Operation]) -> dict[VSKey, VirtualServer]:
             if op.kind is OpKind.ADD_RS:
                 if index is not None:
                     raise ValueError(f"{key} already has {rs.key} (EEXIST)")
-                reals.append(rs)
+                reals.insert(0, rs)  # the kernel's list_add: at the head
             elif index is None:
                 raise KeyError(f"{key} has no real server {rs.key} (ENOENT)")
             elif op.kind is OpKind.UPDATE_RS:
