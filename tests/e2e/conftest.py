@@ -1,10 +1,10 @@
 """Fixtures of the end-to-end suite: a lab (or any cluster) and helpers to drive it.
 
 The session fixture ``lab`` brings up ``svcproxy lab up --nodes 3 --no-svcproxy``
-in a state folder under /tmp (``SVCPROXY_E2E_STATE_DIR`` overrides it; an
-already-running lab there is reused, since ``up`` is idempotent) and takes it
-down at the end. With ``SVCPROXY_E2E_KUBECONFIG`` set it starts nothing and
-runs against that cluster instead; tests that need the lab's own machinery
+in a state folder under /tmp (``SVCPROXY_E2E_STATE_DIR`` overrides it) and takes
+it down at the end; a lab already running there is reused and left running.
+With ``SVCPROXY_E2E_KUBECONFIG`` set it starts nothing and runs against that
+cluster instead; tests that need the lab's own machinery
 (client namespaces, the lab's processes) skip there.
 """
 
@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 
 from svcproxy.lab import traffic
+from svcproxy.lab.cluster import Lab as LabCluster
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -162,12 +163,15 @@ def lab() -> Iterator[Lab]:
         pytest.skip("the lab needs root (network namespaces); run the e2e suite as root")
     state = Path(os.environ.get("SVCPROXY_E2E_STATE_DIR", DEFAULT_STATE))
     handle = Lab(state / "pki" / "admin.kubeconfig", _kubectl_bin(), state)
+    # A lab already running there (another session, SVCPROXY_E2E_KEEP_LAB) is reused
+    # and left running: whoever started it takes it down.
+    started = not LabCluster(state).alive()
     handle.up()
     handle.nodes = ["node-1", "node-2", "node-3"]
     try:
         yield handle
     finally:
-        if not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
+        if started and not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
             handle.down()
 
 
