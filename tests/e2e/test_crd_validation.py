@@ -20,9 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 def install_crds(lab: Lab) -> None:
     """Apply crds/ and wait until the API server serves every kind."""
     lab.kubectl("apply", "-f", str(REPO / "crds"))
-    lab.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                "crd/serviceproxypolicies.svcproxy.io", "crd/proxyvirtualservers.svcproxy.io",
-                "crd/proxynodes.svcproxy.io", "crd/clusterkopfpeerings.kopf.dev")
+    lab.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/serviceproxypolicies.svcproxy.io",
+        "crd/proxyvirtualservers.svcproxy.io",
+        "crd/proxynodes.svcproxy.io",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,41 +38,78 @@ def crds(lab: Lab) -> Lab:
 
 
 def _policy(spec: dict[str, Any], name: str = "p") -> dict[str, Any]:
-    return {"apiVersion": "svcproxy.io/v1alpha1", "kind": "ServiceProxyPolicy",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "svcproxy.io/v1alpha1",
+        "kind": "ServiceProxyPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def _apply(lab: Lab, namespace: str, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [lab.kubectl_bin, "--kubeconfig", str(lab.kubeconfig), "apply", "-n", namespace, "-f", "-"],
-        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=False,
+        input=json.dumps(obj),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 BAD = [
-    ({"services": ["web"], "ipvs": {"scheduler": "fastest"}},
-     ['spec.ipvs.scheduler: Unsupported value: "fastest"', '"rr"']),
-    ({"services": ["web"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 0}},
-     ["spec.sessionAffinity.timeoutSeconds: Invalid value: 0", "greater than or equal to 1"]),
-    ({"services": ["web"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 86401}},
-     ["spec.sessionAffinity.timeoutSeconds: Invalid value: 86401", "less than or equal to 86400"]),
-    ({"services": ["web"], "serviceSelector": {"matchLabels": {"app": "web"}}},
-     ["exactly one of serviceSelector and services must be set"]),
+    (
+        {"services": ["web"], "ipvs": {"scheduler": "fastest"}},
+        ['spec.ipvs.scheduler: Unsupported value: "fastest"', '"rr"'],
+    ),
+    (
+        {"services": ["web"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 0}},
+        ["spec.sessionAffinity.timeoutSeconds: Invalid value: 0", "greater than or equal to 1"],
+    ),
+    (
+        {"services": ["web"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 86401}},
+        ["spec.sessionAffinity.timeoutSeconds: Invalid value: 86401", "less than or equal to 86400"],
+    ),
+    (
+        {"services": ["web"], "serviceSelector": {"matchLabels": {"app": "web"}}},
+        ["exactly one of serviceSelector and services must be set"],
+    ),
     ({"mode": "ipvs"}, ["exactly one of serviceSelector and services must be set"]),
-    ({"services": ["web"], "ipvs": {"scheduler": "rr", "schedulerFlags": ["sh-port"]}},
-     ["spec.ipvs.schedulerFlags", "schedulerFlags are valid only with scheduler sh or mh"]),
-    ({"services": ["web"], "mode": "iptables", "ipvs": {"scheduler": "rr"}},
-     ["spec.ipvs", "iptables mode takes no scheduler"]),
-    ({"services": ["web"], "ipvs": {"scheduler": "wrr"},
-      "weights": [{"podSelector": {"matchLabels": {"a": "b"}}, "weight": -1}]},
-     ["spec.weights[0].weight: Invalid value: -1", "greater than or equal to 0"]),
+    (
+        {"services": ["web"], "ipvs": {"scheduler": "rr", "schedulerFlags": ["sh-port"]}},
+        ["spec.ipvs.schedulerFlags", "schedulerFlags are valid only with scheduler sh or mh"],
+    ),
+    (
+        {"services": ["web"], "mode": "iptables", "ipvs": {"scheduler": "rr"}},
+        ["spec.ipvs", "iptables mode takes no scheduler"],
+    ),
+    (
+        {
+            "services": ["web"],
+            "ipvs": {"scheduler": "wrr"},
+            "weights": [{"podSelector": {"matchLabels": {"a": "b"}}, "weight": -1}],
+        },
+        ["spec.weights[0].weight: Invalid value: -1", "greater than or equal to 0"],
+    ),
     ({"services": ["Web_1"]}, ['spec.services[0]: Invalid value: "Web_1"', "should match"]),
 ]
 
 
-@pytest.mark.parametrize(("spec", "expected"), BAD, ids=[
-    "unknown-scheduler", "timeout-0", "timeout-86401", "selector-and-names", "neither",
-    "flags-without-sh", "scheduler-with-iptables", "negative-weight", "bad-service-name"])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    BAD,
+    ids=[
+        "unknown-scheduler",
+        "timeout-0",
+        "timeout-86401",
+        "selector-and-names",
+        "neither",
+        "flags-without-sh",
+        "scheduler-with-iptables",
+        "negative-weight",
+        "bad-service-name",
+    ],
+)
 def test_bad_policy_is_refused_with_a_clear_message(
     crds: Lab, namespace: str, spec: dict[str, Any], expected: list[str]
 ) -> None:
@@ -78,8 +121,11 @@ def test_bad_policy_is_refused_with_a_clear_message(
 
 
 def test_valid_policy_is_accepted_with_defaults(crds: Lab, namespace: str) -> None:
-    spec = {"serviceSelector": {"matchLabels": {"app": "web"}},
-            "sessionAffinity": {"type": "ClientIP"}, "ipvs": {"scheduler": "sh", "schedulerFlags": ["sh-port"]}}
+    spec = {
+        "serviceSelector": {"matchLabels": {"app": "web"}},
+        "sessionAffinity": {"type": "ClientIP"},
+        "ipvs": {"scheduler": "sh", "schedulerFlags": ["sh-port"]},
+    }
     proc = _apply(crds, namespace, _policy(spec))
     assert proc.returncode == 0, proc.stderr
     stored = crds.kubectl_json("get", "spp", "p", "-n", namespace)["spec"]
@@ -92,14 +138,30 @@ def test_valid_policy_is_accepted_with_defaults(crds: Lab, namespace: str) -> No
     assert table.split("\n")[1].split()[:4] == ["p", "ipvs", "sh", "ClientIP"]
 
 
-@pytest.mark.parametrize("spec", [
-    {"services": ["web"], "ipvs": {"scheduler": "rr"}},
-    {"services": ["web"], "mode": "userspace", "ipvs": {"scheduler": "wrr"},
-     "weights": [{"podSelector": {"matchLabels": {"track": "canary"}}, "weight": 3}]},
-    {"serviceSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"},
-                                              {"key": "app", "operator": "In", "values": ["web"]}]}},
-], ids=["scheduler-without-flags", "userspace-weights", "selector-expressions"])
-def test_policies_leaving_optional_lists_out_are_accepted(crds: Lab, namespace: str, spec: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"services": ["web"], "ipvs": {"scheduler": "rr"}},
+        {
+            "services": ["web"],
+            "mode": "userspace",
+            "ipvs": {"scheduler": "wrr"},
+            "weights": [{"podSelector": {"matchLabels": {"track": "canary"}}, "weight": 3}],
+        },
+        {
+            "serviceSelector": {
+                "matchExpressions": [
+                    {"key": "tier", "operator": "Exists"},
+                    {"key": "app", "operator": "In", "values": ["web"]},
+                ]
+            }
+        },
+    ],
+    ids=["scheduler-without-flags", "userspace-weights", "selector-expressions"],
+)
+def test_policies_leaving_optional_lists_out_are_accepted(
+    crds: Lab, namespace: str, spec: dict[str, Any]
+) -> None:
     proc = _apply(crds, namespace, _policy(spec))
     assert proc.returncode == 0, proc.stderr
 

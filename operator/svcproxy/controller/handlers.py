@@ -101,6 +101,12 @@ async def withdraw(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
 # --- registrations (one line each) -------------------------------------------------------------
 
 
+@kopf.on.login()
+def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    # $KUBECONFIG (set from --kubeconfig by main), else the Pod's service account.
+    return kopf.login_with_kubeconfig(settings=settings) or kopf.login_with_service_account(settings=settings)
+
+
 @kopf.on.startup()
 async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     await startup(settings, memo)

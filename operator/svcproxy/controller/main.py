@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("--namespace", help="watch only this namespace")
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (default)")
     parser.add_argument("--peering", default="svcproxy", help="kopf peering name (default: svcproxy)")
+    parser.add_argument(
+        "--priority", type=int, default=0, help="peering priority: the highest-priority replica is active"
+    )
     parser.add_argument("--standalone", action="store_true", help="no peering: the only replica")
     parser.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--liveness-port", type=int, default=8080, help="liveness /healthz port (0: off)")
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     kopf.run(
         standalone=standalone,
         peering_name=None if standalone else args.peering,
+        priority=args.priority,
         clusterwide=not args.namespace,
         namespaces=[args.namespace] if args.namespace else (),
         liveness_endpoint=liveness,

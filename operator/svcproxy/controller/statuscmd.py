@@ -1,0 +1,149 @@
+"""``svcproxy status``: policies, programs and node reports at a glance.
+
+Reads ServiceProxyPolicies (with their per-Service rows and conditions),
+ProxyVirtualServers and ProxyNodes from the cluster and prints three short
+tables. Read-only. Called by ``svcproxy.cli``; :func:`render` is pure and
+unit-tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="only this namespace")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (default)")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
+
+
+def _cond(obj: JSON, type_: str) -> str:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return str(c.get("status"))
+    return "-"
+
+
+def render(policies: list[JSON], programs: list[JSON], nodes: list[JSON]) -> str:
+    """The three tables (pure)."""
+    prow, srow = [], []
+    for p in policies:
+        meta, spec, status = p["metadata"], p.get("spec") or {}, p.get("status") or {}
+        prow.append(
+            [
+                meta.get("namespace", ""),
+                meta["name"],
+                spec.get("mode", "ipvs"),
+                (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
+                _cond(p, "Accepted"),
+                _cond(p, "Programmed"),
+                _cond(p, "Conflicted"),
+                _cond(p, "Degraded"),
+                status.get("programmed") or "-",
+            ]
+        )
+        for row in status.get("services") or []:
+            srow.append(
+                [
+                    meta.get("namespace", ""),
+                    row.get("name", ""),
+                    meta["name"],
+                    row.get("state", ""),
+                    row.get("mode") or "-",
+                    f"{row.get('nodesProgrammed', 0)}/{row.get('nodesTotal', 0)}",
+                    (row.get("message") or "")[:80],
+                ]
+            )
+    vrow = [
+        [
+            v["metadata"].get("namespace", ""),
+            v["metadata"]["name"],
+            v["spec"].get("policy", {}).get("name", ""),
+            v["spec"].get("mode", ""),
+            v["spec"].get("scheduler") or "-",
+            v["spec"].get("summary", {}).get("vips", ""),
+            v["spec"].get("summary", {}).get("endpoints", ""),
+            v["spec"].get("contentHash", ""),
+        ]
+        for v in programs
+    ]
+    nrow = []
+    for n in nodes:
+        st = n.get("status") or {}
+        nrow.append(
+            [
+                n["metadata"]["name"],
+                str((st.get("capabilities") or {}).get("ipvs", "-")),
+                st.get("modesSummary") or "-",
+                str(len(st.get("applied") or {})),
+                str(len(st.get("errors") or [])),
+                st.get("lastSyncTime") or "-",
+            ]
+        )
+    parts = [
+        "POLICIES\n"
+        + _table(
+            [
+                "NAMESPACE",
+                "NAME",
+                "MODE",
+                "SCHEDULER",
+                "ACCEPTED",
+                "PROGRAMMED",
+                "CONFLICTED",
+                "DEGRADED",
+                "NODES",
+            ],
+            prow,
+        ),
+        "SERVICES\n" + _table(["NAMESPACE", "SERVICE", "POLICY", "STATE", "MODE", "NODES", "MESSAGE"], srow),
+        "PROGRAMS\n"
+        + _table(["NAMESPACE", "NAME", "POLICY", "MODE", "SCHEDULER", "VIPS", "ENDPOINTS", "CONTENT"], vrow),
+        "NODES\n" + _table(["NAME", "IPVS", "MODES", "APPLIED", "ERRORS", "LAST-SYNC"], nrow),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubernetes import client, config
+
+    try:
+        if args.kubeconfig:
+            config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            try:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+        custom = client.CustomObjectsApi()
+        group, version = "svcproxy.io", "v1alpha1"
+
+        def listed(plural: str) -> list[JSON]:
+            out: Any
+            if args.namespace:
+                out = custom.list_namespaced_custom_object(group, version, args.namespace, plural)
+            else:
+                out = custom.list_cluster_custom_object(group, version, plural)
+            items: list[JSON] = out.get("items", [])
+            return items
+
+        policies, programs = listed("serviceproxypolicies"), listed("proxyvirtualservers")
+        node_list: Any = custom.list_cluster_custom_object(group, version, "proxynodes")
+        nodes: list[JSON] = node_list.get("items", [])
+    except Exception as err:
+        print(f"svcproxy status: cannot read the cluster: {err}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(policies, programs, nodes))
+    return 0
