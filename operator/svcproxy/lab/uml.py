@@ -142,8 +142,8 @@ class UmlGuest:
         if ip_forward:
             self.sysctls["net.ipv4.ip_forward"] = "1"
         self.mounts = [Path(m) for m in mounts]
-        digest = hashlib.sha1(str(self.dir).encode()).hexdigest()[:8]
-        self.umid = f"svcp-{name}-{digest}"
+        self.umid_digest = hashlib.sha1(str(self.dir).encode()).hexdigest()[:8]
+        self.umid = f"svcp-{name}-{self.umid_digest}"
         self.spool = self.dir / "spool"
         self.console_log = self.dir / "console.log"
         self.pid_file = self.dir / "uml.pid"
@@ -162,8 +162,10 @@ class UmlGuest:
         (self.dir / "guest.env").write_text(
             "".join(f"{k}='{v}'\n" for k, v in env.items())
         )
-        lines = ["set -e"]
+        lines = []
         if self.tap is not None:
+            # UML names its vector device vec0; the lab and tests expect eth0.
+            lines.append("ip link set vec0 name eth0")
             lines.append("ip link set eth0 up")
             if self.address:
                 lines.append(f"ip addr add {self.address} dev eth0")
@@ -188,7 +190,10 @@ class UmlGuest:
             f"SVCP_DIR={_hostfs_path(self.dir)}",
         ]
         if self.tap is not None:
-            argv.append(f"vec0:transport=tap,ifname={self.tap}")
+            # A fixed, locally administered MAC: the bridge's and peers' ARP and
+            # FDB entries stay right across a reboot of the guest.
+            mac = ":".join(["02", "73", *(self.umid_digest[i:i + 2] for i in (0, 2, 4, 6))])
+            argv.append(f"vec0:transport=tap,ifname={self.tap},mac={mac}")
         return argv
 
     def boot(self, timeout: float = 60) -> None:

@@ -46,7 +46,7 @@ done
 hostname "$SVCP_HOSTNAME"
 ip link set lo up
 if [ -f "$SVCP_DIR/network.sh" ]; then
-  . "$SVCP_DIR/network.sh" > "$SVCP_DIR/network.log" 2>&1 || fail "network setup failed: $(tail -n 5 "$SVCP_DIR/network.log")"
+  sh -e "$SVCP_DIR/network.sh" > "$SVCP_DIR/network.log" 2>&1 || fail "network setup failed: $(tail -n 5 "$SVCP_DIR/network.log")"
 fi
 
 echo "svcproxy-init: starting the command server"
