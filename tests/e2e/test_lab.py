@@ -7,6 +7,10 @@ from a client network namespace (never the root namespace).
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import signal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -179,21 +183,38 @@ def test_other_images_wait_with_a_clear_reason(lab: Lab, namespace: str) -> None
 
 def test_deleted_pod_serves_through_its_grace_period_then_goes(lab: Lab, namespace: str) -> None:
     lab.require_local()
-    pod = echo_pod("slow", env={"SVCPROXY_ECHO_DRAIN_SECONDS": "4"}, grace=30)
+    assert lab.state_dir is not None
+    # The echo keeps serving after SIGTERM for longer than this test waits; it ends when
+    # the test kills the echo process, which must end the Pod's termination at once.
+    pod = echo_pod("slow", env={"SVCPROXY_ECHO_DRAIN_SECONDS": "300"}, grace=300)
     lab.apply(pod, namespace)
     ready = lab.wait_until("the slow Pod to be Ready",
-                       lambda: (p := lab.kubectl_json("get", "pod", "slow", "-n", namespace))
-                       and _ready(p) and p)
-    ip, node = ready["status"]["podIP"], ready["spec"]["nodeName"]
+                           lambda: (p := lab.kubectl_json("get", "pod", "slow", "-n", namespace))
+                           and _ready(p) and p)
+    ip, node, uid = ready["status"]["podIP"], ready["spec"]["nodeName"], ready["metadata"]["uid"]
     lab.kubectl("delete", "pod", "slow", "-n", namespace, "--wait=false")
     terminating = lab.kubectl_json("get", "pod", "slow", "-n", namespace)
     assert terminating["metadata"].get("deletionTimestamp"), "the Pod vanished at once"
     assert lab.request(node, ip, 80).split()[0] == "slow", "a terminating Pod stopped serving"
-    lab.wait_until("the slow Pod to be gone",
-               lambda: not lab.kubectl("get", "pod", "slow", "-n", namespace,
-                                       "--ignore-not-found"), timeout=60)
+    lab.wait_until("the slow endpoint's echo to have had SIGTERM",
+                   lambda: "SIGTERM" in _pod_log(lab.state_dir, node, uid))
+    assert lab.request(node, ip, 80).split()[0] == "slow", "the draining echo stopped serving"
+    assert lab.kubectl("get", "pod", "slow", "-n", namespace, "--ignore-not-found")
+
+    record = json.loads((lab.state_dir / "nodes" / node / "pods" / f"{uid}.json").read_text())
+    os.kill(record["pid"], signal.SIGKILL)
+    lab.wait_until("the slow Pod to be gone once its echo exited",
+                   lambda: not lab.kubectl("get", "pod", "slow", "-n", namespace,
+                                           "--ignore-not-found"))
     with pytest.raises(traffic.TrafficError):
         lab.request(node, ip, 80, timeout=1)
+
+
+def _pod_log(state_dir: Path, node: str, uid: str) -> str:
+    try:
+        return (state_dir / "nodes" / node / "pods" / f"{uid}.log").read_text()
+    except OSError:
+        return ""
 
 
 def test_kubelet_restart_adopts_running_pods(lab: Lab, namespace: str) -> None:
