@@ -28,11 +28,18 @@ class Jump:
     rule: str  # rule spec after "-A CHAIN ", e.g. "-m comment --comment svcproxy -j SVCPROXY-SERVICES"
 
 
-def detect_backend() -> tuple[str, str]:
+def _in_netns(netns: str | None) -> list[str]:
+    # Tests and benchmarks program a node network namespace from outside it.
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def detect_backend(netns: str | None = None) -> tuple[str, str]:
     """("iptables-nft" | "iptables-legacy", "") or ("", why not usable)."""
     if shutil.which("iptables-restore") is None:
         return "", "iptables-restore is not installed: install the iptables package"
-    proc = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*_in_netns(netns), "iptables", "-V"], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         return "", f"`iptables -V` failed: {proc.stderr.strip()}"
     return ("iptables-nft" if "nf_tables" in proc.stdout else "iptables-legacy"), ""
@@ -41,13 +48,15 @@ def detect_backend() -> tuple[str, str]:
 class Netfilter:
     """iptables-save / iptables-restore for one address family."""
 
-    def __init__(self, ipv6: bool = False) -> None:
+    def __init__(self, ipv6: bool = False, netns: str | None = None) -> None:
         self._save = "ip6tables-save" if ipv6 else "iptables-save"
         self._restore = "ip6tables-restore" if ipv6 else "iptables-restore"
+        self._prefix = _in_netns(netns)
+        self.netns = netns
 
     def save(self, table: str = "nat") -> str:
         proc = subprocess.run(
-            [self._save, "-t", table], capture_output=True, text=True, check=False
+            [*self._prefix, self._save, "-t", table], capture_output=True, text=True, check=False
         )
         if proc.returncode != 0:
             raise ModeUnavailableError(
@@ -59,7 +68,7 @@ class Netfilter:
     def restore(self, text: str) -> None:
         """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""
         proc = subprocess.run(
-            [self._restore, "--noflush", "-w", "5"],
+            [*self._prefix, self._restore, "--noflush", "-w", "5"],
             input=text,
             capture_output=True,
             text=True,

@@ -1,0 +1,270 @@
+"""The ``iptables`` mode: kube-proxy-style NAT chains applied with iptables-restore.
+
+Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``). A full
+sync reads our chains back (iptables-save), rewrites every chain this mode
+owns in one atomic ``iptables-restore --noflush`` batch and deletes owned
+chains nobody needs; a partial sync rewrites only the changed services'
+chains and adds/removes their single jump rule in ``SVCPROXY-SERVICES``,
+against an in-memory mirror (cost independent of the number of services).
+Other chains and tables are never flushed. IPv4 and IPv6 virtual servers
+go to iptables and ip6tables respectively. Rule text: ``rules.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
+from svcproxy.dataplane.proxier import (
+    Capabilities,
+    Counts,
+    DataplaneError,
+    ModeUnavailableError,
+    SyncResult,
+)
+from svcproxy.dataplane.table import Table, VirtualServer, VSKey
+
+MODE = "iptables"
+
+
+class IptablesProxier:
+    """One iptables proxier per node (see module docstring)."""
+
+    def __init__(
+        self,
+        netfilter: Netfilter | None = None,
+        netfilter6: Netfilter | None = None,
+        *,
+        cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
+        masquerade_all: bool = False,
+    ) -> None:
+        backend, reason = detect_backend(netfilter.netns if netfilter else None)
+        self._nf = {False: netfilter or Netfilter(), True: netfilter6 or Netfilter(ipv6=True)}
+        self._cidrs = cluster_cidrs
+        self._masq_all = masquerade_all
+        self._mirror: dict[VSKey, VirtualServer] = {}
+        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
+        self._synced = False
+        self._lock = asyncio.Lock()
+        self._caps = Capabilities(
+            mode=MODE,
+            available=bool(backend),
+            reason=reason,
+            schedulers=frozenset({"random"}),
+            protocols=frozenset({"TCP", "UDP", "SCTP"}),
+            backend=backend,
+        )
+
+    @property
+    def mode(self) -> str:
+        return MODE
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def counts(self) -> Counts:
+        return Counts(
+            virtual_servers=len(self._mirror),
+            real_servers=sum(len(v.real_servers) for v in self._mirror.values()),
+            rules=sum(self._rule_count(v) for v in self._mirror.values()),
+        )
+
+    def _rule_count(self, vs: VirtualServer) -> int:
+        return 1 + len(rules.service_rules(vs, self._cidrs, self._masq_all))
+
+    async def close(self) -> None:
+        return None
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.sync_blocking, desired, only)
+
+    async def cleanup(self) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.cleanup_blocking)
+
+    def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        start = time.monotonic()
+        full = only is None or not self._synced
+        if not self._caps.available:
+            owners = frozenset(v.owner for v in desired.values())
+            err = ModeUnavailableError(f"iptables mode is not usable here: {self._caps.reason}")
+            return SyncResult(MODE, full, {}, (err,), owners, time.monotonic() - start)
+        errors: list[DataplaneError] = []
+        failed: set[str] = set()
+        ops: dict[str, int] = defaultdict(int)
+        for v6 in (False, True):
+            if only is None:
+                want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
+                have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
+                if not want and not have and v6:
+                    continue  # no IPv6 services: leave ip6tables alone
+            else:
+                want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
+                keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+                keys |= {k for k in want if k in self._mirror}
+                have = {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
+            try:
+                if only is None:
+                    self._full(v6, want)
+                    for key in set(have) - set(want):
+                        self._forget(key)
+                    ops["delete_virtual_server"] += len(set(have) - set(want))
+                else:
+                    self._partial(v6, want, have)
+                    for key in set(have) - set(want):
+                        self._forget(key)
+                    ops["delete_virtual_server"] += len(set(have) - set(want))
+            except DataplaneError as err:
+                errors.append(err)
+                failed |= {v.owner for v in want.values()} | {v.owner for v in have.values()}
+                continue
+            for key, vs in want.items():
+                old = have.get(key)
+                if old is None:
+                    ops["add_virtual_server"] += 1
+                elif old != vs:
+                    ops["update_virtual_server"] += 1
+                self._remember(vs)
+        if only is None:
+            self._synced = True
+        return SyncResult(
+            MODE,
+            full,
+            {k: n for k, n in ops.items() if n},
+            tuple(errors),
+            frozenset(failed),
+            time.monotonic() - start,
+            self.counts(),
+        )
+
+    def cleanup_blocking(self) -> SyncResult:
+        start = time.monotonic()
+        errors: list[DataplaneError] = []
+        count = len(self._mirror)
+        if self._caps.available:
+            for v6 in (False, True):
+                nf = self._nf[v6]
+                try:
+                    saved = nf.save("nat")
+                    lines = set(saved.splitlines())
+                    ours = [c for c in parse_chains(saved, rules.PREFIX) if rules.owned_chain(c)]
+                    out = ["*nat"]
+                    out += [
+                        f"-D {j.chain} {j.rule}" for j in rules.JUMPS if f"-A {j.chain} {j.rule}" in lines
+                    ]
+                    out += [f":{c} - [0:0]" for c in ours]
+                    out += [f"-X {c}" for c in ours]
+                    if len(out) > 1:
+                        nf.restore("\n".join(out) + "\nCOMMIT\n")
+                except DataplaneError as err:
+                    if not v6:
+                        errors.append(err)
+        self._mirror.clear()
+        self._by_owner.clear()
+        self._synced = False
+        ops = {"delete_virtual_server": count} if count else {}
+        return SyncResult(MODE, True, ops, tuple(errors), frozenset(), time.monotonic() - start)
+
+    # Internals.
+
+    def _remember(self, vs: VirtualServer) -> None:
+        self._forget(vs.key)
+        self._mirror[vs.key] = vs
+        self._by_owner[vs.owner].add(vs.key)
+
+    def _forget(self, key: VSKey) -> None:
+        old = self._mirror.pop(key, None)
+        if old is not None:
+            self._by_owner[old.owner].discard(key)
+            if not self._by_owner[old.owner]:
+                del self._by_owner[old.owner]
+
+    def _service_lines(self, servers: Iterable[VirtualServer]) -> tuple[list[str], list[str]]:
+        chains: list[str] = []
+        body: list[str] = []
+        for vs in servers:
+            chains += rules.chains_of(vs)
+            body += rules.service_rules(vs, self._cidrs, self._masq_all)
+        return [f":{c} - [0:0]" for c in chains], body
+
+    def _full(self, v6: bool, want: dict[VSKey, VirtualServer]) -> None:
+        nf = self._nf[v6]
+        saved = nf.save("nat")
+        existing = [c for c in parse_chains(saved, rules.PREFIX) if rules.owned_chain(c)]
+        servers = [want[k] for k in sorted(want)]
+        declare, body = self._service_lines(servers)
+        base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS]
+        needed = {line[1:].split(" ")[0] for line in declare + base}
+        stale = [c for c in existing if c not in needed]
+        text = [
+            "*nat",
+            *base,
+            *declare,
+            *[f":{c} - [0:0]" for c in stale],
+            *rules.base_rules(),
+            *(rules.service_jump(vs) for vs in servers),
+            *body,
+            *[f"-X {c}" for c in stale],
+            "COMMIT",
+        ]
+        nf.restore("\n".join(text) + "\n")
+        nf.ensure_jumps(rules.JUMPS, saved)
+
+    def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
+        changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]
+        gone = [have[k] for k in sorted(have) if k not in want]
+        if not changed and not gone:
+            return
+        present: set[str] = set()
+        base: list[str] = []
+        if not self._synced:
+            # Partial sync before any full one (agent restart): adopt, never flush.
+            saved = self._nf[v6].save("nat")
+            present = set(saved.splitlines())
+            if f":{rules.SERVICES} - [0:0]" not in present and not any(
+                line.startswith(f":{rules.SERVICES} ") for line in present
+            ):
+                base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS] + rules.base_rules()
+        declare, body = self._service_lines(changed)
+        needed = {line[1:].split(" ")[0] for line in declare}
+        jumps: list[str] = []
+        drop: list[str] = []
+        for vs in changed:
+            old = have.get(vs.key)
+            if old is None or old.owner != vs.owner:
+                if old is not None:
+                    jumps.append("-D" + rules.service_jump(old)[2:])
+                if rules.service_jump(vs) not in present:
+                    jumps.append(rules.service_jump(vs))
+            if old is not None:
+                drop += [c for c in rules.chains_of(old) if c not in needed]
+        for vs in gone:
+            jumps.append("-D" + rules.service_jump(vs)[2:])
+            drop += rules.chains_of(vs)
+        text = [
+            "*nat",
+            *base[: len(rules.BASE_CHAINS)],
+            *declare,
+            *[f":{c} - [0:0]" for c in drop],
+            *base[len(rules.BASE_CHAINS) :],
+            *jumps,
+            *body,
+            *[f"-X {c}" for c in drop],
+            "COMMIT",
+        ]
+        self._nf[v6].restore("\n".join(text) + "\n")
+        if base:
+            self._nf[v6].ensure_jumps(rules.JUMPS)
+
+
+def create(config: object) -> IptablesProxier:
+    """The real-kernel proxier (called by ``modes.build_proxier``)."""
+    return IptablesProxier(
+        cluster_cidrs=tuple(getattr(config, "cluster_cidrs", ("10.244.0.0/16",))),
+        masquerade_all=bool(getattr(config, "masquerade_all", False)),
+    )

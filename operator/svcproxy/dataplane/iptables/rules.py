@@ -1,0 +1,124 @@
+"""NAT rules of the ``iptables`` mode, as iptables-restore text; pure.
+
+Called by ``svcproxy.dataplane.iptables.proxier``. kube-proxy's semantics
+in the project's own chains: ``SVCPROXY-SERVICES`` (jumped to from nat
+PREROUTING and OUTPUT) matches VIP:port/protocol and jumps to one
+``SVCPROXY-SVC-<hash>`` chain per virtual server, which picks one ready
+endpoint (weight > 0) with ``-m statistic --mode random --probability``
+(weight-proportional: equal weights give kube-proxy's even choice) and
+jumps to a ``SVCPROXY-SEP-<hash>`` chain that DNATs. ClientIP affinity uses
+``-m recent`` per endpoint with the persistence timeout. Traffic from
+outside the cluster CIDRs, and hairpin traffic, is marked and masqueraded
+in ``SVCPROXY-POSTROUTING``. Draining endpoints (weight 0) get no new
+connections; established ones continue through conntrack.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from svcproxy.dataplane.netfilter import Jump
+from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
+
+PREFIX = "SVCPROXY-"
+SERVICES = "SVCPROXY-SERVICES"
+MARK_MASQ = "SVCPROXY-MARK-MASQ"
+POSTROUTING = "SVCPROXY-POSTROUTING"
+MASQ_MARK = "0x4000"
+BASE_CHAINS = (SERVICES, MARK_MASQ, POSTROUTING)
+# Chains this mode owns (the userspace mode owns SVCPROXY-PORTALS, ipvs SVCPROXY-IPVS-*).
+OWNED_PREFIXES = ("SVCPROXY-SERVICES", "SVCPROXY-SVC-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING)
+JUMPS = (
+    Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-services -j {SERVICES}"),
+    Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-services -j {SERVICES}"),
+    Jump("nat", "POSTROUTING", f"-m comment --comment svcproxy-postrouting -j {POSTROUTING}"),
+)
+
+
+def owned_chain(name: str) -> bool:
+    return name.startswith(OWNED_PREFIXES)
+
+
+def _hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:15]  # chain names are limited to 28 characters
+
+
+def service_chain(key: VSKey) -> str:
+    return f"SVCPROXY-SVC-{_hash(str(key))}"
+
+
+def endpoint_chain(key: VSKey, real: RealServer) -> str:
+    return f"SVCPROXY-SEP-{_hash(f'{key}>{real.address}:{real.port}')}"
+
+
+def _host(address: str) -> str:
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+def _dest(real: RealServer) -> str:
+    return f"[{real.address}]:{real.port}" if ":" in real.address else f"{real.address}:{real.port}"
+
+
+def base_rules() -> list[str]:
+    return [
+        f"-A {MARK_MASQ} -j MARK --set-xmark {MASQ_MARK}/{MASQ_MARK}",
+        f"-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+        f"-A {POSTROUTING} -j MARK --set-xmark {MASQ_MARK}/0x0",
+        f"-A {POSTROUTING} -j MASQUERADE",
+    ]
+
+
+def service_jump(vs: VirtualServer) -> str:
+    proto = vs.protocol.lower()
+    return (
+        f"-A {SERVICES} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
+        f" -m {proto} --dport {vs.port} -j {service_chain(vs.key)}"
+    )
+
+
+def chains_of(vs: VirtualServer) -> list[str]:
+    """The per-service and per-endpoint chains ``vs`` uses."""
+    return [service_chain(vs.key), *(endpoint_chain(vs.key, r) for r in vs.real_servers)]
+
+
+def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool) -> list[str]:
+    """Rules of the service chain and its endpoint chains (the chains are declared by the caller)."""
+    svc = service_chain(vs.key)
+    proto = vs.protocol.lower()
+    match = f"-d {_host(vs.address)} -p {proto} -m {proto} --dport {vs.port}"
+    rules: list[str] = []
+    v6 = ":" in vs.address
+    cidrs = [c for c in cluster_cidrs if (":" in c) == v6]
+    if masquerade_all or not cidrs:
+        rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
+    else:
+        rules += [f"-A {svc} ! -s {cidr} {match} -j {MARK_MASQ}" for cidr in cidrs[:1]]
+    ready = [r for r in vs.real_servers if r.weight > 0]
+    if vs.persistence:
+        for real in ready:
+            sep = endpoint_chain(vs.key, real)
+            rules.append(
+                f"-A {svc} -m recent --rcheck --seconds {vs.persistence} --reap --name {sep}"
+                f" --mask {'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff' if v6 else '255.255.255.255'}"
+                f" --rsource -j {sep}"
+            )
+    remaining = sum(r.weight for r in ready)
+    for index, real in enumerate(ready):
+        sep = endpoint_chain(vs.key, real)
+        if index == len(ready) - 1:
+            rules.append(f"-A {svc} -j {sep}")
+        else:
+            probability = real.weight / remaining
+            rules.append(f"-A {svc} -m statistic --mode random --probability {probability:.11f} -j {sep}")
+        remaining -= real.weight
+    for real in vs.real_servers:
+        sep = endpoint_chain(vs.key, real)
+        rules.append(f"-A {sep} -s {_host(real.address)} -j {MARK_MASQ}")  # hairpin
+        recent = ""
+        if vs.persistence:
+            mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if v6 else "255.255.255.255"
+            recent = f" -m recent --set --name {sep} --mask {mask} --rsource"
+        rules.append(f"-A {sep} -p {proto}{recent} -m {proto} -j DNAT --to-destination {_dest(real)}")
+    return rules

@@ -1,0 +1,20 @@
+"""Test client, run inside a client netns: N fresh connections, prints who answered each."""
+
+import socket
+import sys
+
+vip, port, count, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+names = []
+for _ in range(count):
+    try:
+        if proto == "udp":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(2)
+                s.sendto(b"hi\n", (vip, port))
+                names.append(s.recv(100).decode().strip())
+        else:
+            with socket.create_connection((vip, port), timeout=2) as s:
+                names.append(s.makefile().readline().strip() or "-")
+    except OSError:
+        names.append("-")
+print(" ".join(names))

@@ -1,0 +1,130 @@
+"""A throw-away network-namespace topology for data-plane tests (host kernel).
+
+node netns (the proxier programs it), a client netns with no default route
+(10.99.0.2, reaches 10.96.0.0/16 via the node), and backend netns on a
+bridge in the node (10.244.9.2, .3, ...) each running an echo server that
+answers with its name over TCP and UDP. No traffic ever leaves these
+namespaces; the root netns is never a source or a destination.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ECHO = Path(__file__).with_name("echo.py")
+CLIENT = Path(__file__).with_name("client.py")
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *argv, check=check)
+
+
+@dataclass
+class Topology:
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    backends: list[str] = field(default_factory=list)  # backend addresses
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"svcpt-{self.tag}-node"
+
+    @property
+    def client(self) -> str:
+        return f"svcpt-{self.tag}-client"
+
+    def backend_ns(self, i: int) -> str:
+        return f"svcpt-{self.tag}-be{i}"
+
+    def create(self, n_backends: int, ports: tuple[int, ...] = (8080,)) -> None:
+        sh("ip", "netns", "add", self.node)
+        in_ns(self.node, "ip", "link", "set", "lo", "up")
+        in_ns(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh("ip", "netns", "add", self.client)
+        in_ns(self.client, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"c{self.tag}", "netns", self.client, "type", "veth",
+           "peer", "name", f"n{self.tag}", "netns", self.node)
+        in_ns(self.client, "ip", "addr", "add", "10.99.0.2/24", "dev", f"c{self.tag}")
+        in_ns(self.client, "ip", "link", "set", f"c{self.tag}", "up")
+        in_ns(self.client, "ip", "route", "add", "10.96.0.0/16", "via", "10.99.0.1")
+        in_ns(self.node, "ip", "addr", "add", "10.99.0.1/24", "dev", f"n{self.tag}")
+        in_ns(self.node, "ip", "link", "set", f"n{self.tag}", "up")
+        in_ns(self.node, "ip", "link", "add", "br0", "type", "bridge")
+        in_ns(self.node, "ip", "addr", "add", "10.244.9.1/24", "dev", "br0")
+        in_ns(self.node, "ip", "link", "set", "br0", "up")
+        for i in range(n_backends):
+            ns, addr = self.backend_ns(i), f"10.244.9.{i + 2}"
+            sh("ip", "netns", "add", ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+            sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name",
+               f"b{self.tag}{i}", "netns", self.node)
+            in_ns(ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+            in_ns(ns, "ip", "link", "set", "eth0", "up")
+            in_ns(ns, "ip", "route", "add", "10.99.0.0/24", "via", "10.244.9.1")
+            in_ns(self.node, "ip", "link", "set", f"b{self.tag}{i}", "master", "br0", "up")
+            self.backends.append(addr)
+            self.start_echo(i, ports)
+
+    def start_echo(self, i: int, ports: tuple[int, ...] = (8080,)) -> None:
+        ns = self.backend_ns(i)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(ECHO), f"be{i}",
+             *(str(p) for p in ports)],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready", f"echo server in {ns} did not start"
+        self.procs.append(proc)
+
+    def stop_echo(self, i: int) -> None:
+        ns = self.backend_ns(i)
+        for proc in self.procs:
+            if proc.args[3] == ns and proc.poll() is None:  # type: ignore[index]
+                proc.kill()
+                proc.wait()
+
+    def ask(self, vip: str, port: int, count: int, *, udp: bool = False,
+            source_ports: bool = True) -> list[str]:
+        """Names that answered ``count`` fresh connections from the client netns."""
+        out = in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), str(count),
+                    "udp" if udp else "tcp").stdout
+        return out.split()
+
+    def destroy(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for ns in [self.client, *(self.backend_ns(i) for i in range(len(self.backends))),
+                   self.node]:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def require_root() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: creates network namespaces and programs netfilter"
+    if sh("ip", "netns", "list", check=False).returncode != 0:
+        return "`ip netns` does not work here"
+    return None
+
+
+def wait_for(cond: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(cond) and cond():
+            return True
+        time.sleep(0.05)
+    return False

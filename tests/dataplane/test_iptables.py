@@ -1,0 +1,116 @@
+"""iptables mode on the host kernel: real traffic from a client netns through the node netns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from dp_topology import Topology, in_ns
+
+from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.iptables.proxier import IptablesProxier
+from svcproxy.dataplane.netfilter import Netfilter
+from svcproxy.dataplane.table import RealServer, VirtualServer, make_table, owned_by
+
+VIP = "10.96.5.10"
+
+
+def proxier(topo: Topology) -> IptablesProxier:
+    return IptablesProxier(Netfilter(netns=topo.node), Netfilter(ipv6=True, netns=topo.node))
+
+
+def svc(topo: Topology, *, port: int = 80, persistence: int = 0, weights: tuple[int, ...] = (1, 1, 1),
+        owner: str = "ns/web", protocol: str = "TCP") -> VirtualServer:
+    reals = [RealServer(a, 8080, w) for a, w in zip(topo.backends, weights, strict=False)]
+    return VirtualServer.create(protocol, VIP, port, reals, persistence=persistence,  # type: ignore[arg-type]
+                                owner=owner)
+
+
+def saved(topo: Topology) -> str:
+    return in_ns(topo.node, "iptables-save", "-t", "nat").stdout
+
+
+def test_even_spread_over_ready_endpoints(topo: Topology) -> None:
+    p = proxier(topo)
+    result = asyncio.run(p.sync(make_table([svc(topo)])))
+    assert result.ok, result.errors
+    counts = Counter(topo.ask(VIP, 80, 150))
+    assert set(counts) == {"be0", "be1", "be2"}, counts
+    assert min(counts.values()) >= 25, counts  # 50 expected each; random, generous bound
+    udp = asyncio.run(p.sync(make_table([svc(topo, protocol="UDP", port=53)])))
+    assert udp.ok
+    assert set(topo.ask(VIP, 53, 60, udp=True)) == {"be0", "be1", "be2"}
+    asyncio.run(p.cleanup())
+
+
+def test_client_ip_affinity_pins_the_client(topo: Topology) -> None:
+    p = proxier(topo)
+    asyncio.run(p.sync(make_table([svc(topo, persistence=600)])))
+    names = topo.ask(VIP, 80, 30)
+    assert len(set(names)) == 1 and names[0] != "-", names
+    asyncio.run(p.cleanup())
+
+
+def test_draining_endpoint_takes_no_new_connections(topo: Topology) -> None:
+    p = proxier(topo)
+    asyncio.run(p.sync(make_table([svc(topo, weights=(1, 0, 1))])))
+    counts = Counter(topo.ask(VIP, 80, 60))
+    assert set(counts) == {"be0", "be2"}, counts
+    asyncio.run(p.cleanup())
+
+
+def test_foreign_rule_and_chain_survive_every_sync_and_cleanup(topo: Topology) -> None:
+    in_ns(topo.node, "iptables", "-t", "nat", "-N", "FOREIGN-CHAIN")
+    in_ns(topo.node, "iptables", "-t", "nat", "-A", "FOREIGN-CHAIN", "-d", "192.0.2.1/32", "-j", "RETURN")
+    in_ns(topo.node, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "192.0.2.2/32", "-j", "FOREIGN-CHAIN")
+    in_ns(topo.node, "iptables", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.3/32", "-j", "ACCEPT")
+
+    def foreign() -> list[str]:
+        text = in_ns(topo.node, "iptables-save").stdout
+        return [line for line in text.splitlines() if "192.0.2." in line or "FOREIGN" in line]
+
+    before = foreign()
+    assert len(before) == 4
+    p = proxier(topo)
+    a, b = svc(topo), svc(topo, port=81, owner="ns/other")
+    asyncio.run(p.sync(make_table([a, b])))
+    assert foreign() == before
+    asyncio.run(p.sync(owned_by(make_table([a]), {"ns/other"}), frozenset({"ns/other"})))
+    assert foreign() == before
+    asyncio.run(p.sync(make_table([a])))
+    assert foreign() == before
+    asyncio.run(p.cleanup())
+    assert foreign() == before
+    assert "SVCPROXY" not in saved(topo)
+
+
+def test_partial_sync_rewrites_only_the_changed_service(topo: Topology) -> None:
+    p = proxier(topo)
+    a, b = svc(topo), svc(topo, port=81, owner="ns/other")
+    asyncio.run(p.sync(make_table([a, b])))
+    chain_b = rules.service_chain(b.key)
+    # Zero the packet counters of b's chain by reading them; then change a only.
+    before_b = [line for line in saved(topo).splitlines() if chain_b in line]
+    changed = svc(topo, weights=(1, 1, 0))
+    result = asyncio.run(p.sync(make_table([changed]), frozenset({"ns/web"})))
+    assert result.ok and result.operations == {"update_virtual_server": 1}
+    after = saved(topo)
+    assert [line for line in after.splitlines() if chain_b in line] == before_b
+    assert Counter(topo.ask(VIP, 80, 40)).keys() == {"be0", "be1"}
+    assert set(topo.ask(VIP, 81, 30)) == {"be0", "be1", "be2"}
+    # Withdraw b alone: its chains go, a keeps working.
+    asyncio.run(p.sync({}, frozenset({"ns/other"})))
+    assert chain_b not in saved(topo)
+    assert set(topo.ask(VIP, 81, 3)) == {"-"}
+    assert set(topo.ask(VIP, 80, 10)) <= {"be0", "be1"}
+    asyncio.run(p.cleanup())
+
+
+def test_restarted_proxier_keeps_traffic_and_adopts_rules(topo: Topology) -> None:
+    a = svc(topo)
+    asyncio.run(proxier(topo).sync(make_table([a])))
+    restarted = proxier(topo)
+    result = asyncio.run(restarted.sync(make_table([a])))
+    assert result.ok
+    assert "-" not in topo.ask(VIP, 80, 20)
+    asyncio.run(restarted.cleanup())
