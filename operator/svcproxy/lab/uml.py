@@ -23,6 +23,15 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from svcproxy.lab import network
+from svcproxy.lab.node import (
+    BRIDGE_ADDRESS,
+    LabContext,
+    node_address,
+    node_name,
+    node_pod_cidr,
+)
+
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INIT = GUEST_DIR / "init.sh"
 SERVER = GUEST_DIR / "server.py"
@@ -341,6 +350,10 @@ class UmlGuest:
     def process_log(self, name: str) -> Path:
         return self.dir / "logs" / f"{name}.log"
 
+    def process_alive(self, name: str) -> bool:
+        """True while a process started under ``name`` runs in this (running) guest."""
+        return (self.dir / "logs" / f"{name}.pid").exists() and self.is_running()
+
     def process_exit_status(self, name: str) -> int | None:
         """Exit status of a long-lived process, or None while it runs (or never ran)."""
         try:
@@ -382,6 +395,9 @@ class UmlGuest:
             raise UmlError(f"guest {self.name}: processes {pids} survive SIGKILL")
         self._reap()
         self.pid_file.unlink(missing_ok=True)
+        # The guest's process table went with it; so do its pid files.
+        for pid_file in (self.dir / "logs").glob("*.pid"):
+            pid_file.unlink(missing_ok=True)
         _remove_tree(UML_RUN_DIR / self.umid)
         if remove_tap and self.tap is not None and self.bridge is not None and link_exists(
             self.tap
@@ -421,3 +437,116 @@ def booted_guest(
         yield guest
     finally:
         guest.shutdown()
+
+
+# --- the lab node ------------------------------------------------------------------
+
+CLIENT_SCRIPT = """
+ns={ns}; gw={gw}; addr={addr}
+[ -e /run/netns/$ns ] || ip netns add $ns
+if ! ip -n $ns link show eth0 >/dev/null 2>&1; then
+  ip link del client0 2>/dev/null || true
+  ip link add client0 type veth peer name eth0 netns $ns
+fi
+ip addr replace $gw/32 dev client0
+ip link set client0 up
+ip route replace $addr/32 dev client0 scope link src $gw
+ip -n $ns link set lo up
+ip -n $ns addr replace $addr/32 dev eth0
+ip -n $ns link set eth0 up
+ip -n $ns route replace $gw dev eth0 scope link
+for cidr in {cidrs}; do ip -n $ns route replace $cidr via $gw dev eth0 src $addr; done
+"""
+
+
+class UmlNode:
+    """Lab node ``node-i`` as a user-mode-linux guest with IPVS (``node.LabNode``).
+
+    eth0 is the tap ``svcp-n<i>`` on the lab bridge with 172.29.0.(10+i)/24 (the
+    name the lab's sweep already removes); the guest reaches the API server at
+    172.29.0.1:6443 over the bridge (no slirp) and the other nodes' Pod CIDRs via
+    their bridge addresses; no default route. Its files: ``<state>/uml/node-i/``.
+    """
+
+    def __init__(self, index: int, ctx: LabContext) -> None:
+        self.index = index
+        self.name = node_name(index)
+        self.address = node_address(index)
+        self.pod_cidr = node_pod_cidr(index)
+        self.has_ipvs = True
+        self.tap = f"svcp-n{index}"
+        self._ctx = ctx
+        self.guest = self._make_guest(ctx)
+
+    def _make_guest(self, ctx: LabContext) -> UmlGuest:
+        routes = [(network.SERVICE_CIDR, BRIDGE_ADDRESS)]
+        routes += [(node_pod_cidr(j), node_address(j))
+                   for j in range(1, ctx.node_count + 1) if j != self.index]
+        return UmlGuest(
+            self.name, ctx.state_dir / "uml",
+            mem=os.environ.get("SVCPROXY_UML_MEM", "256M"),
+            tap=self.tap, bridge=network.BRIDGE, address=f"{self.address}/24",
+            extra_routes=routes, ip_forward=True,
+            # Asymmetric paths (client -> service here -> pod elsewhere) are normal.
+            sysctls={"net.ipv4.conf.all.rp_filter": "0",
+                     "net.ipv4.conf.default.rp_filter": "0"},
+            mounts=[ctx.log_dir, ctx.node_state_dir(self.name)],
+        )
+
+    def create(self, ctx: LabContext) -> None:
+        self._ctx = ctx
+        self.guest = self._make_guest(ctx)
+        for d in (ctx.log_dir, ctx.node_state_dir(self.name)):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.guest.is_running():
+            return
+        self.guest.boot(timeout=float(os.environ.get("SVCPROXY_UML_BOOT_TIMEOUT", "120")))
+        # Loaded up front so that an agent probing for IPVS finds it at once.
+        proc = self.guest.run(["modprobe", "ip_vs"])
+        if proc.returncode != 0:
+            raise UmlError(f"{self.name}: modprobe ip_vs failed: {proc.stderr.decode().strip()}")
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return self.guest.run(argv, timeout=timeout, input=input)
+
+    def start_process(self, name: str, argv: Sequence[str]) -> None:
+        self.stop_process(name)
+        self.guest.start_process(name, argv, log=self._ctx.log_dir / f"{self.name}-{name}.log")
+
+    def process_alive(self, name: str) -> bool:
+        return self.guest.process_alive(name)
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
+        if self.guest.is_running():
+            self.guest.stop_process(name, sig)
+
+    def client_netns(self) -> str:
+        """Create (if needed) the client namespace behind this node, inside the guest."""
+        ns = network.client_netns(self.index)
+        script = CLIENT_SCRIPT.format(
+            ns=ns, gw=f"10.244.{self.index}.1", addr=network.client_address(self.index),
+            cidrs=" ".join((network.SERVICE_CIDR, network.CLUSTER_POD_CIDR, network.LAB_SUBNET)),
+        )
+        proc = self.guest.run(["sh", "-ec", script])
+        if proc.returncode != 0:
+            raise UmlError(f"{self.name}: client namespace {ns}: {proc.stderr.decode().strip()}")
+        return ns
+
+    def run_client(
+        self, argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` in the client namespace behind this node."""
+        ns = self.client_netns()
+        return self.guest.run(["nsenter", f"--net=/run/netns/{ns}", "--", *argv],
+                              timeout=timeout, input=input)
+
+    def destroy(self) -> None:
+        # Pod and client namespaces live inside the guest and go with it.
+        if self.guest.is_running():
+            with contextlib.suppress(UmlError, subprocess.TimeoutExpired):
+                self.guest.shutdown(timeout=20)
+        self.guest.destroy()
+        if link_exists(self.tap):
+            _ip("link", "del", self.tap, check=False)

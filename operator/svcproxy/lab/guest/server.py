@@ -180,6 +180,7 @@ class Server:
             return
         log = str(req.get("log") or os.path.join(self.logs, name + ".log"))
         status_file = os.path.join(self.logs, name + ".exit")
+        pid_file = os.path.join(self.logs, name + ".pid")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(status_file)
         append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -188,6 +189,8 @@ class Server:
             with self.lock:
                 if self.processes.get(name) == pid_box[0]:
                     del self.processes[name]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pid_file)
             _write_atomic(status_file, str(code))
 
         pid_box = [0]
@@ -199,6 +202,8 @@ class Server:
                     [(0, "/dev/null", os.O_RDONLY), (1, log, append), (2, log, append)], done,
                 )
                 self.processes[name] = pid_box[0]
+                # Lets any host process tell that it runs (the host reads the folder).
+                _write_atomic(pid_file, f"{pid_box[0]}\n")
         except (OSError, ValueError) as exc:
             self._reply(rid, 127, err=f"server: cannot start {name!r}: {exc}\n")
             return
