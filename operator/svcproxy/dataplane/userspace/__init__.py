@@ -1,0 +1,1 @@
+"""The ``userspace`` mode: the agent proxies TCP and UDP itself (balancer + proxier)."""

@@ -1,0 +1,296 @@
+"""The ``userspace`` mode: the agent proxies TCP and UDP itself, in its event loop.
+
+Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``). Each
+virtual server gets one listener on an ephemeral local port (TCP server or
+UDP endpoint, bound to the wildcard address) and one REDIRECT rule from
+VIP:port to that port in the nat chain ``SVCPROXY-PORTALS`` (jumped to from
+PREROUTING and OUTPUT), written with the netfilter adapter. New connections
+ask a :class:`~svcproxy.dataplane.userspace.balancer.Balancer` for backends
+and try them in turn, so a refused connect moves on to the next backend. A
+changed virtual server keeps its listener; only its balancer is updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend
+from svcproxy.dataplane.proxier import (
+    Capabilities,
+    Counts,
+    DataplaneError,
+    ModeUnavailableError,
+    SyncResult,
+    UnsupportedError,
+)
+from svcproxy.dataplane.table import Table, VirtualServer, VSKey
+from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend, Balancer
+
+MODE = "userspace"
+CHAIN = "SVCPROXY-PORTALS"
+JUMPS = (
+    Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
+    Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
+)
+UDP_IDLE_SECONDS = 30.0
+
+
+@dataclass
+class _Portal:
+    balancer: Balancer
+    port: int
+    server: asyncio.AbstractServer | None = None
+    udp: asyncio.DatagramTransport | None = None
+
+
+def _rule(vs: VirtualServer, port: int) -> str:
+    proto = vs.protocol.lower()
+    return (
+        f"-A {CHAIN} -d {vs.address}/32 -p {proto} -m comment --comment {vs.owner or '-'}"
+        f" -m {proto} --dport {vs.port} -j REDIRECT --to-ports {port}"
+    )
+
+
+class UserspaceProxier:
+    def __init__(
+        self,
+        netfilter: Netfilter | None = None,
+        *,
+        connect_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._nf = netfilter or Netfilter()
+        backend, reason = detect_backend(self._nf.netns)
+        self._timeout = connect_timeout
+        self._clock = clock
+        self._portals: dict[VSKey, _Portal] = {}
+        self._lock = asyncio.Lock()
+        self._caps = Capabilities(
+            mode=MODE,
+            available=bool(backend),
+            reason=reason,
+            schedulers=USERSPACE_SCHEDULERS,
+            backend=backend,
+        )
+
+    @property
+    def mode(self) -> str:
+        return MODE
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def counts(self) -> Counts:
+        return Counts(
+            virtual_servers=len(self._portals),
+            real_servers=sum(len(p.balancer.vs.real_servers) for p in self._portals.values()),
+            rules=len(self._portals),
+        )
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        start = time.monotonic()
+        async with self._lock:
+            if not self._caps.available:
+                owners = frozenset(v.owner for v in desired.values())
+                err = ModeUnavailableError(f"userspace mode needs iptables: {self._caps.reason}")
+                return SyncResult(MODE, only is None, {}, (err,), owners, 0.0)
+            errors: list[DataplaneError] = []
+            want: dict[VSKey, VirtualServer] = {}
+            for key, vs in desired.items():
+                if only is not None and vs.owner not in only:
+                    continue
+                if vs.protocol == "SCTP" or ":" in vs.address:
+                    errors.append(UnsupportedError(
+                        f"{key}: the userspace mode proxies IPv4 TCP and UDP only;"
+                        " use ipvs or iptables mode for SCTP or IPv6", owner=vs.owner))
+                    continue
+                want[key] = vs
+            if only is None:
+                mine = set(self._portals)
+            else:
+                mine = {k for k, p in self._portals.items() if p.balancer.vs.owner in only}
+                mine |= {k for k in want if k in self._portals}
+            ops: dict[str, int] = {}
+            added: list[VirtualServer] = []
+            for key, vs in want.items():
+                portal = self._portals.get(key)
+                if portal is None:
+                    try:
+                        self._portals[key] = await self._open(vs)
+                    except OSError as err:
+                        errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                        continue
+                    added.append(vs)
+                    ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
+                elif portal.balancer.vs != vs:
+                    portal.balancer.update(vs)
+                    ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+            gone = [self._portals[k] for k in mine - set(want)]
+            try:
+                if only is None:
+                    body = [_rule(p.balancer.vs, p.port) for k, p in sorted(self._portals.items())
+                            if k in want]
+                    await asyncio.to_thread(self._write_full, body)
+                else:
+                    lines = [_rule(vs, self._portals[vs.key].port) for vs in added]
+                    lines += ["-D" + _rule(p.balancer.vs, p.port)[2:] for p in gone]
+                    if lines:
+                        text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+                        await asyncio.to_thread(self._nf.restore, text)
+            except DataplaneError as err:
+                errors.append(err)
+            for key in mine - set(want):
+                await self._close(self._portals.pop(key))
+                ops["delete_virtual_server"] = ops.get("delete_virtual_server", 0) + 1
+            failed = frozenset(e.owner for e in errors if e.owner)
+            return SyncResult(MODE, only is None, ops, tuple(errors), failed,
+                              time.monotonic() - start, self.counts())
+
+    def _write_full(self, body: list[str]) -> None:
+        self._nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
+        self._nf.ensure_jumps(JUMPS)
+
+    async def cleanup(self) -> SyncResult:
+        async with self._lock:
+            count = len(self._portals)
+            for portal in list(self._portals.values()):
+                await self._close(portal)
+            self._portals.clear()
+            errors: tuple[DataplaneError, ...] = ()
+            if self._caps.available:
+                try:
+                    await asyncio.to_thread(self._nf.remove, "nat", CHAIN, JUMPS)
+                except DataplaneError as err:
+                    errors = (err,)
+            ops = {"delete_virtual_server": count} if count else {}
+            return SyncResult(MODE, True, ops, errors)
+
+    async def close(self) -> None:
+        for portal in list(self._portals.values()):
+            await self._close(portal)
+        self._portals.clear()
+
+    # Listeners.
+
+    async def _open(self, vs: VirtualServer) -> _Portal:
+        balancer = Balancer(vs, clock=self._clock)
+        loop = asyncio.get_running_loop()
+        if vs.protocol == "TCP":
+            server = await asyncio.start_server(
+                lambda r, w: self._serve_tcp(balancer, r, w), "0.0.0.0", 0
+            )
+            port = server.sockets[0].getsockname()[1]
+            return _Portal(balancer, port, server=server)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpPortal(balancer), local_addr=("0.0.0.0", 0), family=socket.AF_INET
+        )
+        port = transport.get_extra_info("sockname")[1]
+        return _Portal(balancer, port, udp=transport)
+
+    async def _close(self, portal: _Portal) -> None:
+        if portal.server is not None:
+            portal.server.close()
+            with contextlib.suppress(Exception):
+                await portal.server.wait_closed()
+        if portal.udp is not None:
+            portal.udp.close()
+
+    async def _serve_tcp(
+        self, balancer: Balancer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        client = writer.get_extra_info("peername")[0]
+        for backend in balancer.candidates(client):
+            try:
+                up_r, up_w = await asyncio.wait_for(
+                    asyncio.open_connection(*backend), self._timeout
+                )
+            except (OSError, TimeoutError):
+                continue  # dead backend: retry the next one
+            balancer.connected(client, backend)
+            try:
+                await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer))
+            finally:
+                balancer.closed(backend)
+            return
+        writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        if reader.at_eof():
+            writer.close()
+
+
+class _UdpPortal(asyncio.DatagramProtocol):
+    """One UDP listener: a connected upstream socket per client address."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.transport: asyncio.DatagramTransport | None = None
+        self.flows: dict[tuple[str, int], tuple[asyncio.DatagramTransport, float]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        flow = self.flows.get(addr)
+        now = time.monotonic()
+        if flow is not None and flow[1] > now:
+            self.flows[addr] = (flow[0], now + UDP_IDLE_SECONDS)
+            flow[0].sendto(data)
+            return
+        asyncio.get_running_loop().create_task(self._open_flow(data, addr))
+
+    async def _open_flow(self, data: bytes, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        for backend in self.balancer.candidates(addr[0]):
+            try:
+                upstream, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpUpstream(self, addr), remote_addr=backend
+                )
+            except OSError:
+                continue
+            self.balancer.connected(addr[0], backend)
+            self.flows[addr] = (upstream, time.monotonic() + UDP_IDLE_SECONDS)
+            upstream.sendto(data)
+            loop.call_later(UDP_IDLE_SECONDS, self._expire, addr, backend)
+            return
+
+    def _expire(self, addr: tuple[str, int], backend: Backend) -> None:
+        flow = self.flows.get(addr)
+        if flow is None:
+            return
+        if flow[1] > time.monotonic():
+            asyncio.get_running_loop().call_later(UDP_IDLE_SECONDS, self._expire, addr, backend)
+            return
+        flow[0].close()
+        del self.flows[addr]
+        self.balancer.closed(backend)
+
+
+class _UdpUpstream(asyncio.DatagramProtocol):
+    def __init__(self, portal: _UdpPortal, client: tuple[str, int]) -> None:
+        self.portal = portal
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.portal.transport is not None:
+            self.portal.transport.sendto(data, self.client)
+
+
+def create(config: object) -> UserspaceProxier:
+    """The real-kernel proxier (called by ``modes.build_proxier``)."""
+    return UserspaceProxier()

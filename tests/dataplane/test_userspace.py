@@ -1,0 +1,96 @@
+"""userspace mode on the host kernel: the proxier runs in the node netns, traffic from the client netns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dp_topology import Topology
+
+VIP = "10.96.6.10"
+DRIVER = Path(__file__).with_name("us_driver.py")
+
+
+class Driver:
+    def __init__(self, topo: Topology) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", topo.node, sys.executable, str(DRIVER)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert json.loads(self._line())["ready"]
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "the userspace driver died"
+        return line
+
+    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self._line())
+        assert not answer["errors"], answer
+        return answer
+
+    def sync(self, *services: dict[str, Any], only: list[str] | None = None) -> dict[str, Any]:
+        return self.call({"op": "sync", "table": list(services), "only": only})
+
+    def stop(self) -> None:
+        self.call({"op": "cleanup"})
+        self.proc.kill()
+        self.proc.wait()
+
+
+def svc(topo: Topology, backends: list[int], *, protocol: str = "TCP", port: int = 80,
+        scheduler: str = "rr", persistence: int = 0, weights: list[int] | None = None
+        ) -> dict[str, Any]:
+    ws = weights or [1] * len(backends)
+    return {"protocol": protocol, "address": VIP, "port": port, "scheduler": scheduler,
+            "persistence": persistence, "owner": f"ns/{protocol.lower()}{port}",
+            "reals": [[topo.backends[i], 8080, w] for i, w in zip(backends, ws, strict=True)]}
+
+
+@pytest.fixture()
+def driver(topo: Topology) -> Iterator[Driver]:
+    d = Driver(topo)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_round_robin_alternates_tcp_and_udp(topo: Topology, driver: Driver) -> None:
+    driver.sync(svc(topo, [0, 1]), svc(topo, [0, 1], protocol="UDP", port=53))
+    names = topo.ask(VIP, 80, 6)
+    assert names in (["be0", "be1"] * 3, ["be1", "be0"] * 3), names
+    udp = topo.ask(VIP, 53, 6, udp=True)
+    assert sorted(udp) == ["be0"] * 3 + ["be1"] * 3, udp
+
+
+def test_retries_past_a_dead_backend(topo: Topology, driver: Driver) -> None:
+    driver.sync(svc(topo, [0, 1, 2], port=81))
+    topo.stop_echo(1)
+    try:
+        names = topo.ask(VIP, 81, 9)
+        assert "-" not in names and "be1" not in names, names
+        assert set(names) == {"be0", "be2"}
+    finally:
+        topo.start_echo(1)
+
+
+def test_client_ip_affinity_pins(topo: Topology, driver: Driver) -> None:
+    driver.sync(svc(topo, [0, 1, 2], port=82, persistence=600))
+    names = topo.ask(VIP, 82, 10)
+    assert len(set(names)) == 1 and names[0] != "-", names
+
+
+def test_wrr_follows_weights_and_draining_gets_nothing(topo: Topology, driver: Driver) -> None:
+    driver.sync(svc(topo, [0, 1, 2], port=83, scheduler="wrr", weights=[3, 1, 0]))
+    names = topo.ask(VIP, 83, 8)
+    assert sorted(names) == ["be0"] * 6 + ["be1"] * 2, names
