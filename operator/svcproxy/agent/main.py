@@ -31,7 +31,7 @@ from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
-from svcproxy.agent.watch import PvsWatch
+from svcproxy.agent.watch import PvsWatch, _describe
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
 from svcproxy.dataplane.proxier import MODES, Capabilities, Proxier
 
@@ -165,7 +165,7 @@ class AgentProcess:
                     self.agent.metrics.report_writes.labels("ok").inc()
             except Exception as err:
                 self.agent.metrics.report_writes.labels("error").inc()
-                log.warning("ProxyNode write failed; retrying", extra={"error": repr(err)})
+                log.warning("ProxyNode write failed (%s); retrying", _describe(err))
                 await asyncio.sleep(2)
                 self.report_wake.set()
 

@@ -70,6 +70,12 @@ def parse(obj: dict[str, Any]) -> Program:
         )
 
 
+def _describe(err: Exception) -> str:
+    if isinstance(err, ApiException):
+        return f"HTTP {err.status} {err.reason}: {str(err.body)[:300]}"
+    return repr(err)
+
+
 class PvsWatch:
     def __init__(
         self,
@@ -112,8 +118,13 @@ class PvsWatch:
             except Exception as err:  # the API server is down or the connection broke
                 self.live = False
                 self.on_restart("error")
+                # List again after an error: the API server may have lost the history (a new
+                # etcd refuses the old resourceVersion as too large). Unchanged objects cost
+                # no kernel work, since the agent marks only programs that differ.
+                self.resource_version = None
                 delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
-                log.warning("watch failed; retrying", extra={"error": repr(err), "retry_in": round(delay, 2)})
+                log.warning("watch failed (%s); listing again", _describe(err),
+                            extra={"retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
                 backoff = min(self.max_backoff, backoff * 2)
 
@@ -140,8 +151,14 @@ class PvsWatch:
             if err.status == 410:
                 raise ExpiredError() from err
             raise
-        self.live = True
         try:
+            # With _preload_content=False the client does not raise on an error status.
+            if resp.status == 410:
+                raise ExpiredError()
+            if resp.status != 200:
+                body = (await resp.read())[:300].decode(errors="replace")
+                raise ApiException(status=resp.status, reason=f"watch refused: {body.strip()}")
+            self.live = True
             # Not `async for line in resp.content`: aiohttp refuses lines over 64 KiB, and
             # one event of a Service with many endpoints is longer than that.
             lines = LineBuffer()
