@@ -54,6 +54,7 @@ class Lab:
     kubectl_bin: str
     state_dir: Path | None  # None: an existing cluster named by SVCPROXY_E2E_KUBECONFIG
     nodes: list[str] = field(default_factory=list)
+    owned: bool = False  # this session started the lab (so it may take it down)
 
     @property
     def traffic(self) -> ModuleType:
@@ -72,6 +73,13 @@ class Lab:
     def require_local(self) -> None:
         if not self.local:
             pytest.skip("needs the svcproxy lab itself, not an existing cluster")
+
+    def require_owned(self) -> None:
+        """Skip tests that stop or kill the lab when another session started it and uses it."""
+        self.require_local()
+        if not self.owned:
+            pytest.skip("the lab was already running (another session may use it); "
+                        "not stopping it")
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         proc = subprocess.run(
@@ -167,6 +175,7 @@ def lab() -> Iterator[Lab]:
     # and left running: whoever started it takes it down.
     started = not LabCluster(state).alive()
     handle.up()
+    handle.owned = started
     handle.nodes = ["node-1", "node-2", "node-3"]
     try:
         yield handle

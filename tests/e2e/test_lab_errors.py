@@ -47,7 +47,7 @@ def test_a_second_lab_is_refused_while_one_runs(lab: Lab, tmp_path: Path) -> Non
 
 
 def test_stale_state_is_detected_and_cleaned(lab: Lab) -> None:
-    lab.require_local()
+    lab.require_owned()
     assert lab.state_dir is not None
     # Simulate a crash: every process of the lab dies at once.
     pids = [read_pid(f) for f in (lab.state_dir / "pids").glob("*.pid")]

@@ -35,13 +35,15 @@ def _lab_processes(state_dir: Path) -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(state_dir) in cmdline and pid_alive(int(proc.name)):
+        # Clients that merely name the kubeconfig (kubectl of a test) are not the lab's.
+        if str(state_dir) in cmdline and pid_alive(int(proc.name)) \
+                and "kubectl" not in cmdline.split(" ", 1)[0]:
             found.append(f"{proc.name}: {cmdline}")
     return found
 
 
 def test_down_leaves_nothing_behind(lab: Lab) -> None:
-    lab.require_local()
+    lab.require_owned()
     assert lab.state_dir is not None
     state = lab.state_dir
     # Give down something to clean: a Pod (namespace, veth, echo) and a client namespace.
