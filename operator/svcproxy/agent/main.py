@@ -205,7 +205,9 @@ async def _load_config(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient()
 
 
-async def amain(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Capabilities]] | None:
+    """Build the proxiers before the event loop starts (pyroute2's synchronous sockets
+    refuse to be made inside a running loop); None when --modes is wrong."""
     cfg = DataplaneConfig(
         cluster_cidrs=tuple(args.cluster_cidr or DataplaneConfig.cluster_cidrs),
         masquerade_all=args.masquerade_all,
@@ -214,8 +216,13 @@ async def amain(args: argparse.Namespace) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         log.error("unknown modes in --modes", extra={"unknown": unknown, "valid": list(MODES)})
-        return 2
-    usable, unusable = build_proxiers(cfg, modes)
+        return None
+    return build_proxiers(cfg, modes)
+
+
+async def amain(
+    args: argparse.Namespace, usable: dict[str, Proxier], unusable: dict[str, Capabilities]
+) -> int:
     metrics = Metrics()
     agent = Agent(
         usable,
@@ -268,4 +275,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.node_name and not args.cleanup:
         log.error("no node name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)")
         return 2
-    return asyncio.run(amain(args))
+    built = prepare(args)
+    if built is None:
+        return 2
+    return asyncio.run(amain(args, *built))
