@@ -155,6 +155,7 @@ class Kubelet:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
         self.next_lease = 0.0
         self.next_node_status = 0.0
+        self.ready_since: str | None = None
 
     # --- node and lease -------------------------------------------------------
 
@@ -181,15 +182,16 @@ class Kubelet:
 
     def node_status(self) -> None:
         stamp = now_rfc3339()
+        since = self.ready_since = self.ready_since or stamp
         conditions = [
             {"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "message": "lab node",
-             "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+             "lastHeartbeatTime": stamp, "lastTransitionTime": since}
             for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
         ]
         conditions.append({
             "type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "svcproxy lab kubelet is posting ready status",
-            "lastHeartbeatTime": stamp, "lastTransitionTime": stamp,
+            "lastHeartbeatTime": stamp, "lastTransitionTime": since,
         })
         resources = {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"}
         status = {
