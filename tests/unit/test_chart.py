@@ -1,0 +1,144 @@
+"""The Helm chart (charts/svcproxy): lint, CRDs in step, version, values schema, rendered policy.
+
+Renders the chart with the lab toolchain's helm (no cluster) and checks what a cluster
+operator relies on: ``helm lint --strict`` is clean, the chart's CRDs are the checked-in
+ones, its version follows pyproject.toml, bad values are refused by values.schema.json
+with a message naming the key, and the rendered workloads carry the security settings
+and RBAC the docs promise. kubeconform validation is in test_chart_kubeconform.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_chart_kubeconform import CHART, ROOT, documents, helm_template, toolchain_bin
+
+JSON = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return toolchain_bin() / "helm"
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: Path) -> dict[tuple[str, str], JSON]:
+    out = helm_template(helm)
+    assert out.returncode == 0, out.stderr
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents(out.stdout)}
+
+
+def test_helm_lint_strict_is_clean(helm: Path) -> None:
+    out = subprocess.run([str(helm), "lint", "--strict", str(CHART)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+def test_chart_crds_are_the_checked_in_crds() -> None:
+    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    source = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    assert sorted(chart) == sorted(source), "charts/svcproxy/crds differs from crds/: run `make crds`"
+    stale = [name for name in source if chart[name] != source[name]]
+    assert not stale, f"charts/svcproxy/crds/{stale} differ from crds/: run `make crds`"
+
+
+def test_chart_version_is_the_project_version() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == project and chart["appVersion"] == project, (
+        f"Chart.yaml version {chart['version']} / appVersion {chart['appVersion']} must equal "
+        f"pyproject.toml's {project}")
+
+
+BAD_VALUES = [
+    (["--set", "operator.replicas=two"], "at '/operator/replicas': got string, want integer"),
+    (["--set", "operator.replica=2"], "at '/operator': additional properties 'replica' not allowed"),
+    (["--set", "agent.modes={ipvs,bogus}"], "at '/agent/modes/1': value must be one of"),
+    (["--set", "agent.tolerations[0].operator=Maybe"], "at '/agent/tolerations/0/operator'"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "at '/metrics/serviceMonitor/interval'"),
+    (["--set", "agent.image.tag=x"], "at '/agent/image': additional properties 'tag' not allowed"),
+    (["--set", "unknownTop=1"], "additional properties 'unknownTop' not allowed"),
+    (["--set", "operator.metricsPort=70000"], "at '/operator/metricsPort': maximum"),
+    (["--set-string", "operator.podDisruptionBudget.enabled=yes"],
+     "at '/operator/podDisruptionBudget/enabled': got string, want boolean"),
+    (["--set", "operator.resources.requests.cpu=lots"], "at '/operator/resources/requests/cpu'"),
+    (["--set", "agent.clusterCIDRs[0]=everywhere"], "at '/agent/clusterCIDRs/0'"),
+]
+
+
+@pytest.mark.parametrize(("args", "names"), BAD_VALUES, ids=[" ".join(a[1:]) for a, _ in BAD_VALUES])
+def test_bad_values_are_refused_by_the_schema(helm: Path, args: list[str], names: str) -> None:
+    out = helm_template(helm, *args)
+    assert out.returncode != 0, f"helm accepted {args}"
+    assert "values don't meet the specifications of the schema" in out.stderr, out.stderr
+    assert names in out.stderr, out.stderr
+
+
+def test_service_monitor_without_metrics_services_is_refused(helm: Path) -> None:
+    out = helm_template(helm, "--set", "metrics.serviceMonitor.enabled=true",
+                        "--set", "metrics.service.enabled=false")
+    assert out.returncode != 0 and "metrics.service.enabled" in out.stderr, out.stderr
+
+
+def test_operator_runs_hardened_with_peering_and_a_pdb(rendered: dict[tuple[str, str], JSON]) -> None:
+    dep = rendered[("Deployment", "svcproxy-operator")]
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert "--peering=svcproxy" in c["args"] and "--priority" in c["command"][2]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    pdb = rendered[("PodDisruptionBudget", "svcproxy-operator")]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_agent_has_only_the_capabilities_it_needs(rendered: dict[tuple[str, str], JSON]) -> None:
+    ds = rendered[("DaemonSet", "svcproxy-agent")]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW", "SYS_MODULE"]}
+    assert sc["readOnlyRootFilesystem"] is True and "privileged" not in sc
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
+    assert "--node-name=$(NODE_NAME)" in c["args"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["lib-modules"]["readOnly"] is True
+
+
+def test_rbac_grants_the_agent_nothing_but_programs_and_proxynodes(
+        rendered: dict[tuple[str, str], JSON]) -> None:
+    role = rendered[("ClusterRole", "svcproxy-agent")]
+    grants = {(r["apiGroups"][0], res, v)
+              for r in role["rules"] for res in r["resources"] for v in r["verbs"]}
+    assert grants == {
+        ("svcproxy.io", "proxyvirtualservers", "get"), ("svcproxy.io", "proxyvirtualservers", "list"),
+        ("svcproxy.io", "proxyvirtualservers", "watch"), ("svcproxy.io", "proxynodes", "create"),
+        ("svcproxy.io", "proxynodes", "get"), ("svcproxy.io", "proxynodes", "patch"),
+        ("svcproxy.io", "proxynodes/status", "get"), ("svcproxy.io", "proxynodes/status", "patch"),
+    }
+    op = rendered[("ClusterRole", "svcproxy-operator")]
+    for rule in op["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert "secrets" not in rule["resources"], rule
+
+
+def test_admission_policy_names_the_agent_account(rendered: dict[tuple[str, str], JSON]) -> None:
+    vap = rendered[("ValidatingAdmissionPolicy", "svcproxy-agent-own-proxynode")]
+    (cond,) = vap["spec"]["matchConditions"]
+    assert "system:serviceaccount:svcproxy-system:svcproxy-agent" in cond["expression"]
+    binding = rendered[("ValidatingAdmissionPolicyBinding", "svcproxy-agent-own-proxynode")]
+    assert binding["spec"] == {"policyName": "svcproxy-agent-own-proxynode", "validationActions": ["Deny"]}
