@@ -13,6 +13,7 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from svcproxy.lab import network
 from svcproxy.lab.cluster import DEFAULT_STATE, Lab, LabError
@@ -49,6 +50,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from svcproxy.lab import kubelet
 
     kubelet.configure(sub.add_parser("kubelet", help="the lab kubelet (started by `lab up`)"))
+
+
+def _guest_node(lab: Lab, index: int) -> Any:
+    """Node ``index`` if it keeps its client namespace itself (a UML guest), else None."""
+    if Path(f"/run/netns/svcp-node-{index}").exists():
+        return None
+    state = lab.load()
+    for node in lab.nodes(state) if state else []:
+        if node.index == index and callable(getattr(node, "run_client", None)):
+            return node
+    return None
 
 
 def _index(node: str) -> int:
@@ -109,12 +121,22 @@ def _run(args: argparse.Namespace) -> int:
         print(lab.status())
         return 0 if lab.alive() else 1
     if args.lab_command == "client":
+        guest = _guest_node(lab, _index(args.node))
+        if guest is not None:  # a guest node: its client namespace lives inside the guest
+            print(guest.client_netns())
+            return 0
         print(network.ensure_client_netns(_index(args.node)))
         return 0
     if args.lab_command == "exec":
         if not cmd:
             raise LabError("nothing to run: svcproxy lab exec NODE -- CMD ARGS...")
         index = _index(args.node)
+        guest = _guest_node(lab, index)
+        if args.client and guest is not None:
+            proc = guest.run_client(cmd, timeout=3600)
+            sys.stdout.buffer.write(proc.stdout)
+            sys.stderr.buffer.write(proc.stderr)
+            return int(proc.returncode)
         if args.client:
             ns = network.ensure_client_netns(index)
             return subprocess.run(network.in_netns(ns, cmd), check=False).returncode

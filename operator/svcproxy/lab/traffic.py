@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from svcproxy.lab import network
 
@@ -25,14 +27,39 @@ def _index(node: str | int) -> int:
 def request(node: str | int, ip: str, port: int, proto: str = "tcp", *, timeout: float = 2,
             path: str = "/", method: str = "GET") -> str:
     """One request from the client namespace behind ``node`` (``"node-1"`` or ``1``)."""
-    ns = network.ensure_client_netns(_index(node))
-    argv = [*network.in_netns(ns, [sys.executable, "-m", "svcproxy.lab.probe",
-                                   "--proto", proto, "--timeout", str(timeout),
-                                   "--path", path, "--method", method, ip, str(port)])]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 20, check=False)
+    index = _index(node)
+    probe = [sys.executable, "-m", "svcproxy.lab.probe", "--proto", proto,
+             "--timeout", str(timeout), "--path", path, "--method", method, ip, str(port)]
+    if Path(f"/run/netns/svcp-node-{index}").exists():  # a namespace node on this kernel
+        ns = network.ensure_client_netns(index)
+        proc = subprocess.run(network.in_netns(ns, probe), capture_output=True,
+                              timeout=timeout + 20, check=False)
+    else:  # a guest node: its client namespace lives inside the guest
+        proc = _guest_client(index)(probe, timeout=timeout + 20)
     if proc.returncode != 0:
-        raise TrafficError(proc.stderr.strip() or f"probe exited {proc.returncode}")
-    return proc.stdout
+        err = proc.stderr.decode(errors="replace").strip()
+        raise TrafficError(err or f"probe exited {proc.returncode}")
+    return proc.stdout.decode(errors="replace")
+
+
+RunClient = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _guest_client(index: int) -> RunClient:
+    """``run_client`` of node ``index`` of the running lab (named by the owner file)."""
+    from svcproxy.lab.cluster import OWNER_FILE, Lab
+
+    try:
+        lab = Lab(Path(OWNER_FILE.read_text().strip()))
+    except OSError:
+        raise TrafficError("no lab is running: run `svcproxy lab up` first") from None
+    state = lab.load()
+    nodes = {n.index: n for n in lab.nodes(state)} if state else {}
+    run_client = getattr(nodes.get(index), "run_client", None)
+    if not callable(run_client):
+        raise TrafficError(f"the running lab has no node {index} with a client namespace")
+    fn: RunClient = run_client
+    return fn
 
 
 def answered_by(answer: str) -> str:
