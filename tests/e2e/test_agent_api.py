@@ -137,7 +137,7 @@ async def test_ipvs_program_reported_as_running_in_iptables(
                      and s)
     assert st["capabilities"]["ipvs"] is False
     assert {"requested": "ipvs", "effective": "iptables", "reason": "no IPVS in this kernel"} in st["modes"]
-    assert st["modesSummary"] == "iptables(ipvs)"
+    assert "iptables(ipvs)" in st["modesSummary"].split(",")  # other tests' programs may show too
 
 
 async def test_deleted_proxynode_comes_back_and_restart_nulls_owners_gone_meanwhile(
