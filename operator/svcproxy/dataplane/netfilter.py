@@ -48,9 +48,12 @@ def detect_backend(netns: str | None = None) -> tuple[str, str]:
 class Netfilter:
     """iptables-save / iptables-restore for one address family."""
 
-    def __init__(self, ipv6: bool = False, netns: str | None = None) -> None:
-        self._save = "ip6tables-save" if ipv6 else "iptables-save"
-        self._restore = "ip6tables-restore" if ipv6 else "iptables-restore"
+    def __init__(self, ipv6: bool = False, netns: str | None = None, legacy: bool = False) -> None:
+        # legacy: the x_tables binaries, for kernels without nft NAT (e.g. the UML kernel
+        # has iptable_nat but no nft_chain_nat).
+        base = ("ip6tables" if ipv6 else "iptables") + ("-legacy" if legacy else "")
+        self._save = f"{base}-save"
+        self._restore = f"{base}-restore"
         self._prefix = _in_netns(netns)
         self.netns = netns
 

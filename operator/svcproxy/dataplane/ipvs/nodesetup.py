@@ -60,15 +60,23 @@ def prepare(config: object) -> list[DataplaneError]:
     rules = masquerade_rules(
         tuple(getattr(config, "cluster_cidrs", ())), bool(getattr(config, "masquerade_all", False))
     )
-    try:
-        nf = Netfilter()
-        nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(rules) + "\nCOMMIT\n")
-        nf.ensure_jumps([JUMP])
-    except DataplaneError as err:
-        errors.append(err)
-    return errors
+    text = "*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(rules) + "\nCOMMIT\n"
+    failures: list[DataplaneError] = []
+    for legacy in (False, True):  # nft first; x_tables where the kernel lacks nft NAT
+        try:
+            nf = Netfilter(legacy=legacy)
+            nf.restore(text)
+            nf.ensure_jumps([JUMP])
+            return errors
+        except DataplaneError as err:
+            failures.append(err)
+    return errors + failures[-1:]
 
 
 def unprepare() -> None:
     if detect_backend()[0]:
-        Netfilter().remove("nat", CHAIN, [JUMP])
+        for legacy in (False, True):
+            try:
+                Netfilter(legacy=legacy).remove("nat", CHAIN, [JUMP])
+            except DataplaneError:
+                continue  # that backend is not usable here: nothing of ours in it

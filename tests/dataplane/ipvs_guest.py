@@ -1,0 +1,131 @@
+"""Runs inside a user-mode-linux guest: programs IPVS with the ipvs proxier, sends traffic, reports.
+
+Started once per test module by tests/dataplane/test_ipvs.py (Python imports
+are slow in a guest). Builds the netns topology of dp_topology.py inside the
+guest, enters the node netns, runs every case and prints one JSON object:
+who answered each client connection, and ``ipvsadm -Ln`` text read back
+independently after each step. The pytest side asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dp_topology import Topology, in_ns
+from pyroute2.netns import setns
+
+from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
+from svcproxy.dataplane.table import RealServer, VirtualServer, make_table, owned_by
+
+out: dict[str, Any] = {"errors": []}
+
+
+def ipvsadm(topo: Topology) -> str:
+    return in_ns(topo.node, "ipvsadm", "-Ln").stdout
+
+
+def record(name: str, result: Any) -> None:
+    out.setdefault("results", {})[name] = {
+        "ops": dict(result.operations),
+        "errors": [f"{type(e).__name__}: {e}" for e in result.errors],
+    }
+
+
+def main() -> None:
+    topo = Topology()
+    topo.create(3)
+    try:
+        run(topo)
+    finally:
+        topo.destroy()
+    print(json.dumps(out))
+
+
+def run(topo: Topology) -> None:
+    be = topo.backends
+    # A foreign IPVS service, created before the agent ever runs.
+    in_ns(topo.node, "ipvsadm", "-A", "-t", "192.0.2.1:80", "-s", "rr")
+    in_ns(topo.node, "ipvsadm", "-a", "-t", "192.0.2.1:80", "-r", "192.0.2.9:80", "-m")
+    setns(topo.node)
+    proxier = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
+    out["capabilities"] = {
+        "available": proxier.capabilities().available,
+        "schedulers": sorted(proxier.capabilities().schedulers),
+    }
+
+    def vs(ip: str, sched: str, *, weights: tuple[int, ...] = (1, 1, 1), persistence: int = 0,
+           owner: str = "", protocol: str = "TCP", port: int = 80) -> VirtualServer:
+        reals = [RealServer(a, 8080, w) for a, w in zip(be, weights, strict=True)]
+        return VirtualServer.create(protocol, ip, port, reals, scheduler=sched,  # type: ignore[arg-type]
+                                    persistence=persistence, owner=owner or f"ns/{sched}-{ip}")
+
+    services = [
+        vs("10.96.7.10", "rr"),
+        vs("10.96.7.11", "sh"),
+        vs("10.96.7.12", "mh"),
+        # UDP: its IPVS connections expire after the (settable) UDP timeout, while a TCP
+        # connection lingers 2 minutes in TIME_WAIT and keeps the persistence template.
+        vs("10.96.7.13", "rr", persistence=3, protocol="UDP", port=53),
+        vs("10.96.7.14", "wrr", weights=(3, 1, 0)),
+    ]
+    table = make_table(services)
+    in_ns(topo.node, "ipvsadm", "--set", "900", "120", "2")
+    sync = lambda t, only=None: proxier.sync_blocking(t, only)  # type: ignore[attr-defined]  # noqa: E731
+    record("cold", sync(table))
+    out["ipvsadm_cold"] = ipvsadm(topo)
+    out["ipvsadm_cold_nosort"] = in_ns(topo.node, "ipvsadm", "-Ln", "--nosort", check=False).stdout
+    out["rr"] = topo.ask("10.96.7.10", 80, 6)
+    out["sh"] = topo.ask("10.96.7.11", 80, 10)
+    out["mh"] = topo.ask("10.96.7.12", 80, 10)
+    out["persist"] = topo.ask("10.96.7.13", 53, 6, udp=True)
+    out["wrr"] = topo.ask("10.96.7.14", 80, 8)
+    # Persistence pins until the template times out: 3 s after its last connection is
+    # gone. Short IPVS connection timeouts, then poll the connection table (not the
+    # service: a connection would renew the template) until the template is gone.
+    first = out["persist"][0]
+    out["persist_expired"] = poll(
+        lambda: "10.96.7.13" not in in_ns(topo.node, "ipvsadm", "-Lnc").stdout, timeout=60
+    )
+    out["persist_after"] = topo.ask("10.96.7.13", 53, 1, udp=True)[0]
+    out["persist_first"] = first
+    # Drain be0 of the rr service with a partial sync: no new connections go there.
+    drained = vs("10.96.7.10", "rr", weights=(0, 1, 1), owner=services[0].owner)
+    table[drained.key] = drained
+    record("drain", sync(owned_by(table, {drained.owner}), frozenset({drained.owner})))
+    out["drained"] = topo.ask("10.96.7.10", 80, 6)
+    out["ipvsadm_drained"] = ipvsadm(topo)
+    # A second, restarted proxier adopts everything: a full sync does nothing.
+    again = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
+    record("restart", again.sync_blocking(table))  # type: ignore[attr-defined]
+    out["ipvsadm_after_restart"] = ipvsadm(topo)
+    # Remove one service by a full sync without it; then clean up everything.
+    del table[services[2].key]
+    record("remove", again.sync_blocking(table))  # type: ignore[attr-defined]
+    out["ipvsadm_removed"] = ipvsadm(topo)
+    out["vips_removed"] = in_ns(topo.node, "ip", "-4", "-o", "addr", "show", "svcproxy0").stdout
+    record("cleanup", again.cleanup_blocking())  # type: ignore[attr-defined]
+    out["ipvsadm_cleanup"] = ipvsadm(topo)
+    out["svcproxy0_after_cleanup"] = subprocess.run(
+        ["ip", "link", "show", "svcproxy0"], capture_output=True, text=True, check=False
+    ).returncode
+
+
+def poll(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+if __name__ == "__main__":
+    main()
