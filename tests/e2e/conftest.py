@@ -158,6 +158,10 @@ def _kubectl_bin() -> str:
         return found
 
 
+# The session's lab once the ``lab`` fixture made it, for ``lab_slot``.
+_SESSION: dict[str, Lab] = {}
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     external = os.environ.get("SVCPROXY_E2E_KUBECONFIG")
@@ -177,11 +181,35 @@ def lab() -> Iterator[Lab]:
     handle.up()
     handle.owned = started
     handle.nodes = ["node-1", "node-2", "node-3"]
+    _SESSION["lab"] = handle
     try:
         yield handle
     finally:
+        _SESSION.pop("lab", None)
         if started and not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
             handle.down()
+
+
+@pytest.fixture(scope="module")
+def lab_slot() -> Iterator[None]:
+    """For a module that runs a lab of its own (other nodes, its own state folder).
+
+    The machine holds one lab at a time (fixed addresses), so the session's lab, if
+    this session started it, steps aside (``down``) for the module and comes back
+    (``up``) after it. Use it as ``def my_lab(lab_slot: None) -> ...``.
+    """
+    handle = _SESSION.get("lab")
+    if handle is None or handle.state_dir is None or not LabCluster(handle.state_dir).alive():
+        yield
+        return
+    if not handle.owned:
+        pytest.skip(f"the lab in {handle.state_dir} belongs to another session; "
+                    "this module needs the machine's one lab slot")
+    handle.down()
+    try:
+        yield
+    finally:
+        handle.up()
 
 
 @pytest.fixture
