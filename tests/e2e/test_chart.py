@@ -1,0 +1,462 @@
+"""The Helm chart against a real API server: install, RBAC enough and not more, upgrade, uninstall.
+
+``helm install`` puts the chart into a fresh namespace of the lab (or of the cluster named by
+SVCPROXY_E2E_KUBECONFIG, e.g. kind). The lab's kubelet runs only the echo image, so the
+chart's operator and agent Pods stay Pending there, bound to their nodes; the tests then run
+the operator and an agent as local processes with the chart's own ServiceAccount credentials
+(TokenRequest API; the agent's token is bound to the chart's DaemonSet Pod on node-1, so it
+carries that node's name), which proves the chart's RBAC is enough. ``kubectl auth can-i``
+with the same tokens, and real writes refused by the admission policy, prove it is not more.
+On an external cluster the chart's own Pods run and do the same work.
+
+The local operator watches only the test's namespace (``--namespace``) and runs standalone,
+so it cannot touch other tests' policies; the local agent runs in a network namespace this
+test creates (no routes, no traffic), so it programs nothing that matters.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Lab, svcproxy_cli
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "svcproxy"
+ECHO = "svcproxy.io/echo"
+pytestmark = pytest.mark.lab
+
+
+def _helpers() -> Any:
+    """tests/unit/test_chart_kubeconform.py: schema conversion shared with the offline test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "chart_kubeconform", REPO / "tests/unit/test_chart_kubeconform.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+KC = _helpers()
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str
+    helm: Path
+    kubeconfig: Path
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([str(self.helm), "--kubeconfig", str(self.kubeconfig), *args],
+                             capture_output=True, text=True, timeout=600, check=False)
+        if check:
+            assert out.returncode == 0, f"helm {' '.join(args)}: {out.stdout}{out.stderr}"
+        return out
+
+    @property
+    def operator_sa(self) -> str:
+        return f"{self.name}-operator"
+
+    @property
+    def agent_sa(self) -> str:
+        return f"{self.name}-agent"
+
+
+@pytest.fixture(scope="module")
+def release(lab: Lab) -> Iterator[Release]:
+    helm = KC.toolchain_bin() / "helm"
+    suffix = uuid.uuid4().hex[:6]
+    rel = Release(f"svcproxy-e2e-{suffix}", f"svcproxy-e2e-{suffix}", helm, lab.kubeconfig)
+    # Each release needs its own peering name on a shared cluster.
+    args = ["install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
+            "--set", f"operator.peering={rel.name}"]
+    if not lab.local:
+        # A real cluster (tests/e2e/kind/run.sh): the Pods run; images from the script.
+        args += ["--wait", "--timeout", "5m"]
+        if os.environ.get("SVCPROXY_E2E_CHART_SET"):
+            args += ["--set", os.environ["SVCPROXY_E2E_CHART_SET"]]
+    out = rel.run(*args)
+    assert "STATUS: deployed" in out.stdout, out.stdout
+    try:
+        yield rel
+    finally:
+        rel.run("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
+        lab.kubectl("delete", "namespace", rel.namespace, "--wait=false", "--ignore-not-found", check=False)
+
+
+def token_kubeconfig(lab: Lab, path: Path, token: str) -> Path:
+    """A kubeconfig with the lab's server and CA and only this bearer token (no client cert)."""
+    admin = yaml.safe_load(lab.kubeconfig.read_text())
+    cluster = dict(admin["clusters"][0]["cluster"])
+    doc = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    path.chmod(0o600)
+    return path
+
+
+def can_i(lab: Lab, kubeconfig: Path, *args: str) -> bool:
+    out = subprocess.run([lab.kubectl_bin, "--kubeconfig", str(kubeconfig), "auth", "can-i", *args],
+                         capture_output=True, text=True, timeout=60, check=False)
+    answer = out.stdout.strip()
+    assert answer in ("yes", "no"), f"kubectl auth can-i {args}: {out.stdout}{out.stderr}"
+    return answer == "yes"
+
+
+def agent_pod(lab: Lab, rel: Release, node: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        pods = lab.pods(rel.namespace, "app.kubernetes.io/component=agent")
+        return next((p for p in pods if p["spec"].get("nodeName") == node), None)
+
+    pod: dict[str, Any] = lab.wait_until(f"the chart's agent Pod on {node}", find)
+    return pod
+
+
+@pytest.fixture(scope="module")
+def tokens(lab: Lab, release: Release, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Kubeconfigs: the operator's token, an agent token bound to its Pod on node-1, and an
+    agent token bound to nothing (no node name)."""
+    tmp = tmp_path_factory.mktemp("tokens")
+    node = lab.nodes[0]
+    pod = agent_pod(lab, release, node)
+    ns = release.namespace
+    op = lab.kubectl("create", "token", release.operator_sa, "-n", ns, "--duration=1h").strip()
+    bound = lab.kubectl("create", "token", release.agent_sa, "-n", ns, "--duration=1h",
+                        "--bound-object-kind=Pod", f"--bound-object-name={pod['metadata']['name']}").strip()
+    unbound = lab.kubectl("create", "token", release.agent_sa, "-n", ns, "--duration=1h").strip()
+    return {
+        "operator": token_kubeconfig(lab, tmp / "operator.kubeconfig", op),
+        "agent": token_kubeconfig(lab, tmp / "agent.kubeconfig", bound),
+        "agent-unbound": token_kubeconfig(lab, tmp / "agent-unbound.kubeconfig", unbound),
+    }
+
+
+# --- install ------------------------------------------------------------------------------------
+
+
+def test_install_serves_the_crds_and_creates_the_workloads(lab: Lab, release: Release) -> None:
+    resources = lab.kubectl("api-resources", "--api-group=svcproxy.io", "-o", "name")
+    assert set(resources.split()) >= {"serviceproxypolicies.svcproxy.io", "proxyvirtualservers.svcproxy.io",
+                                      "proxynodes.svcproxy.io"}, resources
+    for crd in ("serviceproxypolicies.svcproxy.io", "clusterkopfpeerings.kopf.dev"):
+        obj = lab.kubectl_json("get", "crd", crd)
+        assert any(c["type"] == "Established" and c["status"] == "True"
+                   for c in obj["status"]["conditions"]), obj["status"]
+    ds = lab.kubectl_json("get", "daemonset", release.agent_sa, "-n", release.namespace)
+    # Every node gets an agent Pod, whatever its taints.
+    lab.wait_until("an agent Pod per node", lambda: ds_scheduled(lab, release) == len(lab.nodes))
+    assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
+    dep = lab.kubectl_json("get", "deployment", release.operator_sa, "-n", release.namespace)
+    assert dep["spec"]["replicas"] == 2
+    lab.kubectl_json("get", "pdb", release.operator_sa, "-n", release.namespace)
+    notes = release.run("get", "notes", release.name, "-n", release.namespace).stdout
+    assert "kubectl wait --for=condition=Programmed" in notes
+
+
+def ds_scheduled(lab: Lab, release: Release) -> int:
+    ds = lab.kubectl_json("get", "daemonset", release.agent_sa, "-n", release.namespace)
+    return int((ds.get("status") or {}).get("currentNumberScheduled") or 0)
+
+
+def test_rendered_chart_validates_against_the_live_openapi(lab: Lab, release: Release,
+                                                         tmp_path: Path) -> None:
+    """kubeconform (strict) with schemas made from this API server's own /openapi/v3."""
+    bin_dir = KC.toolchain_bin()
+    out = KC.helm_template(bin_dir / "helm", "--include-crds", namespace=release.namespace)
+    assert out.returncode == 0, out.stderr
+    docs = KC.documents(out.stdout)
+    wanted = KC.kinds_of(docs)
+    paths = json.loads(lab.kubectl("get", "--raw", "/openapi/v3"))["paths"]
+    groups = {("api/v1" if "/" not in av else f"apis/{av}") for av, _ in wanted}
+    openapi = [json.loads(lab.kubectl("get", "--raw", paths[g]["serverRelativeURL"]))
+               for g in sorted(groups) if g in paths]
+    KC.write_crd_schemas(KC.crd_documents(), tmp_path)
+    found = KC.write_builtin_schemas(openapi, tmp_path, wanted)
+    assert wanted - found == set(), f"the API server serves no schema for {wanted - found}"
+    res = KC.kubeconform(bin_dir / "kubeconform", tmp_path, out.stdout)
+    assert res.returncode == 0 and f"Valid: {len(docs)}" in res.stdout, res.stdout + res.stderr
+
+
+# --- RBAC is enough: the operator and an agent with the chart's credentials -----------------------
+
+
+def _others(role: str) -> list[str]:
+    """Other svcproxy operator/agent processes on this machine (another engineer's test)."""
+    out = subprocess.run(["pgrep", "-af", f"svcproxy.* {role}( |$)"], capture_output=True, text=True,
+                         check=False).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def workload(lab: Lab, release: Release) -> Iterator[str]:
+    ns = f"chart-app-{uuid.uuid4().hex[:6]}"
+    lab.kubectl("create", "namespace", ns)
+    lab.kubectl("create", "deployment", "web", f"--image={ECHO}", "--replicas=2", "-n", ns)
+    lab.kubectl("expose", "deployment", "web", "--port=80", "-n", ns)
+    try:
+        yield ns
+    finally:
+        lab.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _pvs(lab: Lab, ns: str) -> dict[str, Any] | None:
+    out = lab.kubectl("get", "pvs", "web", "-n", ns, "-o", "json", "--ignore-not-found")
+    return json.loads(out) if out.strip() else None
+
+
+def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens: dict[str, Path],
+                                             workload: str, tmp_path: Path) -> None:
+    ns = workload
+    proc = None
+    log = tmp_path / "operator.log"
+    if lab.local:
+        others = _others("operator")
+        if others:
+            pytest.skip(f"another svcproxy operator runs on this machine ({others[0][:120]}); "
+                        "its writes could not be told from this one's")
+        proc = subprocess.Popen(
+            svcproxy_cli("operator", "--kubeconfig", str(tokens["operator"]), "--namespace", ns,
+                         "--standalone", "--metrics-port", "0", "--liveness-port", "0",
+                         "--handover-delay", "1"),
+            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        lab.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+            "apiVersion": "svcproxy.io/v1alpha1", "kind": "ServiceProxyPolicy",
+            "metadata": {"name": "chart"},
+            "spec": {"services": ["web"], "mode": "iptables"}}))
+        # Reads (policies, Services, EndpointSlices, Pods) and writes (program, status, finalizer).
+        program = lab.wait_until("the ProxyVirtualServer of web with both Pods",
+                                 lambda: (p := _pvs(lab, ns)) and len(
+                                     {rs["address"] for vs in p["spec"]["virtualServers"]
+                                      for rs in vs["realServers"]}) == 2 and p, timeout=120)
+        assert program["metadata"]["ownerReferences"][0]["kind"] == "Service"
+        policy = lab.wait_until("the policy's Accepted condition", lambda: _accepted(lab, ns), timeout=60)
+        assert "svcproxy.io/handover" in policy["metadata"]["finalizers"]
+        # Deletion: the finalizer step hands back and removes the program, then lets the policy go.
+        lab.kubectl("delete", "spp", "chart", "-n", ns, "--wait=false")
+        lab.wait_until("the policy to go (finalizer removed)",
+                       lambda: not lab.kubectl("get", "spp", "-n", ns, "-o", "name").strip(), timeout=120)
+        assert _pvs(lab, ns) is None
+        if proc is not None:
+            assert proc.poll() is None, f"the operator died: {log.read_text()[-3000:]}"
+            text = log.read_text()
+            assert "Forbidden" not in text and '"status": 403' not in text, text[-4000:]
+    finally:
+        if proc is not None:
+            _stop(proc)
+
+
+def _accepted(lab: Lab, ns: str) -> dict[str, Any] | None:
+    obj: dict[str, Any] = lab.kubectl_json("get", "spp", "chart", "-n", ns)
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return obj if any(c["type"] == "Accepted" and c["status"] == "True" for c in conds) else None
+
+
+def test_peering_object_is_writable_by_the_operator(lab: Lab, release: Release,
+                                                   tokens: dict[str, Path]) -> None:
+    """kopf peering: create and patch its own ClusterKopfPeering, and only that one."""
+    kc = tokens["operator"]
+    name = release.name
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    run = [lab.kubectl_bin, "--kubeconfig", str(kc)]
+    out = subprocess.run([*run, "create", "-f", "-"], input=json.dumps(body), capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0 or "AlreadyExists" in out.stderr, out.stderr
+    try:
+        out = subprocess.run([*run, "patch", "clusterkopfpeering", name, "--type=merge",
+                              "-p", '{"status": {"e2e": {"priority": 1}}}'],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        assert can_i(lab, kc, "watch", "clusterkopfpeerings.kopf.dev")
+        assert not can_i(lab, kc, "patch", "clusterkopfpeerings.kopf.dev/someone-else")
+        assert not can_i(lab, kc, "delete", f"clusterkopfpeerings.kopf.dev/{name}")
+    finally:
+        lab.kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def netns(lab: Lab) -> Iterator[str]:
+    if not lab.local:
+        yield ""  # the chart's own agent Pods run there
+        return
+    if os.geteuid() != 0:
+        pytest.skip("the local agent runs in a network namespace: needs root")
+    name = f"svcp-chart-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_agent_works_with_a_pod_bound_token(lab: Lab, release: Release, tokens: dict[str, Path],
+                                            netns: str, tmp_path: Path) -> None:
+    """The agent lists/watches programs and creates and patches its own node's ProxyNode.
+
+    Its first sync (and so its first report's lastSyncTime) waits for the first complete
+    list of ProxyVirtualServers, so a fresh lastSyncTime proves the list and the writes."""
+    node = lab.nodes[0]
+    if not lab.local:
+        lab.wait_until(f"the chart's agent on {node} reporting", timeout=300,
+                       check=lambda: lab.kubectl("get", "proxynode", node, "--ignore-not-found").strip())
+        return
+    others = [o for o in _others("agent") if f"--node-name {node}" in o or f"--node-name={node}" in o]
+    if others:
+        pytest.skip(f"another agent for {node} runs on this machine: {others[0][:120]}")
+    started = time.time()
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "svcproxy.cli", "agent",
+         "--kubeconfig", str(tokens["agent"]), "--node-name", node, "--modes", "iptables",
+         "--metrics-port", "0", "--health-port", "0"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        def reported() -> dict[str, Any] | None:
+            out = lab.kubectl("get", "proxynode", node, "-o", "json", "--ignore-not-found")
+            if not out.strip():
+                return None
+            status = json.loads(out).get("status") or {}
+            stamp = status.get("lastSyncTime")
+            if not stamp:
+                return None
+            when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+            return status if when >= int(started) - 1 and "agent started" in log.read_text() else None
+
+        status = lab.wait_until(f"the ProxyNode {node} written by the local agent", reported, timeout=120)
+        assert status["nodeName"] == node
+        assert proc.poll() is None, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "write failed" not in text and "Forbidden" not in text and "403" not in text, text[-4000:]
+    finally:
+        _stop(proc)
+        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "svcproxy.cli", "agent",
+                        "--cleanup", "--node-name", node, "--modes", "iptables"],
+                       capture_output=True, check=False)
+
+
+# --- RBAC is not more than needed -------------------------------------------------------------------
+
+
+def test_agent_can_do_nothing_else(lab: Lab, release: Release, tokens: dict[str, Path]) -> None:
+    kc = tokens["agent"]
+    assert can_i(lab, kc, "watch", "proxyvirtualservers.svcproxy.io", "--all-namespaces")
+    assert can_i(lab, kc, "patch", "proxynodes.svcproxy.io", "--subresource=status")
+    for args in [("get", "secrets", "-A"), ("list", "secrets", "-n", release.namespace),
+                 ("patch", "services", "-A"), ("get", "services", "-A"), ("list", "pods", "-A"),
+                 ("create", "proxyvirtualservers.svcproxy.io", "-A"), ("delete", "proxynodes.svcproxy.io"),
+                 ("list", "proxynodes.svcproxy.io"), ("patch", "serviceproxypolicies.svcproxy.io", "-A"),
+                 ("get", "nodes"), ("create", "events", "-A"), ("create", "serviceaccounts/token", "-A")]:
+        assert not can_i(lab, kc, *args), f"the agent may {' '.join(args)}"
+
+
+def test_operator_can_do_nothing_else(lab: Lab, release: Release, tokens: dict[str, Path]) -> None:
+    kc = tokens["operator"]
+    assert can_i(lab, kc, "patch", "services", "-A")
+    spp = "serviceproxypolicies.svcproxy.io"
+    for args in [("get", "secrets", "-A"), ("list", "configmaps", "-A"), ("delete", "services", "-A"),
+                 ("update", "services", "-A"), ("create", "pods", "-A"), ("delete", "pods", "-A"),
+                 ("patch", "nodes"), ("list", "nodes"),
+                 ("patch", "proxynodes.svcproxy.io", "--subresource=status"),
+                 ("create", spp, "-A"), ("delete", spp, "-A"),
+                 ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
+                 ("patch", "endpointslices.discovery.k8s.io", "-A")]:
+        assert not can_i(lab, kc, *args), f"the operator may {' '.join(args)}"
+
+
+def _kubectl_as(lab: Lab, kc: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([lab.kubectl_bin, "--kubeconfig", str(kc), *args], input=input,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_agent_cannot_write_another_nodes_proxynode(lab: Lab, release: Release,
+                                                    tokens: dict[str, Path]) -> None:
+    own, other = lab.nodes[0], lab.nodes[1]
+    stranger = f"chart-e2e-{uuid.uuid4().hex[:6]}"
+    body = {"apiVersion": "svcproxy.io/v1alpha1", "kind": "ProxyNode", "metadata": {"name": stranger},
+            "spec": {}}
+    out = _kubectl_as(lab, tokens["agent"], "create", "-f", "-", input=json.dumps(body))
+    assert out.returncode != 0, f"the agent of {own} created ProxyNode {stranger}"
+    assert f"may write only the ProxyNode of its own node: this token belongs to node {own}" in out.stderr, \
+        out.stderr
+    assert not lab.kubectl("get", "proxynode", stranger, "--ignore-not-found").strip()
+    # A patch of another node's existing ProxyNode (made here if no agent made it).
+    made = not lab.kubectl("get", "proxynode", other, "--ignore-not-found").strip()
+    if made:
+        lab.kubectl("create", "-f", "-", input=json.dumps({**body, "metadata": {"name": other}}))
+    try:
+        for sub in ([], ["--subresource=status"]):
+            out = _kubectl_as(lab, tokens["agent"], "patch", "proxynode", other, "--type=merge", *sub,
+                              "-p", '{"status": {"errors": [{"service": "", "message": "forged"}]}}')
+            assert out.returncode != 0 and "ValidatingAdmissionPolicy" in out.stderr, out.stderr
+        # A token of the agent's account that is not bound to a Pod names no node: refused too.
+        out = _kubectl_as(lab, tokens["agent-unbound"], "patch", "proxynode", other, "--type=merge",
+                          "--subresource=status", "-p", '{"status": {"errors": []}}')
+        assert out.returncode != 0 and "not bound to a Pod" in out.stderr, out.stderr
+        status = lab.kubectl_json("get", "proxynode", other).get("status") or {}
+        assert "forged" not in json.dumps(status)
+    finally:
+        if made:
+            lab.kubectl("delete", "proxynode", other, "--ignore-not-found", check=False)
+
+
+# --- upgrade and uninstall ------------------------------------------------------------------------
+
+
+def test_upgrade_then_uninstall_leaves_only_the_crds(lab: Lab, release: Release) -> None:
+    rel = release
+    rel.run("upgrade", rel.name, str(CHART), "--namespace", rel.namespace, "--reuse-values",
+            "--set", "operator.replicas=1", "--set", "agent.logLevel=debug")
+    dep = lab.kubectl_json("get", "deployment", rel.operator_sa, "-n", rel.namespace)
+    assert dep["spec"]["replicas"] == 1
+    ds = lab.kubectl_json("get", "daemonset", rel.agent_sa, "-n", rel.namespace)
+    assert "--log-level=debug" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    # One replica needs no PodDisruptionBudget (it would block every drain).
+    assert not lab.kubectl("get", "pdb", "-n", rel.namespace, "-o", "name").strip()
+    history = rel.run("history", rel.name, "-n", rel.namespace, "-o", "json").stdout
+    assert [h["revision"] for h in json.loads(history)] == [1, 2]
+
+    rel.run("uninstall", rel.name, "--namespace", rel.namespace, "--wait")
+    selector = f"app.kubernetes.io/instance={rel.name}"
+    namespaced = "deployments,daemonsets,pods,services,serviceaccounts,poddisruptionbudgets,secrets"
+    cluster = ("clusterroles,clusterrolebindings,validatingadmissionpolicies,"
+               "validatingadmissionpolicybindings")
+    lab.wait_until("the release's Pods to go",
+                   lambda: not lab.kubectl("get", "pods", "-n", rel.namespace, "-l", selector,
+                                           "-o", "name").strip(), timeout=120)
+    left = lab.kubectl("get", namespaced, "-n", rel.namespace, "-l", selector, "-o", "name").strip()
+    assert not left, f"left behind in {rel.namespace}: {left}"
+    left = lab.kubectl("get", cluster, "-l", selector, "-o", "name").strip()
+    assert not left, f"left behind cluster-wide: {left}"
+    helm_secrets = lab.kubectl("get", "secrets", "-n", rel.namespace, "-l", f"owner=helm,name={rel.name}",
+                               "-o", "name").strip()
+    assert not helm_secrets, helm_secrets
+    # What Helm documents: CRDs stay (deleting them would delete every user's policies).
+    for crd in ("serviceproxypolicies.svcproxy.io", "proxynodes.svcproxy.io", "clusterkopfpeerings.kopf.dev"):
+        lab.kubectl("get", "crd", crd)
