@@ -21,9 +21,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+)
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic import ipvs as nl
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
 
 from svcproxy.dataplane.diff import Operation, OpKind
 from svcproxy.dataplane.ipvs.kernel import Failure
@@ -36,6 +45,7 @@ from svcproxy.dataplane.table import (
     normalize_address,
 )
 
+NETLINK_ROUTE = 0
 NETLINK_GENERIC = 16
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -116,6 +126,54 @@ _COMMANDS = {
 }
 
 
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, whole message) for each netlink message in a datagram."""
+    offset = 0
+    while offset + _HDR.size <= len(data):
+        length, mtype, mflags, seq, _pid = _HDR.unpack_from(data, offset)
+        if length < _HDR.size:
+            break
+        yield mtype, mflags, seq, data[offset : offset + length]
+        offset += (length + 3) & ~3
+
+
+def raw_socket(protocol: int) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    try:  # root may exceed rmem_max: room for a whole window of acks
+        sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.bind((0, 0))
+    return sock
+
+
+def pipeline(sock: socket.socket, messages: Sequence[tuple[int, bytes]]) -> list[int]:
+    """Send requests (seq, bytes) in windows, many per sendmsg; errno per request (0 = ok).
+
+    Requests are processed by the kernel in order; a failed one does not stop
+    the rest (netlink acks each with its own status).
+    """
+    codes = [0] * len(messages)
+    for start in range(0, len(messages), WINDOW):
+        window = messages[start : start + WINDOW]
+        pending = {seq: start + i for i, (seq, _) in enumerate(window)}
+        batch = bytearray()
+        for _seq, data in window:
+            batch += data
+            if len(batch) > 48 * 1024:
+                sock.sendall(bytes(batch))
+                batch.clear()
+        if batch:
+            sock.sendall(bytes(batch))
+        while pending:
+            for mtype, _f, seq, msg in _messages(sock.recv(1 << 20)):
+                if mtype != NLMSG_ERROR or seq not in pending:
+                    continue
+                (code,) = struct.unpack_from("=i", msg, _HDR.size)
+                codes[pending.pop(seq)] = -code
+    return codes
+
+
 class NetlinkIpvs:
     """IPVS over generic netlink, with pipelined writes."""
 
@@ -164,13 +222,7 @@ class NetlinkIpvs:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-            try:  # root may exceed rmem_max: room for a whole window of acks
-                sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            sock.bind((0, 0))
-            self._sock = sock
+            self._sock = raw_socket(NETLINK_GENERIC)
         return self._sock
 
     def _encode(self, cmd: int, flags: int, attrs: list[tuple[str, Any]]) -> tuple[int, bytes]:
@@ -185,16 +237,6 @@ class NetlinkIpvs:
         msg["header"]["sequence_number"] = self._seq
         msg.encode()
         return self._seq, bytes(msg.data)
-
-    def _messages(self, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
-        """(type, flags, seq, whole message) for each message in a datagram."""
-        offset = 0
-        while offset + _HDR.size <= len(data):
-            length, mtype, mflags, seq, _pid = _HDR.unpack_from(data, offset)
-            if length < _HDR.size:
-                break
-            yield mtype, mflags, seq, data[offset : offset + length]
-            offset += (length + 3) & ~3
 
     def _op_message(self, op: Operation) -> tuple[int, bytes]:
         cmd, flags = _COMMANDS[op.kind]
@@ -215,30 +257,11 @@ class NetlinkIpvs:
         return self._encode(cmd, flags | NLM_F_ACK, attrs)
 
     def execute(self, ops: Sequence[Operation]) -> list[Failure]:
-        sock = self._socket()
-        failures: list[Failure] = []
-        for start in range(0, len(ops), WINDOW):
-            window = ops[start : start + WINDOW]
-            pending: dict[int, Operation] = {}
-            batch = bytearray()
-            for op in window:
-                seq, data = self._op_message(op)
-                pending[seq] = op
-                batch += data
-                if len(batch) > 48 * 1024:
-                    sock.sendall(bytes(batch))
-                    batch.clear()
-            if batch:
-                sock.sendall(bytes(batch))
-            while pending:
-                for mtype, _f, seq, msg in self._messages(sock.recv(1 << 20)):
-                    if mtype != NLMSG_ERROR or seq not in pending:
-                        continue
-                    (code,) = struct.unpack_from("=i", msg, _HDR.size)
-                    op = pending.pop(seq)
-                    if code:
-                        failures.append(Failure(op, -code, os.strerror(-code)))
-        return failures
+        messages = [self._op_message(op) for op in ops]
+        codes = pipeline(self._socket(), messages)
+        return [
+            Failure(ops[i], code, os.strerror(code)) for i, code in enumerate(codes) if code
+        ]
 
     def _dump(self, cmd: int, attrs: list[tuple[str, Any]]) -> list[nl.ipvsmsg]:
         sock = self._socket()
@@ -246,7 +269,7 @@ class NetlinkIpvs:
         sock.sendall(data)
         out: list[nl.ipvsmsg] = []
         while True:
-            for mtype, _f, mseq, msg in self._messages(sock.recv(1 << 20)):
+            for mtype, _f, mseq, msg in _messages(sock.recv(1 << 20)):
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_DONE:
@@ -305,6 +328,8 @@ class NetlinkAddresses:
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
+        self._sock: socket.socket | None = None
+        self._seq = 0
 
     def _index(self, name: str) -> int | None:
         found = self._ipr.link_lookup(ifname=name)
@@ -340,17 +365,31 @@ class NetlinkAddresses:
         index = self._index(name)
         if index is None:
             return list(addresses)
-        failed = []
+        if self._sock is None:
+            self._sock = raw_socket(NETLINK_ROUTE)
+        messages = []
         for addr in addresses:
-            try:
-                self._ipr.addr(cmd, index=index, address=addr, prefixlen=128 if ":" in addr else 32)
-            except Exception as err:
-                code = getattr(err, "code", 0)
-                if not (cmd == "add" and code == errno.EEXIST) and not (
-                    cmd == "del" and code == errno.EADDRNOTAVAIL
-                ):
-                    failed.append(addr)
-        return failed
+            self._seq += 1
+            msg = ifaddrmsg()
+            family = _family(addr)
+            msg["family"] = family
+            msg["prefixlen"] = 128 if family == socket.AF_INET6 else 32
+            msg["index"] = index
+            msg["attrs"] = [("IFA_LOCAL", addr), ("IFA_ADDRESS", addr)]
+            if family == socket.AF_INET6:
+                msg["attrs"] = [("IFA_ADDRESS", addr)]
+                msg["flags"] = IFA_F_NODAD  # a VIP needs no duplicate detection
+            msg["header"]["type"] = RTM_NEWADDR if cmd == "add" else RTM_DELADDR
+            flags = NLM_F_REQUEST | NLM_F_ACK
+            if cmd == "add":
+                flags |= NLM_F_CREATE | NLM_F_REPLACE
+            msg["header"]["flags"] = flags
+            msg["header"]["sequence_number"] = self._seq
+            msg.encode()
+            messages.append((self._seq, bytes(msg.data)))
+        codes = pipeline(self._sock, messages)
+        ok = {0, errno.EEXIST} if cmd == "add" else {0, errno.EADDRNOTAVAIL}
+        return [a for a, code in zip(addresses, codes, strict=True) if code not in ok]
 
     def add_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
         return self._change("add", name, addresses)

@@ -57,6 +57,7 @@ class IpvsProxier:
         self._mirror: dict[VSKey, VirtualServer] = {}
         self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
         self._vip_users: Counter[str] = Counter()
+        self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
         self._synced = False
         self._lock = asyncio.Lock()
         reason = kernel.available()
@@ -110,6 +111,7 @@ class IpvsProxier:
         if only is None:
             self._addresses.ensure_interface(self._interface)
             vips = self._addresses.addresses(self._interface)
+            self._vips = set(vips)
             observed = self._kernel.dump()
             owned = {k for k in observed if k.address in vips}
             for key in [k for k in want if k in observed and k not in owned]:
@@ -136,7 +138,7 @@ class IpvsProxier:
             self._by_owner.clear()
             self._vip_users.clear()
         self._replace(have, applied)
-        errors.extend(self._sync_vips(applied, set(have) - set(applied)))
+        errors.extend(self._sync_vips(applied, set(have) - set(applied), full=only is None))
         self._synced = True
         failed = frozenset(e.owner for e in errors if e.owner)
         return SyncResult(
@@ -164,6 +166,7 @@ class IpvsProxier:
         self._mirror.clear()
         self._by_owner.clear()
         self._vip_users.clear()
+        self._vips.clear()
         self._synced = False
         return SyncResult(
             MODE, True, count_kinds(ops), tuple(errors), frozenset(), time.monotonic() - start
@@ -196,6 +199,7 @@ class IpvsProxier:
         """First sync was partial: learn what we own in the kernel (no sweep)."""
         self._addresses.ensure_interface(self._interface)
         vips = self._addresses.addresses(self._interface)
+        self._vips = set(vips)
         observed = self._kernel.dump()
         self._replace({}, {k: v for k, v in observed.items() if k.address in vips})
 
@@ -212,17 +216,19 @@ class IpvsProxier:
         for owner in [o for o in self._by_owner if not self._by_owner[o]]:
             del self._by_owner[owner]
 
-    def _sync_vips(self, present: Table, gone: set[VSKey]) -> list[DataplaneError]:
+    def _sync_vips(self, present: Table, gone: set[VSKey], full: bool) -> list[DataplaneError]:
         """Add VIPs of present virtual servers, drop VIPs no virtual server uses."""
-        if not present and not gone:
-            return []
-        have = self._addresses.addresses(self._interface)
+        have = self._vips
         add = sorted({k.address for k in present} - have)
         drop = sorted({k.address for k in gone if self._vip_users[k.address] <= 0} & have)
+        if full:  # also addresses left on the interface without any virtual server
+            drop = sorted(a for a in have if self._vip_users[a] <= 0)
         for vip in drop:
-            del self._vip_users[vip]
+            self._vip_users.pop(vip, None)
+        self._vips = (have | set(add)) - set(drop)
         errors: list[DataplaneError] = []
         for vip in self._addresses.add_addresses(self._interface, add):
+            self._vips.discard(vip)
             errors.append(KernelError(f"could not add VIP {vip} to {self._interface}"))
         for vip in self._addresses.delete_addresses(self._interface, drop):
             errors.append(KernelError(f"could not remove VIP {vip} from {self._interface}"))
