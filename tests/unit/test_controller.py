@@ -13,6 +13,7 @@ from svcproxy.api import HANDOVER_LABEL, ProxyVirtualServerSpec
 from svcproxy.compile.namespace import NamespaceView
 from svcproxy.controller import handlers, plan, statuscmd
 from svcproxy.controller.cache import Cache
+from svcproxy.controller.lister import apply_lists
 from svcproxy.controller.reconciler import Reconciler
 
 JSON = dict[str, Any]
@@ -78,6 +79,7 @@ def _setup() -> tuple[Cache, FakeWriter, Reconciler, Clock]:
     writer = FakeWriter(cache)
     clock = Clock()
     rec = Reconciler(cache, writer, handover_delay=3.0, clock=clock)
+    rec.ready.set()
     for obj in (service("web"), endpoint_slice([endpoint("10.244.1.2")])):
         cache.put("slice" if obj["kind"] == "EndpointSlice" else "service", obj)
     return cache, writer, rec, clock
@@ -230,3 +232,56 @@ def test_status_tables() -> None:
     text = statuscmd.render([pol], [], [node])
     assert "2/3" in text and "Pending" in text
     assert any(line.split()[:4] == ["node-1", "True", "ipvs", "1"] for line in text.splitlines())
+
+
+async def test_nothing_is_planned_before_the_first_full_list() -> None:
+    cache = Cache()
+    writer = FakeWriter(cache)
+    rec = Reconciler(cache, writer)
+    # Programs arrive before their Services: acting now would delete them.
+    cache.put("program", {"metadata": {"name": "web", "namespace": "ns"}, "spec": {"policy": {"name": "p"}}})
+    assert await rec.reconcile("ns") is None
+    lists = {
+        "policy": {"metadata": {"resourceVersion": "50"}, "items": [policy_obj("p")]},
+        "service": {"metadata": {"resourceVersion": "50"}, "items": [service("web")]},
+        "slice": {"metadata": {"resourceVersion": "50"}, "items": []},
+        "program": {"metadata": {"resourceVersion": "50"}, "items": []},
+        "node": {"metadata": {"resourceVersion": "50"}, "items": []},
+        "pod": {"metadata": {"resourceVersion": "50"}, "items": []},
+    }
+
+    async def fake_lists() -> dict[str, JSON]:
+        return lists
+
+    task = asyncio.get_running_loop().create_task(rec.resync_forever(fake_lists, 3600))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if "web" in writer.programs:
+                break
+        assert rec.ready.is_set()
+        assert "web" in writer.programs  # the unlisted program was dropped, then written afresh
+    finally:
+        task.cancel()
+
+
+def test_resync_drops_only_objects_not_newer_than_the_list() -> None:
+    cache = Cache()
+    cache.put("service", {"metadata": {"name": "gone", "namespace": "ns", "resourceVersion": "10"}})
+    cache.put("service", {"metadata": {"name": "fresh", "namespace": "ns", "resourceVersion": "90"}})
+    cache.set_pod_labels("ns", "old-pod", {"a": "b"})
+    apply_lists(
+        cache,
+        {
+            "service": {
+                "metadata": {"resourceVersion": "50"},
+                "items": [{"metadata": {"name": "kept", "namespace": "ns", "resourceVersion": "40"}}],
+            },
+            "pod": {
+                "metadata": {"resourceVersion": "50"},
+                "items": [{"metadata": {"name": "p", "namespace": "ns", "labels": {"x": "y"}}}],
+            },
+        },
+    )
+    assert sorted(cache.objects["service"]["ns"]) == ["fresh", "kept"]
+    assert cache.pod_labels["ns"] == {"p": {"x": "y"}}

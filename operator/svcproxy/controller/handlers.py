@@ -10,6 +10,7 @@ which is what registers these handlers with kopf.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ import kopf
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import ApiWriter, connect
+from svcproxy.controller.lister import Lister
 from svcproxy.controller.reconciler import Reconciler
 
 JSON = dict[str, Any]
@@ -47,9 +49,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     api = await connect(memo.options.kubeconfig)
     memo.api = api
     memo.reconciler.writer = ApiWriter(api)
+    lister = Lister(api, memo.options.namespace)
+    memo.resync = asyncio.get_running_loop().create_task(
+        memo.reconciler.resync_forever(lister.lists, memo.options.resync_seconds), name="svcproxy-resync"
+    )
 
 
 async def cleanup(memo: kopf.Memo) -> None:
+    resync = getattr(memo, "resync", None)
+    if resync is not None:
+        resync.cancel()
     api = getattr(memo, "api", None)
     if api is not None:
         await api.close()

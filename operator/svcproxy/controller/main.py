@@ -51,6 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=60,
         help="seconds the API server keeps a watch (default 60)",
     )
+    parser.add_argument(
+        "--resync-seconds", type=float, default=300, help="full re-list of every kind (default 300 s)"
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logs")
 
 

@@ -18,13 +18,14 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from svcproxy.compile.namespace import Plan, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer
+from svcproxy.controller.lister import apply_lists
 
 JSON = dict[str, Any]
 log = logging.getLogger("svcproxy.operator")
@@ -62,6 +63,9 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._task: asyncio.Task[None] | None = None
+        # Nothing is planned before every kind was listed once: a partial picture
+        # (programs without their Services) would withdraw Services that are fine.
+        self.ready = asyncio.Event()
 
     def touch(self, namespace: str) -> None:
         """Ask for a reconcile of ``namespace`` soon (bursts coalesce)."""
@@ -81,7 +85,24 @@ class Reconciler:
         loop = asyncio.get_running_loop()
         self._timers[namespace] = loop.call_later(max(delay, 0.05), self.touch, namespace)
 
+    async def resync_forever(self, lists: Callable[[], Awaitable[dict[str, JSON]]], interval: float) -> None:
+        """List every kind now and every ``interval`` seconds; the first list opens the gate."""
+        while True:
+            try:
+                apply_lists(self.cache, await lists())
+            except Exception as err:
+                metrics.ERRORS.labels("list").inc()
+                log.warning("listing the cluster failed (retry in 5 s): %s", err)
+                await asyncio.sleep(5)
+                continue
+            if not self.ready.is_set():
+                log.info("cache primed from full lists; reconciling")
+                self.ready.set()
+            self.touch_all()
+            await asyncio.sleep(interval)
+
     async def _worker(self) -> None:
+        await self.ready.wait()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -93,6 +114,8 @@ class Reconciler:
 
     async def reconcile(self, namespace: str) -> Plan | None:
         """Plan and apply ``namespace`` now; None when the pass failed (it is retried)."""
+        if not self.ready.is_set():
+            return None  # the worker picks touched namespaces up once primed
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         async with lock:
             try:
