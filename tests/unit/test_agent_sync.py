@@ -12,7 +12,12 @@ from svcproxy.agent.agent import Agent
 from svcproxy.agent.convert import Program, to_program
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.api.program import ProxyVirtualServer
-from svcproxy.dataplane.proxier import Capabilities, KernelError, SchedulerUnavailableError
+from svcproxy.dataplane.proxier import (
+    Capabilities,
+    KernelError,
+    SchedulerUnavailableError,
+    UnsupportedError,
+)
 from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
 
 
@@ -270,3 +275,18 @@ async def test_without_iptables_an_ipvs_service_is_reported_and_not_retried_ever
     assert agent.applied == {} and "iptables is off" in agent.errors["default/a"].message
     assert agent.tracker.pending == frozenset()
     assert agent.snapshot(watch_live=True).ready is False
+
+
+async def test_a_bad_program_is_reported_but_the_node_stays_ready() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = make_agent(kernel, clock)
+    px["userspace"].fail["default/s"] = UnsupportedError("SCTP is not proxied in userspace",
+                                                         owner="default/s")
+    agent.replace_all([pvs("a"), pvs("s", mode="userspace", vip="10.96.0.11")])
+    await settle(agent, clock)
+    assert agent.applied == {"default/a": "h1"} and "SCTP" in agent.errors["default/s"].message
+    assert agent.snapshot(watch_live=True).ready
+    px["iptables"].fail["default/a"] = KernelError("iptables-restore: exit 4", owner="default/a")
+    agent.upsert(pvs("a", h="h2", reals=[]))
+    await settle(agent, clock, steps=1)
+    assert not agent.snapshot(watch_live=True).ready

@@ -56,6 +56,11 @@ class SyncOutcome:
         return not self.failed and all(r.ok for r in self.results)
 
 
+def _node_trouble(mode: str, action: Action) -> bool:
+    """Kernel failures and a fallback mode that cannot run are the node's problem."""
+    return action is Action.RETRY or (action is Action.FALLBACK and mode == FALLBACK_MODE)
+
+
 class Agent:
     def __init__(
         self,
@@ -253,7 +258,11 @@ class Agent:
         self._update_gauges()
         self.last_sync_time = self.wall()
         self.last_sync_duration = outcome.duration
-        self.last_sync_ok = all(r.ok for r in outcome.results) and not self.node_errors
+        # Errors that one ProxyVirtualServer's spec or a conflict causes are reported per
+        # owner; they do not make the node unhealthy (restarting would not fix them).
+        self.last_sync_ok = not self.node_errors and not any(
+            _node_trouble(r.mode, e.action) for r in outcome.results for e in r.errors
+        )
         self.synced_once = self.synced_once or batch.full
         log.info(
             "sync done",

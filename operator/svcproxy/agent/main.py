@@ -176,11 +176,15 @@ class AgentProcess:
             ok, why = self.healthy()
             return web.Response(status=200 if ok else 503, text=why + "\n")
 
+        async def livez(_: web.Request) -> web.Response:
+            # Liveness: the event loop answers. Sync health is /healthz (readiness).
+            return web.Response(status=200, text="ok\n")
+
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.agent.metrics.render(),
                                 headers={"Content-Type": "text/plain; version=0.0.4"})
 
-        routes = {self.args.health_port: [("/healthz", healthz), ("/readyz", healthz)],
+        routes = {self.args.health_port: [("/healthz", healthz), ("/readyz", healthz), ("/livez", livez)],
                   self.args.metrics_port: [("/metrics", metrics)]}
         if self.args.health_port == self.args.metrics_port:
             routes = {self.args.health_port: routes[self.args.health_port] + routes[self.args.metrics_port]}
