@@ -269,3 +269,40 @@ def test_cleanup_removes_only_owned_rules(lab: Lab, agents: dict[str, LabNode], 
         node.run(["iptables", "-t", "nat", "-X", FOREIGN_CHAIN])
         node.start_process("agent", _agent_argv(lab, node))
         wait_until("node-2's agent back", lambda: _ready(lab, "node-2"), timeout=60)
+
+
+def test_mode_change_of_a_live_service_under_traffic_loses_nothing(
+    lab: Lab, agents: dict[str, LabNode], namespace: str
+) -> None:
+    pods = _echo_pods(lab, namespace, "moving", 2)
+    vip = _pvs(lab, namespace, "moving", "iptables", pods, content_hash="move-1")
+    _wait_applied(lab, list(agents), f"{namespace}/moving", "move-1")
+    wait_until("traffic on the VIP", lambda: _answers(lab, vip, 2) or None)
+    failures: list[str] = []
+    sent = [0]
+    stop = threading.Event()
+
+    def steady() -> None:
+        while not stop.is_set():
+            try:
+                lab.request("node-1", vip, 80, timeout=2)
+            except traffic.TrafficError as err:
+                failures.append(str(err))
+            sent[0] += 1
+
+    worker = threading.Thread(target=steady, daemon=True)
+    worker.start()
+    try:
+        for mode, h in (("userspace", "move-2"), ("iptables", "move-3"), ("userspace", "move-4")):
+            mark = sent[0]
+            _pvs(lab, namespace, "moving", mode, pods, content_hash=h)
+            _wait_applied(lab, ["node-1"], f"{namespace}/moving", h)
+            wait_until(f"traffic after the switch to {mode}", lambda m=mark: sent[0] >= m + 3)
+            rules = _owned_rules(agents["node-1"])
+            # Exactly one mode holds the VIP once the change is applied.
+            in_portals = any(vip in r and "REDIRECT" in r for r in rules)
+            assert in_portals == (mode == "userspace"), rules
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert failures == [], f"{len(failures)} of {sent[0]} requests failed: {failures[:3]}"
