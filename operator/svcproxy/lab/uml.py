@@ -490,7 +490,9 @@ class UmlNode:
             # Asymmetric paths (client -> service here -> pod elsewhere) are normal.
             sysctls={"net.ipv4.conf.all.rp_filter": "0",
                      "net.ipv4.conf.default.rp_filter": "0"},
-            mounts=[ctx.log_dir, ctx.node_state_dir(self.name)],
+            # The whole lab folder: the kubelet reads pki/, writes logs/ and
+            # nodes/<name>/, and it may lie under /tmp, which is tmpfs inside.
+            mounts=[ctx.state_dir],
         )
 
     def create(self, ctx: LabContext) -> None:

@@ -33,15 +33,16 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "cannot mount /tmp"
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp || fail "cannot mount /var/tmp"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 
+for d in $SVCP_MOUNTS; do
+  # Extra writable host folders (a lab's state folder, results), same path
+  # inside; mkdir: the path may lie under one of the fresh tmpfs mounts above.
+  mkdir -p "$d" && mount -t hostfs -o "$d" none "$d" || fail "cannot mount $d (hostfs)"
+done
 # Writable view of the guest's state folder, at the same path as on the host
-# (mkdir: the path may lie under one of the fresh tmpfs mounts above).
+# (last, so that it is on top when it lies inside one of the folders above).
 mkdir -p "$SVCP_DIR" && mount -t hostfs -o "$SVCP_DIR" none "$SVCP_DIR" ||
   fail "cannot mount $SVCP_DIR (hostfs)"
 mount -t hostfs -o "$SVCP_MODULES" none /lib/modules || fail "cannot mount $SVCP_MODULES on /lib/modules"
-for d in $SVCP_MOUNTS; do
-  # Extra writable host folders (results, benchmarks), same path inside.
-  mkdir -p "$d" && mount -t hostfs -o "$d" none "$d" || fail "cannot mount $d (hostfs)"
-done
 
 hostname "$SVCP_HOSTNAME"
 ip link set lo up
