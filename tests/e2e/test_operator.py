@@ -63,6 +63,12 @@ class Operator:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def reconciles(self) -> float:
+        for line in self.http(self.metrics_port, "/metrics").splitlines():
+            if line.startswith('svcproxy_operator_reconciles_total{result="ok"}'):
+                return float(line.split()[-1])
+        return 0.0
+
     def http(self, port: int, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
             body: bytes = resp.read()
@@ -215,6 +221,22 @@ def test_program_follows_pods_scale_and_scheduler(lab: Lab, namespace: str, oper
     metrics = operator.http(operator.metrics_port, "/metrics")
     assert 'svcproxy_operator_program_writes_total{op="create"}' in metrics
 
+    # Nothing is rewritten when nothing changed: poke the namespace, wait for the operator
+    # to have reconciled it again, and find the program and the policy untouched.
+    lab.wait_until("status to settle", lambda: condition(lab, namespace, "web", "Accepted"))
+    before = {
+        k: lab.kubectl_json("get", k, "web", "-n", namespace)["metadata"]["resourceVersion"]
+        for k in ("pvs", "spp")
+    }
+    seen = operator.reconciles()
+    lab.kubectl("annotate", "service", "web", "-n", namespace, "e2e/poke=1")
+    lab.wait_until("another reconcile", lambda: operator.reconciles() > seen)
+    after = {
+        k: lab.kubectl_json("get", k, "web", "-n", namespace)["metadata"]["resourceVersion"]
+        for k in ("pvs", "spp")
+    }
+    assert after == before
+
 
 def test_node_reports_drive_programmed_and_handover_then_delete_hands_back(
     lab: Lab, namespace: str, operator: Operator, proxy_nodes: list[str]
@@ -308,7 +330,11 @@ def test_conflicting_policies_report_status_and_event(lab: Lab, namespace: str, 
             and condition(lab, namespace, "second", "Conflicted")
         ),
     )
-    assert cond["message"] == "Service web: policy first wins (same priority, older policy)"
+    # creationTimestamp has 1 s resolution: within one second the name decides (first < second).
+    assert cond["message"] in (
+        "Service web: policy first wins (same priority, older policy)",
+        "Service web: policy first wins (same priority and age, name sorts first)",
+    )
     assert (condition(lab, namespace, "first", "Conflicted") or {}).get("status") == "False"
     assert (pvs(lab, namespace) or {})["spec"]["scheduler"] == "rr"
 
@@ -381,3 +407,107 @@ def test_garbage_gets_status_messages_not_a_crash(lab: Lab, namespace: str, oper
         "the edit to be undone", lambda: (pvs(lab, namespace) or {}).get("spec", {}).get("scheduler") == "rr"
     )
     assert operator.alive()
+
+
+def _pod(name: str, labels: dict[str, str], drain: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": drain,
+            "containers": [
+                {
+                    "name": "echo",
+                    "image": ECHO,
+                    "ports": [{"containerPort": 80}],
+                    "env": [{"name": "SVCPROXY_ECHO_DRAIN_SECONDS", "value": str(drain)}],
+                }
+            ],
+        },
+    }
+
+
+def weights_by_ip(obj: dict[str, Any] | None) -> dict[str, tuple[int, bool]]:
+    if not obj:
+        return {}
+    return {
+        rs["address"]: (rs["weight"], rs.get("terminating", False))
+        for vs in obj["spec"]["virtualServers"]
+        for rs in vs["realServers"]
+    }
+
+
+def test_weights_by_pod_labels_and_terminating_pods_drain(
+    lab: Lab, namespace: str, operator: Operator
+) -> None:
+    deploy_web(lab, namespace, 1)
+    lab.apply(_pod("canary", {"app": "web", "track": "canary"}, 60), namespace)
+    lab.wait_until("2 ready Pods", lambda: pod_ips(lab, namespace, 2))
+    canary_ip = lab.kubectl_json("get", "pod", "canary", "-n", namespace)["status"]["podIP"]
+    weights = [{"podSelector": {"matchLabels": {"track": "canary"}}, "weight": 5}]
+    lab.apply(
+        policy("web", {"services": ["web"], "ipvs": {"scheduler": "wrr"}, "weights": weights}), namespace
+    )
+    got = lab.wait_until(
+        "canary weighing 5, the rest 1",
+        lambda: (
+            (w := weights_by_ip(pvs(lab, namespace))) and len(w) == 2 and w[canary_ip] == (5, False) and w
+        ),
+    )
+    assert sorted(got.values()) == [(1, False), (5, False)]
+
+    lab.kubectl("delete", "pod", "canary", "-n", namespace, "--wait=false")
+    lab.wait_until(
+        "the terminating canary drained (weight 0)",
+        lambda: weights_by_ip(pvs(lab, namespace)).get(canary_ip) == (0, True),
+    )
+    lab.kubectl("delete", "pod", "canary", "-n", namespace, "--grace-period=0", "--force", check=False)
+    lab.wait_until(
+        "the canary gone from the program",
+        lambda: (w := weights_by_ip(pvs(lab, namespace))) and canary_ip not in w,
+    )
+
+
+def test_plan_prints_the_program_without_writing(
+    lab: Lab, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    deploy_web(lab, namespace, 2)
+    ips = lab.wait_until("2 ready web Pods", lambda: pod_ips(lab, namespace, 2))
+    lab.wait_until("the EndpointSlice", lambda: lab.endpoint_addresses(namespace, "web") == ips)
+    doc = policy(
+        "what-if",
+        {
+            "services": ["web"],
+            "ipvs": {"scheduler": "mh", "schedulerFlags": ["sh-port"]},
+            "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 60},
+        },
+    )
+    doc["metadata"]["namespace"] = namespace
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps(doc))
+    proc = subprocess.run(
+        svcproxy_cli("plan", "-f", str(path), "--kubeconfig", str(lab.kubeconfig)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    svc_ip = lab.kubectl_json("get", "service", "web", "-n", namespace)["spec"]["clusterIP"]
+    assert f"TCP  {svc_ip}:80 mh (sh-port) persistent 60" in proc.stdout
+    for ip in ips:
+        assert any(line.split()[:3] == ["->", f"{ip}:80", "Masq"] for line in proc.stdout.splitlines()), ip
+    assert not lab.kubectl("get", "spp,pvs", "-n", namespace, "-o", "name"), "plan wrote something"
+
+    doc["spec"]["ipvs"]["scheduler"] = "rr"  # sh-port without sh/mh: refused before reading the cluster
+    path.write_text(json.dumps(doc))
+    bad = subprocess.run(
+        svcproxy_cli("plan", "-f", str(path), "--kubeconfig", str(lab.kubeconfig)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert "schedulerFlags are valid only with scheduler sh or mh" in bad.stderr

@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="k8s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not args.verbose:
+        # kopf logs every handled watch event at INFO ("Handler 'on_pod' succeeded"): with a
+        # cluster-wide Pod watch that drowns the operator's own lines.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     standalone = args.standalone
     if not standalone:
         try:
