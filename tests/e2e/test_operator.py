@@ -294,6 +294,28 @@ def test_node_reports_drive_programmed_and_handover_then_delete_hands_back(
     )
     assert proxy_nodes[-1] in degraded["message"] and "iptables" in degraded["message"]
     assert f"{len(proxy_nodes)}/{len(proxy_nodes)}" in lab.kubectl("get", "spp", "web", "-n", namespace)
+    shown = subprocess.run(
+        svcproxy_cli("status", "--kubeconfig", str(lab.kubeconfig), "-n", namespace),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    assert [
+        namespace,
+        "web",
+        "ipvs",
+        "sh",
+        "True",
+        "True",
+        "False",
+        "True",
+        f"{len(proxy_nodes)}/{len(proxy_nodes)}",
+    ] in rows
+    assert any(r[:4] == [namespace, "web", "web", "Programmed"] for r in rows)
+    assert any(r[:1] == [proxy_nodes[-1]] for r in rows)
 
     # Delete: the label goes first, the program only after the handover delay, then the policy.
     lab.kubectl("delete", "spp", "web", "-n", namespace, "--wait=false")

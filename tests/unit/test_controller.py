@@ -285,3 +285,24 @@ def test_resync_drops_only_objects_not_newer_than_the_list() -> None:
     )
     assert sorted(cache.objects["service"]["ns"]) == ["fresh", "kept"]
     assert cache.pod_labels["ns"] == {"p": {"x": "y"}}
+
+
+def test_operator_command_line_defaults() -> None:
+    import argparse
+
+    from svcproxy.controller import main
+
+    parser = argparse.ArgumentParser()
+    main.configure(parser)
+    args = parser.parse_args(["--kubeconfig", "/k"])
+    assert (args.peering, args.standalone, args.metrics_port, args.liveness_port, args.handover_delay) == (
+        "svcproxy",
+        False,
+        9100,
+        8080,
+        3.0,
+    )
+    assert args.namespace is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--namespace", "a", "--all-namespaces"])
+    assert main.run(parser.parse_args(["--kubeconfig", "/does/not/exist"])) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any
 
 import kopf
@@ -108,7 +109,10 @@ def _ensure_peering_object(name: str, namespace: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         if not os.path.isfile(args.kubeconfig):
-            print(f"svcproxy operator: kubeconfig {args.kubeconfig} does not exist: give an existing file")
+            print(
+                f"svcproxy operator: kubeconfig {args.kubeconfig} does not exist: give an existing file",
+                file=sys.stderr,
+            )
             return 2
         # kopf's own login reads $KUBECONFIG; the writer and the peering check read it too.
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
