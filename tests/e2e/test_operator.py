@@ -85,6 +85,18 @@ def operator(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ope
         )
         yield op
         assert op.alive(), f"the operator died: {op.log.read_text()[-3000:]}"
+        # Let the operator release its finalizers in the namespaces the tests deleted,
+        # or they would stay Terminating in a shared lab.
+        lab.wait_until(
+            "policies being deleted to go",
+            lambda: (
+                not [
+                    p
+                    for p in lab.kubectl_json("get", "spp", "-A")["items"]
+                    if p["metadata"].get("deletionTimestamp")
+                ]
+            ),
+        )
     finally:
         op.proc.terminate()
         try:

@@ -64,7 +64,9 @@ def _peering_available(namespace: str | None) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     if os.environ.get("KUBECONFIG"):
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        # Explicit path: the client reads $KUBECONFIG once, at import time, which may be
+        # before main() set it from --kubeconfig.
+        config.load_kube_config(config_file=os.environ["KUBECONFIG"])  # type: ignore[no-untyped-call]
     else:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     plural = "kopfpeerings" if namespace else "clusterkopfpeerings"
