@@ -174,6 +174,59 @@ def pipeline(sock: socket.socket, messages: Sequence[tuple[int, bytes]]) -> list
     return codes
 
 
+# Attribute numbers of include/uapi/linux/ip_vs.h.
+_SVC = {"AF": 1, "PROTOCOL": 2, "ADDR": 3, "PORT": 4, "SCHED_NAME": 6, "FLAGS": 7,
+        "TIMEOUT": 8, "NETMASK": 9}
+_DEST = {"ADDR": 1, "PORT": 2, "FWD_METHOD": 3, "WEIGHT": 4, "U_THRESH": 5, "L_THRESH": 6,
+         "ADDR_FAMILY": 11}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _pack_value(name: str, value: Any) -> bytes:
+    if name in ("AF", "PROTOCOL", "ADDR_FAMILY"):
+        return struct.pack("=H", value)
+    if name == "PORT":
+        return struct.pack(">H", value)
+    if name == "ADDR":
+        return socket.inet_pton(_family(value), value)
+    if name == "SCHED_NAME":
+        return str(value).encode() + b"\0"
+    if name == "FLAGS":
+        return struct.pack("=II", value["flags"], value["mask"])
+    if name == "NETMASK":
+        return socket.inet_aton(value)
+    return struct.pack("=I", value)
+
+
+def _nest(kind: int, attrs: list[tuple[str, Any]], numbers: dict[str, int], prefix: str) -> bytes:
+    body = b"".join(
+        _attr(numbers[n.removeprefix(prefix)], _pack_value(n.removeprefix(prefix), v))
+        for n, v in attrs
+    )
+    return _attr(kind, body)
+
+
+def pack_op(op: Operation, family_id: int, seq: int) -> bytes:
+    """The generic netlink request for one operation (header, genl header, attributes)."""
+    cmd, flags = _COMMANDS[op.kind]
+    vs = op.virtual_server
+    if op.kind in (OpKind.ADD_VS, OpKind.UPDATE_VS):
+        body = _nest(1, _service_full(vs), _SVC, "IPVS_SVC_ATTR_")
+    else:
+        body = _nest(1, _service_key(vs.key), _SVC, "IPVS_SVC_ATTR_")
+    if op.real_server is not None:
+        full = op.kind is not OpKind.DELETE_RS
+        body += _nest(2, _dest(op.real_server, full), _DEST, "IPVS_DEST_ATTR_")
+    genl = struct.pack("=BBH", cmd, nl.GENL_VERSION, 0)
+    length = _HDR.size + len(genl) + len(body)
+    header = _HDR.pack(length, family_id, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0)
+    return header + genl + body
+
+
 class NetlinkIpvs:
     """IPVS over generic netlink, with pipelined writes."""
 
@@ -239,6 +292,13 @@ class NetlinkIpvs:
         return self._seq, bytes(msg.data)
 
     def _op_message(self, op: Operation) -> tuple[int, bytes]:
+        """One request, packed by hand (pyroute2's encoder costs ~0.3 ms a message in UML)."""
+        assert self._family_id is not None
+        self._seq += 1
+        return self._seq, pack_op(op, self._family_id, self._seq)
+
+    def _op_message_pyroute2(self, op: Operation) -> tuple[int, bytes]:
+        """The same request encoded by pyroute2: the reference pack_op is tested against."""
         cmd, flags = _COMMANDS[op.kind]
         vs = op.virtual_server
         if op.kind in (OpKind.ADD_VS, OpKind.UPDATE_VS):

@@ -1,0 +1,31 @@
+"""The hand-packed IPVS netlink requests are byte-for-byte what pyroute2 encodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from svcproxy.dataplane.diff import Operation, OpKind
+from svcproxy.dataplane.ipvs import netlink
+from svcproxy.dataplane.table import RealServer, VirtualServer
+
+VS = [
+    VirtualServer("TCP", "10.96.0.10", 80, "sh", frozenset({"sh-port"}), 10800),
+    VirtualServer("UDP", "fd00::10", 53, "rr"),
+    VirtualServer("SCTP", "10.96.0.11", 36412, "wrr"),
+]
+RS = [RealServer("10.244.1.2", 8080, 3), RealServer("fd01::2", 53, 0)]
+
+
+@pytest.mark.parametrize("kind", list(OpKind))
+@pytest.mark.parametrize("index", range(len(VS)))
+def test_pack_op_matches_pyroute2(kind: OpKind, index: int) -> None:
+    vs = VS[index]
+    rs = None
+    if kind in (OpKind.ADD_RS, OpKind.UPDATE_RS, OpKind.DELETE_RS):
+        rs = RS[1] if ":" in vs.address else RS[0]
+    op = Operation(kind, vs, rs)
+    kernel = netlink.NetlinkIpvs.__new__(netlink.NetlinkIpvs)
+    kernel._family_id = 31
+    kernel._seq = 41
+    _, reference = kernel._op_message_pyroute2(op)
+    assert netlink.pack_op(op, 31, 42) == reference
