@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
 
 from svcproxy.api import HANDOVER_LABEL, ProxyNode
@@ -233,3 +235,59 @@ def test_transition_times_kept_and_no_write_when_status_unchanged() -> None:
     )
     again = plan_namespace(later)
     assert "p" not in again.statuses and again.events == []
+
+
+# --- property: the handover order holds whatever the starting state -------------------------
+
+
+@settings(max_examples=200)
+@given(
+    policy_state=st.sampled_from(["live", "deleting", "absent", "selects-other"]),
+    labelled=st.booleans(),
+    has_program=st.booleans(),
+    service_exists=st.booleans(),
+    since=st.one_of(st.none(), st.floats(90, 100)),
+    now=st.floats(100, 110),
+)
+def test_handover_order_invariants(
+    *,
+    policy_state: str,
+    labelled: bool,
+    has_program: bool,
+    service_exists: bool,
+    since: float | None,
+    now: float,
+) -> None:
+    policies = {
+        "live": [policy_obj("p")],
+        "deleting": [policy_obj("p", deleting=True)],
+        "absent": [],
+        "selects-other": [policy_obj("p", {"services": ["other"]})],
+    }[policy_state]
+    svc = service("web", labels={HANDOVER_LABEL: "svcproxy"} if labelled else {})
+    programs = {}
+    if has_program:
+        programs = stored(plan_namespace(view([policy_obj("p")])))
+    plan = plan_namespace(
+        view(
+            policies,
+            [svc] if service_exists else [],
+            programs=programs,
+            now=now,
+            unlabelled_at={"web": since} if since is not None else {},
+        )
+    )
+    # A Service kube-proxy ignores (labelled) never loses its program while it exists.
+    if service_exists and labelled and "web" not in plan.unlabel:
+        assert "web" not in plan.delete
+    # Unlabel and delete of one Service never happen in the same pass.
+    assert not ("web" in plan.unlabel and "web" in plan.delete)
+    # A program is deleted only after the delay since the label went (or with its Service).
+    if "web" in plan.delete and service_exists:
+        assert since is not None and now >= since + 3.0
+    # Labelling needs every node to report the current program: the fake nodes report nothing.
+    assert plan.label == []
+    # A live selecting policy always has its program, and never withdraws it.
+    if policy_state == "live" and service_exists:
+        assert "web" not in plan.delete and "web" not in plan.unlabel
+        assert "web" in plan.compiled
