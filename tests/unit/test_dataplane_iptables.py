@@ -1,0 +1,48 @@
+"""iptables rule text: kube-proxy's probabilities, affinity, draining, chain names (pure)."""
+
+from __future__ import annotations
+
+import re
+
+from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.table import RealServer, VirtualServer
+
+
+def vs(weights: tuple[int, ...] = (1, 1, 1), persistence: int = 0) -> VirtualServer:
+    reals = [RealServer(f"10.244.1.{i + 2}", 8080, w) for i, w in enumerate(weights)]
+    return VirtualServer.create("TCP", "10.96.0.10", 80, reals, persistence=persistence,
+                                owner="ns/web")
+
+
+def probabilities(lines: list[str]) -> list[float]:
+    return [float(m.group(1)) for line in lines
+            if (m := re.search(r"--probability (\S+)", line))]
+
+
+def test_equal_weights_give_kube_proxy_probabilities() -> None:
+    lines = rules.service_rules(vs(), ("10.244.0.0/16",), False)
+    assert probabilities(lines) == [round(1 / 3, 11), 0.5]
+    assert sum("DNAT --to-destination" in line for line in lines) == 3
+
+
+def test_draining_endpoint_is_not_selectable() -> None:
+    lines = rules.service_rules(vs((1, 0, 1)), ("10.244.0.0/16",), False)
+    svc = rules.service_chain(vs().key)
+    drained = rules.endpoint_chain(vs().key, RealServer("10.244.1.3", 8080))
+    assert not any(line.startswith(f"-A {svc}") and drained in line for line in lines)
+    assert probabilities(lines) == [0.5]
+
+
+def test_affinity_uses_recent_with_the_timeout() -> None:
+    lines = rules.service_rules(vs(persistence=600), ("10.244.0.0/16",), False)
+    assert sum("--rcheck --seconds 600" in line for line in lines) == 3
+    assert sum("--set --name SVCPROXY-SEP-" in line for line in lines) == 3
+
+
+def test_chain_names_fit_the_kernel_limit_and_are_stable() -> None:
+    v = vs()
+    names = rules.chains_of(v)
+    assert all(len(n) <= 28 and n.startswith("SVCPROXY-") for n in names)
+    assert names == rules.chains_of(vs())
+    assert all(rules.owned_chain(n) for n in names)
+    assert not rules.owned_chain("SVCPROXY-PORTALS")  # the userspace mode's chain
