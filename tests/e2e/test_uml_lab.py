@@ -8,7 +8,10 @@ traffic from node-2's client namespace to Pods on node-1 and node-3, and that
 ``svcproxy lab down`` leaves no guest, tap, namespace or route behind.
 
 One lab runs per machine (fixed addresses), so this module brings up its own
-lab in its own state folder and fails clearly if another lab is running.
+lab in its own state folder. If the e2e suite's own lab (the session fixture's,
+``SVCPROXY_E2E_STATE_DIR``) runs, the module borrows the machine: takes that lab
+down and brings it back afterwards with the same layout. Any other lab makes
+the module fail with the lab's own message.
 """
 
 from __future__ import annotations
@@ -66,9 +69,27 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(STATE)],
+SUITE_STATE = Path(os.environ.get("SVCPROXY_E2E_STATE_DIR", "/tmp/svcproxy-e2e-lab"))
+
+
+def cli(*args: str, timeout: float = 900, state: Path = STATE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def borrow_suite_lab() -> list[str] | None:
+    """Take the e2e suite's lab down if it runs; return the `lab up` args to restore it."""
+    suite = LabCluster(SUITE_STATE)
+    state = suite.load()
+    if state is None or not suite.alive():
+        return None
+    kinds = [n["kind"] for n in state["nodes"]]
+    args = ["up", "--nodes", str(len(kinds)), "--ipvs-nodes", str(kinds.count("uml"))]
+    if not state.get("svcproxy"):
+        args.append("--no-svcproxy")
+    proc = cli("down", state=SUITE_STATE, timeout=300)
+    assert proc.returncode == 0, f"could not take the suite's lab down: {proc.stderr}"
+    return args
 
 
 def wait_for(what: str, check: Any, timeout: float = 120) -> Any:
@@ -106,12 +127,16 @@ class UmlLab:
 
 @pytest.fixture(scope="module")
 def uml_lab() -> Iterator[UmlLab]:
-    proc = cli("up", "--nodes", "3", "--ipvs-nodes", "2", "--no-svcproxy")
-    assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
+    restore = borrow_suite_lab()
     try:
+        proc = cli("up", "--nodes", "3", "--ipvs-nodes", "2", "--no-svcproxy")
+        assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
         yield UmlLab()
     finally:
         cli("down", timeout=300)
+        if restore is not None:
+            back = cli(*restore, state=SUITE_STATE)
+            assert back.returncode == 0, f"could not restore the suite's lab: {back.stderr}"
 
 
 def run_ok(node: UmlNode, argv: list[str], timeout: float = 60) -> str:
