@@ -36,6 +36,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "svcproxy"
 ECHO = "svcproxy.io/echo"
 pytestmark = pytest.mark.lab
+# Set by tests/e2e/kind/run.sh: the chart's images are loaded and its Pods really run.
+# Otherwise (the lab, whose kubelet runs only its echo image) the Pods stay Pending and the
+# tests run the operator and an agent as local processes with the chart's credentials.
+CHART_SET = os.environ.get("SVCPROXY_E2E_CHART_SET", "")
 
 
 def _helpers() -> Any:
@@ -84,11 +88,8 @@ def release(lab: Lab) -> Iterator[Release]:
     # Each release needs its own peering name on a shared cluster.
     args = ["install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
             "--set", f"operator.peering={rel.name}"]
-    if not lab.local:
-        # A real cluster (tests/e2e/kind/run.sh): the Pods run; images from the script.
-        args += ["--wait", "--timeout", "5m"]
-        if os.environ.get("SVCPROXY_E2E_CHART_SET"):
-            args += ["--set", os.environ["SVCPROXY_E2E_CHART_SET"]]
+    if CHART_SET:
+        args += ["--set", CHART_SET, "--wait", "--timeout", "5m"]
     out = rel.run(*args)
     assert "STATUS: deployed" in out.stdout, out.stdout
     try:
@@ -198,11 +199,13 @@ def test_rendered_chart_validates_against_the_live_openapi(lab: Lab, release: Re
 # --- RBAC is enough: the operator and an agent with the chart's credentials -----------------------
 
 
-def _others(role: str) -> list[str]:
-    """Other svcproxy operator/agent processes on this machine (another engineer's test)."""
+def _others(lab: Lab, role: str) -> list[str]:
+    """Other svcproxy operator/agent processes talking to this cluster (another test's)."""
     out = subprocess.run(["pgrep", "-af", f"svcproxy.* {role}( |$)"], capture_output=True, text=True,
                          check=False).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    here = [str(lab.kubeconfig)] + ([str(lab.state_dir)] if lab.state_dir else [])
+    return [line for line in out.splitlines()
+            if "pgrep" not in line and any(h in line for h in here)]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -236,8 +239,8 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
     ns = workload
     proc = None
     log = tmp_path / "operator.log"
-    if lab.local:
-        others = _others("operator")
+    if not CHART_SET:
+        others = _others(lab, "operator")
         if others:
             pytest.skip(f"another svcproxy operator runs on this machine ({others[0][:120]}); "
                         "its writes could not be told from this one's")
@@ -302,39 +305,46 @@ def test_peering_object_is_writable_by_the_operator(lab: Lab, release: Release,
 
 
 @pytest.fixture
-def netns(lab: Lab) -> Iterator[str]:
-    if not lab.local:
-        yield ""  # the chart's own agent Pods run there
-        return
+def node_netns(lab: Lab) -> str:
+    """The lab node's network namespace: the agent reaches the API server from there
+    (172.29.0.1 over the lab bridge), and programs only that node's own netns."""
+    if CHART_SET:
+        return ""  # the chart's own agent Pods run there
     if os.geteuid() != 0:
-        pytest.skip("the local agent runs in a network namespace: needs root")
-    name = f"svcp-chart-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        pytest.skip("the local agent runs in the lab node's network namespace: needs root")
+    name = f"svcp-{lab.nodes[0]}"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    if name not in listed.split():
+        pytest.skip(f"no network namespace {name}: not a lab whose first node is a netns node")
+    return name
 
 
 def test_agent_works_with_a_pod_bound_token(lab: Lab, release: Release, tokens: dict[str, Path],
-                                            netns: str, tmp_path: Path) -> None:
+                                            node_netns: str, tmp_path: Path) -> None:
     """The agent lists/watches programs and creates and patches its own node's ProxyNode.
 
     Its first sync (and so its first report's lastSyncTime) waits for the first complete
     list of ProxyVirtualServers, so a fresh lastSyncTime proves the list and the writes."""
     node = lab.nodes[0]
-    if not lab.local:
+    if CHART_SET:
         lab.wait_until(f"the chart's agent on {node} reporting", timeout=300,
                        check=lambda: lab.kubectl("get", "proxynode", node, "--ignore-not-found").strip())
         return
-    others = [o for o in _others("agent") if f"--node-name {node}" in o or f"--node-name={node}" in o]
+    others = subprocess.run(["pgrep", "-af", f"svcproxy.* agent .*{node}"], capture_output=True,
+                            text=True, check=False).stdout.strip()
     if others:
-        pytest.skip(f"another agent for {node} runs on this machine: {others[0][:120]}")
+        pytest.skip(f"another agent for {node} runs on this machine: {others[:120]}")
+    # The same token, with the server address the node's network namespace reaches.
+    kc = yaml.safe_load(tokens["agent"].read_text())
+    kc["clusters"][0]["cluster"]["server"] = "https://172.29.0.1:6443"
+    node_kc = tmp_path / "agent-node.kubeconfig"
+    node_kc.write_text(yaml.safe_dump(kc))
+    existed = bool(lab.kubectl("get", "proxynode", node, "--ignore-not-found").strip())
     started = time.time()
     log = tmp_path / "agent.log"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "svcproxy.cli", "agent",
-         "--kubeconfig", str(tokens["agent"]), "--node-name", node, "--modes", "iptables",
+        ["ip", "netns", "exec", node_netns, sys.executable, "-m", "svcproxy.cli", "agent",
+         "--kubeconfig", str(node_kc), "--node-name", node, "--modes", "iptables",
          "--metrics-port", "0", "--health-port", "0"],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
@@ -349,16 +359,24 @@ def test_agent_works_with_a_pod_bound_token(lab: Lab, release: Release, tokens: 
             when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
             return status if when >= int(started) - 1 and "agent started" in log.read_text() else None
 
-        status = lab.wait_until(f"the ProxyNode {node} written by the local agent", reported, timeout=120)
+        try:
+            status = lab.wait_until(f"the ProxyNode {node} written by the local agent", reported,
+                                    timeout=120)
+        except BaseException:
+            print(log.read_text()[-5000:])
+            raise
         assert status["nodeName"] == node
         assert proc.poll() is None, log.read_text()[-3000:]
         text = log.read_text()
         assert "write failed" not in text and "Forbidden" not in text and "403" not in text, text[-4000:]
     finally:
         _stop(proc)
-        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "svcproxy.cli", "agent",
+        # Leave the node as found: nothing of this agent in its kernel, no ProxyNode it made.
+        subprocess.run(["ip", "netns", "exec", node_netns, sys.executable, "-m", "svcproxy.cli", "agent",
                         "--cleanup", "--node-name", node, "--modes", "iptables"],
                        capture_output=True, check=False)
+        if not existed:
+            lab.kubectl("delete", "proxynode", node, "--ignore-not-found", check=False)
 
 
 # --- RBAC is not more than needed -------------------------------------------------------------------
