@@ -29,6 +29,7 @@ class FakeWriter:
         self.events: list[tuple[str, str, str]] = []
         self.statuses: dict[str, JSON] = {}
         self.fail_next = 0
+        self.refuse_events = False
         self.rv = 100
 
     def _stamp(self, obj: JSON) -> JSON:
@@ -63,6 +64,8 @@ class FakeWriter:
         return self._stamp({**pol, "metadata": dict(pol["metadata"]), "status": status})
 
     async def post_event(self, policy: JSON, type_: str, reason: str, message: str) -> None:
+        if self.refuse_events:
+            raise RuntimeError("(403) namespace is being terminated")
         self.events.append((policy["metadata"]["name"], type_, reason))
 
 
@@ -306,3 +309,11 @@ def test_operator_command_line_defaults() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--namespace", "a", "--all-namespaces"])
     assert main.run(parser.parse_args(["--kubeconfig", "/does/not/exist"])) == 2
+
+
+async def test_refused_events_do_not_fail_the_pass() -> None:
+    cache, writer, rec, _ = _setup()
+    writer.refuse_events = True
+    cache.put("policy", policy_obj("p"))
+    assert await rec.reconcile("ns") is not None
+    assert "web" in writer.programs and "p" in writer.statuses and rec.failures == {}

@@ -174,8 +174,19 @@ class Reconciler:
                 self.cache.put("policy", out)
         for event in plan.events:
             policy = self.cache.get("policy", namespace, event.policy)
-            if policy is not None:
+            if policy is None:
+                continue
+            try:
                 await self._step("event", w.post_event(policy, event.type, event.reason, event.message))
+            except Exception as err:
+                # Events are best effort: a terminating namespace refuses new ones (403),
+                # and the status already says the same thing.
+                log.info(
+                    "event %s not posted: %s",
+                    event.reason,
+                    str(err).splitlines()[0],
+                    extra=_ref(namespace, event.policy),
+                )
         return plan
 
     async def _step(self, stage: str, call: Any) -> Any:
