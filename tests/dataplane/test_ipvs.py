@@ -118,3 +118,13 @@ def test_foreign_service_survives_every_sync_and_cleanup(observed: dict[str, Any
         assert services(observed[step])["TCP 192.0.2.1:80 rr"] == [("192.0.2.9:80", 1)], step
     assert list(services(observed["ipvsadm_cleanup"])) == ["TCP 192.0.2.1:80 rr"]
     assert observed["svcproxy0_after_cleanup"] != 0  # the interface is gone
+
+
+def test_conformance_cases_pass_on_the_real_kernel(observed: dict[str, Any]) -> None:
+    """The cases of ipvs_cases.py (also run on the fake by tests/unit)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ipvs_cases import CASES
+
+    assert set(observed["conformance"]) == set(CASES)
+    failed = {k: v for k, v in observed["conformance"].items() if v != "ok"}
+    assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
