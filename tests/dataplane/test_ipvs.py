@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.uml
 SCRIPT = Path(__file__).with_name("ipvs_guest.py")
 
 
