@@ -1,7 +1,7 @@
 """IPVS and interface addresses over netlink: the real ``IpvsKernel`` / ``AddressKernel``.
 
-One of the only modules that import pyroute2 (for message encoding and
-decoding); ``svcproxy.dataplane.ipvs.proxier.create`` builds it. Writes are
+One of the only modules that import pyroute2 (generic netlink family lookup,
+dump decoding, address lookups); ``ipvs.proxier.create`` builds it. Writes are
 pipelined: many IPVS requests go out in one ``sendmsg`` and their
 acknowledgements are collected afterwards (one request at a time costs a
 system-call round trip each, which dominates in a UML guest). Every service
