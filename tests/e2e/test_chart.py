@@ -244,11 +244,21 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
         if others:
             pytest.skip(f"another svcproxy operator runs on this machine ({others[0][:120]}); "
                         "its writes could not be told from this one's")
+        # On a lab this session started, the operator runs as the chart runs it: cluster-wide,
+        # in the release's peering. On a shared lab it watches only the test's namespace and
+        # runs standalone, so it cannot touch other tests' policies.
+        clusterwide = lab.owned
+        scope = (["--peering", release.name] if clusterwide else ["--namespace", ns, "--standalone"])
         proc = subprocess.Popen(
-            svcproxy_cli("operator", "--kubeconfig", str(tokens["operator"]), "--namespace", ns,
-                         "--standalone", "--metrics-port", "0", "--liveness-port", "0",
-                         "--handover-delay", "1"),
+            svcproxy_cli("operator", "--kubeconfig", str(tokens["operator"]), *scope,
+                         "--metrics-port", "0", "--liveness-port", "0", "--handover-delay", "1"),
             stdout=log.open("w"), stderr=subprocess.STDOUT)
+        if clusterwide:
+            lab.wait_until("the operator announcing itself in its ClusterKopfPeering", timeout=60,
+                           check=lambda: (lab.kubectl_json("get", "clusterkopfpeering", release.name)
+                                          if lab.kubectl("get", "clusterkopfpeering", release.name,
+                                                         "--ignore-not-found").strip() else {}
+                                          ).get("status"))
     try:
         lab.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
             "apiVersion": "svcproxy.io/v1alpha1", "kind": "ServiceProxyPolicy",
@@ -280,6 +290,7 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
         if proc is not None:
             _stop(proc)
             print(log.read_text()[-6000:])
+            lab.kubectl("delete", "clusterkopfpeering", release.name, "--ignore-not-found", check=False)
 
 
 def _accepted(lab: Lab, ns: str) -> dict[str, Any] | None:
