@@ -225,6 +225,16 @@ def test_huge_selector_and_service_without_ports() -> None:
     assert plan.statuses["p"]["services"][0]["state"] == "NotProxied"
 
 
+def test_program_too_large_for_etcd_is_refused_with_a_message() -> None:
+    eps = [endpoint(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", pod=f"pod-{i}") for i in range(7000)]
+    v = view([policy_obj("p")])
+    big = NamespaceView(**{**v.__dict__, "slices": {"web": [endpoint_slice(eps)]}})
+    plan = plan_namespace(big)
+    assert plan.writes == {}
+    row = plan.statuses["p"]["services"][0]
+    assert row["state"] == "NotProxied" and "limit 1000000" in row["message"]
+
+
 def test_transition_times_kept_and_no_write_when_status_unchanged() -> None:
     first = plan_namespace(view([policy_obj("p")]))
     later = NamespaceView(

@@ -18,6 +18,7 @@ the Service again before the agents withdraw.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ from svcproxy.compile.program import NotProxied, compile_program, not_proxied
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
+# etcd refuses objects over ~1.5 MiB; stay well below so the write cannot fail for size.
+MAX_PROGRAM_BYTES = 1_000_000
 # Conditions whose "True" is bad news (no Event when they start out False).
 _BAD_WHEN_TRUE = {"Conflicted", "Degraded"}
 # Transitions worth a Warning Event; the rest are Normal.
@@ -151,6 +154,14 @@ def plan_namespace(view: NamespaceView) -> Plan:
         result = compile_program(win, svc, view.slices.get(svc_name, ()), view.pod_labels)
         if isinstance(result, NotProxied):
             not_proxied_by_svc[svc_name] = result
+            continue
+        size = len(json.dumps(result.wire()))
+        if size > MAX_PROGRAM_BYTES:
+            not_proxied_by_svc[svc_name] = NotProxied(
+                "TooLarge",
+                f"the program would be {size} bytes (limit {MAX_PROGRAM_BYTES}): "
+                "split the Service's ports or endpoints across Services",
+            )
         else:
             desired[svc_name] = result
     plan.compiled = dict(desired)
