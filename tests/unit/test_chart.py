@@ -43,9 +43,12 @@ def test_helm_lint_strict_is_clean(helm: Path) -> None:
 def test_chart_crds_are_the_checked_in_crds() -> None:
     chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
     source = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
-    assert sorted(chart) == sorted(source), "charts/svcproxy/crds differs from crds/: run `make crds`"
+    # `make crds` writes the generated CRDs to both folders; crds/kopf-peering.yaml is written
+    # by hand and copied.
+    fix = "run `make crds` and `cp crds/kopf-peering.yaml charts/svcproxy/crds/`"
+    assert sorted(chart) == sorted(source), f"charts/svcproxy/crds differs from crds/: {fix}"
     stale = [name for name in source if chart[name] != source[name]]
-    assert not stale, f"charts/svcproxy/crds/{stale} differ from crds/: run `make crds`"
+    assert not stale, f"charts/svcproxy/crds/{stale} differ from crds/: {fix}"
 
 
 def test_chart_version_is_the_project_version() -> None:
