@@ -35,6 +35,7 @@ from conftest import Lab, svcproxy_cli
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "svcproxy"
 ECHO = "svcproxy.io/echo"
+HANDOVER = "service.kubernetes.io/service-proxy-name"
 pytestmark = pytest.mark.lab
 # Set by tests/e2e/kind/run.sh: the chart's images are loaded and its Pods really run.
 # Otherwise (the lab, whose kubelet runs only its echo image) the Pods stay Pending and the
@@ -238,6 +239,8 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
                                              workload: str, tmp_path: Path) -> None:
     ns = workload
     proc = None
+    clusterwide = False
+    made: list[str] = []
     log = tmp_path / "operator.log"
     if not CHART_SET:
         others = _others(lab, "operator")
@@ -247,7 +250,7 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
         # On a lab this session started, the operator runs as the chart runs it: cluster-wide,
         # in the release's peering. On a shared lab it watches only the test's namespace and
         # runs standalone, so it cannot touch other tests' policies.
-        clusterwide = lab.owned
+        clusterwide = lab.owned and not _others(lab, "agent")
         scope = (["--peering", release.name] if clusterwide else ["--namespace", ns, "--standalone"])
         proc = subprocess.Popen(
             svcproxy_cli("operator", "--kubeconfig", str(tokens["operator"]), *scope,
@@ -273,11 +276,27 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
         lab.wait_until("the policy's Accepted condition", lambda: _accepted(lab, ns), timeout=60)
         lab.wait_until("kopf's finalizer on the policy (a policy patch)", lambda: "svcproxy.io/handover" in (
             lab.kubectl_json("get", "spp", "chart", "-n", ns)["metadata"].get("finalizers") or []))
+        if clusterwide:
+            # Every node reports the program (written here as the agents would): the operator
+            # labels the Service for the handover, a Service patch with its token.
+            have = set(lab.kubectl("get", "proxynodes", "-o", "name").split())
+            made = [n for n in lab.nodes if f"proxynode.svcproxy.io/{n}" not in have]
+            for node in made:
+                lab.kubectl("create", "-f", "-", input=json.dumps(
+                    {"apiVersion": "svcproxy.io/v1alpha1", "kind": "ProxyNode", "metadata": {"name": node}}))
+            digest = program["spec"]["contentHash"]
+            for node in lab.nodes:
+                lab.kubectl("patch", "proxynode", node, "--subresource=status", "--type=merge",
+                            "-p", json.dumps({"status": {"applied": {f"{ns}/web": digest}}}))
+            lab.wait_until("the handover label on web", timeout=60, check=lambda: HANDOVER in (
+                lab.kubectl_json("get", "service", "web", "-n", ns)["metadata"].get("labels") or {}))
         # Deletion: the finalizer step hands back and removes the program, then lets the policy go.
         lab.kubectl("delete", "spp", "chart", "-n", ns, "--wait=false")
         lab.wait_until("the policy to go (finalizer removed)",
                        lambda: not lab.kubectl("get", "spp", "-n", ns, "-o", "name").strip(), timeout=120)
         assert _pvs(lab, ns) is None
+        labels = lab.kubectl_json("get", "service", "web", "-n", ns)["metadata"].get("labels") or {}
+        assert HANDOVER not in labels, "the Service was not handed back to kube-proxy"
         if proc is not None:
             assert proc.poll() is None, f"the operator died: {log.read_text()[-3000:]}"
             # Only --namespace (this test's mode, not the chart's clusterwide one) makes kopf
@@ -291,6 +310,8 @@ def test_operator_works_with_the_charts_rbac(lab: Lab, release: Release, tokens:
             _stop(proc)
             print(log.read_text()[-6000:])
             lab.kubectl("delete", "clusterkopfpeering", release.name, "--ignore-not-found", check=False)
+        if made:
+            lab.kubectl("delete", "proxynodes", *made, "--ignore-not-found", check=False)
 
 
 def _accepted(lab: Lab, ns: str) -> dict[str, Any] | None:
