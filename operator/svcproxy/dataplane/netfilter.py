@@ -45,12 +45,37 @@ def detect_backend(netns: str | None = None) -> tuple[str, str]:
     return ("iptables-nft" if "nf_tables" in proc.stdout else "iptables-legacy"), ""
 
 
+# Creates and deletes one chain of ours in one atomic batch: leaves nothing behind,
+# and fails where nf_tables cannot make a nat table.
+_NAT_PROBE = "*nat\n:SVCPROXY-PROBE - [0:0]\n-X SVCPROXY-PROBE\nCOMMIT\n"
+
+
+def needs_legacy(ipv6: bool = False, netns: str | None = None) -> bool:
+    """True when ``iptables`` is the nft variant but this kernel has no nft NAT
+    (``nft_chain_nat``; e.g. the UML kernel has only x_tables ``iptable_nat``), so
+    NAT chains can only be made with the ``-legacy`` tools."""
+    base = "ip6tables" if ipv6 else "iptables"
+    if shutil.which(f"{base}-nft-restore") is None or shutil.which(f"{base}-legacy-restore") is None:
+        return False
+    if detect_backend(netns)[0] != "iptables-nft":
+        return False
+    proc = subprocess.run(
+        [*_in_netns(netns), f"{base}-nft-restore", "--noflush", "-w", "5"],
+        input=_NAT_PROBE, capture_output=True, text=True, check=False,
+    )
+    return proc.returncode != 0
+
+
 class Netfilter:
     """iptables-save / iptables-restore for one address family."""
 
-    def __init__(self, ipv6: bool = False, netns: str | None = None, legacy: bool = False) -> None:
+    def __init__(
+        self, ipv6: bool = False, netns: str | None = None, legacy: bool | None = None
+    ) -> None:
         # legacy: the x_tables binaries, for kernels without nft NAT (e.g. the UML kernel
-        # has iptable_nat but no nft_chain_nat).
+        # has iptable_nat but no nft_chain_nat); None: find out by probing the kernel.
+        if legacy is None:
+            legacy = needs_legacy(ipv6, netns)
         base = ("ip6tables" if ipv6 else "iptables") + ("-legacy" if legacy else "")
         self._save = f"{base}-save"
         self._restore = f"{base}-restore"
