@@ -98,7 +98,10 @@ def _echo_pods(lab: Lab, namespace: str, app: str, count: int) -> list[dict[str,
              "metadata": {"name": f"{app}-{i}", "labels": {"app": app}},
              "spec": {"nodeName": f"node-{i % 3 + 1}",
                       "containers": [{"name": "echo", "image": ECHO,
-                                      "ports": [{"containerPort": 80}]}]}} for i in range(count)]
+                                      "ports": [{"containerPort": 80}],
+                                      "readinessProbe": {"tcpSocket": {"port": 80},
+                                                         "periodSeconds": 1}}]}}
+            for i in range(count)]
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": app},
            "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 80}]}}
     lab.apply([*pods, svc], namespace)
@@ -106,10 +109,11 @@ def _echo_pods(lab: Lab, namespace: str, app: str, count: int) -> list[dict[str,
     def all_running() -> list[dict[str, Any]] | None:
         items = lab.pods(namespace, f"app={app}")
         ok = [p for p in items if p.get("status", {}).get("podIP")
-              and p["status"].get("phase") == "Running"]
+              and any(c["type"] == "Ready" and c["status"] == "True"
+                      for c in p["status"].get("conditions") or [])]
         return ok if len(ok) == count else None
 
-    return wait_until(f"{count} {app} Pods running", all_running, timeout=90)
+    return wait_until(f"{count} {app} Pods Ready", all_running, timeout=90)
 
 
 def _pvs(lab: Lab, namespace: str, app: str, mode: str, pods: list[dict[str, Any]], *,
