@@ -7,7 +7,7 @@ reads schema files this module writes from two offline sources:
 * the built-in kinds from the OpenAPI v3 documents of the pinned Kubernetes release
   (``api/openapi-spec/v3`` of the ``k8s.io/kubernetes`` Go module the lab toolchain was
   built from: the same documents kube-apiserver serves at ``/openapi/v3``). The e2e
-  test (tests/e2e/test_chart.py) feeds the live lab API server's ``/openapi/v3`` through
+  test (tests/e2e/test_chart_lab.py) feeds the live lab API server's ``/openapi/v3`` through
   the same conversion.
 
 Strictness is baked into the files (``additionalProperties: false`` on every object
@@ -34,7 +34,7 @@ K8S_VERSION = "1.36.3"
 JSON = dict[str, Any]
 
 
-# --- helpers (also used by tests/e2e/test_chart.py) --------------------------------------------
+# --- helpers (also used by tests/e2e/test_chart_lab.py) -------------------------------------
 
 
 def toolchain_bin() -> Path:
@@ -181,7 +181,8 @@ def pinned_openapi_docs() -> list[JSON]:
     spec_dir = _module_cache() / f"k8s.io/kubernetes@v{K8S_VERSION}" / "api/openapi-spec/v3"
     if not spec_dir.is_dir():
         pytest.skip(f"no Kubernetes v{K8S_VERSION} OpenAPI documents at {spec_dir} (the Go module cache of "
-                    "the toolchain build); tests/e2e/test_chart.py validates against the live API server")
+                    "the toolchain build); tests/e2e/test_chart_lab.py validates against the live API "
+                    "server")
     return [json.loads(p.read_text()) for p in sorted(spec_dir.glob("*.json"))]
 
 

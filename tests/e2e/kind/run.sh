@@ -41,7 +41,7 @@ trap cleanup EXIT
 echo "== loading images into $cluster"
 kind load docker-image --name "$cluster" "svcproxy-operator:$tag" "svcproxy-agent:$tag"
 
-# tests/e2e/test_chart.py installs the chart (its own release, --wait: here the Pods really
+# tests/e2e/test_chart_lab.py installs the chart (its own release, --wait: here the Pods really
 # run) with these images, checks it and uninstalls it; the other e2e modules run their own
 # operator and agent processes against the cluster, as on the lab.
 export SVCPROXY_E2E_CHART_SET="operator.image.repository=svcproxy-operator,agent.image.repository=svcproxy-agent,image.tag=$tag,image.pullPolicy=Never"
