@@ -144,42 +144,47 @@ def conflicts(desired: Table, observed: Table, owned: Collection[VSKey]) -> list
 
 
 def apply(table: Table, ops: Iterable[Operation]) -> dict[VSKey, VirtualServer]:
-    """Play operations onto a table the way the kernel does (a real server added goes to the head).
+    """Play operations onto a copy of a table the way the kernel does.
 
-    Raises ``KeyError``/``ValueError`` on an operation the kernel would refuse
-    (unknown virtual server, duplicate real server), like the kernel's
-    ENOENT/EEXIST. Used by the in-memory fakes and the property tests.
+    A real server added goes to the head of its list. Raises ``KeyError`` /
+    ``ValueError`` on an operation the kernel would refuse (unknown virtual
+    server, duplicate real server), like the kernel's ENOENT/EEXIST. Used by
+    the in-memory fakes and the property tests.
     """
     out = dict(table)
     for op in ops:
-        key = op.key
-        if op.kind is OpKind.ADD_VS:
-            if key in out:
-                raise ValueError(f"{key} exists (EEXIST)")
-            out[key] = op.virtual_server.without_reals()
-        elif op.kind is OpKind.UPDATE_VS:
-            old = out[key]
-            out[key] = op.virtual_server.with_reals(old.real_servers)
-        elif op.kind is OpKind.DELETE_VS:
-            del out[key]
-        else:
-            rs = op.real_server
-            assert rs is not None, f"{op.kind} without a real server"
-            vs = out[key]
-            reals = list(vs.real_servers)
-            index = next((i for i, r in enumerate(reals) if r.key == rs.key), None)
-            if op.kind is OpKind.ADD_RS:
-                if index is not None:
-                    raise ValueError(f"{key} already has {rs.key} (EEXIST)")
-                reals.insert(0, rs)  # the kernel's list_add: at the head
-            elif index is None:
-                raise KeyError(f"{key} has no real server {rs.key} (ENOENT)")
-            elif op.kind is OpKind.UPDATE_RS:
-                reals[index] = rs
-            else:
-                del reals[index]
-            out[key] = vs.with_reals(reals)
+        apply_one(out, op)
     return out
+
+
+def apply_one(table: dict[VSKey, VirtualServer], op: Operation) -> None:
+    """Play one operation onto ``table`` in place (see :func:`apply`)."""
+    key = op.key
+    if op.kind is OpKind.ADD_VS:
+        if key in table:
+            raise ValueError(f"{key} exists (EEXIST)")
+        table[key] = op.virtual_server.without_reals()
+    elif op.kind is OpKind.UPDATE_VS:
+        table[key] = op.virtual_server.with_reals(table[key].real_servers)
+    elif op.kind is OpKind.DELETE_VS:
+        del table[key]
+    else:
+        rs = op.real_server
+        assert rs is not None, f"{op.kind} without a real server"
+        vs = table[key]
+        reals = list(vs.real_servers)
+        index = next((i for i, r in enumerate(reals) if r.key == rs.key), None)
+        if op.kind is OpKind.ADD_RS:
+            if index is not None:
+                raise ValueError(f"{key} already has {rs.key} (EEXIST)")
+            reals.insert(0, rs)  # the kernel's list_add: at the head
+        elif index is None:
+            raise KeyError(f"{key} has no real server {rs.key} (ENOENT)")
+        elif op.kind is OpKind.UPDATE_RS:
+            reals[index] = rs
+        else:
+            del reals[index]
+        table[key] = vs.with_reals(reals)
 
 
 def _key_order(key: VSKey) -> tuple[str, str, int]:

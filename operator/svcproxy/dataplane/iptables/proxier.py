@@ -48,6 +48,8 @@ class IptablesProxier:
         self._masq_all = masquerade_all
         self._mirror: dict[VSKey, VirtualServer] = {}
         self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
+        self._reals = 0
+        self._rules = 0
         self._synced = False
         self._lock = asyncio.Lock()
         self._caps = Capabilities(
@@ -67,10 +69,9 @@ class IptablesProxier:
         return self._caps
 
     def counts(self) -> Counts:
+        # Running totals: recounting the mirror would make partial syncs O(services).
         return Counts(
-            virtual_servers=len(self._mirror),
-            real_servers=sum(len(v.real_servers) for v in self._mirror.values()),
-            rules=sum(self._rule_count(v) for v in self._mirror.values()),
+            virtual_servers=len(self._mirror), real_servers=self._reals, rules=self._rules
         )
 
     def _rule_count(self, vs: VirtualServer) -> int:
@@ -166,6 +167,7 @@ class IptablesProxier:
                         errors.append(err)
         self._mirror.clear()
         self._by_owner.clear()
+        self._reals = self._rules = 0
         self._synced = False
         ops = {"delete_virtual_server": count} if count else {}
         return SyncResult(MODE, True, ops, tuple(errors), frozenset(), time.monotonic() - start)
@@ -176,10 +178,14 @@ class IptablesProxier:
         self._forget(vs.key)
         self._mirror[vs.key] = vs
         self._by_owner[vs.owner].add(vs.key)
+        self._reals += len(vs.real_servers)
+        self._rules += self._rule_count(vs)
 
     def _forget(self, key: VSKey) -> None:
         old = self._mirror.pop(key, None)
         if old is not None:
+            self._reals -= len(old.real_servers)
+            self._rules -= self._rule_count(old)
             self._by_owner[old.owner].discard(key)
             if not self._by_owner[old.owner]:
                 del self._by_owner[old.owner]

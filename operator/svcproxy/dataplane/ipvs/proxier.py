@@ -19,7 +19,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
-from svcproxy.dataplane.diff import Operation, OpKind, apply, count_kinds, diff
+from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.proxier import (
     Capabilities,
@@ -58,6 +58,7 @@ class IpvsProxier:
         self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
         self._vip_users: Counter[str] = Counter()
         self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
+        self._real_count = 0
         self._synced = False
         self._lock = asyncio.Lock()
         reason = kernel.available()
@@ -78,10 +79,8 @@ class IpvsProxier:
         return self._caps
 
     def counts(self) -> Counts:
-        return Counts(
-            virtual_servers=len(self._mirror),
-            real_servers=sum(len(v.real_servers) for v in self._mirror.values()),
-        )
+        # Kept as a running total: summing the mirror would make partial syncs O(services).
+        return Counts(virtual_servers=len(self._mirror), real_servers=self._real_count)
 
     async def close(self) -> None:
         return None
@@ -137,6 +136,7 @@ class IpvsProxier:
             self._mirror.clear()
             self._by_owner.clear()
             self._vip_users.clear()
+            self._real_count = 0
         self._replace(have, applied)
         errors.extend(self._sync_vips(applied, set(have) - set(applied), full=only is None))
         self._synced = True
@@ -167,6 +167,7 @@ class IpvsProxier:
         self._by_owner.clear()
         self._vip_users.clear()
         self._vips.clear()
+        self._real_count = 0
         self._synced = False
         return SyncResult(
             MODE, True, count_kinds(ops), tuple(errors), frozenset(), time.monotonic() - start
@@ -207,10 +208,12 @@ class IpvsProxier:
         for key in old:
             prev = self._mirror.pop(key, None)
             if prev is not None:
+                self._real_count -= len(prev.real_servers)
                 self._by_owner[prev.owner].discard(key)
                 self._vip_users[key.address] -= 1
         for key, vs in new.items():
             self._mirror[key] = vs
+            self._real_count += len(vs.real_servers)
             self._by_owner[vs.owner].add(key)
             self._vip_users[key.address] += 1
         for owner in [o for o in self._by_owner if not self._by_owner[o]]:
@@ -252,7 +255,7 @@ def _apply_lenient(table: Table, ops: Sequence[Operation]) -> dict[VSKey, Virtua
     out = dict(table)
     for op in ops:
         try:
-            out = apply(out, [op])
+            apply_one(out, op)  # in place: a copy per operation would be O(ops x services)
         except (KeyError, ValueError):
             continue  # the kernel refused it too; reported as a failure already
     return out
