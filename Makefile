@@ -33,6 +33,7 @@ typecheck: venv
 crds: venv
 	$(BIN)/svcproxy crds --output-dir crds
 	$(BIN)/svcproxy crds --output-dir charts/svcproxy/crds
+	cp crds/kopf-peering.yaml charts/svcproxy/crds/
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
