@@ -11,6 +11,7 @@ current before the watch event arrives. Called by :mod:`reconciler`.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from typing import Any, Protocol
 
@@ -48,6 +49,18 @@ async def connect(kubeconfig: str | None) -> client.ApiClient:
     else:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     return client.ApiClient()
+
+
+def describe(err: BaseException) -> str:
+    """One line for a log: the API server's status and message, not its headers."""
+    if isinstance(err, ApiException):
+        try:
+            message = json.loads(err.body or "{}").get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        return f"HTTP {err.status} {err.reason}: {message}".rstrip(": ")
+    text = str(err)
+    return text.splitlines()[0] if text else repr(err)
 
 
 def _now() -> str:

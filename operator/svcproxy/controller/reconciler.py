@@ -24,7 +24,7 @@ from typing import Any
 from svcproxy.compile.namespace import Plan, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
-from svcproxy.controller.client import Writer
+from svcproxy.controller.client import Writer, describe
 from svcproxy.controller.lister import apply_lists
 
 JSON = dict[str, Any]
@@ -87,14 +87,20 @@ class Reconciler:
 
     async def resync_forever(self, lists: Callable[[], Awaitable[dict[str, JSON]]], interval: float) -> None:
         """List every kind now and every ``interval`` seconds; the first list opens the gate."""
+        failures = 0
         while True:
             try:
                 apply_lists(self.cache, await lists())
             except Exception as err:
+                # Right after CRDs are created the API server answers 429 "storage is
+                # (re)initializing" for a moment: retry soon, then back off.
+                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+                failures += 1
                 metrics.ERRORS.labels("list").inc()
-                log.warning("listing the cluster failed (retry in 5 s): %s", err)
-                await asyncio.sleep(5)
+                log.warning("listing the cluster failed (retry in %s s): %s", delay, describe(err))
+                await asyncio.sleep(delay)
                 continue
+            failures = 0
             if not self.ready.is_set():
                 log.info("cache primed from full lists; reconciling")
                 self.ready.set()
@@ -126,7 +132,11 @@ class Reconciler:
                 delay = RETRY_SECONDS[min(count, len(RETRY_SECONDS) - 1)]
                 metrics.RECONCILES.labels("error").inc()
                 log.warning(
-                    "reconcile of %s failed (retry in %s s): %s", namespace, delay, err, extra=_ref(namespace)
+                    "reconcile of %s failed (retry in %s s): %s",
+                    namespace,
+                    delay,
+                    describe(err),
+                    extra=_ref(namespace),
                 )
                 self._later(namespace, delay)
                 return None
@@ -184,7 +194,7 @@ class Reconciler:
                 log.info(
                     "event %s not posted: %s",
                     event.reason,
-                    str(err).splitlines()[0],
+                    describe(err),
                     extra=_ref(namespace, event.policy),
                 )
         return plan
