@@ -119,9 +119,11 @@ def diff(desired: Table, observed: Table, owned: Collection[VSKey]) -> list[Oper
         want = desired[key]
         have = observed.get(key)
         if have is None:
+            # A new virtual server carries no traffic yet: its real servers follow it
+            # at once (as ipvsadm -R orders them), which the kernel handles faster.
             vs_ops.append(Operation(OpKind.ADD_VS, want.without_reals()))
             reals = canonical_order(want.real_servers) if want.hashed else want.real_servers
-            real_ops.extend(
+            vs_ops.extend(
                 Operation(OpKind.ADD_RS, want.without_reals(), r) for r in reversed(reals)
             )
             continue
