@@ -56,6 +56,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
 
 
 async def cleanup(memo: kopf.Memo) -> None:
+    memo.reconciler.stop()
     resync = getattr(memo, "resync", None)
     if resync is not None:
         resync.cancel()

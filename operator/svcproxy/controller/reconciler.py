@@ -63,12 +63,24 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         # Nothing is planned before every kind was listed once: a partial picture
         # (programs without their Services) would withdraw Services that are fine.
         self.ready = asyncio.Event()
 
+    def stop(self) -> None:
+        """Stop planning (operator shutdown): cancel the worker and pending rechecks."""
+        self._stopped = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._task is not None:
+            self._task.cancel()
+
     def touch(self, namespace: str) -> None:
         """Ask for a reconcile of ``namespace`` soon (bursts coalesce)."""
+        if self._stopped:
+            return
         self._dirty.add(namespace)
         self._wake.set()
         if self._task is None or self._task.done():
