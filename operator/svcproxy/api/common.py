@@ -81,6 +81,17 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+# For objects the API server hands back (status, whole resources): fields added by a
+# newer version are ignored rather than refused.
+LENIENT = ConfigDict(
+    alias_generator=to_camel,
+    populate_by_name=True,
+    extra="ignore",
+    frozen=True,
+    use_attribute_docstrings=True,
+)
+
+
 class LabelSelectorRequirement(ApiModel):
     """A label selector requirement, as in Kubernetes' metav1.LabelSelector."""
 

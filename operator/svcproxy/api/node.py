@@ -10,23 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
-from svcproxy.api.common import API_VERSION, ApiModel, Condition, ObjectMeta
-
-_LENIENT = ConfigDict(
-    alias_generator=ApiModel.model_config.get("alias_generator"),
-    populate_by_name=True,
-    extra="ignore",
-    frozen=True,
-    use_attribute_docstrings=True,
-)
+from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, Condition, ObjectMeta
 
 
 class Capabilities(ApiModel):
     """What the node's kernel and tools offer."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     ipvs: bool = False
     """IPVS is usable (module loads and answers over netlink)."""
@@ -43,7 +35,7 @@ class Capabilities(ApiModel):
 class ModeInEffect(ApiModel):
     """A requested mode and the mode the node actually runs it in."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     requested: Literal["ipvs", "iptables", "userspace"]
     """Mode asked for by ProxyVirtualServers."""
@@ -56,7 +48,7 @@ class ModeInEffect(ApiModel):
 class SyncError(ApiModel):
     """A ProxyVirtualServer the agent could not apply."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     service: str
     """namespace/name of the ProxyVirtualServer."""
@@ -69,7 +61,7 @@ class SyncError(ApiModel):
 class Counts(ApiModel):
     """What the agent owns in the kernel."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     services: int = 0
     """ProxyVirtualServers applied."""
@@ -82,7 +74,7 @@ class Counts(ApiModel):
 class ProxyNodeStatus(ApiModel):
     """The agent's report."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     node_name: str = ""
     """The node this report is about."""
@@ -114,13 +106,13 @@ class ProxyNodeStatus(ApiModel):
 class ProxyNodeSpec(ApiModel):
     """Empty: a ProxyNode is all report."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
 
 class ProxyNode(ApiModel):
     """One node's svcproxy report, written only by the agent on that node."""
 
-    model_config = _LENIENT
+    model_config = LENIENT
 
     api_version: Literal["svcproxy.io/v1alpha1"] = API_VERSION
     kind: Literal["ProxyNode"] = "ProxyNode"

@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints
 
 from svcproxy.api.common import (
     API_VERSION,
+    LENIENT,
     ApiModel,
     CelRule,
     Condition,
@@ -197,7 +198,7 @@ class ServiceProxyPolicySpec(ApiModel):
 class PolicyServiceStatus(ApiModel):
     """What became of one Service the policy selects."""
 
-    model_config = ApiModel.model_config | {"extra": "ignore"}
+    model_config = LENIENT
 
     name: str
     """The Service's name."""
@@ -221,7 +222,7 @@ class PolicyServiceStatus(ApiModel):
 class ServiceProxyPolicyStatus(ApiModel):
     """What the operator and the agents did with the policy."""
 
-    model_config = ApiModel.model_config | {"extra": "ignore"}
+    model_config = LENIENT
 
     observed_generation: int | None = None
     """The .metadata.generation this status describes."""
@@ -240,7 +241,7 @@ class ServiceProxyPolicy(ApiModel):
     """Chooses how the selected Services are proxied on every node: mode, IPVS
     scheduler and session affinity."""
 
-    model_config = ApiModel.model_config | {"extra": "ignore"}
+    model_config = LENIENT
 
     api_version: Literal["svcproxy.io/v1alpha1"] = API_VERSION
     kind: Literal["ServiceProxyPolicy"] = "ServiceProxyPolicy"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
-from svcproxy.api.common import API_VERSION, ApiModel, ObjectMeta
+from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, ObjectMeta
 from svcproxy.api.policy import Mode, Scheduler, SchedulerFlag
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -115,13 +115,7 @@ class ProxyVirtualServer(ApiModel):
     """The compiled proxy program of one Service, written only by the svcproxy operator
     and read by every node agent."""
 
-    model_config = ConfigDict(
-        alias_generator=ApiModel.model_config.get("alias_generator"),
-        populate_by_name=True,
-        extra="ignore",
-        frozen=True,
-        use_attribute_docstrings=True,
-    )
+    model_config = LENIENT
 
     api_version: Literal["svcproxy.io/v1alpha1"] = API_VERSION
     kind: Literal["ProxyVirtualServer"] = "ProxyVirtualServer"
