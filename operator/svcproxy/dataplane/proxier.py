@@ -30,10 +30,13 @@ tells the agent what to do; the owners it concerns are in
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from svcproxy.dataplane.table import Table
 
@@ -162,3 +165,49 @@ class Proxier(Protocol):
     async def close(self) -> None:
         """Release sockets, listeners and tasks; leaves the kernel state as it is."""
         ...
+
+
+class BlockingProxier(abc.ABC):
+    """The shared shell of the modes whose kernel work blocks (netlink, iptables-restore).
+
+    The async methods run the blocking halves in a worker thread, one at a time,
+    so the agent's event loop (and userspace proxying in it) never stalls;
+    benchmarks call the blocking halves directly. Subclasses set ``MODE`` and
+    ``_caps`` and implement ``sync_blocking`` and ``cleanup_blocking``.
+    """
+
+    MODE: ClassVar[str]
+    _caps: Capabilities
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    @property
+    def mode(self) -> str:
+        return self.MODE
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def close(self) -> None:
+        return None
+
+    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.sync_blocking, desired, only)
+
+    async def cleanup(self) -> SyncResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.cleanup_blocking)
+
+    @abc.abstractmethod
+    def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult: ...
+
+    @abc.abstractmethod
+    def cleanup_blocking(self) -> SyncResult: ...
+
+    def _unavailable(self, desired: Table, full: bool, start: float, what: str) -> SyncResult:
+        """Every owner in ``desired`` fails with a fallback error: the mode cannot run here."""
+        owners = frozenset(v.owner for v in desired.values())
+        err = ModeUnavailableError(f"{what} is not usable here: {self._caps.reason}")
+        return SyncResult(self.MODE, full, {}, (err,), owners, time.monotonic() - start)

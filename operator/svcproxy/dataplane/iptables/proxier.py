@@ -12,7 +12,6 @@ go to iptables and ip6tables respectively. Rule text: ``rules.py``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,10 +19,10 @@ from collections.abc import Iterable
 from svcproxy.dataplane.iptables import rules
 from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
 from svcproxy.dataplane.proxier import (
+    BlockingProxier,
     Capabilities,
     Counts,
     DataplaneError,
-    ModeUnavailableError,
     SyncResult,
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
@@ -31,8 +30,10 @@ from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 MODE = "iptables"
 
 
-class IptablesProxier:
+class IptablesProxier(BlockingProxier):
     """One iptables proxier per node (see module docstring)."""
+
+    MODE = MODE
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class IptablesProxier:
         cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
         masquerade_all: bool = False,
     ) -> None:
+        super().__init__()
         backend, reason = detect_backend(netfilter.netns if netfilter else None)
         self._nf = {False: netfilter or Netfilter(), True: netfilter6 or Netfilter(ipv6=True)}
         self._cidrs = cluster_cidrs
@@ -51,7 +53,6 @@ class IptablesProxier:
         self._reals = 0
         self._rules = 0
         self._synced = False
-        self._lock = asyncio.Lock()
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -60,13 +61,6 @@ class IptablesProxier:
             protocols=frozenset({"TCP", "UDP", "SCTP"}),
             backend=backend,
         )
-
-    @property
-    def mode(self) -> str:
-        return MODE
-
-    def capabilities(self) -> Capabilities:
-        return self._caps
 
     def counts(self) -> Counts:
         # Running totals: recounting the mirror would make partial syncs O(services).
@@ -77,24 +71,11 @@ class IptablesProxier:
     def _rule_count(self, vs: VirtualServer) -> int:
         return 1 + len(rules.service_rules(vs, self._cidrs, self._masq_all))
 
-    async def close(self) -> None:
-        return None
-
-    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
-        async with self._lock:
-            return await asyncio.to_thread(self.sync_blocking, desired, only)
-
-    async def cleanup(self) -> SyncResult:
-        async with self._lock:
-            return await asyncio.to_thread(self.cleanup_blocking)
-
     def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
         start = time.monotonic()
         full = only is None or not self._synced
         if not self._caps.available:
-            owners = frozenset(v.owner for v in desired.values())
-            err = ModeUnavailableError(f"iptables mode is not usable here: {self._caps.reason}")
-            return SyncResult(MODE, full, {}, (err,), owners, time.monotonic() - start)
+            return self._unavailable(desired, full, start, "iptables mode")
         errors: list[DataplaneError] = []
         failed: set[str] = set()
         ops: dict[str, int] = defaultdict(int)

@@ -13,7 +13,6 @@ the kernel and sweep owned leftovers.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import time
 from collections import Counter, defaultdict
@@ -22,12 +21,12 @@ from collections.abc import Callable, Sequence
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.proxier import (
+    BlockingProxier,
     Capabilities,
     Counts,
     DataplaneError,
     ForeignObjectError,
     KernelError,
-    ModeUnavailableError,
     SchedulerUnavailableError,
     SyncResult,
 )
@@ -36,8 +35,10 @@ from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 MODE = "ipvs"
 
 
-class IpvsProxier:
+class IpvsProxier(BlockingProxier):
     """One IPVS proxier per node (see module docstring)."""
+
+    MODE = MODE
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class IpvsProxier:
         prepare: Callable[[], list[DataplaneError]] | None = None,
         unprepare: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__()
         self._kernel = kernel
         self._addresses = addresses
         self._interface = interface
@@ -60,7 +62,6 @@ class IpvsProxier:
         self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
         self._real_count = 0
         self._synced = False
-        self._lock = asyncio.Lock()
         reason = kernel.available()
         self._caps = Capabilities(
             mode=MODE,
@@ -71,27 +72,9 @@ class IpvsProxier:
             backend="netlink",
         )
 
-    @property
-    def mode(self) -> str:
-        return MODE
-
-    def capabilities(self) -> Capabilities:
-        return self._caps
-
     def counts(self) -> Counts:
         # Kept as a running total: summing the mirror would make partial syncs O(services).
         return Counts(virtual_servers=len(self._mirror), real_servers=self._real_count)
-
-    async def close(self) -> None:
-        return None
-
-    async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
-        async with self._lock:
-            return await asyncio.to_thread(self.sync_blocking, desired, only)
-
-    async def cleanup(self) -> SyncResult:
-        async with self._lock:
-            return await asyncio.to_thread(self.cleanup_blocking)
 
     # The blocking halves: run in a worker thread by the agent, directly by benchmarks.
 
@@ -99,9 +82,7 @@ class IpvsProxier:
         start = time.monotonic()
         full = only is None or not self._synced
         if not self._caps.available:
-            owners = frozenset(v.owner for v in desired.values())
-            err = ModeUnavailableError(f"IPVS is not usable here: {self._caps.reason}")
-            return SyncResult(MODE, full, {}, (err,), owners, time.monotonic() - start)
+            return self._unavailable(desired, full, start, "IPVS")
         errors: list[DataplaneError] = []
         if full and self._prepare is not None:
             errors.extend(self._prepare())
