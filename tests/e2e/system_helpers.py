@@ -117,6 +117,12 @@ class Batch:
     def counts(self) -> Counter[str]:
         return Counter(a for a in self.answers if a != "!")
 
+    def around_failures(self) -> list[str]:
+        """For each failed request, the answers just before it: with rr the Pod that
+        should have answered is the one missing from the rotation."""
+        return [" ".join(self.answers[max(0, i - 4):i]) + " -> !"
+                for i, a in enumerate(self.answers) if a == "!"][:10]
+
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(STATE)],
@@ -378,7 +384,8 @@ def system_lab() -> Iterator[SystemLab]:
 
 
 def echo_deployment(name: str, replicas: int) -> dict[str, Any]:
-    """The echo Deployment: TCP and UDP on 80 and 8080, an HTTP readiness probe every second."""
+    """The echo Deployment: TCP and UDP on 80 and 8080, an HTTP readiness probe every
+    second, 3 s of serving after SIGTERM."""
     ports = [{"containerPort": p, "protocol": proto} for p in (80, 8080) for proto in ("TCP", "UDP")]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
@@ -388,9 +395,12 @@ def echo_deployment(name: str, replicas: int) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {
-                    "terminationGracePeriodSeconds": 5,
+                    "terminationGracePeriodSeconds": 10,
                     "containers": [{
                         "name": "echo", "image": ECHO, "ports": ports,
+                        # Like a well-behaved server (or a preStop sleep): keep serving a
+                        # few seconds after SIGTERM, while proxies take the endpoint out.
+                        "env": [{"name": "SVCPROXY_ECHO_DRAIN_SECONDS", "value": "3"}],
                         "readinessProbe": {"httpGet": {"path": "/healthz", "port": 80},
                                            "periodSeconds": 1, "failureThreshold": 1},
                     }],
