@@ -80,6 +80,42 @@ class Kubectl:
         return json.loads(self(*args, "-o", "json"))
 
 
+def install_chart(bin_dir: Path, kubeconfig: Path) -> None:
+    """Install the chart: CRDs, ServiceAccounts, RBAC, the admission policy, metrics Services.
+
+    The lab has no container runtime, so its Pods could not run the images: the lab runs the
+    operator and the agents as processes from the working tree instead, and the chart's
+    operator Deployment is scaled to 0 and its agent DaemonSet selects no node.
+    """
+    argv = [str(bin_dir / "helm"), "--kubeconfig", str(kubeconfig), "upgrade", "--install",
+            "svcproxy", str(REPO / "charts" / "svcproxy"), "--namespace", "svcproxy-system",
+            "--create-namespace", "--set", "operator.replicas=0",
+            "--set", "agent.nodeSelector.svcproxy\\.io/lab-runs-agent-pods=never", "--wait"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"helm install failed: {proc.stderr.strip()}")
+    say("installed the svcproxy chart into namespace svcproxy-system")
+
+
+def wait_agents(kubectl: Kubectl, nodes: int, timeout: float = 120) -> None:
+    """Every node's agent has reported (its ProxyNode exists and is Ready)."""
+    deadline = time.monotonic() + timeout
+    ready: list[str] = []
+    while time.monotonic() < deadline:
+        ready = [
+            pn["metadata"]["name"]
+            for pn in kubectl.json("get", "pn")["items"]
+            if any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in (pn.get("status") or {}).get("conditions", []))
+        ]
+        if len(ready) >= nodes:
+            say(f"agents report from {', '.join(sorted(ready))}")
+            return
+        time.sleep(0.5)
+    raise LabError(f"only {ready} of {nodes} agents reported after {timeout:.0f} s; "
+                   "see the agent logs in the lab's logs folder")
+
+
 def deploy_echo(kubectl: Kubectl, replicas: int = 3) -> None:
     manifests = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
@@ -142,12 +178,16 @@ def apply_policy(kubectl: Kubectl, step: Step, timeout: float = 120) -> None:
 def send(node: int, vip: str, count: int, result: StepResult) -> None:
     name = f"node-{node}"
     counts = result.per_node.setdefault(name, Counter())
-    for _ in range(count):
-        try:
-            pod = traffic.answered_by(traffic.request(node, vip, PORT))
-        except (traffic.TrafficError, subprocess.TimeoutExpired) as exc:
+    try:
+        answers, errors = traffic.burst(node, vip, PORT, count)
+    except (traffic.TrafficError, subprocess.TimeoutExpired) as exc:
+        result.failed += count
+        result.errors.append(f"{name}: {exc}")
+        return
+    result.errors += [f"{name}: {e}" for e in errors]
+    for pod in answers:
+        if pod is None:
             result.failed += 1
-            result.errors.append(f"{name}: {exc}")
             continue
         counts[pod] += 1
         result.per_pod[pod] += 1
@@ -203,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         state = lab.load()
         assert state is not None
         kubectl = Kubectl(Path(state["bin_dir"]), kubeconfig)
+        install_chart(Path(state["bin_dir"]), kubeconfig)
+        wait_agents(kubectl, 3)
         deploy_echo(kubectl)
         vip = kubectl("-n", NAMESPACE, "get", "svc", SERVICE, "-o", "jsonpath={.spec.clusterIP}")
         pods = sorted(kubectl("-n", NAMESPACE, "get", "pods", "-l", f"app={SERVICE}", "-o",

@@ -8,6 +8,7 @@ root namespace (network safety rule).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,22 +25,41 @@ def _index(node: str | int) -> int:
     return node if isinstance(node, int) else int(str(node).rsplit("-", 1)[-1])
 
 
+def _run_probe(node: str | int, args: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """Run ``probe.py ARGS`` in the client namespace behind ``node``."""
+    index = _index(node)
+    probe = [sys.executable, "-m", "svcproxy.lab.probe", *args]
+    if Path(f"/run/netns/svcp-node-{index}").exists():  # a namespace node on this kernel
+        ns = network.ensure_client_netns(index)
+        return subprocess.run(network.in_netns(ns, probe), capture_output=True,
+                              timeout=timeout, check=False)
+    # a guest node: its client namespace lives inside the guest
+    return _guest_client(index)(probe, timeout=timeout)
+
+
 def request(node: str | int, ip: str, port: int, proto: str = "tcp", *, timeout: float = 2,
             path: str = "/", method: str = "GET") -> str:
     """One request from the client namespace behind ``node`` (``"node-1"`` or ``1``)."""
-    index = _index(node)
-    probe = [sys.executable, "-m", "svcproxy.lab.probe", "--proto", proto,
-             "--timeout", str(timeout), "--path", path, "--method", method, ip, str(port)]
-    if Path(f"/run/netns/svcp-node-{index}").exists():  # a namespace node on this kernel
-        ns = network.ensure_client_netns(index)
-        proc = subprocess.run(network.in_netns(ns, probe), capture_output=True,
-                              timeout=timeout + 20, check=False)
-    else:  # a guest node: its client namespace lives inside the guest
-        proc = _guest_client(index)(probe, timeout=timeout + 20)
+    proc = _run_probe(node, ["--proto", proto, "--timeout", str(timeout), "--path", path,
+                             "--method", method, ip, str(port)], timeout + 20)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         raise TrafficError(err or f"probe exited {proc.returncode}")
     return proc.stdout.decode(errors="replace")
+
+
+def burst(node: str | int, ip: str, port: int, count: int, proto: str = "tcp", *,
+          timeout: float = 2) -> tuple[list[str | None], list[str]]:
+    """``count`` requests, one after another, each on a new connection, from one client
+    process behind ``node``: the answering Pod of each (None where it failed), and the
+    first errors."""
+    proc = _run_probe(node, ["--proto", proto, "--timeout", str(timeout), "--count", str(count),
+                             ip, str(port)], count * (timeout + 1) + 30)
+    if proc.returncode != 0:
+        raise TrafficError(proc.stderr.decode(errors="replace").strip()
+                           or f"probe exited {proc.returncode}")
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return list(out["answers"]), list(out["errors"])
 
 
 RunClient = Callable[..., "subprocess.CompletedProcess[bytes]"]
