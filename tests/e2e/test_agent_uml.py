@@ -108,7 +108,7 @@ class AgentLab:
 
 
 @pytest.fixture(scope="module")
-def alab() -> Iterator[AgentLab]:
+def alab(lab_slot: None) -> Iterator[AgentLab]:
     proc = cli("up", "--nodes", "3", "--ipvs-nodes", "2", "--no-svcproxy")
     if proc.returncode != 0 and "another lab" in proc.stderr.lower():
         pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
