@@ -73,6 +73,20 @@ def kernel_paths(root: Path) -> tuple[Path, Path]:
     return kernel, modules
 
 
+# The guest mounts fresh tmpfs on these, hiding whatever the host keeps there.
+_TMPFS_IN_GUEST = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
+
+
+def _covered_code_paths() -> list[Path]:
+    """The checkout and the virtualenv, where the guest's tmpfs mounts would hide them.
+
+    A checkout under /tmp (CI clones one anywhere) holds the guest's init, its command
+    server, the agent and the kubelet; the guest mounts these back from the host.
+    """
+    wanted = {Path(__file__).resolve().parents[3], Path(sys.prefix).resolve()}
+    return sorted(p for p in wanted if any(p.is_relative_to(t) for t in _TMPFS_IN_GUEST))
+
+
 def _hostfs_path(path: Path) -> str:
     # hostfs takes the host path as its only mount option: commas and blanks would split it.
     text = str(path.resolve())
@@ -161,12 +175,13 @@ class UmlGuest:
 
     # -- boot -----------------------------------------------------------------------
     def _write_config(self, modules: Path) -> None:
+        mounts = [*_covered_code_paths(), *self.mounts]
         env = {
             "SVCP_MODULES": _hostfs_path(modules),
             "SVCP_PYTHON": sys.executable,
             "SVCP_SERVER": str(SERVER),
             "SVCP_HOSTNAME": self.name,
-            "SVCP_MOUNTS": " ".join(_hostfs_path(m) for m in self.mounts),
+            "SVCP_MOUNTS": " ".join(_hostfs_path(m) for m in mounts),
         }
         (self.dir / "guest.env").write_text(
             "".join(f"{k}='{v}'\n" for k, v in env.items())
