@@ -267,8 +267,9 @@ def run(args: argparse.Namespace) -> int:
     print("\nlook around:")
     print(f"  export KUBECONFIG={kubeconfig}")
     print(f"  {state['bin_dir']}/kubectl get spp,pvs -A; {state['bin_dir']}/kubectl get pn")
-    print(f"  svcproxy lab exec --state-dir {args.state_dir} node-1 -- ipvsadm -Ln")
-    print(f"tear down: svcproxy lab down --state-dir {args.state_dir}")
+    cli = Path(sys.executable).parent / "svcproxy"
+    print(f"  {cli} lab exec --state-dir {args.state_dir} node-2 -- ipvsadm -Ln")
+    print(f"tear down: {cli} lab down --state-dir {args.state_dir}")
     if args.down:
         lab.down(say)
     failed = sum(r.failed for r in results)
