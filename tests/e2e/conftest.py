@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from waiting import wait_until
 
 from svcproxy.lab import traffic
 from svcproxy.lab.cluster import Lab as LabCluster
@@ -33,17 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = Path("/tmp/svcproxy-e2e-lab")
 
 
-def wait_until(what: str, check: Callable[[], T | None], timeout: float = 60,
-               interval: float = 0.2) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from waiting import wait_until as wait_for
 
 from svcproxy.lab import network
 from svcproxy.lab.cluster import Lab as LabCluster
@@ -90,17 +91,6 @@ print(json.dumps({"sent": sent, "failed": failed, "answers": answers, "errors": 
 """
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60,
-             interval: float = 0.2) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 @dataclass
