@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from svcproxy.lab import traffic
 from svcproxy.lab.cluster import Lab as LabCluster
@@ -71,14 +72,7 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for(what: str, check: Any, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    return wait_until(what, check, timeout)
 
 
 class AgentLab:

@@ -21,12 +21,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from svcproxy.lab import network
 from svcproxy.lab.cluster import Lab as LabCluster
@@ -93,14 +93,7 @@ def borrow_suite_lab() -> list[str] | None:
 
 
 def wait_for(what: str, check: Any, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    return wait_until(what, check, timeout)
 
 
 class UmlLab:

@@ -30,6 +30,7 @@ from svcproxy.lab.node import (
     node_address,
     node_name,
     node_pod_cidr,
+    pid_alive,
 )
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
@@ -93,14 +94,6 @@ def _hostfs_path(path: Path) -> str:
     if any(c in text for c in ", \t\n"):
         raise UmlError(f"path {text!r} holds a comma or blank, which hostfs cannot mount")
     return text
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def umid_pids(umid: str) -> list[int]:
@@ -278,7 +271,7 @@ class UmlGuest:
 
     def is_running(self) -> bool:
         pid = self._main_pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             return False
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -383,7 +376,7 @@ class UmlGuest:
             self._request({"kind": "poweroff"})
             pid = self._main_pid()
             deadline = time.monotonic() + timeout
-            while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+            while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
                 self._reap()
                 time.sleep(0.02)
         self.destroy()
@@ -397,7 +390,7 @@ class UmlGuest:
         for _ in range(50):
             pids = umid_pids(self.umid)
             main = self._main_pid()
-            if main is not None and _pid_alive(main) and main not in pids:
+            if main is not None and pid_alive(main) and main not in pids:
                 pids.append(main)
             if not pids:
                 break
