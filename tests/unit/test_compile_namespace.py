@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -96,6 +97,38 @@ def test_programmed_on_every_node_labels_the_service() -> None:
     assert [e.reason for e in done.events] == ["Programmed"]
     stale = [proxy_node("node-1", {"ns/web": "old"}), proxy_node("node-2", {"ns/web": digest})]
     assert plan_namespace(view([policy_obj("p")], programs=stored(first), nodes=stale)).label == []
+
+
+def test_a_node_without_an_agent_report_holds_programmed_and_the_handover() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    digest = first.writes["web"].content_hash
+    both = [proxy_node("node-1", {"ns/web": digest}), proxy_node("node-2", {"ns/web": digest})]
+    three = replace(
+        view([policy_obj("p")], programs=stored(first), nodes=both),
+        expected_nodes=frozenset({"node-1", "node-2", "node-3"}),
+    )
+    plan = plan_namespace(three)
+    # kube-proxy must keep the Service until node-3 runs the program too.
+    assert plan.label == []
+    status, reason = conditions(plan, "p")["Programmed"]
+    assert (status, reason) == ("False", "Pending")
+    message = next(c["message"] for c in plan.statuses["p"]["conditions"] if c["type"] == "Programmed")
+    assert "no agent report from node-3" in message and "web: 2/3 nodes" in message
+    assert plan.statuses["p"]["programmed"] == "2/3"
+
+
+def test_a_report_from_a_node_that_is_gone_does_not_count() -> None:
+    first = plan_namespace(view([policy_obj("p")]))
+    digest = first.writes["web"].content_hash
+    reports = [proxy_node("node-1", {"ns/web": digest}), proxy_node("node-old")]
+    only_one = replace(
+        view([policy_obj("p")], programs=stored(first), nodes=reports),
+        expected_nodes=frozenset({"node-1"}),
+    )
+    plan = plan_namespace(only_one)
+    assert plan.label == ["web"]
+    assert conditions(plan, "p")["Programmed"] == ("True", "Programmed")
+    assert plan.statuses["p"]["programmed"] == "1/1"
 
 
 def test_no_agents_means_not_programmed() -> None:

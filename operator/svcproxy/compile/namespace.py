@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -57,6 +57,25 @@ class NamespaceView:
     now_iso: str  # RFC 3339, for lastTransitionTime
     unlabelled_at: Mapping[str, float] = field(default_factory=dict)
     handover_delay: float = 3.0
+    # Names of the Nodes that should run an agent (Ready, matching the agents' node
+    # selector); None when the operator cannot list Nodes: then the ProxyNode reports
+    # alone say how many nodes there are, and a node whose agent never started is missed.
+    expected_nodes: frozenset[str] | None = None
+
+    def counted_nodes(self) -> list[ProxyNode]:
+        """The reports that count: those of expected nodes (a deleted Node's report does not)."""
+        if self.expected_nodes is None:
+            return list(self.nodes)
+        return [n for n in self.nodes if n.metadata.name in self.expected_nodes]
+
+    def nodes_total(self) -> int:
+        return len(self.nodes) if self.expected_nodes is None else len(self.expected_nodes)
+
+    def silent_nodes(self) -> list[str]:
+        """Expected nodes with no ProxyNode report (their agent is missing or never reported)."""
+        if self.expected_nodes is None:
+            return []
+        return sorted(self.expected_nodes - {n.metadata.name for n in self.nodes})
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,8 @@ def _owner_of(program: JSON) -> str | None:
 def plan_namespace(view: NamespaceView) -> Plan:
     """Decide programs, handover steps and statuses for every policy in ``view``."""
     plan = Plan(unlabelled_at=dict(view.unlabelled_at))
+    # From here on ``view.nodes`` holds only the reports that count.
+    view = replace(view, nodes=view.counted_nodes())
     parsed: dict[str, ServiceProxyPolicy] = {}
     invalid: dict[str, str] = {}
     raw_by_name: dict[str, JSON] = {}
@@ -224,7 +245,8 @@ def _plan_programs(view: NamespaceView, desired: Mapping[str, ProxyVirtualServer
 
 def _all_nodes_applied(view: NamespaceView, svc_name: str, content_hash: str) -> bool:
     key = _key(view.namespace, svc_name)
-    return bool(view.nodes) and all(n.status.applied.get(key) == content_hash for n in view.nodes)
+    total = view.nodes_total()
+    return bool(total) and sum(1 for n in view.nodes if n.status.applied.get(key) == content_hash) == total
 
 
 def _fallback_nodes(view: NamespaceView, mode: str) -> list[str]:
@@ -243,7 +265,7 @@ def _policy_status(
     not_proxied_by_svc: Mapping[str, NotProxied],
 ) -> ServiceProxyPolicyStatus:
     name = policy.metadata.name
-    total = len(view.nodes)
+    total = view.nodes_total()
     rows: list[PolicyServiceStatus] = []
     conflicts: list[str] = []
     mine: list[str] = []
@@ -342,19 +364,24 @@ def _programmed(
             reason="NothingToProgram",
             message="no Service is proxied by this policy",
         )
+    silent = view.silent_nodes()
     if not view.nodes:
-        return Condition(
-            type="Programmed", status="False", reason="NoAgents", message="no ProxyNode reports yet"
-        )
+        text = "no ProxyNode reports yet"
+        if silent:
+            text += f" (no agent report from {', '.join(silent)})"
+        return Condition(type="Programmed", status="False", reason="NoAgents", message=text[:4000])
     pending = [r for r in rows if r.state == "Pending"]
     if pending:
         text = "; ".join(f"{r.name}: {r.nodes_programmed}/{r.nodes_total} nodes" for r in pending)
+        if silent:
+            text = f"no agent report from {', '.join(silent)}; {text}"
         return Condition(type="Programmed", status="False", reason="Pending", message=text[:4000])
+    total = view.nodes_total()
     return Condition(
         type="Programmed",
         status="True",
         reason="Programmed",
-        message=f"{len(mine)} Service(s) programmed on {len(view.nodes)}/{len(view.nodes)} nodes",
+        message=f"{len(mine)} Service(s) programmed on {total}/{total} nodes",
     )
 
 

@@ -19,8 +19,35 @@ from svcproxy.api.node import ProxyNode
 from svcproxy.compile.namespace import NamespaceView
 
 JSON = dict[str, Any]
-KINDS = ("policy", "service", "slice", "program", "node")
+# "node" is a ProxyNode (an agent's report); "k8snode" a core/v1 Node.
+KINDS = ("policy", "service", "slice", "program", "node", "k8snode")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def node_summary(node: JSON) -> JSON:
+    """The part of a Node the operator needs; a full Node (images, addresses) is many KiB."""
+    meta = node.get("metadata") or {}
+    conditions = ((node.get("status") or {}).get("conditions")) or []
+    ready = [c for c in conditions if isinstance(c, dict) and c.get("type") == "Ready"]
+    return {
+        "metadata": {
+            key: meta[key]
+            for key in ("name", "resourceVersion", "labels", "deletionTimestamp")
+            if key in meta
+        },
+        "status": {"conditions": ready},
+    }
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``key=value,key2=value2`` (the agents' nodeSelector) -> dict; ValueError says what is wrong."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"node selector term {part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _rv(obj: JSON) -> int | None:
@@ -34,12 +61,19 @@ def _rv(obj: JSON) -> int | None:
 class Cache:
     """Objects by kind -> namespace -> name (ProxyNodes under namespace "")."""
 
-    def __init__(self) -> None:
+    def __init__(self, agent_node_selector: dict[str, str] | None = None) -> None:
         self.objects: dict[str, dict[str, dict[str, JSON]]] = {k: defaultdict(dict) for k in KINDS}
         self.pod_labels: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+        self.agent_node_selector = dict(agent_node_selector or {})
+        # Set once Nodes were listed; until then (or without RBAC for Nodes) only
+        # ProxyNode reports say which nodes exist.
+        self.nodes_listed = False
+        self._expected: frozenset[str] | None = None  # memo of expected_nodes()
 
     def put(self, kind: str, obj: JSON) -> bool:
         """Store ``obj`` unless the cache holds a newer version; True when stored."""
+        if kind == "k8snode":
+            obj = node_summary(obj)
         meta = obj.get("metadata") or {}
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         current = self.objects[kind][ns].get(name)
@@ -48,10 +82,14 @@ class Cache:
             if old is not None and new is not None and new < old:
                 return False
         self.objects[kind][ns][name] = obj
+        if kind == "k8snode":
+            self._expected = None
         return True
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
         self.objects[kind][namespace].pop(name, None)
+        if kind == "k8snode":
+            self._expected = None
 
     def get(self, kind: str, namespace: str, name: str) -> JSON | None:
         return self.objects[kind][namespace].get(name)
@@ -80,6 +118,26 @@ class Cache:
                 continue  # a report we cannot read counts as no report
         return sorted(out, key=lambda n: n.metadata.name)
 
+    def expected_nodes(self) -> frozenset[str] | None:
+        """Nodes that should run an agent: Ready, not being deleted, matching the selector."""
+        if not self.nodes_listed:
+            return None
+        if self._expected is not None:
+            return self._expected
+        out = set()
+        for name, node in self.objects["k8snode"][""].items():
+            meta = node.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            if meta.get("deletionTimestamp"):
+                continue
+            if any(labels.get(k) != v for k, v in self.agent_node_selector.items()):
+                continue
+            conditions = (node.get("status") or {}).get("conditions") or []
+            if any(c.get("status") == "True" for c in conditions):
+                out.add(name)
+        self._expected = frozenset(out)
+        return self._expected
+
     def view(
         self,
         namespace: str,
@@ -106,4 +164,5 @@ class Cache:
             now_iso=now_iso,
             unlabelled_at=dict(unlabelled_at),
             handover_delay=handover_delay,
+            expected_nodes=self.expected_nodes(),
         )

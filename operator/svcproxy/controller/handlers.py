@@ -81,11 +81,17 @@ def observe(cache: Cache, reconciler: Reconciler, kind: str, event: JSON) -> Non
         if cache.set_pod_labels(namespace, name, labels) and cache.namespace_needs_pod_labels(namespace):
             reconciler.touch(namespace)
         return
+    expected_before = cache.expected_nodes() if kind == "k8snode" else None
     if gone:
         cache.remove(kind, namespace, name)
     else:
         cache.put(kind, obj)
-    if kind == "node":
+    if kind == "k8snode":
+        # Nodes change often (conditions, labels); only a change of who should run an
+        # agent moves any policy's counts.
+        if cache.expected_nodes() != expected_before:
+            reconciler.touch_all()
+    elif kind == "node":
         reconciler.touch_all()  # every policy's Programmed count may move
     elif (
         kind == "policy"
@@ -160,6 +166,11 @@ async def on_program(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, "proxynodes")
 async def on_node(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     observe(memo.cache, memo.reconciler, "node", dict(event))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def on_k8s_node(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "k8snode", dict(event))
 
 
 @kopf.on.event("", "v1", "pods")

@@ -11,14 +11,17 @@ Called by :mod:`svcproxy.controller.handlers` (startup) and the reconciler.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.controller.cache import Cache
 
 JSON = dict[str, Any]
+log = logging.getLogger("svcproxy.operator")
 
 
 class Lister:
@@ -30,6 +33,7 @@ class Lister:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self._warned_nodes = False
 
     def _plain(self, obj: Any) -> JSON:
         out: JSON = obj if isinstance(obj, dict) else self.api.sanitize_for_serialization(obj)
@@ -61,9 +65,24 @@ class Lister:
             resp = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
         return self._plain(resp)
 
+    async def _nodes(self) -> JSON | None:
+        """Every Node, or None when the operator may not list them (it then counts ProxyNodes)."""
+        try:
+            return self._plain(await self.core.list_node())
+        except ApiException as err:
+            if err.status != 403:
+                raise
+            if not self._warned_nodes:
+                self._warned_nodes = True
+                log.warning(
+                    "may not list Nodes (403): a node whose agent never reported is not counted; "
+                    "grant get/list/watch on nodes to the operator's service account"
+                )
+            return None
+
     async def lists(self) -> dict[str, JSON]:
         """kind -> list object (items plus metadata.resourceVersion)."""
-        return {
+        out = {
             "policy": await self._custom("serviceproxypolicies"),
             "service": await self._core("service"),
             "slice": await self._core("slice"),
@@ -71,6 +90,10 @@ class Lister:
             "node": await self._custom("proxynodes", cluster_scoped=True),
             "pod": await self._core("pod"),
         }
+        nodes = await self._nodes()
+        if nodes is not None:
+            out["k8snode"] = nodes
+        return out
 
 
 def _rv(obj: JSON) -> int | None:
@@ -82,6 +105,8 @@ def _rv(obj: JSON) -> int | None:
 
 def apply_lists(cache: Cache, lists: dict[str, JSON]) -> None:
     """Merge full lists into ``cache``: listed objects in, unlisted ones not newer than the list out."""
+    if "k8snode" in lists:
+        cache.nodes_listed = True
     for kind, listing in lists.items():
         items = listing.get("items") or []
         list_rv = _rv(listing)

@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from svcproxy.controller import handlers, metrics
-from svcproxy.controller.cache import Cache
+from svcproxy.controller.cache import Cache, parse_selector
 from svcproxy.controller.reconciler import Reconciler
 
 log = logging.getLogger("svcproxy.operator")
@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resync-seconds", type=float, default=300, help="full re-list of every kind (default 300 s)"
+    )
+    parser.add_argument(
+        "--agent-node-selector",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="the agents' nodeSelector: only Ready Nodes matching it must report before a Service "
+        "counts as Programmed and is taken from kube-proxy (default: every Ready Node)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logs")
 
@@ -109,6 +116,11 @@ def _ensure_peering_object(name: str, namespace: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        selector = parse_selector(args.agent_node_selector)
+    except ValueError as err:
+        print(f"svcproxy operator: --agent-node-selector: {err}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         if not os.path.isfile(args.kubeconfig):
             print(
@@ -140,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             )
             standalone = True
     metrics.serve(args.metrics_port)
-    cache = Cache()
+    cache = Cache(agent_node_selector=selector)
     memo = kopf.Memo(options=args, cache=cache)
     memo.reconciler = Reconciler(cache, _NoWriter(), handover_delay=args.handover_delay)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
