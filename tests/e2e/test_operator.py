@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -559,3 +560,72 @@ def test_plan_prints_the_program_without_writing(
     )
     assert bad.returncode == 1
     assert "schedulerFlags are valid only with scheduler sh or mh" in bad.stderr
+
+
+# A Node with no agent report: made here with no kubelet behind it, tainted and
+# unschedulable so no Pod of another test lands on it, deleted at the end.
+@pytest.fixture
+def ghost_node(lab: Lab) -> Iterator[str]:
+    name = f"ghost-{uuid.uuid4().hex[:6]}"
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"e2e/ghost": "true"}},
+        "spec": {
+            "unschedulable": True,
+            "taints": [{"key": "e2e/ghost", "value": "true", "effect": "NoSchedule"}],
+        },
+    }
+    lab.kubectl("create", "-f", "-", input=json.dumps(node))
+    try:
+        yield name
+    finally:
+        lab.kubectl("delete", "node", name, "--ignore-not-found", check=False)
+
+
+def _programmed(lab: Lab, namespace: str) -> tuple[str, str, str]:
+    obj = lab.kubectl_json("get", "spp", "web", "-n", namespace)
+    cond = condition(lab, namespace, "web", "Programmed") or {}
+    return (
+        str(cond.get("status")),
+        str(cond.get("message")),
+        str((obj.get("status") or {}).get("programmed")),
+    )
+
+
+def test_a_ready_node_without_an_agent_report_holds_programmed(
+    lab: Lab, namespace: str, operator: Operator, proxy_nodes: list[str], ghost_node: str
+) -> None:
+    deploy_web(lab, namespace, 1)
+    lab.wait_until("1 ready web Pod", lambda: pod_ips(lab, namespace, 1))
+    lab.apply(policy("web", {"services": ["web"], "ipvs": {"scheduler": "rr"}}), namespace)
+    key = f"{namespace}/web"
+
+    def all_report() -> bool:
+        digest: Any = ((pvs(lab, namespace) or {}).get("spec") or {}).get("contentHash")
+        if not digest:
+            return False
+        for node in proxy_nodes:
+            report(lab, node, {"applied": {key: digest}})
+        return True
+
+    n = len(proxy_nodes)
+    lab.wait_until(
+        f"Programmed {n}/{n} before the new Node is Ready",
+        lambda: all_report() and _programmed(lab, namespace)[::2] == ("True", f"{n}/{n}"),
+    )
+    # The Node turns Ready as a kubelet would say it; nobody reports a program for it.
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}
+    lab.kubectl("patch", "node", ghost_node, "--subresource=status", "--type=merge", "-p", json.dumps(ready))
+    _, message, count = lab.wait_until(
+        "Programmed False naming the silent node",
+        lambda: _programmed(lab, namespace)[0] == "False" and _programmed(lab, namespace),
+    )
+    assert f"no agent report from {ghost_node}" in message
+    assert count == f"{n}/{n + 1}"
+
+    lab.kubectl("delete", "node", ghost_node)
+    lab.wait_until(
+        "Programmed True again once the Node is gone",
+        lambda: _programmed(lab, namespace)[::2] == ("True", f"{n}/{n}"),
+    )
