@@ -1,0 +1,603 @@
+"""Data-path benchmark: request latency and throughput through a VIP vs straight to the Pod; prints JSON.
+
+For each proxy mode it builds throw-away network namespaces: a client
+(10.244.8.2, a Pod-like client with no default route), a node that routes
+and holds the mode's rules (programmed by svcproxy's own proxier, in a
+helper process inside the node netns), and one backend (10.244.9.2) with a
+small echo server. The client alternates rounds straight to the backend
+(``direct``) and through the VIP 10.96.9.10:80 (``vip``) in ABBA order, so
+drift on this shared machine falls on both sides alike, and the figures are
+ratios VIP/direct measured in the same run on the same node. iptables and
+userspace run on the host kernel; ipvs runs inside a user-mode-linux guest
+(the host has no IPVS) and is compared with direct in the same guest.
+
+Measured per mode: latency with a new TCP connection per request (where the
+modes differ: NAT or proxying happens on connection setup) and on one
+persistent connection, p50/p99 in microseconds; throughput in requests/s
+with ``--concurrency`` client processes. Traffic never starts or ends in the
+root netns. Usage (root, from the repo; JSON on stdout, progress on stderr):
+
+    .venv/bin/python benchmarks/dataplane.py [--modes ipvs,iptables,userspace] [--png out.png]
+
+The helper roles (--serve, --client, --program, --inner) are this same file
+started inside the namespaces or the guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+SCRIPT = Path(__file__).resolve()
+POD_CIDR = "10.244.0.0/16"
+CLIENT_IP, NODE_CLIENT_SIDE = "10.244.8.2", "10.244.8.1"
+BACKEND_IP, NODE_BACKEND_SIDE = "10.244.9.2", "10.244.9.1"
+BACKEND_PORT = 8080
+VIP, VIP_PORT = "10.96.9.10", 80
+PATHS = ("direct", "vip")
+TARGET_P50_RATIO = 1.05  # issue 9: ipvs and iptables add no more than 5 % to p50
+REQUEST = b"GET\n"
+
+
+# --- pure helpers (unit tested in tests/unit/test_benchmarks_dataplane.py) ----------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted samples; raises on an empty list."""
+    if not samples:
+        raise ValueError("percentile of no samples: every request of the round failed")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n*q/100), at least the first sample
+    return ordered[int(rank) - 1]
+
+
+def summarize(rounds: Sequence[Sequence[float]], errors: int = 0) -> dict[str, Any]:
+    """p50/p99/mean over all rounds pooled (microseconds), plus each round's p50."""
+    pooled = [s for r in rounds for s in r]
+    return {
+        "p50_us": round(percentile(pooled, 50), 1),
+        "p99_us": round(percentile(pooled, 99), 1),
+        "mean_us": round(statistics.fmean(pooled), 1),
+        "requests": len(pooled),
+        "errors": errors,
+        "round_p50_us": [round(percentile(r, 50), 1) for r in rounds if r],
+    }
+
+
+def ab_order(rounds: int) -> list[str]:
+    """``rounds`` rounds of each path in ABBA order: direct, vip, vip, direct, direct, vip, ...
+
+    Alternating which side goes first cancels a linear drift in machine load."""
+    order: list[str] = []
+    for i in range(rounds):
+        order.extend(PATHS if i % 2 == 0 else reversed(PATHS))
+    return order
+
+
+def ratio(vip: float, direct: float) -> float | None:
+    """VIP/direct rounded to 3 places; None when direct is zero (nothing to compare with)."""
+    return round(vip / direct, 3) if direct else None
+
+
+def compare(direct: dict[str, Any], vip: dict[str, Any]) -> dict[str, Any]:
+    """Ratios VIP/direct of two :func:`summarize` results; the paired figure is the median
+    of per-round p50 ratios, round i of vip against round i of direct (less noise)."""
+    pairs = [v / d for v, d in zip(vip["round_p50_us"], direct["round_p50_us"], strict=False) if d]
+    return {
+        "p50": ratio(vip["p50_us"], direct["p50_us"]),
+        "p99": ratio(vip["p99_us"], direct["p99_us"]),
+        "p50_paired_median": round(statistics.median(pairs), 3) if pairs else None,
+    }
+
+
+def verdict(mode: str, p50_ratio: float | None) -> dict[str, Any]:
+    """The issue's target for ipvs and iptables (p50 within 5 % of direct); userspace has none."""
+    if mode == "userspace":
+        return {"target": "none (reported as measured)"}
+    met = p50_ratio is not None and p50_ratio <= TARGET_P50_RATIO
+    return {"target": f"new-connection p50 ratio <= {TARGET_P50_RATIO}", "met": met}
+
+
+def expected_peer(mode: str) -> str:
+    """Who the backend sees as the client through the VIP: the client itself (the client is
+    in the cluster CIDR, so no masquerade), or the node for userspace (the proxy connects)."""
+    return NODE_BACKEND_SIDE if mode == "userspace" else CLIENT_IP
+
+
+# --- roles that run inside the namespaces ---------------------------------------------
+
+
+def serve(name: str, port: int) -> None:
+    """Backend echo server: answers every request line with ``<name> <peer ip:port>``, on new
+    and on persistent connections (the lab's echo closes after one answer). One selector
+    loop, no per-connection thread or task, to keep the server's own cost small."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("0.0.0.0", port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ, None)
+    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")  # the harness closes it to stop us
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            if key.data == "stdin":
+                if not os.read(sys.stdin.fileno(), 1024):
+                    return
+                continue
+            if key.data is None:
+                try:
+                    conn, peer = lsock.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sel.register(conn, selectors.EVENT_READ, f"{name} {peer[0]}:{peer[1]}\n".encode())
+                continue
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()
+            elif n := data.count(b"\n"):  # one answer per request line, however they arrive
+                with contextlib.suppress(OSError):  # the client is gone; its close comes next
+                    sock.send(key.data * n)
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.connect((host, port))
+    return s
+
+
+def _exchange(s: socket.socket) -> bytes:
+    s.sendall(REQUEST)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = s.recv(256)
+        if not chunk:
+            raise ConnectionError("the server closed the connection before answering")
+        answer += chunk
+    return answer
+
+
+def _one_new(host: str, port: int) -> bytes:
+    with _connect(host, port) as s:
+        return _exchange(s)
+
+
+def _latency(cmd: dict[str, Any]) -> dict[str, Any]:
+    host, port, count = cmd["host"], cmd["port"], cmd["count"]
+    deadline = time.monotonic() + cmd.get("max_seconds", 30)
+    samples: list[float] = []
+    errors, first_error = 0, ""
+    conn = _connect(host, port) if cmd["conn"] == "persistent" else None
+    clock = time.perf_counter_ns
+    while len(samples) + errors < count and time.monotonic() < deadline:
+        start = clock()
+        try:
+            if conn is None:
+                _one_new(host, port)
+            else:
+                _exchange(conn)
+        except OSError as err:
+            errors += 1
+            first_error = first_error or f"{type(err).__name__}: {err}"
+            if conn is not None:
+                conn.close()
+                conn = _connect(host, port)
+            continue
+        samples.append((clock() - start) / 1000)
+    if conn is not None:
+        conn.close()
+    return {"samples_us": [round(s, 1) for s in samples], "errors": errors, "first_error": first_error}
+
+
+def _worker(host: str, port: int, *, persistent: bool, start: float, seconds: float, out: int) -> None:
+    """One forked load process: requests back to back in [start, start+seconds)."""
+    done = errors = 0
+    while time.monotonic() < start:
+        time.sleep(0.001)
+    end = start + seconds
+    conn = _connect(host, port) if persistent else None
+    while time.monotonic() < end:
+        try:
+            if conn is None:
+                _one_new(host, port)
+            else:
+                _exchange(conn)
+            done += 1
+        except OSError:
+            errors += 1
+    os.write(out, f"{done} {errors}\n".encode())
+
+
+def _throughput(cmd: dict[str, Any]) -> dict[str, Any]:
+    seconds, workers = float(cmd["seconds"]), int(cmd["workers"])
+    start = time.monotonic() + 0.3  # every worker forked and connected before the window
+    pids, reads = [], []
+    for _ in range(workers):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                _worker(cmd["host"], cmd["port"], persistent=cmd["conn"] == "persistent", start=start,
+                        seconds=seconds, out=w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        pids.append(pid)
+        reads.append(r)
+    done = errors = 0
+    for pid, r in zip(pids, reads, strict=True):
+        with os.fdopen(r) as f:
+            line = f.read().split()
+        os.waitpid(pid, 0)
+        if len(line) == 2:
+            done, errors = done + int(line[0]), errors + int(line[1])
+        else:
+            errors += 1  # the worker died before reporting (it could not connect)
+    return {"requests": done, "errors": errors, "rps": round(done / seconds, 1)}
+
+
+def client_loop() -> None:
+    """Load client in the client netns: one JSON command per stdin line, one JSON answer
+    per stdout line (started once per mode: Python starts slowly in a UML guest)."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "ask":
+            try:
+                answer: dict[str, Any] = {"answer": _one_new(cmd["host"], cmd["port"]).decode()}
+            except OSError as err:
+                answer = {"error": f"{type(err).__name__}: {err}"}
+        elif cmd["op"] == "latency":
+            answer = _latency(cmd)
+        else:
+            answer = _throughput(cmd)
+        print(json.dumps(answer), flush=True)
+
+
+async def hold_program(mode: str) -> None:
+    """In the node netns: program VIP:80 -> backend:8080 with svcproxy's proxier for ``mode``,
+    report the sync on stdout, keep it (and, for userspace, serve it) until stdin closes,
+    then clean up what the proxier owns."""
+    import asyncio
+
+    from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
+    from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
+
+    proxier = build_proxier(mode, DataplaneConfig(cluster_cidrs=(POD_CIDR,)))
+    caps = proxier.capabilities()
+    vs = VirtualServer.create("TCP", VIP, VIP_PORT, [RealServer(BACKEND_IP, BACKEND_PORT)],
+                              scheduler="rr", owner="bench/dataplane")
+    result = await proxier.sync(make_table([vs]))
+    print(json.dumps({"available": caps.available, "reason": caps.reason,
+                      "operations": dict(result.operations),
+                      "errors": [f"{type(e).__name__}: {e}" for e in result.errors]}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await proxier.cleanup()
+    await proxier.close()
+
+
+# --- the harness: namespaces, helper processes, rounds ----------------------------------
+
+
+def sh(*argv: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def log(msg: str) -> None:
+    print(f"[dataplane {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Topology:
+    """client netns <-veth-> node netns <-veth-> backend netns; nothing in the root netns."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def ns(self, role: str) -> str:
+        return f"svcpdp-{self.tag}-{role}"
+
+    def create(self) -> None:
+        node, cli, be = self.ns("node"), self.ns("cli"), self.ns("be")
+        for name in (node, cli, be):
+            sh("ip", "netns", "add", name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for name, peer, addr, gw in ((cli, "cl0", CLIENT_IP, NODE_CLIENT_SIDE),
+                                     (be, "be0", BACKEND_IP, NODE_BACKEND_SIDE)):
+            sh("ip", "link", "add", "eth0", "netns", name, "type", "veth", "peer", "name", peer,
+               "netns", node)
+            sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
+            sh("ip", "-n", name, "link", "set", "eth0", "up")
+            sh("ip", "-n", node, "addr", "add", f"{gw}/24", "dev", peer)
+            sh("ip", "-n", node, "link", "set", peer, "up")
+            # Pods and Services via the node; never a default route.
+            sh("ip", "-n", name, "route", "add", POD_CIDR, "via", gw)
+        sh("ip", "-n", cli, "route", "add", "10.96.0.0/16", "via", NODE_CLIENT_SIDE)
+        # New-connection rounds open tens of thousands of connections to one address:
+        # a wide port range and TIME_WAIT reuse keep the client from running out of ports.
+        sh("ip", "netns", "exec", cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
+           "net.ipv4.tcp_tw_reuse=1")
+
+    def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(role), sys.executable, str(SCRIPT), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def destroy(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                if proc.stdin:
+                    proc.stdin.close()  # lets --program clean up its rules
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for role in ("cli", "be", "node"):
+            subprocess.run(["ip", "netns", "del", self.ns(role)], capture_output=True, check=False)
+
+
+def read_json(proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
+    out: BinaryIO | None = proc.stdout  # type: ignore[assignment]
+    line = out.readline() if out else b""
+    if not line:
+        raise RuntimeError(f"the {what} process exited ({proc.poll()}) without answering: see stderr")
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+class Client:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        read_json(proc, "client")
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        self.proc.stdin.flush()
+        return read_json(self.proc, "client")
+
+
+@contextmanager
+def programmed(mode: str) -> Iterator[tuple[Topology, dict[str, Any]]]:
+    topo = Topology()
+    try:
+        topo.create()
+        server = topo.start("be", "--serve", "be0", str(BACKEND_PORT))
+        if not server.stdout or server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the echo server in the backend netns did not start: see stderr")
+        sync = read_json(topo.start("node", "--program", mode), f"{mode} proxier")
+        if not sync["available"] or sync["errors"]:
+            raise RuntimeError(f"{mode} proxier could not program the VIP: {sync}")
+        yield topo, sync
+    finally:
+        topo.destroy()
+
+
+def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One mode, fresh namespaces: check both paths, then interleaved rounds of each kind."""
+    log(f"{mode}: namespaces, echo server, proxier")
+    with programmed(mode) as (topo, sync):
+        client = Client(topo.start("cli", "--client"))
+        target = {"direct": (BACKEND_IP, BACKEND_PORT), "vip": (VIP, VIP_PORT)}
+        seen: dict[str, str] = {}
+        for path, (host, port) in target.items():
+            answer = client.call(op="ask", host=host, port=port)
+            if "error" in answer or not answer["answer"].startswith("be0 "):
+                raise RuntimeError(f"{mode}: no answer from the backend via {path} {host}:{port}: {answer}")
+            seen[path] = answer["answer"].split()[1].split(":")[0]
+        result: dict[str, Any] = {
+            "kernel": platform.release(),
+            "sync_operations": sync["operations"],
+            "backend_saw": seen,
+            "path_as_expected": seen == {"direct": CLIENT_IP, "vip": expected_peer(mode)},
+        }
+        for conn, count in (("new", args.requests), ("persistent", args.persistent_requests)):
+            rounds: dict[str, list[list[float]]] = {p: [] for p in PATHS}
+            errors = dict.fromkeys(PATHS, 0)
+            for path in PATHS:  # warm-up: ARP, conntrack, caches, the client's own code paths
+                host, port = target[path]
+                client.call(op="latency", host=host, port=port, conn=conn, count=max(20, count // 20))
+            for path in ab_order(args.rounds):
+                host, port = target[path]
+                got = client.call(op="latency", host=host, port=port, conn=conn, count=count,
+                                  max_seconds=args.round_seconds)
+                rounds[path].append(got["samples_us"])
+                errors[path] += got["errors"]
+                if got["errors"]:
+                    log(f"{mode} {conn} {path}: {got['errors']} failed, first: {got['first_error']}")
+            stats = {p: summarize(rounds[p], errors[p]) for p in PATHS}
+            result[f"{conn}_connection_latency"] = {**stats, "ratio": compare(stats["direct"], stats["vip"])}
+            log(f"{mode} {conn}: p50 direct {stats['direct']['p50_us']} us, vip {stats['vip']['p50_us']} us")
+        tput: dict[str, Any] = {}
+        for conn in ("new", "persistent"):
+            rps: dict[str, list[float]] = {p: [] for p in PATHS}
+            errs = 0
+            for path in ab_order(args.throughput_rounds):
+                host, port = target[path]
+                got = client.call(op="throughput", host=host, port=port, conn=conn,
+                                  seconds=args.seconds, workers=args.concurrency)
+                rps[path].append(got["rps"])
+                errs += got["errors"]
+            direct, vip = statistics.fmean(rps["direct"]), statistics.fmean(rps["vip"])
+            tput[f"{conn}_connection"] = {"direct_rps": round(direct, 1), "vip_rps": round(vip, 1),
+                                          "ratio": ratio(vip, direct), "rounds_rps": rps, "errors": errs}
+            log(f"{mode} throughput {conn}: direct {direct:.0f}/s, vip {vip:.0f}/s")
+        result["throughput"] = tput
+        result["verdict"] = verdict(mode, result["new_connection_latency"]["ratio"]["p50"])
+        return result
+
+
+def run_here(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in modes:
+        try:
+            out[mode] = measure_mode(mode, args)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            log(f"{mode}: FAILED: {err}")
+            out[mode] = {"error": str(err)}
+    return out
+
+
+def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The same measurement inside a user-mode-linux guest (real IPVS); direct in the same guest."""
+    sys.path.insert(0, str(SCRIPT.parents[1] / "operator"))
+    from svcproxy.lab.uml import booted_guest
+
+    argv = [sys.executable, str(SCRIPT), "--inner", "--modes", ",".join(modes),
+            "--rounds", str(args.rounds), "--requests", str(args.guest_requests),
+            "--persistent-requests", str(args.guest_requests * 2), "--round-seconds",
+            str(args.round_seconds), "--seconds", str(args.seconds), "--concurrency",
+            str(args.concurrency), "--throughput-rounds", str(args.throughput_rounds)]
+    log(f"booting a UML guest for {','.join(modes)}")
+    with tempfile.TemporaryDirectory(prefix="svcpdp-") as state, \
+            booted_guest("bench-dp", state, mem=args.guest_mem) as guest:
+        guest.run(["modprobe", "ip_vs"], timeout=60)
+        proc = guest.run(argv, timeout=1800)
+    for line in proc.stderr.decode(errors="replace").splitlines():
+        print(f"  guest: {line}", file=sys.stderr)
+    if proc.returncode != 0:
+        return {m: {"error": f"guest run exited {proc.returncode}"} for m in modes}
+    inner: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    for mode in inner.values():
+        mode["where"] = "user-mode-linux guest"
+    return inner
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m, r in report["modes"].items() if "error" not in r]
+    fig, (lat, tput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.2
+    for i, (side, stat) in enumerate((("direct", "p50_us"), ("vip", "p50_us"), ("direct", "p99_us"),
+                                      ("vip", "p99_us"))):
+        vals = [report["modes"][m]["new_connection_latency"][side][stat] for m in modes]
+        lat.bar([x + (i - 1.5) * width for x in range(len(modes))], vals, width,
+                label=f"{side} {stat[:3]}")
+    lat.set_xticks(range(len(modes)), modes)
+    lat.set_ylabel("µs per request (new connection)")
+    lat.set_title("latency, new connection per request")
+    lat.legend(fontsize=8)
+    for i, (conn, side) in enumerate((("new", "direct"), ("new", "vip"), ("persistent", "direct"),
+                                      ("persistent", "vip"))):
+        vals = [report["modes"][m]["throughput"][f"{conn}_connection"][f"{side}_rps"] for m in modes]
+        tput.bar([x + (i - 1.5) * width for x in range(len(modes))], vals, width, label=f"{conn} {side}")
+    tput.set_xticks(range(len(modes)), modes)
+    tput.set_ylabel("requests/s")
+    tput.set_title(f"throughput, {report['settings']['concurrency']} clients")
+    tput.legend(fontsize=8)
+    fig.suptitle("svcproxy data path: VIP vs direct to the Pod, same run (ipvs: in a UML guest)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="iptables,userspace,ipvs",
+                        help="modes to measure (ipvs always in a UML guest)")
+    parser.add_argument("--guest-modes", default="ipvs",
+                        help="modes run in the UML guest (add iptables to compare in one kernel)")
+    parser.add_argument("--rounds", type=int, default=20, help="latency rounds per path (ABBA order)")
+    parser.add_argument("--requests", type=int, default=250, help="requests per new-connection round")
+    parser.add_argument("--persistent-requests", type=int, default=500)
+    parser.add_argument("--guest-requests", type=int, default=50, help="requests per round in the guest")
+    parser.add_argument("--round-seconds", type=float, default=5.0, help="cap on one latency round")
+    parser.add_argument("--seconds", type=float, default=1.0, help="one throughput round")
+    parser.add_argument("--throughput-rounds", type=int, default=3, help="per path and kind")
+    parser.add_argument("--concurrency", type=int, default=2, help="client processes for throughput")
+    parser.add_argument("--guest-mem", default="512M")
+    parser.add_argument("--png", help="also write a plot here")
+    parser.add_argument("--serve", nargs=2, metavar=("NAME", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--program", help=argparse.SUPPRESS)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve[0], int(args.serve[1]))
+        return 0
+    if args.client:
+        client_loop()
+        return 0
+    if args.program:
+        import asyncio
+
+        asyncio.run(hold_program(args.program))
+        return 0
+    if os.geteuid() != 0:
+        print("dataplane benchmark: run as root (it creates network namespaces and programs "
+              "netfilter/IPVS in them)", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"ipvs", "iptables", "userspace"}
+    if unknown:
+        parser.error(f"unknown mode(s) {sorted(unknown)}: use ipvs, iptables, userspace")
+    if args.inner:
+        print(json.dumps(run_here(modes, args)))
+        return 0
+    guest_modes = [m for m in modes if m in args.guest_modes.split(",") or m == "ipvs"]
+    host_modes = [m for m in modes if m not in guest_modes]
+    report: dict[str, Any] = {
+        "benchmark": "dataplane",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([".venv/bin/python", "benchmarks/dataplane.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "host_kernel": platform.release()},
+        "settings": {k: getattr(args, k) for k in ("rounds", "requests", "persistent_requests",
+                                                   "guest_requests", "seconds", "throughput_rounds",
+                                                   "concurrency")},
+        "topology": {"client": CLIENT_IP, "backend": f"{BACKEND_IP}:{BACKEND_PORT}",
+                     "vip": f"{VIP}:{VIP_PORT}", "hops": "client -> node (routes, mode's rules) -> backend"},
+        "modes": {},
+    }
+    for mode, res in run_here(host_modes, args).items():
+        report["modes"][mode] = {"where": "host kernel, network namespaces", **res}
+    if guest_modes:
+        for mode, res in run_in_guest(guest_modes, args).items():
+            report["modes"][f"{mode}@uml" if mode in report["modes"] else mode] = res
+    if args.png:
+        plot(report, args.png)
+    print(json.dumps(report, indent=2))
+    return 1 if any("error" in r for r in report["modes"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
