@@ -220,6 +220,29 @@ def test_external_name_and_headless_are_not_proxied() -> None:
     assert conditions(plan, "p")["Programmed"] == ("False", "NothingToProgram")
 
 
+def test_services_that_need_more_than_a_cluster_ip_stay_with_kube_proxy() -> None:
+    node_port = service("np", type_="NodePort")
+    external = service("ext")
+    external["spec"]["externalIPs"] = ["192.0.2.10"]
+    local = service("loc")
+    local["spec"]["internalTrafficPolicy"] = "Local"
+    plain = service("web")
+    plan = plan_namespace(
+        view(
+            [policy_obj("p", {"services": ["np", "ext", "loc", "web"]})], [node_port, external, local, plain]
+        )
+    )
+    assert list(plan.writes) == ["web"]
+    rows = {r["name"]: r for r in plan.statuses["p"]["services"]}
+    assert rows["np"]["state"] == "NotProxied" and "type NodePort" in rows["np"]["message"]
+    assert rows["ext"]["state"] == "NotProxied" and "externalIPs" in rows["ext"]["message"]
+    assert rows["loc"]["state"] == "NotProxied" and "internalTrafficPolicy" in rows["loc"]["message"]
+    # A Service already handed to svcproxy that becomes a NodePort goes back to kube-proxy.
+    labelled = service("np", type_="NodePort", labels={HANDOVER_LABEL: "svcproxy"})
+    back = plan_namespace(view([policy_obj("p", {"services": ["np"]})], [labelled]))
+    assert back.unlabel == ["np"] and back.label == []
+
+
 def test_service_handed_to_another_proxy_is_left_alone() -> None:
     svc = service("web", labels={HANDOVER_LABEL: "cilium"})
     plan = plan_namespace(view([policy_obj("p")], [svc]))

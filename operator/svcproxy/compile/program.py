@@ -70,6 +70,25 @@ def not_proxied(service: JSON) -> NotProxied | None:
         return NotProxied("NoClusterIP", "the Service has no ClusterIP yet")
     if not isinstance(spec.get("ports"), list) or not spec["ports"]:
         return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
+    # Taking a Service from kube-proxy takes all of it: what svcproxy cannot serve yet
+    # would go dark, so such Services stay with kube-proxy, and the status says why.
+    kind = spec.get("type") or "ClusterIP"
+    if kind in ("NodePort", "LoadBalancer"):
+        return NotProxied(
+            "Unsupported",
+            f"type {kind}: svcproxy proxies ClusterIPs only; kube-proxy keeps this Service "
+            "(its node ports would stop working otherwise)",
+        )
+    if spec.get("externalIPs"):
+        return NotProxied(
+            "Unsupported", "spec.externalIPs is set: svcproxy proxies ClusterIPs only; kube-proxy keeps it"
+        )
+    if spec.get("internalTrafficPolicy") == "Local":
+        return NotProxied(
+            "Unsupported",
+            "internalTrafficPolicy: Local is not supported yet (it would reach remote Pods); "
+            "kube-proxy keeps this Service",
+        )
     return None
 
 
