@@ -283,16 +283,25 @@ def client_loop() -> None:
         print(json.dumps(answer), flush=True)
 
 
-async def hold_program(mode: str) -> None:
+def hold_program(mode: str) -> None:
     """In the node netns: program VIP:80 -> backend:8080 with svcproxy's proxier for ``mode``,
     report the sync on stdout, keep it (and, for userspace, serve it) until stdin closes,
     then clean up what the proxier owns."""
     import asyncio
 
     from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
+
+    # Built outside the event loop, as the agent does: pyroute2's sync IPRoute runs a loop
+    # of its own in its constructor.
+    proxier = build_proxier(mode, DataplaneConfig(cluster_cidrs=(POD_CIDR,)))
+    asyncio.run(_hold(proxier))
+
+
+async def _hold(proxier: Any) -> None:
+    import asyncio
+
     from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
 
-    proxier = build_proxier(mode, DataplaneConfig(cluster_cidrs=(POD_CIDR,)))
     caps = proxier.capabilities()
     vs = VirtualServer.create("TCP", VIP, VIP_PORT, [RealServer(BACKEND_IP, BACKEND_PORT)],
                               scheduler="rr", owner="bench/dataplane")
@@ -536,11 +545,11 @@ def main() -> int:
     parser.add_argument("--modes", default="iptables,userspace,ipvs",
                         help="modes to measure (ipvs always in a UML guest)")
     parser.add_argument("--guest-modes", default="ipvs",
-                        help="modes run in the UML guest (add iptables to compare in one kernel)")
+                        help="modes also run in the UML guest (ipvs,iptables compares the two in one kernel)")
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds per path (ABBA order)")
     parser.add_argument("--requests", type=int, default=250, help="requests per new-connection round")
     parser.add_argument("--persistent-requests", type=int, default=500)
-    parser.add_argument("--guest-requests", type=int, default=50, help="requests per round in the guest")
+    parser.add_argument("--guest-requests", type=int, default=100, help="requests per round in the guest")
     parser.add_argument("--round-seconds", type=float, default=5.0, help="cap on one latency round")
     parser.add_argument("--seconds", type=float, default=1.0, help="one throughput round")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="per path and kind")
@@ -559,9 +568,7 @@ def main() -> int:
         client_loop()
         return 0
     if args.program:
-        import asyncio
-
-        asyncio.run(hold_program(args.program))
+        hold_program(args.program)
         return 0
     if os.geteuid() != 0:
         print("dataplane benchmark: run as root (it creates network namespaces and programs "
@@ -574,8 +581,9 @@ def main() -> int:
     if args.inner:
         print(json.dumps(run_here(modes, args)))
         return 0
-    guest_modes = [m for m in modes if m in args.guest_modes.split(",") or m == "ipvs"]
-    host_modes = [m for m in modes if m not in guest_modes]
+    # ipvs only in the guest; other modes on the host, and also in the guest when asked.
+    host_modes = [m for m in modes if m != "ipvs"]
+    guest_modes = [m for m in modes if m == "ipvs" or m in args.guest_modes.split(",")]
     report: dict[str, Any] = {
         "benchmark": "dataplane",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
