@@ -1,0 +1,380 @@
+"""The lab side of the benchmarks: a lab, the benchmark's objects, kernel readers, process samples.
+
+Used by ``programming_latency.py``, ``policy_apply.py`` and ``footprint.py``. ``BenchLab``
+brings a 3-node netns lab up (without svcproxy; kube-proxy and svcproxy are started per
+phase through ``svcproxy.lab.cluster.Lab``), writes N selectorless Services with their own
+EndpointSlices (10 endpoints each, ``endpointslice.kubernetes.io/managed-by`` set to
+``bench.svcproxy.io`` so the EndpointSlice controller leaves them alone and no Pods are
+needed), runs one ``kernel_watch`` reader per node and samples RSS / CPU seconds of the
+operator, the agents and kube-proxy from /proc. The caller must hold the machine's lab turn
+(``flock /run/svcproxy-lab-turn.lock``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svcproxy.lab.cluster import Lab
+from svcproxy.lab.kubeapi import ApiError, KubeApi
+
+NAMESPACE = "bench"
+MEMBER_LABEL = "bench.svcproxy.io/member"
+MANAGED_BY = "bench.svcproxy.io"
+ENDPOINTS = 10
+PORT = 80
+TARGET_PORT = 8080
+VIP_BASE = ipaddress.IPv4Address("10.96.16.0")  # clear of 10.96.0.1 (kubernetes) and DNS
+ADDRESS_BASE = ipaddress.IPv4Address("10.244.16.1")  # endpoints never get traffic
+READER = Path(__file__).resolve().parent / "kernel_watch.py"
+DEFAULT_STATE = Path("/tmp/svcproxy-bench-lab")
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def vip(i: int) -> str:
+    return str(VIP_BASE + i + 1)
+
+
+class AddressPool:
+    """Endpoint addresses never used twice in one run (so a kernel rule names one change)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int = 1) -> list[str]:
+        out = [str(ADDRESS_BASE + self.next + k) for k in range(n)]
+        self.next += n
+        return out
+
+
+def service_body(name: str, cluster_ip: str, affinity: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "clusterIP": cluster_ip,
+        "ports": [{"name": "http", "port": PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}],
+    }
+    if affinity:
+        spec["sessionAffinity"] = "ClientIP"
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": NAMESPACE, "labels": {MEMBER_LABEL: "true"}},
+            "spec": spec}
+
+
+def slice_body(service: str, addresses: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{service}-bench", "namespace": NAMESPACE,
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": MANAGED_BY}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+    }
+
+
+def policy_body(name: str, *, mode: str = "iptables", services: list[str] | None = None,
+                affinity: bool | None = None, selector: dict[str, str] | None = None,
+                priority: int = 0) -> dict[str, Any]:
+    spec: dict[str, Any] = {"mode": mode, "priority": priority}
+    if services is not None:
+        spec["services"] = services
+    else:
+        spec["serviceSelector"] = {"matchLabels": selector or {MEMBER_LABEL: "true"}}
+    if affinity is not None:
+        spec["sessionAffinity"] = {"type": "ClientIP" if affinity else "None"}
+    return {"apiVersion": "svcproxy.io/v1alpha1", "kind": "ServiceProxyPolicy",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+
+
+SVC_PATH = f"/api/v1/namespaces/{NAMESPACE}/services"
+SLICE_PATH = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
+POLICY_PATH = f"/apis/svcproxy.io/v1alpha1/namespaces/{NAMESPACE}/serviceproxypolicies"
+
+
+@dataclass
+class Population:
+    """The Services the benchmark wrote: name -> (VIP, endpoint addresses)."""
+
+    services: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    pool: AddressPool = field(default_factory=AddressPool)
+    next_index: int = 0
+
+
+class BenchLab:
+    """A 3-node netns lab for one benchmark run; always call ``down()`` (a ``with`` does)."""
+
+    def __init__(self, state_dir: Path = DEFAULT_STATE, nodes: int = 3) -> None:
+        self.lab = Lab(state_dir)
+        self.node_count = nodes
+        self.api: KubeApi | None = None
+
+    def __enter__(self) -> BenchLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> KubeApi:
+        if os.geteuid() != 0:
+            raise SystemExit("the lab benchmarks need root: run them with sudo")
+        owner = Path("/run/svcproxy-lab.owner")
+        if owner.exists() and Path(owner.read_text().strip()) != self.lab.state_dir:
+            raise SystemExit(f"another lab runs ({owner.read_text().strip()}): wait for it; run "
+                             "benchmarks under `flock /run/svcproxy-lab-turn.lock ...`")
+        self.lab.up(nodes=self.node_count, ipvs_nodes=0, svcproxy=False, say=say)
+        self.api = KubeApi(self.lab.admin_kubeconfig, timeout=60)
+        return self.api
+
+    def down(self) -> None:
+        say("tearing the lab down")
+        self.lab.down(say=say)
+
+    def start_kube_proxy(self, mode: str) -> None:
+        self.lab.start_kube_proxy(mode, say=say)
+
+    def stop_kube_proxy(self) -> None:
+        self.lab.stop_kube_proxy(say=say)
+
+    def start_svcproxy(self) -> None:
+        state = self.lab.load()
+        assert state is not None, "the lab is not up"
+        self.lab.start_svcproxy(self.lab.context(state), self.lab.nodes(state), say)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node-{i}" for i in range(1, self.node_count + 1)]
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.lab.state_dir / "pids" / f"{name}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    # --- objects --------------------------------------------------------------
+
+    def populate(self, n: int, population: Population) -> None:
+        """Create the namespace and ``n`` Services with one 10-endpoint slice each."""
+        api = self._api()
+        if api.get_or_none(f"/api/v1/namespaces/{NAMESPACE}") is None:
+            api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                              "metadata": {"name": NAMESPACE}})
+        start = time.monotonic()
+        for _ in range(n):
+            self.add_service(population)
+            if len(population.services) % 500 == 0:
+                say(f"wrote {len(population.services)} Services and EndpointSlices")
+        say(f"wrote {n} Services + EndpointSlices in {time.monotonic() - start:.1f} s")
+
+    def add_service(self, population: Population, affinity: bool = False) -> tuple[str, str, float]:
+        """Slice first, then the Service: returns (name, VIP, wall time just before the Service write)."""
+        i = population.next_index
+        population.next_index += 1
+        name = f"svc-{i}"
+        addresses = population.pool.take(ENDPOINTS)
+        api = self._api()
+        api.create(SLICE_PATH, slice_body(name, addresses))
+        t0 = time.time()
+        api.create(SVC_PATH, service_body(name, vip(i), affinity))
+        population.services[name] = (vip(i), addresses)
+        return name, vip(i), t0
+
+    def remove_service(self, population: Population, name: str) -> float:
+        t0 = time.time()
+        self._api().delete(f"{SVC_PATH}/{name}")
+        self._api().delete(f"{SLICE_PATH}/{name}-bench")
+        del population.services[name]
+        return t0
+
+    def replace_endpoint(self, population: Population, name: str) -> tuple[str, str, float]:
+        """Swap one endpoint of ``name`` for a fresh address: (old, new, wall time before the write)."""
+        cluster_ip, addresses = population.services[name]
+        old = addresses[0]
+        new = population.pool.take()[0]
+        updated = [*addresses[1:], new]
+        body = {"endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in updated]}
+        t0 = time.time()
+        self._api().merge_patch(f"{SLICE_PATH}/{name}-bench", body)
+        population.services[name] = (cluster_ip, updated)
+        return old, new, t0
+
+    def _api(self) -> KubeApi:
+        if self.api is None:
+            raise RuntimeError("call up() first")
+        return self.api
+
+
+# --- kernel readers ------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    t: float
+    targets: tuple[str, ...]
+    affinity: bool
+
+
+class KernelWatchers:
+    """One ``kernel_watch`` process per node; answers "when did every node get there?"."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.nodes = nodes
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.history: dict[tuple[str, str], list[Seen]] = {}
+        self.counts: dict[tuple[str, int], dict[str, int]] = {}
+        self.cond = threading.Condition()
+        self.ready: set[str] = set()
+        self.errors: list[str] = []
+        self._count_id = 0
+
+    def __enter__(self) -> KernelWatchers:
+        for node in self.nodes:
+            netns = f"/run/netns/svcp-{node}"
+            proc = subprocess.Popen(["nsenter", f"--net={netns}", "--", sys.executable, "-u", str(READER)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            self.procs[node] = proc
+            threading.Thread(target=self._read, args=(node, proc), daemon=True).start()
+        self._wait(lambda: self.ready == set(self.nodes), 30, "kernel readers to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.stdin:
+                proc.stdin.close()
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    def _read(self, node: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            ev = json.loads(line)
+            with self.cond:
+                if ev["ev"] == "ready":
+                    self.ready.add(node)
+                elif ev["ev"] == "state":
+                    self.history.setdefault((node, ev["key"]), []).append(
+                        Seen(ev["t"], tuple(ev["targets"]), ev["affinity"]))
+                elif ev["ev"] == "count":
+                    self.counts[(node, ev["id"])] = ev["hist"]
+                else:
+                    self.errors.append(f"{node}: {ev}")
+                    say(f"kernel reader on {node}: {ev}")
+                self.cond.notify_all()
+
+    def _send(self, cmd: dict[str, Any]) -> None:
+        for proc in self.procs.values():
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+
+    def _wait(self, check: Callable[[], bool], timeout: float, what: str) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not check():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    say(f"timed out after {timeout:.0f} s waiting for {what}")
+                    return False
+                self.cond.wait(left)
+        return True
+
+    def watch(self, key: str) -> None:
+        """Start following ``key`` ("VIP:port") on every node (before the API write)."""
+        self._send({"op": "watch", "key": key})
+        self._wait(lambda: all((n, key) in self.history for n in self.nodes), 10, f"watch {key}")
+
+    def unwatch(self, key: str) -> None:
+        self._send({"op": "unwatch", "key": key})
+        with self.cond:
+            for n in self.nodes:
+                self.history.pop((n, key), None)
+
+    def when(self, key: str, ok: Callable[[Seen], bool], t0: float, timeout: float) -> float | None:
+        """Seconds from ``t0`` until ``ok`` held on every node (the slowest node), or None."""
+        def first(node: str) -> float | None:
+            for seen in self.history.get((node, key), []):
+                if seen.t >= t0 - 0.001 and ok(seen):
+                    return seen.t
+            return None
+
+        def done() -> bool:
+            return all(first(n) is not None for n in self.nodes)
+
+        if not self._wait(done, timeout, f"{key} on every node"):
+            return None
+        with self.cond:
+            return max(first(n) or 0.0 for n in self.nodes) - t0
+
+    def count(self, timeout: float = 120) -> dict[str, dict[str, int]]:
+        """Per node: number of service entries by number of DNAT targets."""
+        self._count_id += 1
+        cid = self._count_id
+        self._send({"op": "count", "id": cid})
+        self._wait(lambda: all((n, cid) in self.counts for n in self.nodes), timeout, "entry counts")
+        with self.cond:
+            return {n: self.counts.get((n, cid), {}) for n in self.nodes}
+
+    def wait_programmed(self, n: int, timeout: float, poll: float = 1.0) -> float | None:
+        """Seconds until every node has >= ``n`` service entries with 10 targets, or None."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            counts = self.count()
+            full = [c.get(str(ENDPOINTS), 0) for c in counts.values()]
+            if min(full) >= n:
+                return time.monotonic() - start
+            say(f"programmed so far (entries with {ENDPOINTS} endpoints per node): {full} of {n}")
+            time.sleep(poll)
+        return None
+
+
+# --- processes -----------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def sample(pid: int | None) -> dict[str, float] | None:
+    """RSS, peak RSS (MB) and CPU seconds (own + reaped children, e.g. iptables-restore)."""
+    if pid is None:
+        return None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if ":" in line}
+    ticks = stat.rsplit(")", 1)[1].split()
+    cpu = sum(int(ticks[k]) for k in (11, 12, 13, 14)) / CLK_TCK  # utime stime cutime cstime
+    return {"rss_mb": round(int(fields.get("VmRSS", "0")) / 1024, 1),
+            "peak_rss_mb": round(int(fields.get("VmHWM", "0")) / 1024, 1),
+            "cpu_s": round(cpu, 2)}
+
+
+def sample_processes(bench: BenchLab, names: list[str]) -> dict[str, dict[str, float] | None]:
+    return {name: sample(bench.pid(name)) for name in names}
+
+
+def cpu_delta(before: dict[str, dict[str, float] | None],
+              after: dict[str, dict[str, float] | None]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, a in after.items():
+        b = before.get(name)
+        out[name] = round(a["cpu_s"] - b["cpu_s"], 2) if a and b else None
+    return out
+
+
+def ignore_missing(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except ApiError as exc:
+        if exc.status != 404:
+            raise

@@ -1,0 +1,249 @@
+"""Programming latency: API write -> kernel NAT state on every node, svcproxy vs kube-proxy.
+
+For each size N a fresh 3-node netns lab gets N selectorless Services with 10 endpoints
+each (hand-written EndpointSlices). Each system then programs the same Services in turn
+(kube-proxy iptables, kube-proxy nftables, svcproxy with one iptables-mode policy selecting
+all of them) and the same churn runs against it: replace one endpoint of a random Service,
+add a Service, remove one, toggle ClientIP affinity (the Service's own field for kube-proxy;
+a second policy selecting one Service for svcproxy). Each change waits until every node's
+kernel shows it, read by one ``nft monitor``-fed reader per node (``_lab/kernel_watch.py``),
+then ``--gap`` seconds pass before the next one. Prints JSON on stdout (progress on stderr)
+and can draw ``--png``. Run as root, holding the lab turn:
+
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/programming_latency.py \\
+        --sizes 100,1000 --changes 60 --png benchmarks/programming_latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _lab import harness
+from _lab.harness import (
+    NAMESPACE,
+    POLICY_PATH,
+    SVC_PATH,
+    BenchLab,
+    KernelWatchers,
+    Population,
+    Seen,
+    say,
+)
+from _lab.stats import ratio, summary
+
+SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
+K8S_VERSION = "v1.36.3"
+
+
+def key(cluster_ip: str) -> str:
+    return f"{cluster_ip}:{harness.PORT}"
+
+
+class Phase:
+    """One system programming the lab's Services, and the churn measured against it."""
+
+    def __init__(self, bench: BenchLab, watchers: KernelWatchers, pop: Population, system: str,
+                 timeout: float) -> None:
+        self.bench = bench
+        self.w = watchers
+        self.pop = pop
+        self.system = system
+        self.timeout = timeout
+        self.samples: dict[str, list[float]] = {"endpoint": [], "add": [], "remove": [], "affinity": []}
+        self.timeouts: dict[str, int] = {k: 0 for k in self.samples}
+        self.added: list[str] = []
+        self.affinity_on = False
+
+    @property
+    def is_svcproxy(self) -> bool:
+        return self.system.startswith("svcproxy")
+
+    def processes(self) -> list[str]:
+        node = self.bench.node_names[0]
+        if self.is_svcproxy:
+            return ["operator", f"{node}-agent"]
+        return [f"{node}-kube-proxy"]
+
+    def start(self) -> float | None:
+        """Start the system; seconds until every node programs every Service (cold sync)."""
+        start = time.monotonic()
+        if self.is_svcproxy:
+            self.bench.start_svcproxy()
+            api = self.bench._api()
+            api.create(POLICY_PATH, harness.policy_body("bench-all"))
+            # The affinity churn flips this one; priority 10 wins svc-0 from bench-all.
+            api.create(POLICY_PATH, harness.policy_body("bench-one", services=["svc-0"],
+                                                        affinity=False, priority=10))
+        else:
+            self.bench.start_kube_proxy(self.system.removeprefix("kube-proxy-"))
+        done = self.w.wait_programmed(len(self.pop.services), timeout=600)
+        return None if done is None else round(time.monotonic() - start, 2)
+
+    def stop(self) -> None:
+        if not self.is_svcproxy:
+            self.bench.stop_kube_proxy()
+            self.bench._api().merge_patch(f"{SVC_PATH}/svc-0", {"spec": {"sessionAffinity": "None"}})
+
+    def measure(self, kind: str, k: str, ok: Any, t0: float) -> None:
+        took = self.w.when(k, ok, t0, self.timeout)
+        self.w.unwatch(k)
+        if took is None:
+            self.timeouts[kind] += 1
+        else:
+            self.samples[kind].append(took)
+
+    def endpoint(self, rng: random.Random) -> None:
+        name = rng.choice(sorted(set(self.pop.services) - set(self.added) - {"svc-0"}))
+        cluster_ip = self.pop.services[name][0]
+        k = key(cluster_ip)
+        self.w.watch(k)
+        old, new, t0 = self.bench.replace_endpoint(self.pop, name)
+        want_new, gone = f"{new}:{harness.TARGET_PORT}", f"{old}:{harness.TARGET_PORT}"
+        self.measure("endpoint", k, lambda s: want_new in s.targets and gone not in s.targets, t0)
+
+    def add(self) -> None:
+        index = self.pop.next_index
+        k = key(harness.vip(index))
+        self.w.watch(k)
+        name, _, t0 = self.bench.add_service(self.pop)
+        self.added.append(name)
+        self.measure("add", k, lambda s: len(s.targets) == harness.ENDPOINTS, t0)
+
+    def remove(self) -> None:
+        name = self.added.pop(0)
+        k = key(self.pop.services[name][0])
+        self.w.watch(k)
+        t0 = self.bench.remove_service(self.pop, name)
+        self.measure("remove", k, lambda s: not s.targets, t0)
+
+    def affinity(self) -> None:
+        k = key(self.pop.services["svc-0"][0])
+        self.w.watch(k)
+        self.affinity_on = not self.affinity_on
+        want = self.affinity_on
+        api = self.bench._api()
+        t0 = time.time()
+        if self.is_svcproxy:
+            api.merge_patch(f"{POLICY_PATH}/bench-one",
+                            {"spec": {"sessionAffinity": {"type": "ClientIP" if want else "None"}}})
+        else:
+            api.merge_patch(f"{SVC_PATH}/svc-0",
+                            {"spec": {"sessionAffinity": "ClientIP" if want else "None"}})
+
+        def ok(s: Seen) -> bool:
+            return s.affinity == want and len(s.targets) == harness.ENDPOINTS
+
+        self.measure("affinity", k, ok, t0)
+
+    def churn(self, changes: int, gap: float, seed: int) -> None:
+        """``changes`` operations: 60 % endpoint swaps, 15 % adds, 15 % removes, 10 % affinity."""
+        rng = random.Random(seed)
+        plan = (["endpoint"] * (changes * 60 // 100) + ["add"] * (changes * 15 // 100)
+                + ["remove"] * (changes * 15 // 100))
+        plan += ["affinity"] * (changes - len(plan))
+        rng.shuffle(plan)
+        for i, planned in enumerate(plan, start=1):
+            op = "add" if planned == "remove" and not self.added else planned
+            if op == "endpoint":
+                self.endpoint(rng)
+            elif op == "add":
+                self.add()
+            elif op == "remove":
+                self.remove()
+            else:
+                self.affinity()
+            if i % 10 == 0:
+                say(f"{self.system}: {i}/{len(plan)} changes; endpoint so far "
+                    f"{summary(self.samples['endpoint'])}")
+            time.sleep(gap)
+        while self.added:  # leave the Service count as it was for the next system
+            self.remove()
+
+
+def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"services": n, "endpoints_each": harness.ENDPOINTS, "nodes": 3}
+    pop = Population()
+    with BenchLab(Path(args.state_dir)) as bench:
+        bench.up()
+        bench.populate(n, pop)
+        with KernelWatchers(bench.node_names) as watchers:
+            for system in args.systems:
+                say(f"--- {system} with {n} Services")
+                phase = Phase(bench, watchers, pop, system, args.timeout)
+                cold = phase.start()
+                before = harness.sample_processes(bench, phase.processes())
+                phase.churn(args.changes, args.gap, args.seed)
+                after = harness.sample_processes(bench, phase.processes())
+                out[system] = {
+                    "cold_sync_s": cold,
+                    **{kind: summary(s) for kind, s in phase.samples.items()},
+                    "timeouts": phase.timeouts,
+                    "processes_after_churn": after,
+                    "cpu_s_during_churn": harness.cpu_delta(before, after),
+                }
+                say(f"{system} with {n} Services: {json.dumps(out[system])}")
+                phase.stop()
+            out["reader_errors"] = watchers.errors
+    for kp in ("kube-proxy-iptables", "kube-proxy-nftables"):
+        mine, theirs = out.get("svcproxy-iptables"), out.get(kp)
+        if mine and theirs:
+            out[f"ratio_{kp}_over_svcproxy"] = {
+                f"{kind}_{q}": ratio(theirs[kind].get(q), mine[kind].get(q))
+                for kind in ("endpoint", "add", "remove", "affinity") for q in ("p50", "p99")
+            }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100,1000", help="numbers of Services, comma-separated")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"which systems, in order (svcproxy last): {','.join(SYSTEMS)}")
+    parser.add_argument("--changes", type=int, default=60, help="changes per system and size")
+    parser.add_argument("--gap", type=float, default=1.0,
+                        help="seconds between changes (kube-proxy's minSyncPeriod is 1 s)")
+    parser.add_argument("--timeout", type=float, default=60, help="give up on one change after this")
+    parser.add_argument("--seed", type=int, default=9)
+    parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--png", help="draw programming latency vs number of Services here")
+    args = parser.parse_args()
+    args.systems = [s for s in args.systems.split(",") if s]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if "svcproxy-iptables" in args.systems[:-1]:
+        parser.error("svcproxy-iptables must come last (the lab cannot stop svcproxy)")
+    result = {
+        "benchmark": "programming_latency",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": __import__("os").cpu_count(), "kernel": platform.release()},
+        "kubernetes": K8S_VERSION,
+        "namespace": NAMESPACE,
+        "gap_s": args.gap,
+        "changes_per_system": args.changes,
+        "sizes": [run_size(int(n), args) for n in args.sizes.split(",")],
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.png:
+        import plot
+
+        plot.programming_latency([result], Path(args.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

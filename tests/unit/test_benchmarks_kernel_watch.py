@@ -1,0 +1,101 @@
+"""The nf_tables mirror of the benchmarks' kernel reader (benchmarks/_lab/kernel_watch.py).
+
+Fed with the text that ``nft -a list ruleset`` and ``nft -a monitor`` print (captured from
+iptables-nft and kube-proxy-style nftables rules on this machine's kernel), it must resolve
+what a VIP:port DNATs to after each change.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from _lab.kernel_watch import NftMirror
+
+DUMP = """table ip nat { # handle 2
+\tchain KUBE-SERVICES { # handle 1
+\t\tmeta l4proto tcp ip daddr 10.96.0.5  tcp dport 80 counter packets 0 bytes 0 jump KUBE-SVC-A # handle 4
+\t}
+
+\tchain KUBE-SVC-A { # handle 2
+\t\tmeta random & 2147483647 < 1073741824 counter packets 0 bytes 0 jump KUBE-SEP-X # handle 5
+\t\tcounter packets 0 bytes 0 jump KUBE-SEP-Y # handle 9
+\t}
+
+\tchain KUBE-SEP-X { # handle 3
+\t\tmeta l4proto tcp   counter packets 0 bytes 0 dnat to 10.244.1.5:8080 # handle 6
+\t}
+
+\tchain KUBE-SEP-Y { # handle 7
+\t\tmeta l4proto tcp   counter packets 0 bytes 0 dnat to 10.244.1.6:8080 # handle 8
+\t}
+}
+table ip kube-proxy { # handle 3
+\tmap service-ips { # handle 4
+\t\ttype ipv4_addr . inet_proto . inet_service : verdict
+\t\telements = { 10.96.0.7 . tcp . 80 : goto service-A-ns/s/tcp/p,
+\t\t\t     10.96.0.8 . tcp . 80 : goto service-B-ns/t/tcp/p }
+\t}
+
+\tchain service-A-ns/s/tcp/p { # handle 1
+\t\t@VMAP@ # handle 10
+\t}
+
+\tchain endpoint-1-ns/s/tcp/p__10.244.1.5/8080 { # handle 2
+\t\tmeta l4proto tcp dnat to 10.244.1.5:8080 # handle 7
+\t}
+
+\tchain endpoint-1-ns/s/tcp/p__10.244.1.6/8080 { # handle 3
+\t\tmeta l4proto tcp dnat to 10.244.1.6:8080 # handle 8
+\t}
+}
+"""
+VMAP = ("numgen random mod 2 vmap { 0 : goto endpoint-1-ns/s/tcp/p__10.244.1.5/8080, "
+        "1 : goto endpoint-1-ns/s/tcp/p__10.244.1.6/8080 }")
+
+
+def mirror() -> NftMirror:
+    m = NftMirror()
+    m.load_dump(DUMP.replace("@VMAP@", VMAP))
+    return m
+
+
+def test_dump_resolves_iptables_chains_and_nft_verdict_maps() -> None:
+    m = mirror()
+    assert m.resolve("10.96.0.5:80").targets == ("10.244.1.5:8080", "10.244.1.6:8080")
+    assert m.resolve("10.96.0.7:80").targets == ("10.244.1.5:8080", "10.244.1.6:8080")
+    assert m.resolve("10.96.0.8:80").targets == ()  # its chain is missing: nothing reachable
+    assert m.resolve("10.96.0.9:80").targets == ()
+    assert m.histogram() == {2: 2, 0: 1}
+
+
+def test_monitor_events_change_the_answer_only_at_generation_lines() -> None:
+    m = mirror()
+    assert not m.apply("delete rule ip nat KUBE-SVC-A handle 5")
+    assert not m.apply("delete chain ip nat KUBE-SEP-X")
+    assert not m.apply("create chain ip nat KUBE-SEP-Z # handle 11")
+    assert not m.apply("add rule ip nat KUBE-SEP-Z meta l4proto tcp dnat to 10.244.2.1:8080 # handle 12")
+    assert not m.apply("add rule ip nat KUBE-SVC-A counter packets 0 bytes 0 jump KUBE-SEP-Z # handle 13")
+    assert m.apply("# new generation 8 by process 22535 (iptables-restor)")
+    assert m.resolve("10.96.0.5:80").targets == ("10.244.1.6:8080", "10.244.2.1:8080")
+
+
+def test_map_elements_and_affinity() -> None:
+    m = mirror()
+    m.apply("delete element ip kube-proxy service-ips { 10.96.0.7 . tcp . 80 : goto service-A-ns/s/tcp/p }")
+    assert m.resolve("10.96.0.7:80").targets == ()
+    m.apply("add element ip kube-proxy service-ips { 10.96.0.9 . tcp . 80 : goto service-A-ns/s/tcp/p }")
+    assert m.resolve("10.96.0.9:80").targets == ("10.244.1.5:8080", "10.244.1.6:8080")
+    assert not m.resolve("10.96.0.5:80").affinity
+    m.apply('add rule ip nat KUBE-SVC-A xt match "recent" counter jump KUBE-SEP-X # handle 20')
+    assert m.resolve("10.96.0.5:80").affinity
+
+
+def test_flush_and_table_deletion_forget_rules() -> None:
+    m = mirror()
+    m.apply("flush chain ip nat KUBE-SVC-A")
+    assert m.resolve("10.96.0.5:80").targets == ()
+    m.apply("delete table ip kube-proxy")
+    assert m.resolve("10.96.0.7:80").targets == ()
