@@ -47,12 +47,17 @@ from typing import Any, BinaryIO
 SCRIPT = Path(__file__).resolve()
 POD_CIDR = "10.244.0.0/16"
 CLIENT_IP, NODE_CLIENT_SIDE = "10.244.8.2", "10.244.8.1"
+# The client sends to the VIP from a second address of the same interface (chosen by the
+# route's src): a direct connection that reuses the ports of an IPVS connection in
+# TIME_WAIT would have its SYN-ACK rewritten to come from the VIP and fail.
+CLIENT_VIP_IP = "10.244.8.3"
 BACKEND_IP, NODE_BACKEND_SIDE = "10.244.9.2", "10.244.9.1"
 BACKEND_PORT = 8080
 VIP, VIP_PORT = "10.96.9.10", 80
 PATHS = ("direct", "vip")
 TARGET_P50_RATIO = 1.05  # issue 9: ipvs and iptables add no more than 5 % to p50
 REQUEST = b"GET\n"
+CONNTRACK_MAX = 262144  # the host's default; set in the guest
 
 
 # --- pure helpers (unit tested in tests/unit/test_benchmarks_dataplane.py) ----------
@@ -119,7 +124,7 @@ def verdict(mode: str, p50_ratio: float | None) -> dict[str, Any]:
 def expected_peer(mode: str) -> str:
     """Who the backend sees as the client through the VIP: the client itself (the client is
     in the cluster CIDR, so no masquerade), or the node for userspace (the proxy connects)."""
-    return NODE_BACKEND_SIDE if mode == "userspace" else CLIENT_IP
+    return NODE_BACKEND_SIDE if mode == "userspace" else CLIENT_VIP_IP
 
 
 # --- roles that run inside the namespaces ---------------------------------------------
@@ -217,13 +222,15 @@ def _latency(cmd: dict[str, Any]) -> dict[str, Any]:
     return {"samples_us": [round(s, 1) for s in samples], "errors": errors, "first_error": first_error}
 
 
-def _worker(host: str, port: int, *, persistent: bool, start: float, seconds: float, out: int) -> None:
-    """One forked load process: requests back to back in [start, start+seconds)."""
-    done = errors = 0
-    while time.monotonic() < start:
-        time.sleep(0.001)
-    end = start + seconds
+def _worker(host: str, port: int, *, persistent: bool, seconds: float, go: int, out: int) -> None:
+    """One forked load process: says ready, waits for the common go, then sends requests
+    back to back for ``seconds`` and reports ``done errors elapsed``."""
     conn = _connect(host, port) if persistent else None
+    os.write(out, b"ready\n")
+    os.read(go, 1)
+    done = errors = 0
+    start = time.monotonic()
+    end = start + seconds
     while time.monotonic() < end:
         try:
             if conn is None:
@@ -233,36 +240,46 @@ def _worker(host: str, port: int, *, persistent: bool, start: float, seconds: fl
             done += 1
         except OSError:
             errors += 1
-    os.write(out, f"{done} {errors}\n".encode())
+    os.write(out, f"{done} {errors} {time.monotonic() - start}\n".encode())
 
 
 def _throughput(cmd: dict[str, Any]) -> dict[str, Any]:
+    """``workers`` forked clients released together (forking is slow in a UML guest, so a
+    start time fixed in advance could pass before the last one exists); requests/s summed."""
     seconds, workers = float(cmd["seconds"]), int(cmd["workers"])
-    start = time.monotonic() + 0.3  # every worker forked and connected before the window
-    pids, reads = [], []
+    go_r, go_w = os.pipe()
+    pids, outs = [], []
     for _ in range(workers):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(r)
             try:
-                _worker(cmd["host"], cmd["port"], persistent=cmd["conn"] == "persistent", start=start,
-                        seconds=seconds, out=w)
+                _worker(cmd["host"], cmd["port"], persistent=cmd["conn"] == "persistent",
+                        seconds=seconds, go=go_r, out=w)
+            except BaseException as err:
+                os.write(w, f"failed {type(err).__name__}: {err}\n".encode())
             finally:
                 os._exit(0)
         os.close(w)
         pids.append(pid)
-        reads.append(r)
-    done = errors = 0
-    for pid, r in zip(pids, reads, strict=True):
-        with os.fdopen(r) as f:
-            line = f.read().split()
+        outs.append(os.fdopen(r))
+    failures = [line for f in outs if (line := f.readline().strip()) != "ready"]
+    os.write(go_w, b"g" * workers)
+    done, errors, rps = 0, len(failures), 0.0
+    for pid, f in zip(pids, outs, strict=True):
+        line = f.read().strip()
+        f.close()
         os.waitpid(pid, 0)
-        if len(line) == 2:
-            done, errors = done + int(line[0]), errors + int(line[1])
-        else:
-            errors += 1  # the worker died before reporting (it could not connect)
-    return {"requests": done, "errors": errors, "rps": round(done / seconds, 1)}
+        if line.startswith("failed"):
+            failures.append(line)
+            errors += 1
+        elif len(fields := line.split()) == 3:
+            done, errors = done + int(fields[0]), errors + int(fields[1])
+            rps += int(fields[0]) / float(fields[2])
+    os.close(go_r)
+    os.close(go_w)
+    return {"requests": done, "errors": errors, "rps": round(rps, 1), "failures": failures[:2]}
 
 
 def client_loop() -> None:
@@ -354,7 +371,8 @@ class Topology:
             sh("ip", "-n", node, "link", "set", peer, "up")
             # Pods and Services via the node; never a default route.
             sh("ip", "-n", name, "route", "add", POD_CIDR, "via", gw)
-        sh("ip", "-n", cli, "route", "add", "10.96.0.0/16", "via", NODE_CLIENT_SIDE)
+        sh("ip", "-n", cli, "addr", "add", f"{CLIENT_VIP_IP}/24", "dev", "eth0")
+        sh("ip", "-n", cli, "route", "add", "10.96.0.0/16", "via", NODE_CLIENT_SIDE, "src", CLIENT_VIP_IP)
         # New-connection rounds open tens of thousands of connections to one address:
         # a wide port range and TIME_WAIT reuse keep the client from running out of ports.
         sh("ip", "netns", "exec", cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
@@ -464,11 +482,19 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                                   seconds=args.seconds, workers=args.concurrency)
                 rps[path].append(got["rps"])
                 errs += got["errors"]
+                if got["failures"]:
+                    log(f"{mode} throughput {conn} {path}: {got['failures']}")
             direct, vip = statistics.fmean(rps["direct"]), statistics.fmean(rps["vip"])
             tput[f"{conn}_connection"] = {"direct_rps": round(direct, 1), "vip_rps": round(vip, 1),
                                           "ratio": ratio(vip, direct), "rounds_rps": rps, "errors": errs}
             log(f"{mode} throughput {conn}: direct {direct:.0f}/s, vip {vip:.0f}/s")
         result["throughput"] = tput
+        # A full conntrack table drops new SYNs: show how close the rounds came.
+        count = subprocess.run(["ip", "netns", "exec", topo.ns("node"), "cat",
+                                "/proc/sys/net/netfilter/nf_conntrack_count"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+        result["conntrack"] = {"entries_after": int(count) if count.isdigit() else None,
+                               "max": int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())}
         result["verdict"] = verdict(mode, result["new_connection_latency"]["ratio"]["p50"])
         return result
 
@@ -497,7 +523,13 @@ def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     log(f"booting a UML guest for {','.join(modes)}")
     with tempfile.TemporaryDirectory(prefix="svcpdp-") as state, \
             booted_guest("bench-dp", state, mem=args.guest_mem) as guest:
-        guest.run(["modprobe", "ip_vs"], timeout=60)
+        for cmd in (["modprobe", "ip_vs"], ["modprobe", "nf_conntrack"],
+                    # A 512M guest gets 4,096 conntrack entries; the rounds leave tens of
+                    # thousands in TIME_WAIT (120 s), and a full table drops new SYNs.
+                    ["sysctl", "-qw", f"net.netfilter.nf_conntrack_max={CONNTRACK_MAX}"]):
+            done = guest.run(cmd, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"guest: {' '.join(cmd)} failed: {done.stderr.decode()[-500:]}")
         proc = guest.run(argv, timeout=1800)
     for line in proc.stderr.decode(errors="replace").splitlines():
         print(f"  guest: {line}", file=sys.stderr)
@@ -592,8 +624,9 @@ def main() -> int:
         "settings": {k: getattr(args, k) for k in ("rounds", "requests", "persistent_requests",
                                                    "guest_requests", "seconds", "throughput_rounds",
                                                    "concurrency")},
-        "topology": {"client": CLIENT_IP, "backend": f"{BACKEND_IP}:{BACKEND_PORT}",
-                     "vip": f"{VIP}:{VIP_PORT}", "hops": "client -> node (routes, mode's rules) -> backend"},
+        "topology": {"client": f"{CLIENT_IP} (to the Pod), {CLIENT_VIP_IP} (to the VIP)",
+                     "backend": f"{BACKEND_IP}:{BACKEND_PORT}", "vip": f"{VIP}:{VIP_PORT}",
+                     "hops": "client -> node (routes, the mode's rules) -> backend"},
         "modes": {},
     }
     for mode, res in run_here(host_modes, args).items():

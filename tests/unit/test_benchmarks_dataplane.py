@@ -87,6 +87,6 @@ def test_verdict_holds_ipvs_and_iptables_to_five_percent_only() -> None:
 
 
 def test_backend_sees_the_client_except_through_the_userspace_proxy() -> None:
-    assert dp.expected_peer("iptables") == dp.CLIENT_IP
-    assert dp.expected_peer("ipvs") == dp.CLIENT_IP
+    assert dp.expected_peer("iptables") == dp.CLIENT_VIP_IP
+    assert dp.expected_peer("ipvs") == dp.CLIENT_VIP_IP
     assert dp.expected_peer("userspace") == dp.NODE_BACKEND_SIDE
