@@ -1,26 +1,22 @@
 """Data-path benchmark: request latency and throughput through a VIP vs straight to the Pod; prints JSON.
 
-For each proxy mode it builds throw-away network namespaces: a client
-(10.244.8.2, a Pod-like client with no default route), a node that routes
-and holds the mode's rules (programmed by svcproxy's own proxier, in a
-helper process inside the node netns), and one backend (10.244.9.2) with a
-small echo server. The client alternates rounds straight to the backend
-(``direct``) and through the VIP 10.96.9.10:80 (``vip``) in ABBA order, so
-drift on this shared machine falls on both sides alike, and the figures are
-ratios VIP/direct measured in the same run on the same node. iptables and
-userspace run on the host kernel; ipvs runs inside a user-mode-linux guest
-(the host has no IPVS) and is compared with direct in the same guest.
-
-Measured per mode: latency with a new TCP connection per request (where the
-modes differ: NAT or proxying happens on connection setup) and on one
-persistent connection, p50/p99 in microseconds; throughput in requests/s
-with ``--concurrency`` client processes. Traffic never starts or ends in the
-root netns. Usage (root, from the repo; JSON on stdout, progress on stderr):
+Per proxy mode, throw-away network namespaces: a client (a Pod-like client,
+no default route), a node that routes and holds the mode's rules (programmed
+by svcproxy's own proxier in a helper process inside the node netns), and
+one backend with a small echo server. The client alternates rounds straight
+to the backend (``direct``) and through the VIP (``vip``) in ABBA order, so
+drift on this shared machine falls on both sides alike; the figures are
+ratios VIP/direct from the same run on the same node. iptables and userspace
+run on the host kernel; ipvs in a user-mode-linux guest (the host has no
+IPVS), compared with direct in the same guest. Measured: latency with a new
+TCP connection per request (where the modes differ: NAT or proxying happens
+at connection setup) and on one persistent connection, p50/p99 in µs, and
+throughput in requests/s with ``--concurrency`` client processes. Traffic
+never starts or ends in the root netns. Usage (root, from the repo; JSON on
+stdout, progress on stderr; --serve, --client, --program and --inner are
+this file's own helper roles inside the namespaces or the guest):
 
     .venv/bin/python benchmarks/dataplane.py [--modes ipvs,iptables,userspace] [--png out.png]
-
-The helper roles (--serve, --client, --program, --inner) are this same file
-started inside the namespaces or the guest.
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import selectors
@@ -42,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 SCRIPT = Path(__file__).resolve()
 POD_CIDR = "10.244.0.0/16"
@@ -195,91 +192,59 @@ def _one_new(host: str, port: int) -> bytes:
         return _exchange(s)
 
 
-def _latency(cmd: dict[str, Any]) -> dict[str, Any]:
-    host, port, count = cmd["host"], cmd["port"], cmd["count"]
-    deadline = time.monotonic() + cmd.get("max_seconds", 30)
+def _requests(host: str, port: int, persistent: bool, count: float, seconds: float) -> dict[str, Any]:
+    """Requests one after another (each on a new connection, or all on one) until ``count``
+    are done or ``seconds`` have passed; the time of each in microseconds."""
+    deadline = time.monotonic() + seconds
     samples: list[float] = []
     errors, first_error = 0, ""
-    conn = _connect(host, port) if cmd["conn"] == "persistent" else None
+    conn = _connect(host, port) if persistent else None
     clock = time.perf_counter_ns
     while len(samples) + errors < count and time.monotonic() < deadline:
         start = clock()
         try:
-            if conn is None:
-                _one_new(host, port)
-            else:
-                _exchange(conn)
+            _exchange(conn) if conn else _one_new(host, port)
         except OSError as err:
             errors += 1
             first_error = first_error or f"{type(err).__name__}: {err}"
-            if conn is not None:
+            if conn:
                 conn.close()
                 conn = _connect(host, port)
             continue
         samples.append((clock() - start) / 1000)
-    if conn is not None:
+    if conn:
         conn.close()
     return {"samples_us": [round(s, 1) for s in samples], "errors": errors, "first_error": first_error}
 
 
-def _worker(host: str, port: int, *, persistent: bool, seconds: float, go: int, out: int) -> None:
-    """One forked load process: says ready, waits for the common go, then sends requests
-    back to back for ``seconds`` and reports ``done errors elapsed``."""
-    conn = _connect(host, port) if persistent else None
-    os.write(out, b"ready\n")
-    os.read(go, 1)
-    done = errors = 0
-    start = time.monotonic()
-    end = start + seconds
-    while time.monotonic() < end:
-        try:
-            if conn is None:
-                _one_new(host, port)
-            else:
-                _exchange(conn)
-            done += 1
-        except OSError:
-            errors += 1
-    os.write(out, f"{done} {errors} {time.monotonic() - start}\n".encode())
+def _worker(job: tuple[str, int, bool, float], go: Any, out: Any) -> None:
+    """One load process: waits for the others at the barrier, then sends requests back to
+    back for ``seconds``; puts (done, errors, elapsed, first error) on ``out``."""
+    host, port, persistent, seconds = job
+    try:
+        go.wait(timeout=120)
+        start = time.monotonic()
+        got = _requests(host, port, persistent, float("inf"), seconds)
+        out.put((len(got["samples_us"]), got["errors"], time.monotonic() - start, got["first_error"]))
+    except BaseException as err:
+        out.put((0, 1, 1.0, f"{type(err).__name__}: {err}"))
 
 
 def _throughput(cmd: dict[str, Any]) -> dict[str, Any]:
-    """``workers`` forked clients released together (forking is slow in a UML guest, so a
-    start time fixed in advance could pass before the last one exists); requests/s summed."""
-    seconds, workers = float(cmd["seconds"]), int(cmd["workers"])
-    go_r, go_w = os.pipe()
-    pids, outs = [], []
-    for _ in range(workers):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            try:
-                _worker(cmd["host"], cmd["port"], persistent=cmd["conn"] == "persistent",
-                        seconds=seconds, go=go_r, out=w)
-            except BaseException as err:
-                os.write(w, f"failed {type(err).__name__}: {err}\n".encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        pids.append(pid)
-        outs.append(os.fdopen(r))
-    failures = [line for f in outs if (line := f.readline().strip()) != "ready"]
-    os.write(go_w, b"g" * workers)
-    done, errors, rps = 0, len(failures), 0.0
-    for pid, f in zip(pids, outs, strict=True):
-        line = f.read().strip()
-        f.close()
-        os.waitpid(pid, 0)
-        if line.startswith("failed"):
-            failures.append(line)
-            errors += 1
-        elif len(fields := line.split()) == 3:
-            done, errors = done + int(fields[0]), errors + int(fields[1])
-            rps += int(fields[0]) / float(fields[2])
-    os.close(go_r)
-    os.close(go_w)
-    return {"requests": done, "errors": errors, "rps": round(rps, 1), "failures": failures[:2]}
+    """``workers`` forked clients released together by a barrier (forking is slow in a UML
+    guest: a start time fixed in advance could pass before the last one exists)."""
+    ctx = multiprocessing.get_context("fork")
+    workers, go, out = int(cmd["workers"]), ctx.Barrier(int(cmd["workers"])), ctx.Queue()
+    job = (cmd["host"], cmd["port"], cmd["conn"] == "persistent", float(cmd["seconds"]))
+    procs = [ctx.Process(target=_worker, args=(job, go, out)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=float(cmd["seconds"]) + 180) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return {"requests": sum(r[0] for r in results), "errors": sum(r[1] for r in results),
+            "rps": round(sum(r[0] / r[2] for r in results), 1),
+            "failures": [r[3] for r in results if r[3]][:2]}
 
 
 def client_loop() -> None:
@@ -294,7 +259,8 @@ def client_loop() -> None:
             except OSError as err:
                 answer = {"error": f"{type(err).__name__}: {err}"}
         elif cmd["op"] == "latency":
-            answer = _latency(cmd)
+            answer = _requests(cmd["host"], cmd["port"], cmd["conn"] == "persistent", cmd["count"],
+                               cmd.get("max_seconds", 30))
         else:
             answer = _throughput(cmd)
         print(json.dumps(answer), flush=True)
@@ -334,11 +300,10 @@ async def _hold(proxier: Any) -> None:
 # --- the harness: namespaces, helper processes, rounds ----------------------------------
 
 
-def sh(*argv: str) -> str:
+def sh(*argv: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}")
-    return proc.stdout
 
 
 def log(msg: str) -> None:
@@ -359,20 +324,18 @@ class Topology:
         node, cli, be = self.ns("node"), self.ns("cli"), self.ns("be")
         for name in (node, cli, be):
             sh("ip", "netns", "add", name)
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        cmds = [f"-n {n} link set lo up" for n in (node, cli, be)]
         for name, peer, addr, gw in ((cli, "cl0", CLIENT_IP, NODE_CLIENT_SIDE),
                                      (be, "be0", BACKEND_IP, NODE_BACKEND_SIDE)):
-            sh("ip", "link", "add", "eth0", "netns", name, "type", "veth", "peer", "name", peer,
-               "netns", node)
-            sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
-            sh("ip", "-n", name, "link", "set", "eth0", "up")
-            sh("ip", "-n", node, "addr", "add", f"{gw}/24", "dev", peer)
-            sh("ip", "-n", node, "link", "set", peer, "up")
-            # Pods and Services via the node; never a default route.
-            sh("ip", "-n", name, "route", "add", POD_CIDR, "via", gw)
-        sh("ip", "-n", cli, "addr", "add", f"{CLIENT_VIP_IP}/24", "dev", "eth0")
-        sh("ip", "-n", cli, "route", "add", "10.96.0.0/16", "via", NODE_CLIENT_SIDE, "src", CLIENT_VIP_IP)
+            cmds += [f"link add eth0 netns {name} type veth peer name {peer} netns {node}",
+                     f"-n {name} addr add {addr}/24 dev eth0", f"-n {name} link set eth0 up",
+                     f"-n {node} addr add {gw}/24 dev {peer}", f"-n {node} link set {peer} up",
+                     f"-n {name} route add {POD_CIDR} via {gw}"]  # via the node; no default route
+        cmds += [f"-n {cli} addr add {CLIENT_VIP_IP}/24 dev eth0",
+                 f"-n {cli} route add 10.96.0.0/16 via {NODE_CLIENT_SIDE} src {CLIENT_VIP_IP}"]
+        for cmd in cmds:
+            sh("ip", *cmd.split())
+        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # New-connection rounds open tens of thousands of connections to one address:
         # a wide port range and TIME_WAIT reuse keep the client from running out of ports.
         sh("ip", "netns", "exec", cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
@@ -405,20 +368,15 @@ def read_json(proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
     line = out.readline() if out else b""
     if not line:
         raise RuntimeError(f"the {what} process exited ({proc.poll()}) without answering: see stderr")
-    answer: dict[str, Any] = json.loads(line)
-    return answer
+    return cast(dict[str, Any], json.loads(line))
 
 
-class Client:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        read_json(proc, "client")
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
-        self.proc.stdin.flush()
-        return read_json(self.proc, "client")
+def ask(proc: subprocess.Popen[bytes], **cmd: Any) -> dict[str, Any]:
+    """One command to the --client process, its answer."""
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+    proc.stdin.flush()
+    return read_json(proc, "client")
 
 
 @contextmanager
@@ -441,11 +399,12 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One mode, fresh namespaces: check both paths, then interleaved rounds of each kind."""
     log(f"{mode}: namespaces, echo server, proxier")
     with programmed(mode) as (topo, sync):
-        client = Client(topo.start("cli", "--client"))
+        client = topo.start("cli", "--client")
+        read_json(client, "client")
         target = {"direct": (BACKEND_IP, BACKEND_PORT), "vip": (VIP, VIP_PORT)}
         seen: dict[str, str] = {}
         for path, (host, port) in target.items():
-            answer = client.call(op="ask", host=host, port=port)
+            answer = ask(client, op="ask", host=host, port=port)
             if "error" in answer or not answer["answer"].startswith("be0 "):
                 raise RuntimeError(f"{mode}: no answer from the backend via {path} {host}:{port}: {answer}")
             seen[path] = answer["answer"].split()[1].split(":")[0]
@@ -460,10 +419,10 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             errors = dict.fromkeys(PATHS, 0)
             for path in PATHS:  # warm-up: ARP, conntrack, caches, the client's own code paths
                 host, port = target[path]
-                client.call(op="latency", host=host, port=port, conn=conn, count=max(20, count // 20))
+                ask(client, op="latency", host=host, port=port, conn=conn, count=max(20, count // 20))
             for path in ab_order(args.rounds):
                 host, port = target[path]
-                got = client.call(op="latency", host=host, port=port, conn=conn, count=count,
+                got = ask(client, op="latency", host=host, port=port, conn=conn, count=count,
                                   max_seconds=args.round_seconds)
                 rounds[path].append(got["samples_us"])
                 errors[path] += got["errors"]
@@ -478,7 +437,7 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             errs = 0
             for path in ab_order(args.throughput_rounds):
                 host, port = target[path]
-                got = client.call(op="throughput", host=host, port=port, conn=conn,
+                got = ask(client, op="throughput", host=host, port=port, conn=conn,
                                   seconds=args.seconds, workers=args.concurrency)
                 rps[path].append(got["rps"])
                 errs += got["errors"]
@@ -515,11 +474,10 @@ def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(SCRIPT.parents[1] / "operator"))
     from svcproxy.lab.uml import booted_guest
 
-    argv = [sys.executable, str(SCRIPT), "--inner", "--modes", ",".join(modes),
-            "--rounds", str(args.rounds), "--requests", str(args.guest_requests),
-            "--persistent-requests", str(args.guest_requests * 2), "--round-seconds",
-            str(args.round_seconds), "--seconds", str(args.seconds), "--concurrency",
-            str(args.concurrency), "--throughput-rounds", str(args.throughput_rounds)]
+    argv = [sys.executable, str(SCRIPT), "--inner", "--modes", ",".join(modes), "--requests",
+            str(args.guest_requests), "--persistent-requests", str(args.guest_requests * 2)]
+    for name in ("rounds", "round_seconds", "seconds", "concurrency", "throughput_rounds"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     log(f"booting a UML guest for {','.join(modes)}")
     with tempfile.TemporaryDirectory(prefix="svcpdp-") as state, \
             booted_guest("bench-dp", state, mem=args.guest_mem) as guest:
@@ -548,25 +506,23 @@ def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     modes = [m for m, r in report["modes"].items() if "error" not in r]
-    fig, (lat, tput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.2
-    for i, (side, stat) in enumerate((("direct", "p50_us"), ("vip", "p50_us"), ("direct", "p99_us"),
-                                      ("vip", "p99_us"))):
-        vals = [report["modes"][m]["new_connection_latency"][side][stat] for m in modes]
-        lat.bar([x + (i - 1.5) * width for x in range(len(modes))], vals, width,
-                label=f"{side} {stat[:3]}")
-    lat.set_xticks(range(len(modes)), modes)
-    lat.set_ylabel("µs per request (new connection)")
-    lat.set_title("latency, new connection per request")
-    lat.legend(fontsize=8)
-    for i, (conn, side) in enumerate((("new", "direct"), ("new", "vip"), ("persistent", "direct"),
-                                      ("persistent", "vip"))):
-        vals = [report["modes"][m]["throughput"][f"{conn}_connection"][f"{side}_rps"] for m in modes]
-        tput.bar([x + (i - 1.5) * width for x in range(len(modes))], vals, width, label=f"{conn} {side}")
-    tput.set_xticks(range(len(modes)), modes)
-    tput.set_ylabel("requests/s")
-    tput.set_title(f"throughput, {report['settings']['concurrency']} clients")
-    tput.legend(fontsize=8)
+    panels = (
+        ("latency, new connection per request (µs, log)",
+         [(f"{s} {q}", ("new_connection_latency", s, f"{q}_us")) for q in ("p50", "p99") for s in PATHS]),
+        ("VIP / direct (same run)",
+         [(f"latency {q}", ("new_connection_latency", "ratio", q)) for q in ("p50", "p99")]
+         + [(f"req/s {c} conn", ("throughput", f"{c}_connection", "ratio")) for c in ("new", "persistent")]),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (title, bars) in zip(axes, panels, strict=True):
+        for i, (label, (a, b, c)) in enumerate(bars):
+            ax.bar([x + (i - 1.5) * 0.2 for x in range(len(modes))],
+                   [report["modes"][m][a][b][c] or 0 for m in modes], 0.2, label=label)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[1].axhline(TARGET_P50_RATIO, color="grey", linestyle="--", linewidth=1)
     fig.suptitle("svcproxy data path: VIP vs direct to the Pod, same run (ipvs: in a UML guest)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -595,12 +551,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
-        return 0
-    if args.client:
+    elif args.client:
         client_loop()
-        return 0
-    if args.program:
+    elif args.program:
         hold_program(args.program)
+    if args.serve or args.client or args.program:
         return 0
     if os.geteuid() != 0:
         print("dataplane benchmark: run as root (it creates network namespaces and programs "
