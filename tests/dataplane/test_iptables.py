@@ -114,3 +114,34 @@ def test_restarted_proxier_keeps_traffic_and_adopts_rules(topo: Topology) -> Non
     assert result.ok
     assert "-" not in topo.ask(VIP, 80, 20)
     asyncio.run(restarted.cleanup())
+
+
+def test_full_sync_in_batches_keeps_one_jump_per_service(topo: Topology, monkeypatch: object) -> None:
+    import pytest
+
+    from svcproxy.dataplane.iptables import proxier as mod
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.setattr(mod, "NFT_BATCH", 2)  # 5 services -> 3 iptables-restore inputs
+    servers = [svc(topo, port=80 + i, owner=f"ns/s{i}") for i in range(5)]
+    stale = svc(topo, port=90, owner="ns/gone")
+    p = proxier(topo)
+    assert asyncio.run(p.sync(make_table([*servers, stale]))).ok
+
+    def services_jumps() -> list[str]:
+        return [line for line in saved(topo).splitlines() if line.startswith(f"-A {rules.SERVICES} ")]
+
+    assert len(services_jumps()) == 6
+    # A restarted agent's full sync: same rules, nothing doubled, the stale service swept.
+    restarted = proxier(topo)
+    result = asyncio.run(restarted.sync(make_table(servers)))
+    assert result.ok, result.errors
+    assert sorted(map(rules.same_rule, services_jumps())) == sorted(
+        rules.same_rule(rules.service_jump(v)) for v in servers
+    )
+    text = saved(topo)
+    assert not any(c in text for c in rules.chains_of(stale))
+    for i in range(5):
+        assert set(topo.ask(VIP, 80 + i, 6)) <= {"be0", "be1", "be2"}
+    assert set(topo.ask(VIP, 90, 2)) == {"-"}
+    asyncio.run(restarted.cleanup())

@@ -46,3 +46,23 @@ def test_chain_names_fit_the_kernel_limit_and_are_stable() -> None:
     assert names == rules.chains_of(vs())
     assert all(rules.owned_chain(n) for n in names)
     assert not rules.owned_chain("SVCPROXY-PORTALS")  # the userspace mode's chain
+
+
+def test_chain_hash_is_the_name_running_kernels_already_carry() -> None:
+    # Names must not change across versions: a restarted agent adopts its chains.
+    import base64
+    import hashlib
+
+    for text in ("TCP/10.96.0.10:80", "UDP/[fd00::1]:53>10.244.1.2:8080", ""):
+        old = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:15]
+        assert rules._hash(text) == old
+
+
+def test_rule_count_matches_the_rules_written() -> None:
+    for weights in ((1, 1, 1), (1, 0, 2), (), (0,)):
+        for persistence in (0, 600):
+            for cidrs, masq_all in ((("10.244.0.0/16",), False), ((), False), (("10.244.0.0/16",), True)):
+                v = vs(weights, persistence)
+                assert rules.rule_count(v, cidrs, masq_all) == 1 + len(
+                    rules.service_rules(v, cidrs, masq_all)
+                )

@@ -76,6 +76,7 @@ class Netfilter:
         # has iptable_nat but no nft_chain_nat); None: find out by probing the kernel.
         if legacy is None:
             legacy = needs_legacy(ipv6, netns)
+        self.legacy = legacy
         base = ("ip6tables" if ipv6 else "iptables") + ("-legacy" if legacy else "")
         self._save = f"{base}-save"
         self._restore = f"{base}-restore"

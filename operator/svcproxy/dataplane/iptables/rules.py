@@ -15,7 +15,7 @@ connections; established ones continue through conntrack.
 
 from __future__ import annotations
 
-import base64
+import functools
 import hashlib
 
 from svcproxy.dataplane.netfilter import Jump
@@ -40,9 +40,20 @@ def owned_chain(name: str) -> bool:
     return name.startswith(OWNED_PREFIXES)
 
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+@functools.lru_cache(maxsize=1 << 18)
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:15]  # chain names are limited to 28 characters
+    """The first 15 base32 characters of sha256(text) (chain names are limited to 28).
+
+    Same value as ``base64.b32encode(digest)[:15]`` (the names chains already carry in
+    running kernels), computed from the first 10 bytes: base64's pure-Python encoder
+    of the whole digest was most of a 10k-service full sync. Cached: every sync names
+    the same chains again.
+    """
+    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")  # 80 bits
+    return "".join(_B32[(bits >> (75 - 5 * i)) & 31] for i in range(15))
 
 
 def service_chain(key: VSKey) -> str:
@@ -78,6 +89,12 @@ def service_jump(vs: VirtualServer) -> str:
     )
 
 
+def same_rule(line: str) -> str:
+    """A rule line as compared with iptables-save output, which quotes some comments
+    ("ns/name") but not others; our rules hold no other quotes."""
+    return line.replace('"', "")
+
+
 def chains_of(vs: VirtualServer) -> list[str]:
     """The per-service and per-endpoint chains ``vs`` uses."""
     return [service_chain(vs.key), *(endpoint_chain(vs.key, r) for r in vs.real_servers)]
@@ -96,9 +113,10 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     else:
         rules += [f"-A {svc} ! -s {cidr} {match} -j {MARK_MASQ}" for cidr in cidrs[:1]]
     ready = [r for r in vs.real_servers if r.weight > 0]
+    seps = {r.key: endpoint_chain(vs.key, r) for r in vs.real_servers}
     if vs.persistence:
         for real in ready:
-            sep = endpoint_chain(vs.key, real)
+            sep = seps[real.key]
             rules.append(
                 f"-A {svc} -m recent --rcheck --seconds {vs.persistence} --reap --name {sep}"
                 f" --mask {'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff' if v6 else '255.255.255.255'}"
@@ -106,7 +124,7 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
             )
     remaining = sum(r.weight for r in ready)
     for index, real in enumerate(ready):
-        sep = endpoint_chain(vs.key, real)
+        sep = seps[real.key]
         if index == len(ready) - 1:
             rules.append(f"-A {svc} -j {sep}")
         else:
@@ -114,7 +132,7 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
             rules.append(f"-A {svc} -m statistic --mode random --probability {probability:.11f} -j {sep}")
         remaining -= real.weight
     for real in vs.real_servers:
-        sep = endpoint_chain(vs.key, real)
+        sep = seps[real.key]
         rules.append(f"-A {sep} -s {_host(real.address)} -j {MARK_MASQ}")  # hairpin
         recent = ""
         if vs.persistence:
@@ -122,3 +140,10 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
             recent = f" -m recent --set --name {sep} --mask {mask} --rsource"
         rules.append(f"-A {sep} -p {proto}{recent} -m {proto} -j DNAT --to-destination {_dest(real)}")
     return rules
+
+
+def rule_count(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool) -> int:
+    """How many rules ``vs`` owns (its jump + :func:`service_rules`), without writing them."""
+    del cluster_cidrs, masquerade_all  # one masquerade rule either way (see service_rules)
+    ready = sum(1 for r in vs.real_servers if r.weight > 0)
+    return 2 + ready * (2 if vs.persistence else 1) + 2 * len(vs.real_servers)

@@ -66,6 +66,8 @@ class UserspaceProxier:
     ) -> None:
         self._nf = netfilter or Netfilter()
         backend, reason = detect_backend(self._nf.netns)
+        if backend and self._nf.legacy:
+            backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
         self._timeout = connect_timeout
         self._clock = clock
         self._portals: dict[VSKey, _Portal] = {}
