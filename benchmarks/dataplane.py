@@ -99,14 +99,19 @@ def ratio(vip: float, direct: float) -> float | None:
     return round(vip / direct, 3) if direct else None
 
 
+def paired_ratio(vip: Sequence[float], direct: Sequence[float]) -> float | None:
+    """Median of round-by-round ratios (round i of vip against round i of direct, which ran
+    next to it): less moved by one noisy round than a ratio of pooled figures."""
+    pairs = [v / d for v, d in zip(vip, direct, strict=False) if d]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
 def compare(direct: dict[str, Any], vip: dict[str, Any]) -> dict[str, Any]:
-    """Ratios VIP/direct of two :func:`summarize` results; the paired figure is the median
-    of per-round p50 ratios, round i of vip against round i of direct (less noise)."""
-    pairs = [v / d for v, d in zip(vip["round_p50_us"], direct["round_p50_us"], strict=False) if d]
+    """Ratios VIP/direct of two :func:`summarize` results."""
     return {
         "p50": ratio(vip["p50_us"], direct["p50_us"]),
         "p99": ratio(vip["p99_us"], direct["p99_us"]),
-        "p50_paired_median": round(statistics.median(pairs), 3) if pairs else None,
+        "p50_paired_median": paired_ratio(vip["round_p50_us"], direct["round_p50_us"]),
     }
 
 
@@ -244,7 +249,7 @@ def _throughput(cmd: dict[str, Any]) -> dict[str, Any]:
         proc.join()
     return {"requests": sum(r[0] for r in results), "errors": sum(r[1] for r in results),
             "rps": round(sum(r[0] / r[2] for r in results), 1),
-            "failures": [r[3] for r in results if r[3]][:2]}
+            "first_error": next((r[3] for r in results if r[3]), "")}
 
 
 def client_loop() -> None:
@@ -395,6 +400,18 @@ def programmed(mode: str) -> Iterator[tuple[Topology, dict[str, Any]]]:
         topo.destroy()
 
 
+def abba(client: subprocess.Popen[bytes], target: dict[str, tuple[str, int]], rounds: int, what: str,
+         **cmd: Any) -> dict[str, list[dict[str, Any]]]:
+    """The client's answers to ``cmd`` per path, ``rounds`` each, in ABBA order."""
+    got: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+    for path in ab_order(rounds):
+        host, port = target[path]
+        got[path].append(answer := ask(client, host=host, port=port, **cmd))
+        if answer["errors"]:
+            log(f"{what} {path}: {answer['errors']} failed, first: {answer['first_error']}")
+    return got
+
+
 def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One mode, fresh namespaces: check both paths, then interleaved rounds of each kind."""
     log(f"{mode}: namespaces, echo server, proxier")
@@ -415,45 +432,32 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "path_as_expected": seen == {"direct": CLIENT_IP, "vip": expected_peer(mode)},
         }
         for conn, count in (("new", args.requests), ("persistent", args.persistent_requests)):
-            rounds: dict[str, list[list[float]]] = {p: [] for p in PATHS}
-            errors = dict.fromkeys(PATHS, 0)
             for path in PATHS:  # warm-up: ARP, conntrack, caches, the client's own code paths
                 host, port = target[path]
                 ask(client, op="latency", host=host, port=port, conn=conn, count=max(20, count // 20))
-            for path in ab_order(args.rounds):
-                host, port = target[path]
-                got = ask(client, op="latency", host=host, port=port, conn=conn, count=count,
-                                  max_seconds=args.round_seconds)
-                rounds[path].append(got["samples_us"])
-                errors[path] += got["errors"]
-                if got["errors"]:
-                    log(f"{mode} {conn} {path}: {got['errors']} failed, first: {got['first_error']}")
-            stats = {p: summarize(rounds[p], errors[p]) for p in PATHS}
+            got = abba(client, target, args.rounds, f"{mode} {conn}", op="latency", conn=conn,
+                       count=count, max_seconds=args.round_seconds)
+            stats = {p: summarize([g["samples_us"] for g in got[p]], sum(g["errors"] for g in got[p]))
+                     for p in PATHS}
             result[f"{conn}_connection_latency"] = {**stats, "ratio": compare(stats["direct"], stats["vip"])}
             log(f"{mode} {conn}: p50 direct {stats['direct']['p50_us']} us, vip {stats['vip']['p50_us']} us")
         tput: dict[str, Any] = {}
         for conn in ("new", "persistent"):
-            rps: dict[str, list[float]] = {p: [] for p in PATHS}
-            errs = 0
-            for path in ab_order(args.throughput_rounds):
-                host, port = target[path]
-                got = ask(client, op="throughput", host=host, port=port, conn=conn,
-                                  seconds=args.seconds, workers=args.concurrency)
-                rps[path].append(got["rps"])
-                errs += got["errors"]
-                if got["failures"]:
-                    log(f"{mode} throughput {conn} {path}: {got['failures']}")
-            direct, vip = statistics.fmean(rps["direct"]), statistics.fmean(rps["vip"])
-            tput[f"{conn}_connection"] = {"direct_rps": round(direct, 1), "vip_rps": round(vip, 1),
-                                          "ratio": ratio(vip, direct), "rounds_rps": rps, "errors": errs}
+            got = abba(client, target, args.throughput_rounds, f"{mode} throughput {conn}",
+                       op="throughput", conn=conn, seconds=args.seconds, workers=args.concurrency)
+            rps = {p: [g["rps"] for g in got[p]] for p in PATHS}
+            direct, vip = statistics.median(rps["direct"]), statistics.median(rps["vip"])
+            tput[f"{conn}_connection"] = {  # medians of the rounds: one stalled round is common here
+                "direct_rps": round(direct, 1), "vip_rps": round(vip, 1), "ratio": ratio(vip, direct),
+                "ratio_paired_median": paired_ratio(rps["vip"], rps["direct"]), "rounds_rps": rps,
+                "errors": sum(g["errors"] for p in PATHS for g in got[p])}
             log(f"{mode} throughput {conn}: direct {direct:.0f}/s, vip {vip:.0f}/s")
         result["throughput"] = tput
         # A full conntrack table drops new SYNs: show how close the rounds came.
-        count = subprocess.run(["ip", "netns", "exec", topo.ns("node"), "cat",
-                                "/proc/sys/net/netfilter/nf_conntrack_count"],
+        ct = "/proc/sys/net/netfilter/nf_conntrack_"
+        count = subprocess.run(["ip", "netns", "exec", topo.ns("node"), "cat", ct + "count"],
                                capture_output=True, text=True, check=False).stdout.strip()
-        result["conntrack"] = {"entries_after": int(count) if count.isdigit() else None,
-                               "max": int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())}
+        result["conntrack"] = {"entries_after": int(count or 0), "max": int(Path(ct + "max").read_text())}
         result["verdict"] = verdict(mode, result["new_connection_latency"]["ratio"]["p50"])
         return result
 
@@ -481,13 +485,6 @@ def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     log(f"booting a UML guest for {','.join(modes)}")
     with tempfile.TemporaryDirectory(prefix="svcpdp-") as state, \
             booted_guest("bench-dp", state, mem=args.guest_mem) as guest:
-        for cmd in (["modprobe", "ip_vs"], ["modprobe", "nf_conntrack"],
-                    # A 512M guest gets 4,096 conntrack entries; the rounds leave tens of
-                    # thousands in TIME_WAIT (120 s), and a full table drops new SYNs.
-                    ["sysctl", "-qw", f"net.netfilter.nf_conntrack_max={CONNTRACK_MAX}"]):
-            done = guest.run(cmd, timeout=60)
-            if done.returncode != 0:
-                raise RuntimeError(f"guest: {' '.join(cmd)} failed: {done.stderr.decode()[-500:]}")
         proc = guest.run(argv, timeout=1800)
     for line in proc.stderr.decode(errors="replace").splitlines():
         print(f"  guest: {line}", file=sys.stderr)
@@ -540,7 +537,7 @@ def main() -> int:
     parser.add_argument("--guest-requests", type=int, default=100, help="requests per round in the guest")
     parser.add_argument("--round-seconds", type=float, default=5.0, help="cap on one latency round")
     parser.add_argument("--seconds", type=float, default=1.0, help="one throughput round")
-    parser.add_argument("--throughput-rounds", type=int, default=3, help="per path and kind")
+    parser.add_argument("--throughput-rounds", type=int, default=5, help="per path and kind")
     parser.add_argument("--concurrency", type=int, default=2, help="client processes for throughput")
     parser.add_argument("--guest-mem", default="512M")
     parser.add_argument("--png", help="also write a plot here")
@@ -565,7 +562,10 @@ def main() -> int:
     unknown = set(modes) - {"ipvs", "iptables", "userspace"}
     if unknown:
         parser.error(f"unknown mode(s) {sorted(unknown)}: use ipvs, iptables, userspace")
-    if args.inner:
+    if args.inner:  # in the guest: a 512M guest gets 4,096 conntrack entries; the rounds leave
+        # tens of thousands in TIME_WAIT (120 s), and a full table drops new SYNs.
+        sh("modprobe", "-a", "ip_vs", "nf_conntrack")
+        sh("sysctl", "-qw", f"net.netfilter.nf_conntrack_max={CONNTRACK_MAX}")
         print(json.dumps(run_here(modes, args)))
         return 0
     # ipvs only in the guest; other modes on the host, and also in the guest when asked.

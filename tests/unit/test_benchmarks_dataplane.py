@@ -74,6 +74,13 @@ def test_compare_gives_vip_over_direct_and_the_paired_median() -> None:
     assert out["p50_paired_median"] == 1.05  # ratios 1.05, 1.1, 1.0
 
 
+def test_paired_ratio_is_the_median_of_round_by_round_ratios() -> None:
+    # One stalled vip round (100 against 1000) moves the median of pairs, not by a tenth.
+    assert dp.paired_ratio([1000.0, 100.0, 1100.0], [1000.0, 1000.0, 1000.0]) == 1.0
+    assert dp.paired_ratio([2.0, 3.0], [1.0, 0.0]) == 2.0  # a zero direct round is left out
+    assert dp.paired_ratio([], []) is None
+
+
 def test_ratio_without_a_direct_figure_is_none() -> None:
     assert dp.ratio(5.0, 0.0) is None
     assert dp.ratio(3.0, 2.0) == 1.5
