@@ -70,6 +70,7 @@ def test_compare_gives_vip_over_direct_and_the_paired_median() -> None:
     vip = {"p50_us": 104.0, "p99_us": 300.0, "round_p50_us": [105.0, 99.0, 110.0]}
     out = dp.compare(direct, vip)
     assert out["p50"] == 1.04
+    assert out["p50_added_us"] == 4
     assert out["p99"] == 1.5
     assert out["p50_paired_median"] == 1.05  # ratios 1.05, 1.1, 1.0
 
