@@ -50,18 +50,29 @@ ECHO = "svcproxy.io/echo"
 # JSON line: sent, failed, the answering Pod of every request (or "!" for a failure),
 # and the first errors.
 CLIENT = r"""
-import json, os, socket, sys, time
+import json, os, socket, struct, sys, time
 a = json.loads(sys.argv[1])
 sent = failed = 0
 answers, errors = [], []
+where = ["connect", None]
 end = time.monotonic() + a["max_seconds"]
 def ask():
     if a["proto"] == "udp":
+        where[:] = ["udp", None]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(a["timeout"])
             s.sendto(b"hello\n", (a["ip"], a["port"]))
             return s.recvfrom(65535)[0].decode()
-    with socket.create_connection((a["ip"], a["port"]), timeout=a["timeout"]) as s:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(a["timeout"])
+        where[:] = ["connect", None]
+        try:
+            s.connect((a["ip"], a["port"]))
+        finally:
+            where[1] = s.getsockname()[1]  # the local port, to find the failure in a capture
+        where[0] = "answer"
+        if a.get("reset"):  # close with RST: IPVS keeps the entry 10 s (CLOSE), not 2 min
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.sendall(b"hello\n")
         data = b""
         while True:
@@ -83,8 +94,11 @@ while True:
     except OSError as err:
         failed += 1
         answers.append("!")
-        if len(errors) < 10:
-            errors.append(f"{time.time():.2f} {type(err).__name__}: {err}")
+        if len(errors) < 50:
+            now = time.time()
+            stamp = time.strftime("%H:%M:%S", time.gmtime(now)) + f"{now % 1:.2f}"[1:]
+            errors.append(f"{stamp} {where[0]} (local port {where[1]}) request #{sent}: "
+                          f"{type(err).__name__}: {err}")
     if a["interval"]:
         time.sleep(a["interval"])
 print(json.dumps({"sent": sent, "failed": failed, "answers": answers, "errors": errors}))
@@ -241,16 +255,19 @@ class SystemLab:
         return Batch(node, out["sent"], out["failed"], out["answers"], out["errors"])
 
     def batch(self, ip: str, port: int, count: int, *, proto: str = "tcp",
-              nodes: tuple[str, ...] = NODES, timeout: float = 2) -> dict[str, Batch]:
-        """``count`` sequential requests from every node's client namespace, in parallel."""
+              nodes: tuple[str, ...] = NODES, timeout: float = 2, interval: float = 0,
+              reset: bool = False) -> dict[str, Batch]:
+        """``count`` sequential requests from every node's client namespace, in parallel,
+        ``interval`` seconds apart; ``reset``: close each TCP connection with a RST."""
         args = {"ip": ip, "port": port, "proto": proto, "count": count, "stop": "",
-                "max_seconds": 0, "interval": 0, "timeout": timeout}
+                "max_seconds": 0, "interval": interval, "timeout": timeout, "reset": reset}
         results: dict[str, Batch] = {}
         errors: list[BaseException] = []
 
         def one(node: str) -> None:
             try:
-                results[node] = self._client(node, args, timeout=count * (timeout + 1) + 60)
+                results[node] = self._client(node, args,
+                                             timeout=count * (timeout + interval + 1) + 60)
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
 

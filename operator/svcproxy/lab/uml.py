@@ -467,6 +467,14 @@ for cidr in {cidrs}; do ip -n $ns route replace $cidr via $gw dev eth0 src $addr
 """
 
 
+CONNTRACK_MAX = 131072
+CONNTRACK_SCRIPT = f"""
+modprobe nf_conntrack
+echo {CONNTRACK_MAX // 4} > /sys/module/nf_conntrack/parameters/hashsize
+sysctl -q -w net.netfilter.nf_conntrack_max={CONNTRACK_MAX}
+"""
+
+
 class UmlNode:
     """Lab node ``node-i`` as a user-mode-linux guest with IPVS (``node.LabNode``).
 
@@ -515,6 +523,15 @@ class UmlNode:
         proc = self.guest.run(["modprobe", "ip_vs"])
         if proc.returncode != 0:
             raise UmlError(f"{self.name}: modprobe ip_vs failed: {proc.stderr.decode().strip()}")
+        # The kernel sizes the conntrack table by RAM: 2048 entries in a 256 MB guest.
+        # Steady test traffic (a new connection every ~50 ms from each of 3 clients, each
+        # leaving a TIME_WAIT entry for 120 s) fills that in about 70 s, and then the
+        # guest drops new connections in and out ("nf_conntrack: table full"). A real
+        # node gets kube-proxy's sizing (--conntrack-min 131072, hashsize max/4): so here.
+        proc = self.guest.run(["sh", "-ec", CONNTRACK_SCRIPT])
+        if proc.returncode != 0:
+            raise UmlError(f"{self.name}: sizing the conntrack table failed: "
+                           f"{proc.stderr.decode().strip()}")
 
     def run(
         self, argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None
