@@ -54,7 +54,6 @@ VIP, VIP_PORT = "10.96.9.10", 80
 PATHS = ("direct", "vip")
 TARGET_P50_RATIO = 1.05  # issue 9: ipvs and iptables add no more than 5 % to p50
 REQUEST = b"GET\n"
-CONNTRACK_MAX = 262144  # the host's default; set in the guest
 
 
 # --- pure helpers (unit tested in tests/unit/test_benchmarks_dataplane.py) ----------
@@ -143,7 +142,7 @@ def serve(name: str, port: int) -> None:
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ, None)
     sel.register(sys.stdin, selectors.EVENT_READ, "stdin")  # the harness closes it to stop us
-    print("ready", flush=True)
+    print(json.dumps({"ready": True}), flush=True)
     while True:
         for key, _ in sel.select():
             if key.data == "stdin":
@@ -256,7 +255,7 @@ def client_loop() -> None:
     per stdout line (started once per mode: Python starts slowly in a UML guest)."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        cmd = json.loads(line)
+        cmd, before = json.loads(line), syn_retransmits()
         if cmd["op"] == "ask":
             try:
                 answer: dict[str, Any] = {"answer": _one_new(cmd["host"], cmd["port"]).decode()}
@@ -267,7 +266,13 @@ def client_loop() -> None:
                                cmd.get("max_seconds", 30))
         else:
             answer = _throughput(cmd)
-        print(json.dumps(answer), flush=True)
+        print(json.dumps({**answer, "syn_retransmits": syn_retransmits() - before}), flush=True)
+
+
+def syn_retransmits() -> int:
+    """TcpExt TCPSynRetrans of this netns: a dropped SYN stalls a new connection for 1 s."""
+    names, values = [ln.split() for ln in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+    return int(values[names.index("TCPSynRetrans")])
 
 
 def hold_program(mode: str) -> None:
@@ -388,9 +393,7 @@ def programmed(mode: str) -> Iterator[tuple[Topology, dict[str, Any]]]:
     topo = Topology()
     try:
         topo.create()
-        server = topo.start("be", "--serve", "be0", str(BACKEND_PORT))
-        if not server.stdout or server.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the echo server in the backend netns did not start: see stderr")
+        read_json(topo.start("be", "--serve", "be0", str(BACKEND_PORT)), "echo server")
         sync = read_json(topo.start("node", "--program", mode), f"{mode} proxier")
         if not sync["available"] or sync["errors"]:
             raise RuntimeError(f"{mode} proxier could not program the VIP: {sync}")
@@ -425,19 +428,16 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"{mode}: no answer from the backend via {path} {host}:{port}: {answer}")
             seen[path] = answer["answer"].split()[1].split(":")[0]
         result: dict[str, Any] = {
-            "kernel": platform.release(),
-            "sync_operations": sync["operations"],
-            "backend_saw": seen,
-            "path_as_expected": seen == {"direct": CLIENT_IP, "vip": expected_peer(mode)},
-        }
+            "kernel": platform.release(), "sync_operations": sync["operations"], "backend_saw": seen,
+            "path_as_expected": seen == {"direct": CLIENT_IP, "vip": expected_peer(mode)}}
         for conn, count in (("new", args.requests), ("persistent", args.persistent_requests)):
             for path in PATHS:  # warm-up: ARP, conntrack, caches, the client's own code paths
                 host, port = target[path]
                 ask(client, op="latency", host=host, port=port, conn=conn, count=max(20, count // 20))
             got = abba(client, target, args.rounds, f"{mode} {conn}", op="latency", conn=conn,
                        count=count, max_seconds=args.round_seconds)
-            stats = {p: summarize([g["samples_us"] for g in got[p]], sum(g["errors"] for g in got[p]))
-                     for p in PATHS}
+            stats = {p: {**summarize([g["samples_us"] for g in got[p]], sum(g["errors"] for g in got[p])),
+                         "syn_retransmits": sum(g["syn_retransmits"] for g in got[p])} for p in PATHS}
             result[f"{conn}_connection_latency"] = {**stats, "ratio": compare(stats["direct"], stats["vip"])}
             log(f"{mode} {conn}: p50 direct {stats['direct']['p50_us']} us, vip {stats['vip']['p50_us']} us")
         tput: dict[str, Any] = {}
@@ -449,7 +449,8 @@ def measure_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             tput[f"{conn}_connection"] = {  # medians of the rounds: one stalled round is common here
                 "direct_rps": round(direct, 1), "vip_rps": round(vip, 1), "ratio": ratio(vip, direct),
                 "ratio_paired_median": paired_ratio(rps["vip"], rps["direct"]), "rounds_rps": rps,
-                "errors": sum(g["errors"] for p in PATHS for g in got[p])}
+                "errors": sum(g["errors"] for p in PATHS for g in got[p]),
+                "syn_retransmits": {p: sum(g["syn_retransmits"] for g in got[p]) for p in PATHS}}
             log(f"{mode} throughput {conn}: direct {direct:.0f}/s, vip {vip:.0f}/s")
         result["throughput"] = tput
         # A full conntrack table drops new SYNs: show how close the rounds came.
@@ -564,7 +565,7 @@ def main() -> int:
     if args.inner:  # in the guest: a 512M guest gets 4,096 conntrack entries; the rounds leave
         # tens of thousands in TIME_WAIT (120 s), and a full table drops new SYNs.
         sh("modprobe", "-a", "ip_vs", "nf_conntrack")
-        sh("sysctl", "-qw", f"net.netfilter.nf_conntrack_max={CONNTRACK_MAX}")
+        sh("sysctl", "-qw", "net.netfilter.nf_conntrack_max=262144")
         print(json.dumps(run_here(modes, args)))
         return 0
     # ipvs only in the guest; other modes on the host, and also in the guest when asked.
