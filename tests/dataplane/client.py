@@ -1,9 +1,19 @@
 """Test client, run inside a client netns: N fresh connections, prints who answered each."""
 
+import errno
 import socket
 import sys
 
 vip, port, count, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if proto == "tcp-error":
+    # How one TCP connect ends: "connected", an errno name (ECONNREFUSED), or
+    # "TimeoutError" when nothing answered within 10 s.
+    try:
+        socket.create_connection((vip, port), timeout=10).close()
+        print("connected")
+    except OSError as err:
+        print(errno.errorcode.get(err.errno or 0, type(err).__name__))
+    sys.exit(0)
 names = []
 for _ in range(count):
     try:

@@ -103,6 +103,24 @@ class Topology:
                     "udp" if udp else "tcp").stdout
         return out.split()
 
+    def connect_error(self, vip: str, port: int) -> str:
+        """How one TCP connect from the client netns ends (see client.py "tcp-error")."""
+        return in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), "1",
+                     "tcp-error").stdout.strip()
+
+    def route_services_nowhere(self) -> None:
+        """Give the node a route for the service CIDR into a dummy link, like a real
+        node's default route: a VIP that nothing DNATs is then silently lost (a hang),
+        not refused by the routing table."""
+        # A veth whose peer drops every frame: the next hop's MAC is nobody's.
+        in_ns(self.node, "ip", "link", "add", "nowhere0", "type", "veth", "peer", "name", "nowhere1")
+        in_ns(self.node, "ip", "link", "set", "nowhere1", "up")
+        in_ns(self.node, "ip", "addr", "add", "10.98.0.1/24", "dev", "nowhere0")
+        in_ns(self.node, "ip", "link", "set", "nowhere0", "up")
+        in_ns(self.node, "ip", "neigh", "add", "10.98.0.2", "lladdr", "02:00:00:00:00:02", "dev",
+              "nowhere0", "nud", "permanent")
+        in_ns(self.node, "ip", "route", "add", "10.96.0.0/16", "via", "10.98.0.2", "dev", "nowhere0")
+
     def destroy(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

@@ -131,6 +131,15 @@ def run(topo: Topology) -> None:
     record("drain", sync(owned_by(table, {drained.owner}), frozenset({drained.owner})))
     out["drained"] = topo.ask("10.96.7.10", 80, 6)
     out["ipvsadm_drained"] = ipvsadm(topo)
+    # Services with no ready endpoint (all draining; none at all): IPVS itself answers a
+    # new connection with ICMP port unreachable (ip_vs_leave), so a client is refused
+    # at once instead of hanging. Added and withdrawn by partial syncs.
+    empty = [vs("10.96.7.15", "rr", weights=(0, 0, 0), owner="ns/drained"),
+             VirtualServer.create("TCP", "10.96.7.16", 80, [], owner="ns/none")]
+    owners = frozenset(v.owner for v in empty)
+    record("no_endpoints", sync(make_table(empty), owners))
+    out["no_endpoints"] = [topo.connect_error(v.address, 80) for v in empty]
+    record("no_endpoints_gone", sync({}, owners))
     # A second, restarted proxier adopts everything: a full sync does nothing.
     again = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
     record("restart", again.sync_blocking(table))  # type: ignore[attr-defined]

@@ -145,3 +145,25 @@ def test_full_sync_in_batches_keeps_one_jump_per_service(topo: Topology, monkeyp
         assert set(topo.ask(VIP, 80 + i, 6)) <= {"be0", "be1", "be2"}
     assert set(topo.ask(VIP, 90, 2)) == {"-"}
     asyncio.run(restarted.cleanup())
+
+
+def test_service_without_ready_endpoints_refuses_connections(topo: Topology) -> None:
+    topo.route_services_nowhere()
+    p = proxier(topo)
+    empty = svc(topo, weights=())
+    other = svc(topo, port=81, owner="ns/other")
+    assert asyncio.run(p.sync(make_table([empty, other]))).ok
+    assert topo.connect_error(VIP, 80) == "ECONNREFUSED"
+    assert topo.connect_error(VIP, 81) == "connected"
+    # Endpoints come (a partial sync): served; all drain away: refused again.
+    assert asyncio.run(p.sync(make_table([svc(topo)]), frozenset({"ns/web"}))).ok
+    assert topo.connect_error(VIP, 80) == "connected"
+    drained = svc(topo, weights=(0, 0, 0))
+    assert asyncio.run(p.sync(make_table([drained]), frozenset({"ns/web"}))).ok
+    assert topo.connect_error(VIP, 80) == "ECONNREFUSED"
+    # A restarted agent (full sync) keeps refusing; cleanup removes the filter chain.
+    restarted = proxier(topo)
+    assert asyncio.run(restarted.sync(make_table([drained, other]))).ok
+    assert topo.connect_error(VIP, 80) == "ECONNREFUSED"
+    asyncio.run(restarted.cleanup())
+    assert rules.NO_ENDPOINTS not in in_ns(topo.node, "iptables-save", "-t", "filter").stdout

@@ -129,3 +129,9 @@ def test_conformance_cases_pass_on_the_real_kernel(observed: dict[str, Any]) -> 
     assert set(observed["conformance"]) == set(CASES)
     failed = {k: v for k, v in observed["conformance"].items() if v != "ok"}
     assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
+
+
+def test_service_without_ready_endpoints_refuses_connections(observed: dict[str, Any]) -> None:
+    assert observed["results"]["no_endpoints"]["errors"] == []
+    assert observed["no_endpoints"] == ["ECONNREFUSED", "ECONNREFUSED"]
+    assert observed["results"]["no_endpoints_gone"]["errors"] == []

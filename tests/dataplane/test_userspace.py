@@ -94,3 +94,16 @@ def test_wrr_follows_weights_and_draining_gets_nothing(topo: Topology, driver: D
     driver.sync(svc(topo, [0, 1, 2], port=83, scheduler="wrr", weights=[3, 1, 0]))
     names = topo.ask(VIP, 83, 8)
     assert sorted(names) == ["be0"] * 6 + ["be1"] * 2, names
+
+
+def test_tcp_service_without_ready_backend_refuses(topo: Topology, driver: Driver) -> None:
+    none = svc(topo, [], port=84)
+    driver.sync(none)
+    assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
+    driver.sync(svc(topo, [0], port=84), only=[none["owner"]])
+    assert topo.connect_error(VIP, 84) == "connected"
+    assert topo.ask(VIP, 84, 2) == ["be0", "be0"]
+    driver.sync(svc(topo, [0], port=84, weights=[0]), only=[none["owner"]])
+    assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
+    driver.sync(svc(topo, [0], port=84, weights=[0]))  # a full sync keeps refusing
+    assert topo.connect_error(VIP, 84) == "ECONNREFUSED"

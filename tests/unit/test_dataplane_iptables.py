@@ -63,6 +63,16 @@ def test_rule_count_matches_the_rules_written() -> None:
         for persistence in (0, 600):
             for cidrs, masq_all in ((("10.244.0.0/16",), False), ((), False), (("10.244.0.0/16",), True)):
                 v = vs(weights, persistence)
-                assert rules.rule_count(v, cidrs, masq_all) == 1 + len(
+                reject = 1 if rules.reject_rule(v) else 0
+                assert rules.rule_count(v, cidrs, masq_all) == 1 + reject + len(
                     rules.service_rules(v, cidrs, masq_all)
                 )
+
+
+def test_reject_only_without_a_ready_endpoint() -> None:
+    assert rules.reject_rule(vs()) is None
+    assert rules.reject_rule(vs((0, 1))) is None
+    for weights in ((), (0, 0)):
+        line = rules.reject_rule(vs(weights))
+        assert line is not None and line.startswith(f"-A {rules.NO_ENDPOINTS} -d 10.96.0.10/32")
+        assert line.endswith("-j REJECT --reject-with icmp-port-unreachable")

@@ -147,6 +147,7 @@ class IptablesProxier(BlockingProxier):
                     out += [f"-X {c}" for c in ours]
                     if len(out) > 1:
                         nf.restore("\n".join(out) + "\nCOMMIT\n")
+                    nf.remove("filter", rules.NO_ENDPOINTS, rules.FILTER_JUMPS)
                 except DataplaneError as err:
                     if not v6:
                         errors.append(err)
@@ -229,6 +230,9 @@ class IptablesProxier(BlockingProxier):
                 text += [f"-X {c}" for c in stale]
             nf.restore("\n".join([*text, "COMMIT"]) + "\n")
         nf.ensure_jumps(rules.JUMPS, saved)
+        rejects = [r for vs in servers if (r := rules.reject_rule(vs))]
+        nf.restore("\n".join(["*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *rejects, "COMMIT"]) + "\n")
+        nf.ensure_jumps(rules.FILTER_JUMPS)
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]
@@ -237,6 +241,7 @@ class IptablesProxier(BlockingProxier):
             return
         present: set[str] = set()
         base: list[str] = []
+        filter_present: set[str] | None = None  # None: the mirror knows the filter rules
         if not self._synced:
             # Partial sync before any full one (agent restart): adopt, never flush.
             saved = self._nf[v6].save("nat")
@@ -245,6 +250,8 @@ class IptablesProxier(BlockingProxier):
                 line.startswith(f":{rules.SERVICES} ") for line in present
             ):
                 base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS] + rules.base_rules()
+            filter_present = self._adopt_filter(v6)
+        rejects = self._reject_lines(changed, gone, have, filter_present)
         declare, body = self._service_lines(changed)
         needed = {line[1:].split(" ")[0] for line in declare}
         jumps: list[str] = []
@@ -272,9 +279,43 @@ class IptablesProxier(BlockingProxier):
             *[f"-X {c}" for c in drop],
             "COMMIT",
         ]
+        if rejects:
+            text += ["*filter", *rejects, "COMMIT"]
         self._nf[v6].restore("\n".join(text) + "\n")
         if base:
             self._nf[v6].ensure_jumps(rules.JUMPS)
+
+    def _reject_lines(
+        self,
+        changed: list[VirtualServer],
+        gone: list[VirtualServer],
+        have: dict[VSKey, VirtualServer],
+        present: set[str] | None,
+    ) -> list[str]:
+        """filter-table edits for services that gained or lost their last ready endpoint."""
+        lines: list[str] = []
+        pairs = [(have.get(vs.key), vs) for vs in changed] + [(vs, None) for vs in gone]
+        for old, new in pairs:
+            before = rules.reject_rule(old) if old is not None else None
+            after = rules.reject_rule(new) if new is not None else None
+            if present is None:  # the mirror says what the chain holds
+                if before != after:
+                    lines += (["-D" + before[2:]] if before else []) + ([after] if after else [])
+                continue
+            if before and before != after and rules.same_rule(before) in present:
+                lines.append("-D" + before[2:])
+            if after and rules.same_rule(after) not in present:
+                lines.append(after)
+        return lines
+
+    def _adopt_filter(self, v6: bool) -> set[str]:
+        """The filter chain's rules now (made, with its jumps, if missing); not flushed."""
+        nf = self._nf[v6]
+        chains = parse_chains(nf.save("filter"), rules.NO_ENDPOINTS)
+        if rules.NO_ENDPOINTS not in chains:
+            nf.restore(f"*filter\n:{rules.NO_ENDPOINTS} - [0:0]\nCOMMIT\n")
+        nf.ensure_jumps(rules.FILTER_JUMPS)
+        return {rules.same_rule(line) for line in chains.get(rules.NO_ENDPOINTS, [])}
 
 
 def create(config: object) -> IptablesProxier:

@@ -35,6 +35,15 @@ JUMPS = (
     Jump("nat", "POSTROUTING", f"-m comment --comment svcproxy-postrouting -j {POSTROUTING}"),
 )
 
+# filter table: VIP:port of services with no ready endpoint get REJECT (ICMP port
+# unreachable: a TCP client's connect fails at once with ECONNREFUSED) instead of
+# silence, as kube-proxy does. Hooked where the packet still has the VIP as destination.
+NO_ENDPOINTS = "SVCPROXY-NO-ENDPOINTS"
+FILTER_JUMPS = tuple(
+    Jump("filter", chain, f"-m comment --comment svcproxy-no-endpoints -j {NO_ENDPOINTS}")
+    for chain in ("INPUT", "FORWARD", "OUTPUT")
+)
+
 
 def owned_chain(name: str) -> bool:
     return name.startswith(OWNED_PREFIXES)
@@ -95,6 +104,19 @@ def same_rule(line: str) -> str:
     return line.replace('"', "")
 
 
+def reject_rule(vs: VirtualServer) -> str | None:
+    """The filter rule refusing ``vs`` while it has no ready endpoint (else None), spelled
+    as iptables-save prints it."""
+    if any(r.weight > 0 for r in vs.real_servers):
+        return None
+    proto = vs.protocol.lower()
+    icmp = "icmp6-port-unreachable" if ":" in vs.address else "icmp-port-unreachable"
+    return (
+        f"-A {NO_ENDPOINTS} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
+        f" -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
+    )
+
+
 def chains_of(vs: VirtualServer) -> list[str]:
     """The per-service and per-endpoint chains ``vs`` uses."""
     return [service_chain(vs.key), *(endpoint_chain(vs.key, r) for r in vs.real_servers)]
@@ -146,4 +168,5 @@ def rule_count(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all
     """How many rules ``vs`` owns (its jump + :func:`service_rules`), without writing them."""
     del cluster_cidrs, masquerade_all  # one masquerade rule either way (see service_rules)
     ready = sum(1 for r in vs.real_servers if r.weight > 0)
-    return 2 + ready * (2 if vs.persistence else 1) + 2 * len(vs.real_servers)
+    reject = 0 if ready else 1  # reject_rule
+    return 2 + reject + ready * (2 if vs.persistence else 1) + 2 * len(vs.real_servers)

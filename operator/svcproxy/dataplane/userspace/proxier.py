@@ -46,6 +46,11 @@ class _Portal:
     port: int
     server: asyncio.AbstractServer | None = None
     udp: asyncio.DatagramTransport | None = None
+    rule: str = ""  # the REDIRECT rule now in the kernel for it ("" = none yet)
+
+
+def _no_ready_backend(vs: VirtualServer) -> bool:
+    return not any(r.weight > 0 for r in vs.real_servers)
 
 
 def _rule(vs: VirtualServer, port: int) -> str:
@@ -72,6 +77,11 @@ class UserspaceProxier:
         self._clock = clock
         self._portals: dict[VSKey, _Portal] = {}
         self._lock = asyncio.Lock()
+        # A TCP port that is bound but never listens: a SYN redirected there gets a
+        # reset, so a TCP Service with no ready backend refuses (ECONNREFUSED) at once,
+        # as kube-proxy's REJECT does, instead of accepting and closing. Bound, so no
+        # other process can take the port.
+        self._refuser: socket.socket | None = None
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -118,7 +128,6 @@ class UserspaceProxier:
                 mine = {k for k, p in self._portals.items() if p.balancer.vs.owner in only}
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
-            added: list[VirtualServer] = []
             for key, vs in want.items():
                 portal = self._portals.get(key)
                 if portal is None:
@@ -127,23 +136,28 @@ class UserspaceProxier:
                     except OSError as err:
                         errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
                         continue
-                    added.append(vs)
                     ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
                 elif portal.balancer.vs != vs:
                     portal.balancer.update(vs)
                     ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
             gone = [self._portals[k] for k in mine - set(want)]
+            kept = [self._portals[k] for k in sorted(want) if k in self._portals]
+            rules = {id(p): self._rule_for(p) for p in kept}
             try:
                 if only is None:
-                    body = [_rule(p.balancer.vs, p.port) for k, p in sorted(self._portals.items())
-                            if k in want]
-                    await asyncio.to_thread(self._write_full, body)
+                    await asyncio.to_thread(self._write_full, [rules[id(p)] for p in kept])
                 else:
-                    lines = [_rule(vs, self._portals[vs.key].port) for vs in added]
-                    lines += ["-D" + _rule(p.balancer.vs, p.port)[2:] for p in gone]
+                    lines = []
+                    for p in kept:  # new portals, and portals whose target changed
+                        if p.rule != rules[id(p)]:
+                            lines += ["-D" + p.rule[2:]] if p.rule else []
+                            lines.append(rules[id(p)])
+                    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
                     if lines:
                         text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
                         await asyncio.to_thread(self._nf.restore, text)
+                for p in kept:
+                    p.rule = rules[id(p)]
             except DataplaneError as err:
                 errors.append(err)
             for key in mine - set(want):
@@ -152,6 +166,20 @@ class UserspaceProxier:
             failed = frozenset(e.owner for e in errors if e.owner)
             return SyncResult(MODE, only is None, ops, tuple(errors), failed,
                               time.monotonic() - start, self.counts())
+
+    def _rule_for(self, portal: _Portal) -> str:
+        vs = portal.balancer.vs
+        if vs.protocol == "TCP" and _no_ready_backend(vs):
+            return _rule(vs, self._refuse_port())
+        return _rule(vs, portal.port)
+
+    def _refuse_port(self) -> int:
+        if self._refuser is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("0.0.0.0", 0))  # never listen(): connections get a reset
+            self._refuser = sock
+        port: int = self._refuser.getsockname()[1]
+        return port
 
     def _write_full(self, body: list[str]) -> None:
         self._nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
@@ -176,6 +204,9 @@ class UserspaceProxier:
         for portal in list(self._portals.values()):
             await self._close(portal)
         self._portals.clear()
+        if self._refuser is not None:
+            self._refuser.close()
+            self._refuser = None
 
     # Listeners.
 
