@@ -36,6 +36,7 @@ def test_percentile_is_nearest_rank() -> None:
     assert dp.percentile(samples, 0) == 1
     assert dp.percentile([7.0], 99) == 7
     assert dp.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2  # ceil(4 * 0.5) = 2nd
+    assert dp.percentile([float(x) for x in range(1, 11)], 95) == 10  # ceil(9.5): rounds up
 
 
 def test_percentile_refuses_nothing_and_out_of_range() -> None:
