@@ -39,7 +39,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+if TYPE_CHECKING:
+    from svcproxy.dataplane.proxier import Proxier
 
 SCRIPT = Path(__file__).resolve()
 POD_CIDR = "10.244.0.0/16"
@@ -289,7 +292,7 @@ def hold_program(mode: str) -> None:
     asyncio.run(_hold(proxier))
 
 
-async def _hold(proxier: Any) -> None:
+async def _hold(proxier: Proxier) -> None:
     import asyncio
 
     from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
@@ -304,9 +307,6 @@ async def _hold(proxier: Any) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await proxier.cleanup()
     await proxier.close()
-
-
-# --- the harness: namespaces, helper processes, rounds ----------------------------------
 
 
 def sh(*argv: str) -> None:
