@@ -18,7 +18,8 @@ names = []
 for _ in range(count):
     try:
         if proto == "udp":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.settimeout(2)
                 s.sendto(b"hi\n", (vip, port))
                 names.append(s.recv(100).decode().strip())

@@ -103,6 +103,23 @@ class Topology:
                     "udp" if udp else "tcp").stdout
         return out.split()
 
+    def enable_ipv6(self) -> list[str]:
+        """IPv6 beside IPv4: client fd00:99::2 reaches fd00:96::/112 via the node
+        (fd00:99::1), backends fd00:244:9::2, ::3, ... on the node's bridge; returns the
+        backends' IPv6 addresses (same order as ``backends``)."""
+        in_ns(self.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        in_ns(self.client, "ip", "-6", "addr", "add", "fd00:99::2/64", "dev", f"c{self.tag}", "nodad")
+        in_ns(self.client, "ip", "-6", "route", "add", "fd00:96::/112", "via", "fd00:99::1")
+        in_ns(self.node, "ip", "-6", "addr", "add", "fd00:99::1/64", "dev", f"n{self.tag}", "nodad")
+        in_ns(self.node, "ip", "-6", "addr", "add", "fd00:244:9::1/64", "dev", "br0", "nodad")
+        out = []
+        for i in range(len(self.backends)):
+            addr = f"fd00:244:9::{i + 2}"
+            in_ns(self.backend_ns(i), "ip", "-6", "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
+            in_ns(self.backend_ns(i), "ip", "-6", "route", "add", "fd00:99::/64", "via", "fd00:244:9::1")
+            out.append(addr)
+        return out
+
     def connect_error(self, vip: str, port: int) -> str:
         """How one TCP connect from the client netns ends (see client.py "tcp-error")."""
         return in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), "1",

@@ -20,9 +20,14 @@ async def main(name: str, ports: list[int]) -> None:
 
     loop = asyncio.get_running_loop()
     for port in ports:
-        await asyncio.start_server(on_tcp, "0.0.0.0", port, reuse_address=True)
-        await loop.create_datagram_endpoint(Udp, local_addr=("0.0.0.0", port),
-                                            family=socket.AF_INET)
+        # Both families (asyncio binds "::" IPv6-only): IPv6 tests give backends v6 addresses.
+        for host, family in (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6)):
+            await asyncio.start_server(on_tcp, host, port, reuse_address=True, family=family)
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            udp.bind((host, port))
+            await loop.create_datagram_endpoint(Udp, sock=udp)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dp_topology import Topology
+from dp_topology import Topology, in_ns
 
 VIP = "10.96.6.10"
 DRIVER = Path(__file__).with_name("us_driver.py")
@@ -107,3 +107,20 @@ def test_tcp_service_without_ready_backend_refuses(topo: Topology, driver: Drive
     assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
     driver.sync(svc(topo, [0], port=84, weights=[0]))  # a full sync keeps refusing
     assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
+
+
+def test_ipv6_vip_is_proxied_over_tcp_and_udp(topo: Topology, driver: Driver) -> None:
+    v6 = topo.enable_ipv6()
+    vip6 = "fd00:96::10"
+
+    def svc6(port: int, protocol: str, weights: list[int]) -> dict[str, Any]:
+        return {"protocol": protocol, "address": vip6, "port": port, "scheduler": "rr",
+                "persistence": 0, "owner": f"ns/v6-{protocol.lower()}{port}",
+                "reals": [[a, 8080, w] for a, w in zip(v6, weights, strict=False)]}
+
+    driver.sync(svc6(80, "TCP", [1, 1]), svc6(53, "UDP", [1, 1]), svc6(81, "TCP", [0]))
+    names = topo.ask(vip6, 80, 6)
+    assert names in (["be0", "be1"] * 3, ["be1", "be0"] * 3), names
+    assert sorted(topo.ask(vip6, 53, 4, udp=True)) == ["be0", "be0", "be1", "be1"]
+    assert topo.connect_error(vip6, 81) == "ECONNREFUSED"  # no ready backend
+    assert "fd00:96::10/128" in in_ns(topo.node, "ip6tables-save", "-t", "nat").stdout

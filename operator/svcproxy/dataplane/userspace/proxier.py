@@ -53,10 +53,15 @@ def _no_ready_backend(vs: VirtualServer) -> bool:
     return not any(r.weight > 0 for r in vs.real_servers)
 
 
+def _v6(vs: VirtualServer) -> bool:
+    return ":" in vs.address
+
+
 def _rule(vs: VirtualServer, port: int) -> str:
     proto = vs.protocol.lower()
+    host = f"{vs.address}/{128 if _v6(vs) else 32}"
     return (
-        f"-A {CHAIN} -d {vs.address}/32 -p {proto} -m comment --comment {vs.owner or '-'}"
+        f"-A {CHAIN} -d {host} -p {proto} -m comment --comment {vs.owner or '-'}"
         f" -m {proto} --dport {vs.port} -j REDIRECT --to-ports {port}"
     )
 
@@ -65,11 +70,15 @@ class UserspaceProxier:
     def __init__(
         self,
         netfilter: Netfilter | None = None,
+        netfilter6: Netfilter | None = None,
         *,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nf = netfilter or Netfilter()
+        # ip6tables, made on first use (its probe runs subprocesses): IPv6 VIPs only.
+        self._nf6 = netfilter6
+        self._v6_used = False
         backend, reason = detect_backend(self._nf.netns)
         if backend and self._nf.legacy:
             backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
@@ -81,7 +90,7 @@ class UserspaceProxier:
         # reset, so a TCP Service with no ready backend refuses (ECONNREFUSED) at once,
         # as kube-proxy's REJECT does, instead of accepting and closing. Bound, so no
         # other process can take the port.
-        self._refuser: socket.socket | None = None
+        self._refusers: dict[bool, socket.socket] = {}  # by "is IPv6"
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -116,10 +125,10 @@ class UserspaceProxier:
             for key, vs in desired.items():
                 if only is not None and vs.owner not in only:
                     continue
-                if vs.protocol == "SCTP" or ":" in vs.address:
+                if vs.protocol == "SCTP":
                     errors.append(UnsupportedError(
-                        f"{key}: the userspace mode proxies IPv4 TCP and UDP only;"
-                        " use ipvs or iptables mode for SCTP or IPv6", owner=vs.owner))
+                        f"{key}: the userspace mode proxies TCP and UDP only;"
+                        " use ipvs or iptables mode for SCTP", owner=vs.owner))
                     continue
                 want[key] = vs
             if only is None:
@@ -143,23 +152,32 @@ class UserspaceProxier:
             gone = [self._portals[k] for k in mine - set(want)]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             rules = {id(p): self._rule_for(p) for p in kept}
-            try:
-                if only is None:
-                    await asyncio.to_thread(self._write_full, [rules[id(p)] for p in kept])
-                else:
-                    lines = []
-                    for p in kept:  # new portals, and portals whose target changed
-                        if p.rule != rules[id(p)]:
-                            lines += ["-D" + p.rule[2:]] if p.rule else []
-                            lines.append(rules[id(p)])
-                    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
-                    if lines:
-                        text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
-                        await asyncio.to_thread(self._nf.restore, text)
-                for p in kept:
-                    p.rule = rules[id(p)]
-            except DataplaneError as err:
-                errors.append(err)
+            for v6 in (False, True):
+                fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
+                fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
+                if v6 and not (fam_kept or fam_gone or self._v6_used):
+                    continue  # no IPv6 VIP ever: leave ip6tables alone
+                try:
+                    nf = self._netfilter(v6)
+                    if only is None:
+                        await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in fam_kept])
+                    else:
+                        lines = []
+                        for p in fam_kept:  # new portals, and portals whose target changed
+                            if p.rule != rules[id(p)]:
+                                lines += ["-D" + p.rule[2:]] if p.rule else []
+                                lines.append(rules[id(p)])
+                        lines += ["-D" + p.rule[2:] for p in fam_gone if p.rule]
+                        if lines:
+                            text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+                            await asyncio.to_thread(nf.restore, text)
+                    for p in fam_kept:
+                        p.rule = rules[id(p)]
+                    self._v6_used = self._v6_used or v6
+                except DataplaneError as err:
+                    err.owner = err.owner or next(
+                        (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
+                    errors.append(err)
             for key in mine - set(want):
                 await self._close(self._portals.pop(key))
                 ops["delete_virtual_server"] = ops.get("delete_virtual_server", 0) + 1
@@ -167,23 +185,34 @@ class UserspaceProxier:
             return SyncResult(MODE, only is None, ops, tuple(errors), failed,
                               time.monotonic() - start, self.counts())
 
+    def _netfilter(self, v6: bool) -> Netfilter:
+        if not v6:
+            return self._nf
+        if self._nf6 is None:
+            self._nf6 = Netfilter(ipv6=True, netns=self._nf.netns)
+        return self._nf6
+
     def _rule_for(self, portal: _Portal) -> str:
         vs = portal.balancer.vs
         if vs.protocol == "TCP" and _no_ready_backend(vs):
-            return _rule(vs, self._refuse_port())
+            return _rule(vs, self._refuse_port(_v6(vs)))
         return _rule(vs, portal.port)
 
-    def _refuse_port(self) -> int:
-        if self._refuser is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("0.0.0.0", 0))  # never listen(): connections get a reset
-            self._refuser = sock
-        port: int = self._refuser.getsockname()[1]
+    def _refuse_port(self, v6: bool) -> int:
+        sock = self._refusers.get(v6)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::" if v6 else "0.0.0.0", 0))  # never listen(): connections get a reset
+            self._refusers[v6] = sock
+        port: int = sock.getsockname()[1]
         return port
 
-    def _write_full(self, body: list[str]) -> None:
-        self._nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
-        self._nf.ensure_jumps(JUMPS)
+    @staticmethod
+    def _write_full(nf: Netfilter, body: list[str]) -> None:
+        nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
+        nf.ensure_jumps(JUMPS)
 
     async def cleanup(self) -> SyncResult:
         async with self._lock:
@@ -197,6 +226,8 @@ class UserspaceProxier:
                     await asyncio.to_thread(self._nf.remove, "nat", CHAIN, JUMPS)
                 except DataplaneError as err:
                     errors = (err,)
+                with contextlib.suppress(DataplaneError):  # no ip6tables nat: nothing of ours
+                    await asyncio.to_thread(self._netfilter(True).remove, "nat", CHAIN, JUMPS)
             ops = {"delete_virtual_server": count} if count else {}
             return SyncResult(MODE, True, ops, errors)
 
@@ -204,23 +235,25 @@ class UserspaceProxier:
         for portal in list(self._portals.values()):
             await self._close(portal)
         self._portals.clear()
-        if self._refuser is not None:
-            self._refuser.close()
-            self._refuser = None
+        for sock in self._refusers.values():
+            sock.close()
+        self._refusers.clear()
 
     # Listeners.
 
     async def _open(self, vs: VirtualServer) -> _Portal:
         balancer = Balancer(vs, clock=self._clock)
         loop = asyncio.get_running_loop()
+        # IPv6 VIPs get an IPv6 listener (asyncio binds "::" IPv6-only).
+        host, family = ("::", socket.AF_INET6) if _v6(vs) else ("0.0.0.0", socket.AF_INET)
         if vs.protocol == "TCP":
             server = await asyncio.start_server(
-                lambda r, w: self._serve_tcp(balancer, r, w), "0.0.0.0", 0
+                lambda r, w: self._serve_tcp(balancer, r, w), host, 0, family=family
             )
             port = server.sockets[0].getsockname()[1]
             return _Portal(balancer, port, server=server)
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpPortal(balancer), local_addr=("0.0.0.0", 0), family=socket.AF_INET
+            lambda: _UdpPortal(balancer), local_addr=(host, 0), family=family
         )
         port = transport.get_extra_info("sockname")[1]
         return _Portal(balancer, port, udp=transport)
