@@ -58,6 +58,7 @@ class Phase:
         self.pop = pop
         self.system = system
         self.timeout = timeout
+        self.cold_timeout = 240.0
         self.samples: dict[str, list[float]] = {"endpoint": [], "add": [], "remove": [], "affinity": []}
         self.timeouts: dict[str, int] = {k: 0 for k in self.samples}
         self.added: list[str] = []
@@ -78,15 +79,22 @@ class Phase:
         start = time.monotonic()
         if self.is_svcproxy:
             self.bench.start_svcproxy()
-            api = self.bench._api()
-            api.create(POLICY_PATH, harness.policy_body("bench-all"))
+            harness.create_policy(self.bench._api(), harness.policy_body("bench-all"))
             # The affinity churn flips this one; priority 10 wins svc-0 from bench-all.
-            api.create(POLICY_PATH, harness.policy_body("bench-one", services=["svc-0"],
-                                                        affinity=False, priority=10))
+            harness.create_policy(self.bench._api(), harness.policy_body(
+                "bench-one", services=["svc-0"], affinity=False, priority=10))
         else:
             self.bench.start_kube_proxy(self.system.removeprefix("kube-proxy-"))
-        done = self.w.wait_programmed(len(self.pop.services), timeout=600)
-        return None if done is None else round(time.monotonic() - start, 2)
+        done = self.w.wait_programmed(len(self.pop.services), timeout=self.cold_timeout)
+        if done is None:
+            return None
+        cold = round(time.monotonic() - start, 2)
+        if self.is_svcproxy:
+            # Churn starts once the operator is idle: policy Programmed, every Service handed over.
+            api = self.bench._api()
+            harness.wait_policy(api, "bench-all", time.time(), self.cold_timeout, poll=1)
+            harness.wait_handover(api, len(self.pop.services), self.cold_timeout)
+        return cold
 
     def stop(self) -> None:
         if not self.is_svcproxy:
@@ -180,6 +188,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 say(f"--- {system} with {n} Services")
                 phase = Phase(bench, watchers, pop, system, args.timeout)
                 cold = phase.start()
+                if cold is None:
+                    out[system] = {"error": f"not programmed on every node in {phase.cold_timeout:.0f} s"}
+                    phase.stop()
+                    continue
                 before = harness.sample_processes(bench, phase.processes())
                 phase.churn(args.changes, args.gap, args.seed)
                 after = harness.sample_processes(bench, phase.processes())
@@ -212,7 +224,7 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=60, help="changes per system and size")
     parser.add_argument("--gap", type=float, default=1.0,
                         help="seconds between changes (kube-proxy's minSyncPeriod is 1 s)")
-    parser.add_argument("--timeout", type=float, default=60, help="give up on one change after this")
+    parser.add_argument("--timeout", type=float, default=20, help="give up on one change after this")
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
     parser.add_argument("--out", help="also write the JSON here")

@@ -351,11 +351,11 @@ def sample(pid: int | None) -> dict[str, float] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if ":" in line}
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     ticks = stat.rsplit(")", 1)[1].split()
     cpu = sum(int(ticks[k]) for k in (11, 12, 13, 14)) / CLK_TCK  # utime stime cutime cstime
-    return {"rss_mb": round(int(fields.get("VmRSS", "0")) / 1024, 1),
-            "peak_rss_mb": round(int(fields.get("VmHWM", "0")) / 1024, 1),
+    return {"rss_mb": round(int(fields.get("VmRSS", "0 kB").split()[0]) / 1024, 1),
+            "peak_rss_mb": round(int(fields.get("VmHWM", "0 kB").split()[0]) / 1024, 1),
             "cpu_s": round(cpu, 2)}
 
 
@@ -370,6 +370,53 @@ def cpu_delta(before: dict[str, dict[str, float] | None],
         b = before.get(name)
         out[name] = round(a["cpu_s"] - b["cpu_s"], 2) if a and b else None
     return out
+
+
+def create_policy(api: KubeApi, body: dict[str, Any], timeout: float = 30) -> float:
+    """POST a policy, retrying while its CRD is not served yet; the wall time before the last POST."""
+    deadline = time.monotonic() + timeout
+    while True:
+        t0 = time.time()
+        try:
+            api.create(POLICY_PATH, body)
+            return t0
+        except ApiError as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the CRD was just applied: the API server serves it within a second
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> bool:
+    """True when ``obj`` has condition ``kind`` True for its current generation."""
+    if obj is None:
+        return False
+    generation = obj.get("metadata", {}).get("generation")
+    for cond in obj.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return bool(cond.get("status") == "True" and cond.get("observedGeneration") in (None, generation))
+    return False
+
+
+def wait_policy(api: KubeApi, name: str, t0: float, timeout: float, poll: float = 0.05) -> float | None:
+    """Seconds from wall time ``t0`` until policy ``name`` is Programmed=True, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition(api.get_or_none(f"{POLICY_PATH}/{name}"), "Programmed"):
+            return time.time() - t0
+        time.sleep(poll)
+    return None
+
+
+def wait_handover(api: KubeApi, n: int, timeout: float) -> bool:
+    """Wait until ``n`` bench Services carry the svcproxy label (the operator's handover is done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = api.get(SVC_PATH, labelSelector="service.kubernetes.io/service-proxy-name=svcproxy")["items"]
+        if len(items) >= n:
+            return True
+        say(f"handover labels: {len(items)} of {n} Services")
+        time.sleep(2)
+    return False
 
 
 def ignore_missing(call: Callable[[], object]) -> None:

@@ -11,9 +11,10 @@ reader serves every system under test.
 For each watched ``VIP:port`` it resolves what the kernel would DNAT to: the entry rules
 (``ip daddr VIP ... dport PORT`` in a ``*SERVICES`` chain, or an element of kube-proxy's
 ``service-ips`` verdict map), then every chain reachable by ``jump``/``goto`` (vmaps
-included), collecting ``dnat to`` targets, and whether affinity rules (``recent`` /
-``@affinity``) are on the path. After each commit it prints, as JSON lines on stdout, the
-watched keys whose answer changed, stamped with the wall-clock time the commit was seen.
+included), collecting ``dnat to`` targets (also kube-proxy's ``dnat ip to numgen ... map``),
+and whether affinity rules (``recent`` / ``@affinity``) are on the path. After each commit
+it prints, as JSON lines on stdout, the watched keys whose answer changed, stamped with the
+wall-clock time the commit was seen.
 
 Commands on stdin (JSON lines): ``{"op": "watch", "key": "10.96.16.1:80"}``,
 ``{"op": "unwatch", "key": ...}``, ``{"op": "count", "id": N}`` (histogram of the number of
@@ -42,7 +43,9 @@ _DEL_TABLE = re.compile(r"^(delete|flush) table (\S+ \S+)")
 _ELEMENT = re.compile(r"^(add|delete) element (\S+ \S+) (\S+) \{(.*)\}")
 _ENTRY = re.compile(r"(\d+\.\d+\.\d+\.\d+) \. (\w+) \. (\d+)(?: : (?:goto|jump) ([^\s,}]+))?")
 _JUMP = re.compile(r"\b(?:jump|goto) ([^\s,}]+)")
-_DNAT = re.compile(r"\bdnat (?:ip )?to (\S+)")
+_DNAT = re.compile(r"\bdnat (?:ip )?to (\d\S+)")
+# kube-proxy >= 1.33 nftables without affinity: "dnat ip to numgen random mod 2 map { 0 : A . P, ... }"
+_DNAT_MAP = re.compile(r": (\d+\.\d+\.\d+\.\d+) \. (\d+)")
 _DADDR = re.compile(r"ip daddr (\d+\.\d+\.\d+\.\d+) .*?dport (\d+)")
 _HANDLE = re.compile(r"^(.*?)\s*# handle (\d+)\s*$")
 
@@ -170,6 +173,8 @@ class NftMirror:
             seen.add(node)
             for text in self.rules.get(node, {}).values():
                 targets.update(_DNAT.findall(text))
+                if "dnat" in text and "map {" in text:
+                    targets.update(f"{a}:{p}" for a, p in _DNAT_MAP.findall(text))
                 affinity = affinity or "recent" in text or "@affinity" in text
                 todo.extend((node[0], j) for j in _JUMP.findall(text))
         return Answer(tuple(sorted(targets)), affinity)
@@ -219,9 +224,15 @@ class Reader:
         self.emit({"ev": "error", "why": "nft monitor ended"})
 
     def errors(self, monitor: subprocess.Popen[str]) -> None:
-        """nft monitor reports lost events (netlink ENOBUFS) on stderr: re-read everything."""
+        """nft monitor reports lost events (netlink ENOBUFS) on stderr: re-read everything.
+
+        Other stderr lines ("XT target MASQUERADE not found": a target nft cannot print) are
+        drained and ignored; a slow reader here would block nft, and so the events.
+        """
         assert monitor.stderr is not None
         for line in monitor.stderr:
+            if "lost" not in line.lower() and "buffer" not in line.lower():
+                continue
             self.emit({"ev": "resync", "why": line.strip()})
             self.dump()
             with self.lock:

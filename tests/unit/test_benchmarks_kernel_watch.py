@@ -99,3 +99,12 @@ def test_flush_and_table_deletion_forget_rules() -> None:
     assert m.resolve("10.96.0.5:80").targets == ()
     m.apply("delete table ip kube-proxy")
     assert m.resolve("10.96.0.7:80").targets == ()
+
+
+def test_kube_proxy_numgen_dnat_map_without_endpoint_chains() -> None:
+    m = mirror()
+    m.apply("add chain ip kube-proxy service-C-ns/u/tcp/http # handle 60")
+    m.apply("add rule ip kube-proxy service-C-ns/u/tcp/http meta l4proto tcp dnat ip to numgen random mod 2 "
+            "map { 0 : 10.244.16.1 . 8080, 1 : 10.244.16.2 . 8080 } # handle 61")
+    m.apply("add element ip kube-proxy service-ips { 10.96.16.1 . tcp . 80 : goto service-C-ns/u/tcp/http }")
+    assert m.resolve("10.96.16.1:80").targets == ("10.244.16.1:8080", "10.244.16.2:8080")
