@@ -16,12 +16,16 @@ and down, a Service created after the policy, and a mode edit.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from system_helpers import (
+    NODES,
+    PY,
     Batch,
     SystemLab,
     echo_deployment,
@@ -42,6 +46,12 @@ IPVS_NODES = ("node-2", "node-3")
 PINNING = {"sh", "dh", "mh"}  # hash schedulers: one client, one backend
 EVEN = {"rr", "wrr"}  # equal weights: sequential requests from one client rotate
 N = 12  # requests per node per batch (a multiple of the Pod count)
+# Short ClientIP timeouts, so that expiry can be watched. IPVS needs more: its
+# persistence template expires timeoutSeconds after the client's last new connection
+# only if none of the client's connections is left in IPVS's table by then (a
+# connection closed with a RST stays 10 s, in CLOSE); otherwise the kernel extends
+# the template by 60 s at a time (ip_vs_conn_expire). 15 s > 10 s.
+AFFINITY_TIMEOUT = {"ipvs": 15, "iptables": 5, "userspace": 5}
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +225,132 @@ def test_policy_edited_from_one_mode_to_another(slab: SystemLab) -> None:
     assert any(m["requested"] == "ipvs" and m["effective"] == "ipvs"
                for m in pn.get("modes", [])), pn.get("modes")
 
+
+
+@pytest.mark.parametrize("mode", ["ipvs", "iptables", "userspace"])
+def test_clientip_affinity_expires(slab: SystemLab, mode: str) -> None:
+    """Pinned within timeoutSeconds; after that long without traffic, free to move."""
+    timeout = AFFINITY_TIMEOUT[mode]
+    spec = policy(mode, "rr" if mode != "iptables" else None)
+    spec["sessionAffinity"] = {"type": "ClientIP", "timeoutSeconds": timeout}
+    pods, _ = program(slab, spec)
+    vip = slab.cluster_ip(NS, "web")
+    if mode == "ipvs":
+        for node in IPVS_NODES:
+            assert re.search(rf"-A -t {re.escape(vip)}:80 -s rr -p {timeout}\b",
+                             slab.ipvs_table(node)), f"{node}: {slab.ipvs_table(node)}"
+    # Within the timeout: idle gaps of a third of it between requests keep the Pod.
+    # Every TCP connection ends with a RST (see AFFINITY_TIMEOUT).
+    gap = timeout / 3
+    batches = slab.batch(vip, 80, 3, interval=gap, reset=True)
+    check_batches(batches, pods)
+    first = {}
+    for node, b in batches.items():
+        assert pinned(b), f"{node}: requests {gap:.1f} s apart left the pinned Pod: {b.answers}"
+        first[node] = b.answers[0]
+    # Any request refreshes the affinity, so expiry cannot be polled with requests:
+    # each try waits out the timeout idle, then sends one request from every node that
+    # has not moved yet. rr (IPVS, userspace) moves on the first try; iptables picks at
+    # random and may land on the same Pod again (1 in 3 per try). In ipvs mode node-1
+    # is the iptables fallback, whose expiry the iptables case covers: IPVS nodes only.
+    watched = IPVS_NODES if mode == "ipvs" else NODES
+    idle = timeout + 2
+    moved: dict[str, str] = {}
+    tries = 0
+    while len(moved) < len(watched) and tries < 8:
+        time.sleep(idle)
+        tries += 1
+        waiting = tuple(n for n in watched if n not in moved)
+        for node, b in slab.batch(vip, 80, 1, nodes=waiting, reset=True).items():
+            check_batches({node: b}, pods)
+            if b.answers[0] != first[node]:
+                moved[node] = b.answers[0]
+    assert set(moved) == set(watched), (
+        f"after {tries} idle periods of {idle} s (timeoutSeconds {timeout}), still on "
+        f"the first Pod: {sorted(set(watched) - set(moved))} (first: {first})")
+
+
+# A second client namespace in each IPVS node, with the same addresses on both nodes
+# (outside the cluster CIDRs, so the node masquerades them and replies come back).
+EXT_NS = "svcp-e2e-ext"
+EXT_GATEWAY = "192.0.2.254"
+EXT_SOURCES = [f"192.0.2.{i}" for i in range(1, 9)]
+EXT_SCRIPT = f"""
+ns={EXT_NS}; gw={EXT_GATEWAY}
+[ -e /run/netns/$ns ] || ip netns add $ns
+ip -n $ns link show eth0 >/dev/null 2>&1 || ip link add ext0 type veth peer name eth0 netns $ns
+ip addr replace $gw/32 dev ext0
+ip link set ext0 up
+ip route replace 192.0.2.0/28 dev ext0 scope link src $gw
+ip -n $ns link set lo up
+for a in {" ".join(EXT_SOURCES)}; do ip -n $ns addr replace $a/32 dev eth0; done
+ip -n $ns link set eth0 up
+ip -n $ns route replace $gw dev eth0 scope link
+ip -n $ns route replace 10.96.0.0/16 via $gw dev eth0
+"""
+# Two rounds over every source address (each bound explicitly): source -> answering Pods.
+EXT_CLIENT = r"""
+import json, socket, sys
+vip, port, sources = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+seen = {s: [] for s in sources}
+for _ in range(2):
+    for src in sources:
+        with socket.socket() as s:
+            s.settimeout(3)
+            s.bind((src, 0))
+            s.connect((vip, port))
+            s.sendall(b"hello\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            seen[src].append(data.decode().split()[0])
+print(json.dumps(seen))
+"""
+
+
+def ext_choices(lab: SystemLab, node: str, vip: str) -> dict[str, list[str]]:
+    run = lab.nodes[node].run(["nsenter", f"--net=/run/netns/{EXT_NS}", "--", PY,
+                               "-c", EXT_CLIENT, vip, "80", ",".join(EXT_SOURCES)])
+    assert run.returncode == 0, f"{node}: {run.stderr.decode(errors='replace')[-1500:]}"
+    out: dict[str, list[str]] = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    return out
+
+
+def real_servers(table: str, vip: str) -> list[str]:
+    """The real servers of ``vip``:80 in the kernel's order (``ipvsadm -Sn``)."""
+    return [ln.split()[4] for ln in table.splitlines() if ln.startswith(f"-a -t {vip}:80 ")]
+
+
+@pytest.mark.parametrize("scheduler", ["sh", "mh"])
+def test_hash_schedulers_agree_across_ipvs_nodes(slab: SystemLab, scheduler: str) -> None:
+    """The same client address gets the same Pod from every IPVS node.
+
+    Clients behind different nodes have different addresses, so the test gives
+    both IPVS nodes an extra client namespace holding the same 8 addresses. The
+    claim holds because the agent adds real servers in one canonical order (the
+    kernel's hash tables follow that order): checked first, then the choices.
+    """
+    pods, _ = program(slab, policy("ipvs", scheduler))
+    vip = slab.cluster_ip(NS, "web")
+    orders = {node: real_servers(slab.ipvs_table(node), vip) for node in IPVS_NODES}
+    assert len(orders["node-2"]) == len(pods) and orders["node-2"] == orders["node-3"], orders
+    choices = {}
+    try:
+        for node in IPVS_NODES:
+            run = slab.nodes[node].run(["sh", "-ec", EXT_SCRIPT])
+            assert run.returncode == 0, f"{node}: {run.stderr.decode()}"
+            choices[node] = ext_choices(slab, node, vip)
+    finally:
+        for node in IPVS_NODES:
+            slab.nodes[node].run(["sh", "-c", f"ip netns del {EXT_NS}; ip link del ext0"])
+    for node, seen in choices.items():
+        strangers = {p for ps in seen.values() for p in ps} - set(pods)
+        assert not strangers, f"{node}: answers from Pods that are not Ready: {strangers}"
+        for src, answered in seen.items():
+            assert len(set(answered)) == 1, f"{node}: {scheduler} moved {src}: {answered}"
+    print(f"\n{scheduler}: source address -> Pod on node-2 / node-3: {choices}")
+    assert choices["node-2"] == choices["node-3"], (
+        f"{scheduler}: the IPVS nodes chose differently for the same client addresses: {choices}")
+    # The choice depends on the address (8 addresses all on one of 3 Pods: p = 3^-7).
+    spread = {seen[0] for seen in choices["node-2"].values()}
+    assert len(spread) >= 2, f"{scheduler}: every address went to one Pod: {choices['node-2']}"
