@@ -62,6 +62,7 @@ class Phase:
         self.samples: dict[str, list[float]] = {"endpoint": [], "add": [], "remove": [], "affinity": []}
         self.timeouts: dict[str, int] = {k: 0 for k in self.samples}
         self.added: list[str] = []
+        self.records: list[dict[str, Any]] = []
         self.affinity_on = False
 
     @property
@@ -108,6 +109,10 @@ class Phase:
             self.timeouts[kind] += 1
         else:
             self.samples[kind].append(took)
+        # Every change, with wall-clock start and each node's time, to line up with the logs.
+        self.records.append({"kind": kind, "key": k, "t0": round(t0, 3),
+                             "took": None if took is None else round(took, 4),
+                             "nodes": dict(self.w.last_per_node) if took is not None else None})
 
     def endpoint(self, rng: random.Random) -> None:
         name = rng.choice(sorted(set(self.pop.services) - set(self.added) - {"svc-0"}))
@@ -201,7 +206,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     "timeouts": phase.timeouts,
                     "processes_after_churn": after,
                     "cpu_s_during_churn": harness.cpu_delta(before, after),
+                    "slowest": sorted(phase.records, key=lambda r: -(r["took"] or 1e9))[:8],
                 }
+                if args.records:
+                    out[system]["records"] = phase.records
                 say(f"{system} with {n} Services: {json.dumps(out[system])}")
                 phase.stop()
             out["reader_errors"] = watchers.errors
@@ -226,6 +234,7 @@ def main() -> int:
                         help="seconds between changes (kube-proxy's minSyncPeriod is 1 s)")
     parser.add_argument("--timeout", type=float, default=20, help="give up on one change after this")
     parser.add_argument("--seed", type=int, default=9)
+    parser.add_argument("--records", action="store_true", help="keep every change in the JSON")
     parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--png", help="draw programming latency vs number of Services here")

@@ -59,7 +59,8 @@ class AddressPool:
         return out
 
 
-def service_body(name: str, cluster_ip: str, affinity: bool = False) -> dict[str, Any]:
+def service_body(name: str, cluster_ip: str, affinity: bool = False,
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "clusterIP": cluster_ip,
         "ports": [{"name": "http", "port": PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}],
@@ -67,7 +68,8 @@ def service_body(name: str, cluster_ip: str, affinity: bool = False) -> dict[str
     if affinity:
         spec["sessionAffinity"] = "ClientIP"
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": NAMESPACE, "labels": {MEMBER_LABEL: "true"}},
+            "metadata": {"name": name, "namespace": NAMESPACE,
+                         "labels": {MEMBER_LABEL: "true", **(labels or {})}},
             "spec": spec}
 
 
@@ -163,7 +165,8 @@ class BenchLab:
 
     # --- objects --------------------------------------------------------------
 
-    def populate(self, n: int, population: Population) -> None:
+    def populate(self, n: int, population: Population,
+                 labels: Callable[[int], dict[str, str]] | None = None) -> None:
         """Create the namespace and ``n`` Services with one 10-endpoint slice each."""
         api = self._api()
         if api.get_or_none(f"/api/v1/namespaces/{NAMESPACE}") is None:
@@ -171,12 +174,13 @@ class BenchLab:
                                               "metadata": {"name": NAMESPACE}})
         start = time.monotonic()
         for _ in range(n):
-            self.add_service(population)
+            self.add_service(population, labels=labels(population.next_index) if labels else None)
             if len(population.services) % 500 == 0:
                 say(f"wrote {len(population.services)} Services and EndpointSlices")
         say(f"wrote {n} Services + EndpointSlices in {time.monotonic() - start:.1f} s")
 
-    def add_service(self, population: Population, affinity: bool = False) -> tuple[str, str, float]:
+    def add_service(self, population: Population, affinity: bool = False,
+                    labels: dict[str, str] | None = None) -> tuple[str, str, float]:
         """Slice first, then the Service: returns (name, VIP, wall time just before the Service write)."""
         i = population.next_index
         population.next_index += 1
@@ -185,7 +189,7 @@ class BenchLab:
         api = self._api()
         api.create(SLICE_PATH, slice_body(name, addresses))
         t0 = time.time()
-        api.create(SVC_PATH, service_body(name, vip(i), affinity))
+        api.create(SVC_PATH, service_body(name, vip(i), affinity, labels))
         population.services[name] = (vip(i), addresses)
         return name, vip(i), t0
 
@@ -236,6 +240,7 @@ class KernelWatchers:
         self.ready: set[str] = set()
         self.errors: list[str] = []
         self._count_id = 0
+        self.last_per_node: dict[str, float] = {}
 
     def __enter__(self) -> KernelWatchers:
         for node in self.nodes:
@@ -313,6 +318,7 @@ class KernelWatchers:
         if not self._wait(done, timeout, f"{key} on every node"):
             return None
         with self.cond:
+            self.last_per_node = {n: round((first(n) or 0.0) - t0, 4) for n in self.nodes}
             return max(first(n) or 0.0 for n in self.nodes) - t0
 
     def count(self, timeout: float = 120) -> dict[str, dict[str, int]]:
