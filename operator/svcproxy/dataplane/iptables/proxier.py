@@ -2,12 +2,15 @@
 
 Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``). A full
 sync reads our chains back (iptables-save), rewrites every chain this mode
-owns in one atomic ``iptables-restore --noflush`` batch and deletes owned
-chains nobody needs; a partial sync rewrites only the changed services'
-chains and adds/removes their single jump rule in ``SVCPROXY-SERVICES``,
-against an in-memory mirror (cost independent of the number of services).
-Other chains and tables are never flushed. IPv4 and IPv6 virtual servers
-go to iptables and ip6tables respectively. Rule text: ``rules.py``.
+owns with ``iptables-restore --noflush`` in batches of whole services (one
+batch with the -legacy tools; see ``_full``) and deletes owned chains nobody
+needs; a partial sync rewrites only the changed services' chains and
+adds/removes their single jump rule in ``SVCPROXY-SERVICES``, against an
+in-memory mirror (the agent's cost is independent of the number of services;
+the kernel's commit is not). Services with no ready endpoint get a REJECT
+rule in the filter chain ``SVCPROXY-NO-ENDPOINTS``. Other chains and tables
+are never flushed. IPv4 and IPv6 virtual servers go to iptables and
+ip6tables respectively. Rule text: ``rules.py``.
 """
 
 from __future__ import annotations
