@@ -118,9 +118,13 @@ def test_ipv6_vip_is_proxied_over_tcp_and_udp(topo: Topology, driver: Driver) ->
                 "persistence": 0, "owner": f"ns/v6-{protocol.lower()}{port}",
                 "reals": [[a, 8080, w] for a, w in zip(v6, weights, strict=False)]}
 
-    driver.sync(svc6(80, "TCP", [1, 1]), svc6(53, "UDP", [1, 1]), svc6(81, "TCP", [0]))
+    first = driver.sync(svc6(80, "TCP", [1, 1]), svc6(53, "UDP", [1, 1]), svc6(81, "TCP", [0]))
+    assert first["counts"] == [3, 5]
     names = topo.ask(vip6, 80, 6)
     assert names in (["be0", "be1"] * 3, ["be1", "be0"] * 3), names
     assert sorted(topo.ask(vip6, 53, 4, udp=True)) == ["be0", "be0", "be1", "be1"]
     assert topo.connect_error(vip6, 81) == "ECONNREFUSED"  # no ready backend
     assert "fd00:96::10/128" in in_ns(topo.node, "ip6tables-save", "-t", "nat").stdout
+    # Counts follow partial syncs: one portal loses a backend, one goes.
+    changed = driver.sync(svc6(80, "TCP", [1]), only=["ns/v6-tcp80", "ns/v6-udp53"])
+    assert changed["counts"] == [2, 2]

@@ -31,8 +31,10 @@ async def main() -> None:
             result = await proxier.sync(table, only)
         else:
             result = await proxier.cleanup()
+        counts = proxier.counts()
         print(json.dumps({"operations": dict(result.operations),
-                          "errors": [str(e) for e in result.errors]}), flush=True)
+                          "errors": [str(e) for e in result.errors],
+                          "counts": [counts.virtual_servers, counts.real_servers]}), flush=True)
 
 
 asyncio.run(main())

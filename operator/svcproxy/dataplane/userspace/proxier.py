@@ -91,6 +91,7 @@ class UserspaceProxier:
         # as kube-proxy's REJECT does, instead of accepting and closing. Bound, so no
         # other process can take the port.
         self._refusers: dict[bool, socket.socket] = {}  # by "is IPv6"
+        self._reals = 0  # running total: counting every portal made each sync O(services)
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -109,7 +110,7 @@ class UserspaceProxier:
     def counts(self) -> Counts:
         return Counts(
             virtual_servers=len(self._portals),
-            real_servers=sum(len(p.balancer.vs.real_servers) for p in self._portals.values()),
+            real_servers=self._reals,
             rules=len(self._portals),
         )
 
@@ -142,11 +143,13 @@ class UserspaceProxier:
                 if portal is None:
                     try:
                         self._portals[key] = await self._open(vs)
+                        self._reals += len(vs.real_servers)
                     except OSError as err:
                         errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
                         continue
                     ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
                 elif portal.balancer.vs != vs:
+                    self._reals += len(vs.real_servers) - len(portal.balancer.vs.real_servers)
                     portal.balancer.update(vs)
                     ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
             gone = [self._portals[k] for k in mine - set(want)]
@@ -179,7 +182,9 @@ class UserspaceProxier:
                         (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
             for key in mine - set(want):
-                await self._close(self._portals.pop(key))
+                portal = self._portals.pop(key)
+                self._reals -= len(portal.balancer.vs.real_servers)
+                await self._close(portal)
                 ops["delete_virtual_server"] = ops.get("delete_virtual_server", 0) + 1
             failed = frozenset(e.owner for e in errors if e.owner)
             return SyncResult(MODE, only is None, ops, tuple(errors), failed,
@@ -220,6 +225,7 @@ class UserspaceProxier:
             for portal in list(self._portals.values()):
                 await self._close(portal)
             self._portals.clear()
+            self._reals = 0
             errors: tuple[DataplaneError, ...] = ()
             if self._caps.available:
                 try:
@@ -235,6 +241,7 @@ class UserspaceProxier:
         for portal in list(self._portals.values()):
             await self._close(portal)
         self._portals.clear()
+        self._reals = 0
         for sock in self._refusers.values():
             sock.close()
         self._refusers.clear()
