@@ -48,6 +48,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 say(f"--- {system} with {n} Services")
                 phase = Phase(bench, watchers, pop, system, timeout=30)
                 phase.cold_timeout = args.cold_timeout
+                phase.operator_args = args.operator_args.split()
                 cold = phase.start()
                 started = harness.sample_processes(bench, processes(bench, system))
                 time.sleep(args.idle)
@@ -74,6 +75,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60, help="seconds of idling after the cold sync")
     parser.add_argument("--cold-timeout", type=float, default=600)
     parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
+    parser.add_argument("--operator-args", default="",
+                        help="extra options for `svcproxy operator`, space-separated (e.g. --workers=0)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     args.systems = [s for s in args.systems.split(",") if s]
@@ -85,6 +88,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "kubernetes": "v1.36.3",
         "idle_s": args.idle,
+        "operator_args": args.operator_args,
         "sizes": [run_size(int(n), args) for n in args.sizes.split(",")],
     }
     text = json.dumps(result, indent=1)

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with BenchLab(Path(args.state_dir)) as bench:
         bench.up()
         bench.populate(max(sizes), Population(), labels=group_labels(sizes))
-        bench.start_svcproxy()
+        bench.start_svcproxy(args.operator_args.split())
         wait_agents(bench, 3)
         for k in sizes:
             reps = args.reps if k < 1000 else args.reps_large
@@ -133,6 +133,8 @@ def main() -> int:
     parser.add_argument("--reps-large", type=int, default=4, help="repetitions at 1000 Services and more")
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
+    parser.add_argument("--operator-args", default="",
+                        help="extra options for `svcproxy operator`, space-separated (e.g. --workers=0)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     result = {
@@ -141,6 +143,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "kubernetes": "v1.36.3",
         "mode": "iptables (netns nodes)",
+        "operator_args": args.operator_args,
         "sizes": run(args),
     }
     text = json.dumps(result, indent=1)

@@ -63,6 +63,7 @@ class Phase:
         self.timeouts: dict[str, int] = {k: 0 for k in self.samples}
         self.added: list[str] = []
         self.records: list[dict[str, Any]] = []
+        self.operator_args: list[str] = []
         self.affinity_on = False
 
     @property
@@ -79,7 +80,7 @@ class Phase:
         """Start the system; seconds until every node programs every Service (cold sync)."""
         start = time.monotonic()
         if self.is_svcproxy:
-            self.bench.start_svcproxy()
+            self.bench.start_svcproxy(self.operator_args)
             harness.create_policy(self.bench._api(), harness.policy_body("bench-all"))
             # The affinity churn flips this one; priority 10 wins svc-0 from bench-all.
             harness.create_policy(self.bench._api(), harness.policy_body(
@@ -192,6 +193,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             for system in args.systems:
                 say(f"--- {system} with {n} Services")
                 phase = Phase(bench, watchers, pop, system, args.timeout)
+                phase.operator_args = args.operator_args.split()
                 cold = phase.start()
                 if cold is None:
                     out[system] = {"error": f"not programmed on every node in {phase.cold_timeout:.0f} s"}
@@ -236,6 +238,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--records", action="store_true", help="keep every change in the JSON")
     parser.add_argument("--state-dir", default=str(harness.DEFAULT_STATE))
+    parser.add_argument("--operator-args", default="",
+                        help="extra options for `svcproxy operator`, space-separated (e.g. --workers=0)")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--png", help="draw programming latency vs number of Services here")
     args = parser.parse_args()
@@ -252,6 +256,7 @@ def main() -> int:
         "kubernetes": K8S_VERSION,
         "namespace": NAMESPACE,
         "gap_s": args.gap,
+        "operator_args": args.operator_args,
         "changes_per_system": args.changes,
         "sizes": [run_size(int(n), args) for n in args.sizes.split(",")],
     }

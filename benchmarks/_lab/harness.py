@@ -26,6 +26,7 @@ from typing import Any
 
 from svcproxy.lab.cluster import Lab
 from svcproxy.lab.kubeapi import ApiError, KubeApi
+from svcproxy.lab.node import spawn, terminate
 
 NAMESPACE = "bench"
 MEMBER_LABEL = "bench.svcproxy.io/member"
@@ -148,10 +149,20 @@ class BenchLab:
     def stop_kube_proxy(self) -> None:
         self.lab.stop_kube_proxy(say=say)
 
-    def start_svcproxy(self) -> None:
+    def start_svcproxy(self, operator_args: list[str] | None = None) -> None:
+        """CRDs, operator and agents as `lab up` starts them; ``operator_args`` restart the
+        operator with extra options (e.g. ``--workers``) to measure a setting."""
         state = self.lab.load()
         assert state is not None, "the lab is not up"
-        self.lab.start_svcproxy(self.lab.context(state), self.lab.nodes(state), say)
+        ctx = self.lab.context(state)
+        self.lab.start_svcproxy(ctx, self.lab.nodes(state), say)
+        if operator_args:
+            say(f"restarting the operator with {operator_args}")
+            terminate(ctx.pid_dir / "operator.pid")
+            spawn([ctx.python, "-m", "svcproxy.cli", "operator", "--kubeconfig",
+                   str(self.lab.admin_kubeconfig), *operator_args], ctx.log_dir / "operator.log",
+                  ctx.pid_dir / "operator.pid",
+                  env=dict(os.environ, KUBECONFIG=str(self.lab.admin_kubeconfig)))
 
     @property
     def node_names(self) -> list[str]:
