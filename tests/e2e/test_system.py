@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -316,9 +317,22 @@ def ext_choices(lab: SystemLab, node: str, vip: str) -> dict[str, list[str]]:
     return out
 
 
-def real_servers(table: str, vip: str) -> list[str]:
-    """The real servers of ``vip``:80 in the kernel's order (``ipvsadm -Sn``)."""
-    return [ln.split()[4] for ln in table.splitlines() if ln.startswith(f"-a -t {vip}:80 ")]
+def kernel_order(lab: SystemLab, node: str, vip: str, port: int = 80) -> list[str]:
+    """The real servers of ``vip``:``port`` in the kernel's list order, which the hash
+    schedulers' tables follow. ``ipvsadm`` sorts them; /proc/net/ip_vs does not."""
+    proc = lab.nodes[node].run(["cat", "/proc/net/ip_vs"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    service = f"{socket.inet_aton(vip).hex().upper()}:{port:04X}"
+    reals: list[str] = []
+    inside = False
+    for line in proc.stdout.decode().splitlines():
+        words = line.split()
+        if line.startswith(("TCP", "UDP", "SCTP", "FWM")):
+            inside = words[0] == "TCP" and words[1] == service
+        elif inside and words[:1] == ["->"]:
+            addr, hexport = words[1].split(":")
+            reals.append(f"{socket.inet_ntoa(bytes.fromhex(addr))}:{int(hexport, 16)}")
+    return reals
 
 
 @pytest.mark.parametrize("scheduler", ["sh", "mh"])
@@ -332,7 +346,7 @@ def test_hash_schedulers_agree_across_ipvs_nodes(slab: SystemLab, scheduler: str
     """
     pods, _ = program(slab, policy("ipvs", scheduler))
     vip = slab.cluster_ip(NS, "web")
-    orders = {node: real_servers(slab.ipvs_table(node), vip) for node in IPVS_NODES}
+    orders = {node: kernel_order(slab, node, vip) for node in IPVS_NODES}
     assert len(orders["node-2"]) == len(pods) and orders["node-2"] == orders["node-3"], orders
     choices = {}
     try:
