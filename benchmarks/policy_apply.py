@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _lab import harness
 from _lab.harness import POLICY_PATH, BenchLab, Population, say
 from _lab.stats import summary
+from svcproxy.lab.kubeapi import ApiError
 
 PVS_PATH = f"/apis/svcproxy.io/v1alpha1/namespaces/{harness.NAMESPACE}/proxyvirtualservers"
 
@@ -69,9 +70,12 @@ def wait_agents(bench: BenchLab, n: int, timeout: float = 60) -> None:
     api = bench._api()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(api.get("/apis/svcproxy.io/v1alpha1/proxynodes")["items"]) >= n:
-            return
-        time.sleep(0.2)
+        try:
+            if len(api.get("/apis/svcproxy.io/v1alpha1/proxynodes")["items"]) >= n:
+                return
+        except ApiError as exc:  # 404 / 429 while the just-applied CRDs come up
+            say(f"waiting for ProxyNodes: {exc}")
+        time.sleep(0.5)
     raise RuntimeError(f"fewer than {n} ProxyNodes after {timeout:.0f} s: see the agent logs")
 
 
