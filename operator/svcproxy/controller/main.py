@@ -45,7 +45,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=3.0,
         help="seconds between removing a Service's handover label and deleting its program (default 3)",
     )
-    parser.add_argument("--workers", type=int, default=20, help="kopf worker limit (default 20)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="kopf worker limit, 0 for none (default 0: the handlers only update a cache, and a limit "
+        "makes events queue behind idle workers)",
+    )
     parser.add_argument(
         "--watch-server-timeout",
         type=int,
