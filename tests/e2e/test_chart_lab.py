@@ -435,10 +435,12 @@ def test_agent_can_do_nothing_else(lab: Lab, release: Release, tokens: dict[str,
 def test_operator_can_do_nothing_else(lab: Lab, release: Release, tokens: dict[str, Path]) -> None:
     kc = tokens["operator"]
     assert can_i(lab, kc, "patch", "services", "-A")
+    # Nodes are read to know which ones must report before a program counts as Programmed.
+    assert can_i(lab, kc, "watch", "nodes")
     spp = "serviceproxypolicies.svcproxy.io"
     for args in [("get", "secrets", "-A"), ("list", "configmaps", "-A"), ("delete", "services", "-A"),
                  ("update", "services", "-A"), ("create", "pods", "-A"), ("delete", "pods", "-A"),
-                 ("patch", "nodes"), ("list", "nodes"),
+                 ("patch", "nodes"), ("get", "nodes"), ("delete", "nodes"),
                  ("patch", "proxynodes.svcproxy.io", "--subresource=status"),
                  ("create", spp, "-A"), ("delete", spp, "-A"),
                  ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
