@@ -14,6 +14,19 @@ if proto == "tcp-error":
     except OSError as err:
         print(errno.errorcode.get(err.errno or 0, type(err).__name__))
     sys.exit(0)
+if proto == "udp-error":
+    # How one UDP request ends: "answered", ECONNREFUSED when an ICMP port unreachable
+    # came back (a connected UDP socket reports it), or "TimeoutError" after 3 s.
+    with socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        try:
+            s.connect((vip, port))
+            s.send(b"hi\n")
+            s.recv(100)
+            print("answered")
+        except OSError as err:
+            print(errno.errorcode.get(err.errno or 0, type(err).__name__))
+    sys.exit(0)
 names = []
 for _ in range(count):
     try:

@@ -120,10 +120,10 @@ class Topology:
             out.append(addr)
         return out
 
-    def connect_error(self, vip: str, port: int) -> str:
-        """How one TCP connect from the client netns ends (see client.py "tcp-error")."""
+    def connect_error(self, vip: str, port: int, *, udp: bool = False) -> str:
+        """How one TCP connect (or UDP request) from the client netns ends (see client.py)."""
         return in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), "1",
-                     "tcp-error").stdout.strip()
+                     "udp-error" if udp else "tcp-error").stdout.strip()
 
     def route_services_nowhere(self) -> None:
         """Give the node a route for the service CIDR into a dummy link, like a real

@@ -109,6 +109,17 @@ def test_tcp_service_without_ready_backend_refuses(topo: Topology, driver: Drive
     assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
 
 
+def test_udp_service_without_ready_backend_refuses(topo: Topology, driver: Driver) -> None:
+    # ICMP port unreachable, as kube-proxy's REJECT answers, rather than silence.
+    none = svc(topo, [], protocol="UDP", port=54)
+    driver.sync(none)
+    assert topo.connect_error(VIP, 54, udp=True) == "ECONNREFUSED"
+    driver.sync(svc(topo, [0], protocol="UDP", port=54), only=[none["owner"]])
+    assert topo.connect_error(VIP, 54, udp=True) == "answered"
+    driver.sync(svc(topo, [0], protocol="UDP", port=54, weights=[0]), only=[none["owner"]])
+    assert topo.connect_error(VIP, 54, udp=True) == "ECONNREFUSED"
+
+
 def test_ipv6_vip_is_proxied_over_tcp_and_udp(topo: Topology, driver: Driver) -> None:
     v6 = topo.enable_ipv6()
     vip6 = "fd00:96::10"

@@ -86,11 +86,12 @@ class UserspaceProxier:
         self._clock = clock
         self._portals: dict[VSKey, _Portal] = {}
         self._lock = asyncio.Lock()
-        # A TCP port that is bound but never listens: a SYN redirected there gets a
-        # reset, so a TCP Service with no ready backend refuses (ECONNREFUSED) at once,
-        # as kube-proxy's REJECT does, instead of accepting and closing. Bound, so no
-        # other process can take the port.
-        self._refusers: dict[bool, socket.socket] = {}  # by "is IPv6"
+        # Ports that refuse, so a Service with no ready backend is refused at once (as
+        # kube-proxy's REJECT does) instead of accepting and closing or going silent:
+        # TCP, bound but never listening (a SYN gets a reset); UDP, bound and connected to
+        # a peer that never sends (the kernel matches no socket for other senders, so it
+        # answers ICMP port unreachable). Bound, so no other process can take the port.
+        self._refusers: dict[tuple[bool, str], socket.socket] = {}  # by (is IPv6, protocol)
         self._reals = 0  # running total: counting every portal made each sync O(services)
         self._caps = Capabilities(
             mode=MODE,
@@ -199,18 +200,24 @@ class UserspaceProxier:
 
     def _rule_for(self, portal: _Portal) -> str:
         vs = portal.balancer.vs
-        if vs.protocol == "TCP" and _no_ready_backend(vs):
-            return _rule(vs, self._refuse_port(_v6(vs)))
+        if _no_ready_backend(vs):
+            return _rule(vs, self._refuse_port(_v6(vs), vs.protocol))
         return _rule(vs, portal.port)
 
-    def _refuse_port(self, v6: bool) -> int:
-        sock = self._refusers.get(v6)
+    def _refuse_port(self, v6: bool, protocol: str) -> int:
+        sock = self._refusers.get((v6, protocol))
         if sock is None:
-            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+            udp = protocol == "UDP"
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                                 socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
             if v6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(("::" if v6 else "0.0.0.0", 0))  # never listen(): connections get a reset
-            self._refusers[v6] = sock
+            sock.bind(("::" if v6 else "0.0.0.0", 0))  # TCP: never listen(), SYNs get a reset
+            if udp:
+                # Port 9 (discard) on loopback: nothing is sent by connect(), and no
+                # datagram from a client can match the connected socket.
+                sock.connect(("::1" if v6 else "127.0.0.1", 9))
+            self._refusers[(v6, protocol)] = sock
         port: int = sock.getsockname()[1]
         return port
 
