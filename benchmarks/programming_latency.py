@@ -38,7 +38,7 @@ from _lab.harness import (
     Seen,
     say,
 )
-from _lab.stats import ratio, summary
+from _lab.stats import histogram_summary, ratio, summary
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
 K8S_VERSION = "v1.36.3"
@@ -97,6 +97,11 @@ class Phase:
             harness.wait_policy(api, "bench-all", time.time(), self.cold_timeout, poll=1)
             harness.wait_handover(api, len(self.pop.services), self.cold_timeout)
         return cold
+
+    def sync_histograms(self) -> list[harness.Histograms]:
+        """Each node's sync-duration histogram as the system itself exports it."""
+        port, name = harness.SYNC_HISTOGRAMS["svcproxy" if self.is_svcproxy else "kube-proxy"]
+        return [harness.scrape_histograms(node, port, name) for node in self.bench.node_names]
 
     def stop(self) -> None:
         if not self.is_svcproxy:
@@ -200,14 +205,19 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     phase.stop()
                     continue
                 before = harness.sample_processes(bench, phase.processes())
+                syncs_before = phase.sync_histograms()
                 phase.churn(args.changes, args.gap, args.seed)
                 after = harness.sample_processes(bench, phase.processes())
+                syncs_after = phase.sync_histograms()
                 out[system] = {
                     "cold_sync_s": cold,
                     **{kind: summary(s) for kind, s in phase.samples.items()},
                     "timeouts": phase.timeouts,
                     "processes_after_churn": after,
                     "cpu_s_during_churn": harness.cpu_delta(before, after),
+                    # The system's own account of its syncs during the churn, all nodes:
+                    # kube-proxy's sync_proxy_rules histogram, the agent's by kind.
+                    "own_sync_metrics": histogram_summary(syncs_before, syncs_after),
                     "slowest": sorted(phase.records, key=lambda r: -(r["took"] or 1e9))[:8],
                 }
                 if args.records:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from svcproxy.lab.cluster import Lab
 from svcproxy.lab.kubeapi import ApiError, KubeApi
 from svcproxy.lab.node import spawn, terminate
@@ -386,6 +388,38 @@ def cpu_delta(before: dict[str, dict[str, float] | None],
     for name, a in after.items():
         b = before.get(name)
         out[name] = round(a["cpu_s"] - b["cpu_s"], 2) if a and b else None
+    return out
+
+
+# --- sync duration histograms ------------------------------------------------------
+
+# What each system says its syncs cost: node-netns loopback port and histogram name.
+SYNC_HISTOGRAMS = {
+    "kube-proxy": (10249, "kubeproxy_sync_proxy_rules_duration_seconds"),
+    "svcproxy": (9101, "svcproxy_sync_duration_seconds"),
+}
+Histograms = dict[str, dict[float, float]]  # labels (without le) -> cumulative buckets; "+sum"
+
+
+def scrape_histograms(node: str, port: int, name: str) -> Histograms:
+    """Histogram ``name`` from ``/metrics`` on the loopback of ``node``'s netns, by labels.
+
+    The request stays inside the node's namespace (the network safety rule); an empty
+    answer when the endpoint does not answer (the system is not running)."""
+    fetch = (f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/metrics', "
+             "timeout=5).read().decode())")
+    proc = subprocess.run(["nsenter", f"--net=/run/netns/svcp-{node}", "--", sys.executable, "-c", fetch],
+                          capture_output=True, text=True, timeout=30, check=False)
+    out: Histograms = {}
+    if proc.returncode != 0:
+        return out
+    for family in text_string_to_metric_families(proc.stdout):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+            if s.name == f"{name}_bucket":
+                out.setdefault(labels, {})[float(s.labels["le"])] = s.value
+            elif s.name == f"{name}_sum":
+                out.setdefault(f"+sum {labels}", {})[0.0] = s.value
     return out
 
 

@@ -45,3 +45,57 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
     return round(numerator / denominator, 2)
+
+
+def histogram_delta(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) seen between two scrapes."""
+    return {le: after[le] - before.get(le, 0.0) for le in after}
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The ``q`` (0..1) quantile of a cumulative Prometheus histogram, as PromQL's
+    ``histogram_quantile`` estimates it: linear within the bucket that holds the rank.
+
+    None when the histogram is empty; the highest finite bound when the rank falls in
+    ``+Inf`` (the histogram cannot say more)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    total = buckets[bounds[-1]]
+    rank = q * total
+    low_bound, low_count = 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if math.isinf(le):
+                return low_bound
+            if count == low_count:
+                return le
+            return low_bound + (le - low_bound) * (rank - low_count) / (count - low_count)
+        low_bound, low_count = le, count
+    return low_bound
+
+
+def histogram_summary(before: list[dict[str, dict[float, float]]],
+                      after: list[dict[str, dict[float, float]]]) -> dict[str, dict[str, float | None]]:
+    """Per label set, the syncs between two scrapes of each node (summed over nodes):
+    count, mean, and p50/p99 estimated from the buckets. Sums travel under "+sum <labels>"."""
+    merged: dict[str, dict[float, float]] = {}
+    for b, a in zip(before, after, strict=True):
+        for labels, buckets in a.items():
+            for le, n in histogram_delta(b.get(labels, {}), buckets).items():
+                merged.setdefault(labels, {})[le] = merged.get(labels, {}).get(le, 0.0) + n
+    out: dict[str, dict[str, float | None]] = {}
+    for labels, buckets in sorted(merged.items()):
+        if labels.startswith("+sum"):
+            continue
+        count = buckets.get(math.inf, 0.0)
+        total = merged.get(f"+sum {labels}", {}).get(0.0, 0.0)
+        p50, p99 = histogram_quantile(buckets, 0.5), histogram_quantile(buckets, 0.99)
+        out[labels or "all"] = {
+            "syncs": count,
+            "mean_s": round(total / count, 4) if count else None,
+            "p50_s": None if p50 is None else round(p50, 4),
+            "p99_s": None if p99 is None else round(p99, 4),
+        }
+    return out

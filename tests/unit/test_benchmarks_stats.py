@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from _lab.stats import percentile, ratio, summary
+from _lab.stats import histogram_delta, histogram_quantile, histogram_summary, percentile, ratio, summary
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
@@ -45,3 +46,33 @@ def test_summary_and_ratio() -> None:
     assert ratio(1.0, 0.25) == 4.0
     assert ratio(None, 1.0) is None
     assert ratio(1.0, 0.0) is None
+
+
+def test_histogram_quantile_interpolates_within_the_bucket() -> None:
+    # 10 observations <= 0.1, 10 more <= 0.5: the median is the 10th, at the 0.1 bound;
+    # p75 is halfway through the second bucket.
+    buckets = {0.1: 10.0, 0.5: 20.0, math.inf: 20.0}
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.1)
+    assert histogram_quantile(buckets, 0.75) == pytest.approx(0.3)
+
+
+def test_histogram_quantile_in_the_inf_bucket_is_the_highest_bound() -> None:
+    assert histogram_quantile({0.1: 1.0, 1.0: 1.0, math.inf: 5.0}, 0.99) == 1.0
+
+
+def test_histogram_quantile_of_nothing_is_none() -> None:
+    assert histogram_quantile({0.1: 0.0, math.inf: 0.0}, 0.5) is None
+    assert histogram_quantile({}, 0.5) is None
+
+
+def test_histogram_delta_leaves_only_what_came_between_scrapes() -> None:
+    before = {0.1: 5.0, 1.0: 8.0, math.inf: 9.0}
+    after = {0.1: 6.0, 1.0: 12.0, math.inf: 13.0}
+    assert histogram_delta(before, after) == {0.1: 1.0, 1.0: 4.0, math.inf: 4.0}
+
+
+def test_histogram_summary_sums_nodes_and_keeps_only_the_churn() -> None:
+    node_before = {"kind=partial": {0.1: 2.0, math.inf: 2.0}, "+sum kind=partial": {0.0: 0.1}}
+    node_after = {"kind=partial": {0.1: 4.0, math.inf: 6.0}, "+sum kind=partial": {0.0: 4.1}}
+    got = histogram_summary([node_before, node_before], [node_after, node_after])
+    assert got == {"kind=partial": {"syncs": 8.0, "mean_s": 1.0, "p50_s": 0.1, "p99_s": 0.1}}
