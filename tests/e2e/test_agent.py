@@ -10,6 +10,7 @@ the client namespace behind a node to the VIP; the kernel state checked is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -29,6 +30,44 @@ pytestmark = [pytest.mark.lab, pytest.mark.root]
 ECHO = "svcproxy.io/echo"
 FOREIGN_CHAIN = "E2E-FOREIGN"
 
+
+class _Steady:
+    """Requests to ``vip`` from node-1's client, one after another, each failure kept."""
+
+    def __init__(self, lab: Lab, vip: str) -> None:
+        self.lab, self.vip = lab, vip
+        self.sent = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.worker = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.lab.request("node-1", self.vip, 80, timeout=2)
+            except traffic.TrafficError as err:
+                self.failures.append(str(err))
+            self.sent += 1
+
+    def wait_for_more(self, what: str, since: int | None = None) -> None:
+        """Until three more requests went out (after ``since``, default now)."""
+        mark = self.sent if since is None else since
+        wait_until(what, lambda: self.sent >= mark + 3)
+
+    def assert_no_failure(self) -> None:
+        failed = self.failures
+        assert failed == [], f"{len(failed)} of {self.sent} requests failed: {failed[:3]}"
+
+
+@contextlib.contextmanager
+def _steady_traffic(lab: Lab, vip: str) -> Iterator[_Steady]:
+    steady = _Steady(lab, vip)
+    steady.worker.start()
+    try:
+        yield steady
+    finally:
+        steady.stop.set()
+        steady.worker.join(timeout=30)
 
 def _nodes(lab: Lab) -> list[LabNode]:
     assert lab.state_dir is not None
@@ -216,36 +255,19 @@ def test_kill_9_and_restart_under_traffic_loses_nothing_and_keeps_foreign_rules(
         _wait_applied(lab, ["node-1"], f"{namespace}/steady", "steady-1")
         wait_until("traffic on the VIP", lambda: _answers(lab, vip, 2) or None)
         rules_before = _owned_rules(node)
-        failures: list[str] = []
-        sent = [0]
-        stop = threading.Event()
-
-        def steady() -> None:
-            while not stop.is_set():
-                try:
-                    lab.request("node-1", vip, 80, timeout=2)
-                except traffic.TrafficError as err:
-                    failures.append(str(err))
-                sent[0] += 1
-
-        worker = threading.Thread(target=steady, daemon=True)
-        worker.start()
-        wait_until("some traffic before the kill", lambda: sent[0] >= 3)
-        node.stop_process("agent", signal.SIGKILL)
-        assert not _alive(node)
-        assert _owned_rules(node) == rules_before  # a dead agent leaves its rules in place
-        mark = sent[0]
-        wait_until("traffic while the agent is down", lambda: sent[0] >= mark + 3)
-        node.start_process("agent", _agent_argv(lab, node))
-        last = ((_proxynode(lab, "node-1") or {}).get("status") or {}).get("lastSyncTime")
-        wait_until("the restarted agent's first sync to be reported",
-                   lambda: ((_proxynode(lab, "node-1") or {}).get("status") or {})
-                   .get("lastSyncTime") not in (None, last) and _ready(lab, "node-1"), timeout=60)
-        mark = sent[0]
-        wait_until("traffic after the restart", lambda: sent[0] >= mark + 3)
-        stop.set()
-        worker.join(timeout=30)
-        assert failures == [], f"{len(failures)} of {sent[0]} requests failed: {failures[:3]}"
+        with _steady_traffic(lab, vip) as steady:
+            steady.wait_for_more("some traffic before the kill")
+            node.stop_process("agent", signal.SIGKILL)
+            assert not _alive(node)
+            assert _owned_rules(node) == rules_before  # a dead agent leaves its rules in place
+            steady.wait_for_more("traffic while the agent is down")
+            node.start_process("agent", _agent_argv(lab, node))
+            last = ((_proxynode(lab, "node-1") or {}).get("status") or {}).get("lastSyncTime")
+            wait_until("the restarted agent's first sync to be reported",
+                       lambda: ((_proxynode(lab, "node-1") or {}).get("status") or {})
+                       .get("lastSyncTime") not in (None, last) and _ready(lab, "node-1"), timeout=60)
+            steady.wait_for_more("traffic after the restart")
+        steady.assert_no_failure()
         assert _owned_rules(node) == rules_before
         saved = node.run(["iptables-save", "-t", "nat"]).stdout.decode()
         assert f"-A {FOREIGN_CHAIN} -d 10.96.250.250/32 -j RETURN" in saved
@@ -282,31 +304,14 @@ def test_mode_change_of_a_live_service_under_traffic_loses_nothing(
     vip = _pvs(lab, namespace, "moving", "iptables", pods, content_hash="move-1")
     _wait_applied(lab, list(agents), f"{namespace}/moving", "move-1")
     wait_until("traffic on the VIP", lambda: _answers(lab, vip, 2) or None)
-    failures: list[str] = []
-    sent = [0]
-    stop = threading.Event()
-
-    def steady() -> None:
-        while not stop.is_set():
-            try:
-                lab.request("node-1", vip, 80, timeout=2)
-            except traffic.TrafficError as err:
-                failures.append(str(err))
-            sent[0] += 1
-
-    worker = threading.Thread(target=steady, daemon=True)
-    worker.start()
-    try:
+    with _steady_traffic(lab, vip) as steady:
         for mode, h in (("userspace", "move-2"), ("iptables", "move-3"), ("userspace", "move-4")):
-            mark = sent[0]
+            mark = steady.sent
             _pvs(lab, namespace, "moving", mode, pods, content_hash=h)
             _wait_applied(lab, ["node-1"], f"{namespace}/moving", h)
-            wait_until(f"traffic after the switch to {mode}", lambda m=mark: sent[0] >= m + 3)
+            steady.wait_for_more(f"traffic after the switch to {mode}", since=mark)
             rules = _owned_rules(agents["node-1"])
             # Exactly one mode holds the VIP once the change is applied.
             in_portals = any(vip in r and "REDIRECT" in r for r in rules)
             assert in_portals == (mode == "userspace"), rules
-    finally:
-        stop.set()
-        worker.join(timeout=30)
-    assert failures == [], f"{len(failures)} of {sent[0]} requests failed: {failures[:3]}"
+    steady.assert_no_failure()
