@@ -3,7 +3,8 @@
 Layout (imports go downwards; only ``watch``, ``kube`` and ``main`` do I/O):
 
 * ``main``     ``svcproxy agent``: options, the asyncio loops, /healthz and /metrics.
-* ``watch``    list + watch of ProxyVirtualServers (kubernetes_asyncio).
+* ``watch``    list + watch of ProxyVirtualServers.
+* ``apiclient`` the small Kubernetes API client (kubeconfig, in-cluster, requests, watch).
 * ``kube``     the ProxyNode writer (create, then merge-patch status).
 * ``agent``    desired state, partial/full syncs, make-before-break, errors.
 * ``tracker``  coalescing change tracker with bounded sync rate; pure.

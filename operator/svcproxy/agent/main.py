@@ -21,12 +21,13 @@ import os
 import signal
 import time
 from importlib import metadata
+from pathlib import Path
 
 from aiohttp import web
-from kubernetes_asyncio import client, config
 
 from svcproxy.agent import logs
 from svcproxy.agent.agent import Agent
+from svcproxy.agent.apiclient import ApiClient, ConfigError, load_incluster, load_kubeconfig
 from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
@@ -95,7 +96,7 @@ def build_proxiers(
 class AgentProcess:
     """The running agent: watch, sync loop, report loop and HTTP endpoints."""
 
-    def __init__(self, args: argparse.Namespace, agent: Agent, api: client.ApiClient) -> None:
+    def __init__(self, args: argparse.Namespace, agent: Agent, api: ApiClient) -> None:
         self.args = args
         self.agent = agent
         self.api = api
@@ -201,12 +202,9 @@ class AgentProcess:
         return runners
 
 
-async def _load_config(kubeconfig: str | None) -> client.ApiClient:
-    if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig)
-    else:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+async def _load_config(kubeconfig: str | None) -> ApiClient:
+    """The API client from --kubeconfig, or in-cluster; raises ConfigError saying what is wrong."""
+    return ApiClient(load_kubeconfig(Path(kubeconfig)) if kubeconfig else load_incluster())
 
 
 def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Capabilities]] | None:
@@ -246,7 +244,13 @@ async def amain(
         for proxier in usable.values():
             await proxier.close()
         return 0 if all(r.ok for r in results) else 1
-    api = await _load_config(args.kubeconfig)
+    try:
+        api = await _load_config(args.kubeconfig)
+    except ConfigError as err:
+        log.error("cannot reach the API server: %s", err)
+        for proxier in usable.values():
+            await proxier.close()
+        return 2
     proc = AgentProcess(args, agent, api)
     runners = await proc.serve_http()
     stop = asyncio.Event()

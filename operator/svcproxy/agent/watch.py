@@ -8,44 +8,29 @@ connection error leads to a new watch or a re-list, with exponential
 backoff on errors. Each object is parsed into the pydantic model here, once;
 an object that does not parse is reported and programs nothing.
 Called by :mod:`svcproxy.agent.main`; the Kubernetes API is reached only
-through ``kubernetes_asyncio`` here and in :mod:`svcproxy.agent.kube`.
+through :mod:`svcproxy.agent.apiclient`, here and in :mod:`svcproxy.agent.kube`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from svcproxy.agent.apiclient import ApiClient, ApiError, LineBuffer
 from svcproxy.agent.convert import Program, owner_of, to_program
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.api.program import ProxyVirtualServer
 
 log = logging.getLogger("svcproxy.agent.watch")
 PLURAL = "proxyvirtualservers"
-
-
-class LineBuffer:
-    """Splits a byte stream into complete non-empty lines, however long."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        if b"\n" not in chunk:
-            self._parts.append(chunk)
-            return []
-        head, *middle, tail = chunk.split(b"\n")
-        first = b"".join([*self._parts, head])
-        self._parts = [tail] if tail else []
-        return [line for line in (first, *middle) if line.strip()]
+PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+__all__ = ["ExpiredError", "LineBuffer", "PvsWatch", "parse"]  # LineBuffer: kept importable here
 
 
 class ExpiredError(Exception):
@@ -71,15 +56,15 @@ def parse(obj: dict[str, Any]) -> Program:
 
 
 def _describe(err: Exception) -> str:
-    if isinstance(err, ApiException):
-        return f"HTTP {err.status} {err.reason}: {str(err.body)[:300]}"
+    if isinstance(err, ApiError):
+        return str(err)[:400]
     return repr(err)
 
 
 class PvsWatch:
     def __init__(
         self,
-        api: client.ApiClient,
+        api: ApiClient,
         *,
         on_list: Callable[[Iterable[Program]], None],
         on_upsert: Callable[[Program], None],
@@ -87,14 +72,16 @@ class PvsWatch:
         on_restart: Callable[[str], None] = lambda reason: None,
         watch_timeout: int = 300,
         max_backoff: float = 30.0,
+        page_size: int = 500,
     ) -> None:
-        self.custom = client.CustomObjectsApi(api)
+        self.api = api
         self.on_list = on_list
         self.on_upsert = on_upsert
         self.on_delete = on_delete
         self.on_restart = on_restart
         self.watch_timeout = watch_timeout
         self.max_backoff = max_backoff
+        self.page_size = page_size
         self.resource_version: str | None = None
         self.live = False  # listed and the watch is connected
 
@@ -129,44 +116,43 @@ class PvsWatch:
                 backoff = min(self.max_backoff, backoff * 2)
 
     async def _list(self) -> None:
-        listing = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-        self.on_list([parse(o) for o in listing.get("items", [])])
-        self.resource_version = listing["metadata"]["resourceVersion"]
-        log.info("listed", extra={"count": len(listing.get("items", [])), "rv": self.resource_version})
-
-    async def _watch(self) -> None:
+        # In pages: each page's raw objects are dropped once parsed, so a 10k-Service list
+        # never holds every raw object at once (the agent's peak RSS). All pages are one
+        # snapshot (the continue token pins the resourceVersion); an expired token is a 410.
+        programs: list[Program] = []
+        params = {"limit": str(self.page_size)}
         try:
-            resp = await self.custom.list_cluster_custom_object(
-                GROUP,
-                VERSION,
-                PLURAL,
-                watch=True,
-                allow_watch_bookmarks=True,
-                resource_version=self.resource_version or "",
-                timeout_seconds=self.watch_timeout,
-                _preload_content=False,
-                _request_timeout=self.watch_timeout + 30,
-            )
-        except ApiException as err:
+            while True:
+                page = await self.api.get(PATH, params)
+                programs.extend(parse(o) for o in page.get("items") or [])
+                meta = page.get("metadata") or {}
+                if not meta.get("continue"):
+                    break
+                params = {"limit": str(self.page_size), "continue": meta["continue"]}
+                del page
+        except ApiError as err:
             if err.status == 410:
                 raise ExpiredError() from err
             raise
-        try:
-            # With _preload_content=False the client does not raise on an error status.
-            if resp.status == 410:
-                raise ExpiredError()
-            if resp.status != 200:
-                body = (await resp.read())[:300].decode(errors="replace")
-                raise ApiException(status=resp.status, reason=f"watch refused: {body.strip()}")
+        self.on_list(programs)
+        self.resource_version = meta["resourceVersion"]
+        log.info("listed", extra={"count": len(programs), "rv": self.resource_version})
+
+    async def _watch(self) -> None:
+        def connected() -> None:
             self.live = True
-            # Not `async for line in resp.content`: aiohttp refuses lines over 64 KiB, and
-            # one event of a Service with many endpoints is longer than that.
-            lines = LineBuffer()
-            async for chunk in resp.content.iter_any():
-                for line in lines.feed(chunk):
-                    self._event(json.loads(line))
-        finally:
-            resp.release()
+
+        events = self.api.watch(PATH, resource_version=self.resource_version,
+                                timeout_seconds=self.watch_timeout, allow_bookmarks=True,
+                                on_open=connected)
+        try:
+            async with contextlib.aclosing(events):  # release the connection when _event raises
+                async for event in events:
+                    self._event(event)
+        except ApiError as err:
+            if err.status == 410:
+                raise ExpiredError() from err
+            raise
 
     def _event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
