@@ -94,6 +94,28 @@ class Netfilter:
             )
         return proc.stdout
 
+    def save_tables(self, tables: Iterable[str]) -> dict[str, str]:
+        """Several tables from ONE iptables-save run (the nft variant fetches the whole
+        ruleset for each run, so one run costs what ``save(table)`` costs): table -> its
+        section (``*table`` ... ``COMMIT``); a table the kernel does not have yet comes
+        back as an empty section."""
+        proc = subprocess.run([*self._prefix, self._save], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ModeUnavailableError(
+                f"{self._save} failed: {proc.stderr.strip()} (are the iptable_* or nf_tables"
+                " modules loadable?)"
+            )
+        sections: dict[str, list[str]] = {}
+        current: list[str] | None = None
+        for line in proc.stdout.splitlines():
+            if line.startswith("*"):
+                current = sections.setdefault(line[1:], [])
+            if current is not None:
+                current.append(line)
+            if line == "COMMIT":
+                current = None
+        return {t: "\n".join(sections.get(t, [f"*{t}", "COMMIT"])) + "\n" for t in tables}
+
     def restore(self, text: str) -> None:
         """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""
         proc = subprocess.run(
@@ -115,12 +137,15 @@ class Netfilter:
         return parse_chains(self.save(table), prefix)
 
     def ensure_jumps(self, jumps: Iterable[Jump], saved: str | None = None) -> None:
-        """Insert missing jump rules (first position) into built-in chains."""
+        """Insert missing jump rules (first position) into built-in chains.
+
+        ``saved``: iptables-save output of the jumps' table, when all are in one table
+        and the caller read it already (saves one iptables-save run)."""
         by_table: dict[str, list[Jump]] = {}
         for jump in jumps:
             by_table.setdefault(jump.table, []).append(jump)
         for table, items in by_table.items():
-            text = saved if saved is not None and table == "nat" else self.save(table)
+            text = saved if saved is not None and len(by_table) == 1 else self.save(table)
             lines = set(text.splitlines())
             missing = [j for j in items if f"-A {j.chain} {j.rule}" not in lines]
             if missing:

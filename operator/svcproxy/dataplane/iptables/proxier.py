@@ -1,11 +1,14 @@
 """The ``iptables`` mode: kube-proxy-style NAT chains applied with iptables-restore.
 
 Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``). A full
-sync reads our chains back (iptables-save), rewrites every chain this mode
-owns with ``iptables-restore --noflush`` in batches of whole services (one
-batch with the -legacy tools; see ``_full``) and deletes owned chains nobody
-needs; a partial sync rewrites only the changed services' chains and
-adds/removes their single jump rule in ``SVCPROXY-SERVICES``, against an
+sync reads the nat and filter tables back (one iptables-save), compares our
+chains with the desired ones per chain (``drift.py``) and restores only the
+services whose chains differ, stale owned chains and jumps, and drifted base
+chains, with ``iptables-restore --noflush`` (nothing at all in the steady
+state). The first full sync after start, or one whose read-back does not
+parse, rewrites every chain this mode owns, in batches of whole services
+(see ``_full``). A partial sync rewrites only the changed services' chains
+and adds/removes their single jump rule in ``SVCPROXY-SERVICES``, against an
 in-memory mirror (the agent's cost is independent of the number of services;
 the kernel's commit is not). Services with no ready endpoint get a REJECT
 rule in the filter chain ``SVCPROXY-NO-ENDPOINTS``. Other chains and tables
@@ -18,8 +21,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
 from svcproxy.dataplane.proxier import (
     BlockingProxier,
@@ -33,6 +37,16 @@ from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 MODE = "iptables"
 # Services per iptables-nft-restore input in a full sync (see IptablesProxier._full).
 NFT_BATCH = 200
+
+
+@dataclass
+class FullStats:
+    """What the last full sync restored (read by tests and benchmarks)."""
+
+    rewrite_all: bool = False  # first sync after start, or a read-back that did not parse
+    dirty_services: int = 0  # services whose chains were rewritten
+    restores: int = 0  # iptables-restore inputs
+    lines: int = 0  # lines in them
 
 
 class IptablesProxier(BlockingProxier):
@@ -60,6 +74,7 @@ class IptablesProxier(BlockingProxier):
         self._reals = 0
         self._rules = 0
         self._synced = False
+        self.last_full = FullStats()
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -86,6 +101,8 @@ class IptablesProxier(BlockingProxier):
         errors: list[DataplaneError] = []
         failed: set[str] = set()
         ops: dict[str, int] = defaultdict(int)
+        if only is None:
+            self.last_full = FullStats()
         for v6 in (False, True):
             if only is None:
                 want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
@@ -187,55 +204,100 @@ class IptablesProxier(BlockingProxier):
             body += rules.service_rules(vs, self._cidrs, self._masq_all)
         return [f":{c} - [0:0]" for c in chains], body
 
-    def _full(self, v6: bool, want: dict[VSKey, VirtualServer]) -> None:
-        """Rewrite every chain of ours, in batches of whole services.
+    def _observe(self, v6: bool) -> tuple[str, str]:
+        """The nat and filter tables as iptables-save prints them (a read: no lock needed)."""
+        tables = self._nf[v6].save_tables(("nat", "filter"))
+        return tables["nat"], tables["filter"]
 
-        iptables-nft-restore's own work grows with the square of the chains in one
-        input (1k services: 5 s, 3k: 47 s, 10k: did not finish in 5 min; 4 batches of
-        500: 1 s each), so nft gets batches of ``NFT_BATCH`` services. Each service
-        (its chains and its jump) is in one batch, so each changes atomically; the
-        jump chain SVCPROXY-SERVICES is never flushed (that would cut services whose
-        batch comes later): missing jumps are appended, stale ones deleted in the last
-        batch with the chains nobody needs. The -legacy tools replace the whole table
-        on every commit, so there one batch is cheapest.
+    def _full(
+        self,
+        v6: bool,
+        want: dict[VSKey, VirtualServer],
+        observed: tuple[str, str] | None = None,
+        keep_owners: frozenset[str] = frozenset(),
+    ) -> None:
+        """Restore only the chains that differ from the desired ones (see ``drift``).
+
+        The first full sync after start, and any full sync whose read-back does not
+        parse, rewrites every chain of ours (restart safety: nothing is trusted). Big
+        rewrites go in batches: iptables-nft-restore's own work grows with the square
+        of the chains in one input (1k services: 5 s, 3k: 47 s, 10k: did not finish in
+        5 min; 4 batches of 500: 1 s each), so nft gets batches of ``NFT_BATCH``
+        services. Each service (its chains and its jump) is in one batch, so each
+        changes atomically; the jump chain SVCPROXY-SERVICES is never flushed (that
+        would cut services whose batch comes later): missing jumps are appended, stale
+        ones deleted in the last batch with the chains nobody needs. The -legacy tools
+        replace the whole table on every commit, so there one batch is cheapest. A
+        steady-state full sync restores nothing. ``keep_owners``: owners a partial sync
+        wrote after ``observed`` was read; their chains and jumps are left as they are.
         """
         nf = self._nf[v6]
-        saved = nf.save("nat")
-        ours = parse_chains(saved, rules.PREFIX)
-        servers = [want[k] for k in sorted(want)]
-        jumps = {vs.key: rules.service_jump(vs) for vs in servers}
-        present = ours.get(rules.SERVICES)
-        have_jumps = {rules.same_rule(line) for line in present or ()}
-        needed = set(rules.BASE_CHAINS)
-        for vs in servers:
-            needed.update(rules.chains_of(vs))
-        stale = [c for c in ours if rules.owned_chain(c) and c not in needed]
-        wanted_jumps = {rules.same_rule(j) for j in jumps.values()}
-        stale_jumps = [j for j in present or () if rules.same_rule(j) not in wanted_jumps]
-        size = (len(servers) or 1) if nf.legacy else NFT_BATCH
-        for start in range(0, max(len(servers), 1), size):
-            part = servers[start : start + size]
+        saved, saved_filter = observed if observed is not None else self._observe(v6)
+        rewrite_all = not self._synced
+        try:
+            nat = drift.parse_saved(saved, "nat")
+            filter_chains = drift.parse_saved(saved_filter, "filter")
+        except drift.SavedParseError:
+            rewrite_all = True
+            nat = {c: [drift.normalise(r) for r in rs] for c, rs in parse_chains(saved, rules.PREFIX).items()}
+            filter_chains = {}
+        servers = [want[k] for k in sorted(want) if want[k].owner not in keep_owners]
+        keep: set[str] = set()
+        if keep_owners:
+            kept = [self._mirror[k] for o in keep_owners for k in self._by_owner.get(o, ())]
+            for vs in kept:
+                keep.update(rules.chains_of(vs))
+            nat = dict(nat)
+            nat[rules.SERVICES] = [
+                j for j in nat.get(rules.SERVICES, []) if drift.jump_owner(j) not in keep_owners
+            ]
+            filter_chains = dict(filter_chains)
+            if rules.NO_ENDPOINTS in filter_chains:
+                filter_chains[rules.NO_ENDPOINTS] = [
+                    r for r in filter_chains[rules.NO_ENDPOINTS] if drift.jump_owner(r) not in keep_owners
+                ]
+            servers_rejects = [r for vs in kept if (r := rules.reject_rule(vs))]
+        else:
+            servers_rejects = []
+        plan = drift.plan_full(
+            servers, nat, filter_chains.get(rules.NO_ENDPOINTS), self._cidrs, self._masq_all,
+            rewrite_all=rewrite_all, keep=keep,
+        )
+        if plan.filter_rules is not None:
+            plan.filter_rules += servers_rejects
+        self.last_full.rewrite_all |= rewrite_all
+        self.last_full.dirty_services += len(plan.dirty)
+        size = (len(plan.dirty) or 1) if nf.legacy else NFT_BATCH
+        for start in range(0, max(len(plan.dirty), 1), size):
+            part = plan.dirty[start : start + size]
             declare, body = self._service_lines(part)
             text = ["*nat"]
             if start == 0:
-                base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or present is None]
+                base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
+                if not plan.base:
+                    base = [c for c in base if c == rules.SERVICES]
                 text += [f":{c} - [0:0]" for c in base]
             text += declare
-            last = start + size >= len(servers)
+            last = start + size >= len(plan.dirty)
             if last:
-                text += [f":{c} - [0:0]" for c in stale]
-            if start == 0:
+                text += [f":{c} - [0:0]" for c in plan.stale]
+            if start == 0 and plan.base:
                 text += rules.base_rules()
-            text += [jumps[vs.key] for vs in part if rules.same_rule(jumps[vs.key]) not in have_jumps]
+            jumps = [rules.service_jump(vs) for vs in part]
+            text += [j for j in jumps if drift.normalise(j) in plan.add_jumps]
             text += body
             if last:
-                text += ["-D" + j[2:] for j in stale_jumps]
-                text += [f"-X {c}" for c in stale]
-            nf.restore("\n".join([*text, "COMMIT"]) + "\n")
+                text += plan.delete_jumps
+                text += [f"-X {c}" for c in plan.stale]
+                if plan.filter_rules is not None:
+                    text += ["COMMIT", "*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *plan.filter_rules]
+            if len(text) > 1:
+                batch = "\n".join([*text, "COMMIT"]) + "\n"
+                nf.restore(batch)
+                self.last_full.restores += 1
+                self.last_full.lines += len(text) + 1
         nf.ensure_jumps(rules.JUMPS, saved)
-        rejects = [r for vs in servers if (r := rules.reject_rule(vs))]
-        nf.restore("\n".join(["*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *rejects, "COMMIT"]) + "\n")
-        nf.ensure_jumps(rules.FILTER_JUMPS)
+        nf.ensure_jumps(rules.FILTER_JUMPS, saved_filter)
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]

@@ -1,0 +1,165 @@
+"""What a periodic full sync must rewrite: desired chains vs chains read back; pure.
+
+Called by ``svcproxy.dataplane.iptables.proxier`` (its full sync) and the
+unit tests. kube-proxy restores only the chains that changed; here the
+"last written" state is what ``iptables-save`` prints now, so drift made by
+hand (a rule deleted, altered, a chain flushed) is seen too. The comparison
+is per chain, on normalised rule text: iptables-save quotes some comments
+(``"ns/name"``) and prints the statistic match's probability as the kernel
+holds it (a 31-bit fraction: ``0.33333333333`` is read back as
+``0.33333333349``), so both sides are normalised before comparing.
+``SVCPROXY-SERVICES`` and ``SVCPROXY-NO-ENDPOINTS`` hold one independent rule
+per service (disjoint matches), so they are compared as multisets and
+repaired rule by rule, never flushed; every other chain is compared in order
+(the probability chain depends on it) and rewritten whole when it differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.table import VirtualServer
+
+_PROBABILITY = re.compile(r"--probability (\S+)")
+_CHAIN = re.compile(r"^:(\S+) ")
+_COMMENT = re.compile(r"--comment (\S+)")
+
+
+def _kernel_probability(match: re.Match[str]) -> str:
+    # xt_statistic keeps lround(p * 2^31); iptables-save prints that / 2^31 with %.11f.
+    fraction = int(float(match.group(1)) * 0x80000000 + 0.5)
+    return f"--probability {fraction / 0x80000000:.11f}"
+
+
+def normalise(line: str) -> str:
+    """One rule line ("-A CHAIN ...") in the form compared: no quotes (our comments hold
+    none of their own), the probability as the kernel holds it, single spaces."""
+    if '"' not in line and "--probability" not in line and "  " not in line:
+        return line.rstrip()  # the common case, kept cheap: 320k lines at 10k services
+    text = " ".join(line.replace('"', "").split())
+    if "--probability" in text:
+        text = _PROBABILITY.sub(_kernel_probability, text)
+    return text
+
+
+def jump_owner(line: str) -> str | None:
+    """The owner ("ns/name") a SVCPROXY-SERVICES jump or NO-ENDPOINTS rule names in its comment."""
+    match = _COMMENT.search(line)
+    return match.group(1).replace('"', "") if match else None
+
+
+class SavedParseError(ValueError):
+    """iptables-save printed a line this parser does not know: compare nothing, rewrite all."""
+
+
+def parse_saved(text: str, table: str) -> dict[str, list[str]]:
+    """Owned chains (``SVCPROXY-`` prefix) of ``table`` -> their normalised rules, in order.
+
+    Strict: a missing table header or COMMIT, an unknown line, or a rule in an
+    undeclared chain raises :class:`SavedParseError` (the caller then rewrites
+    every chain instead of trusting a comparison).
+    """
+    chains: dict[str, list[str]] = {}
+    declared: set[str] = set()
+    seen_table = committed = False
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            if line[1:] != table or seen_table:
+                raise SavedParseError(f"unexpected table header {line!r} (asked for {table})")
+            seen_table = True
+        elif line == "COMMIT":
+            committed = True
+        elif match := _CHAIN.match(line):
+            declared.add(match.group(1))
+            if match.group(1).startswith(rules.PREFIX):
+                chains[match.group(1)] = []
+        elif line.startswith("-A "):
+            parts = line.split(" ", 2)
+            if len(parts) < 3 or parts[1] not in declared:
+                raise SavedParseError(f"rule in an undeclared chain: {line!r}")
+            if parts[1] in chains:
+                chains[parts[1]].append(normalise(line))
+        else:
+            raise SavedParseError(f"unknown line in iptables-save output: {line!r}")
+    if not seen_table or not committed:
+        raise SavedParseError(f"no complete *{table} ... COMMIT section in iptables-save output")
+    return chains
+
+
+def desired_chains(
+    vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool
+) -> dict[str, list[str]]:
+    """``vs``'s service and endpoint chains -> their normalised rules, in order."""
+    out: dict[str, list[str]] = {name: [] for name in rules.chains_of(vs)}
+    for line in rules.service_rules(vs, cluster_cidrs, masquerade_all):
+        out[line.split(" ", 2)[1]].append(normalise(line))
+    return out
+
+
+@dataclass
+class FullPlan:
+    """The restore work of one full sync (empty when nothing drifted)."""
+
+    dirty: list[VirtualServer] = field(default_factory=list)  # services whose chains are rewritten
+    add_jumps: set[str] = field(default_factory=set)  # normalised jumps to append (of dirty services)
+    base: bool = False  # rewrite SVCPROXY-MARK-MASQ and SVCPROXY-POSTROUTING
+    declare_services: bool = False  # SVCPROXY-SERVICES is missing
+    delete_jumps: list[str] = field(default_factory=list)  # "-D SVCPROXY-SERVICES ..." lines
+    stale: list[str] = field(default_factory=list)  # owned chains nobody needs
+    filter_rules: list[str] | None = None  # the whole NO_ENDPOINTS chain, when it differs
+
+    @property
+    def empty(self) -> bool:
+        return not (self.dirty or self.base or self.declare_services or self.delete_jumps
+                    or self.stale or self.filter_rules is not None)
+
+
+def plan_full(
+    servers: Sequence[VirtualServer],
+    nat: Mapping[str, list[str]],
+    filter_chain: Sequence[str] | None,
+    cluster_cidrs: tuple[str, ...],
+    masquerade_all: bool,
+    *,
+    rewrite_all: bool = False,
+    keep: Iterable[str] = (),
+) -> FullPlan:
+    """Desired ``servers`` x observed chains -> what to restore.
+
+    ``nat``: owned nat chains as read back (:func:`parse_saved`); ``filter_chain``: the
+    rules of SVCPROXY-NO-ENDPOINTS (None: missing). ``rewrite_all`` marks every service
+    dirty (first sync after start, unparsable read-back). ``keep``: chains never to
+    delete even if no desired service names them (written meanwhile by a partial sync).
+    """
+    plan = FullPlan()
+    base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
+    for line in rules.base_rules():
+        base_want[line.split(" ", 2)[1]].append(normalise(line))
+    plan.base = rewrite_all or any(nat.get(c) != want for c, want in base_want.items())
+    plan.declare_services = rules.SERVICES not in nat
+    have_jumps = Counter(nat.get(rules.SERVICES, ()))
+    wanted_jumps: set[str] = set()
+    needed = set(rules.BASE_CHAINS) | set(keep)
+    for vs in servers:
+        jump = normalise(rules.service_jump(vs))
+        wanted_jumps.add(jump)
+        chains = desired_chains(vs, cluster_cidrs, masquerade_all)
+        needed.update(chains)
+        if jump not in have_jumps:
+            plan.add_jumps.add(jump)
+        if rewrite_all or jump not in have_jumps or any(nat.get(c) != want for c, want in chains.items()):
+            plan.dirty.append(vs)
+    for jump, count in have_jumps.items():
+        extra = count - 1 if jump in wanted_jumps else count
+        plan.delete_jumps += ["-D" + jump[2:]] * extra
+    plan.stale = sorted(c for c in nat if rules.owned_chain(c) and c not in needed)
+    rejects = [normalise(r) for vs in servers if (r := rules.reject_rule(vs))]
+    if rewrite_all or filter_chain is None or Counter(filter_chain) != Counter(rejects):
+        plan.filter_rules = [r for vs in servers if (r := rules.reject_rule(vs))]
+    return plan

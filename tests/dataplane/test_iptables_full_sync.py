@@ -1,0 +1,159 @@
+"""iptables mode: the periodic full sync on the host kernel restores only what drifted.
+
+A steady-state full sync must write nothing (the nf_tables rule handles of every
+chain stay the same: a rewritten chain gets new handles), a rule deleted or
+altered by hand in an owned chain is repaired by the next full sync, and
+foreign chains and rules keep their handles throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from dp_topology import Topology, in_ns
+
+from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.iptables.proxier import IptablesProxier
+from svcproxy.dataplane.netfilter import Netfilter
+from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
+
+VIP = "10.96.6.10"
+VIP6 = "fd00:96::6:10"
+
+
+def proxier(topo: Topology, **kw: object) -> IptablesProxier:
+    return IptablesProxier(Netfilter(netns=topo.node), Netfilter(ipv6=True, netns=topo.node), **kw)  # type: ignore[arg-type]
+
+
+def services(topo: Topology) -> list[VirtualServer]:
+    """Every rule form the mode writes: even and weighted spreads (probabilities like
+    1/3 that the kernel rounds), affinity, a draining endpoint, no ready endpoint, UDP,
+    IPv6."""
+    def reals(weights: tuple[int, ...]) -> list[RealServer]:
+        return [RealServer(a, 8080, w) for a, w in zip(topo.backends, weights, strict=False)]
+
+    return [
+        VirtualServer.create("TCP", VIP, 80, reals((1, 1, 1)), owner="ns/even"),
+        VirtualServer.create("TCP", VIP, 81, reals((3, 2, 7)), owner="ns/weighted"),
+        VirtualServer.create("TCP", VIP, 82, reals((1, 1, 1)), persistence=600, owner="ns/sticky"),
+        VirtualServer.create("TCP", VIP, 83, reals((1, 0, 1)), owner="ns/draining"),
+        VirtualServer.create("TCP", VIP, 84, [], owner="ns/empty"),
+        VirtualServer.create("UDP", VIP, 53, reals((1, 1, 1)), owner="ns/dns"),
+        VirtualServer.create("TCP", VIP6, 80, [RealServer("fd00:244::2", 8080)], persistence=60,
+                             owner="ns/six"),
+    ]
+
+
+def handles(topo: Topology, family: str, table: str) -> list[str]:
+    """Every rule of the table with its nf_tables handle (changes when a rule is rewritten)."""
+    text = in_ns(topo.node, "nft", "-a", "list", "table", family, table).stdout
+    return [line.strip() for line in text.splitlines() if "# handle" in line]
+
+
+def kernel_state(topo: Topology) -> list[str]:
+    return [*handles(topo, "ip", "nat"), *handles(topo, "ip", "filter"), *handles(topo, "ip6", "nat")]
+
+
+def owned(topo: Topology) -> list[str]:
+    """Owned rules as iptables-save prints them, sorted (the SERVICES jump order is free)."""
+    out = []
+    for cmd in ("iptables-save", "ip6tables-save"):
+        for table in ("nat", "filter"):
+            text = in_ns(topo.node, cmd, "-t", table).stdout
+            out += [f"{cmd} {line}" for line in text.splitlines() if line.startswith("-A SVCPROXY-")]
+    return sorted(out)
+
+
+def test_steady_state_full_sync_writes_nothing(topo: Topology) -> None:
+    p = proxier(topo)
+    table = make_table(services(topo))
+    assert asyncio.run(p.sync(table)).ok
+    assert p.last_full.rewrite_all  # the first sync after start rewrites everything
+    before = kernel_state(topo)
+    assert len(before) > 40
+    result = asyncio.run(p.sync(table))
+    assert result.ok, result.errors
+    assert (p.last_full.restores, p.last_full.dirty_services) == (0, 0), p.last_full
+    assert kernel_state(topo) == before
+    # A restarted agent rewrites once (nothing trusted), then is steady again.
+    restarted = proxier(topo)
+    assert asyncio.run(restarted.sync(table)).ok and restarted.last_full.rewrite_all
+    assert asyncio.run(restarted.sync(table)).ok
+    assert restarted.last_full.restores == 0
+    asyncio.run(restarted.cleanup())
+
+
+def test_drift_in_owned_chains_is_repaired_by_the_next_full_sync(topo: Topology) -> None:
+    p = proxier(topo)
+    servers = services(topo)
+    table = make_table(servers)
+    assert asyncio.run(p.sync(table)).ok
+    want = owned(topo)
+    even, weighted = servers[:2]
+    ipt = ("iptables", "-t", "nat")
+    # 1. a rule deleted from a service chain (one endpoint of `even` becomes unreachable)
+    in_ns(topo.node, *ipt, "-D", rules.service_chain(even.key), "2")
+    # 2. a DNAT altered in an endpoint chain of `weighted`
+    sep = rules.endpoint_chain(weighted.key, weighted.real_servers[0])
+    in_ns(topo.node, *ipt, "-R", sep, "2", "-p", "tcp", "-j", "DNAT", "--to-destination", "10.244.9.99:9")
+    # 3. the jump of `sticky` deleted from SVCPROXY-SERVICES, a duplicate of `draining`'s added
+    jump = next(line for line in in_ns(topo.node, "iptables-save", "-t", "nat").stdout.splitlines()
+                if line.startswith(f"-A {rules.SERVICES} ") and "ns/sticky" in line)
+    in_ns(topo.node, *ipt, "-D", rules.SERVICES, *_args(jump))
+    dup = next(line for line in in_ns(topo.node, "iptables-save", "-t", "nat").stdout.splitlines()
+               if line.startswith(f"-A {rules.SERVICES} ") and "ns/draining" in line)
+    in_ns(topo.node, *ipt, "-A", rules.SERVICES, *_args(dup))
+    # 4. a stray owned chain, a stray rule in the masquerade chain, a reject rule removed
+    in_ns(topo.node, *ipt, "-N", "SVCPROXY-SVC-STRAYSTRAYSTRAY")
+    in_ns(topo.node, *ipt, "-A", rules.MARK_MASQ, "-j", "RETURN")
+    in_ns(topo.node, "iptables", "-t", "filter", "-F", rules.NO_ENDPOINTS)
+    assert owned(topo) != want
+    assert len(set(topo.ask(VIP, 80, 30))) == 2  # the drift is real: be? is unreachable
+    result = asyncio.run(p.sync(table))
+    assert result.ok, result.errors
+    assert p.last_full.restores == 1 and not p.last_full.rewrite_all
+    assert p.last_full.dirty_services == 3, p.last_full  # even, weighted, sticky (jump missing)
+    assert owned(topo) == want
+    assert set(topo.ask(VIP, 80, 40)) == {"be0", "be1", "be2"}
+    assert set(topo.ask(VIP, 81, 40)) == {"be0", "be1", "be2"}
+    assert len(set(topo.ask(VIP, 82, 10))) == 1
+    topo.route_services_nowhere()
+    assert topo.connect_error(VIP, 84) == "ECONNREFUSED"
+    # Steady again: the repair left nothing to do.
+    assert asyncio.run(p.sync(table)).ok and p.last_full.restores == 0
+    asyncio.run(p.cleanup())
+
+
+def _args(saved_rule: str) -> list[str]:
+    """An iptables-save rule line as iptables arguments after the chain name."""
+    return [a.replace('"', "") for a in saved_rule.split()[2:]]
+
+
+def test_foreign_chains_keep_their_handles_through_full_syncs_and_repairs(topo: Topology) -> None:
+    ns = topo.node
+    in_ns(ns, "iptables", "-t", "nat", "-N", "FOREIGN-FS")
+    in_ns(ns, "iptables", "-t", "nat", "-A", "FOREIGN-FS", "-d", "192.0.2.1/32", "-j", "RETURN")
+    in_ns(ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "192.0.2.2/32", "-j", "FOREIGN-FS")
+    in_ns(ns, "iptables", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.3/32", "-j", "ACCEPT")
+
+    def foreign() -> list[str]:
+        return [re.sub(r"\s+", " ", line) for line in kernel_state(topo)
+                if "192.0.2." in line or "FOREIGN" in line]
+
+    before = foreign()
+    assert len(before) == 4  # the chain, its rule, the jump to it, the filter rule
+    p = proxier(topo)
+    table = make_table(services(topo))
+    for _ in range(2):
+        assert asyncio.run(p.sync(table)).ok
+        assert foreign() == before
+    in_ns(ns, "iptables", "-t", "nat", "-F", rules.POSTROUTING)  # drift in a base chain
+    assert asyncio.run(p.sync(table)).ok and p.last_full.restores == 1
+    assert foreign() == before
+    asyncio.run(p.cleanup())
+    assert foreign() == before
+    in_ns(ns, "iptables", "-t", "nat", "-D", "PREROUTING", "-d", "192.0.2.2/32", "-j", "FOREIGN-FS")
+    in_ns(ns, "iptables", "-t", "nat", "-F", "FOREIGN-FS")
+    in_ns(ns, "iptables", "-t", "nat", "-X", "FOREIGN-FS")
+    in_ns(ns, "iptables", "-t", "filter", "-D", "INPUT", "-s", "192.0.2.3/32", "-j", "ACCEPT")
