@@ -18,24 +18,21 @@ the Service again before the agents withdraw.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-from pydantic import ValidationError
 
 from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE, Condition
 from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.conflicts import selects, why_wins, winner
-from svcproxy.compile.program import NotProxied, compile_program, not_proxied
+from svcproxy.compile.memo import MAX_PROGRAM_BYTES, Compiled, PlanMemo, resource_version
+from svcproxy.compile.program import NotProxied, not_proxied
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
-# etcd refuses objects over ~1.5 MiB; stay well below so the write cannot fail for size.
-MAX_PROGRAM_BYTES = 1_000_000
+__all__ = ["MAX_PROGRAM_BYTES", "Event", "NamespaceView", "Plan", "PlanMemo", "plan_namespace"]
 # Conditions whose "True" is bad news (no Event when they start out False).
 _BAD_WHEN_TRUE = {"Conflicted", "Degraded"}
 # Transitions worth a Warning Event; the rest are Normal.
@@ -108,17 +105,6 @@ def _key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
-def _parse(raw: JSON) -> tuple[ServiceProxyPolicy | None, str]:
-    try:
-        return ServiceProxyPolicy.parse(raw), ""
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return None, f"invalid spec ({err.error_count()} problem(s)); first at {where}: {first.get('msg')}"[
-            :1000
-        ]
-
-
 def _labelled(service: JSON) -> str | None:
     labels = (service.get("metadata") or {}).get("labels") or {}
     value = labels.get(HANDOVER_LABEL)
@@ -132,33 +118,37 @@ def _owner_of(program: JSON) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def plan_namespace(view: NamespaceView) -> Plan:
-    """Decide programs, handover steps and statuses for every policy in ``view``."""
+def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
+    """Decide programs, handover steps and statuses for every policy in ``view``.
+
+    ``memo`` (one per namespace, kept by the caller between passes) lets a pass
+    reuse the programs and status rows whose inputs did not change; the result
+    is the same as with no memo (see :mod:`svcproxy.compile.memo`).
+    """
+    memo = memo if memo is not None else PlanMemo()
+    memo.begin()
     plan = Plan(unlabelled_at=dict(view.unlabelled_at))
     # From here on ``view.nodes`` holds only the reports that count.
     view = replace(view, nodes=view.counted_nodes())
-    parsed: dict[str, ServiceProxyPolicy] = {}
-    invalid: dict[str, str] = {}
-    raw_by_name: dict[str, JSON] = {}
-    for raw in view.policies:
-        name = str((raw.get("metadata") or {}).get("name", ""))
-        raw_by_name[name] = raw
-        if (raw.get("metadata") or {}).get("deletionTimestamp"):
-            continue  # going away: it no longer selects anything
-        policy, error = _parse(raw)
-        if policy is None:
-            invalid[name] = error
-        else:
-            parsed[name] = policy
+    raw_by_name = {str((raw.get("metadata") or {}).get("name", "")): raw for raw in view.policies}
+    every = memo.parse_policies(view.policies)
+    parsed = {n: p.policy for n, p in every.items() if p.policy is not None}
+    invalid = {n: p.error for n, p in every.items() if p.policy is None}
+    token = memo.policies_token(every)
 
     # Who selects what, and who wins each Service.
     selected_by: dict[str, list[ServiceProxyPolicy]] = {}
     for svc_name, svc in sorted(view.services.items()):
-        for policy in parsed.values():
-            if selects(policy, svc):
-                selected_by.setdefault(svc_name, []).append(policy)
+        rv = resource_version(svc)
+        names = memo.selecting(svc_name, rv, token)
+        if names is None:
+            names = tuple(n for n, policy in parsed.items() if selects(policy, svc))
+            memo.remember_selection(svc_name, rv, token, names)
+        if names:
+            selected_by[svc_name] = [parsed[n] for n in names]
 
     desired: dict[str, ProxyVirtualServerSpec] = {}
+    wires: dict[str, Compiled] = {}
     not_proxied_by_svc: dict[str, NotProxied] = {}
     for svc_name, pols in selected_by.items():
         svc = view.services[svc_name]
@@ -171,26 +161,21 @@ def plan_namespace(view: NamespaceView) -> Plan:
         if why is not None:
             not_proxied_by_svc[svc_name] = why
             continue
-        win = winner(pols)
-        result = compile_program(win, svc, view.slices.get(svc_name, ()), view.pod_labels)
-        if isinstance(result, NotProxied):
-            not_proxied_by_svc[svc_name] = result
-            continue
-        size = len(json.dumps(result.wire()))
-        if size > MAX_PROGRAM_BYTES:
-            not_proxied_by_svc[svc_name] = NotProxied(
-                "TooLarge",
-                f"the program would be {size} bytes (limit {MAX_PROGRAM_BYTES}): "
-                "split the Service's ports or endpoints across Services",
-            )
+        win = pols[0] if len(pols) == 1 else winner(pols)
+        entry = memo.compile(
+            svc_name, every[win.metadata.name], svc, view.slices.get(svc_name, ()), view.pod_labels
+        )
+        if isinstance(entry.result, NotProxied):
+            not_proxied_by_svc[svc_name] = entry.result
         else:
-            desired[svc_name] = result
+            desired[svc_name] = entry.result
+            wires[svc_name] = entry
     plan.compiled = dict(desired)
 
-    _plan_programs(view, desired, plan)
+    _plan_programs(view, desired, wires, plan)
     for name, policy in parsed.items():
-        status = _policy_status(view, policy, selected_by, desired, not_proxied_by_svc)
-        _finish_status(view, name, raw_by_name[name], status, plan)
+        status, rows = _policy_status(view, policy, selected_by, desired, not_proxied_by_svc, memo=memo)
+        _finish_status(view, name, raw_by_name[name], status, plan, rows=rows)
     for name, error in invalid.items():
         generation = (raw_by_name[name].get("metadata") or {}).get("generation")
         status = ServiceProxyPolicyStatus(
@@ -200,15 +185,20 @@ def plan_namespace(view: NamespaceView) -> Plan:
                 Condition(type="Programmed", status="False", reason="InvalidSpec", message="spec is invalid"),
             ],
         )
-        _finish_status(view, name, raw_by_name[name], status, plan)
+        _finish_status(view, name, raw_by_name[name], status, plan, rows=[])
+    memo.end()
     return plan
 
 
-def _plan_programs(view: NamespaceView, desired: Mapping[str, ProxyVirtualServerSpec], plan: Plan) -> None:
+def _plan_programs(
+    view: NamespaceView,
+    desired: Mapping[str, ProxyVirtualServerSpec],
+    compiled: Mapping[str, Compiled],
+    plan: Plan,
+) -> None:
     """Writes, labels, unlabels and deletes, in handover order."""
     for svc_name, spec in sorted(desired.items()):
-        existing = view.programs.get(svc_name)
-        if existing is None or (existing.get("spec") or {}) != spec.wire():
+        if _needs_write(view.programs.get(svc_name), compiled[svc_name]):
             plan.writes[svc_name] = spec
         plan.owned_after[svc_name] = spec.policy.name
         plan.unlabelled_at.pop(svc_name, None)
@@ -243,6 +233,19 @@ def _plan_programs(view: NamespaceView, desired: Mapping[str, ProxyVirtualServer
             plan.unlabelled_at.pop(svc_name)
 
 
+def _needs_write(existing: JSON | None, entry: Compiled) -> bool:
+    """True unless the stored program equals the compiled one (a hand edit is put back)."""
+    if existing is None:
+        return True
+    rv = resource_version(existing)
+    if rv is not None and rv == entry.stored_rv:
+        return False  # this very version was compared before
+    if (existing.get("spec") or {}) != entry.wire:
+        return True
+    entry.stored_rv = rv
+    return False
+
+
 def _all_nodes_applied(view: NamespaceView, svc_name: str, content_hash: str) -> bool:
     key = _key(view.namespace, svc_name)
     total = view.nodes_total()
@@ -263,48 +266,65 @@ def _policy_status(
     selected_by: Mapping[str, Sequence[ServiceProxyPolicy]],
     desired: Mapping[str, ProxyVirtualServerSpec],
     not_proxied_by_svc: Mapping[str, NotProxied],
-) -> ServiceProxyPolicyStatus:
+    *,
+    memo: PlanMemo,
+) -> tuple[ServiceProxyPolicyStatus, list[JSON]]:
+    """The policy's status without its rows, and the rows (wire form, one per Service).
+
+    A row is rebuilt only when what it shows changed (its key); the node counts come
+    from the compiled programs' content hashes, so a ProxyNode report never recompiles.
+    """
     name = policy.metadata.name
     total = view.nodes_total()
-    rows: list[PolicyServiceStatus] = []
+    rows: list[JSON] = []
+    pending: list[str] = []
     conflicts: list[str] = []
     mine: list[str] = []
     fallback = _fallback_nodes(view, policy.spec.mode)
+    fallback_text = {policy.spec.mode: _fallback_text(view, policy.spec.mode, fallback)} if fallback else {}
+    applied = [n.status.applied for n in view.nodes]
+    complete = [0] * len(applied)  # per node: how many of ``mine`` it reports current
     for svc_name in sorted(
         s for s, pols in selected_by.items() if any(p.metadata.name == name for p in pols)
     ):
-        svc_spec = view.services[svc_name].get("spec") or {}
-        ports = [
-            f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
-            for p in svc_spec.get("ports") or []
-            if isinstance(p, dict)
-        ]
-        cluster_ip = svc_spec.get("clusterIP") if isinstance(svc_spec.get("clusterIP"), str) else None
-        base = {"name": svc_name, "cluster_ip": cluster_ip, "ports": ports, "nodes_total": total}
+        svc = view.services[svc_name]
+        state: tuple[Any, ...]
         if svc_name in not_proxied_by_svc:
-            why = not_proxied_by_svc[svc_name]
-            rows.append(PolicyServiceStatus(**base, state="NotProxied", message=why.message))
-            continue
-        win = winner(selected_by[svc_name])
-        if win.metadata.name != name:
-            text = f"Service {svc_name}: policy {win.metadata.name} wins ({why_wins(win, policy)})"
-            conflicts.append(text)
-            rows.append(PolicyServiceStatus(**base, state="Conflicted", message=text))
-            continue
-        mine.append(svc_name)
-        spec = desired[svc_name]
-        key = _key(view.namespace, svc_name)
-        done = sum(1 for n in view.nodes if n.status.applied.get(key) == spec.content_hash)
-        mode = spec.mode + (f" ({_fallback_text(view, spec.mode, fallback)})" if fallback else "")
-        state = "Programmed" if total and done == total else "Pending"
-        message = "" if state == "Programmed" else f"{done}/{total} nodes report content {spec.content_hash}"
-        rows.append(
-            PolicyServiceStatus(**base, mode=mode, state=state, nodes_programmed=done, message=message)
-        )
+            state = ("NotProxied", not_proxied_by_svc[svc_name].message)
+        else:
+            win = winner(selected_by[svc_name])
+            if win.metadata.name != name:
+                text = f"Service {svc_name}: policy {win.metadata.name} wins ({why_wins(win, policy)})"
+                conflicts.append(text)
+                state = ("Conflicted", text)
+            else:
+                mine.append(svc_name)
+                spec = desired[svc_name]
+                key = _key(view.namespace, svc_name)
+                done = 0
+                for i, report in enumerate(applied):
+                    if report.get(key) == spec.content_hash:
+                        done += 1
+                        complete[i] += 1
+                if fallback and spec.mode not in fallback_text:
+                    fallback_text[spec.mode] = _fallback_text(view, spec.mode, fallback)
+                mode = spec.mode + (f" ({fallback_text[spec.mode]})" if fallback else "")
+                programmed = bool(total) and done == total
+                message = "" if programmed else f"{done}/{total} nodes report content {spec.content_hash}"
+                state = ("Programmed" if programmed else "Pending", mode, done, message)
+                if not programmed:
+                    pending.append(f"{svc_name}: {done}/{total} nodes")
+        rv = resource_version(svc)
+        row_key = (rv, total, state) if rv is not None else None
+        row = memo.row(name, svc_name, row_key)
+        if row is None:
+            row = _row(svc_name, svc, total, state)
+            memo.remember_row(name, svc_name, row_key, row)
+        rows.append(row)
     missing = sorted(set(policy.spec.services or ()) - set(view.services))
     conditions = [
-        _accepted(rows, missing),
-        _programmed(view, rows, mine, desired),
+        _accepted(len(rows), missing),
+        _programmed(view, pending, mine),
         Condition(
             type="Conflicted",
             status="True" if conflicts else "False",
@@ -313,18 +333,31 @@ def _policy_status(
         ),
         _degraded(view, mine, fallback, policy.spec.mode),
     ]
-    nodes_all = sum(
-        1
-        for n in view.nodes
-        if mine
-        and all(n.status.applied.get(_key(view.namespace, s)) == desired[s].content_hash for s in mine)
-    )
-    return ServiceProxyPolicyStatus(
+    nodes_all = sum(1 for count in complete if mine and count == len(mine))
+    status = ServiceProxyPolicyStatus(
         observed_generation=policy.metadata.generation,
         conditions=conditions,
-        services=rows,
         programmed=f"{nodes_all}/{total}",
     )
+    return status, rows
+
+
+def _row(svc_name: str, svc: JSON, total: int, state: tuple[Any, ...]) -> JSON:
+    """One status row in wire form; ``state`` is (kind, message) or (kind, mode, done, message)."""
+    svc_spec = svc.get("spec") or {}
+    ports = [
+        f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
+        for p in svc_spec.get("ports") or []
+        if isinstance(p, dict)
+    ]
+    cluster_ip = svc_spec.get("clusterIP") if isinstance(svc_spec.get("clusterIP"), str) else None
+    base: JSON = {"name": svc_name, "cluster_ip": cluster_ip, "ports": ports, "nodes_total": total}
+    if state[0] in ("NotProxied", "Conflicted"):
+        row = PolicyServiceStatus(**base, state=state[0], message=state[1])
+    else:
+        kind, mode, done, message = state
+        row = PolicyServiceStatus(**base, mode=mode, state=kind, nodes_programmed=done, message=message)
+    return row.wire()
 
 
 def _fallback_text(view: NamespaceView, mode: str, nodes: list[str]) -> str:
@@ -339,24 +372,19 @@ def _fallback_text(view: NamespaceView, mode: str, nodes: list[str]) -> str:
     return f"{','.join(effective)} on {', '.join(nodes)}"
 
 
-def _accepted(rows: list[PolicyServiceStatus], missing: list[str]) -> Condition:
+def _accepted(rows: int, missing: list[str]) -> Condition:
     if not rows:
         text = "no Service in this namespace matches the policy"
         if missing:
             text = f"Services not found: {', '.join(missing)}"
         return Condition(type="Accepted", status="False", reason="NoServicesFound", message=text[:4000])
-    text = f"selects {len(rows)} Service(s)"
+    text = f"selects {rows} Service(s)"
     if missing:
         text += f"; not found: {', '.join(missing)}"
     return Condition(type="Accepted", status="True", reason="Accepted", message=text[:4000])
 
 
-def _programmed(
-    view: NamespaceView,
-    rows: list[PolicyServiceStatus],
-    mine: list[str],
-    desired: Mapping[str, ProxyVirtualServerSpec],
-) -> Condition:
+def _programmed(view: NamespaceView, pending: list[str], mine: list[str]) -> Condition:
     if not mine:
         return Condition(
             type="Programmed",
@@ -370,9 +398,8 @@ def _programmed(
         if silent:
             text += f" (no agent report from {', '.join(silent)})"
         return Condition(type="Programmed", status="False", reason="NoAgents", message=text[:4000])
-    pending = [r for r in rows if r.state == "Pending"]
     if pending:
-        text = "; ".join(f"{r.name}: {r.nodes_programmed}/{r.nodes_total} nodes" for r in pending)
+        text = "; ".join(pending)
         if silent:
             text = f"no agent report from {', '.join(silent)}; {text}"
         return Condition(type="Programmed", status="False", reason="Pending", message=text[:4000])
@@ -402,9 +429,17 @@ def _degraded(view: NamespaceView, mine: list[str], fallback: list[str], mode: s
 
 
 def _finish_status(
-    view: NamespaceView, name: str, raw: JSON, status: ServiceProxyPolicyStatus, plan: Plan
+    view: NamespaceView,
+    name: str,
+    raw: JSON,
+    status: ServiceProxyPolicyStatus,
+    plan: Plan,
+    *,
+    rows: list[JSON],
 ) -> None:
-    """Carry lastTransitionTime over unchanged conditions; Events for transitions."""
+    """Carry lastTransitionTime over unchanged conditions; Events for transitions.
+
+    ``rows`` are the status rows in wire form (``status`` itself holds none)."""
     old_conditions = {
         c.get("type"): c for c in ((raw.get("status") or {}).get("conditions") or []) if isinstance(c, dict)
     }
@@ -430,5 +465,6 @@ def _finish_status(
                 )
             )
     wire = status.model_copy(update={"conditions": conditions}).wire()
+    wire["services"] = rows
     if (raw.get("status") or {}) != wire:
         plan.statuses[name] = wire

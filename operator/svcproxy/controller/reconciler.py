@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from svcproxy.compile.namespace import Plan, plan_namespace
+from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer, describe
@@ -58,6 +58,9 @@ class Reconciler:
         self.unlabelled_at: dict[str, dict[str, float]] = {}
         self.owned_after: dict[str, dict[str, str]] = {}
         self.failures: dict[str, int] = {}
+        # One planner memo per namespace: a pass recompiles only the Services whose
+        # inputs changed (svcproxy.compile.memo says what keys them).
+        self.memos: dict[str, PlanMemo] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -167,7 +170,7 @@ class Reconciler:
             handover_delay=self.handover_delay,
         )
         started = time.perf_counter()
-        plan = plan_namespace(view)
+        plan = plan_namespace(view, self.memos.setdefault(namespace, PlanMemo()))
         metrics.COMPILE_SECONDS.observe(time.perf_counter() - started)
         w = self.writer
         for name, spec in plan.writes.items():

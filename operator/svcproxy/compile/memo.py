@@ -1,0 +1,257 @@
+"""What the namespace planner keeps between passes, so one change costs one recompile (pure).
+
+A :class:`PlanMemo` belongs to one namespace; the operator's reconciler holds
+one per namespace and hands it to :func:`svcproxy.compile.namespace.plan_namespace`
+on every pass (``svcproxy plan`` and the tests may pass none: a fresh memo
+then lives for one pass). It keeps, per Service, the last compiled program
+together with the key of everything compile read to make it:
+
+* the Service's ``resourceVersion`` (spec, labels, uid all change it),
+* the ``(name, resourceVersion)`` of each of its EndpointSlices,
+* the winning policy's fingerprint (name, uid, generation, creation time and
+  the spec as JSON: everything compile and conflict resolution read of it),
+* when that policy has ``weights``: the labels of every Pod compile looked up.
+
+A program is reused only when its key is equal, so a memoised pass returns
+exactly what a pass with an empty memo returns (the property tests check
+this over random change sequences). Objects without a ``resourceVersion``
+(hand-built views) are never reused. Policy parses, the selection of each
+Service, its status row and the stored program already known to match are
+kept the same way. Nothing here is global: entries a pass did not touch are
+dropped at its end, and all state lives in the memo object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from svcproxy.api.policy import ServiceProxyPolicy
+from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.compile.program import NotProxied, compile_program
+
+JSON = dict[str, Any]
+# The policy metadata compile, conflicts and status read; the rest (resourceVersion,
+# managedFields, status) changes on every status write and must not invalidate anything.
+_POLICY_META = ("name", "namespace", "uid", "generation", "creationTimestamp")
+# etcd refuses objects over ~1.5 MiB; stay well below so the write cannot fail for size.
+MAX_PROGRAM_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class ParsedPolicy:
+    """One policy as the planner uses it: parsed (or why not) and its fingerprint."""
+
+    fingerprint: str
+    policy: ServiceProxyPolicy | None
+    error: str
+
+
+@dataclass
+class Compiled:
+    """One Service's program (or why it has none) and the key it was made from."""
+
+    key: tuple[Any, ...] | None
+    pods: tuple[tuple[str, Mapping[str, str] | None], ...]
+    result: ProxyVirtualServerSpec | NotProxied
+    wire: JSON | None  # the program's wire form (None when not proxied)
+    stored_rv: str | None = None  # resourceVersion of a stored program known to equal ``wire``
+
+
+@dataclass
+class MemoStats:
+    """Counters for tests and benchmarks: what the last pass compiled, what it reused."""
+
+    compiles: int = 0  # compile_program calls, over the memo's life
+    reused: int = 0
+    last_compiled: list[str] = field(default_factory=list)  # Services compiled by the last pass
+    last_reused: int = 0
+
+
+@dataclass
+class PlanMemo:
+    """Per-namespace planner memo; see the module docstring. Not thread-safe (one owner)."""
+
+    policies: dict[str, ParsedPolicy] = field(default_factory=dict)
+    selection: dict[str, tuple[str, object, tuple[str, ...]]] = field(default_factory=dict)
+    compiled: dict[str, Compiled] = field(default_factory=dict)
+    rows: dict[tuple[str, str], tuple[tuple[Any, ...], JSON]] = field(default_factory=dict)
+    stats: MemoStats = field(default_factory=MemoStats)
+    _token: object = field(default=None, repr=False)
+    _token_value: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    _next_selection: dict[str, tuple[str, object, tuple[str, ...]]] = field(default_factory=dict, repr=False)
+    _next_compiled: dict[str, Compiled] = field(default_factory=dict, repr=False)
+    _next_rows: dict[tuple[str, str], tuple[tuple[Any, ...], JSON]] = field(default_factory=dict, repr=False)
+
+    # -- pass lifecycle ---------------------------------------------------------
+    def begin(self) -> None:
+        self.stats.last_compiled = []
+        self.stats.last_reused = 0
+        self._next_selection = {}
+        self._next_compiled = {}
+        self._next_rows = {}
+
+    def end(self) -> None:
+        """Keep only what this pass used: Services and rows that are gone drop out."""
+        self.selection, self._next_selection = self._next_selection, {}
+        self.compiled, self._next_compiled = self._next_compiled, {}
+        self.rows, self._next_rows = self._next_rows, {}
+
+    # -- policies ---------------------------------------------------------------
+    def parse_policies(self, raws: Sequence[JSON]) -> dict[str, ParsedPolicy]:
+        """Parse every policy not being deleted (by name), reusing unchanged parses."""
+        out: dict[str, ParsedPolicy] = {}
+        for raw in raws:
+            meta = raw.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue  # going away: it no longer selects anything
+            name = str(meta.get("name", ""))
+            body = {k: v for k, v in raw.items() if k not in ("status", "metadata")}
+            body["metadata"] = {k: meta[k] for k in _POLICY_META if k in meta}
+            fingerprint = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+            old = self.policies.get(name)
+            if old is not None and old.fingerprint == fingerprint:
+                out[name] = old
+                continue
+            try:
+                out[name] = ParsedPolicy(fingerprint, ServiceProxyPolicy.parse(body), "")
+            except ValidationError as err:
+                out[name] = ParsedPolicy(fingerprint, None, _invalid_text(err))
+        self.policies = out
+        return out
+
+    def policies_token(self, parsed: Mapping[str, ParsedPolicy]) -> object:
+        """An object that stays the same (``is``) while the set of valid policies does."""
+        value = tuple((n, p.fingerprint) for n, p in parsed.items() if p.policy is not None)
+        if self._token is None or value != self._token_value:
+            self._token, self._token_value = object(), value
+        return self._token
+
+    # -- selection --------------------------------------------------------------
+    def selecting(self, svc_name: str, rv: str | None, token: object) -> tuple[str, ...] | None:
+        """The names of the policies selecting ``svc_name`` when known for this version."""
+        hit = self.selection.get(svc_name)
+        if rv is not None and hit is not None and hit[0] == rv and hit[1] is token:
+            self._next_selection[svc_name] = hit
+            return hit[2]
+        return None
+
+    def remember_selection(
+        self, svc_name: str, rv: str | None, token: object, names: tuple[str, ...]
+    ) -> None:
+        if rv is not None:
+            self._next_selection[svc_name] = (rv, token, names)
+
+    # -- programs ---------------------------------------------------------------
+    def compile(
+        self,
+        svc_name: str,
+        policy: ParsedPolicy,
+        service: JSON,
+        slices: Sequence[JSON],
+        pod_labels: Mapping[str, Mapping[str, str]],
+    ) -> Compiled:
+        """The Service's program under ``policy``: reused when its key is unchanged."""
+        assert policy.policy is not None
+        key = _compile_key(service, slices, policy.fingerprint)
+        old = self.compiled.get(svc_name)
+        if (
+            key is not None
+            and old is not None
+            and old.key == key
+            and all(pod_labels.get(p) == labels for p, labels in old.pods)
+        ):
+            self._next_compiled[svc_name] = old
+            self.stats.reused += 1
+            self.stats.last_reused += 1
+            return old
+        # Without weights compile ignores Pod labels: they cannot invalidate the program.
+        seen = _Recorder(pod_labels) if policy.policy.spec.weights else None
+        result = compile_program(policy.policy, service, slices, seen if seen is not None else {})
+        wire: JSON | None = None
+        if isinstance(result, ProxyVirtualServerSpec):
+            wire = result.wire()
+            size = len(json.dumps(wire))
+            if size > MAX_PROGRAM_BYTES:
+                result = NotProxied(
+                    "TooLarge",
+                    f"the program would be {size} bytes (limit {MAX_PROGRAM_BYTES}): "
+                    "split the Service's ports or endpoints across Services",
+                )
+                wire = None
+        entry = Compiled(key, seen.seen() if seen is not None else (), result, wire)
+        self._next_compiled[svc_name] = entry
+        self.stats.compiles += 1
+        self.stats.last_compiled.append(svc_name)
+        return entry
+
+    # -- status rows ------------------------------------------------------------
+    def row(self, policy: str, svc_name: str, key: tuple[Any, ...] | None) -> JSON | None:
+        hit = self.rows.get((policy, svc_name))
+        if key is not None and hit is not None and hit[0] == key:
+            self._next_rows[(policy, svc_name)] = hit
+            return hit[1]
+        return None
+
+    def remember_row(self, policy: str, svc_name: str, key: tuple[Any, ...] | None, wire: JSON) -> None:
+        if key is not None:
+            self._next_rows[(policy, svc_name)] = (key, wire)
+
+
+class _Recorder(Mapping[str, Mapping[str, str]]):
+    """Pod labels as compile sees them, noting every Pod it looks up (its inputs)."""
+
+    def __init__(self, labels: Mapping[str, Mapping[str, str]]) -> None:
+        self._labels = labels
+        self._seen: dict[str, Mapping[str, str] | None] = {}
+
+    def __getitem__(self, key: str) -> Mapping[str, str]:
+        value = self._labels.get(key)
+        self._seen[key] = dict(value) if value is not None else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def seen(self) -> tuple[tuple[str, Mapping[str, str] | None], ...]:
+        return tuple(self._seen.items())
+
+
+def resource_version(obj: JSON) -> str | None:
+    value = (obj.get("metadata") or {}).get("resourceVersion")
+    return value if isinstance(value, str) and value else None
+
+
+def _compile_key(service: JSON, slices: Sequence[JSON], policy_fingerprint: str) -> tuple[Any, ...] | None:
+    rv = resource_version(service)
+    if rv is None:
+        return None
+    versions = []
+    for slice_ in slices:
+        srv = resource_version(slice_)
+        if srv is None:
+            return None
+        versions.append((str((slice_.get("metadata") or {}).get("name", "")), srv))
+    versions.sort()
+    return (rv, tuple(versions), policy_fingerprint)
+
+
+def _invalid_text(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"invalid spec ({err.error_count()} problem(s)); first at {where}: {first.get('msg')}"[:1000]
