@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -32,6 +32,8 @@ IPVS_SCHEDULERS = frozenset(
 )
 # Scheduler flags as ipvsadm spells them (-b): sh and mh use flag-1 / flag-2.
 SCHEDULER_FLAGS = frozenset({"sh-fallback", "sh-port", "mh-fallback", "mh-port"})
+# One shared empty set: most virtual servers have no flags (10k Services: 10k empty sets).
+NO_FLAGS: frozenset[str] = frozenset()
 # ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
 DEFAULT_AFFINITY_SECONDS = 10800
 
@@ -61,7 +63,7 @@ class VSKey(NamedTuple):
         return f"{self.protocol}/{host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~100k of these at 10k Services
 class RealServer:
     """One backend of a virtual server; weight 0 = draining (no new connections)."""
 
@@ -95,7 +97,7 @@ def canonical_order(reals: Iterable[RealServer]) -> tuple[RealServer, ...]:
     return tuple(sorted(reals, key=real_server_sort_key))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VirtualServer:
     """One virtual server (VIP:port/protocol) and its real servers.
 
@@ -109,7 +111,7 @@ class VirtualServer:
     address: str
     port: int
     scheduler: str = "rr"
-    flags: frozenset[str] = field(default_factory=frozenset)
+    flags: frozenset[str] = NO_FLAGS
     persistence: int = 0
     owner: str = ""
     real_servers: tuple[RealServer, ...] = ()
@@ -118,7 +120,7 @@ class VirtualServer:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         object.__setattr__(self, "address", normalize_address(self.address))
-        object.__setattr__(self, "flags", frozenset(self.flags))
+        object.__setattr__(self, "flags", frozenset(self.flags) if self.flags else NO_FLAGS)
         if not 0 < self.port < 65536:
             raise ValueError(f"virtual server port {self.port} is out of range 1-65535")
         if self.persistence < 0:
@@ -151,7 +153,7 @@ class VirtualServer:
             address=address,
             port=port,
             scheduler=scheduler,
-            flags=frozenset(flags),
+            flags=frozenset(flags) or NO_FLAGS,
             persistence=persistence,
             owner=owner,
             real_servers=canonical_order(real_servers),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply
@@ -99,7 +99,7 @@ class FakeIpvs:
                 # The kernel stores no owner.
                 stripped = Operation(
                     op.kind,
-                    VirtualServer(**{**op.virtual_server.__dict__, "owner": ""}),
+                    replace(op.virtual_server, owner=""),
                     op.real_server,
                 )
                 self.table = apply(self.table, [stripped])
