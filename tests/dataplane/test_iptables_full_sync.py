@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 
+import pytest
 from dp_topology import Topology, in_ns
 
 from svcproxy.dataplane.iptables import rules
@@ -157,3 +159,56 @@ def test_foreign_chains_keep_their_handles_through_full_syncs_and_repairs(topo: 
     in_ns(ns, "iptables", "-t", "nat", "-F", "FOREIGN-FS")
     in_ns(ns, "iptables", "-t", "nat", "-X", "FOREIGN-FS")
     in_ns(ns, "iptables", "-t", "filter", "-D", "INPUT", "-s", "192.0.2.3/32", "-j", "ACCEPT")
+
+
+@pytest.mark.parametrize("partial_first", [True, False], ids=["partial-before-read", "partial-after-read"])
+def test_a_partial_sync_during_the_full_syncs_read_back_is_kept(
+    topo: Topology, monkeypatch: pytest.MonkeyPatch, partial_first: bool
+) -> None:
+    """The agent's periodic full sync (``sync_full``) lets partial syncs run while it reads
+    back; what they wrote (new chains, a new endpoint chain, moved jumps) must survive the
+    full sync's repair write, whichever of the two came first."""
+    def x(*backends: int) -> VirtualServer:
+        reals = [RealServer(topo.backends[i], 8080) for i in backends]
+        return VirtualServer.create("TCP", VIP, 85, reals, owner="ns/x")
+
+    p = proxier(topo)
+    servers = services(topo)[:2]
+    assert asyncio.run(p.sync(make_table([*servers, x(0, 1)]))).ok
+    in_ns(topo.node, "iptables", "-t", "nat", "-D", rules.service_chain(servers[1].key), "2")  # drift
+    gate = threading.Event()
+    observe = p._observe
+
+    def gated_observe(v6: bool) -> tuple[str, str]:
+        if partial_first:
+            assert gate.wait(10)
+        return observe(v6)
+
+    monkeypatch.setattr(p, "_observe", gated_observe)
+
+    async def between(reading: asyncio.Future[object]) -> frozenset[str]:
+        if not partial_first:
+            await asyncio.wait_for(asyncio.shield(reading), 10)
+        result = await p.sync(make_table([x(1, 2)]), frozenset({"ns/x"}))
+        assert result.ok, result.errors
+        gate.set()
+        await reading
+        return frozenset({"ns/x"})
+
+    async def full() -> object:
+        return await p.sync_full(make_table([*servers, x(0, 1)]), between)  # the full's older view
+
+    result = asyncio.run(full())
+    assert result.ok, result.errors  # type: ignore[attr-defined]
+    assert p.last_full.dirty_services == 1  # `weighted` repaired; x left as the partial wrote it
+    assert set(topo.ask(VIP, 85, 40)) == {"be1", "be2"}
+    assert set(topo.ask(VIP, 81, 40)) == {"be0", "be1", "be2"}
+    monkeypatch.undo()
+    # The mirror follows the partial too: withdrawing x (a partial sync, mirror-driven)
+    # leaves none of its chains, and the next full sync finds nothing to do.
+    assert asyncio.run(p.sync({}, frozenset({"ns/x"}))).ok
+    text = in_ns(topo.node, "iptables-save", "-t", "nat").stdout
+    assert not [c for c in rules.chains_of(x(0, 1, 2)) if c in text]
+    assert asyncio.run(p.sync(make_table(servers))).ok
+    assert p.last_full.restores == 0, p.last_full
+    asyncio.run(p.cleanup())

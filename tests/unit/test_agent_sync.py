@@ -3,6 +3,7 @@ make-before-break, restart adoption, and the cost of one change. Fake time throu
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -290,3 +291,109 @@ async def test_a_bad_program_is_reported_but_the_node_stays_ready() -> None:
     agent.upsert(pvs("a", h="h2", reals=[]))
     await settle(agent, clock, steps=1)
     assert not agent.snapshot(watch_live=True).ready
+
+
+class SteppedFake(FakeProxier):
+    """An in-memory proxier with the iptables proxier's ``sync_full`` shape: while it
+    "reads the kernel" (``reading``, completed by the test) the agent's ``between`` runs
+    partial syncs; the full write then leaves the owners ``between`` returns alone."""
+
+    def __init__(self, mode: str, kernel: FakeKernel) -> None:
+        super().__init__(mode, kernel)
+        self.during_read: Any = None  # the test's hook: called with the read future
+        self.touched: list[frozenset[str]] = []
+
+    async def sync_full(self, desired: Any, between: Any) -> Any:
+        reading = asyncio.get_running_loop().create_future()
+        if self.during_read is not None:
+            self.during_read(reading)
+        else:
+            reading.set_result(None)
+        touched = await between(reading)
+        self.touched.append(touched)
+        # The write: touched owners' keys are neither desired nor owned here.
+        marks = self.kernel.marks(self._mode)
+        hidden = {k: o for k, o in marks.items() if o in touched}
+        for k in hidden:
+            del marks[k]
+        try:
+            return await self.sync({k: v for k, v in desired.items() if v.owner not in touched}, None)
+        finally:
+            marks.update(hidden)
+
+
+def stepped_agent(kernel: FakeKernel, clock: Clock) -> tuple[Agent, dict[str, FakeProxier]]:
+    proxiers: dict[str, FakeProxier] = {"iptables": SteppedFake("iptables", kernel),
+                                        "userspace": FakeProxier("userspace", kernel)}
+    agent = Agent(dict(proxiers), node_name="node-1", clock=clock, wall=clock,
+                  tracker=ChangeTracker(min_interval=0.05, full_interval=60, now=clock()))
+    return agent, proxiers
+
+
+async def test_a_change_during_a_full_sync_is_applied_before_it_ends_and_not_reverted() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = stepped_agent(kernel, clock)
+    stepped = px["iptables"]
+    assert isinstance(stepped, SteppedFake)
+    agent.replace_all([pvs("a"), pvs("b", vip="10.96.0.11"), pvs("c", vip="10.96.0.12")])
+    await settle(agent, clock)
+    assert stepped.touched == []  # the first sync after start is a plain full one
+    del kernel.table("iptables")[key("10.96.0.12")]  # drift, for the full sync to repair
+    new_reals = [{"address": "10.244.3.3", "port": 9000}]
+    seen_in_kernel: list[tuple[RealServer, ...]] = []
+
+    def during_read(reading: asyncio.Future[None]) -> None:
+        # A change lands while the full sync reads the kernel; the read ends later.
+        clock.t += 0.05
+        agent.upsert(pvs("a", reals=new_reals, h="h2"))
+        agent.delete("default/b")
+
+        def end_read() -> None:
+            seen_in_kernel.append(kernel.table("iptables")[key()].real_servers)
+            reading.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.01, end_read)
+
+    stepped.during_read = during_read
+    clock.t += 60
+    outcome = await agent.run_due()
+    assert outcome is not None and outcome.batch.full
+    assert stepped.touched == [frozenset({"default/a", "default/b"})]
+    # The change reached the kernel while the full sync was still reading it ...
+    assert seen_in_kernel == [(RealServer("10.244.3.3", 9000),)]
+    assert stepped.syncs[-2:] == [frozenset({"default/a", "default/b"}), None]
+    # ... and the full sync's write neither reverted it nor brought b back; c repaired.
+    table = kernel.table("iptables")
+    assert table[key()].real_servers == (RealServer("10.244.3.3", 9000),)
+    assert key("10.96.0.11") not in table and key("10.96.0.12") in table
+    assert agent.applied == {"default/a": "h2", "default/c": "h1"}
+    assert agent.tracker.pending == frozenset()
+    assert agent.key_owner["iptables"] == {key(): "default/a", key("10.96.0.12"): "default/c"}
+
+
+async def test_a_mode_change_during_a_full_sync_keeps_make_before_break() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = stepped_agent(kernel, clock)
+    stepped = px["iptables"]
+    assert isinstance(stepped, SteppedFake)
+    agent.replace_all([pvs("a")])
+    await settle(agent, clock)
+    gaps: list[dict[VSKey, set[str]]] = []
+    kernel.observers.append(lambda k: gaps.append(k.serving()) if key() not in k.serving() else None)
+
+    def during_read(reading: asyncio.Future[None]) -> None:
+        clock.t += 0.05
+        agent.upsert(pvs("a", mode="userspace", h="h2"))
+        asyncio.get_running_loop().call_later(0.01, reading.set_result, None)
+
+    stepped.during_read = during_read
+    clock.t += 60
+    assert await agent.run_due() is not None
+    assert gaps == []
+    assert key() in kernel.table("userspace") and key() not in kernel.table("iptables")
+    assert agent.applied == {"default/a": "h2"}
+    # The next full sync (nothing pending) changes nothing.
+    stepped.during_read = None
+    clock.t += 60
+    outcome = await agent.run_due()
+    assert outcome is not None and sum(r.total_operations for r in outcome.results) == 0

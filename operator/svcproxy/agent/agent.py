@@ -18,10 +18,12 @@ Called by :mod:`svcproxy.agent.main` (real proxiers) and the unit tests
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from svcproxy.agent.convert import Program
 from svcproxy.agent.metrics import Metrics
@@ -35,11 +37,34 @@ from svcproxy.dataplane.proxier import (
     Proxier,
     SyncResult,
 )
-from svcproxy.dataplane.table import VirtualServer, VSKey
+from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 log = logging.getLogger("svcproxy.agent")
 
 MODE_ORDER = ("iptables", "userspace", "ipvs")
+
+Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
+
+
+@runtime_checkable
+class SteppedFullSync(Protocol):
+    """A proxier whose full sync can let partial syncs run while it reads the kernel
+    (the iptables proxier): it awaits ``between(future)`` while its read-back runs and
+    leaves the owners ``between`` returns as the partial syncs left them."""
+
+    async def sync_full(self, desired: Table, between: Between) -> SyncResult: ...
+
+
+@dataclass
+class _FullInFlight:
+    """The placement a running full sync works from, and the owners partial syncs took
+    over from it meanwhile (see :meth:`Agent._between`)."""
+
+    owners: set[str]
+    new: dict[str, Placement]
+    old: dict[str, Placement]
+    moving: dict[str, dict[str, dict[VSKey, VirtualServer]]]
+    overtaken: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -100,6 +125,8 @@ class Agent:
         self.last_sync_duration: float | None = None
         self.last_sync_ok = False
         self.synced_once = False
+        self._full: _FullInFlight | None = None
+        self._wake = asyncio.Event()  # set on every change: wakes _between
 
     # ---- desired state (called by the watch) -------------------------------------------
     def upsert(self, program: Program) -> None:
@@ -107,10 +134,12 @@ class Agent:
         self.programs[program.owner] = program
         if old != program:
             self.tracker.changed(program.owner, self.clock())
+            self._wake.set()
 
     def delete(self, owner: str) -> None:
         if self.programs.pop(owner, None) is not None or owner in self.placement:
             self.tracker.changed(owner, self.clock())
+            self._wake.set()
 
     def replace_all(self, programs: Iterable[Program]) -> None:
         """After a (re-)list: the complete set; owners missing from it are deleted."""
@@ -200,6 +229,12 @@ class Agent:
         modes = [m for m in MODE_ORDER if m in self.proxiers or any(m in p for p in new.values())]
         failed: set[str] = set()
         failed_in: dict[str, set[str]] = {}
+        # A periodic full sync lets partial syncs run while its first proxier reads the
+        # kernel (nothing of this sync is written yet then); not the first sync after
+        # start, and never nested.
+        inflight = None
+        if batch.full and self.synced_once and self._full is None:
+            inflight = _FullInFlight(owners, new, old, moving)
         for mode in modes:  # phase 1: make
             desired: dict[VSKey, VirtualServer] = {}
             only: set[str] = set()
@@ -214,10 +249,17 @@ class Agent:
                 continue
             if batch.full and mode not in self.proxiers and not desired:
                 continue
-            result = await self._sync_mode(mode, desired, None if batch.full else frozenset(only))
+            if inflight is not None and not outcome.results:
+                result = await self._sync_mode(mode, desired, None, inflight)
+                self._take_over(inflight)
+                only -= inflight.overtaken
+            else:
+                result = await self._sync_mode(mode, desired, None if batch.full else frozenset(only))
             outcome.results.append(result)
             failed_in[mode] = self._absorb(result, only, batch)
             failed |= failed_in[mode]
+        overtaken = inflight.overtaken if inflight is not None else set()
+        failed -= overtaken
         for mode, by_owner in moving.items():  # phase 2: break, only after a successful make
             ready = {o for o in by_owner if o not in failed}
             if not ready:
@@ -227,7 +269,7 @@ class Agent:
             outcome.results.append(result)
             failed_in[mode] = failed_in.get(mode, set()) | self._absorb(result, ready, batch)
             failed |= failed_in[mode]
-        for owner in owners:
+        for owner in owners - overtaken:  # the overtaken ones: as their partial sync left them
             # What each mode now holds of this owner, as far as the agent knows.
             placement: Placement = {}
             for mode in set(new[owner]) | set(old[owner]):
@@ -277,9 +319,19 @@ class Agent:
         return outcome
 
     async def _sync_mode(
-        self, mode: str, desired: dict[VSKey, VirtualServer], only: frozenset[str] | None
+        self,
+        mode: str,
+        desired: dict[VSKey, VirtualServer],
+        only: frozenset[str] | None,
+        inflight: _FullInFlight | None = None,
     ) -> SyncResult:
         proxier = self.proxiers.get(mode)
+        if inflight is not None and isinstance(proxier, SteppedFullSync):
+            self._full = inflight
+            try:
+                return await proxier.sync_full(desired, self._between)
+            finally:
+                self._full = None
         if proxier is None:
             caps = self.router.capabilities.get(mode)
             reason = caps.reason if caps and caps.reason else f"{mode} mode is not available on this node"
@@ -292,6 +344,51 @@ class Agent:
                 failed_owners=owners,
             )
         return await proxier.sync(desired, only)
+
+    async def _between(self, until: asyncio.Future[Any]) -> frozenset[str]:
+        """While a full sync reads the kernel (``until``), run the partial syncs that come
+        due, as the sync loop would; returns their owners, which the full sync leaves
+        alone (kube-proxy's full and partial syncs share one loop too, but its full sync
+        writes little; ours would stall every change for its read-back otherwise)."""
+        inflight = self._full
+        synced: set[str] = set()
+        while inflight is not None and not until.done():
+            now = self.clock()
+            batch = self.tracker.take(now) if self.tracker.due_at() <= now else None
+            if batch is not None:
+                if batch.full:
+                    self.tracker.request_full()  # asked for meanwhile: runs after this one
+                if batch.owners:
+                    for owner in batch.owners & inflight.owners:
+                        # Back to the index the kernel matches: the full sync wrote nothing yet.
+                        self._index(owner, inflight.new[owner], {})
+                        self._index(owner, {}, self.placement.get(owner, {}))
+                    inflight.overtaken |= batch.owners
+                    synced |= batch.owners
+                    self._full = None  # the partial sync below must not nest another full
+                    try:
+                        await self.sync(Batch(False, batch.owners, batch.seen))
+                    finally:
+                        self._full = inflight
+                continue
+            self._wake.clear()
+            woken = asyncio.ensure_future(self._wake.wait())
+            delay = min(max(self.tracker.due_at() - now, 0.0), 1.0)
+            await asyncio.wait({until, woken}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+        return frozenset(synced)
+
+    def _take_over(self, inflight: _FullInFlight) -> None:
+        """After the first proxier of a full sync: owners that partial syncs synced
+        meanwhile continue from what those left (later modes get their placement now)."""
+        for owner in inflight.overtaken:
+            now = dict(self.placement.get(owner, {}))
+            inflight.new[owner] = now
+            inflight.old[owner] = now
+            for by_owner in inflight.moving.values():
+                by_owner.pop(owner, None)
+        for mode in [m for m, by_owner in inflight.moving.items() if not by_owner]:
+            del inflight.moving[mode]
 
     def _absorb(self, result: SyncResult, owners: set[str], batch: Batch) -> set[str]:
         """Record a result's operations and errors; returns the owners that failed."""

@@ -163,3 +163,23 @@ def plan_full(
     if rewrite_all or filter_chain is None or Counter(filter_chain) != Counter(rejects):
         plan.filter_rules = [r for vs in servers if (r := rules.reject_rule(vs))]
     return plan
+
+
+def without_owners(
+    plan: FullPlan, owners: frozenset[str], keep: set[str], filter_rules: list[str]
+) -> FullPlan:
+    """``plan`` minus everything of ``owners``, which a partial sync wrote after the
+    read-back the plan came from (their state now is the partial's, not the read-back's).
+
+    ``keep``: those owners' chains now (never stale); ``filter_rules``: the whole
+    NO_ENDPOINTS chain as it must be now, used only if the plan rewrites that chain.
+    """
+    return FullPlan(
+        dirty=[vs for vs in plan.dirty if vs.owner not in owners],
+        add_jumps={j for j in plan.add_jumps if jump_owner(j) not in owners},
+        base=plan.base,
+        declare_services=plan.declare_services,
+        delete_jumps=[j for j in plan.delete_jumps if jump_owner(j) not in owners],
+        stale=[c for c in plan.stale if c not in keep],
+        filter_rules=None if plan.filter_rules is None else filter_rules,
+    )

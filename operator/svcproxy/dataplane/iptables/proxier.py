@@ -18,10 +18,13 @@ ip6tables respectively. Rule text: ``rules.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
@@ -37,6 +40,9 @@ from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 MODE = "iptables"
 # Services per iptables-nft-restore input in a full sync (see IptablesProxier._full).
 NFT_BATCH = 200
+# The agent's hook for :meth:`IptablesProxier.sync_full`: apply partial syncs until the
+# future is done; returns the owners it synced.
+Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
 
 
 @dataclass
@@ -47,6 +53,16 @@ class FullStats:
     dirty_services: int = 0  # services whose chains were rewritten
     restores: int = 0  # iptables-restore inputs
     lines: int = 0  # lines in them
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One address family's read-back and the plan made from it (see ``_prepare``)."""
+
+    plan: drift.FullPlan
+    saved: str
+    saved_filter: str
+    rewrite_all: bool
 
 
 class IptablesProxier(BlockingProxier):
@@ -93,7 +109,51 @@ class IptablesProxier(BlockingProxier):
     def _rule_count(self, vs: VirtualServer) -> int:
         return rules.rule_count(vs, self._cidrs, self._masq_all)
 
-    def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+    async def sync_full(self, desired: Table, between: Between) -> SyncResult:
+        """A full sync whose read-back and planning do not hold up partial syncs.
+
+        The agent calls this for its periodic full sync (``svcproxy.agent.agent``).
+        iptables-save and the comparison run in a worker thread WITHOUT the write lock
+        while ``between`` (the agent) applies the partial syncs that come due meanwhile
+        (each takes the lock, so there is still one writer at a time); ``between``
+        returns the owners it synced. The restore of what drifted then runs under the
+        lock, minus those owners (their chains, jumps and reject rules are as the
+        partial sync left them: newer than the read-back). The first full sync after
+        start is a plain one (it rewrites everything, nothing runs beside it).
+        """
+        if not self._synced or not self._caps.available:
+            return await self.sync(desired, None)
+        families = [v6 for v6 in (False, True) if v6 is False or self._has_family(desired, v6)]
+
+        def prepare() -> dict[bool, Prepared]:
+            prepared: dict[bool, Prepared] = {}
+            for v6 in families:
+                with contextlib.suppress(DataplaneError):  # sync_blocking reads again and reports
+                    want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
+                    prepared[v6] = self._prepare(v6, want)
+            return prepared
+
+        planning = asyncio.ensure_future(asyncio.to_thread(prepare))
+        try:
+            touched = await between(planning)
+        finally:
+            prepared = await planning
+        async with self._lock:
+            return await asyncio.to_thread(self.sync_blocking, desired, None, prepared, touched)
+
+    def _has_family(self, desired: Table, v6: bool) -> bool:
+        return any((":" in k.address) == v6 for k in desired) or any(
+            (":" in k.address) == v6 for k in self._mirror
+        )
+
+    def sync_blocking(
+        self,
+        desired: Table,
+        only: frozenset[str] | None = None,
+        prepared: Mapping[bool, Prepared] | None = None,
+        touched: frozenset[str] = frozenset(),
+    ) -> SyncResult:
+        """``prepared``/``touched``: see :meth:`sync_full` (full syncs only)."""
         start = time.monotonic()
         full = only is None or not self._synced
         if not self._caps.available:
@@ -109,6 +169,9 @@ class IptablesProxier(BlockingProxier):
                 have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
                 if not want and not have and v6:
                     continue  # no IPv6 services: leave ip6tables alone
+                if touched:  # synced by a partial sync during this one: left alone
+                    want = {k: v for k, v in want.items() if v.owner not in touched}
+                    have = {k: v for k, v in have.items() if v.owner not in touched}
             else:
                 want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
                 keys = set().union(*(self._by_owner.get(o, set()) for o in only))
@@ -116,7 +179,7 @@ class IptablesProxier(BlockingProxier):
                 have = {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
             try:
                 if only is None:
-                    self._full(v6, want)
+                    self._full(v6, want, (prepared or {}).get(v6), touched)
                     for key in set(have) - set(want):
                         self._forget(key)
                     ops["delete_virtual_server"] += len(set(have) - set(want))
@@ -209,12 +272,31 @@ class IptablesProxier(BlockingProxier):
         tables = self._nf[v6].save_tables(("nat", "filter"))
         return tables["nat"], tables["filter"]
 
+    def _prepare(
+        self, v6: bool, want: dict[VSKey, VirtualServer], observed: tuple[str, str] | None = None
+    ) -> Prepared:
+        """Read back (unless ``observed`` is given) and plan: no write, no mirror access."""
+        saved, saved_filter = observed if observed is not None else self._observe(v6)
+        rewrite_all = not self._synced
+        try:
+            nat = drift.parse_saved(saved, "nat")
+            filter_chains = drift.parse_saved(saved_filter, "filter")
+        except drift.SavedParseError:
+            rewrite_all = True
+            nat = {c: [drift.normalise(r) for r in rs] for c, rs in parse_chains(saved, rules.PREFIX).items()}
+            filter_chains = {}
+        plan = drift.plan_full(
+            [want[k] for k in sorted(want)], nat, filter_chains.get(rules.NO_ENDPOINTS),
+            self._cidrs, self._masq_all, rewrite_all=rewrite_all,
+        )
+        return Prepared(plan, saved, saved_filter, rewrite_all)
+
     def _full(
         self,
         v6: bool,
         want: dict[VSKey, VirtualServer],
-        observed: tuple[str, str] | None = None,
-        keep_owners: frozenset[str] = frozenset(),
+        prepared: Prepared | None = None,
+        touched: frozenset[str] = frozenset(),
     ) -> None:
         """Restore only the chains that differ from the desired ones (see ``drift``).
 
@@ -228,43 +310,19 @@ class IptablesProxier(BlockingProxier):
         would cut services whose batch comes later): missing jumps are appended, stale
         ones deleted in the last batch with the chains nobody needs. The -legacy tools
         replace the whole table on every commit, so there one batch is cheapest. A
-        steady-state full sync restores nothing. ``keep_owners``: owners a partial sync
-        wrote after ``observed`` was read; their chains and jumps are left as they are.
+        steady-state full sync restores nothing. ``prepared``: read back and planned
+        earlier (:meth:`sync_full`); ``touched``: owners a partial sync wrote since
+        then, left as the partial left them (``want`` holds none of theirs).
         """
         nf = self._nf[v6]
-        saved, saved_filter = observed if observed is not None else self._observe(v6)
-        rewrite_all = not self._synced
-        try:
-            nat = drift.parse_saved(saved, "nat")
-            filter_chains = drift.parse_saved(saved_filter, "filter")
-        except drift.SavedParseError:
-            rewrite_all = True
-            nat = {c: [drift.normalise(r) for r in rs] for c, rs in parse_chains(saved, rules.PREFIX).items()}
-            filter_chains = {}
-        servers = [want[k] for k in sorted(want) if want[k].owner not in keep_owners]
-        keep: set[str] = set()
-        if keep_owners:
-            kept = [self._mirror[k] for o in keep_owners for k in self._by_owner.get(o, ())]
-            for vs in kept:
-                keep.update(rules.chains_of(vs))
-            nat = dict(nat)
-            nat[rules.SERVICES] = [
-                j for j in nat.get(rules.SERVICES, []) if drift.jump_owner(j) not in keep_owners
-            ]
-            filter_chains = dict(filter_chains)
-            if rules.NO_ENDPOINTS in filter_chains:
-                filter_chains[rules.NO_ENDPOINTS] = [
-                    r for r in filter_chains[rules.NO_ENDPOINTS] if drift.jump_owner(r) not in keep_owners
-                ]
-            servers_rejects = [r for vs in kept if (r := rules.reject_rule(vs))]
-        else:
-            servers_rejects = []
-        plan = drift.plan_full(
-            servers, nat, filter_chains.get(rules.NO_ENDPOINTS), self._cidrs, self._masq_all,
-            rewrite_all=rewrite_all, keep=keep,
-        )
-        if plan.filter_rules is not None:
-            plan.filter_rules += servers_rejects
+        prepared = prepared or self._prepare(v6, want)
+        plan, rewrite_all = prepared.plan, prepared.rewrite_all
+        if touched:
+            kept = [self._mirror[k] for o in touched for k in self._by_owner.get(o, ())]
+            kept = [vs for vs in kept if (":" in vs.address) == v6]
+            rejects = [r for vs in [*want.values(), *kept] if (r := rules.reject_rule(vs))]
+            keep = {c for vs in kept for c in rules.chains_of(vs)}
+            plan = drift.without_owners(plan, touched, keep, rejects)
         self.last_full.rewrite_all |= rewrite_all
         self.last_full.dirty_services += len(plan.dirty)
         size = (len(plan.dirty) or 1) if nf.legacy else NFT_BATCH
@@ -296,8 +354,8 @@ class IptablesProxier(BlockingProxier):
                 nf.restore(batch)
                 self.last_full.restores += 1
                 self.last_full.lines += len(text) + 1
-        nf.ensure_jumps(rules.JUMPS, saved)
-        nf.ensure_jumps(rules.FILTER_JUMPS, saved_filter)
+        nf.ensure_jumps(rules.JUMPS, prepared.saved)
+        nf.ensure_jumps(rules.FILTER_JUMPS, prepared.saved_filter)
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]
