@@ -397,3 +397,27 @@ async def test_a_mode_change_during_a_full_sync_keeps_make_before_break() -> Non
     clock.t += 60
     outcome = await agent.run_due()
     assert outcome is not None and sum(r.total_operations for r in outcome.results) == 0
+
+
+async def test_a_change_landing_while_a_sync_writes_is_not_reported_applied_early() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = make_agent(kernel, clock, modes=("iptables",))
+    agent.replace_all([pvs("a")])
+    await settle(agent, clock)
+    real_sync = px["iptables"].sync
+    reported: list[str | None] = []
+
+    async def sync_then_change(desired: Any, only: Any = None) -> Any:
+        result = await real_sync(desired, only)
+        if not reported:  # the change lands while this sync's kernel write is in flight
+            agent.upsert(pvs("a", h="h2", reals=[{"address": "10.244.3.3", "port": 9000}]))
+            reported.append(None)
+        return result
+
+    px["iptables"].sync = sync_then_change  # type: ignore[method-assign]
+    clock.t += 60
+    assert await agent.run_due() is not None
+    assert agent.applied == {"default/a": "h1"}  # the kernel holds h1's program
+    await settle(agent, clock)
+    assert agent.applied == {"default/a": "h2"}
+    assert kernel.table("iptables")[key()].real_servers == (RealServer("10.244.3.3", 9000),)

@@ -202,6 +202,9 @@ class Agent:
         started = self.clock()
         outcome = SyncOutcome(batch)
         owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
+        # What this sync programs: a change that lands while it awaits the kernel is the
+        # next sync's, so `applied` must not show its hash yet.
+        synced_programs = {o: self.programs.get(o) for o in owners}
         for owner in owners:
             self.errors.pop(owner, None)
         old = {o: self.placement.get(o, {}) for o in owners}
@@ -285,7 +288,7 @@ class Agent:
                 self.placement[owner] = placement
             else:
                 self.placement.pop(owner, None)
-            program = self.programs.get(owner)
+            program = synced_programs[owner]
             if program is None or owner in failed or owner in self.errors:
                 self.applied.pop(owner, None)
             else:
