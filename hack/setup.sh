@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
-packages=(iproute2 iptables nftables ipvsadm conntrack kmod busybox-static slirp procps psmisc)
+packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
