@@ -1,0 +1,49 @@
+"""What the agent keeps per Service: one copy of each real server, no per-object dicts.
+
+At 10k Services x 10 endpoints the agent holds 100k real servers; these check
+the structure choices that keep that to one copy (see benchmarks/agent_memory.py
+for the RSS figures): the ipvs proxier's mirror shares the desired objects
+after a full sync that read the kernel back (instead of keeping the kernel's
+copies), and table values are slotted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from svcproxy.dataplane.ipvs.kernel import FakeAddresses, FakeIpvs
+from svcproxy.dataplane.ipvs.proxier import IpvsProxier
+from svcproxy.dataplane.table import NO_FLAGS, RealServer, VirtualServer, make_table
+
+
+def service(n: int, reals: int = 3) -> VirtualServer:
+    return VirtualServer.create("TCP", f"10.96.0.{n + 1}", 80,
+                                [RealServer(f"10.244.1.{i + 2}", 8080) for i in range(reals)],
+                                owner=f"ns/svc{n}")
+
+
+def test_ipvs_mirror_shares_the_desired_objects_after_a_full_sync_reads_the_kernel() -> None:
+    kernel, addrs = FakeIpvs(schedulers=frozenset({"rr"})), FakeAddresses()
+    proxier = IpvsProxier(kernel, addrs, interface="svcproxy0")
+    desired = make_table(service(i) for i in range(4))
+    assert asyncio.run(proxier.sync(desired)).ok
+    # Drift on one service: the kernel lost a real server; a full sync repairs it.
+    drifted = next(iter(desired))
+    kernel.table[drifted] = kernel.table[drifted].with_reals(kernel.table[drifted].real_servers[1:])
+    again = asyncio.run(proxier.sync(desired))
+    assert again.ok and again.total_operations == 1
+    # The kernel's read-back copies are equal but not kept: the mirror holds the desired objects.
+    assert all(kernel.table[k] is not desired[k] for k in desired)
+    assert all(proxier._mirror[k] is desired[k] for k in desired)
+    assert proxier.counts().real_servers == 12
+    # A partial sync after that still diffs against the right state.
+    changed = service(0, reals=2)
+    assert asyncio.run(proxier.sync({**desired, changed.key: changed}, only=frozenset({"ns/svc0"}))).ok
+    assert len(kernel.table[changed.key].real_servers) == 2
+
+
+def test_table_values_are_slotted_and_share_the_empty_flag_set() -> None:
+    vs = service(0)
+    assert not hasattr(vs, "__dict__") and not hasattr(vs.real_servers[0], "__dict__")
+    assert vs.flags is NO_FLAGS and VirtualServer("TCP", "10.96.0.9", 80).flags is NO_FLAGS
+    assert VirtualServer.create("TCP", "10.96.0.9", 80, flags=["sh-port"]).flags == {"sh-port"}
