@@ -355,6 +355,7 @@ class Agent:
         writes little; ours would stall every change for its read-back otherwise)."""
         inflight = self._full
         synced: set[str] = set()
+        self._wake = asyncio.Event()  # of this event loop (an Event binds to its first loop)
         while inflight is not None and not until.done():
             now = self.clock()
             batch = self.tracker.take(now) if self.tracker.due_at() <= now else None
