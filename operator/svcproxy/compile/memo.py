@@ -67,7 +67,7 @@ class MemoStats:
     """Counters for tests and benchmarks: what the last pass compiled, what it reused."""
 
     compiles: int = 0  # compile_program calls, over the memo's life
-    reused: int = 0
+    reused: int = 0  # programs reused although their Service's objects were replaced
     last_compiled: list[str] = field(default_factory=list)  # Services compiled by the last pass
     last_reused: int = 0
 
@@ -77,29 +77,31 @@ class PlanMemo:
     """Per-namespace planner memo; see the module docstring. Not thread-safe (one owner)."""
 
     policies: dict[str, ParsedPolicy] = field(default_factory=dict)
-    selection: dict[str, tuple[str, object, tuple[str, ...]]] = field(default_factory=dict)
-    compiled: dict[str, Compiled] = field(default_factory=dict)
-    rows: dict[tuple[str, str], tuple[tuple[Any, ...], JSON]] = field(default_factory=dict)
+    records: dict[str, ServiceRecord] = field(default_factory=dict)  # updated in place
+    derived: Derived | None = None
+    policy_rows: dict[str, PolicyRows] = field(default_factory=dict)
+    last_nodes: tuple[Any, ...] = ()
+    last_programs: dict[str, JSON] = field(default_factory=dict)  # keeps their ids unique
+    last_program_ids: dict[str, int] = field(default_factory=dict)
+    last_writes: set[str] = field(default_factory=set)
+    last_service_ids: dict[str, int] = field(default_factory=dict)
+    last_slice_ids: dict[str, int] = field(default_factory=dict)
+    last_slices: dict[str, Any] = field(default_factory=dict)  # keeps their ids unique
+    last_pod_labels: dict[str, Any] = field(default_factory=dict)
+    weighted: set[str] = field(default_factory=set)  # Services whose program read Pod labels
     stats: MemoStats = field(default_factory=MemoStats)
     _token: object = field(default=None, repr=False)
     _token_value: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    _next_selection: dict[str, tuple[str, object, tuple[str, ...]]] = field(default_factory=dict, repr=False)
-    _next_compiled: dict[str, Compiled] = field(default_factory=dict, repr=False)
-    _next_rows: dict[tuple[str, str], tuple[tuple[Any, ...], JSON]] = field(default_factory=dict, repr=False)
 
-    # -- pass lifecycle ---------------------------------------------------------
     def begin(self) -> None:
         self.stats.last_compiled = []
         self.stats.last_reused = 0
-        self._next_selection = {}
-        self._next_compiled = {}
-        self._next_rows = {}
 
-    def end(self) -> None:
-        """Keep only what this pass used: Services and rows that are gone drop out."""
-        self.selection, self._next_selection = self._next_selection, {}
-        self.compiled, self._next_compiled = self._next_compiled, {}
-        self.rows, self._next_rows = self._next_rows, {}
+    def reset(self) -> None:
+        """Forget everything (a pass failed half-way: its partial updates cannot be trusted)."""
+        stats = self.stats
+        self.__dict__.update(PlanMemo().__dict__)
+        self.stats = stats
 
     # -- policies ---------------------------------------------------------------
     def parse_policies(self, raws: Sequence[JSON]) -> dict[str, ParsedPolicy]:
@@ -131,21 +133,6 @@ class PlanMemo:
             self._token, self._token_value = object(), value
         return self._token
 
-    # -- selection --------------------------------------------------------------
-    def selecting(self, svc_name: str, rv: str | None, token: object) -> tuple[str, ...] | None:
-        """The names of the policies selecting ``svc_name`` when known for this version."""
-        hit = self.selection.get(svc_name)
-        if rv is not None and hit is not None and hit[0] == rv and hit[1] is token:
-            self._next_selection[svc_name] = hit
-            return hit[2]
-        return None
-
-    def remember_selection(
-        self, svc_name: str, rv: str | None, token: object, names: tuple[str, ...]
-    ) -> None:
-        if rv is not None:
-            self._next_selection[svc_name] = (rv, token, names)
-
     # -- programs ---------------------------------------------------------------
     def compile(
         self,
@@ -154,18 +141,18 @@ class PlanMemo:
         service: JSON,
         slices: Sequence[JSON],
         pod_labels: Mapping[str, Mapping[str, str]],
+        *,
+        old: Compiled | None,
     ) -> Compiled:
-        """The Service's program under ``policy``: reused when its key is unchanged."""
+        """The Service's program under ``policy``: ``old`` when its key is unchanged."""
         assert policy.policy is not None
         key = _compile_key(service, slices, policy.fingerprint)
-        old = self.compiled.get(svc_name)
         if (
             key is not None
             and old is not None
             and old.key == key
             and all(pod_labels.get(p) == labels for p, labels in old.pods)
         ):
-            self._next_compiled[svc_name] = old
             self.stats.reused += 1
             self.stats.last_reused += 1
             return old
@@ -183,23 +170,92 @@ class PlanMemo:
                     "split the Service's ports or endpoints across Services",
                 )
                 wire = None
-        entry = Compiled(key, seen.seen() if seen is not None else (), result, wire)
-        self._next_compiled[svc_name] = entry
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
-        return entry
+        return Compiled(key, seen.seen() if seen is not None else (), result, wire)
 
-    # -- status rows ------------------------------------------------------------
-    def row(self, policy: str, svc_name: str, key: tuple[Any, ...] | None) -> JSON | None:
-        hit = self.rows.get((policy, svc_name))
-        if key is not None and hit is not None and hit[0] == key:
-            self._next_rows[(policy, svc_name)] = hit
-            return hit[1]
-        return None
 
-    def remember_row(self, policy: str, svc_name: str, key: tuple[Any, ...] | None, wire: JSON) -> None:
-        if key is not None:
-            self._next_rows[(policy, svc_name)] = (key, wire)
+@dataclass
+class ServiceRecord:
+    """What a pass derived for one Service from its objects (reused while they are the same).
+
+    The objects are compared by identity: the operator's cache replaces an object on
+    every change and never edits one in place. When they differ, the resourceVersions
+    decide whether the selection and the program can still be reused."""
+
+    service: JSON
+    slices: Sequence[JSON] | None  # as the view gave them
+    token: object
+    rv: str | None
+    names: tuple[str, ...]  # the policies selecting it, in the view's order
+    winner: str | None  # the policy that programs it (None when not proxied)
+    why: NotProxied | None  # why it is not proxied
+    entry: Compiled | None  # its program, when proxied
+    labelled: str | None  # its handover label's value
+
+
+@dataclass
+class Derived:
+    """Namespace-wide sets kept in step with the records (changed per changed Service)."""
+
+    token: object
+    desired: dict[str, Compiled] = field(default_factory=dict)
+    specs: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # desired Service -> its policy
+    to_label: set[str] = field(default_factory=set)  # desired, not labelled yet
+    to_unlabel: set[str] = field(default_factory=set)  # labelled for svcproxy, not desired
+    selected: dict[str, set[str]] = field(default_factory=dict)  # policy -> Services it selects
+
+    def add(self, name: str, rec: ServiceRecord, handover_value: str) -> None:
+        for policy in rec.names:
+            self.selected.setdefault(policy, set()).add(name)
+        if rec.entry is not None and isinstance(rec.entry.result, ProxyVirtualServerSpec):
+            self.desired[name] = rec.entry
+            self.specs[name] = rec.entry.result
+            self.owners[name] = rec.entry.result.policy.name
+            if rec.labelled is None:
+                self.to_label.add(name)
+        elif rec.labelled == handover_value:
+            self.to_unlabel.add(name)
+
+    def drop(self, name: str, rec: ServiceRecord) -> None:
+        for policy in rec.names:
+            self.selected.get(policy, set()).discard(name)
+        self.desired.pop(name, None)
+        self.specs.pop(name, None)
+        self.owners.pop(name, None)
+        self.to_label.discard(name)
+        self.to_unlabel.discard(name)
+
+
+@dataclass
+class Row:
+    """One status row and what it adds to its policy's counts."""
+
+    state: tuple[Any, ...]
+    wire: JSON
+    mine: bool  # the policy programs this Service
+    mask: int  # bit i set: node i reports the current program
+    pending: str | None
+    conflict: str | None
+
+
+@dataclass
+class PolicyRows:
+    """One policy's rows and counts, updated row by row between passes."""
+
+    token: object
+    shape: Any
+    names: list[str]
+    rows: dict[str, Row]
+    missing: list[int]  # per node: proxied rows whose program it does not report
+    mine: int = 0
+    pending: dict[str, str] = field(default_factory=dict)
+    conflicts: dict[str, str] = field(default_factory=dict)
+    wires: list[JSON] | None = None  # the rows as last handed out (reused while unchanged)
+    equal_raw: Any = None  # the stored status object last found equal to ours
+    equal_top: JSON | None = None  # our status without rows, then
+    equal_rows: list[JSON] | None = None  # and our rows
 
 
 class _Recorder(Mapping[str, Mapping[str, str]]):

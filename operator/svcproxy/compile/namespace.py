@@ -18,17 +18,27 @@ the Service again before the agents withdraw.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE, Condition
 from svcproxy.api.node import ProxyNode
-from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
+from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
-from svcproxy.compile.conflicts import selects, why_wins, winner
-from svcproxy.compile.memo import MAX_PROGRAM_BYTES, Compiled, PlanMemo, resource_version
+from svcproxy.compile.conflicts import selects, winner
+from svcproxy.compile.memo import (
+    MAX_PROGRAM_BYTES,
+    Compiled,
+    Derived,
+    ParsedPolicy,
+    PlanMemo,
+    PolicyRows,
+    ServiceRecord,
+    resource_version,
+)
 from svcproxy.compile.program import NotProxied, not_proxied
+from svcproxy.compile.status import changed_reports, policy_rows, policy_status
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
@@ -122,11 +132,20 @@ def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
     """Decide programs, handover steps and statuses for every policy in ``view``.
 
     ``memo`` (one per namespace, kept by the caller between passes) lets a pass
-    reuse the programs and status rows whose inputs did not change; the result
+    reuse what it derived for Services whose objects did not change; the result
     is the same as with no memo (see :mod:`svcproxy.compile.memo`).
     """
     memo = memo if memo is not None else PlanMemo()
     memo.begin()
+    try:
+        plan = _plan(view, memo)
+    except BaseException:
+        memo.reset()  # half-updated sets cannot be trusted by the next pass
+        raise
+    return plan
+
+
+def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     plan = Plan(unlabelled_at=dict(view.unlabelled_at))
     # From here on ``view.nodes`` holds only the reports that count.
     view = replace(view, nodes=view.counted_nodes())
@@ -136,46 +155,87 @@ def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
     invalid = {n: p.error for n, p in every.items() if p.policy is None}
     token = memo.policies_token(every)
 
-    # Who selects what, and who wins each Service.
-    selected_by: dict[str, list[ServiceProxyPolicy]] = {}
-    for svc_name, svc in sorted(view.services.items()):
-        rv = resource_version(svc)
-        names = memo.selecting(svc_name, rv, token)
-        if names is None:
-            names = tuple(n for n, policy in parsed.items() if selects(policy, svc))
-            memo.remember_selection(svc_name, rv, token, names)
-        if names:
-            selected_by[svc_name] = [parsed[n] for n in names]
-
-    desired: dict[str, ProxyVirtualServerSpec] = {}
-    wires: dict[str, Compiled] = {}
-    not_proxied_by_svc: dict[str, NotProxied] = {}
-    for svc_name, pols in selected_by.items():
-        svc = view.services[svc_name]
-        other = _labelled(svc)
-        why = not_proxied(svc)
-        if why is None and other is not None and other != HANDOVER_VALUE:
-            why = NotProxied(
-                "OtherProxy", f"the Service is handed to proxy {other!r} by its {HANDOVER_LABEL} label"
-            )
-        if why is not None:
-            not_proxied_by_svc[svc_name] = why
+    # Who selects what, who wins, and the program: kept for Services whose objects are
+    # the very ones of the last pass (one identity check each), derived again for the others.
+    records = memo.records
+    services = view.services
+    slices_of = view.slices
+    pod_labels = view.pod_labels
+    # Which Services to look at: those whose Service object or slice list is not the one
+    # of the last pass (object ids compared in C; the memo keeps last pass' objects
+    # alive, so an id cannot have been reused), plus, when Pod labels changed, those
+    # whose program read them. Everything when the policies changed.
+    svc_ids = dict(zip(services.keys(), map(id, services.values()), strict=True))
+    slice_ids = dict(zip(slices_of.keys(), map(id, slices_of.values()), strict=True))
+    suspects: Iterable[str]
+    if memo.derived is None or memo.derived.token is not token:
+        suspects = services
+    else:
+        found = {k for k, _ in svc_ids.items() ^ memo.last_service_ids.items()}
+        found.update(k for k, _ in slice_ids.items() ^ memo.last_slice_ids.items())
+        if memo.weighted and pod_labels != memo.last_pod_labels:
+            found.update(memo.weighted)
+        suspects = [n for n in found if n in services]
+    changed: list[tuple[str, ServiceRecord | None]] = []
+    for svc_name in suspects:
+        svc = services[svc_name]
+        rec = records.get(svc_name)
+        slices = slices_of.get(svc_name)
+        if (
+            rec is not None
+            and rec.service is svc
+            and rec.token is token
+            and rec.slices == slices  # lists compare element by element, identity first
+            and (rec.entry is None or not rec.entry.pods or _pods_same(rec.entry, pod_labels))
+        ):
             continue
-        win = pols[0] if len(pols) == 1 else winner(pols)
-        entry = memo.compile(
-            svc_name, every[win.metadata.name], svc, view.slices.get(svc_name, ()), view.pod_labels
-        )
-        if isinstance(entry.result, NotProxied):
-            not_proxied_by_svc[svc_name] = entry.result
+        new = _derive(svc_name, svc, slices, every, parsed, token, pod_labels, memo, rec)
+        records[svc_name] = new
+        changed.append((svc_name, rec))
+        if new.entry is not None and new.entry.pods:
+            memo.weighted.add(svc_name)
         else:
-            desired[svc_name] = entry.result
-            wires[svc_name] = entry
-    plan.compiled = dict(desired)
+            memo.weighted.discard(svc_name)
+    gone = []
+    if len(records) != len(services):
+        gone = [(n, records.pop(n)) for n in [n for n in records if n not in services]]
+        memo.weighted.difference_update(n for n, _ in gone)
+    memo.last_service_ids, memo.last_slice_ids = svc_ids, slice_ids
+    memo.last_slices = dict(slices_of)
+    if memo.weighted:
+        memo.last_pod_labels = dict(pod_labels)
+    derived, touched = _update_derived(memo, records, changed, gone, token)
+    plan.compiled = dict(derived.specs)
 
-    _plan_programs(view, desired, wires, plan)
+    _plan_programs(view, derived, touched, memo, plan)
+    reports = changed_reports(memo.last_nodes, view.nodes)
+    total = view.nodes_total()
+    silent = view.silent_nodes()
     for name, policy in parsed.items():
-        status, rows = _policy_status(view, policy, selected_by, desired, not_proxied_by_svc, memo=memo)
+        rows = policy_rows(
+            namespace=view.namespace,
+            nodes=view.nodes,
+            total=total,
+            policy=policy,
+            parsed=parsed,
+            records=records,
+            derived=derived,
+            touched=touched,
+            reports=reports,
+            memo=memo,
+        )
+        status = policy_status(
+            namespace=view.namespace,
+            nodes=view.nodes,
+            total=total,
+            silent=silent,
+            services=view.services,
+            policy=policy,
+            rows=rows,
+        )
         _finish_status(view, name, raw_by_name[name], status, plan, rows=rows)
+    for name in [n for n in memo.policy_rows if n not in parsed]:
+        del memo.policy_rows[name]
     for name, error in invalid.items():
         generation = (raw_by_name[name].get("metadata") or {}).get("generation")
         status = ServiceProxyPolicyStatus(
@@ -185,33 +245,114 @@ def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
                 Condition(type="Programmed", status="False", reason="InvalidSpec", message="spec is invalid"),
             ],
         )
-        _finish_status(view, name, raw_by_name[name], status, plan, rows=[])
-    memo.end()
+        _finish_status(view, name, raw_by_name[name], status, plan, rows=None)
+    memo.last_nodes = tuple(view.nodes)
     return plan
 
 
+def _pods_same(entry: Compiled, pod_labels: Mapping[str, Mapping[str, str]]) -> bool:
+    return all(pod_labels.get(p) == labels for p, labels in entry.pods)
+
+
+def _derive(  # noqa: PLR0917 - one call site, every argument a different input
+    svc_name: str,
+    svc: JSON,
+    slices: Sequence[JSON] | None,
+    every: Mapping[str, ParsedPolicy],
+    parsed: Mapping[str, ServiceProxyPolicy],
+    token: object,
+    pod_labels: Mapping[str, Mapping[str, str]],
+    memo: PlanMemo,
+    old: ServiceRecord | None,
+) -> ServiceRecord:
+    """Selection, handover state, winner and program of one Service (``old``: its last record)."""
+    rv = resource_version(svc)
+    if old is not None and rv is not None and old.rv == rv and old.token is token:
+        names = old.names  # same Service version, same policies: same selection
+    else:
+        names = tuple(n for n, policy in parsed.items() if selects(policy, svc))
+    labelled = _labelled(svc)
+    rec = ServiceRecord(svc, slices, token, rv, names, None, None, None, labelled)
+    if not names:
+        return rec
+    why = not_proxied(svc)
+    if why is None and labelled is not None and labelled != HANDOVER_VALUE:
+        why = NotProxied(
+            "OtherProxy", f"the Service is handed to proxy {labelled!r} by its {HANDOVER_LABEL} label"
+        )
+    if why is not None:
+        rec.why = why
+        return rec
+    pols = [parsed[n] for n in names]
+    win = pols[0] if len(pols) == 1 else winner(pols)
+    rec.winner = win.metadata.name
+    previous = old.entry if old is not None else None
+    rec.entry = memo.compile(svc_name, every[rec.winner], svc, slices or (), pod_labels, old=previous)
+    if isinstance(rec.entry.result, NotProxied):
+        rec.why = rec.entry.result
+    return rec
+
+
+def _update_derived(
+    memo: PlanMemo,
+    records: Mapping[str, ServiceRecord],
+    changed: list[tuple[str, ServiceRecord | None]],
+    gone: list[tuple[str, ServiceRecord]],
+    token: object,
+) -> tuple[Derived, set[str] | None]:
+    """Bring the namespace-wide sets up to date; the Services touched (None: all)."""
+    derived = memo.derived
+    if derived is None or derived.token is not token:
+        derived = Derived(token)
+        for name, rec in records.items():
+            derived.add(name, rec, HANDOVER_VALUE)
+        memo.derived = derived
+        return derived, None
+    touched = set()
+    for name, old in [*changed, *gone]:
+        touched.add(name)
+        if old is not None:
+            derived.drop(name, old)
+        if name in records:
+            derived.add(name, records[name], HANDOVER_VALUE)
+    return derived, touched
+
+
 def _plan_programs(
-    view: NamespaceView,
-    desired: Mapping[str, ProxyVirtualServerSpec],
-    compiled: Mapping[str, Compiled],
-    plan: Plan,
+    view: NamespaceView, derived: Derived, touched: set[str] | None, memo: PlanMemo, plan: Plan
 ) -> None:
     """Writes, labels, unlabels and deletes, in handover order."""
-    for svc_name, spec in sorted(desired.items()):
-        if _needs_write(view.programs.get(svc_name), compiled[svc_name]):
-            plan.writes[svc_name] = spec
-        plan.owned_after[svc_name] = spec.policy.name
-        plan.unlabelled_at.pop(svc_name, None)
-        svc = view.services[svc_name]
-        if _labelled(svc) is None and _all_nodes_applied(view, svc_name, spec.content_hash):
+    programs = view.programs
+    desired = derived.desired
+    # Only a changed Service, a replaced stored program or a write not done yet can need a
+    # write. Which programs were replaced: their object ids against the last pass' (built
+    # in C; the memo keeps last pass' objects alive, so an id cannot have been reused).
+    ids = dict(zip(programs.keys(), map(id, programs.values()), strict=True))
+    if touched is None:
+        candidates: Iterable[str] = desired
+    else:
+        replaced = {k for k, _ in ids.items() ^ memo.last_program_ids.items()}
+        candidates = {n for n in (*touched, *memo.last_writes, *replaced) if n in desired}
+    for svc_name in sorted(candidates):
+        entry = desired[svc_name]
+        if _needs_write(programs.get(svc_name), entry):
+            assert isinstance(entry.result, ProxyVirtualServerSpec)
+            plan.writes[svc_name] = entry.result
+    memo.last_programs = dict(programs)
+    memo.last_program_ids = ids
+    memo.last_writes = set(plan.writes)
+    plan.owned_after = dict(derived.owners)
+    for svc_name in [n for n in plan.unlabelled_at if n in desired]:
+        del plan.unlabelled_at[svc_name]
+    for svc_name in sorted(derived.to_label):
+        spec = derived.specs[svc_name]
+        if _all_nodes_applied(view, svc_name, spec.content_hash):
             plan.label.append(svc_name)
-    for svc_name, svc in sorted(view.services.items()):
-        if svc_name not in desired and _labelled(svc) == HANDOVER_VALUE:
-            plan.unlabel.append(svc_name)
-            plan.unlabelled_at[svc_name] = view.now
-    for pvs_name, program in sorted(view.programs.items()):
-        if pvs_name in desired:
-            continue
+    for svc_name in sorted(derived.to_unlabel):
+        plan.unlabel.append(svc_name)
+        plan.unlabelled_at[svc_name] = view.now
+    for pvs_name in sorted(programs.keys() - desired.keys()):
+        program = programs[pvs_name]
         if pvs_name not in view.services:
             plan.delete.append(pvs_name)  # its Service is gone; garbage collection races us
             plan.unlabelled_at.pop(pvs_name, None)
@@ -229,7 +370,7 @@ def _plan_programs(
             due = since + view.handover_delay
             plan.recheck_at = due if plan.recheck_at is None else min(plan.recheck_at, due)
     for svc_name in list(plan.unlabelled_at):
-        if svc_name not in view.programs and svc_name not in plan.unlabel:
+        if svc_name not in programs and svc_name not in plan.unlabel:
             plan.unlabelled_at.pop(svc_name)
 
 
@@ -252,182 +393,6 @@ def _all_nodes_applied(view: NamespaceView, svc_name: str, content_hash: str) ->
     return bool(total) and sum(1 for n in view.nodes if n.status.applied.get(key) == content_hash) == total
 
 
-def _fallback_nodes(view: NamespaceView, mode: str) -> list[str]:
-    out = []
-    for node in view.nodes:
-        if any(m.requested == mode and m.effective != m.requested for m in node.status.modes):
-            out.append(node.metadata.name)
-    return out
-
-
-def _policy_status(
-    view: NamespaceView,
-    policy: ServiceProxyPolicy,
-    selected_by: Mapping[str, Sequence[ServiceProxyPolicy]],
-    desired: Mapping[str, ProxyVirtualServerSpec],
-    not_proxied_by_svc: Mapping[str, NotProxied],
-    *,
-    memo: PlanMemo,
-) -> tuple[ServiceProxyPolicyStatus, list[JSON]]:
-    """The policy's status without its rows, and the rows (wire form, one per Service).
-
-    A row is rebuilt only when what it shows changed (its key); the node counts come
-    from the compiled programs' content hashes, so a ProxyNode report never recompiles.
-    """
-    name = policy.metadata.name
-    total = view.nodes_total()
-    rows: list[JSON] = []
-    pending: list[str] = []
-    conflicts: list[str] = []
-    mine: list[str] = []
-    fallback = _fallback_nodes(view, policy.spec.mode)
-    fallback_text = {policy.spec.mode: _fallback_text(view, policy.spec.mode, fallback)} if fallback else {}
-    applied = [n.status.applied for n in view.nodes]
-    complete = [0] * len(applied)  # per node: how many of ``mine`` it reports current
-    for svc_name in sorted(
-        s for s, pols in selected_by.items() if any(p.metadata.name == name for p in pols)
-    ):
-        svc = view.services[svc_name]
-        state: tuple[Any, ...]
-        if svc_name in not_proxied_by_svc:
-            state = ("NotProxied", not_proxied_by_svc[svc_name].message)
-        else:
-            win = winner(selected_by[svc_name])
-            if win.metadata.name != name:
-                text = f"Service {svc_name}: policy {win.metadata.name} wins ({why_wins(win, policy)})"
-                conflicts.append(text)
-                state = ("Conflicted", text)
-            else:
-                mine.append(svc_name)
-                spec = desired[svc_name]
-                key = _key(view.namespace, svc_name)
-                done = 0
-                for i, report in enumerate(applied):
-                    if report.get(key) == spec.content_hash:
-                        done += 1
-                        complete[i] += 1
-                if fallback and spec.mode not in fallback_text:
-                    fallback_text[spec.mode] = _fallback_text(view, spec.mode, fallback)
-                mode = spec.mode + (f" ({fallback_text[spec.mode]})" if fallback else "")
-                programmed = bool(total) and done == total
-                message = "" if programmed else f"{done}/{total} nodes report content {spec.content_hash}"
-                state = ("Programmed" if programmed else "Pending", mode, done, message)
-                if not programmed:
-                    pending.append(f"{svc_name}: {done}/{total} nodes")
-        rv = resource_version(svc)
-        row_key = (rv, total, state) if rv is not None else None
-        row = memo.row(name, svc_name, row_key)
-        if row is None:
-            row = _row(svc_name, svc, total, state)
-            memo.remember_row(name, svc_name, row_key, row)
-        rows.append(row)
-    missing = sorted(set(policy.spec.services or ()) - set(view.services))
-    conditions = [
-        _accepted(len(rows), missing),
-        _programmed(view, pending, mine),
-        Condition(
-            type="Conflicted",
-            status="True" if conflicts else "False",
-            reason="OtherPolicyWins" if conflicts else "NoConflict",
-            message="; ".join(conflicts)[:4000],
-        ),
-        _degraded(view, mine, fallback, policy.spec.mode),
-    ]
-    nodes_all = sum(1 for count in complete if mine and count == len(mine))
-    status = ServiceProxyPolicyStatus(
-        observed_generation=policy.metadata.generation,
-        conditions=conditions,
-        programmed=f"{nodes_all}/{total}",
-    )
-    return status, rows
-
-
-def _row(svc_name: str, svc: JSON, total: int, state: tuple[Any, ...]) -> JSON:
-    """One status row in wire form; ``state`` is (kind, message) or (kind, mode, done, message)."""
-    svc_spec = svc.get("spec") or {}
-    ports = [
-        f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
-        for p in svc_spec.get("ports") or []
-        if isinstance(p, dict)
-    ]
-    cluster_ip = svc_spec.get("clusterIP") if isinstance(svc_spec.get("clusterIP"), str) else None
-    base: JSON = {"name": svc_name, "cluster_ip": cluster_ip, "ports": ports, "nodes_total": total}
-    if state[0] in ("NotProxied", "Conflicted"):
-        row = PolicyServiceStatus(**base, state=state[0], message=state[1])
-    else:
-        kind, mode, done, message = state
-        row = PolicyServiceStatus(**base, mode=mode, state=kind, nodes_programmed=done, message=message)
-    return row.wire()
-
-
-def _fallback_text(view: NamespaceView, mode: str, nodes: list[str]) -> str:
-    effective = sorted(
-        {
-            m.effective
-            for n in view.nodes
-            for m in n.status.modes
-            if m.requested == mode and m.effective != mode
-        }
-    )
-    return f"{','.join(effective)} on {', '.join(nodes)}"
-
-
-def _accepted(rows: int, missing: list[str]) -> Condition:
-    if not rows:
-        text = "no Service in this namespace matches the policy"
-        if missing:
-            text = f"Services not found: {', '.join(missing)}"
-        return Condition(type="Accepted", status="False", reason="NoServicesFound", message=text[:4000])
-    text = f"selects {rows} Service(s)"
-    if missing:
-        text += f"; not found: {', '.join(missing)}"
-    return Condition(type="Accepted", status="True", reason="Accepted", message=text[:4000])
-
-
-def _programmed(view: NamespaceView, pending: list[str], mine: list[str]) -> Condition:
-    if not mine:
-        return Condition(
-            type="Programmed",
-            status="False",
-            reason="NothingToProgram",
-            message="no Service is proxied by this policy",
-        )
-    silent = view.silent_nodes()
-    if not view.nodes:
-        text = "no ProxyNode reports yet"
-        if silent:
-            text += f" (no agent report from {', '.join(silent)})"
-        return Condition(type="Programmed", status="False", reason="NoAgents", message=text[:4000])
-    if pending:
-        text = "; ".join(pending)
-        if silent:
-            text = f"no agent report from {', '.join(silent)}; {text}"
-        return Condition(type="Programmed", status="False", reason="Pending", message=text[:4000])
-    total = view.nodes_total()
-    return Condition(
-        type="Programmed",
-        status="True",
-        reason="Programmed",
-        message=f"{len(mine)} Service(s) programmed on {total}/{total} nodes",
-    )
-
-
-def _degraded(view: NamespaceView, mine: list[str], fallback: list[str], mode: str) -> Condition:
-    problems: list[str] = []
-    if mine and fallback:
-        problems.append(f"{mode} fell back to {_fallback_text(view, mode, fallback)}")
-    keys = {_key(view.namespace, s) for s in mine}
-    for node in view.nodes:
-        for err in node.status.errors:
-            if err.service in keys:
-                problems.append(f"{node.metadata.name}: {err.service}: {err.message}")
-    if problems:
-        return Condition(
-            type="Degraded", status="True", reason="NodeProblems", message="; ".join(problems)[:4000]
-        )
-    return Condition(type="Degraded", status="False", reason="AllNodesHealthy", message="")
-
-
 def _finish_status(
     view: NamespaceView,
     name: str,
@@ -435,13 +400,14 @@ def _finish_status(
     status: ServiceProxyPolicyStatus,
     plan: Plan,
     *,
-    rows: list[JSON],
+    rows: PolicyRows | None,
 ) -> None:
     """Carry lastTransitionTime over unchanged conditions; Events for transitions.
 
-    ``rows`` are the status rows in wire form (``status`` itself holds none)."""
+    ``rows`` holds the status rows in wire form (``status`` itself holds none)."""
+    stored = raw.get("status")
     old_conditions = {
-        c.get("type"): c for c in ((raw.get("status") or {}).get("conditions") or []) if isinstance(c, dict)
+        c.get("type"): c for c in ((stored or {}).get("conditions") or []) if isinstance(c, dict)
     }
     generation = status.observed_generation
     conditions = []
@@ -464,7 +430,12 @@ def _finish_status(
                     message=f"{cond.type}={cond.status}: {cond.message}"[:1000],
                 )
             )
-    wire = status.model_copy(update={"conditions": conditions}).wire()
-    wire["services"] = rows
-    if (raw.get("status") or {}) != wire:
+    top = status.model_copy(update={"conditions": conditions}).wire()
+    wires = rows.wires if rows is not None and rows.wires is not None else []
+    if rows is not None and stored is rows.equal_raw and wires is rows.equal_rows and top == rows.equal_top:
+        return  # the very stored status was found equal to these very rows before
+    wire = {**top, "services": wires}
+    if (stored or {}) != wire:
         plan.statuses[name] = wire
+    elif rows is not None:
+        rows.equal_raw, rows.equal_rows, rows.equal_top = stored, wires, top

@@ -73,6 +73,10 @@ class Cache:
         # every applied program, and parsing three of them on every pass cost more than
         # the plan itself at 1k Services.
         self._parsed_nodes: dict[str, tuple[str, ProxyNode | None]] = {}
+        # EndpointSlices by namespace and Service. A Service's list is replaced, never
+        # edited, when one of its slices changes: the planner memo tells unchanged
+        # Services by the identity of their objects and of this list.
+        self._slices: dict[str, dict[str, list[JSON]]] = defaultdict(dict)
 
     def put(self, kind: str, obj: JSON) -> bool:
         """Store ``obj`` unless the cache holds a newer version; True when stored."""
@@ -85,15 +89,39 @@ class Cache:
             old, new = _rv(current), _rv(obj)
             if old is not None and new is not None and new < old:
                 return False
+            if old is not None and old == new:
+                return True  # the same version (a resync, an echo of our write): keep the object
+            if kind == "slice":
+                self._unlink_slice(ns, current)
         self.objects[kind][ns][name] = obj
+        if kind == "slice":
+            self._link_slice(ns, obj)
         if kind == "k8snode":
             self._expected = None
         return True
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
-        self.objects[kind][namespace].pop(name, None)
+        gone = self.objects[kind][namespace].pop(name, None)
+        if kind == "slice" and gone is not None:
+            self._unlink_slice(namespace, gone)
         if kind == "k8snode":
             self._expected = None
+
+    def _link_slice(self, namespace: str, obj: JSON) -> None:
+        owner = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if owner:
+            by_service = self._slices[namespace]
+            by_service[str(owner)] = [*by_service.get(str(owner), ()), obj]
+
+    def _unlink_slice(self, namespace: str, obj: JSON) -> None:
+        owner = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        by_service = self._slices[namespace]
+        if owner and str(owner) in by_service:
+            rest = [s for s in by_service[str(owner)] if s is not obj]
+            if rest:
+                by_service[str(owner)] = rest
+            else:
+                del by_service[str(owner)]
 
     def get(self, kind: str, namespace: str, name: str) -> JSON | None:
         return self.objects[kind][namespace].get(name)
@@ -162,16 +190,11 @@ class Cache:
         unlabelled_at: dict[str, float],
         handover_delay: float,
     ) -> NamespaceView:
-        slices: dict[str, list[JSON]] = defaultdict(list)
-        for s in self.objects["slice"][namespace].values():
-            owner = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if owner:
-                slices[str(owner)].append(s)
         return NamespaceView(
             namespace=namespace,
             policies=list(self.objects["policy"][namespace].values()),
             services=dict(self.objects["service"][namespace]),
-            slices=dict(slices),
+            slices=dict(self._slices[namespace]),  # the lists are replaced, never edited
             pod_labels=dict(self.pod_labels[namespace]),
             programs=dict(self.objects["program"][namespace]),
             nodes=self.nodes(),
