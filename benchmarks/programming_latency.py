@@ -12,14 +12,22 @@ and can draw ``--png``. Run as root, holding the lab turn:
 
     flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/programming_latency.py \\
         --sizes 100,1000 --changes 60 --png benchmarks/programming_latency.png
+
+``--dataplane ipvs`` measures IPVS instead: 3 user-mode-linux nodes (``--ipvs-nodes 3``),
+kube-proxy in ipvs mode vs svcproxy with one ``mode: ipvs`` (scheduler rr) policy, the same
+churn (affinity is the IPVS persistence flag), read by a polling reader in each guest
+(``_lab/ipvs_watch.py`` / ``_lab/uml_watch.py``: no event stream exists for IPVS); the JSON
+adds each guest's clock offset from the host and the readers' poll interval and cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,8 +47,11 @@ from _lab.harness import (
     say,
 )
 from _lab.stats import histogram_summary, ratio, summary
+from _lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
+from svcproxy.lab.cluster import LabError
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
+IPVS_SYSTEMS = ("kube-proxy-ipvs", "svcproxy-ipvs")
 K8S_VERSION = "v1.36.3"
 
 
@@ -70,6 +81,14 @@ class Phase:
     def is_svcproxy(self) -> bool:
         return self.system.startswith("svcproxy")
 
+    @property
+    def in_guests(self) -> bool:
+        return self.system.endswith("-ipvs")
+
+    @property
+    def mode(self) -> str:
+        return self.system.rsplit("-", 1)[1]
+
     def processes(self) -> list[str]:
         node = self.bench.node_names[0]
         if self.is_svcproxy:
@@ -81,10 +100,10 @@ class Phase:
         start = time.monotonic()
         if self.is_svcproxy:
             self.bench.start_svcproxy(self.operator_args)
-            harness.create_policy(self.bench._api(), harness.policy_body("bench-all"))
+            harness.create_policy(self.bench._api(), harness.policy_body("bench-all", mode=self.mode))
             # The affinity churn flips this one; priority 10 wins svc-0 from bench-all.
             harness.create_policy(self.bench._api(), harness.policy_body(
-                "bench-one", services=["svc-0"], affinity=False, priority=10))
+                "bench-one", mode=self.mode, services=["svc-0"], affinity=False, priority=10))
         else:
             self.bench.start_kube_proxy(self.system.removeprefix("kube-proxy-"))
         done = self.w.wait_programmed(len(self.pop.services), timeout=self.cold_timeout)
@@ -101,12 +120,42 @@ class Phase:
     def sync_histograms(self) -> list[harness.Histograms]:
         """Each node's sync-duration histogram as the system itself exports it."""
         port, name = harness.SYNC_HISTOGRAMS["svcproxy" if self.is_svcproxy else "kube-proxy"]
+        if self.in_guests:
+            return [scrape_guest_histograms(self.bench, node, port, name) for node in self.bench.node_names]
         return [harness.scrape_histograms(node, port, name) for node in self.bench.node_names]
 
-    def stop(self) -> None:
-        if not self.is_svcproxy:
+    def sample_processes(self) -> dict[str, dict[str, float] | None]:
+        if not self.in_guests:
+            return harness.sample_processes(self.bench, self.processes())
+        # The agents and kube-proxy run in the guests: read their /proc there.
+        node = self.bench.node_names[0]
+        name = "agent" if self.is_svcproxy else "kube-proxy"
+        out = {f"{node}-{name}": sample_guest(self.bench, node, name)}
+        if self.is_svcproxy:
+            out["operator"] = harness.sample(self.bench.pid("operator"))
+        return out
+
+    def stop(self) -> str | None:
+        """Stop kube-proxy (svcproxy runs last); what went wrong in its cleanup, if anything."""
+        if self.is_svcproxy:
+            return None
+        problem = None
+        try:
             self.bench.stop_kube_proxy()
-            self.bench._api().merge_patch(f"{SVC_PATH}/svc-0", {"spec": {"sessionAffinity": "None"}})
+        except LabError as exc:
+            if not self.in_guests:
+                raise
+            # In the UML guests `kube-proxy --cleanup` fails on its ip6tables-legacy rules;
+            # what matters here is that its IPVS virtual servers are gone: checked below.
+            problem = str(exc)[-600:]
+            say(f"kube-proxy cleanup reported an error (IPVS checked next): {problem}")
+        self.bench._api().merge_patch(f"{SVC_PATH}/svc-0", {"spec": {"sessionAffinity": "None"}})
+        if self.in_guests:
+            left = {n: sum(c.values()) for n, c in self.w.count().items()}
+            if any(left.values()):
+                raise SystemExit(f"kube-proxy left IPVS virtual servers behind {left}; "
+                                 "svcproxy would be measured against them")
+        return problem
 
     def measure(self, kind: str, k: str, ok: Any, t0: float) -> None:
         took = self.w.when(k, ok, t0, self.timeout)
@@ -142,7 +191,8 @@ class Phase:
         k = key(self.pop.services[name][0])
         self.w.watch(k)
         t0 = self.bench.remove_service(self.pop, name)
-        self.measure("remove", k, lambda s: not s.targets, t0)
+        # nf_tables: no rule left; IPVS: the virtual server itself is gone.
+        self.measure("remove", k, lambda s: not s.targets and not s.present, t0)
 
     def affinity(self) -> None:
         k = key(self.pop.services["svc-0"][0])
@@ -189,12 +239,23 @@ class Phase:
 
 
 def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"services": n, "endpoints_each": harness.ENDPOINTS, "nodes": 3}
+    ipvs = args.dataplane == "ipvs"
+    if ipvs:
+        # 256 MB (the lab's default) holds the kubelet and one proxy, but kube-proxy or the
+        # agent with 1k Services, the reader and the page cache come close to it.
+        os.environ.setdefault("SVCPROXY_UML_MEM", "512M")
+    out: dict[str, Any] = {"services": n, "endpoints_each": harness.ENDPOINTS, "nodes": 3,
+                           "node_kind": "uml" if ipvs else "netns"}
     pop = Population()
-    with BenchLab(Path(args.state_dir)) as bench:
+    with BenchLab(Path(args.state_dir), ipvs_nodes=3 if ipvs else 0) as bench:
         bench.up()
         bench.populate(n, pop)
-        with KernelWatchers(bench.node_names) as watchers:
+        watchers: KernelWatchers = (IpvsWatchers(bench, args.poll_interval, args.correct_clock)
+                                    if ipvs else KernelWatchers(bench.node_names))
+        with watchers:
+            if isinstance(watchers, IpvsWatchers):
+                out["guest_clock_before"] = watchers.calibrate()
+                say(f"guest clocks vs host: {out['guest_clock_before']}")
             for system in args.systems:
                 say(f"--- {system} with {n} Services")
                 phase = Phase(bench, watchers, pop, system, args.timeout)
@@ -204,10 +265,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     out[system] = {"error": f"not programmed on every node in {phase.cold_timeout:.0f} s"}
                     phase.stop()
                     continue
-                before = harness.sample_processes(bench, phase.processes())
+                before = phase.sample_processes()
                 syncs_before = phase.sync_histograms()
                 phase.churn(args.changes, args.gap, args.seed)
-                after = harness.sample_processes(bench, phase.processes())
+                after = phase.sample_processes()
                 syncs_after = phase.sync_histograms()
                 out[system] = {
                     "cold_sync_s": cold,
@@ -223,11 +284,18 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 if args.records:
                     out[system]["records"] = phase.records
                 say(f"{system} with {n} Services: {json.dumps(out[system])}")
-                phase.stop()
+                cleanup = phase.stop()
+                if cleanup:
+                    out[system]["cleanup_error"] = cleanup
             out["reader_errors"] = watchers.errors
-    for kp in ("kube-proxy-iptables", "kube-proxy-nftables"):
-        mine, theirs = out.get("svcproxy-iptables"), out.get(kp)
-        if mine and theirs:
+            if isinstance(watchers, IpvsWatchers):
+                out["guest_clock_after"] = watchers.calibrate()
+                out["reader"] = watchers.reader_stats()
+                out["clock_corrected"] = args.correct_clock
+    mine_name = "svcproxy-ipvs" if ipvs else "svcproxy-iptables"
+    for kp in ("kube-proxy-ipvs",) if ipvs else ("kube-proxy-iptables", "kube-proxy-nftables"):
+        mine, theirs = out.get(mine_name), out.get(kp)
+        if mine and theirs and "error" not in mine and "error" not in theirs:
             out[f"ratio_{kp}_over_svcproxy"] = {
                 f"{kind}_{q}": ratio(theirs[kind].get(q), mine[kind].get(q))
                 for kind in ("endpoint", "add", "remove", "affinity") for q in ("p50", "p99")
@@ -239,8 +307,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000", help="numbers of Services, comma-separated")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"which systems, in order (svcproxy last): {','.join(SYSTEMS)}")
+    parser.add_argument("--dataplane", choices=("iptables", "ipvs"), default="iptables",
+                        help="iptables: 3 netns nodes, nf_tables readers; ipvs: 3 UML nodes, IPVS readers")
+    parser.add_argument("--systems", default="",
+                        help=f"which systems, in order (svcproxy last): {','.join(SYSTEMS)} "
+                             f"(--dataplane iptables, the default list) or {','.join(IPVS_SYSTEMS)} (ipvs)")
+    parser.add_argument("--poll-interval", type=float, default=0.005,
+                        help="ipvs: seconds between the guest readers' polls")
+    parser.add_argument("--no-correct-clock", dest="correct_clock", action="store_false",
+                        help="ipvs: keep the guests' own stamps (default: subtract each guest's "
+                             "clock offset from the host's, measured before the churn)")
     parser.add_argument("--changes", type=int, default=60, help="changes per system and size")
     parser.add_argument("--gap", type=float, default=1.0,
                         help="seconds between changes (kube-proxy's minSyncPeriod is 1 s)")
@@ -253,18 +329,24 @@ def main() -> int:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--png", help="draw programming latency vs number of Services here")
     args = parser.parse_args()
-    args.systems = [s for s in args.systems.split(",") if s]
-    unknown = set(args.systems) - set(SYSTEMS)
+    known = IPVS_SYSTEMS if args.dataplane == "ipvs" else SYSTEMS
+    args.systems = [s for s in args.systems.split(",") if s] or list(known)
+    unknown = set(args.systems) - set(known)
     if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
-    if "svcproxy-iptables" in args.systems[:-1]:
-        parser.error("svcproxy-iptables must come last (the lab cannot stop svcproxy)")
+        parser.error(f"unknown systems {sorted(unknown)} for --dataplane {args.dataplane}; "
+                     f"choose from {known}")
+    if "kube-proxy-ipvs" in args.systems and shutil.which("ipset") is None:
+        parser.error("kube-proxy's ipvs mode needs the ipset tool: apt-get install ipset (hack/setup.sh)")
+    if known[-1] in args.systems[:-1]:
+        parser.error(f"{known[-1]} must come last (the lab cannot stop svcproxy)")
     result = {
         "benchmark": "programming_latency",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": __import__("os").cpu_count(), "kernel": platform.release()},
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "kubernetes": K8S_VERSION,
         "namespace": NAMESPACE,
+        "dataplane": args.dataplane,
+        "uml_mem": os.environ.get("SVCPROXY_UML_MEM", "512M") if args.dataplane == "ipvs" else None,
         "gap_s": args.gap,
         "operator_args": args.operator_args,
         "changes_per_system": args.changes,

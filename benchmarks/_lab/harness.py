@@ -90,8 +90,10 @@ def slice_body(service: str, addresses: list[str]) -> dict[str, Any]:
 
 def policy_body(name: str, *, mode: str = "iptables", services: list[str] | None = None,
                 affinity: bool | None = None, selector: dict[str, str] | None = None,
-                priority: int = 0) -> dict[str, Any]:
+                priority: int = 0, scheduler: str = "rr") -> dict[str, Any]:
     spec: dict[str, Any] = {"mode": mode, "priority": priority}
+    if mode == "ipvs":
+        spec["ipvs"] = {"scheduler": scheduler}
     if services is not None:
         spec["services"] = services
     else:
@@ -117,11 +119,13 @@ class Population:
 
 
 class BenchLab:
-    """A 3-node netns lab for one benchmark run; always call ``down()`` (a ``with`` does)."""
+    """A 3-node lab for one benchmark run (netns nodes, or UML guests with ``ipvs_nodes``);
+    always call ``down()`` (a ``with`` does)."""
 
-    def __init__(self, state_dir: Path = DEFAULT_STATE, nodes: int = 3) -> None:
+    def __init__(self, state_dir: Path = DEFAULT_STATE, nodes: int = 3, ipvs_nodes: int = 0) -> None:
         self.lab = Lab(state_dir)
         self.node_count = nodes
+        self.ipvs_nodes = ipvs_nodes  # the last ones are UML guests with IPVS
         self.api: KubeApi | None = None
 
     def __enter__(self) -> BenchLab:
@@ -137,7 +141,7 @@ class BenchLab:
         if owner.exists() and Path(owner.read_text().strip()) != self.lab.state_dir:
             raise SystemExit(f"another lab runs ({owner.read_text().strip()}): wait for it; run "
                              "benchmarks under `flock /run/svcproxy-lab-turn.lock ...`")
-        self.lab.up(nodes=self.node_count, ipvs_nodes=0, svcproxy=False, say=say)
+        self.lab.up(nodes=self.node_count, ipvs_nodes=self.ipvs_nodes, svcproxy=False, say=say)
         self.api = KubeApi(self.lab.admin_kubeconfig, timeout=60)
         return self.api
 
@@ -239,6 +243,7 @@ class Seen:
     t: float
     targets: tuple[str, ...]
     affinity: bool
+    present: bool = True  # IPVS: the virtual server exists (it may have no targets left)
 
 
 class KernelWatchers:
@@ -275,19 +280,23 @@ class KernelWatchers:
     def _read(self, node: str, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            ev = json.loads(line)
-            with self.cond:
-                if ev["ev"] == "ready":
-                    self.ready.add(node)
-                elif ev["ev"] == "state":
-                    self.history.setdefault((node, ev["key"]), []).append(
-                        Seen(ev["t"], tuple(ev["targets"]), ev["affinity"]))
-                elif ev["ev"] == "count":
-                    self.counts[(node, ev["id"])] = ev["hist"]
-                else:
-                    self.errors.append(f"{node}: {ev}")
-                    say(f"kernel reader on {node}: {ev}")
-                self.cond.notify_all()
+            self._handle(node, json.loads(line))
+
+    def _handle(self, node: str, ev: dict[str, Any]) -> None:
+        """One event line of a node's reader (``uml_watch`` adds its own kinds)."""
+        with self.cond:
+            if ev["ev"] == "ready":
+                self.ready.add(node)
+            elif ev["ev"] == "state":
+                self.history.setdefault((node, ev["key"]), []).append(
+                    Seen(ev["t"], tuple(ev["targets"]), ev["affinity"],
+                         ev.get("present", bool(ev["targets"]))))
+            elif ev["ev"] == "count":
+                self.counts[(node, ev["id"])] = ev["hist"]
+            else:
+                self.errors.append(f"{node}: {ev}")
+                say(f"kernel reader on {node}: {ev}")
+            self.cond.notify_all()
 
     def _send(self, cmd: dict[str, Any]) -> None:
         for proc in self.procs.values():
@@ -370,6 +379,11 @@ def sample(pid: int | None) -> dict[str, float] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    return parse_sample(status, stat)
+
+
+def parse_sample(status: str, stat: str) -> dict[str, float]:
+    """RSS, peak RSS and CPU seconds from the text of ``/proc/<pid>/status`` and ``.../stat``."""
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     ticks = stat.rsplit(")", 1)[1].split()
     cpu = sum(int(ticks[k]) for k in (11, 12, 13, 14)) / CLK_TCK  # utime stime cutime cstime
@@ -406,14 +420,24 @@ def scrape_histograms(node: str, port: int, name: str) -> Histograms:
 
     The request stays inside the node's namespace (the network safety rule); an empty
     answer when the endpoint does not answer (the system is not running)."""
-    fetch = (f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/metrics', "
-             "timeout=5).read().decode())")
+    fetch = fetch_metrics_code(port)
     proc = subprocess.run(["nsenter", f"--net=/run/netns/svcp-{node}", "--", sys.executable, "-c", fetch],
                           capture_output=True, text=True, timeout=30, check=False)
-    out: Histograms = {}
     if proc.returncode != 0:
-        return out
-    for family in text_string_to_metric_families(proc.stdout):
+        return {}
+    return parse_histograms(proc.stdout, name)
+
+
+def fetch_metrics_code(port: int) -> str:
+    """Python that prints the node-local ``/metrics`` page on ``port`` (run inside the node)."""
+    return (f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/metrics', "
+            "timeout=5).read().decode())")
+
+
+def parse_histograms(text: str, name: str) -> Histograms:
+    """Histogram ``name`` of a Prometheus text page, by labels."""
+    out: Histograms = {}
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
             if s.name == f"{name}_bucket":
