@@ -43,6 +43,9 @@ OWNER_FILE = Path("/run/svcproxy-lab.owner")
 DEFAULT_STATE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svcproxy/labs/default"
 
 Say = Callable[[str], None]
+# What kube-proxy runs, in either address family (see Lab._iptables_env).
+LEGACY_TOOLS = ("iptables", "iptables-save", "iptables-restore",
+                "ip6tables", "ip6tables-save", "ip6tables-restore")
 
 
 class LabError(RuntimeError):
@@ -186,7 +189,8 @@ class Lab:
         ctx = self.context(state)
         for node in self.nodes(state):
             node.stop_process("kube-proxy")
-            proc = node.run([str(ctx.bin_dir / "kube-proxy"), "--cleanup"], timeout=120)
+            proc = node.run([*self._iptables_env(node), str(ctx.bin_dir / "kube-proxy"), "--cleanup"],
+                            timeout=120)
             if proc.returncode != 0:
                 raise LabError(f"kube-proxy --cleanup failed on {node.name}: "
                                f"{proc.stderr.decode(errors='replace')[-500:]}")
@@ -215,7 +219,26 @@ class Lab:
         path = ctx.node_state_dir(node.name) / "kube-proxy.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=1))
-        return [str(ctx.bin_dir / "kube-proxy"), f"--config={path}", "--v=1"]
+        return [*self._iptables_env(node), str(ctx.bin_dir / "kube-proxy"), f"--config={path}", "--v=1"]
+
+    def _iptables_env(self, node: LabNode) -> list[str]:
+        """An ``env PATH=...`` prefix giving kube-proxy the x_tables tools inside UML guests.
+
+        The guests' kernel (Debian's user-mode-linux) has no nf_tables NAT (no
+        ``nft_chain_nat``), so the host's default iptables-nft cannot make a nat chain
+        there, and kube-proxy (which runs whatever ``iptables`` is on PATH) fails every
+        sync. Its container image picks legacy or nft with a wrapper; here a folder of
+        ``iptables*`` links to the ``-legacy`` tools comes first on PATH instead.
+        """
+        if not node.has_ipvs:  # namespace nodes share the host's kernel: nft NAT works
+            return []
+        folder = self.state_dir / "iptables-legacy"
+        folder.mkdir(parents=True, exist_ok=True)
+        for tool in LEGACY_TOOLS:
+            link = folder / tool
+            if not link.is_symlink():
+                link.symlink_to(f"/usr/sbin/{tool.replace('tables', 'tables-legacy', 1)}")
+        return ["env", f"PATH={folder}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 
     def kubelet_argv(self, ctx: LabContext, node: LabNode) -> list[str]:
         return [
