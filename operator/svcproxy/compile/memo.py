@@ -81,12 +81,10 @@ class PlanMemo:
     derived: Derived | None = None
     policy_rows: dict[str, PolicyRows] = field(default_factory=dict)
     last_nodes: tuple[Any, ...] = ()
-    last_programs: dict[str, JSON] = field(default_factory=dict)  # keeps their ids unique
-    last_program_ids: dict[str, int] = field(default_factory=dict)
+    last_programs: dict[str, JSON] = field(default_factory=dict)
     last_writes: set[str] = field(default_factory=set)
-    last_service_ids: dict[str, int] = field(default_factory=dict)
-    last_slice_ids: dict[str, int] = field(default_factory=dict)
-    last_slices: dict[str, Any] = field(default_factory=dict)  # keeps their ids unique
+    last_services: dict[str, JSON] = field(default_factory=dict)
+    last_slices: dict[str, Any] = field(default_factory=dict)
     last_pod_labels: dict[str, Any] = field(default_factory=dict)
     weighted: set[str] = field(default_factory=set)  # Services whose program read Pod labels
     stats: MemoStats = field(default_factory=MemoStats)
@@ -253,6 +251,7 @@ class PolicyRows:
     pending: dict[str, str] = field(default_factory=dict)
     conflicts: dict[str, str] = field(default_factory=dict)
     wires: list[JSON] | None = None  # the rows as last handed out (reused while unchanged)
+    index: dict[str, int] = field(default_factory=dict)  # Service -> its place in ``wires``
     equal_raw: Any = None  # the stored status object last found equal to ours
     equal_top: JSON | None = None  # our status without rows, then
     equal_rows: list[JSON] | None = None  # and our rows

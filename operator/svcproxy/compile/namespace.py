@@ -165,14 +165,17 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     # of the last pass (object ids compared in C; the memo keeps last pass' objects
     # alive, so an id cannot have been reused), plus, when Pod labels changed, those
     # whose program read them. Everything when the policies changed.
-    svc_ids = dict(zip(services.keys(), map(id, services.values()), strict=True))
-    slice_ids = dict(zip(slices_of.keys(), map(id, slices_of.values()), strict=True))
+    # Equal dicts compare value by value, identity first: the usual pass (nothing or one
+    # thing changed) costs a few C-speed sweeps, and a Python step per changed Service.
     suspects: Iterable[str]
     if memo.derived is None or memo.derived.token is not token:
         suspects = services
     else:
-        found = {k for k, _ in svc_ids.items() ^ memo.last_service_ids.items()}
-        found.update(k for k, _ in slice_ids.items() ^ memo.last_slice_ids.items())
+        found = set()
+        if services != memo.last_services:
+            found.update(_replaced(services, memo.last_services))
+        if slices_of != memo.last_slices:
+            found.update(_replaced(slices_of, memo.last_slices))
         if memo.weighted and pod_labels != memo.last_pod_labels:
             found.update(memo.weighted)
         suspects = [n for n in found if n in services]
@@ -200,8 +203,7 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     if len(records) != len(services):
         gone = [(n, records.pop(n)) for n in [n for n in records if n not in services]]
         memo.weighted.difference_update(n for n, _ in gone)
-    memo.last_service_ids, memo.last_slice_ids = svc_ids, slice_ids
-    memo.last_slices = dict(slices_of)
+    memo.last_services, memo.last_slices = dict(services), dict(slices_of)
     if memo.weighted:
         memo.last_pod_labels = dict(pod_labels)
     derived, touched = _update_derived(memo, records, changed, gone, token)
@@ -248,6 +250,15 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
         _finish_status(view, name, raw_by_name[name], status, plan, rows=None)
     memo.last_nodes = tuple(view.nodes)
     return plan
+
+
+def _replaced(now: Mapping[str, object], before: Mapping[str, object]) -> set[str]:
+    """Keys whose value is not the very object it was (or that came or went).
+
+    Compares object ids, in C; ``before`` holds the old objects, so no id was reused."""
+    ids = dict(zip(now.keys(), map(id, now.values()), strict=True))
+    old = dict(zip(before.keys(), map(id, before.values()), strict=True))
+    return {k for k, _ in ids.items() ^ old.items()}
 
 
 def _pods_same(entry: Compiled, pod_labels: Mapping[str, Mapping[str, str]]) -> bool:
@@ -324,14 +335,11 @@ def _plan_programs(
     """Writes, labels, unlabels and deletes, in handover order."""
     programs = view.programs
     desired = derived.desired
-    # Only a changed Service, a replaced stored program or a write not done yet can need a
-    # write. Which programs were replaced: their object ids against the last pass' (built
-    # in C; the memo keeps last pass' objects alive, so an id cannot have been reused).
-    ids = dict(zip(programs.keys(), map(id, programs.values()), strict=True))
+    # Only a changed Service, a replaced stored program or a write not done yet can need a write.
     if touched is None:
         candidates: Iterable[str] = desired
     else:
-        replaced = {k for k, _ in ids.items() ^ memo.last_program_ids.items()}
+        replaced = _replaced(programs, memo.last_programs) if programs != memo.last_programs else ()
         candidates = {n for n in (*touched, *memo.last_writes, *replaced) if n in desired}
     for svc_name in sorted(candidates):
         entry = desired[svc_name]
@@ -339,7 +347,6 @@ def _plan_programs(
             assert isinstance(entry.result, ProxyVirtualServerSpec)
             plan.writes[svc_name] = entry.result
     memo.last_programs = dict(programs)
-    memo.last_program_ids = ids
     memo.last_writes = set(plan.writes)
     plan.owned_after = dict(derived.owners)
     for svc_name in [n for n in plan.unlabelled_at if n in desired]:

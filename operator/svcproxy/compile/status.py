@@ -185,6 +185,7 @@ def policy_rows(
                 redo_set.add(svc_name)
         if any((n in selected) != (n in rows.rows) for n in redo_set):
             rows.names = sorted(selected)
+            rows.wires = None  # rebuilt below
         redo = redo_set
     for svc_name in redo:
         old = rows.rows.pop(svc_name, None)
@@ -194,8 +195,13 @@ def policy_rows(
             row = work.row(svc_name, records[svc_name])
             rows.rows[svc_name] = row
             _count(rows, svc_name, row, +1)
-    if redo or rows.wires is None:
+    if rows.wires is None or len(rows.wires) != len(rows.names):
         rows.wires = [rows.rows[n].wire for n in rows.names]
+        rows.index = {n: i for i, n in enumerate(rows.names)}
+    elif redo:
+        rows.wires = list(rows.wires)  # a new list: the status compares by identity first
+        for svc_name in redo:
+            rows.wires[rows.index[svc_name]] = rows.rows[svc_name].wire
     memo.policy_rows[name] = rows
     return rows
 
