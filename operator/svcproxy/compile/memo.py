@@ -12,13 +12,17 @@ together with the key of everything compile read to make it:
   the spec as JSON: everything compile and conflict resolution read of it),
 * when that policy has ``weights``: the labels of every Pod compile looked up.
 
-A program is reused only when its key is equal, so a memoised pass returns
-exactly what a pass with an empty memo returns (the property tests check
-this over random change sequences). Objects without a ``resourceVersion``
-(hand-built views) are never reused. Policy parses, the selection of each
-Service, its status row and the stored program already known to match are
-kept the same way. Nothing here is global: entries a pass did not touch are
-dropped at its end, and all state lives in the memo object.
+A pass looks again only at Services whose Service object or slice list is
+not the very object of the last pass (the operator's cache replaces objects,
+never edits them), and recompiles one only when its key differs, so a
+memoised pass returns exactly what a pass with an empty memo returns (the
+property tests check this over random change sequences). Objects without a
+``resourceVersion`` (hand-built views) are never reused across versions. The
+memo also keeps policy parses, each policy's status rows and counts
+(:class:`PolicyRows`, see :mod:`svcproxy.compile.status`) and the
+namespace-wide sets (programs wanted, Services to label or unlabel). Nothing
+here is global: all state lives in the memo object, Services that are gone
+drop out, and a pass that raises resets it.
 """
 
 from __future__ import annotations

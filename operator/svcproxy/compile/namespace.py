@@ -7,7 +7,9 @@ existing ProxyVirtualServers, every ProxyNode report, the clock) and calls
 which ProxyVirtualServers to write (only those whose content changed) or
 delete, which Services to label or unlabel for the handover with kube-proxy,
 the status of every policy and the Events of condition transitions. Nothing
-here talks to the API server, so every rule is unit-tested directly.
+here talks to the API server, so every rule is unit-tested directly. The
+caller may pass a :class:`~svcproxy.compile.memo.PlanMemo` kept between passes
+so one change costs one Service's work, not the namespace's.
 
 Handover order: a Service is labelled ``service.kubernetes.io/service-proxy-name``
 only once every node reports its current program; when no live policy

@@ -79,7 +79,10 @@ class Cache:
         self._slices: dict[str, dict[str, list[JSON]]] = defaultdict(dict)
 
     def put(self, kind: str, obj: JSON) -> bool:
-        """Store ``obj`` unless the cache holds a newer version; True when stored."""
+        """Store ``obj`` unless the cache holds a newer version; True when stored.
+
+        At an equal resourceVersion the stored object stays (same content, by the API's
+        contract): the planner memo tells unchanged objects by identity."""
         if kind == "k8snode":
             obj = node_summary(obj)
         meta = obj.get("metadata") or {}
