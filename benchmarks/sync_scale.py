@@ -315,6 +315,120 @@ def bench_iptables(sizes: list[int], repeat: int, legacy: bool, tool_timeout: fl
     return report
 
 
+# the periodic full sync (iptables, host kernel) -------------------------------------------
+
+
+async def _sync_loop(agent: Agent, stop: asyncio.Event, fulls: list[float]) -> None:
+    """The agent's sync loop (``svcproxy.agent.main``), polling every 2 ms."""
+    while not stop.is_set():
+        delay = agent.tracker.due_at() - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(min(delay, 0.002))
+            continue
+        start = time.monotonic()
+        outcome = await agent.run_due()
+        if outcome is not None and outcome.batch.full:
+            fulls.append(time.monotonic() - start)
+
+
+def bench_full_sync(sizes: list[int], repeat: int, changes: int, legacy: bool,
+                    offset: float) -> dict[str, Any]:
+    """Steady-state full syncs and one change landing ``offset`` s into a full sync.
+
+    For each size: the agent's cold sync, then ``repeat`` full syncs with nothing to
+    change (seconds, iptables-restore inputs and lines), then ``changes`` times: a full
+    sync starts in the agent's own sync loop and ``offset`` seconds later one
+    ProxyVirtualServer's endpoint changes (a new address:port each time); the latency
+    is upsert -> the end of the iptables-restore whose input holds the new endpoint
+    (the kernel has it). Works with older sources too (``--baseline-src``).
+    """
+    from svcproxy.dataplane.iptables.proxier import IptablesProxier
+    from svcproxy.dataplane.netfilter import Netfilter
+
+    loop = asyncio.new_event_loop()
+    tag = uuid.uuid4().hex[:6]
+    report: dict[str, Any] = {"offset_seconds": offset, "sizes": []}
+    restores: list[tuple[float, str]] = []  # (end time, input)
+
+    class Recording(Netfilter):
+        def restore(self, text: str) -> None:
+            super().restore(text)
+            restores.append((time.monotonic(), text))
+
+    for n in sizes:
+        ns = f"svcpf-{tag}-{n}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        try:
+            proxier = IptablesProxier(Recording(netns=ns, legacy=legacy),
+                                      Netfilter(ipv6=True, netns=ns, legacy=legacy))
+            agent = Agent({"iptables": proxier}, node_name=f"bench-{n}",
+                          tracker=ChangeTracker(min_interval=0.05, full_interval=1e9))
+            table = servers(n)
+            agent.replace_all(program("iptables", vs, "v0") for vs in table)
+            batch = agent.tracker.take(time.monotonic())
+            assert batch is not None
+            start = time.monotonic()
+            assert loop.run_until_complete(agent.sync(batch)).ok
+            entry: dict[str, Any] = {"services": n, "cold_sync_seconds": round(time.monotonic() - start, 3)}
+            log(f"full_sync {n}: cold {entry['cold_sync_seconds']} s")
+            steady = []
+            for _ in range(repeat):
+                restores.clear()
+                agent.tracker.request_full()
+                batch = agent.tracker.take(time.monotonic())
+                assert batch is not None
+                start = time.monotonic()
+                assert loop.run_until_complete(agent.sync(batch)).ok
+                steady.append((time.monotonic() - start, len(restores),
+                               sum(text.count("\n") for _, text in restores)))
+            entry["steady_full_seconds"] = [round(t, 3) for t, _, _ in steady]
+            entry["steady_full_median_seconds"] = round(median([t for t, _, _ in steady]), 3)
+            entry["steady_full_restore_inputs"] = steady[-1][1]
+            entry["steady_full_restored_lines"] = steady[-1][2]
+            log(f"full_sync {n}: steady {entry['steady_full_seconds']} s, "
+                f"{steady[-1][1]} inputs, {steady[-1][2]} lines")
+            first = table[0]
+            latencies: list[float] = []
+            durations: list[float] = []
+            for i in range(changes):
+                marker = RealServer("10.244.255.1", 9000 + i)
+                changed = first.with_reals([*first.real_servers[:-1], marker]).canonical()
+
+                async def one(changed: VirtualServer = changed, marker: RealServer = marker,
+                              i: int = i, agent: Agent = agent, durations: list[float] = durations) -> float:
+                    stop = asyncio.Event()
+                    fulls: list[float] = []
+                    runner = asyncio.ensure_future(_sync_loop(agent, stop, fulls))
+                    agent.tracker.request_full()
+                    await asyncio.sleep(offset)
+                    restores.clear()
+                    agent.upsert(program("iptables", changed, f"c{i}"))
+                    landed = time.monotonic()
+                    needle = f"{marker.address}:{marker.port}"
+                    while not any(needle in text for _, text in restores):
+                        await asyncio.sleep(0.002)
+                    done = next(t for t, text in restores if needle in text)
+                    while not fulls:
+                        await asyncio.sleep(0.005)
+                    stop.set()
+                    await runner
+                    durations.append(fulls[0])
+                    return done - landed
+
+                latencies.append(loop.run_until_complete(one()))
+            entry["change_during_full_seconds"] = [round(t, 3) for t in latencies]
+            entry["change_during_full_median_seconds"] = round(median(latencies), 3)
+            entry["full_sync_with_change_seconds"] = [round(t, 3) for t in durations]
+            log(f"full_sync {n}: change during a full sync {entry['change_during_full_seconds']} s "
+                f"(full syncs {entry['full_sync_with_change_seconds']} s)")
+            report["sizes"].append(entry)
+        finally:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    loop.close()
+    report["agent_rss_mb"] = rss_mb()
+    return report
+
+
 # ipvs, inside a UML guest --------------------------------------------------------------
 
 
@@ -413,6 +527,13 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
     parser.add_argument("--baseline-src",
                         help="also measure these sources first (e.g. an older commit's operator/)")
     parser.add_argument("--baseline-sizes", help="iptables sizes of the baseline (default: --sizes)")
+    parser.add_argument("--full-sync", action="store_true",
+                        help="only the periodic full sync (iptables, --sizes): steady-state cost and"
+                             " one change landing during it (--full-repeat, --changes, --offset)")
+    parser.add_argument("--full-repeat", type=int, default=3, help="steady full syncs per size")
+    parser.add_argument("--changes", type=int, default=5, help="changes during a full sync per size")
+    parser.add_argument("--offset", type=float, default=0.1,
+                        help="seconds into the full sync at which the change lands")
     parser.add_argument("--inner-ipvs", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner_ipvs:
@@ -425,6 +546,8 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
         "kernel": subprocess.run(["uname", "-r"], capture_output=True, text=True,
                                  check=False).stdout.strip(),
     }
+    if args.full_sync:
+        return _main_full_sync(args, report)
     if args.baseline_src:
         log(f"baseline: {args.baseline_src}")
         proc = subprocess.run(
@@ -441,6 +564,27 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
                                             args.tool_timeout)
     if parse_sizes(args.ipvs_sizes):
         report["ipvs"] = bench_ipvs(parse_sizes(args.ipvs_sizes), args.repeat)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    extra = ["--full-repeat", str(args.full_repeat), "--changes", str(args.changes),
+             "--offset", str(args.offset), *(["--legacy"] if args.legacy else [])]
+    if args.baseline_src:
+        log(f"baseline: {args.baseline_src}")
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--src", args.baseline_src, "--full-sync",
+             "--sizes", args.baseline_sizes if args.baseline_sizes is not None else args.sizes, *extra],
+            stdout=subprocess.PIPE, text=True, check=False,
+        )
+        report["baseline"] = json.loads(proc.stdout) if proc.returncode == 0 else {
+            "error": f"exit status {proc.returncode}"}
+    report["full_sync"] = bench_full_sync(parse_sizes(args.sizes), args.full_repeat, args.changes,
+                                          args.legacy, args.offset)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
