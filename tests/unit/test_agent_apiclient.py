@@ -194,6 +194,13 @@ async def test_a_server_signed_by_another_ca_is_refused_unless_verification_is_s
     assert (await ask(load_kubeconfig(skip)))["auth"] == "Bearer t"
 
 
+async def test_without_a_ca_the_system_trust_applies_and_does_not_know_the_cluster(
+        tls_server: str, tmp_path: Path) -> None:
+    kc = kubeconfig(tmp_path / "kc", {"server": tls_server}, {"token": "t"})
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await ask(load_kubeconfig(kc))
+
+
 async def test_a_token_file_is_read_again_when_it_rotates(pki: Pki, tls_server: str, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("first\n")

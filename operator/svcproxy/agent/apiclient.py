@@ -109,7 +109,9 @@ def _ssl_context(
     ca_file: Path | None, ca_data: str | None, insecure: bool,
     cert: tuple[Path, Path] | None, cert_data: tuple[bytes, bytes] | None,
 ) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # Verifies the server's certificate and name by default. The cluster's CA, when given,
+    # is the only one trusted (as kubectl does); the system's CAs only when none is given.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -117,6 +119,8 @@ def _ssl_context(
         ctx.load_verify_locations(cadata=ca_data)
     elif ca_file is not None:
         ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert is not None:
         ctx.load_cert_chain(str(cert[0]), str(cert[1]))
     elif cert_data is not None:
