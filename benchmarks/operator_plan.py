@@ -17,7 +17,8 @@ reconciler does per pass before any API write: ``Cache.view`` +
 Each change is planned twice on the same cache state, with the warm memo and
 with an empty one (alternating which goes first so noise hits both alike);
 both plans must be equal or the run stops. Medians over ``--repeat`` changes,
-and the ratios memo/none and size/smallest size in the same run. Usage:
+min and max (the machine is shared: the minimum is the least disturbed pass), and
+the ratios memo/none and size/smallest size in the same run. Usage:
 
     .venv/bin/python benchmarks/operator_plan.py [--sizes 100,1000,5000] [--repeat 15]
         [--output benchmarks/results/operator_plan.json]
@@ -279,7 +280,9 @@ def _summary(samples: dict[str, list[float]]) -> JSON:
     return {
         "memo_median": round(memo, 6),
         "none_median": round(none, 6),
+        "memo_min": round(min(samples["memo"]), 6),
         "memo_max": round(max(samples["memo"]), 6),
+        "none_min": round(min(samples["none"]), 6),
         "none_max": round(max(samples["none"]), 6),
         "speedup": round(none / memo, 1) if memo else None,
     }
