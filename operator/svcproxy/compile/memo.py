@@ -62,7 +62,7 @@ class Compiled:
     key: tuple[Any, ...] | None
     pods: tuple[tuple[str, Mapping[str, str] | None], ...]
     result: ProxyVirtualServerSpec | NotProxied
-    wire: JSON | None  # the program's wire form (None when not proxied)
+    wire: JSON | None  # the program's wire form (None when not proxied, or once stored)
     stored_rv: str | None = None  # resourceVersion of a stored program known to equal ``wire``
 
 

@@ -384,15 +384,20 @@ def _plan_programs(
 
 
 def _needs_write(existing: JSON | None, entry: Compiled) -> bool:
-    """True unless the stored program equals the compiled one (a hand edit is put back)."""
-    if existing is None:
-        return True
-    rv = resource_version(existing)
+    """True unless the stored program equals the compiled one (a hand edit is put back).
+
+    Once a stored version is known equal, the memo drops its copy of the wire form
+    (it would double the programs' memory) and rebuilds it only if that version moves."""
+    rv = resource_version(existing) if existing is not None else None
     if rv is not None and rv == entry.stored_rv:
         return False  # this very version was compared before
-    if (existing.get("spec") or {}) != entry.wire:
+    if entry.wire is None:
+        assert isinstance(entry.result, ProxyVirtualServerSpec)
+        entry.wire = entry.result.wire()
+    if existing is None or (existing.get("spec") or {}) != entry.wire:
         return True
-    entry.stored_rv = rv
+    if rv is not None:
+        entry.stored_rv, entry.wire = rv, None
     return False
 
 

@@ -171,6 +171,8 @@ class Reconciler:
         )
         started = time.perf_counter()
         plan = plan_namespace(view, self.memos.setdefault(namespace, PlanMemo()))
+        if not view.policies and not view.programs:
+            self.memos.pop(namespace, None)  # nothing of ours here any more
         metrics.COMPILE_SECONDS.observe(time.perf_counter() - started)
         w = self.writer
         for name, spec in plan.writes.items():
