@@ -10,8 +10,13 @@ copies), and table values are slotted.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
-from svcproxy.dataplane.ipvs.kernel import FakeAddresses, FakeIpvs
+import pytest
+
+from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, FakeAddresses, FakeIpvs
 from svcproxy.dataplane.ipvs.proxier import IpvsProxier
 from svcproxy.dataplane.table import NO_FLAGS, RealServer, VirtualServer, make_table
 
@@ -47,3 +52,29 @@ def test_table_values_are_slotted_and_share_the_empty_flag_set() -> None:
     assert not hasattr(vs, "__dict__") and not hasattr(vs.real_servers[0], "__dict__")
     assert vs.flags is NO_FLAGS and VirtualServer("TCP", "10.96.0.9", 80).flags is NO_FLAGS
     assert VirtualServer.create("TCP", "10.96.0.9", 80, flags=["sh-port"]).flags == {"sh-port"}
+
+
+def test_a_kernel_without_ipvs_is_known_without_the_netlink_library(tmp_path: Path) -> None:
+    from svcproxy.dataplane.ipvs.proxier import _ipvs_missing
+
+    loads: list[str] = []
+    reason = _ipvs_missing(tmp_path, lambda: loads.append("modprobe"))
+    assert loads == ["modprobe"] and "CONFIG_IP_VS" in reason and "fall back to iptables" in reason
+
+    def load() -> None:  # the module loads: its /proc entry appears
+        (tmp_path / "ip_vs").write_text("")
+
+    assert _ipvs_missing(tmp_path, load) == ""
+    assert _ipvs_missing(tmp_path / "absent", lambda: None) == ""  # cannot tell: netlink decides
+    proxier = IpvsProxier(AbsentIpvs(reason), FakeAddresses())
+    assert not proxier.capabilities().available and proxier.capabilities().reason == reason
+
+
+def test_the_agent_on_a_node_without_ipvs_does_not_import_pyroute2() -> None:
+    if Path("/proc/net/ip_vs").exists():
+        pytest.skip("this kernel has IPVS")
+    code = ("import sys; from svcproxy.dataplane.modes import build_proxier;"
+            " p = build_proxier('ipvs'); assert not p.capabilities().available;"
+            " print(sorted(m for m in sys.modules if m.startswith('pyroute2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

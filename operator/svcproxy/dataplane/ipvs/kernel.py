@@ -63,6 +63,25 @@ class AddressKernel(Protocol):
     def delete_addresses(self, name: str, addresses: Sequence[str]) -> list[str]: ...
 
 
+class AbsentIpvs:
+    """A kernel without IPVS, known without opening netlink (see ``proxier.create``)."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def available(self) -> str:
+        return self._reason
+
+    def schedulers(self) -> frozenset[str]:
+        return frozenset()
+
+    def dump(self) -> dict[VSKey, VirtualServer]:
+        return {}
+
+    def execute(self, ops: Sequence[Operation]) -> list[Failure]:
+        return [Failure(op, errno.ENOENT, self._reason) for op in ops]
+
+
 class FakeIpvs:
     """In-memory IPVS: a table plus the kernel's refusals."""
 
