@@ -355,9 +355,12 @@ async def test_a_change_during_a_full_sync_is_applied_before_it_ends_and_not_rev
         asyncio.get_running_loop().call_later(0.01, end_read)
 
     stepped.during_read = during_read
+    synced: list[bool] = []
+    agent.on_synced = lambda o: synced.append(o.batch.full)
     clock.t += 60
     outcome = await agent.run_due()
     assert outcome is not None and outcome.batch.full
+    assert synced == [False, True]  # the partial inside the full one is announced too
     assert stepped.touched == [frozenset({"default/a", "default/b"})]
     # The change reached the kernel while the full sync was still reading it ...
     assert seen_in_kernel == [(RealServer("10.244.3.3", 9000),)]

@@ -126,6 +126,9 @@ class Agent:
         self.last_sync_ok = False
         self.synced_once = False
         self._full: _FullInFlight | None = None
+        # Called after every sync, also the partial ones a full sync runs inside itself
+        # (the caller's loop sees only the full one): e.g. to wake the ProxyNode writer.
+        self.on_synced: Callable[[SyncOutcome], None] | None = None
         self._wake = asyncio.Event()  # set on every change: wakes _between
 
     # ---- desired state (called by the watch) -------------------------------------------
@@ -309,6 +312,8 @@ class Agent:
             _node_trouble(r.mode, e.action) for r in outcome.results for e in r.errors
         )
         self.synced_once = self.synced_once or batch.full
+        if self.on_synced is not None:
+            self.on_synced(outcome)
         log.info(
             "sync done",
             extra={

@@ -67,9 +67,15 @@ def parse_saved(text: str, table: str) -> dict[str, list[str]]:
     declared: set[str] = set()
     seen_table = committed = False
     for line in text.splitlines():
-        if not line or line.startswith("#"):
+        if line.startswith("-A "):  # most lines: checked first (320k of them at 10k services)
+            parts = line.split(" ", 2)
+            if len(parts) < 3 or parts[1] not in declared:
+                raise SavedParseError(f"rule in an undeclared chain: {line!r}")
+            if parts[1] in chains:
+                chains[parts[1]].append(normalise(line))
+        elif not line or line.startswith("#"):
             continue
-        if line.startswith("*"):
+        elif line.startswith("*"):
             if line[1:] != table or seen_table:
                 raise SavedParseError(f"unexpected table header {line!r} (asked for {table})")
             seen_table = True
@@ -79,12 +85,6 @@ def parse_saved(text: str, table: str) -> dict[str, list[str]]:
             declared.add(match.group(1))
             if match.group(1).startswith(rules.PREFIX):
                 chains[match.group(1)] = []
-        elif line.startswith("-A "):
-            parts = line.split(" ", 2)
-            if len(parts) < 3 or parts[1] not in declared:
-                raise SavedParseError(f"rule in an undeclared chain: {line!r}")
-            if parts[1] in chains:
-                chains[parts[1]].append(normalise(line))
         else:
             raise SavedParseError(f"unknown line in iptables-save output: {line!r}")
     if not seen_table or not committed:
