@@ -52,6 +52,7 @@ from svcproxy.lab.cluster import LabError
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
 IPVS_SYSTEMS = ("kube-proxy-ipvs", "svcproxy-ipvs")
+PARTIAL: list[dict[str, Any]] = []  # each size's results, filled in as they are measured
 K8S_VERSION = "v1.36.3"
 
 
@@ -246,6 +247,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         os.environ.setdefault("SVCPROXY_UML_MEM", "512M")
     out: dict[str, Any] = {"services": n, "endpoints_each": harness.ENDPOINTS, "nodes": 3,
                            "node_kind": "uml" if ipvs else "netns"}
+    PARTIAL.append(out)  # what main() writes if the run fails before this size is done
     pop = Population()
     with BenchLab(Path(args.state_dir), ipvs_nodes=3 if ipvs else 0) as bench:
         bench.up()
@@ -267,7 +269,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 before = phase.sample_processes()
                 syncs_before = phase.sync_histograms()
+                if isinstance(watchers, IpvsWatchers):
+                    watchers.reader_stats(reset=True)  # the readers' figures cover the churn only
                 phase.churn(args.changes, args.gap, args.seed)
+                reader = watchers.reader_stats() if isinstance(watchers, IpvsWatchers) else None
                 after = phase.sample_processes()
                 syncs_after = phase.sync_histograms()
                 out[system] = {
@@ -281,6 +286,9 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     "own_sync_metrics": histogram_summary(syncs_before, syncs_after),
                     "slowest": sorted(phase.records, key=lambda r: -(r["took"] or 1e9))[:8],
                 }
+                if reader is not None:
+                    # What the IPVS readers could resolve during this churn (poll gaps, cost).
+                    out[system]["reader"] = reader
                 if args.records:
                     out[system]["records"] = phase.records
                 say(f"{system} with {n} Services: {json.dumps(out[system])}")
@@ -290,7 +298,6 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             out["reader_errors"] = watchers.errors
             if isinstance(watchers, IpvsWatchers):
                 out["guest_clock_after"] = watchers.calibrate()
-                out["reader"] = watchers.reader_stats()
                 out["clock_corrected"] = args.correct_clock
     mine_name = "svcproxy-ipvs" if ipvs else "svcproxy-iptables"
     for kp in ("kube-proxy-ipvs",) if ipvs else ("kube-proxy-iptables", "kube-proxy-nftables"):
@@ -350,12 +357,21 @@ def main() -> int:
         "gap_s": args.gap,
         "operator_args": args.operator_args,
         "changes_per_system": args.changes,
-        "sizes": [run_size(int(n), args) for n in args.sizes.split(",")],
+        "sizes": [],
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    complete = False
+    try:
+        for n in args.sizes.split(","):
+            run_size(int(n), args)
+        complete = True
+    finally:
+        # Sizes and systems measured so far survive a failure later in the run.
+        result["sizes"] = PARTIAL
+        result["complete"] = complete
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
     if args.png:
         import plot
 

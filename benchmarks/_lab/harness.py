@@ -1,13 +1,14 @@
 """The lab side of the benchmarks: a lab, the benchmark's objects, kernel readers, process samples.
 
 Used by ``programming_latency.py``, ``policy_apply.py`` and ``footprint.py``. ``BenchLab``
-brings a 3-node netns lab up (without svcproxy; kube-proxy and svcproxy are started per
-phase through ``svcproxy.lab.cluster.Lab``), writes N selectorless Services with their own
-EndpointSlices (10 endpoints each, ``endpointslice.kubernetes.io/managed-by`` set to
-``bench.svcproxy.io`` so the EndpointSlice controller leaves them alone and no Pods are
-needed), runs one ``kernel_watch`` reader per node and samples RSS / CPU seconds of the
-operator, the agents and kube-proxy from /proc. The caller must hold the machine's lab turn
-(``flock /run/svcproxy-lab-turn.lock``).
+brings a 3-node lab up (network namespaces, or UML guests with ``ipvs_nodes``; without
+svcproxy: kube-proxy and svcproxy are started per phase through
+``svcproxy.lab.cluster.Lab``), writes N selectorless Services with their own EndpointSlices
+(10 endpoints each, ``endpointslice.kubernetes.io/managed-by`` set to ``bench.svcproxy.io``
+so the EndpointSlice controller leaves them alone and no Pods are needed), runs one
+``kernel_watch`` reader per netns node (UML nodes: ``uml_watch``) and samples RSS / CPU
+seconds of the operator, the agents and kube-proxy from /proc. The caller must hold the
+machine's lab turn (``flock /run/svcproxy-lab-turn.lock``).
 """
 
 from __future__ import annotations

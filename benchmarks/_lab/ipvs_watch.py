@@ -15,7 +15,8 @@ through inotify, so it lists that folder on every poll); answers are JSON lines 
 stdout, which the guest's command server appends to a log file the host tails. Commands:
 ``{"op": "watch"|"unwatch", "key": "10.96.16.1:80"}``, ``{"op": "count", "id": N}``,
 ``{"op": "ping", "id": N}`` (answered with the guest's wall clock, to relate it to the
-host's), ``{"op": "stats", "id": N}`` (the reader's own poll intervals, poll cost, CPU).
+host's), ``{"op": "stats", "id": N, "reset": bool}`` (the reader's own poll intervals, poll cost,
+CPU, since the start or the last reset).
 Each ``state`` line carries ``t`` (guest wall clock right after the poll that saw the new
 state) and ``prev`` (the poll before it): the change happened in (prev, t].
 
@@ -302,6 +303,9 @@ class Reader:
                 self.emit({"ev": "count", "id": cmd["id"], "hist": histogram(table), "t": time.time()})
             elif op == "stats":
                 self.emit({"ev": "stats", "id": cmd["id"], **self.stats()})
+                if cmd.get("reset"):  # the next report covers only what follows (one phase)
+                    self.poll_costs, self.gaps = [], []
+                    self.cpu0, self.wall0 = time.process_time(), time.time()
 
     def stats(self) -> dict[str, object]:
         wall = time.time() - self.wall0

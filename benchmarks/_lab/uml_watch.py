@@ -140,11 +140,12 @@ class IpvsWatchers(KernelWatchers):
                 tmp.write_text(json.dumps(cmd))
                 os.rename(tmp, folder / f"{self._seq:09d}.json")
 
-    def _ask(self, kind: str, reply: str, timeout: float = 30) -> tuple[float, dict[str, dict[str, Any]]]:
+    def _ask(self, kind: str, reply: str, timeout: float = 30,
+             **extra: Any) -> tuple[float, dict[str, dict[str, Any]]]:
         self._count_id += 1
         rid = self._count_id
         sent = time.time()
-        self._send({"op": kind, "id": rid})
+        self._send({"op": kind, "id": rid, **extra})
         self._wait(lambda: all((n, reply, rid) in self.replies for n in self.nodes), timeout,
                    f"{kind} answers")
         with self.cond:
@@ -176,13 +177,17 @@ class IpvsWatchers(KernelWatchers):
             self.offsets[node] = offset
         return out
 
-    def reader_stats(self) -> dict[str, Any]:
-        """Each reader's poll interval and cost, its CPU share in the guest, answer arrival delay."""
-        _, answers = self._ask("stats", "stats")
+    def reader_stats(self, reset: bool = True) -> dict[str, Any]:
+        """Each reader's poll interval and cost, its CPU share in the guest and how long its
+        answers took to reach the host, since the last reset (one system's churn)."""
+        _, answers = self._ask("stats", "stats", reset=reset)
         out: dict[str, Any] = {}
         for node, answer in answers.items():
             ev = {k: v for k, v in answer.items() if k not in ("ev", "id", "host_t")}
-            ev["host_arrival_delay_s"] = summary(self.arrival[node])
+            with self.cond:
+                ev["host_arrival_delay_s"] = summary(self.arrival[node])
+                if reset:
+                    self.arrival[node] = []
             out[node] = ev
         return out
 
