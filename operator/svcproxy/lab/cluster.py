@@ -187,14 +187,19 @@ class Lab:
         """Stop kube-proxy everywhere and remove its rules (``kube-proxy --cleanup``)."""
         state = self._running_state()
         ctx = self.context(state)
+        failed = []
         for node in self.nodes(state):
             node.stop_process("kube-proxy")
             proc = node.run([*self._iptables_env(node), str(ctx.bin_dir / "kube-proxy"), "--cleanup"],
                             timeout=120)
             if proc.returncode != 0:
-                raise LabError(f"kube-proxy --cleanup failed on {node.name}: "
-                               f"{proc.stderr.decode(errors='replace')[-500:]}")
+                # Clean the other nodes anyway: one failure must not leave them running.
+                failed.append(f"kube-proxy --cleanup failed on {node.name}: "
+                              f"{proc.stderr.decode(errors='replace')[-500:]}")
+                continue
             say(f"stopped kube-proxy on {node.name} and removed its rules")
+        if failed:
+            raise LabError("\n".join(failed))
 
     def _running_state(self) -> dict[str, Any]:
         state = self.load()
