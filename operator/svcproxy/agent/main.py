@@ -133,6 +133,9 @@ class AgentProcess:
         )
         self.writer = ProxyNodeWriter(api, args.node_name, ReportThrottle(1.0))
         self.report_wake = asyncio.Event()
+        # Every sync wakes the report, also the partial syncs a full sync runs inside
+        # itself: their changes should not wait for the full sync to end to be reported.
+        agent.on_synced = lambda _outcome: self.report_wake.set()
 
     def _poke(self, fn: object, arg: object) -> None:
         fn(arg)  # type: ignore[operator]
@@ -169,10 +172,8 @@ class AgentProcess:
                 tracker.request_full()
                 await asyncio.sleep(1)
                 continue
-            if outcome is not None:
-                self.report_wake.set()
-                if outcome.batch.full:
-                    trim_heap()
+            if outcome is not None and outcome.batch.full:
+                trim_heap()
 
     async def report_loop(self) -> None:
         while True:
