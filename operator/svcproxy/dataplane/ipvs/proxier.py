@@ -8,17 +8,23 @@ agent adopts its services on the first full sync instead of rebuilding
 them. Foreign virtual servers (VIP not on the interface) are never
 touched. Partial syncs diff against an in-memory mirror of what was
 applied (cost independent of the number of services); full syncs re-read
-the kernel and sweep owned leftovers.
+the kernel and sweep owned leftovers. The agent's periodic full sync calls
+:meth:`IpvsProxier.sync_full`, which reads the kernel and diffs without the
+write lock while the agent runs partial syncs, then writes minus what those
+partial syncs touched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, AddressKernel, Failure, IpvsKernel
@@ -35,6 +41,19 @@ from svcproxy.dataplane.proxier import (
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 MODE = "ipvs"
+# The agent's hook for :meth:`IpvsProxier.sync_full`: apply partial syncs until the
+# future is done; returns the owners it synced.
+Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """A full sync's kernel read-back and its diff, made without the write lock."""
+
+    vips: set[str]
+    observed: dict[VSKey, VirtualServer]
+    owned: set[VSKey]
+    ops: list[Operation]
 
 
 class IpvsProxier(BlockingProxier):
@@ -64,6 +83,8 @@ class IpvsProxier(BlockingProxier):
         self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
         self._real_count = 0
         self._synced = False
+        # Keys partial syncs wrote while a full sync read the kernel (None: not reading).
+        self._written: set[VSKey] | None = None
         reason = kernel.available()
         self._caps = Capabilities(
             mode=MODE,
@@ -78,9 +99,54 @@ class IpvsProxier(BlockingProxier):
         # Kept as a running total: summing the mirror would make partial syncs O(services).
         return Counts(virtual_servers=len(self._mirror), real_servers=self._real_count)
 
+    async def sync_full(self, desired: Table, between: Between) -> SyncResult:
+        """A full sync whose kernel read-back and diff do not hold up partial syncs.
+
+        The agent calls this for its periodic full sync (``svcproxy.agent.agent``). The
+        VIPs and the IPVS table are read (each on a netlink socket of its own, opened
+        for the read) and diffed in a worker thread WITHOUT the write lock, while
+        ``between`` (the agent) applies the partial syncs that come due (each takes the
+        lock: one writer at a time). The operations then run under the lock, minus
+        every virtual server those partial syncs wrote and every one of the owners
+        ``between`` returns: those are newer than the read-back and stay as the partial
+        syncs left them. The first full sync after start is a plain one.
+        """
+        if not self._synced or not self._caps.available:
+            return await self.sync(desired, None)
+        self._written = set()
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_back, desired))
+        try:
+            touched = await between(reading)
+        finally:
+            try:
+                read: ReadBack | None = await reading
+            except Exception:  # read again (and reported) under the lock
+                read = None
+        async with self._lock:
+            written, self._written = self._written, None
+            skip = written | {k for k, v in desired.items() if v.owner in touched}
+            skip |= {k for o in touched for k in self._by_owner.get(o, ())}
+            return await asyncio.to_thread(self.sync_blocking, desired, None, read, skip)
+
+    def _read_back(self, desired: Table) -> ReadBack:
+        """VIPs + IPVS table + diff: no write, no mirror access (runs beside partials)."""
+        vips = self._addresses.addresses(self._interface)
+        observed = self._kernel.dump()
+        owned = {k for k in observed if k.address in vips}
+        want, _refused = self._programmable(desired, None)
+        want = {k: v for k, v in want.items() if k not in observed or k in owned}
+        return ReadBack(vips, observed, owned, diff(want, {k: observed[k] for k in owned}, owned))
+
     # The blocking halves: run in a worker thread by the agent, directly by benchmarks.
 
-    def sync_blocking(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
+    def sync_blocking(
+        self,
+        desired: Table,
+        only: frozenset[str] | None = None,
+        read: ReadBack | None = None,
+        skip: frozenset[VSKey] | set[VSKey] = frozenset(),
+    ) -> SyncResult:
+        """``read``/``skip``: see :meth:`sync_full` (full syncs only)."""
         start = time.monotonic()
         full = only is None or not self._synced
         if not self._caps.available:
@@ -90,14 +156,23 @@ class IpvsProxier(BlockingProxier):
             errors.extend(self._prepare())
         want, refused = self._programmable(desired, only)
         errors.extend(refused)
+        kept: dict[VSKey, VirtualServer] = {}
         if only is None:
             self._addresses.ensure_interface(self._interface)
-            vips = self._addresses.addresses(self._interface)
-            self._vips = set(vips)
-            observed = self._kernel.dump()
+            if read is None:
+                vips = self._addresses.addresses(self._interface)
+                self._vips = set(vips)
+                observed = self._kernel.dump()
+            else:  # read earlier; the VIPs again (cheap), as partial syncs left them
+                vips, observed = read.vips, read.observed
+                self._vips = set(self._addresses.addresses(self._interface))
             owned = {k for k in observed if k.address in vips}
             for key in [k for k in want if k in observed and k not in owned]:
                 errors.append(_foreign(want.pop(key)))
+            if skip:  # written by partial syncs during the read: as they left them
+                want = {k: v for k, v in want.items() if k not in skip}
+                owned -= skip
+                kept = {k: self._mirror[k] for k in skip if k in self._mirror}
             have = {k: observed[k] for k in owned}
         else:
             if not self._synced:
@@ -106,7 +181,12 @@ class IpvsProxier(BlockingProxier):
             keys |= {k for k in want if k in self._mirror}  # moved from another owner
             have = {k: self._mirror[k] for k in keys}
             owned = set(have)
-        ops = diff(want, have, owned)
+            if self._written is not None:  # a full sync is reading: it must leave these alone
+                self._written |= keys | set(want)
+        if read is not None and only is None:
+            ops = [op for op in read.ops if op.key not in skip]  # diffed without the lock
+        else:
+            ops = diff(want, have, owned)
         failures = self._kernel.execute(ops)
         failed_ops = {id(f.operation) for f in failures}
         errors.extend(_error(f) for f in failures)
@@ -120,8 +200,10 @@ class IpvsProxier(BlockingProxier):
             self._by_owner.clear()
             self._vip_users.clear()
             self._real_count = 0
+            self._replace({}, kept)
         self._replace(have, applied)
-        errors.extend(self._sync_vips(applied, set(have) - set(applied), full=only is None))
+        present = {**kept, **applied} if kept else applied
+        errors.extend(self._sync_vips(present, set(have) - set(applied), full=only is None))
         self._synced = True
         failed = frozenset(e.owner for e in errors if e.owner)
         return SyncResult(

@@ -1,0 +1,151 @@
+"""The ipvs proxier's sync_full against the in-memory kernel: partial syncs made while
+the full sync reads the kernel (before or after the read itself) survive its write,
+drift elsewhere is repaired, and the mirror matches the kernel afterwards. The dump
+decoder against pyroute2's on messages pyroute2 encodes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from svcproxy.dataplane.ipvs import dump as ipvsdump
+from svcproxy.dataplane.ipvs.kernel import FakeAddresses, FakeIpvs
+from svcproxy.dataplane.ipvs.proxier import IpvsProxier
+from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey, make_table, owned_by
+
+IFACE = "svcproxy0"
+
+
+def svc(n: int, port: int = 8080, owner: str = "") -> VirtualServer:
+    return VirtualServer.create("TCP", f"10.96.0.{n}", 80, [RealServer(f"10.244.1.{n}", port)],
+                                scheduler="rr", owner=owner or f"ns/s{n}")
+
+
+class GatedIpvs(FakeIpvs):
+    """A fake whose dump waits for the test (``gate``) after (or before) copying the table."""
+
+    def __init__(self) -> None:
+        super().__init__(schedulers=frozenset({"rr", "sh"}))
+        self.gate = threading.Event()
+        self.copy_first = True
+        self.reading = threading.Event()
+
+    def dump(self) -> dict[VSKey, VirtualServer]:
+        if threading.current_thread() is threading.main_thread():
+            return super().dump()
+        self.reading.set()
+        if self.copy_first:
+            table = super().dump()
+            self.gate.wait(5)
+            return table
+        self.gate.wait(5)
+        return super().dump()
+
+
+@pytest.mark.parametrize("copy_first", [True, False], ids=["partial-after-read", "partial-before-read"])
+def test_partial_syncs_during_the_read_survive_the_full_sync(copy_first: bool) -> None:
+    kernel, addrs = GatedIpvs(), FakeAddresses()
+    proxier = IpvsProxier(kernel, addrs, interface=IFACE)
+    desired = make_table([svc(1), svc(2), svc(3)])
+    assert proxier.sync_blocking(desired).ok
+    del kernel.table[svc(3).key]  # drift the full sync must repair
+    kernel.copy_first = copy_first
+    changed, added = svc(1, port=9000), svc(4)
+    after = make_table([changed, svc(3), added])  # 2 deleted, 1 changed, 4 added
+
+    async def run() -> Any:
+        async def between(until: asyncio.Future[Any]) -> frozenset[str]:
+            await asyncio.to_thread(kernel.reading.wait, 5)
+            owners = frozenset({"ns/s1", "ns/s2", "ns/s4"})
+            result = await proxier.sync(owned_by(after, owners), owners)
+            assert result.ok, result.errors
+            kernel.gate.set()
+            await until
+            return owners
+
+        return await proxier.sync_full(desired, between)  # desired as the full sync began
+
+    result = asyncio.run(run())
+    assert result.ok, result.errors
+    assert kernel.table[svc(1).key].real_servers == (RealServer("10.244.1.1", 9000),)  # not reverted
+    assert svc(2).key not in kernel.table  # not brought back
+    assert svc(4).key in kernel.table and svc(3).key in kernel.table  # kept; repaired
+    assert addrs.addresses(IFACE) == {"10.96.0.1", "10.96.0.3", "10.96.0.4"}
+    # The mirror agrees with the kernel: the next plain full sync has nothing to do.
+    assert proxier.sync_blocking(after).total_operations == 0
+    assert proxier.counts().virtual_servers == 3
+
+
+def test_the_first_full_sync_is_a_plain_one() -> None:
+    proxier = IpvsProxier(FakeIpvs(), FakeAddresses(), interface=IFACE)
+    calls: list[object] = []
+
+    async def between(until: asyncio.Future[Any]) -> frozenset[str]:
+        calls.append(until)
+        return frozenset()
+
+    result = asyncio.run(proxier.sync_full(make_table([svc(1)]), between))
+    assert result.ok and calls == []
+
+
+def _encoded(cmd: int, attrs: list[tuple[str, Any]]) -> bytes:
+    from pyroute2.netlink.generic import ipvs as nl
+
+    msg = nl.ipvsmsg()
+    msg["cmd"] = cmd
+    msg["version"] = 1
+    msg["attrs"] = attrs
+    msg["header"]["type"] = 30
+    msg.encode()
+    return bytes(msg.data)
+
+
+def _pyroute2(data: bytes) -> Any:
+    from pyroute2.netlink.generic import ipvs as nl
+
+    msg = nl.ipvsmsg(data)
+    msg.decode()
+    return msg
+
+
+@pytest.mark.parametrize(("af", "addr", "sched", "bits", "timeout"), [
+    (socket.AF_INET, "10.96.0.10", "sh", 0x1 | 0x2 | 0x10, 10800),
+    (socket.AF_INET, "10.96.0.11", "rr", 0x2, 300),  # a timeout without the persistent bit
+    (socket.AF_INET6, "fd00::a", "mh", 0x8, 0),
+])
+def test_service_decoder_reads_what_pyroute2_reads(af: int, addr: str, sched: str, bits: int,
+                                                   timeout: int) -> None:
+    pytest.importorskip("pyroute2")
+    raw = _encoded(1, [("IPVS_CMD_ATTR_SERVICE", {"attrs": [
+        ("IPVS_SVC_ATTR_AF", af), ("IPVS_SVC_ATTR_PROTOCOL", socket.IPPROTO_UDP),
+        ("IPVS_SVC_ATTR_ADDR", addr), ("IPVS_SVC_ATTR_PORT", 53),
+        ("IPVS_SVC_ATTR_SCHED_NAME", sched), ("IPVS_SVC_ATTR_FLAGS", {"flags": bits, "mask": 0xFFFF}),
+        ("IPVS_SVC_ATTR_TIMEOUT", timeout), ("IPVS_SVC_ATTR_NETMASK", "255.255.255.255"),
+    ]})])
+    ref = _pyroute2(raw).get_attr("IPVS_CMD_ATTR_SERVICE")
+    got = ipvsdump.service(raw)
+    assert got is not None
+    assert got.key == VSKey("UDP", ref.get_attr("IPVS_SVC_ATTR_ADDR"), ref.get_attr("IPVS_SVC_ATTR_PORT"))
+    assert got.scheduler == ref.get_attr("IPVS_SVC_ATTR_SCHED_NAME") == sched
+    assert got.persistence == (timeout if bits & 1 else 0)
+    assert got.flags == frozenset(f for f, b in ipvsdump.FLAG_BITS.items()
+                                  if f.startswith(sched + "-") and bits & b)
+
+
+@pytest.mark.parametrize(("af", "addr", "weight"), [(socket.AF_INET, "10.244.1.2", 0),
+                                                    (socket.AF_INET6, "fd01::2", 7)])
+def test_dest_decoder_reads_what_pyroute2_reads(af: int, addr: str, weight: int) -> None:
+    pytest.importorskip("pyroute2")
+    raw = _encoded(5, [("IPVS_CMD_ATTR_DEST", {"attrs": [
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", af), ("IPVS_DEST_ATTR_ADDR", addr),
+        ("IPVS_DEST_ATTR_PORT", 8080), ("IPVS_DEST_ATTR_FWD_METHOD", 0),
+        ("IPVS_DEST_ATTR_WEIGHT", weight), ("IPVS_DEST_ATTR_U_THRESH", 0),
+    ]})])
+    ref = _pyroute2(raw).get_attr("IPVS_CMD_ATTR_DEST")
+    got = ipvsdump.dest(raw, socket.AF_INET, {})
+    assert got == (RealServer(ref.get_attr("IPVS_DEST_ATTR_ADDR"), ref.get_attr("IPVS_DEST_ATTR_PORT"),
+                              ref.get_attr("IPVS_DEST_ATTR_WEIGHT")), 0)
