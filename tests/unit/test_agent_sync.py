@@ -424,3 +424,76 @@ async def test_a_change_landing_while_a_sync_writes_is_not_reported_applied_earl
     await settle(agent, clock)
     assert agent.applied == {"default/a": "h2"}
     assert kernel.table("iptables")[key()].real_servers == (RealServer("10.244.3.3", 9000),)
+
+
+def two_stepped_agent(kernel: FakeKernel, clock: Clock) -> tuple[Agent, dict[str, SteppedFake]]:
+    """iptables and ipvs both offer sync_full (as the real proxiers do)."""
+    proxiers = {"iptables": SteppedFake("iptables", kernel), "ipvs": SteppedFake("ipvs", kernel)}
+    agent = Agent(dict(proxiers), node_name="node-1", clock=clock, wall=clock,
+                  tracker=ChangeTracker(min_interval=0.05, full_interval=60, now=clock()))
+    return agent, proxiers
+
+
+def land_during_read(px: SteppedFake, clock: Clock, change: Any) -> None:
+    """Make ``change`` land while ``px`` reads the kernel in its next full sync."""
+
+    def during_read(reading: asyncio.Future[None]) -> None:
+        clock.t += 0.05
+        change()
+        asyncio.get_running_loop().call_later(0.01, reading.set_result, None)
+        px.during_read = None
+
+    px.during_read = during_read
+
+
+async def test_an_ipvs_change_during_the_ipvs_full_sync_is_applied_and_not_reverted() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = two_stepped_agent(kernel, clock)
+    agent.replace_all([pvs("a", mode="ipvs"), pvs("b", mode="ipvs", vip="10.96.0.11"),
+                       pvs("c", vip="10.96.0.12")])
+    await settle(agent, clock)
+    del kernel.table("ipvs")[key("10.96.0.11")]  # drift, for the full sync to repair
+    seen: list[tuple[RealServer, ...]] = []
+    new_reals = [{"address": "10.244.3.3", "port": 9000}]
+    land_during_read(px["ipvs"], clock, lambda: agent.upsert(pvs("a", mode="ipvs", reals=new_reals,
+                                                                 h="h2")))
+    agent.on_synced = lambda o: seen.append(kernel.table("ipvs")[key()].real_servers)
+    clock.t += 60
+    outcome = await agent.run_due()
+    assert outcome is not None and outcome.batch.full
+    # The partial sync ran inside the ipvs proxier's full sync (the second proxier called) ...
+    assert px["ipvs"].touched == [frozenset({"default/a"})] and px["iptables"].touched == [frozenset()]
+    assert seen[0] == (RealServer("10.244.3.3", 9000),)  # ... reported before the full one ended
+    # ... and the full write did not revert it; b's drift repaired.
+    assert kernel.table("ipvs")[key()].real_servers == (RealServer("10.244.3.3", 9000),)
+    assert key("10.96.0.11") in kernel.table("ipvs")
+    assert agent.applied == {"default/a": "h2", "default/b": "h1", "default/c": "h1"}
+    clock.t += 60
+    outcome = await agent.run_due()
+    assert outcome is not None and sum(r.total_operations for r in outcome.results) == 0
+
+
+async def test_a_change_during_the_second_proxiers_read_starts_from_what_the_first_wrote() -> None:
+    """a moves ipvs -> iptables in the full sync (iptables written first, ipvs still holds
+    it), then back to ipvs while the ipvs proxier reads: the partial sync must withdraw
+    it from iptables, which only this full sync had written."""
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = two_stepped_agent(kernel, clock)
+    agent.replace_all([pvs("a", mode="ipvs")])
+    await settle(agent, clock)
+    gaps: list[dict[VSKey, set[str]]] = []
+    kernel.observers.append(lambda k: gaps.append(k.serving()) if key() not in k.serving() else None)
+    clock.t += 30
+    agent.upsert(pvs("a", mode="iptables", h="h2"))  # pending when the full sync starts
+    land_during_read(px["ipvs"], clock, lambda: agent.upsert(pvs("a", mode="ipvs", h="h3")))
+    clock.t += 30
+    outcome = await agent.run_due()
+    assert outcome is not None and outcome.batch.full
+    assert px["ipvs"].touched[-1] == frozenset({"default/a"})
+    assert gaps == []
+    assert key() in kernel.table("ipvs") and key() not in kernel.table("iptables")
+    assert agent.placement["default/a"].keys() == {"ipvs"}
+    assert agent.applied == {"default/a": "h3"}
+    clock.t += 60
+    outcome = await agent.run_due()
+    assert outcome is not None and sum(r.total_operations for r in outcome.results) == 0

@@ -49,8 +49,8 @@ Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
 @runtime_checkable
 class SteppedFullSync(Protocol):
     """A proxier whose full sync can let partial syncs run while it reads the kernel
-    (the iptables proxier): it awaits ``between(future)`` while its read-back runs and
-    leaves the owners ``between`` returns as the partial syncs left them."""
+    (the iptables and ipvs proxiers): it awaits ``between(future)`` while its read-back
+    runs and leaves the owners ``between`` returns as the partial syncs left them."""
 
     async def sync_full(self, desired: Table, between: Between) -> SyncResult: ...
 
@@ -64,7 +64,25 @@ class _FullInFlight:
     new: dict[str, Placement]
     old: dict[str, Placement]
     moving: dict[str, dict[str, dict[VSKey, VirtualServer]]]
+    failed_in: dict[str, set[str]]  # mode -> owners whose sync failed there (this full sync)
     overtaken: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)  # modes this full sync has written already
+
+    def held(self, owner: str) -> Placement:
+        """What the kernel holds of ``owner`` now, mid-way through this full sync:
+        the new placement in the modes already written (plus keys still moving out of
+        them), the old one elsewhere (as the end of :meth:`Agent.sync` reckons)."""
+        new, old = self.new[owner], self.old[owner]
+        placement: Placement = {}
+        for mode in set(new) | set(old):
+            if mode in self.done and owner not in self.failed_in.get(mode, ()):
+                held = dict(new.get(mode, {}))
+                held.update(self.moving.get(mode, {}).get(owner, {}))
+            else:
+                held = dict(old.get(mode, {}))
+            if held:
+                placement[mode] = held
+        return placement
 
 
 @dataclass
@@ -235,12 +253,13 @@ class Agent:
         modes = [m for m in MODE_ORDER if m in self.proxiers or any(m in p for p in new.values())]
         failed: set[str] = set()
         failed_in: dict[str, set[str]] = {}
-        # A periodic full sync lets partial syncs run while its first proxier reads the
-        # kernel (nothing of this sync is written yet then); not the first sync after
+        # A periodic full sync lets partial syncs run while a proxier that can (see
+        # SteppedFullSync) reads the kernel; a partial sync then starts from what the
+        # kernel holds at that point (_FullInFlight.held). Not the first sync after
         # start, and never nested.
         inflight = None
         if batch.full and self.synced_once and self._full is None:
-            inflight = _FullInFlight(owners, new, old, moving)
+            inflight = _FullInFlight(owners, new, old, moving, failed_in)
         for mode in modes:  # phase 1: make
             desired: dict[VSKey, VirtualServer] = {}
             only: set[str] = set()
@@ -255,7 +274,7 @@ class Agent:
                 continue
             if batch.full and mode not in self.proxiers and not desired:
                 continue
-            if inflight is not None and not outcome.results:
+            if inflight is not None and isinstance(self.proxiers.get(mode), SteppedFullSync):
                 result = await self._sync_mode(mode, desired, None, inflight)
                 self._take_over(inflight)
                 only -= inflight.overtaken
@@ -264,6 +283,8 @@ class Agent:
             outcome.results.append(result)
             failed_in[mode] = self._absorb(result, only, batch)
             failed |= failed_in[mode]
+            if inflight is not None:
+                inflight.done.add(mode)
         overtaken = inflight.overtaken if inflight is not None else set()
         failed -= overtaken
         for mode, by_owner in moving.items():  # phase 2: break, only after a successful make
@@ -368,10 +389,16 @@ class Agent:
                 if batch.full:
                     self.tracker.request_full()  # asked for meanwhile: runs after this one
                 if batch.owners:
-                    for owner in batch.owners & inflight.owners:
-                        # Back to the index the kernel matches: the full sync wrote nothing yet.
+                    for owner in batch.owners & inflight.owners - inflight.overtaken:
+                        # The partial sync starts from what the kernel holds now: the modes
+                        # this full sync wrote already hold the new placement.
+                        held = inflight.held(owner)
                         self._index(owner, inflight.new[owner], {})
-                        self._index(owner, {}, self.placement.get(owner, {}))
+                        if held:
+                            self.placement[owner] = held
+                        else:
+                            self.placement.pop(owner, None)
+                        self._index(owner, {}, held)
                     inflight.overtaken |= batch.owners
                     synced |= batch.owners
                     self._full = None  # the partial sync below must not nest another full
