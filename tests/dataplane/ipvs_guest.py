@@ -140,6 +140,8 @@ def run(topo: Topology) -> None:
     record("no_endpoints", sync(make_table(empty), owners))
     out["no_endpoints"] = [topo.connect_error(v.address, 80) for v in empty]
     record("no_endpoints_gone", sync({}, owners))
+    full_sync_steps(topo, proxier, table, vs("10.96.7.14", "wrr", weights=(1, 1, 1),
+                                             owner=services[4].owner))
     # A second, restarted proxier adopts everything: a full sync does nothing.
     again = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
     record("restart", again.sync_blocking(table))  # type: ignore[attr-defined]
@@ -154,6 +156,38 @@ def run(topo: Topology) -> None:
     out["svcproxy0_after_cleanup"] = subprocess.run(
         ["ip", "link", "show", "svcproxy0"], capture_output=True, text=True, check=False
     ).returncode
+
+
+def full_sync_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer],
+                    changed: VirtualServer) -> None:
+    """The periodic full sync's shape (sync_full): the hand decoder reads what pyroute2
+    reads; a steady full sync writes nothing; a partial sync run while it reads the
+    kernel survives its write. ``table``: the desired table as the full sync begins."""
+    import asyncio
+
+    kernel = proxier._kernel
+    out["dump_equal"] = kernel.dump() == kernel.dump_pyroute2()  # foreign service included
+    out["dump_services"] = len(kernel.dump())
+    before = in_ns(topo.node, "ipvsadm", "-Sn").stdout
+
+    async def idle(until: asyncio.Future[Any]) -> frozenset[str]:
+        await until
+        return frozenset()
+
+    record("full_steady", asyncio.run(proxier.sync_full(table, idle)))
+    out["full_steady_unchanged"] = in_ns(topo.node, "ipvsadm", "-Sn").stdout == before
+    owner = frozenset({changed.owner})
+
+    async def change(until: asyncio.Future[Any]) -> frozenset[str]:
+        record("full_partial", await proxier.sync(make_table([changed]), owner))
+        out["full_partial_before_read_done"] = not until.done()
+        await until
+        return owner
+
+    record("full_with_change", asyncio.run(proxier.sync_full(table, change)))
+    out["ipvsadm_full_with_change"] = ipvsadm(topo)
+    # Back as it was, for the steps after this one.
+    record("full_restore", proxier.sync_blocking(owned_by(table, owner), owner))
 
 
 def poll(cond: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -135,3 +135,22 @@ def test_service_without_ready_endpoints_refuses_connections(observed: dict[str,
     assert observed["results"]["no_endpoints"]["errors"] == []
     assert observed["no_endpoints"] == ["ECONNREFUSED", "ECONNREFUSED"]
     assert observed["results"]["no_endpoints_gone"]["errors"] == []
+
+
+def test_hand_decoded_dump_equals_pyroute2s_on_the_real_kernel(observed: dict[str, Any]) -> None:
+    assert observed["dump_services"] >= 6  # ours (rr, sh, mh, wrr, UDP persistent) + foreign
+    assert observed["dump_equal"]
+
+
+def test_steady_full_sync_changes_nothing_in_the_kernel(observed: dict[str, Any]) -> None:
+    assert observed["results"]["full_steady"] == {"ops": {}, "errors": []}
+    assert observed["full_steady_unchanged"]
+
+
+def test_change_made_during_a_full_sync_survives_its_write(observed: dict[str, Any]) -> None:
+    assert observed["results"]["full_partial"]["errors"] == []
+    assert observed["results"]["full_with_change"] == {"ops": {}, "errors": []}
+    table = services(observed["ipvsadm_full_with_change"])
+    assert table["TCP 10.96.7.14:80 wrr"] == [
+        ("10.244.9.2:8080", 1), ("10.244.9.3:8080", 1), ("10.244.9.4:8080", 1)
+    ]
