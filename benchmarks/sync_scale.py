@@ -54,6 +54,7 @@ def _source() -> str:
 
 
 sys.path.insert(0, _source())
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.convert import Program  # noqa: E402
@@ -530,6 +531,9 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
     parser.add_argument("--full-sync", action="store_true",
                         help="only the periodic full sync (iptables, --sizes): steady-state cost and"
                              " one change landing during it (--full-repeat, --changes, --offset)")
+    parser.add_argument("--full-sync-modes", default="iptables",
+                        help="modes of --full-sync: iptables (host, --sizes), ipvs (UML guest, --ipvs-sizes;"
+                             " full_sync_ipvs.py)")
     parser.add_argument("--full-repeat", type=int, default=3, help="steady full syncs per size")
     parser.add_argument("--changes", type=int, default=5, help="changes during a full sync per size")
     parser.add_argument("--offset", type=float, default=0.1,
@@ -572,6 +576,14 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
 
 
 def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    modes = args.full_sync_modes.split(",")
+    if "ipvs" in modes:
+        from full_sync_ipvs import bench_full_sync_ipvs
+
+        report["full_sync_ipvs"] = bench_full_sync_ipvs(
+            parse_sizes(args.ipvs_sizes), args.full_repeat, args.changes, args.offset, args.baseline_src)
+    if "iptables" not in modes:
+        return _write(report, args.output)
     extra = ["--full-repeat", str(args.full_repeat), "--changes", str(args.changes),
              "--offset", str(args.offset), *(["--legacy"] if args.legacy else [])]
     if args.baseline_src:
@@ -585,10 +597,14 @@ def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
             "error": f"exit status {proc.returncode}"}
     report["full_sync"] = bench_full_sync(parse_sizes(args.sizes), args.full_repeat, args.changes,
                                           args.legacy, args.offset)
+    return _write(report, args.output)
+
+
+def _write(report: dict[str, Any], output: str | None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if output:
+        Path(output).write_text(text + "\n")
     return 0
 
 
