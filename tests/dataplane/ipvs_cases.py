@@ -122,6 +122,18 @@ def case_cleanup_removes_everything_owned(kit: Kit) -> None:
     assert kit.addresses.addresses(IFACE) == set()
 
 
+def case_read_of_some_keys_matches_the_dump(kit: Kit) -> None:
+    """``read(keys)`` (the full sync's second look under the lock) sees what ``dump`` sees,
+    and leaves out keys the kernel does not hold."""
+    p = kit.proxier()
+    p.sync_blocking(make_table([svc(1), svc(2, "sh"), svc(3, "wrr", persistence=60)]))
+    absent = svc(9).key
+    got = kit.kernel.read([svc(2).key, svc(3).key, absent])
+    dump = kit.kernel.dump()
+    assert got == {svc(2).key: dump[svc(2).key], svc(3).key: dump[svc(3).key]}, got
+    assert kit.kernel.read([]) == {}
+
+
 CASES: dict[str, Callable[[Kit], None]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

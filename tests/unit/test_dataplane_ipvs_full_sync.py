@@ -149,3 +149,40 @@ def test_dest_decoder_reads_what_pyroute2_reads(af: int, addr: str, weight: int)
     got = ipvsdump.dest(raw, socket.AF_INET, {})
     assert got == (RealServer(ref.get_attr("IPVS_DEST_ATTR_ADDR"), ref.get_attr("IPVS_DEST_ATTR_PORT"),
                               ref.get_attr("IPVS_DEST_ATTR_WEIGHT")), 0)
+
+
+class TornIpvs(FakeIpvs):
+    """A fake whose (unlocked) dump misses one service and shows another one stale, as a
+    dump in several parts can when a partial sync changes the table between parts."""
+
+    def __init__(self) -> None:
+        super().__init__(schedulers=frozenset({"rr"}))
+        self.tear = False
+
+    def dump(self) -> dict[VSKey, VirtualServer]:
+        table = super().dump()
+        if self.tear:
+            del table[svc(1).key]
+            table[svc(2).key] = svc(2, port=7777).without_reals().with_reals(
+                [RealServer("10.244.1.2", 7777)])
+        return table
+
+
+def test_a_torn_read_is_checked_again_under_the_lock_before_writing() -> None:
+    kernel, addrs = TornIpvs(), FakeAddresses()
+    proxier = IpvsProxier(kernel, addrs, interface=IFACE)
+    desired = make_table([svc(1), svc(2), svc(3)])
+    assert proxier.sync_blocking(desired).ok
+    before = dict(kernel.table)
+    kernel.tear = True
+
+    async def between(until: asyncio.Future[Any]) -> frozenset[str]:
+        await until
+        return frozenset()
+
+    result = asyncio.run(proxier.sync_full(desired, between))
+    # Without the second look: add_virtual_server s1 -> EEXIST, reported as a foreign
+    # service (a conflict), and s2's real servers rewritten for nothing.
+    assert result.ok, result.errors
+    assert result.total_operations == 0
+    assert kernel.table == before

@@ -12,7 +12,7 @@ cases against both. Called by ``svcproxy.dataplane.ipvs.proxier``.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -40,6 +40,10 @@ class IpvsKernel(Protocol):
 
     def dump(self) -> dict[VSKey, VirtualServer]:
         """Every virtual server (owner ''), real servers in kernel order."""
+        ...
+
+    def read(self, keys: Collection[VSKey]) -> dict[VSKey, VirtualServer]:
+        """Just these virtual servers, as held now (absent ones left out)."""
         ...
 
     def execute(self, ops: Sequence[Operation]) -> list[Failure]:
@@ -78,6 +82,9 @@ class AbsentIpvs:
     def dump(self) -> dict[VSKey, VirtualServer]:
         return {}
 
+    def read(self, keys: Collection[VSKey]) -> dict[VSKey, VirtualServer]:
+        return {}
+
     def execute(self, ops: Sequence[Operation]) -> list[Failure]:
         return [Failure(op, errno.ENOENT, self._reason) for op in ops]
 
@@ -104,6 +111,10 @@ class FakeIpvs:
     def dump(self) -> dict[VSKey, VirtualServer]:
         self.requests += 1 + len(self.table)
         return dict(self.table)
+
+    def read(self, keys: Collection[VSKey]) -> dict[VSKey, VirtualServer]:
+        self.requests += 2 * len(keys)
+        return {k: self.table[k] for k in keys if k in self.table}
 
     def execute(self, ops: Sequence[Operation]) -> list[Failure]:
         failures: list[Failure] = []

@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -353,6 +353,41 @@ class NetlinkIpvs:
             for seq, svc in enumerate(services, start=2):
                 body = _nest(1, _service_key(svc.key), _SVC, "IPVS_SVC_ATTR_")
                 replies = _dump_replies(sock, _send_dump(sock, family_id, nl.IPVS_CMD_GET_DEST, body, seq))
+                reals = [d[0] for msg in replies if (d := ipvsdump.dest(msg, svc.family, names)) is not None]
+                table[svc.key] = ipvsdump.virtual_server(svc, reals)
+        return table
+
+    def read(self, keys: Collection[VSKey]) -> dict[VSKey, VirtualServer]:
+        """Just these services, as the kernel holds them now (absent ones left out): one
+        GET_SERVICE and one GET_DEST dump each. The full sync re-reads the services it is
+        about to change under the write lock, since its big dump ran beside writers."""
+        assert self._family_id is not None
+        table: dict[VSKey, VirtualServer] = {}
+        names: dict[bytes, str] = {}
+        with raw_socket(NETLINK_GENERIC) as sock:
+            for seq, key in enumerate(sorted(keys, key=str), start=1):
+                body = _nest(1, _service_key(key), _SVC, "IPVS_SVC_ATTR_")
+                genl = struct.pack("=BBH", nl.IPVS_CMD_GET_SERVICE, nl.GENL_VERSION, 0)
+                sock.sendall(_HDR.pack(_HDR.size + len(genl) + len(body), self._family_id,
+                                       NLM_F_REQUEST, 2 * seq, 0) + genl + body)
+                svc = None
+                while svc is None:
+                    found = [m for t, _f, q, m in _messages(sock.recv(1 << 20)) if q == 2 * seq]
+                    if not found:
+                        continue
+                    mtype = struct.unpack_from("=H", found[0], 4)[0]
+                    if mtype == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", found[0], _HDR.size)
+                        if -code in (errno.ESRCH, errno.ENOENT):
+                            break
+                        raise OSError(-code, f"IPVS get service {key} failed: {os.strerror(-code)}")
+                    svc = ipvsdump.service(found[0])
+                    if svc is None:
+                        break
+                if svc is None:
+                    continue
+                replies = _dump_replies(sock, _send_dump(sock, self._family_id, nl.IPVS_CMD_GET_DEST,
+                                                         body, 2 * seq + 1))
                 reals = [d[0] for msg in replies if (d := ipvsdump.dest(msg, svc.family, names)) is not None]
                 table[svc.key] = ipvsdump.virtual_server(svc, reals)
         return table

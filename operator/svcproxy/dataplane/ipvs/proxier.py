@@ -184,7 +184,25 @@ class IpvsProxier(BlockingProxier):
             if self._written is not None:  # a full sync is reading: it must leave these alone
                 self._written |= keys | set(want)
         if read is not None and only is None:
-            ops = [op for op in read.ops if op.key not in skip]  # diffed without the lock
+            # Diffed without the lock, from a dump that ran beside partial syncs: a dump
+            # in several parts can miss or repeat a service that changed meanwhile. So
+            # the services it would change are read again now (few: what drifted) and
+            # diffed from that; the steady state reads nothing more.
+            again = {op.key for op in read.ops if op.key not in skip}
+            fresh = self._kernel.read(again) if again else {}
+            for key in again:
+                observed.pop(key, None)
+                have.pop(key, None)
+                owned.discard(key)
+                if key in fresh:
+                    observed[key] = fresh[key]
+                    if key.address in self._vips:
+                        have[key] = fresh[key]
+                        owned.add(key)
+                    elif key in want:
+                        errors.append(_foreign(want.pop(key)))
+            ops = diff({k: want[k] for k in again if k in want}, {k: have[k] for k in again if k in have},
+                       owned & again)
         else:
             ops = diff(want, have, owned)
         failures = self._kernel.execute(ops)
