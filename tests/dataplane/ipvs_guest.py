@@ -167,6 +167,9 @@ def full_sync_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer
 
     kernel = proxier._kernel
     out["dump_equal"] = kernel.dump() == kernel.dump_pyroute2()  # foreign service included
+    kernel.use_proc = False  # real servers over netlink too, not from /proc/net/ip_vs
+    out["dump_proc_equal"] = kernel.dump() == kernel.dump_pyroute2()
+    kernel.use_proc = True
     out["dump_services"] = len(kernel.dump())
     before = in_ns(topo.node, "ipvsadm", "-Sn").stdout
 

@@ -139,7 +139,8 @@ def test_service_without_ready_endpoints_refuses_connections(observed: dict[str,
 
 def test_hand_decoded_dump_equals_pyroute2s_on_the_real_kernel(observed: dict[str, Any]) -> None:
     assert observed["dump_services"] >= 6  # ours (rr, sh, mh, wrr, UDP persistent) + foreign
-    assert observed["dump_equal"]
+    assert observed["dump_equal"]  # real servers from /proc/net/ip_vs
+    assert observed["dump_proc_equal"]  # real servers from netlink
 
 
 def test_steady_full_sync_changes_nothing_in_the_kernel(observed: dict[str, Any]) -> None:

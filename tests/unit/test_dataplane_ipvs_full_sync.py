@@ -186,3 +186,26 @@ def test_a_torn_read_is_checked_again_under_the_lock_before_writing() -> None:
     assert result.ok, result.errors
     assert result.total_operations == 0
     assert kernel.table == before
+
+
+PROC = """IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+TCP  0A600001:0050 rr
+  -> 0AF40103:1F90      Masq    1      0          0
+  -> 0AF40102:1F90      Masq    0      2          0
+UDP  0A60000D:0035 sh persistent 10800 FFFFFFFF
+FWM  00000007 rr
+  -> 0AF40102:1F90      Masq    1      0          0
+UDP  [fd00:0000:0000:0000:0000:0000:0000:000a]:0035 mh
+  -> [fd01:0000:0000:0000:0000:0000:0000:0002]:0035      Masq    3      0          0
+"""
+
+
+def test_proc_reader_keeps_kernel_order_weights_and_ipv6() -> None:
+    got = ipvsdump.proc_real_servers(PROC)
+    assert got == {
+        VSKey("TCP", "10.96.0.1", 80): [RealServer("10.244.1.3", 8080, 1), RealServer("10.244.1.2", 8080, 0)],
+        VSKey("UDP", "10.96.0.13", 53): [],
+        VSKey("UDP", "fd00::a", 53): [RealServer("fd01::2", 53, 3)],
+    }

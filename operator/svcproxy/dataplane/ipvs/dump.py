@@ -145,3 +145,46 @@ def virtual_server(svc: Service, reals: list[RealServer]) -> VirtualServer:
         persistence=svc.persistence,
         real_servers=tuple(reals),
     )
+
+
+def proc_real_servers(text: str) -> dict[VSKey, list[RealServer]]:
+    """Real servers per service, in kernel order, from ``/proc/net/ip_vs``.
+
+    The file carries a real server's address, port, forwarding method and weight in
+    one line each (``  -> 0AF40102:1F90      Masq    1      0          0``) and
+    costs a few reads for the whole table, where netlink needs one dump (three system
+    calls) per service: most of a full sync in a UML guest. It does not carry the
+    sh/mh flag bits (only ``persistent``), so the services themselves come from the
+    netlink dump. The forwarding method is not compared (nor by the netlink reader):
+    the agent adds every real server with NAT.
+    """
+    out: dict[VSKey, list[RealServer]] = {}
+    names: dict[str, str] = {}
+    reals: list[RealServer] | None = None
+    for line in text.splitlines():
+        if line.startswith("  -> "):
+            if reals is None:
+                continue
+            fields = line.split()
+            where, weight = fields[1], int(fields[3])
+            raw, _, port = where.rpartition(":")
+            address = names.get(raw)
+            if address is None:
+                address = _proc_address(raw)
+                names[raw] = address
+            reals.append(_real(address, int(port, 16), weight))
+            continue
+        reals = None
+        fields = line.split()
+        if len(fields) < 3 or fields[0] not in ("TCP", "UDP", "SCTP"):
+            continue  # the header lines, FWM and other protocols
+        raw, _, port = fields[1].rpartition(":")
+        key = VSKey(fields[0], _proc_address(raw), int(port, 16))  # type: ignore[arg-type]
+        reals = out[key] = []
+    return out
+
+
+def _proc_address(raw: str) -> str:
+    if raw.startswith("["):  # IPv6, printed in full (%pI6)
+        return normalize_address(raw[1:-1])
+    return socket.inet_ntop(socket.AF_INET, int(raw, 16).to_bytes(4, "big"))
