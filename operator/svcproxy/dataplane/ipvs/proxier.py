@@ -54,6 +54,7 @@ class ReadBack:
     observed: dict[VSKey, VirtualServer]
     owned: set[VSKey]
     ops: list[Operation]
+    setup_errors: list[DataplaneError]  # of the node setup (sysctls, masquerade) run with it
 
 
 class IpvsProxier(BlockingProxier):
@@ -129,13 +130,17 @@ class IpvsProxier(BlockingProxier):
             return await asyncio.to_thread(self.sync_blocking, desired, None, read, skip)
 
     def _read_back(self, desired: Table) -> ReadBack:
-        """VIPs + IPVS table + diff: no write, no mirror access (runs beside partials)."""
+        """VIPs + IPVS table + diff: no IPVS write, no mirror access (runs beside partial
+        syncs). The node setup runs here too: it touches sysctls and its own nat chain
+        (iptables-restore -w waits for other writers), nothing a partial sync writes, and
+        under the lock it held every change landing late in a 1k full sync ~0.3 s."""
+        setup = self._prepare() if self._prepare is not None else []
         vips = self._addresses.addresses(self._interface)
         observed = self._kernel.dump()
         owned = {k for k in observed if k.address in vips}
         want, _refused = self._programmable(desired, None)
         want = {k: v for k, v in want.items() if k not in observed or k in owned}
-        return ReadBack(vips, observed, owned, diff(want, {k: observed[k] for k in owned}, owned))
+        return ReadBack(vips, observed, owned, diff(want, {k: observed[k] for k in owned}, owned), setup)
 
     # The blocking halves: run in a worker thread by the agent, directly by benchmarks.
 
@@ -152,7 +157,9 @@ class IpvsProxier(BlockingProxier):
         if not self._caps.available:
             return self._unavailable(desired, full, start, "IPVS")
         errors: list[DataplaneError] = []
-        if full and self._prepare is not None:
+        if read is not None:
+            errors.extend(read.setup_errors)
+        elif full and self._prepare is not None:
             errors.extend(self._prepare())
         want, refused = self._programmable(desired, only)
         errors.extend(refused)
