@@ -18,7 +18,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
@@ -30,6 +30,10 @@ from svcproxy.controller.lister import apply_lists
 JSON = dict[str, Any]
 log = logging.getLogger("svcproxy.operator")
 RETRY_SECONDS = (0.5, 1, 2, 5, 10, 30)
+# Writes of one kind in one pass are independent of each other, so they go out together,
+# this many at a time: one at a time, applying a policy to 1k Services took ~19 s of
+# round trips. The handover order between kinds is kept (each kind waits for the last).
+WRITES_IN_FLIGHT = 16
 
 
 def _iso_now() -> str:
@@ -38,6 +42,24 @@ def _iso_now() -> str:
 
 def _ref(namespace: str, name: str = "") -> dict[str, Any]:
     return {"k8s_ref": {"namespace": namespace, "name": name}}
+
+
+async def _together(calls: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``calls`` with at most WRITES_IN_FLIGHT at once, every one to its end; then
+    raise the first failure, if any (what succeeded is in the cache, the pass is retried)."""
+    if len(calls) == 1:
+        await calls[0]
+        return
+    gate = asyncio.Semaphore(WRITES_IN_FLIGHT)
+
+    async def gated(call: Coroutine[Any, Any, None]) -> None:
+        async with gate:
+            await call
+
+    results = await asyncio.gather(*(gated(c) for c in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class Reconciler:
@@ -175,24 +197,33 @@ class Reconciler:
             self.memos.pop(namespace, None)  # nothing of ours here any more
         metrics.COMPILE_SECONDS.observe(time.perf_counter() - started)
         w = self.writer
-        for name, spec in plan.writes.items():
+
+        async def write(name: str) -> None:
+            spec = plan.writes[name]
             op = "replace" if name in view.programs else "create"
             stored = await self._step("write", w.write_program(namespace, view.services[name], spec))
             self.cache.put("program", stored)
             metrics.PROGRAM_WRITES.labels(op).inc()
             log.info("%s ProxyVirtualServer (content %s)", op, spec.content_hash, extra=_ref(namespace, name))
-        for name, on in [(n, True) for n in plan.label] + [(n, False) for n in plan.unlabel]:
+
+        async def label(name: str, on: bool) -> None:
             out = await self._step("label", w.set_handover_label(namespace, name, on))
             if out is not None:
                 self.cache.put("service", out)
             metrics.LABEL_WRITES.labels("add" if on else "remove").inc()
             log.info("%s handover label", "added" if on else "removed", extra=_ref(namespace, name))
-        # Deletes come after unlabels: the plan only lists programs whose delay is over.
-        for name in plan.delete:
+
+        async def delete(name: str) -> None:
             await self._step("delete", w.delete_program(namespace, name))
             self.cache.remove("program", namespace, name)
             metrics.PROGRAM_WRITES.labels("delete").inc()
             log.info("deleted ProxyVirtualServer", extra=_ref(namespace, name))
+
+        # Programs before labels (an agent must have the program before kube-proxy lets
+        # go), unlabels before deletes (the plan lists only programs whose delay is over).
+        await _together([write(n) for n in plan.writes])
+        await _together([label(n, True) for n in plan.label] + [label(n, False) for n in plan.unlabel])
+        await _together([delete(n) for n in plan.delete])
         self.unlabelled_at[namespace] = plan.unlabelled_at
         self.owned_after[namespace] = plan.owned_after
         for name, status in plan.statuses.items():
