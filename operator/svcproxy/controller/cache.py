@@ -111,20 +111,20 @@ class Cache:
             self._expected = None
 
     def _link_slice(self, namespace: str, obj: JSON) -> None:
-        owner = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        owner = _slice_owner(obj)
         if owner:
             by_service = self._slices[namespace]
-            by_service[str(owner)] = [*by_service.get(str(owner), ()), obj]
+            by_service[owner] = [*by_service.get(owner, ()), obj]
 
     def _unlink_slice(self, namespace: str, obj: JSON) -> None:
-        owner = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        owner = _slice_owner(obj)
         by_service = self._slices[namespace]
-        if owner and str(owner) in by_service:
-            rest = [s for s in by_service[str(owner)] if s is not obj]
+        if owner and owner in by_service:
+            rest = [s for s in by_service[owner] if s is not obj]
             if rest:
-                by_service[str(owner)] = rest
+                by_service[owner] = rest
             else:
-                del by_service[str(owner)]
+                del by_service[owner]
 
     def get(self, kind: str, namespace: str, name: str) -> JSON | None:
         return self.objects[kind][namespace].get(name)
@@ -207,3 +207,8 @@ class Cache:
             handover_delay=handover_delay,
             expected_nodes=self.expected_nodes(),
         )
+
+
+def _slice_owner(obj: JSON) -> str:
+    """The Service an EndpointSlice belongs to ('' when it names none)."""
+    return str(((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) or "")
