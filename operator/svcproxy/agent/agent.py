@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from svcproxy.agent.convert import Program
 from svcproxy.agent.metrics import Metrics
@@ -35,24 +35,14 @@ from svcproxy.dataplane.proxier import (
     Capabilities,
     ModeUnavailableError,
     Proxier,
+    SteppedFullSync,
     SyncResult,
 )
-from svcproxy.dataplane.table import Table, VirtualServer, VSKey
+from svcproxy.dataplane.table import VirtualServer, VSKey
 
 log = logging.getLogger("svcproxy.agent")
 
 MODE_ORDER = ("iptables", "userspace", "ipvs")
-
-Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
-
-
-@runtime_checkable
-class SteppedFullSync(Protocol):
-    """A proxier whose full sync can let partial syncs run while it reads the kernel
-    (the iptables and ipvs proxiers): it awaits ``between(future)`` while its read-back
-    runs and leaves the owners ``between`` returns as the partial syncs left them."""
-
-    async def sync_full(self, desired: Table, between: Between) -> SyncResult: ...
 
 
 @dataclass
@@ -274,8 +264,13 @@ class Agent:
                 continue
             if batch.full and mode not in self.proxiers and not desired:
                 continue
-            if inflight is not None and isinstance(self.proxiers.get(mode), SteppedFullSync):
-                result = await self._sync_mode(mode, desired, None, inflight)
+            stepped = self.proxiers.get(mode)
+            if inflight is not None and isinstance(stepped, SteppedFullSync):
+                self._full = inflight
+                try:
+                    result = await stepped.sync_full(desired, self._between)
+                finally:
+                    self._full = None
                 self._take_over(inflight)
                 only -= inflight.overtaken
             else:
@@ -348,19 +343,9 @@ class Agent:
         return outcome
 
     async def _sync_mode(
-        self,
-        mode: str,
-        desired: dict[VSKey, VirtualServer],
-        only: frozenset[str] | None,
-        inflight: _FullInFlight | None = None,
+        self, mode: str, desired: dict[VSKey, VirtualServer], only: frozenset[str] | None
     ) -> SyncResult:
         proxier = self.proxiers.get(mode)
-        if inflight is not None and isinstance(proxier, SteppedFullSync):
-            self._full = inflight
-            try:
-                return await proxier.sync_full(desired, self._between)
-            finally:
-                self._full = None
         if proxier is None:
             caps = self.router.capabilities.get(mode)
             reason = caps.reason if caps and caps.reason else f"{mode} mode is not available on this node"

@@ -34,9 +34,9 @@ import abc
 import asyncio
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from svcproxy.dataplane.table import Table
 
@@ -165,6 +165,35 @@ class Proxier(Protocol):
     async def close(self) -> None:
         """Release sockets, listeners and tasks; leaves the kernel state as it is."""
         ...
+
+
+# The agent's hook for :meth:`SteppedFullSync.sync_full`: apply the partial syncs that come
+# due until the future is done; returns the owners it synced.
+Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
+
+
+@runtime_checkable
+class SteppedFullSync(Protocol):
+    """A proxier whose full sync can let partial syncs run while it reads the kernel
+    (the iptables and ipvs proxiers): it awaits ``between(future)`` while its read-back
+    runs and leaves the owners ``between`` returns as the partial syncs left them."""
+
+    async def sync_full(self, desired: Table, between: Between) -> SyncResult: ...
+
+
+T = TypeVar("T")
+
+
+async def read_beside(read: Callable[[], T], between: Between) -> tuple[T, frozenset[str]]:
+    """Run ``read`` (a full sync's kernel read-back: no writes) in a worker thread while
+    ``between`` applies the partial syncs that come due; returns what it read and the
+    owners ``between`` synced. The caller then writes under its lock, leaving those alone."""
+    reading = asyncio.ensure_future(asyncio.to_thread(read))
+    try:
+        touched = await between(reading)
+    finally:
+        result = await reading
+    return result, touched
 
 
 class BlockingProxier(abc.ABC):

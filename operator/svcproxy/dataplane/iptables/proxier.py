@@ -22,27 +22,25 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
 from svcproxy.dataplane.proxier import (
+    Between,
     BlockingProxier,
     Capabilities,
     Counts,
     DataplaneError,
     SyncResult,
+    read_beside,
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 MODE = "iptables"
 # Services per iptables-nft-restore input in a full sync (see IptablesProxier._full).
 NFT_BATCH = 200
-# The agent's hook for :meth:`IptablesProxier.sync_full`: apply partial syncs until the
-# future is done; returns the owners it synced.
-Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
 
 
 @dataclass
@@ -133,11 +131,7 @@ class IptablesProxier(BlockingProxier):
                     prepared[v6] = self._prepare(v6, want)
             return prepared
 
-        planning = asyncio.ensure_future(asyncio.to_thread(prepare))
-        try:
-            touched = await between(planning)
-        finally:
-            prepared = await planning
+        prepared, touched = await read_beside(prepare, between)
         async with self._lock:
             return await asyncio.to_thread(self.sync_blocking, desired, None, prepared, touched)
 

@@ -21,14 +21,14 @@ import errno
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.proxier import (
+    Between,
     BlockingProxier,
     Capabilities,
     Counts,
@@ -37,13 +37,11 @@ from svcproxy.dataplane.proxier import (
     KernelError,
     SchedulerUnavailableError,
     SyncResult,
+    read_beside,
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 MODE = "ipvs"
-# The agent's hook for :meth:`IpvsProxier.sync_full`: apply partial syncs until the
-# future is done; returns the owners it synced.
-Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
 
 
 @dataclass(frozen=True)
@@ -115,14 +113,14 @@ class IpvsProxier(BlockingProxier):
         if not self._synced or not self._caps.available:
             return await self.sync(desired, None)
         self._written = set()
-        reading = asyncio.ensure_future(asyncio.to_thread(self._read_back, desired))
-        try:
-            touched = await between(reading)
-        finally:
+
+        def read_back() -> ReadBack | None:
             try:
-                read: ReadBack | None = await reading
+                return self._read_back(desired)
             except Exception:  # read again (and reported) under the lock
-                read = None
+                return None
+
+        read, touched = await read_beside(read_back, between)
         async with self._lock:
             written, self._written = self._written, None
             skip = written | {k for k, v in desired.items() if v.owner in touched}
