@@ -83,31 +83,27 @@ class Netfilter:
         self._prefix = _in_netns(netns)
         self.netns = netns
 
-    def save(self, table: str = "nat") -> str:
-        proc = subprocess.run(
-            [*self._prefix, self._save, "-t", table], capture_output=True, text=True, check=False
-        )
+    def _run_save(self, *args: str, modules: str) -> str:
+        proc = subprocess.run([*self._prefix, self._save, *args], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
+            command = " ".join([self._save, *args])
             raise ModeUnavailableError(
-                f"{self._save} -t {table} failed: {proc.stderr.strip()} (is the iptable_{table}"
-                " or nf_tables module loadable?)"
+                f"{command} failed: {proc.stderr.strip()} (is {modules} loadable?)"
             )
         return proc.stdout
+
+    def save(self, table: str = "nat") -> str:
+        return self._run_save("-t", table, modules=f"the iptable_{table} or nf_tables module")
 
     def save_tables(self, tables: Iterable[str]) -> dict[str, str]:
         """Several tables from ONE iptables-save run (the nft variant fetches the whole
         ruleset for each run, so one run costs what ``save(table)`` costs): table -> its
         section (``*table`` ... ``COMMIT``); a table the kernel does not have yet comes
         back as an empty section."""
-        proc = subprocess.run([*self._prefix, self._save], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise ModeUnavailableError(
-                f"{self._save} failed: {proc.stderr.strip()} (are the iptable_* or nf_tables"
-                " modules loadable?)"
-            )
+        saved = self._run_save(modules="an iptable_* or the nf_tables module")
         sections: dict[str, list[str]] = {}
         current: list[str] | None = None
-        for line in proc.stdout.splitlines():
+        for line in saved.splitlines():
             if line.startswith("*"):
                 current = sections.setdefault(line[1:], [])
             if current is not None:
