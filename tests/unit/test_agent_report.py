@@ -127,7 +127,7 @@ def test_an_object_that_does_not_parse_programs_nothing_and_says_why() -> None:
 
 
 def test_watch_stream_lines_longer_than_64k_are_reassembled() -> None:
-    from svcproxy.agent.watch import LineBuffer
+    from svcproxy.agent.apiclient import LineBuffer
 
     big = b'{"a": "' + b"x" * 200_000 + b'"}'
     buf = LineBuffer()

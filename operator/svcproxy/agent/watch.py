@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from svcproxy.agent.apiclient import ApiClient, ApiError, LineBuffer
+from svcproxy.agent.apiclient import ApiClient, ApiError
 from svcproxy.agent.convert import Program, owner_of, to_program
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.api.program import ProxyVirtualServer
@@ -30,7 +30,6 @@ from svcproxy.api.program import ProxyVirtualServer
 log = logging.getLogger("svcproxy.agent.watch")
 PLURAL = "proxyvirtualservers"
 PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
-__all__ = ["ExpiredError", "LineBuffer", "PvsWatch", "parse"]  # LineBuffer: kept importable here
 
 
 class ExpiredError(Exception):
