@@ -40,6 +40,13 @@ from svcproxy.lab.node import LabNode, read_pid, spawn, terminate
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("SVCPROXY_E2E_SYSTEM_STATE_DIR", "/tmp/svcproxy-e2e-system"))
+# Source ports for batches, below the kernel's ephemeral range (32768-60999) so that no
+# other client socket takes them. Each request gets one no earlier request used: IPVS
+# keeps a closed connection's entry 2 min (TIME_WAIT; UDP 5 min), and a new connection
+# on that 5-tuple reuses the entry instead of being scheduled. Entries made under
+# persistence are never rescheduled, so a reused 5-tuple from a ClientIP case would
+# reach that case's Pod in the next case (seen as 1 stray answer of 12 under sh/mh).
+BATCH_PORTS = range(10000, 32768)
 PY = sys.executable
 NODES = ("node-1", "node-2", "node-3")
 ECHO = "svcproxy.io/echo"
@@ -56,16 +63,22 @@ sent = failed = 0
 answers, errors = [], []
 where = ["connect", None]
 end = time.monotonic() + a["max_seconds"]
+def bind(s):
+    if a.get("first_port"):  # a fixed source port per request (see SystemLab.batch)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", a["first_port"] + sent - 1))
 def ask():
     if a["proto"] == "udp":
         where[:] = ["udp", None]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(a["timeout"])
+            bind(s)
             s.sendto(b"hello\n", (a["ip"], a["port"]))
             return s.recvfrom(65535)[0].decode()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(a["timeout"])
         where[:] = ["connect", None]
+        bind(s)
         try:
             s.connect((a["ip"], a["port"]))
         finally:
@@ -144,6 +157,19 @@ class SystemLab:
         self.kubectl_bin = str(Path(state["bin_dir"]) / "kubectl")
         self.nodes: dict[str, LabNode] = {n.name: n for n in self.cluster.nodes(state)}
         self.stop_file = STATE / "traffic.stop"
+        self.port_file = STATE / "batch-port"  # shared by the test modules on one lab
+
+    def fresh_ports(self, count: int) -> int:
+        """The first of ``count`` source ports no earlier batch on this lab used (cycling
+        through BATCH_PORTS: 22k requests apart, far beyond IPVS's timeouts)."""
+        try:
+            first = int(self.port_file.read_text())
+        except (OSError, ValueError):
+            first = BATCH_PORTS.start
+        if first not in BATCH_PORTS or first + count > BATCH_PORTS.stop:
+            first = BATCH_PORTS.start
+        self.port_file.write_text(str(first + count))
+        return first
 
     # --- API --------------------------------------------------------------------
 
@@ -258,9 +284,11 @@ class SystemLab:
               nodes: tuple[str, ...] = NODES, timeout: float = 2, interval: float = 0,
               reset: bool = False) -> dict[str, Batch]:
         """``count`` sequential requests from every node's client namespace, in parallel,
-        ``interval`` seconds apart; ``reset``: close each TCP connection with a RST."""
+        ``interval`` seconds apart, each from a fresh source port; ``reset``: close each
+        TCP connection with a RST."""
         args = {"ip": ip, "port": port, "proto": proto, "count": count, "stop": "",
-                "max_seconds": 0, "interval": interval, "timeout": timeout, "reset": reset}
+                "max_seconds": 0, "interval": interval, "timeout": timeout, "reset": reset,
+                "first_port": self.fresh_ports(count)}
         results: dict[str, Batch] = {}
         errors: list[BaseException] = []
 
