@@ -12,13 +12,15 @@ Make-before-break: when a live virtual server changes mode, phase 1
 programs the new mode while the old mode keeps it; phase 2 withdraws it
 from the old mode, only for owners whose phase 1 succeeded. The cost of a
 partial sync follows the changed owners, not the number of services.
-Called by :mod:`svcproxy.agent.main` (real proxiers) and the unit tests
-(in-memory proxiers, fake time).
+:meth:`Agent.run_forever` is the sync loop, paced by the change tracker.
+Called by :mod:`svcproxy.agent.main` (real proxiers), the unit tests
+(in-memory proxiers, fake time) and the benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -202,6 +204,28 @@ class Agent:
         self.errors[owner] = OwnerError(owner, message, self.wall())
 
     # ---- sync --------------------------------------------------------------------------
+    async def run_forever(self, after_full: Callable[[], None] | None = None) -> None:
+        """The sync loop (``svcproxy agent`` runs it once the first list is in; benchmarks
+        run it too): sleep until the tracker says a batch is due or a change wakes it,
+        then sync. A sync that raises is logged and a full sync follows a second later.
+        ``after_full`` runs after every full sync (the agent trims its heap there)."""
+        while True:
+            delay = self.tracker.due_at() - self.clock()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 3600))
+                continue
+            try:
+                outcome = await self.run_due()
+            except Exception:
+                log.exception("sync crashed; full sync next")
+                self.tracker.request_full()
+                await asyncio.sleep(1)
+                continue
+            if outcome is not None and outcome.batch.full and after_full is not None:
+                after_full()
+
     async def run_due(self) -> SyncOutcome | None:
         """Sync if the tracker says a batch is due now."""
         batch = self.tracker.take(self.clock())
@@ -313,6 +337,7 @@ class Agent:
             else:
                 self.applied[owner] = program.content_hash
         done = self.clock()
+        self.tracker.synced(started, done, full=batch.full)  # sets the pause before the next one
         outcome.failed = failed
         outcome.duration = done - started
         for owner, seen in batch.seen.items():

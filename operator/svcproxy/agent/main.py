@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from aiohttp import web
 from svcproxy.agent import logs
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.apiclient import ApiClient, ConfigError, load_incluster, load_kubeconfig
+from svcproxy.agent.convert import Program
 from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
@@ -68,7 +70,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-sync-interval", type=float, default=60.0,
                         help="seconds between full reconciles that repair drift (default 60)")
     parser.add_argument("--min-sync-interval", type=float, default=0.05,
-                        help="minimum seconds between two syncs; bursts coalesce (default 0.05)")
+                        help="minimum seconds between the starts of two syncs; bursts coalesce"
+                        " (default 0.05)")
+    parser.add_argument("--sync-pause-ratio", type=float, default=1.0,
+                        help="after a partial sync, wait this many times its duration before the"
+                        " next one (at most --max-sync-pause), so costly syncs coalesce more;"
+                        " 0: off (default 1.0)")
+    parser.add_argument("--max-sync-pause", type=float, default=1.0,
+                        help="upper bound in seconds of that pause (default 1.0)")
     parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--health-port", type=int, default=9102, help="/healthz port (0: off)")
     parser.add_argument("--bind-address", default="0.0.0.0", help="address of the HTTP endpoints")
@@ -122,13 +131,12 @@ class AgentProcess:
         self.args = args
         self.agent = agent
         self.api = api
-        self.wake = asyncio.Event()
         self.listed = asyncio.Event()
         self.watch = PvsWatch(
             api,
             on_list=self._on_list,
-            on_upsert=lambda p: self._poke(agent.upsert, p),
-            on_delete=lambda o: self._poke(agent.delete, o),
+            on_upsert=agent.upsert,  # each wakes the sync loop when something changed
+            on_delete=agent.delete,
             on_restart=lambda reason: agent.metrics.watch_restarts.labels(reason).inc(),
         )
         self.writer = ProxyNodeWriter(api, args.node_name, ReportThrottle(1.0))
@@ -137,14 +145,9 @@ class AgentProcess:
         # itself: their changes should not wait for the full sync to end to be reported.
         agent.on_synced = lambda _outcome: self.report_wake.set()
 
-    def _poke(self, fn: object, arg: object) -> None:
-        fn(arg)  # type: ignore[operator]
-        self.wake.set()
-
-    def _on_list(self, programs: object) -> None:
-        self.agent.replace_all(programs)  # type: ignore[arg-type]
+    def _on_list(self, programs: Iterable[Program]) -> None:
+        self.agent.replace_all(programs)
         self.listed.set()
-        self.wake.set()
 
     def healthy(self) -> tuple[bool, str]:
         if not self.watch.live:
@@ -157,23 +160,7 @@ class AgentProcess:
 
     async def sync_loop(self) -> None:
         await self.listed.wait()
-        tracker = self.agent.tracker
-        while True:
-            delay = tracker.due_at() - self.agent.clock()
-            if delay > 0:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=min(delay, 3600))
-                continue
-            try:
-                outcome = await self.agent.run_due()
-            except Exception:
-                log.exception("sync crashed; full sync next")
-                tracker.request_full()
-                await asyncio.sleep(1)
-                continue
-            if outcome is not None and outcome.batch.full:
-                trim_heap()
+        await self.agent.run_forever(after_full=trim_heap)
 
     async def report_loop(self) -> None:
         while True:
@@ -254,7 +241,8 @@ async def amain(
     agent = Agent(
         usable,
         node_name=args.node_name,
-        tracker=ChangeTracker(min_interval=args.min_sync_interval, full_interval=args.full_sync_interval,
+        tracker=ChangeTracker(min_interval=args.min_sync_interval, pause_ratio=args.sync_pause_ratio,
+                              max_pause=args.max_sync_pause, full_interval=args.full_sync_interval,
                               now=time.monotonic()),
         metrics=metrics,
         agent_version=version(),
