@@ -134,6 +134,25 @@ def case_read_of_some_keys_matches_the_dump(kit: Kit) -> None:
     assert kit.kernel.read([]) == {}
 
 
+def case_full_sync_edits_a_forwarding_method_back_to_nat(kit: Kit) -> None:
+    """A real server switched to direct routing behind the agent's back: both readers
+    (``dump``: /proc/net/ip_vs on a real kernel; ``read``: netlink) report it, a partial
+    sync (mirror) does not see it, a full sync updates it back to NAT."""
+    p = kit.proxier()
+    v = svc(1)
+    p.sync_blocking(make_table([v]))
+    routed = RealServer(v.real_servers[0].address, 8080, forward="route")
+    assert kit.kernel.execute([Operation(OpKind.UPDATE_RS, v.without_reals(), routed)]) == []
+    for got in (kit.kernel.dump()[v.key], kit.kernel.read([v.key])[v.key]):
+        assert {r.key: r.forward for r in got.real_servers}[routed.key] == "route", got
+    assert p.sync_blocking(make_table([v]), frozenset({v.owner})).total_operations == 0
+    result = p.sync_blocking(make_table([v]))
+    assert result.operations == {"update_real_server": 1}, result
+    for got in (kit.kernel.dump()[v.key], kit.kernel.read([v.key])[v.key]):
+        assert set(got.real_servers) == set(v.real_servers), got  # masq again, weights kept
+    assert p.sync_blocking(make_table([v])).total_operations == 0
+
+
 CASES: dict[str, Callable[[Kit], None]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

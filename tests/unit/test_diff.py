@@ -22,6 +22,9 @@ reals = st.lists(
         address=st.sampled_from([f"10.244.{i}.{j}" for i in (1, 2) for j in (2, 3, 4)]),
         port=st.sampled_from([80, 8080]),
         weight=st.integers(0, 3),
+        # Observed tables may hold a method changed by hand; desired ones hold masq (but
+        # the property holds either way).
+        forward=st.sampled_from(["masq", "masq", "route", "tunnel"]),
     ),
     max_size=6,
     unique_by=lambda r: r.key,
@@ -39,6 +42,7 @@ def virtual_servers(draw: st.DrawFn, canonical: bool) -> VirtualServer:
         scheduler=draw(st.sampled_from(SCHEDULERS)),
         flags=draw(st.sampled_from([frozenset(), frozenset({"sh-port"})])),
         persistence=draw(st.sampled_from([0, 10800])),
+        other=draw(st.sampled_from([frozenset(), frozenset({"ops"}), frozenset({"netmask 255.255.255.0"})])),
         owner=draw(st.sampled_from(["ns/a", "ns/b"])),
         real_servers=tuple(rs),
     )
@@ -158,3 +162,45 @@ def test_adds_and_updates_come_before_deletes() -> None:
 def test_canonical_order_sorts_ipv4_before_ipv6_and_numerically() -> None:
     rs = [RealServer("10.0.0.10", 80), RealServer("fd00::1", 80), RealServer("10.0.0.9", 81)]
     assert [r.address for r in canonical_order(rs)] == ["10.0.0.9", "10.0.0.10", "fd00::1"]
+
+
+def test_a_real_server_changed_to_direct_routing_is_edited_back_to_nat() -> None:
+    """``ipvsadm -e -t VIP:80 -r POD:80 -g`` on one of ours: the weight is as desired, the
+    forwarding method is not; the diff updates that real server (only it), as for a weight.
+    A foreign virtual server with direct routing is left alone."""
+    a, b = RealServer("10.244.1.1", 80), RealServer("10.244.1.2", 80)
+    desired = VirtualServer.create("TCP", "10.96.0.10", 80, [a, b], owner="ns/a")
+    routed = RealServer("10.244.1.2", 80, forward="route")
+    observed = make_table([
+        desired.without_reals().with_reals([a, routed]),
+        VirtualServer("TCP", "192.0.2.1", 80, "rr",
+                      real_servers=(RealServer("192.0.2.9", 80, forward="route"),)),
+    ])
+    ops = diff(make_table([desired]), observed, {desired.key})
+    assert [(op.kind, op.real_server) for op in ops] == [(OpKind.UPDATE_RS, b)]
+    assert ops[0].real_server is not None and ops[0].real_server.forward == "masq"
+    result = apply(observed, ops)
+    assert result[desired.key].real_servers == (a, b)
+    assert result[VSKey("TCP", "192.0.2.1", 80)] == observed[VSKey("TCP", "192.0.2.1", 80)]
+    # Tunnelling (-i) and a weight change at once: still one update.
+    tunnel = RealServer("10.244.1.2", 80, 5, "tunnel")
+    tunnelled = make_table([desired.without_reals().with_reals([a, tunnel])])
+    assert [op.kind for op in diff(make_table([desired]), tunnelled, set(tunnelled))] == [OpKind.UPDATE_RS]
+
+
+def test_settings_svcproxy_never_makes_make_a_service_differ() -> None:
+    """One-packet scheduling, a wider persistence netmask, a persistence engine: read back
+    into ``other``; the update (which sends every setting) is the repair."""
+    want = VirtualServer.create("UDP", "10.96.0.10", 53, [RealServer("10.244.1.1", 53)],
+                                persistence=10800, owner="ns/a")
+    for other in ({"ops"}, {"netmask 255.255.255.0"}, {"pe sip"}, {"flags 0x20"}):
+        have = make_table([VirtualServer("UDP", "10.96.0.10", 53, "rr", persistence=10800,
+                                         other=frozenset(other), real_servers=want.real_servers)])
+        ops = diff(make_table([want]), have, set(have))
+        assert [op.kind for op in ops] == [OpKind.UPDATE_VS], other
+        assert apply(have, ops)[want.key].other == frozenset()
+    # A changed persistence timeout and sh flags were compared before: still are.
+    for changed in ({"persistence": 60}, {"persistence": 10800, "flags": frozenset({"sh-port"})}):
+        have = make_table([VirtualServer("UDP", "10.96.0.10", 53, **changed,  # type: ignore[arg-type]
+                                         real_servers=want.real_servers)])
+        assert OpKind.UPDATE_VS in [op.kind for op in diff(make_table([want]), have, set(have))]

@@ -11,8 +11,13 @@ Rules:
   absent from ``observed`` are ever touched; a foreign virtual server at a
   desired key is left alone (:func:`conflicts` lists them).
 * Order keeps traffic flowing: new and updated virtual servers first, then
-  per virtual server real-server adds and weight updates before deletes,
-  then deletes of whole virtual servers.
+  per virtual server real-server adds and updates before deletes, then
+  deletes of whole virtual servers.
+* What is compared: a virtual server's scheduler, flags, persistence and
+  ``other`` settings (any difference: one update, which sends them all); a
+  real server's weight and forwarding method (a real server changed to
+  direct routing or tunnelling is updated back to NAT, as a changed weight
+  is).
 * Hash schedulers (sh, dh, mh) need the kernel's real-server list to be in
   the canonical order. The kernel puts a new real server at the HEAD of its
   list (``list_add_rcu`` in ip_vs_ctl.c; the dump returns that order), so
@@ -100,7 +105,7 @@ def _real_ops(want: VirtualServer, have: VirtualServer) -> tuple[list[Operation]
         old = have_by_key.get(r.key)
         if old is None or r.key in readd:
             adds.append(Operation(OpKind.ADD_RS, parent, r))
-        elif old.weight != r.weight:
+        elif old.weight != r.weight or old.forward != r.forward:
             adds.append(Operation(OpKind.UPDATE_RS, parent, r))
     return early + adds, deletes
 

@@ -2,7 +2,11 @@
 
 Named as the kernel names them (IPVS ``ip_vs_service`` / ``ip_vs_dest``):
 a :class:`VirtualServer` is one VIP:port:protocol with a scheduler, flags,
-persistence and an ordered tuple of :class:`RealServer`. A table maps
+persistence and an ordered tuple of :class:`RealServer`. Two attributes exist
+only to be read back from a kernel and compared: a real server's ``forward``
+(svcproxy always programs NAT, ``masq``) and a virtual server's ``other``
+(settings svcproxy never makes); desired tables keep their defaults, so a
+kernel object holding anything else differs and a full sync repairs it. A table maps
 :class:`VSKey` -> :class:`VirtualServer`. The agent builds the desired
 table from ProxyVirtualServers; every proxier (ipvs, iptables, userspace)
 takes it; :mod:`svcproxy.dataplane.diff` compares two of them. Pure: no I/O.
@@ -34,6 +38,9 @@ IPVS_SCHEDULERS = frozenset(
 SCHEDULER_FLAGS = frozenset({"sh-fallback", "sh-port", "mh-fallback", "mh-port"})
 # One shared empty set: most virtual servers have no flags (10k Services: 10k empty sets).
 NO_FLAGS: frozenset[str] = frozenset()
+# IPVS forwarding methods, indexed by the kernel's value (IP_VS_CONN_F_MASQ = 0 ... BYPASS = 4).
+Forward = Literal["masq", "local", "tunnel", "route", "bypass"]
+FORWARD_METHODS: tuple[Forward, ...] = ("masq", "local", "tunnel", "route", "bypass")
 # ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
 DEFAULT_AFFINITY_SECONDS = 10800
 
@@ -65,11 +72,19 @@ class VSKey(NamedTuple):
 
 @dataclass(frozen=True, slots=True)  # slots: ~100k of these at 10k Services
 class RealServer:
-    """One backend of a virtual server; weight 0 = draining (no new connections)."""
+    """One backend of a virtual server; weight 0 = draining (no new connections).
+
+    ``forward``: the IPVS forwarding method. svcproxy programs every real server with
+    NAT (``masq``), the only method that works for a Service proxy (the backend answers
+    the node, which undoes the translation); other values come from reading back a
+    kernel where someone changed it (``ipvsadm -e ... -g``), and differ from the desired
+    real server, so the next full sync edits it back.
+    """
 
     address: str
     port: int
     weight: int = 1
+    forward: Forward = "masq"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", normalize_address(self.address))
@@ -77,6 +92,10 @@ class RealServer:
             raise ValueError(f"real server port {self.port} is out of range 1-65535")
         if self.weight < 0:
             raise ValueError(f"real server weight {self.weight} is negative: use 0 to drain")
+        if self.forward not in FORWARD_METHODS:
+            raise ValueError(
+                f"forwarding method {self.forward!r} is not one of {', '.join(FORWARD_METHODS)}"
+            )
 
     @property
     def key(self) -> tuple[str, int]:
@@ -104,7 +123,11 @@ class VirtualServer:
     ``persistence`` is the IPVS persistence timeout in seconds (0 = none);
     ClientIP session affinity maps to it. ``owner`` is "namespace/name" of
     the ProxyVirtualServer it came from; the kernel does not store it, so
-    tables read back from a kernel carry ``owner=""``.
+    tables read back from a kernel carry ``owner=""``. ``other``: settings a
+    kernel holds that svcproxy never makes, as a reader spells them (e.g.
+    ``ops``, ``netmask 255.255.255.0``, ``pe sip``); empty in desired tables,
+    so a virtual server read back with any differs (:meth:`same_service`) and
+    is updated, which sends every setting and so clears them.
     """
 
     protocol: Protocol
@@ -115,12 +138,14 @@ class VirtualServer:
     persistence: int = 0
     owner: str = ""
     real_servers: tuple[RealServer, ...] = ()
+    other: frozenset[str] = NO_FLAGS
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         object.__setattr__(self, "address", normalize_address(self.address))
         object.__setattr__(self, "flags", frozenset(self.flags) if self.flags else NO_FLAGS)
+        object.__setattr__(self, "other", frozenset(self.other) if self.other else NO_FLAGS)
         if not 0 < self.port < 65536:
             raise ValueError(f"virtual server port {self.port} is out of range 1-65535")
         if self.persistence < 0:
@@ -174,6 +199,7 @@ class VirtualServer:
             self.scheduler == other.scheduler
             and self.flags == other.flags
             and self.persistence == other.persistence
+            and self.other == other.other
         )
 
     def without_reals(self) -> VirtualServer:

@@ -5,8 +5,9 @@ then one GET_DEST dump per service) and hands each reply message here. pyroute2'
 generic decoder built every attribute of every message (statistics included) as
 Python objects: 92 % of a 1k-Services full sync in a UML guest. This module reads
 the few attributes the diff compares (protocol, address, port, scheduler, flags,
-timeout; a real server's address, port, weight and forwarding method) straight from
-the bytes with ``struct``. Pure: no socket, no pyroute2 (so unit tests and the
+timeout, and what svcproxy never sets: other flag bits, the persistence netmask, a
+persistence engine; a real server's address, port, weight and forwarding method)
+straight from the bytes with ``struct``. Pure: no socket, no pyroute2 (so unit tests and the
 equivalence test against pyroute2's decoder run anywhere).
 Attribute numbers: include/uapi/linux/ip_vs.h.
 """
@@ -17,19 +18,36 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from svcproxy.dataplane.table import Protocol, RealServer, VirtualServer, VSKey, normalize_address
+from svcproxy.dataplane.table import (
+    FORWARD_METHODS,
+    NO_FLAGS,
+    Forward,
+    Protocol,
+    RealServer,
+    VirtualServer,
+    VSKey,
+    normalize_address,
+)
 
 NLMSG_HDR = 16
 GENL_HDR = 4
 CMD_ATTR_SERVICE = 1
 CMD_ATTR_DEST = 2
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT = 1, 2, 3, 4, 6, 7, 8
+SVC_NETMASK, SVC_PE_NAME = 9, 11
 DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_FAMILY = 1, 2, 3, 4, 11
-F_PERSISTENT = 0x1
+F_PERSISTENT, F_HASHED, F_ONEPACKET = 0x1, 0x2, 0x4
 FWD_MASK = 0x7  # IP_VS_CONN_F_FWD_MASK: the forwarding method in the dest's conn flags
 PROTO_NAMES: dict[int, Protocol] = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", 132: "SCTP"}
 FLAG_BITS = {"sh-fallback": 0x8, "sh-port": 0x10, "mh-fallback": 0x8, "mh-port": 0x10}
-_SVC_WANTED = frozenset({SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT})
+# The persistence netmask svcproxy sends (netlink.py): one client address. The kernel
+# keeps it raw: an IPv4 mask, or an IPv6 prefix length in host byte order.
+HOST_NETMASK: dict[int, int] = {socket.AF_INET: 0xFFFFFFFF, socket.AF_INET6: 128}
+# /proc/net/ip_vs spells the forwarding method as ip_vs_fwd_name() does (BYPASS prints as Masq).
+PROC_FORWARD: dict[str, Forward] = {"Masq": "masq", "Local": "local", "Tunnel": "tunnel", "Route": "route"}
+# Stops after NETMASK: a persistence engine's name (if any) comes before FLAGS, statistics last.
+_SVC_WANTED = frozenset({SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT,
+                         SVC_NETMASK})
 _DEST_WANTED = frozenset({DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_FAMILY})
 _ATTR = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
@@ -64,7 +82,7 @@ def _nested(msg: bytes, kind: int, wanted: frozenset[int]) -> dict[int, tuple[in
     return attrs(msg, start, end, wanted)
 
 
-def _real(address: str, port: int, weight: int) -> RealServer:
+def _real(address: str, port: int, weight: int, forward: Forward = "masq") -> RealServer:
     """A RealServer from values already checked: the address is normalised here once
     per distinct address (``dest``), the kernel's port and weight are in range, so the
     per-object validation (an ``ipaddress`` parse, ~half of a dump's Python time in a
@@ -73,6 +91,7 @@ def _real(address: str, port: int, weight: int) -> RealServer:
     object.__setattr__(real, "address", address)
     object.__setattr__(real, "port", port)
     object.__setattr__(real, "weight", weight)
+    object.__setattr__(real, "forward", forward)
     return real
 
 
@@ -90,6 +109,7 @@ class Service:
     scheduler: str
     flags: frozenset[str]
     persistence: int
+    other: frozenset[str] = NO_FLAGS
 
 
 def service(msg: bytes) -> Service | None:
@@ -110,13 +130,48 @@ def service(msg: bytes) -> Service | None:
     timeout = _U32.unpack_from(msg, a[SVC_TIMEOUT][0])[0] if SVC_TIMEOUT in a else 0
     flags = frozenset(f for f, b in FLAG_BITS.items() if f.startswith(sched + "-") and bits & b)
     return Service(VSKey(proto, address, port), family, sched,
-                   flags, timeout if bits & F_PERSISTENT else 0)
+                   flags, timeout if bits & F_PERSISTENT else 0, _other(msg, a, family, bits, flags))
+
+
+def _other(msg: bytes, a: dict[int, tuple[int, int]], family: int, bits: int,
+           flags: frozenset[str]) -> frozenset[str]:
+    mask = _U32.unpack_from(msg, a[SVC_NETMASK][0])[0] if SVC_NETMASK in a else None
+    pe = None
+    if SVC_PE_NAME in a:
+        start, end = a[SVC_PE_NAME]
+        pe = msg[start:end].split(b"\0", 1)[0].decode()
+    return other_settings(family, bits, flags, mask, pe)
+
+
+def other_settings(family: int, bits: int, flags: frozenset[str], netmask: int | None,
+                   pe: str | None) -> frozenset[str]:
+    """What a service holds that svcproxy never sets, spelled as ipvsadm does: flag bits
+    other than persistent/hashed/the scheduler's own (``ops`` = one-packet scheduling),
+    a persistence netmask wider than one address (``netmask``: the raw u32 the kernel
+    keeps), a persistence engine. Usually nothing: one shared empty set. Also used by
+    the pyroute2 reference reader (``NetlinkIpvs.dump_pyroute2``)."""
+    other: list[str] = []
+    extra = bits & ~(F_PERSISTENT | F_HASHED)
+    for flag in flags:
+        extra &= ~FLAG_BITS[flag]
+    if extra & F_ONEPACKET:
+        other.append("ops")
+    if extra & ~F_ONEPACKET:
+        other.append(f"flags {extra & ~F_ONEPACKET:#x}")
+    if netmask is not None and netmask != HOST_NETMASK.get(family, netmask):
+        other.append(f"netmask {socket.inet_ntoa(_U32.pack(netmask))}" if family == socket.AF_INET
+                     else f"netmask /{netmask}")
+    if pe:
+        other.append(f"pe {pe}")
+    return frozenset(other) if other else NO_FLAGS
 
 
 def dest(msg: bytes, family: int, names: dict[bytes, str] | None = None) -> tuple[RealServer, int] | None:
-    """A GET_DEST reply message: (real server, forwarding method). ``family``: the
-    service's (older kernels send no per-dest family); ``names``: a cache of address
-    spellings shared over one dump (real servers repeat across services)."""
+    """A GET_DEST reply message: the real server with its forwarding method, and the
+    method's kernel value. ``family``: the service's (older kernels send no per-dest
+    family); ``names``: a cache of address spellings shared over one dump (real
+    servers repeat across services). Values 5-7 name no kernel method: read as
+    ``bypass``, which is not NAT either, so a full sync edits them back all the same."""
     a = _nested(msg, CMD_ATTR_DEST, _DEST_WANTED)
     if a is None or DEST_ADDR not in a:
         return None
@@ -132,7 +187,8 @@ def dest(msg: bytes, family: int, names: dict[bytes, str] | None = None) -> tupl
     port = _BE16.unpack_from(msg, a[DEST_PORT][0])[0]
     weight = _U32.unpack_from(msg, a[DEST_WEIGHT][0])[0] if DEST_WEIGHT in a else 0
     fwd = _U32.unpack_from(msg, a[DEST_FWD][0])[0] & FWD_MASK if DEST_FWD in a else 0
-    return _real(address, port, weight), fwd
+    forward = FORWARD_METHODS[fwd] if fwd < len(FORWARD_METHODS) else "bypass"
+    return _real(address, port, weight, forward), fwd
 
 
 def virtual_server(svc: Service, reals: list[RealServer]) -> VirtualServer:
@@ -144,6 +200,7 @@ def virtual_server(svc: Service, reals: list[RealServer]) -> VirtualServer:
         flags=svc.flags,
         persistence=svc.persistence,
         real_servers=tuple(reals),
+        other=svc.other,
     )
 
 
@@ -155,8 +212,9 @@ def proc_real_servers(text: str) -> dict[VSKey, list[RealServer]]:
     costs a few reads for the whole table, where netlink needs one dump (three system
     calls) per service: most of a full sync in a UML guest. It does not carry the
     sh/mh flag bits (only ``persistent``), so the services themselves come from the
-    netlink dump. The forwarding method is not compared (nor by the netlink reader):
-    the agent adds every real server with NAT.
+    netlink dump. The forwarding method is read as the netlink reader reads it (the
+    file prints BYPASS as ``Masq``; no tool sets BYPASS). The upper/lower connection
+    thresholds are in neither this file nor the comparison.
     """
     out: dict[VSKey, list[RealServer]] = {}
     names: dict[str, str] = {}
@@ -172,7 +230,7 @@ def proc_real_servers(text: str) -> dict[VSKey, list[RealServer]]:
             if address is None:
                 address = _proc_address(raw)
                 names[raw] = address
-            reals.append(_real(address, int(port, 16), weight))
+            reals.append(_real(address, int(port, 16), weight, PROC_FORWARD.get(fields[2], "bypass")))
             continue
         reals = None
         fields = line.split()

@@ -5,9 +5,11 @@ dump decoding, address lookups); ``ipvs.proxier.create`` builds it. Writes are
 pipelined: many IPVS requests go out in one ``sendmsg`` and their
 acknowledgements are collected afterwards (one request at a time costs a
 system-call round trip each, which dominates in a UML guest). Every service
-request carries scheduler, flags, timeout and netmask, and every real
-server NAT forwarding (fwd_method 0): pyroute2's helper classes would send
-class defaults instead (see notes/ipvs-test-kernel.md).
+request carries scheduler, flags, timeout and netmask (so an update also
+clears what svcproxy never sets: one-packet scheduling, a wider persistence
+netmask, a persistence engine), and every real server its forwarding method,
+NAT (fwd_method 0) in every desired table: pyroute2's helper classes would
+send class defaults instead (see notes/ipvs-test-kernel.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from svcproxy.dataplane.diff import Operation, OpKind
 from svcproxy.dataplane.ipvs import dump as ipvsdump
 from svcproxy.dataplane.ipvs.kernel import Failure
 from svcproxy.dataplane.table import (
+    FORWARD_METHODS,
     IPVS_SCHEDULERS,
     Protocol,
     RealServer,
@@ -56,7 +59,7 @@ PROTO_NUMBERS: dict[Protocol, int] = {"TCP": socket.IPPROTO_TCP, "UDP": socket.I
 PROTO_NAMES: dict[int, Protocol] = {v: k for k, v in PROTO_NUMBERS.items()}
 F_PERSISTENT = 0x1
 FLAG_BITS = {"sh-fallback": 0x8, "sh-port": 0x10, "mh-fallback": 0x8, "mh-port": 0x10}
-FWD_MASQ = 0
+FWD_VALUES = {name: value for value, name in enumerate(FORWARD_METHODS)}  # masq -> 0
 # Requests in flight before acknowledgements are read: bounded so acks never
 # overflow the receive buffer (ENOBUFS would lose them).
 WINDOW = 256
@@ -109,7 +112,7 @@ def _dest(rs: RealServer, full: bool) -> list[tuple[str, Any]]:
     ]
     if full:
         attrs += [
-            ("IPVS_DEST_ATTR_FWD_METHOD", FWD_MASQ),
+            ("IPVS_DEST_ATTR_FWD_METHOD", FWD_VALUES[rs.forward]),
             ("IPVS_DEST_ATTR_WEIGHT", rs.weight),
             ("IPVS_DEST_ATTR_U_THRESH", 0),
             ("IPVS_DEST_ATTR_L_THRESH", 0),
@@ -416,6 +419,12 @@ class NetlinkIpvs:
             flags = frozenset(
                 f for f, b in FLAG_BITS.items() if f.startswith(sched + "-") and bits & b
             )
+            netmask = svc.get_attr("IPVS_SVC_ATTR_NETMASK")  # pyroute2 shows the raw u32 as IPv4
+            other = ipvsdump.other_settings(
+                _family(key.address), bits, flags,
+                None if netmask is None else struct.unpack("=I", socket.inet_aton(netmask))[0],
+                svc.get_attr("IPVS_SVC_ATTR_PE_NAME"),
+            )
             reals = []
             for dmsg in self._dump_pyroute2(
                 nl.IPVS_CMD_GET_DEST,
@@ -427,6 +436,7 @@ class NetlinkIpvs:
                         dest.get_attr("IPVS_DEST_ATTR_ADDR"),
                         dest.get_attr("IPVS_DEST_ATTR_PORT"),
                         dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
+                        FORWARD_METHODS[dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD") & 7],
                     )
                 )
             table[key] = VirtualServer(
@@ -437,6 +447,7 @@ class NetlinkIpvs:
                 flags=flags,
                 persistence=timeout if bits & F_PERSISTENT else 0,
                 real_servers=tuple(reals),
+                other=other,
             )
         return table
 

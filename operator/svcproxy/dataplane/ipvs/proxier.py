@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
@@ -341,19 +341,9 @@ def _owned(have: VirtualServer, want: VirtualServer) -> VirtualServer:
     the desired object itself: the mirror then shares the agent's real servers instead
     of keeping a second copy read back from the kernel (~10 MB at 10k Services x 10).
     """
-    if (have.real_servers == want.real_servers and have.scheduler == want.scheduler
-            and have.flags == want.flags and have.persistence == want.persistence):
+    if have.real_servers == want.real_servers and have.same_service(want):
         return want
-    return VirtualServer(
-        protocol=have.protocol,
-        address=have.address,
-        port=have.port,
-        scheduler=have.scheduler,
-        flags=have.flags,
-        persistence=have.persistence,
-        owner=want.owner,
-        real_servers=have.real_servers,
-    )
+    return replace(have, owner=want.owner)
 
 
 def _apply_lenient(table: Table, ops: Sequence[Operation]) -> dict[VSKey, VirtualServer]:
