@@ -9,15 +9,19 @@ foreign chains and rules keep their handles throughout.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from dp_topology import Topology, in_ns
 
-from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.iptables.proxier import IptablesProxier
-from svcproxy.dataplane.netfilter import Netfilter
+from svcproxy.dataplane.netfilter import Netfilter, SavedTable
+from svcproxy.dataplane.proxier import KernelError
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
 
 VIP = "10.96.6.10"
@@ -181,7 +185,7 @@ def test_a_partial_sync_during_the_full_syncs_read_back_is_kept(
     gate = threading.Event()
     observe = p._observe
 
-    def gated_observe(v6: bool) -> tuple[str, str]:
+    def gated_observe(v6: bool) -> dict[str, SavedTable[drift.Chain]]:
         if partial_first:
             assert gate.wait(10)
         return observe(v6)
@@ -214,3 +218,73 @@ def test_a_partial_sync_during_the_full_syncs_read_back_is_kept(
     assert asyncio.run(p.sync(make_table(servers))).ok
     assert p.last_full.restores == 0, p.last_full
     asyncio.run(p.cleanup())
+
+
+def test_a_read_back_cut_short_by_a_failing_iptables_save_writes_nothing(
+    topo: Topology, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """iptables-save is read as a stream: when it fails after printing part of the table,
+    the full sync must not act on the part (it would sweep every chain it did not see)."""
+    p = proxier(topo)
+    table = make_table(services(topo))
+    assert asyncio.run(p.sync(table)).ok
+    before = kernel_state(topo)
+    real = shutil.which("iptables-save")
+    assert real
+    stand_in = tmp_path / "iptables-save"
+    stand_in.write_text(f"#!/bin/sh\n{real} \"$@\" | head -n 30\n"
+                        "echo 'iptables-save: simulated failure midway' >&2\nexit 1\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    result = asyncio.run(p.sync(table))
+    errors = [e for e in result.errors if isinstance(e, KernelError)]
+    assert errors and "stopped after 30 lines with exit status 1" in str(errors[0]), result.errors
+    assert "simulated failure midway" in str(errors[0])
+    assert {"ns/even", "ns/empty"} <= result.failed_owners
+    assert kernel_state(topo) == before  # nothing swept, nothing rewritten
+    monkeypatch.undo()
+    assert asyncio.run(p.sync(table)).ok and p.last_full.restores == 0, p.last_full
+    asyncio.run(p.cleanup())
+
+
+def test_a_missing_filter_table_is_made_again(topo: Topology) -> None:
+    """A table the kernel no longer has reads back as empty (not as unparsable): the
+    full sync puts back our filter chain and its jumps and leaves nat alone."""
+    p = proxier(topo)
+    table = make_table(services(topo))
+    assert asyncio.run(p.sync(table)).ok
+    want, nat = owned(topo), handles(topo, "ip", "nat")
+    in_ns(topo.node, "nft", "delete", "table", "ip", "filter")
+    assert asyncio.run(p.sync(table)).ok
+    assert (p.last_full.dirty_services, p.last_full.restores) == (0, 1), p.last_full
+    assert owned(topo) == want and handles(topo, "ip", "nat") == nat
+    text = in_ns(topo.node, "iptables-save", "-t", "filter").stdout
+    assert sum(f"-j {rules.NO_ENDPOINTS}" in line for line in text.splitlines()) == 3
+    asyncio.run(p.cleanup())
+
+
+def test_foreign_chains_named_like_ours_are_neither_read_nor_swept(topo: Topology) -> None:
+    ns, ipt = topo.node, ("iptables", "-t", "nat")
+    in_ns(ns, *ipt, "-N", "KUBE-SVCPROXY-SERVICES")  # our prefix, not at the start
+    in_ns(ns, *ipt, "-N", "SVCPROXYSERVICES")  # our name without the dash
+    in_ns(ns, *ipt, "-A", "KUBE-SVCPROXY-SERVICES", "-d", "192.0.2.5/32", "-j", "RETURN")
+    in_ns(ns, *ipt, "-A", "SVCPROXYSERVICES", "-d", "192.0.2.6/32", "-j", "RETURN")
+    in_ns(ns, *ipt, "-A", "PREROUTING", "-d", "192.0.2.7/32", "-j", "KUBE-SVCPROXY-SERVICES")
+
+    def foreign() -> list[str]:
+        return [line for line in kernel_state(topo) if "192.0.2." in line or "SVCPROXYSERVICES" in line
+                or "KUBE-SVCPROXY" in line]
+
+    before = foreign()
+    assert len(before) == 5  # two chains, their rules, the jump
+    p = proxier(topo)
+    table = make_table(services(topo))
+    assert asyncio.run(p.sync(table)).ok
+    assert asyncio.run(p.sync(table)).ok and p.last_full.restores == 0, p.last_full
+    assert foreign() == before
+    asyncio.run(p.cleanup())
+    assert foreign() == before
+    in_ns(ns, *ipt, "-D", "PREROUTING", "-d", "192.0.2.7/32", "-j", "KUBE-SVCPROXY-SERVICES")
+    for chain in ("KUBE-SVCPROXY-SERVICES", "SVCPROXYSERVICES"):
+        in_ns(ns, *ipt, "-F", chain)
+        in_ns(ns, *ipt, "-X", chain)

@@ -5,7 +5,12 @@ the ``ipvs`` node setup (its masquerade chain). Every write goes through
 ``iptables-restore --noflush``, which applies a whole batch atomically and
 touches only the chains named in it, so chains and rules the project does
 not own are never flushed. Each mode owns chains under its own prefix and
-sweeps only those.
+sweeps only those. Reads stream ``iptables-save``'s output line by line
+through :func:`scan`, which keeps only what a caller asks for (the chains
+under one prefix, each folded as the caller wants, and the rules of built-in
+chains that jump to a project chain): at 10k Services the output is ~320k
+rules, and holding it whole (as text, then as lines) was most of the agent's
+peak memory.
 """
 
 from __future__ import annotations
@@ -13,10 +18,25 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from svcproxy.dataplane.proxier import KernelError, ModeUnavailableError
+
+# Every chain of the project starts with this (DESIGN: netfilter chains); the jumps
+# into them from built-in chains are what scan() keeps of the built-in chains.
+PROJECT_PREFIX = "SVCPROXY-"
+_TARGETS = (f"-j {PROJECT_PREFIX}", f"-g {PROJECT_PREFIX}")
+
+
+def _jumps_to_project(spec: str) -> bool:
+    """Whether a rule's spec jumps (or goes) to a project chain."""
+    return _TARGETS[0] in spec or _TARGETS[1] in spec
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,6 +46,17 @@ class Jump:
     table: str
     chain: str  # built-in chain (PREROUTING, OUTPUT, POSTROUTING)
     rule: str  # rule spec after "-A CHAIN ", e.g. "-m comment --comment svcproxy -j SVCPROXY-SERVICES"
+
+    def __post_init__(self) -> None:
+        # scan() keeps only the built-in rules that name a project chain: a jump elsewhere
+        # would never be seen as present and be inserted again on every sync.
+        if not _jumps_to_project(self.rule):
+            raise ValueError(f"jump {self.rule!r} targets no {PROJECT_PREFIX}* chain")
+
+    @property
+    def line(self) -> str:
+        """The rule as iptables-save prints it."""
+        return f"-A {self.chain} {self.rule}"
 
 
 def _in_netns(netns: str | None) -> list[str]:
@@ -66,6 +97,111 @@ def needs_legacy(ipv6: bool = False, netns: str | None = None) -> bool:
     return proc.returncode != 0
 
 
+@dataclass
+class SavedTable(Generic[T]):
+    """What :func:`scan` keeps of one table of iptables-save's output."""
+
+    present: bool = False  # the table was in the output (a table nothing created is not)
+    chains: dict[str, T] = field(default_factory=dict)  # chains under the prefix -> fold(name, rules)
+    jumps: set[str] = field(default_factory=set)  # rules of built-in chains jumping to a project chain
+    problem: str | None = None  # the first thing a strict reader refuses, e.g. a cut-short table
+
+
+_CHAIN = re.compile(r"^:(\S+) (\S+)")
+
+
+def scan(
+    lines: Iterable[str],
+    tables: Collection[str],
+    prefix: str | None,
+    fold: Callable[[str, list[str]], T],
+) -> dict[str, SavedTable[T]]:
+    """iptables-save output -> per table in ``tables``: the chains whose name starts with
+    ``prefix`` (None: none) as ``fold(name, their "-A" lines in order)``, the rules of
+    built-in chains that jump to a project chain (exact lines), and whether it parsed.
+
+    One pass; it holds one chain's lines at a time, never the output: iptables-save
+    prints each chain's rules together, after every chain's declaration, and a table
+    where that does not hold is flagged as a ``problem`` (as are an unknown line, a
+    rule in an undeclared chain of ours, a table printed twice, a missing COMMIT).
+    Lines of other tables, and rules of foreign chains, are skipped unread.
+    """
+    out = {t: SavedTable[T]() for t in tables}
+    table: SavedTable[T] | None = None
+    kept: dict[str, T | None] = {}  # declared chains of ours; None until their rules are folded
+    builtins: set[str] = set()
+    current: str | None = None  # the chain of ours whose rules are being collected
+    rules: list[str] = []
+
+    def flush() -> None:
+        nonlocal current
+        if current is not None:
+            kept[current] = fold(current, rules)
+            rules.clear()
+            current = None
+
+    def close(t: SavedTable[T]) -> None:
+        flush()
+        t.chains = {name: fold(name, []) if value is None else value for name, value in kept.items()}
+        kept.clear()
+        builtins.clear()
+
+    for line in lines:
+        if line.startswith("-A ") and table is not None:  # most lines (320k at 10k Services)
+            parts = line.split(" ", 2)
+            name = parts[1] if len(parts) == 3 else ""
+            if name == current:
+                rules.append(line)
+            elif prefix is not None and name.startswith(prefix):
+                flush()
+                if name not in kept or kept[name] is not None:
+                    table.problem = table.problem or f"rules of chain {name} undeclared or apart: {line!r}"
+                current = name
+                rules.append(line)
+            elif name in builtins:
+                if _jumps_to_project(parts[2]):
+                    table.jumps.add(line)
+            elif not name:
+                table.problem = table.problem or f"rule without a chain and spec: {line!r}"
+        elif line.startswith("*"):
+            if table is not None:  # a new table before this one's COMMIT
+                table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
+                close(table)
+            table = out.get(line[1:])
+            if table is not None:
+                if table.present:
+                    table.problem = table.problem or f"table {line} printed twice"
+                table.present = True
+        elif table is None:
+            continue  # comments, and every line of a table nobody asked for
+        elif line == "COMMIT":
+            close(table)
+            table = None
+        elif match := _CHAIN.match(line):
+            name, policy = match.group(1), match.group(2)
+            if policy != "-":
+                builtins.add(name)
+            if prefix is not None and name.startswith(prefix):
+                kept[name] = None
+        elif line and not line.startswith("#"):
+            table.problem = table.problem or f"unknown line in iptables-save output: {line!r}"
+    if table is not None:
+        table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
+        close(table)
+    return out
+
+
+def keep_rules(name: str, rules: list[str]) -> list[str]:
+    """A :func:`scan` fold that keeps a chain's rule lines as they are."""
+    del name
+    return list(rules)
+
+
+def names_only(name: str, rules: list[str]) -> None:
+    """A :func:`scan` fold that keeps only the chain's name (the dict key)."""
+    del name, rules
+
+
 class Netfilter:
     """iptables-save / iptables-restore for one address family."""
 
@@ -83,34 +219,61 @@ class Netfilter:
         self._prefix = _in_netns(netns)
         self.netns = netns
 
-    def _run_save(self, *args: str, modules: str) -> str:
-        proc = subprocess.run([*self._prefix, self._save, *args], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            command = " ".join([self._save, *args])
-            raise ModeUnavailableError(
-                f"{command} failed: {proc.stderr.strip()} (is {modules} loadable?)"
+    def lines(self, *args: str, modules: str) -> Iterator[str]:
+        """iptables-save's output line by line as the tool prints it (never the whole text).
+
+        When the tool fails it raises, after the last line it printed:
+        :class:`ModeUnavailableError` if it printed nothing (the table cannot be made
+        here: ``modules``), :class:`KernelError` if it stopped midway. So a consumer
+        must not act on what it read before the iteration has ended.
+        """
+        command = " ".join([self._save, *args]) + (f" in netns {self.netns}" if self.netns else "")
+        count = 0
+        # stderr to a file, not a pipe that nobody reads until stdout ends (a full pipe
+        # would stall the tool). surrogateescape: a foreign rule's comment may hold bytes
+        # that are not UTF-8; they must not abort the read (such lines are not ours).
+        with tempfile.TemporaryFile() as err:
+            with subprocess.Popen(
+                [*self._prefix, self._save, *args], stdout=subprocess.PIPE, stderr=err,
+                text=True, errors="surrogateescape",
+            ) as proc:
+                assert proc.stdout is not None
+                try:
+                    for line in proc.stdout:
+                        count += 1
+                        yield line.rstrip("\n")
+                finally:
+                    proc.stdout.close()  # a consumer that stopped early: the tool gets EPIPE
+                    code = proc.wait()
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()[:2000]
+        if code != 0 and count == 0:
+            raise ModeUnavailableError(f"{command} failed: {message} (is {modules} loadable?)")
+        if code != 0:
+            raise KernelError(
+                f"{command} stopped after {count} lines with exit status {code}: {message}."
+                " The read-back is incomplete, so nothing was written from it and the next"
+                " sync reads again; if this repeats, run that command on the node to see why",
+                errno=code,
             )
-        return proc.stdout
 
-    def save(self, table: str = "nat") -> str:
-        return self._run_save("-t", table, modules=f"the iptable_{table} or nf_tables module")
-
-    def save_tables(self, tables: Iterable[str]) -> dict[str, str]:
-        """Several tables from ONE iptables-save run (the nft variant fetches the whole
-        ruleset for each run, so one run costs what ``save(table)`` costs): table -> its
-        section (``*table`` ... ``COMMIT``); a table the kernel does not have yet comes
-        back as an empty section."""
-        saved = self._run_save(modules="an iptable_* or the nf_tables module")
-        sections: dict[str, list[str]] = {}
-        current: list[str] | None = None
-        for line in saved.splitlines():
-            if line.startswith("*"):
-                current = sections.setdefault(line[1:], [])
-            if current is not None:
-                current.append(line)
-            if line == "COMMIT":
-                current = None
-        return {t: "\n".join(sections.get(t, [f"*{t}", "COMMIT"])) + "\n" for t in tables}
+    def read(
+        self,
+        tables: Sequence[str],
+        prefix: str | None,
+        fold: Callable[[str, list[str]], T],
+    ) -> dict[str, SavedTable[T]]:
+        """``tables`` from ONE iptables-save run, streamed through :func:`scan` (see
+        there for ``prefix`` and ``fold``). One table is asked for with ``-t`` (the
+        -legacy tool then reads only that one); several with one run of the whole
+        ruleset (the nft variant fetches all of it for any run, so two tables cost what
+        one does). A table the kernel does not have yet comes back empty."""
+        if len(tables) == 1:
+            args: tuple[str, ...] = ("-t", tables[0])
+            modules = f"the iptable_{tables[0]} or nf_tables module"
+        else:
+            args, modules = (), "an iptable_* or the nf_tables module"
+        return scan(self.lines(*args, modules=modules), tables, prefix, fold)
 
     def restore(self, text: str) -> None:
         """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""
@@ -130,49 +293,32 @@ class Netfilter:
 
     def chains(self, table: str, prefix: str) -> dict[str, list[str]]:
         """Our chains (name starts with ``prefix``) and their rules as saved."""
-        return parse_chains(self.save(table), prefix)
+        return self.read((table,), prefix, keep_rules)[table].chains
 
-    def ensure_jumps(self, jumps: Iterable[Jump], saved: str | None = None) -> None:
+    def ensure_jumps(self, jumps: Iterable[Jump], present: Collection[str] | None = None) -> None:
         """Insert missing jump rules (first position) into built-in chains.
 
-        ``saved``: iptables-save output of the jumps' table, when all are in one table
-        and the caller read it already (saves one iptables-save run)."""
+        ``present``: the jump rules the caller read already (:attr:`SavedTable.jumps` of
+        the jumps' table, when all are in one table; saves one iptables-save run)."""
         by_table: dict[str, list[Jump]] = {}
         for jump in jumps:
             by_table.setdefault(jump.table, []).append(jump)
         for table, items in by_table.items():
-            text = saved if saved is not None and len(by_table) == 1 else self.save(table)
-            lines = set(text.splitlines())
-            missing = [j for j in items if f"-A {j.chain} {j.rule}" not in lines]
+            have = present if present is not None and len(by_table) == 1 else self._jumps(table)
+            missing = [j for j in items if j.line not in have]
             if missing:
                 body = "\n".join(f"-I {j.chain} 1 {j.rule}" for j in missing)
                 self.restore(f"*{table}\n{body}\nCOMMIT\n")
 
+    def _jumps(self, table: str) -> set[str]:
+        return self.read((table,), None, names_only)[table].jumps
+
     def remove(self, table: str, prefix: str, jumps: Iterable[Jump]) -> None:
         """Delete our jumps and every chain under ``prefix`` in ``table``."""
-        text = self.save(table)
-        lines = set(text.splitlines())
-        ours = parse_chains(text, prefix)
+        saved = self.read((table,), prefix, names_only)[table]
         out = [f"*{table}"]
-        out += [f"-D {j.chain} {j.rule}" for j in jumps if f"-A {j.chain} {j.rule}" in lines]
-        out += [f":{name} - [0:0]" for name in ours]  # flush first: -X needs empty chains
-        out += [f"-X {name}" for name in ours]
+        out += [f"-D {j.chain} {j.rule}" for j in jumps if j.line in saved.jumps]
+        out += [f":{name} - [0:0]" for name in saved.chains]  # flush first: -X needs empty chains
+        out += [f"-X {name}" for name in saved.chains]
         if len(out) > 1:
             self.restore("\n".join(out) + "\nCOMMIT\n")
-
-
-_CHAIN = re.compile(r"^:(\S+) ")
-
-
-def parse_chains(saved: str, prefix: str) -> dict[str, list[str]]:
-    """Chains starting with ``prefix`` -> their rule lines ("-A ...") from iptables-save."""
-    chains: dict[str, list[str]] = {}
-    for line in saved.splitlines():
-        match = _CHAIN.match(line)
-        if match and match.group(1).startswith(prefix):
-            chains[match.group(1)] = []
-        elif line.startswith("-A "):
-            name = line.split(" ", 2)[1]
-            if name in chains:
-                chains[name].append(line)
-    return chains

@@ -10,22 +10,32 @@ holds it (a 31-bit fraction: ``0.33333333333`` is read back as
 ``0.33333333349``), so both sides are normalised before comparing.
 ``SVCPROXY-SERVICES`` and ``SVCPROXY-NO-ENDPOINTS`` hold one independent rule
 per service (disjoint matches), so they are compared as multisets and
-repaired rule by rule, never flushed; every other chain is compared in order
-(the probability chain depends on it) and rewritten whole when it differs.
+repaired rule by rule, never flushed, and are kept as rules; every other
+chain is compared in order (the probability chain depends on it) and
+rewritten whole when it differs, so of those only a digest of the normalised
+rules is kept (:func:`fold`): the read-back streams through
+:func:`svcproxy.dataplane.netfilter.scan` and never holds the 320k rules of a
+10k-Service node at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from svcproxy.dataplane.iptables import rules
+from svcproxy.dataplane.netfilter import SavedTable, scan
 from svcproxy.dataplane.table import VirtualServer
 
+# A chain as read back: its normalised rules (the multiset chains) or their digest.
+Chain = list[str] | bytes
+# Chains compared as multisets, rule by rule: kept whole (10k rules each at 10k Services).
+MULTISET = frozenset({rules.SERVICES, rules.NO_ENDPOINTS})
+
 _PROBABILITY = re.compile(r"--probability (\S+)")
-_CHAIN = re.compile(r"^:(\S+) ")
 _COMMENT = re.compile(r"--comment (\S+)")
 
 
@@ -56,40 +66,49 @@ class SavedParseError(ValueError):
     """iptables-save printed a line this parser does not know: compare nothing, rewrite all."""
 
 
-def parse_saved(text: str, table: str) -> dict[str, list[str]]:
-    """Owned chains (``SVCPROXY-`` prefix) of ``table`` -> their normalised rules, in order.
+def digest(normalised: Iterable[str]) -> bytes:
+    """What an ordered chain is compared by: 16 bytes for its normalised rules (a chance
+    collision, 2^-128 per chain, would leave one drifted chain unrepaired)."""
+    text = "\n".join(normalised).encode(errors="surrogateescape")
+    return hashlib.blake2b(text, digest_size=16).digest()
 
-    Strict: a missing table header or COMMIT, an unknown line, or a rule in an
-    undeclared chain raises :class:`SavedParseError` (the caller then rewrites
-    every chain instead of trusting a comparison).
+
+def fold(name: str, lines: list[str]) -> Chain:
+    """The :func:`~svcproxy.dataplane.netfilter.scan` fold of the read-back: a multiset
+    chain's normalised rules, any other chain's :func:`digest`."""
+    if name in MULTISET:
+        return [normalise(line) for line in lines]
+    return digest(normalise(line) for line in lines)
+
+
+def observed(saved: SavedTable[Chain]) -> dict[str, Chain]:
+    """Owned chains (``SVCPROXY-`` prefix) of one table as :func:`fold` keeps them, from
+    ``Netfilter.read(..., rules.PREFIX, fold)``; a table the kernel lacks is empty.
+
+    Strict: a table that did not parse (a missing COMMIT, an unknown line, a rule in an
+    undeclared chain of ours: ``saved.problem``) raises :class:`SavedParseError` (the
+    caller then rewrites every chain instead of trusting a comparison).
     """
-    chains: dict[str, list[str]] = {}
-    declared: set[str] = set()
-    seen_table = committed = False
-    for line in text.splitlines():
-        if line.startswith("-A "):  # most lines: checked first (320k of them at 10k services)
-            parts = line.split(" ", 2)
-            if len(parts) < 3 or parts[1] not in declared:
-                raise SavedParseError(f"rule in an undeclared chain: {line!r}")
-            if parts[1] in chains:
-                chains[parts[1]].append(normalise(line))
-        elif not line or line.startswith("#"):
-            continue
-        elif line.startswith("*"):
-            if line[1:] != table or seen_table:
-                raise SavedParseError(f"unexpected table header {line!r} (asked for {table})")
-            seen_table = True
-        elif line == "COMMIT":
-            committed = True
-        elif match := _CHAIN.match(line):
-            declared.add(match.group(1))
-            if match.group(1).startswith(rules.PREFIX):
-                chains[match.group(1)] = []
-        else:
-            raise SavedParseError(f"unknown line in iptables-save output: {line!r}")
-    if not seen_table or not committed:
-        raise SavedParseError(f"no complete *{table} ... COMMIT section in iptables-save output")
-    return chains
+    if saved.problem:
+        raise SavedParseError(saved.problem)
+    return saved.chains
+
+
+def parse_saved(text: str, table: str) -> dict[str, Chain]:
+    """:func:`observed` of ``table`` in iptables-save output given as text (tests); the
+    table must be in it."""
+    saved = scan(text.splitlines(), (table,), rules.PREFIX, fold)[table]
+    if not saved.present:
+        raise SavedParseError(f"no *{table} section in iptables-save output")
+    return observed(saved)
+
+
+def multiset(chains: Mapping[str, Chain], name: str) -> list[str] | None:
+    """The rules of a :data:`MULTISET` chain as read back (None: the chain is missing)."""
+    value = chains.get(name)
+    if isinstance(value, bytes):  # not kept as rules: only a fold other than fold() does that
+        raise TypeError(f"{name} was read back as a digest, not as rules")
+    return value
 
 
 def desired_chains(
@@ -122,7 +141,7 @@ class FullPlan:
 
 def plan_full(
     servers: Sequence[VirtualServer],
-    nat: Mapping[str, list[str]],
+    nat: Mapping[str, Chain],
     filter_chain: Sequence[str] | None,
     cluster_cidrs: tuple[str, ...],
     masquerade_all: bool,
@@ -132,7 +151,7 @@ def plan_full(
 ) -> FullPlan:
     """Desired ``servers`` x observed chains -> what to restore.
 
-    ``nat``: owned nat chains as read back (:func:`parse_saved`); ``filter_chain``: the
+    ``nat``: owned nat chains as read back (:func:`observed`); ``filter_chain``: the
     rules of SVCPROXY-NO-ENDPOINTS (None: missing). ``rewrite_all`` marks every service
     dirty (first sync after start, unparsable read-back). ``keep``: chains never to
     delete even if no desired service names them (written meanwhile by a partial sync).
@@ -141,9 +160,9 @@ def plan_full(
     base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
     for line in rules.base_rules():
         base_want[line.split(" ", 2)[1]].append(normalise(line))
-    plan.base = rewrite_all or any(nat.get(c) != want for c, want in base_want.items())
+    plan.base = rewrite_all or any(nat.get(c) != digest(want) for c, want in base_want.items())
     plan.declare_services = rules.SERVICES not in nat
-    have_jumps = Counter(nat.get(rules.SERVICES, ()))
+    have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
     wanted_jumps: set[str] = set()
     needed = set(rules.BASE_CHAINS) | set(keep)
     for vs in servers:
@@ -153,7 +172,9 @@ def plan_full(
         needed.update(chains)
         if jump not in have_jumps:
             plan.add_jumps.add(jump)
-        if rewrite_all or jump not in have_jumps or any(nat.get(c) != want for c, want in chains.items()):
+        if rewrite_all or jump not in have_jumps or any(
+            nat.get(c) != digest(want) for c, want in chains.items()
+        ):
             plan.dirty.append(vs)
     for jump, count in have_jumps.items():
         extra = count - 1 if jump in wanted_jumps else count

@@ -1,8 +1,9 @@
 """The ``iptables`` mode: kube-proxy-style NAT chains applied with iptables-restore.
 
 Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``). A full
-sync reads the nat and filter tables back (one iptables-save), compares our
-chains with the desired ones per chain (``drift.py``) and restores only the
+sync reads the nat and filter tables back (one iptables-save, streamed: only
+our chains and jumps are kept, most chains as a digest), compares our chains
+with the desired ones per chain (``drift.py``) and restores only the
 services whose chains differ, stale owned chains and jumps, and drifted base
 chains, with ``iptables-restore --noflush`` (nothing at all in the steady
 state). The first full sync after start, or one whose read-back does not
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svcproxy.dataplane.iptables import drift, rules
-from svcproxy.dataplane.netfilter import Netfilter, detect_backend, parse_chains
+from svcproxy.dataplane.netfilter import Netfilter, SavedTable, detect_backend, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -58,8 +59,8 @@ class Prepared:
     """One address family's read-back and the plan made from it (see ``_prepare``)."""
 
     plan: drift.FullPlan
-    saved: str
-    saved_filter: str
+    nat_jumps: frozenset[str]  # our jumps in the nat and filter built-in chains, as read back
+    filter_jumps: frozenset[str]
     rewrite_all: bool
 
 
@@ -213,13 +214,10 @@ class IptablesProxier(BlockingProxier):
             for v6 in (False, True):
                 nf = self._nf[v6]
                 try:
-                    saved = nf.save("nat")
-                    lines = set(saved.splitlines())
-                    ours = [c for c in parse_chains(saved, rules.PREFIX) if rules.owned_chain(c)]
+                    saved = nf.read(("nat",), rules.PREFIX, names_only)["nat"]
+                    ours = [c for c in saved.chains if rules.owned_chain(c)]
                     out = ["*nat"]
-                    out += [
-                        f"-D {j.chain} {j.rule}" for j in rules.JUMPS if f"-A {j.chain} {j.rule}" in lines
-                    ]
+                    out += [f"-D {j.chain} {j.rule}" for j in rules.JUMPS if j.line in saved.jumps]
                     out += [f":{c} - [0:0]" for c in ours]
                     out += [f"-X {c}" for c in ours]
                     if len(out) > 1:
@@ -261,29 +259,28 @@ class IptablesProxier(BlockingProxier):
             body += rules.service_rules(vs, self._cidrs, self._masq_all)
         return [f":{c} - [0:0]" for c in chains], body
 
-    def _observe(self, v6: bool) -> tuple[str, str]:
-        """The nat and filter tables as iptables-save prints them (a read: no lock needed)."""
-        tables = self._nf[v6].save_tables(("nat", "filter"))
-        return tables["nat"], tables["filter"]
+    def _observe(self, v6: bool) -> dict[str, SavedTable[drift.Chain]]:
+        """Our chains of the nat and filter tables, as ``drift.fold`` keeps them, and our
+        jumps, from one streamed iptables-save (a read: no lock needed)."""
+        return self._nf[v6].read(("nat", "filter"), rules.PREFIX, drift.fold)
 
-    def _prepare(
-        self, v6: bool, want: dict[VSKey, VirtualServer], observed: tuple[str, str] | None = None
-    ) -> Prepared:
-        """Read back (unless ``observed`` is given) and plan: no write, no mirror access."""
-        saved, saved_filter = observed if observed is not None else self._observe(v6)
+    def _prepare(self, v6: bool, want: dict[VSKey, VirtualServer]) -> Prepared:
+        """Read back and plan: no write, no mirror access."""
+        saved = self._observe(v6)
         rewrite_all = not self._synced
         try:
-            nat = drift.parse_saved(saved, "nat")
-            filter_chains = drift.parse_saved(saved_filter, "filter")
+            nat = drift.observed(saved["nat"])
+            filter_rules = drift.multiset(drift.observed(saved["filter"]), rules.NO_ENDPOINTS)
         except drift.SavedParseError:
+            # Compare nothing (rewrite everything); what did parse still names the chains
+            # and jumps to sweep.
             rewrite_all = True
-            nat = {c: [drift.normalise(r) for r in rs] for c, rs in parse_chains(saved, rules.PREFIX).items()}
-            filter_chains = {}
+            nat, filter_rules = saved["nat"].chains, None
         plan = drift.plan_full(
-            [want[k] for k in sorted(want)], nat, filter_chains.get(rules.NO_ENDPOINTS),
+            [want[k] for k in sorted(want)], nat, filter_rules,
             self._cidrs, self._masq_all, rewrite_all=rewrite_all,
         )
-        return Prepared(plan, saved, saved_filter, rewrite_all)
+        return Prepared(plan, frozenset(saved["nat"].jumps), frozenset(saved["filter"].jumps), rewrite_all)
 
     def _full(
         self,
@@ -348,8 +345,8 @@ class IptablesProxier(BlockingProxier):
                 nf.restore(batch)
                 self.last_full.restores += 1
                 self.last_full.lines += len(text) + 1
-        nf.ensure_jumps(rules.JUMPS, prepared.saved)
-        nf.ensure_jumps(rules.FILTER_JUMPS, prepared.saved_filter)
+        nf.ensure_jumps(rules.JUMPS, prepared.nat_jumps)
+        nf.ensure_jumps(rules.FILTER_JUMPS, prepared.filter_jumps)
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]
@@ -361,11 +358,9 @@ class IptablesProxier(BlockingProxier):
         filter_present: set[str] | None = None  # None: the mirror knows the filter rules
         if not self._synced:
             # Partial sync before any full one (agent restart): adopt, never flush.
-            saved = self._nf[v6].save("nat")
-            present = {rules.same_rule(line) for line in saved.splitlines()}
-            if f":{rules.SERVICES} - [0:0]" not in present and not any(
-                line.startswith(f":{rules.SERVICES} ") for line in present
-            ):
+            saved = self._nf[v6].chains("nat", rules.SERVICES)
+            present = {rules.same_rule(line) for line in saved.get(rules.SERVICES, ())}
+            if rules.SERVICES not in saved:
                 base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS] + rules.base_rules()
             filter_present = self._adopt_filter(v6)
         rejects = self._reject_lines(changed, gone, have, filter_present)
@@ -428,7 +423,7 @@ class IptablesProxier(BlockingProxier):
     def _adopt_filter(self, v6: bool) -> set[str]:
         """The filter chain's rules now (made, with its jumps, if missing); not flushed."""
         nf = self._nf[v6]
-        chains = parse_chains(nf.save("filter"), rules.NO_ENDPOINTS)
+        chains = nf.chains("filter", rules.NO_ENDPOINTS)
         if rules.NO_ENDPOINTS not in chains:
             nf.restore(f"*filter\n:{rules.NO_ENDPOINTS} - [0:0]\nCOMMIT\n")
         nf.ensure_jumps(rules.FILTER_JUMPS)
