@@ -212,3 +212,18 @@ def test_a_kept_owner_chains_survive() -> None:
                ":SVCPROXY-SVC-CXMCI6VQD5OEHXA")
     assert plan(nat).stale == ["SVCPROXY-SEP-NEWNEWNEWNEWNEW"]
     assert plan(nat, keep=["SVCPROXY-SEP-NEWNEWNEWNEWNEW"]).empty
+
+
+def test_the_read_back_keeps_a_digest_per_ordered_chain_and_the_rules_of_multiset_chains() -> None:
+    """What the streamed read-back holds: at 10k Services 110k digests and 2 x 10k rules,
+    not the 320k rule lines."""
+    nat = drift.parse_saved(SAVED_NAT, "nat")
+    assert isinstance(nat[WEB], bytes) and len(nat[WEB]) == 16
+    assert drift.multiset(nat, rules.SERVICES) == [drift.normalise(line) for line in SAVED_NAT.splitlines()
+                                                    if line.startswith(f"-A {rules.SERVICES} ")]
+    assert "FOREIGN" not in nat and drift.multiset(nat, rules.NO_ENDPOINTS) is None
+    # The digest is of the normalised rules, so what iptables-save prints and what we write agree.
+    web = servers()[0]
+    assert nat[WEB] == drift.digest(drift.desired_chains(web, CIDRS, False)[WEB])
+    assert nat[WEB] != drift.parse_saved(edit(SAVED_NAT, "--seconds 600 --reap --name SVCPROXY-SEP-T",
+                                              "--seconds 601 --reap --name SVCPROXY-SEP-T"), "nat")[WEB]
