@@ -15,12 +15,16 @@ built, after each sync (``VmRSS``, after ``gc.collect()``) and the peak
 (``VmHWM``) after the cold sync and at the end. With
 ``--trace`` the largest size runs once more under :mod:`tracemalloc` and the
 top allocation sites still alive after the sync are listed (tracing costs
-memory itself, so its RSS is not reported). No traffic is sent.
+memory itself, so its RSS is not reported). With ``--baseline-src`` older
+sources are measured in the same run, each size right before the same size of
+``--src`` (the machine is shared and noisy: compare within one run). No
+traffic is sent.
 
 Usage (root, from the repo):
 
     .venv/bin/python benchmarks/agent_memory.py [--sizes 1000,10000] [--reals 10] [--trace]
-        [--src OLD/operator] [--output benchmarks/results/agent_memory.json]
+        [--src NEW/operator] [--label TEXT] [--baseline-src OLD/operator] [--baseline-label TEXT]
+        [--output benchmarks/results/agent_memory.json]
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def child(n: int, reals: int, trace: bool) -> dict[str, Any]:
                   tracker=ChangeTracker(min_interval=0.0, full_interval=1e9))
     gc.collect()
     out["rss_after_start_mb"] = status_mb("VmRSS")
-    programs = []
+    programs: list[Any] = []
     for start in range(0, n, PAGE):  # as the watch lists: one page of raw objects at a time
         page = [pvs_object(i, reals) for i in range(start, min(n, start + PAGE))]
         programs.extend(parse(o) for o in page)
@@ -178,6 +182,10 @@ def main() -> int:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, default=ROOT / "operator",
                         help="svcproxy sources to measure (an older commit's operator/: a before figure)")
+    parser.add_argument("--label", default="", help="what --src is (e.g. a commit of an exported tree)")
+    parser.add_argument("--baseline-src", type=Path,
+                        help="older sources measured in the same run, each size before --src's")
+    parser.add_argument("--baseline-label", default="")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.child is not None:
@@ -187,17 +195,31 @@ def main() -> int:
         log("run as root: each size makes a network namespace for the iptables proxier")
         return 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()
-    report: dict[str, Any] = {"mode": "iptables", "host_kernel": os.uname().release, "src": str(args.src),
-                              "commit": commit, "sizes": []}
+
+    def describe(src: Path, label: str) -> dict[str, Any]:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        return {"mode": "iptables", "host_kernel": os.uname().release, "src": str(src),
+                "commit": label or commit, "sizes": []}
+
+    runs = {"after": (args.src.resolve(), describe(args.src, args.label))}
+    if args.baseline_src:
+        runs = {"before": (args.baseline_src.resolve(), describe(args.baseline_src, args.baseline_label)),
+                **runs}
     for n in sizes:
-        log(f"{n} Services x {args.reals} endpoints")
-        report["sizes"].append(run_child(n, args.reals, False, args.src.resolve()))
-        log(json.dumps(report["sizes"][-1]))
+        for name, (src, part) in runs.items():
+            log(f"{name}: {n} Services x {args.reals} endpoints ({src})")
+            part["sizes"].append(run_child(n, args.reals, False, src))
+            log(json.dumps(part["sizes"][-1]))
     if args.trace:
         log(f"{max(sizes)} Services under tracemalloc")
-        report["trace"] = run_child(max(sizes), args.reals, True, args.src.resolve())
+        src, part = runs["after"]
+        part["trace"] = run_child(max(sizes), args.reals, True, src)
+    report: dict[str, Any] = runs["after"][1]
+    if args.baseline_src:
+        report = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+                  "command": " ".join(["benchmarks/agent_memory.py", *sys.argv[1:]]),
+                  **{name: part for name, (_, part) in runs.items()}}
     text = json.dumps(report, indent=2)
     if args.output:
         args.output.write_text(text + "\n")
