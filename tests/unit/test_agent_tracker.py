@@ -235,3 +235,31 @@ async def test_the_agent_paces_its_syncs_by_what_they_cost_and_the_kernel_gets_e
     outcome = await agent.run_due()
     assert outcome is not None and len(outcome.batch.owners) == 5
     assert {vs.owner for vs in kernel.table("iptables").values()} == {f"ns/s{i}" for i in range(6)}
+
+
+def test_a_partial_sync_takes_at_most_max_batch_oldest_first_and_a_backlog_does_not_pause() -> None:
+    t = started(pause_ratio=1.0, max_batch=3)
+    for i in range(7):
+        t.changed(f"ns/s{i}", now=1.0 + i * 0.001)
+    t.changed("ns/s0", now=1.5)  # changed again: keeps its place and its first time
+    first = t.take(1.5)
+    assert first is not None and first.owners == {"ns/s0", "ns/s1", "ns/s2"}
+    assert first.seen["ns/s0"] == 1.0
+    t.synced(1.5, 2.0, full=False)  # 0.5 s; four still pending, a full batch: no pause
+    assert t.due_at() <= 2.0
+    second = t.take(2.0)
+    assert second is not None and second.owners == {"ns/s3", "ns/s4", "ns/s5"}
+    t.synced(2.0, 2.5, full=False)
+    assert t.due_at() == 3.0  # one left: it waits out the pause (more may join it)
+    t.changed("ns/s7", now=2.9)
+    last = t.take(3.0)
+    assert last is not None and last.owners == {"ns/s6", "ns/s7"}
+    assert not t.pending
+
+
+def test_a_full_sync_takes_every_pending_owner_whatever_max_batch() -> None:
+    t = ChangeTracker(min_interval=0.05, max_batch=2, now=0.0)
+    for i in range(5):
+        t.changed(f"ns/s{i}", now=0.0)
+    batch = t.take(0.0)
+    assert batch is not None and batch.full and len(batch.owners) == 5

@@ -78,6 +78,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         " 0: off (default 1.0)")
     parser.add_argument("--max-sync-pause", type=float, default=1.0,
                         help="upper bound in seconds of that pause (default 1.0)")
+    parser.add_argument("--max-sync-batch", type=int, default=200,
+                        help="at most this many changed Services per partial sync, oldest first; no"
+                        " pause while that many are pending (iptables-restore's cost grows faster"
+                        " than its input); 0: no limit (default 200)")
     parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--health-port", type=int, default=9102, help="/healthz port (0: off)")
     parser.add_argument("--bind-address", default="0.0.0.0", help="address of the HTTP endpoints")
@@ -242,7 +246,8 @@ async def amain(
         usable,
         node_name=args.node_name,
         tracker=ChangeTracker(min_interval=args.min_sync_interval, pause_ratio=args.sync_pause_ratio,
-                              max_pause=args.max_sync_pause, full_interval=args.full_sync_interval,
+                              max_pause=args.max_sync_pause, max_batch=args.max_sync_batch,
+                              full_interval=args.full_sync_interval,
                               now=time.monotonic()),
         metrics=metrics,
         agent_version=version(),

@@ -12,7 +12,11 @@ one waits ``pause_ratio`` times as long as that sync took (at most
 whole nat table on every commit: ~260 ms at 10k Services) a stream of changes
 goes out in fewer, larger syncs and the agent leaves the CPU to others at
 least half the time (ratio 1), while a change after an idle spell longer
-than that pause goes out at once. A full reconcile comes every
+than that pause goes out at once. A partial sync takes at most ``max_batch``
+owners, the oldest first (one iptables-nft-restore input costs more than
+linearly in the chains it holds: 1k Services in one input ~6 s, in five of
+200 ~1.2 s), and while that many or more are pending the next one does not
+pause (a full batch gains nothing by waiting). A full reconcile comes every
 ``full_interval`` (it also covers every pending owner, and only
 ``min_interval`` holds it back); owners whose sync failed come back after
 ``retry_interval``. Time is passed in, never read, so tests drive it with a
@@ -21,6 +25,7 @@ fake clock. Pure: no I/O, no asyncio.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -42,6 +47,7 @@ class ChangeTracker:
         min_interval: float = 0.05,
         pause_ratio: float = 1.0,
         max_pause: float = 1.0,
+        max_batch: int = 200,
         full_interval: float = 60.0,
         retry_interval: float = 1.0,
         now: float = 0.0,
@@ -49,6 +55,7 @@ class ChangeTracker:
         self.min_interval = min_interval
         self.pause_ratio = pause_ratio
         self.max_pause = max_pause
+        self.max_batch = max_batch  # owners per partial sync; 0: no limit
         self.full_interval = full_interval
         self.retry_interval = retry_interval
         self._dirty: dict[str, float] = {}
@@ -110,9 +117,13 @@ class ChangeTracker:
         partial = float("-inf") if self._dirty else float("inf")
         if self._retry:
             partial = min(partial, *self._retry.values())
-        if self._last_end is not None:
+        if self._last_end is not None and not self._backlog():
             partial = max(partial, self._last_end + self.pause)
         return max(min(full, partial), start_gap)
+
+    def _backlog(self) -> bool:
+        """A full batch is pending: waiting would not make the next sync any larger."""
+        return 0 < self.max_batch <= len(self._dirty)
 
     def take(self, now: float) -> Batch | None:
         """The batch to sync now, or None when nothing is due yet."""
@@ -125,8 +136,13 @@ class ChangeTracker:
         full = self._full_requested or now >= self._last_full + self.full_interval
         if not full and not self._dirty:
             return None
-        seen = dict(self._dirty)
-        self._dirty.clear()
+        if full or not 0 < self.max_batch < len(self._dirty):
+            seen = dict(self._dirty)
+            self._dirty.clear()
+        else:  # the oldest changes first (dicts keep insertion order; changed() keeps the first)
+            seen = {o: self._dirty[o] for o in itertools.islice(self._dirty, self.max_batch)}
+            for owner in seen:
+                del self._dirty[owner]
         self._last_run = now
         if full:
             self._full_requested = False
