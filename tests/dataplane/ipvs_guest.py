@@ -142,6 +142,8 @@ def run(topo: Topology) -> None:
     record("no_endpoints_gone", sync({}, owners))
     full_sync_steps(topo, proxier, table, vs("10.96.7.14", "wrr", weights=(1, 1, 1),
                                              owner=services[4].owner))
+    # ipvsadm -g/-i keep the service's port for the real server: one with equal ports.
+    drift_steps(topo, proxier, table, vs("10.96.7.17", "rr", port=8080))
     # A second, restarted proxier adopts everything: a full sync does nothing.
     again = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
     record("restart", again.sync_blocking(table))  # type: ignore[attr-defined]
@@ -191,6 +193,44 @@ def full_sync_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer
     out["ipvsadm_full_with_change"] = ipvsadm(topo)
     # Back as it was, for the steps after this one.
     record("full_restore", proxier.sync_blocking(owned_by(table, owner), owner))
+
+
+def drift_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer],
+                ours: VirtualServer) -> None:
+    """Drift made by hand with ipvsadm: one of our real servers switched to direct routing
+    (traffic to it would break), one-packet scheduling, a /24 persistence netmask and the
+    SIP persistence engine on the persistent UDP service, sh-port on the sh service. A partial sync (it diffs
+    against its mirror) does not see it; one full sync repairs all of it; a foreign
+    service with direct routing is left alone. ``ours`` is added first and withdrawn
+    (and the foreign one deleted) at the end: later steps compare with earlier tables."""
+    import asyncio
+
+    node, be0 = topo.node, topo.backends[0]
+    owner = frozenset({ours.owner})
+    table[ours.key] = ours
+    record("drift_add", proxier.sync_blocking(owned_by(table, owner), owner))
+    in_ns(node, "ipvsadm", "-A", "-t", "192.0.2.2:8080", "-s", "rr")
+    in_ns(node, "ipvsadm", "-a", "-t", "192.0.2.2:8080", "-r", "192.0.2.9:8080", "-g")
+    in_ns(node, "ipvsadm", "-e", "-t", "10.96.7.17:8080", "-r", f"{be0}:8080", "-g")
+    in_ns(node, "modprobe", "ip_vs_pe_sip", check=False)  # the kernel would request it too
+    in_ns(node, "ipvsadm", "-E", "-u", "10.96.7.13:53", "-s", "rr", "-p", "3",
+          "-M", "255.255.255.0", "-o", "--pe", "sip")
+    in_ns(node, "ipvsadm", "-E", "-t", "10.96.7.11:80", "-s", "sh", "-b", "sh-port")
+    out["ipvsadm_drifted"] = ipvsadm(topo)
+    everyone = frozenset(v.owner for v in table.values())
+    record("drift_partial", proxier.sync_blocking(table, everyone))
+
+    async def idle(until: asyncio.Future[Any]) -> frozenset[str]:
+        await until
+        return frozenset()
+
+    record("drift_full", asyncio.run(proxier.sync_full(table, idle)))
+    out["ipvsadm_repaired"] = ipvsadm(topo)
+    record("drift_steady", asyncio.run(proxier.sync_full(table, idle)))
+    out["drift_traffic"] = topo.ask("10.96.7.17", 8080, 3)
+    del table[ours.key]
+    record("drift_remove", proxier.sync_blocking({}, owner))
+    in_ns(node, "ipvsadm", "-D", "-t", "192.0.2.2:8080")
 
 
 def poll(cond: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -40,8 +40,24 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def services(ipvsadm: str) -> dict[str, list[tuple[str, int]]]:
-    """ipvsadm -Ln text -> {"TCP 10.96.7.10:80 rr": [(real, weight), ...]}."""
+    """ipvsadm -Ln text -> {"TCP 10.96.7.10:80 rr": [(real, weight), ...]}; the real
+    servers of ours (VIPs in 10.96.0.0/16) must be NAT (Masq)."""
     out: dict[str, list[tuple[str, int]]] = {}
+    for current, reals in _parse(ipvsadm).items():
+        for real, method, _weight in reals:
+            if current.split()[1].startswith("10.96."):
+                assert method == "Masq", f"not NAT forwarding: {current} -> {real} {method}"
+        out[current] = [(real, weight) for real, _, weight in reals]
+    return out
+
+
+def methods(ipvsadm: str) -> dict[str, dict[str, str]]:
+    """ipvsadm -Ln text -> {"TCP 10.96.7.10:80 rr": {real: forwarding method}}."""
+    return {svc: {real: method for real, method, _ in reals} for svc, reals in _parse(ipvsadm).items()}
+
+
+def _parse(ipvsadm: str) -> dict[str, list[tuple[str, str, int]]]:
+    out: dict[str, list[tuple[str, str, int]]] = {}
     current = ""
     for line in ipvsadm.splitlines():
         if re.match(r"^(TCP|UDP|SCTP)\s", line):
@@ -49,8 +65,7 @@ def services(ipvsadm: str) -> dict[str, list[tuple[str, int]]]:
             out[current] = []
         elif line.strip().startswith("->") and current:
             parts = line.split()
-            assert parts[2] == "Masq", f"not NAT forwarding: {line}"
-            out[current].append((parts[1], int(parts[3])))
+            out[current].append((parts[1], parts[2], int(parts[3])))
     return out
 
 
@@ -155,3 +170,35 @@ def test_change_made_during_a_full_sync_survives_its_write(observed: dict[str, A
     assert table["TCP 10.96.7.14:80 wrr"] == [
         ("10.244.9.2:8080", 1), ("10.244.9.3:8080", 1), ("10.244.9.4:8080", 1)
     ]
+
+
+def test_a_real_server_switched_to_direct_routing_is_edited_back_to_nat(observed: dict[str, Any]) -> None:
+    """``ipvsadm -e -t VIP:8080 -r POD:8080 -g`` on one of ours: the next full sync edits
+    it back to Masq (traffic flows again); a foreign service with -g is left alone."""
+    line, be0 = "TCP 10.96.7.17:8080 rr", "10.244.9.2:8080"
+    assert observed["results"]["drift_add"]["errors"] == []
+    assert methods(observed["ipvsadm_drifted"])[line][be0] == "Route"  # the drift was made
+    assert observed["results"]["drift_partial"] == {"ops": {}, "errors": []}  # trusts its mirror
+    assert observed["results"]["drift_full"]["errors"] == []
+    repaired = observed["ipvsadm_repaired"]
+    assert methods(repaired)[line] == {f"10.244.9.{i}:8080": "Masq" for i in (2, 3, 4)}
+    assert services(repaired)[line] == [(f"10.244.9.{i}:8080", 1) for i in (2, 3, 4)]
+    assert methods(repaired)["TCP 192.0.2.2:8080 rr"] == {"192.0.2.9:8080": "Route"}
+    assert sorted(observed["drift_traffic"]) == ["be0", "be1", "be2"], observed["drift_traffic"]
+    assert observed["results"]["drift_steady"] == {"ops": {}, "errors": []}
+
+
+def test_service_settings_changed_by_hand_are_repaired_by_a_full_sync(observed: dict[str, Any]) -> None:
+    """One-packet scheduling, a /24 persistence netmask and the SIP engine (-o -M --pe) on
+    the persistent UDP service, sh-port (-b) on the sh one: one update each puts back
+    what svcproxy asked."""
+    cold, drifted = set(services(observed["ipvsadm_cold"])), set(methods(observed["ipvsadm_drifted"]))
+    repaired = set(services(observed["ipvsadm_repaired"]))
+    udp = next(line for line in drifted if line.startswith("UDP 10.96.7.13:53 "))
+    assert {"mask", "255.255.255.0", "ops", "pe", "sip"} <= set(udp.split()), udp  # the drift was made
+    assert "TCP 10.96.7.11:80 sh (sh-port)" in drifted, drifted
+    for line in ("UDP 10.96.7.13:53 rr persistent 3", "TCP 10.96.7.11:80 sh"):
+        assert line in cold and line not in drifted and line in repaired, (line, repaired)
+    assert observed["results"]["drift_full"]["ops"] == {
+        "update_real_server": 1, "update_virtual_server": 2
+    }
