@@ -185,10 +185,10 @@ def test_a_partial_sync_during_the_full_syncs_read_back_is_kept(
     gate = threading.Event()
     observe = p._observe
 
-    def gated_observe(v6: bool) -> dict[str, SavedTable[drift.Chain]]:
+    def gated_observe(v6: bool, reader: drift.Reader) -> dict[str, SavedTable[drift.Chain]]:
         if partial_first:
             assert gate.wait(10)
-        return observe(v6)
+        return observe(v6, reader)
 
     monkeypatch.setattr(p, "_observe", gated_observe)
 

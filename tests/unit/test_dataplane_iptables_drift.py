@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from svcproxy.dataplane.iptables import drift, rules
+from svcproxy.dataplane.netfilter import scan
 from svcproxy.dataplane.table import RealServer, VirtualServer
 
 CIDRS = ("10.244.0.0/16",)
@@ -84,9 +85,23 @@ def servers(persistence: int = 600) -> list[VirtualServer]:
 
 
 def plan(nat: str = SAVED_NAT, filt: str = SAVED_FILTER, **kw: object) -> drift.FullPlan:
-    chains = drift.parse_saved(filt, "filter")
-    return drift.plan_full(servers(), drift.parse_saved(nat, "nat"), chains.get(rules.NO_ENDPOINTS),
-                           CIDRS, False, **kw)  # type: ignore[arg-type]
+    """The plan from the per-chain read-back; the steady state's summed read-back must
+    give the same plan or none (then the proxier reads per chain)."""
+    filter_rules = drift.multiset(drift.parse_saved(filt, "filter"), rules.NO_ENDPOINTS)
+    detail = drift.plan_full(servers(), drift.parse_saved(nat, "nat"), filter_rules,
+                             CIDRS, False, **kw)  # type: ignore[arg-type]
+    assert detail is not None
+    summed = summed_plan(nat, filt, **kw)
+    assert summed is None or summed == detail, (summed, detail)
+    return detail
+
+
+def summed_plan(nat: str = SAVED_NAT, filt: str = SAVED_FILTER, **kw: object) -> drift.FullPlan | None:
+    reader = drift.Reader(summarise=True)
+    saved = scan(nat.splitlines(), ("nat",), rules.PREFIX, reader, reader.keep)["nat"]
+    filter_rules = drift.multiset(drift.parse_saved(filt, "filter"), rules.NO_ENDPOINTS)
+    return drift.plan_full(servers(), drift.observed(saved), filter_rules, CIDRS, False,
+                           summary=reader.summary, passed=saved.passed, **kw)  # type: ignore[arg-type]
 
 
 def edit(text: str, old: str, new: str) -> str:
@@ -227,3 +242,27 @@ def test_the_read_back_keeps_a_digest_per_ordered_chain_and_the_rules_of_multise
     assert nat[WEB] == drift.digest(drift.desired_chains(web, CIDRS, False)[WEB])
     assert nat[WEB] != drift.parse_saved(edit(SAVED_NAT, "--seconds 600 --reap --name SVCPROXY-SEP-T",
                                               "--seconds 601 --reap --name SVCPROXY-SEP-T"), "nat")[WEB]
+
+
+def test_the_summed_read_back_plans_the_steady_state_and_defers_service_chain_drift() -> None:
+    """The steady state's read-back sums the per-service chains up (nothing per chain);
+    any difference in them (a rule, its order, a stray or missing chain) must make it
+    defer to the per-chain read, while drift elsewhere is planned from the sum alone."""
+    steady = summed_plan()
+    assert steady is not None and steady.empty
+    lines = SAVED_NAT.splitlines(keepends=True)
+    prob = [i for i, line in enumerate(lines) if "--probability" in line]
+    lines[prob[0]], lines[prob[1]] = lines[prob[1]], lines[prob[0]]
+    for nat in [edit(SAVED_NAT, f"-A {WEB} -j SVCPROXY-SEP-26HHBASMW6DBEKD\n", ""),
+                edit(SAVED_NAT, "--to-destination 10.244.1.3:8080", "--to-destination 10.244.1.3:9"),
+                "".join(lines),
+                edit(SAVED_NAT, ":SVCPROXY-SVC-CXMCI6VQD5OEHXA", ":SVCPROXY-SVC-GONEGONEGONEGON - [0:0]\n"
+                     ":SVCPROXY-SVC-CXMCI6VQD5OEHXA"),  # a stray empty chain
+                "".join(line for line in SAVED_NAT.splitlines(keepends=True)
+                        if "SVCPROXY-SEP-26HHBASMW6DBEKD" not in line or line.startswith("-A SVCPROXY-SVC-"))]:
+        assert summed_plan(nat) is None
+    web_jump = next(line for line in SAVED_NAT.splitlines() if '"ns/web"' in line)
+    doubled = summed_plan(edit(SAVED_NAT, web_jump + "\n", web_jump + "\n" + web_jump + "\n"))
+    assert doubled is not None and doubled.delete_jumps and not doubled.dirty
+    base = summed_plan(edit(SAVED_NAT, "-A SVCPROXY-POSTROUTING -j MASQUERADE\n", ""))
+    assert base is not None and base.base and not base.dirty

@@ -103,6 +103,7 @@ class SavedTable(Generic[T]):
 
     present: bool = False  # the table was in the output (a table nothing created is not)
     chains: dict[str, T] = field(default_factory=dict)  # chains under the prefix -> fold(name, rules)
+    passed: int = 0  # chains under the prefix declared but not kept (``keep``): only folded
     jumps: set[str] = field(default_factory=set)  # rules of built-in chains jumping to a project chain
     problem: str | None = None  # the first thing a strict reader refuses, e.g. a cut-short table
 
@@ -115,10 +116,17 @@ def scan(
     tables: Collection[str],
     prefix: str | None,
     fold: Callable[[str, list[str]], T],
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, SavedTable[T]]:
     """iptables-save output -> per table in ``tables``: the chains whose name starts with
     ``prefix`` (None: none) as ``fold(name, their "-A" lines in order)``, the rules of
     built-in chains that jump to a project chain (exact lines), and whether it parsed.
+
+    ``keep``: chains under the prefix for which it is False are folded but not kept,
+    nor are their names (only counted, in ``passed``): for a caller whose fold sums
+    them up. ``fold`` sees such a chain only if it has rules, once per run of them;
+    the checks below that need the chain's name are the caller's to make (a sum over
+    runs and ``passed`` against what it expects does).
 
     One pass; it holds one chain's lines at a time, never the output: iptables-save
     prints each chain's rules together, after every chain's declaration, and a table
@@ -131,12 +139,15 @@ def scan(
     kept: dict[str, T | None] = {}  # declared chains of ours; None until their rules are folded
     builtins: set[str] = set()
     current: str | None = None  # the chain of ours whose rules are being collected
+    current_kept = False
     rules: list[str] = []
 
     def flush() -> None:
         nonlocal current
         if current is not None:
-            kept[current] = fold(current, rules)
+            value = fold(current, rules)
+            if current_kept:
+                kept[current] = value
             rules.clear()
             current = None
 
@@ -154,7 +165,8 @@ def scan(
                 rules.append(line)
             elif prefix is not None and name.startswith(prefix):
                 flush()
-                if name not in kept or kept[name] is not None:
+                current_kept = keep is None or keep(name)
+                if current_kept and (name not in kept or kept[name] is not None):
                     table.problem = table.problem or f"rules of chain {name} undeclared or apart: {line!r}"
                 current = name
                 rules.append(line)
@@ -182,7 +194,10 @@ def scan(
             if policy != "-":
                 builtins.add(name)
             if prefix is not None and name.startswith(prefix):
-                kept[name] = None
+                if keep is None or keep(name):
+                    kept[name] = None
+                else:
+                    table.passed += 1
         elif line and not line.startswith("#"):
             table.problem = table.problem or f"unknown line in iptables-save output: {line!r}"
     if table is not None:
@@ -262,9 +277,10 @@ class Netfilter:
         tables: Sequence[str],
         prefix: str | None,
         fold: Callable[[str, list[str]], T],
+        keep: Callable[[str], bool] | None = None,
     ) -> dict[str, SavedTable[T]]:
         """``tables`` from ONE iptables-save run, streamed through :func:`scan` (see
-        there for ``prefix`` and ``fold``). One table is asked for with ``-t`` (the
+        there for ``prefix``, ``fold`` and ``keep``). One table is asked for with ``-t`` (the
         -legacy tool then reads only that one); several with one run of the whole
         ruleset (the nft variant fetches all of it for any run, so two tables cost what
         one does). A table the kernel does not have yet comes back empty."""
@@ -273,7 +289,7 @@ class Netfilter:
             modules = f"the iptable_{tables[0]} or nf_tables module"
         else:
             args, modules = (), "an iptable_* or the nf_tables module"
-        return scan(self.lines(*args, modules=modules), tables, prefix, fold)
+        return scan(self.lines(*args, modules=modules), tables, prefix, fold, keep)
 
     def restore(self, text: str) -> None:
         """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""

@@ -34,6 +34,9 @@ from svcproxy.dataplane.table import VirtualServer
 Chain = list[str] | bytes
 # Chains compared as multisets, rule by rule: kept whole (10k rules each at 10k Services).
 MULTISET = frozenset({rules.SERVICES, rules.NO_ENDPOINTS})
+# The per-service chains (rules.service_chain, rules.endpoint_chain): 110k at 10k Services.
+PER_SERVICE = ("SVCPROXY-SVC-", "SVCPROXY-SEP-")
+_MASK = (1 << 128) - 1
 
 _PROBABILITY = re.compile(r"--probability (\S+)")
 _COMMENT = re.compile(r"--comment (\S+)")
@@ -79,6 +82,43 @@ def fold(name: str, lines: list[str]) -> Chain:
     if name in MULTISET:
         return [normalise(line) for line in lines]
     return digest(normalise(line) for line in lines)
+
+
+@dataclass
+class Summary:
+    """Per-service chains as one sum, mod 2^128, of a 128-bit hash of each chain's name
+    and rules, and their count: the steady-state full sync compares this with the sum
+    of the desired chains, so its read-back holds nothing per chain (the per-chain
+    digests of 110k chains, with their names, were ~19 MB at 10k Services). Only when
+    the sums differ is the table read again with a digest per chain, to find which."""
+
+    total: int = 0
+    chains: int = 0
+
+    def add(self, name: str, chain: bytes) -> None:
+        term = hashlib.blake2b(name.encode() + chain, digest_size=16).digest()
+        self.total = (self.total + int.from_bytes(term, "big")) & _MASK
+        self.chains += 1
+
+
+class Reader:
+    """``fold`` and ``keep`` for ``Netfilter.read(..., rules.PREFIX, reader, reader.keep)``.
+
+    ``summarise``: the per-service chains go into :attr:`summary` and are not kept
+    (the steady state's read); otherwise every owned chain is kept as :func:`fold`
+    makes it (the first sync, and the read that finds which chains differ)."""
+
+    def __init__(self, summarise: bool) -> None:
+        self.summary = Summary() if summarise else None
+
+    def keep(self, name: str) -> bool:
+        return self.summary is None or not name.startswith(PER_SERVICE)
+
+    def __call__(self, name: str, lines: list[str]) -> Chain:
+        chain = fold(name, lines)
+        if self.summary is not None and isinstance(chain, bytes) and name.startswith(PER_SERVICE):
+            self.summary.add(name, chain)
+        return chain
 
 
 def observed(saved: SavedTable[Chain]) -> dict[str, Chain]:
@@ -148,13 +188,18 @@ def plan_full(
     *,
     rewrite_all: bool = False,
     keep: Iterable[str] = (),
-) -> FullPlan:
+    summary: Summary | None = None,
+    passed: int = 0,
+) -> FullPlan | None:
     """Desired ``servers`` x observed chains -> what to restore.
 
     ``nat``: owned nat chains as read back (:func:`observed`); ``filter_chain``: the
     rules of SVCPROXY-NO-ENDPOINTS (None: missing). ``rewrite_all`` marks every service
     dirty (first sync after start, unparsable read-back). ``keep``: chains never to
     delete even if no desired service names them (written meanwhile by a partial sync).
+    ``summary``: the per-service chains were read back only as a :class:`Summary`
+    (``nat`` lacks them; ``passed``: how many were declared); None is returned when
+    they differ from the desired ones: read them back per chain and plan from that.
     """
     plan = FullPlan()
     base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
@@ -165,17 +210,24 @@ def plan_full(
     have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
     wanted_jumps: set[str] = set()
     needed = set(rules.BASE_CHAINS) | set(keep)
+    want_sum = Summary()
     for vs in servers:
         jump = normalise(rules.service_jump(vs))
         wanted_jumps.add(jump)
-        chains = desired_chains(vs, cluster_cidrs, masquerade_all)
-        needed.update(chains)
+        chains = {c: digest(want) for c, want in desired_chains(vs, cluster_cidrs, masquerade_all).items()}
+        if summary is None:
+            needed.update(chains)
+            differs = any(nat.get(c) != want for c, want in chains.items())
+        else:  # decided for all services at once, below
+            for c, want in chains.items():
+                want_sum.add(c, want)
+            differs = False
         if jump not in have_jumps:
             plan.add_jumps.add(jump)
-        if rewrite_all or jump not in have_jumps or any(
-            nat.get(c) != digest(want) for c, want in chains.items()
-        ):
+        if rewrite_all or jump not in have_jumps or differs:
             plan.dirty.append(vs)
+    if summary is not None and (summary != want_sum or passed != want_sum.chains):
+        return None
     for jump, count in have_jumps.items():
         extra = count - 1 if jump in wanted_jumps else count
         plan.delete_jumps += ["-D" + jump[2:]] * extra

@@ -259,27 +259,39 @@ class IptablesProxier(BlockingProxier):
             body += rules.service_rules(vs, self._cidrs, self._masq_all)
         return [f":{c} - [0:0]" for c in chains], body
 
-    def _observe(self, v6: bool) -> dict[str, SavedTable[drift.Chain]]:
-        """Our chains of the nat and filter tables, as ``drift.fold`` keeps them, and our
+    def _observe(self, v6: bool, reader: drift.Reader) -> dict[str, SavedTable[drift.Chain]]:
+        """Our chains of the nat and filter tables, as ``reader`` keeps them, and our
         jumps, from one streamed iptables-save (a read: no lock needed)."""
-        return self._nf[v6].read(("nat", "filter"), rules.PREFIX, drift.fold)
+        return self._nf[v6].read(("nat", "filter"), rules.PREFIX, reader, reader.keep)
 
     def _prepare(self, v6: bool, want: dict[VSKey, VirtualServer]) -> Prepared:
-        """Read back and plan: no write, no mirror access."""
-        saved = self._observe(v6)
-        rewrite_all = not self._synced
-        try:
-            nat = drift.observed(saved["nat"])
-            filter_rules = drift.multiset(drift.observed(saved["filter"]), rules.NO_ENDPOINTS)
-        except drift.SavedParseError:
-            # Compare nothing (rewrite everything); what did parse still names the chains
-            # and jumps to sweep.
-            rewrite_all = True
-            nat, filter_rules = saved["nat"].chains, None
-        plan = drift.plan_full(
-            [want[k] for k in sorted(want)], nat, filter_rules,
-            self._cidrs, self._masq_all, rewrite_all=rewrite_all,
-        )
+        """Read back and plan: no write, no mirror access.
+
+        After the first sync the per-service chains are first read back as one sum
+        (``drift.Summary``: nothing held per chain); only when it differs from the
+        desired chains' (drift) is the table read again with a digest per chain."""
+        servers = [want[k] for k in sorted(want)]
+        for summarise in (True, False) if self._synced else (False,):
+            reader = drift.Reader(summarise)
+            saved = self._observe(v6, reader)
+            rewrite_all = not self._synced
+            try:
+                nat = drift.observed(saved["nat"])
+                filter_rules = drift.multiset(drift.observed(saved["filter"]), rules.NO_ENDPOINTS)
+            except drift.SavedParseError:
+                if summarise:
+                    continue  # read per chain: the rewrite needs the names of stale chains
+                # Compare nothing (rewrite everything); what did parse still names the
+                # chains and jumps to sweep.
+                rewrite_all = True
+                nat, filter_rules = saved["nat"].chains, None
+            plan = drift.plan_full(
+                servers, nat, filter_rules, self._cidrs, self._masq_all, rewrite_all=rewrite_all,
+                summary=reader.summary, passed=saved["nat"].passed,
+            )
+            if plan is not None:
+                break
+        assert plan is not None  # the per-chain read always plans
         return Prepared(plan, frozenset(saved["nat"].jumps), frozenset(saved["filter"].jumps), rewrite_all)
 
     def _full(
