@@ -6,8 +6,9 @@ boots the guest and runs this file in it, once per source tree: the baseline's w
 with the real ipvs proxier (it calls ``sync_full`` where the sources have it) loads
 ``n`` Services x 10 real servers, then times ``--full-repeat`` full syncs with
 nothing to change, then ``--changes`` times a full sync in the agent's own sync loop
-with one endpoint change landing ``--offset`` s into it: the latency is upsert -> the
-end of the netlink batch that added the new real server (the kernel has it).
+with one endpoint change landing ``--offset`` s into it (``_sync.measure_full_sync``, as
+the iptables benchmark), seen through the netlink batches: the latency is upsert -> the
+end of the batch that added the new real server (the kernel has it).
 """
 
 from __future__ import annotations
@@ -25,21 +26,50 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# sync_scale puts the sources to measure (--src) first on sys.path: svcproxy from there.
+# sync_scale puts the sources to measure (--src) first on sys.path when imported: svcproxy
+# from there (_sync imports svcproxy only inside its functions, after that).
+from _sync import Observer, log, measure_full_sync
 from sync_scale import (
     Agent,
     ChangeTracker,
     RealServer,
-    VirtualServer,
     _node_netns,
     _source,
-    _sync_loop,
-    log,
-    median,
-    program,
     rss_mb,
     servers,
 )
+
+
+class Batches(Observer):
+    """The IPVS operations a full sync sent, per netlink batch: (end time, operations)."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.batches: list[tuple[float, list[Any]]] = []
+        execute = kernel.execute
+
+        def recorded(ops: Any) -> Any:
+            try:
+                return execute(ops)
+            finally:
+                self.batches.append((time.monotonic(), list(ops)))
+
+        kernel.execute = recorded
+
+    def clear(self) -> None:
+        self.batches.clear()
+
+    def written(self) -> dict[str, Any]:
+        return {"steady_full_operations": sum(len(ops) for _, ops in self.batches)}
+
+    def landed(self, marker: RealServer) -> float | None:
+        return next((t for t, ops in self.batches for op in ops if op.real_server == marker), None)
+
+    def after_steady(self) -> dict[str, Any]:
+        """The kernel read alone (the IPVS dump), once."""
+        start = time.monotonic()
+        self.kernel.dump()
+        return {"dump_seconds": round(time.monotonic() - start, 3)}
 
 
 def inner(sizes: list[int], repeat: int, changes: int, offset: float) -> dict[str, Any]:
@@ -56,84 +86,13 @@ def inner(sizes: list[int], repeat: int, changes: int, offset: float) -> dict[st
         setns(ns)
         loop = asyncio.new_event_loop()
         proxier = build_proxier("ipvs", DataplaneConfig(set_sysctls=False))
-        batches: list[tuple[float, list[Any]]] = []  # (end time, operations) per netlink batch
-        kernel = proxier._kernel  # type: ignore[attr-defined]
-        execute = kernel.execute
-
-        def recorded(ops: Any, execute: Any = execute, batches: list[Any] = batches) -> Any:
-            try:
-                return execute(ops)
-            finally:
-                batches.append((time.monotonic(), list(ops)))
-
-        kernel.execute = recorded
+        batches = Batches(proxier._kernel)  # type: ignore[attr-defined]
         agent = Agent({"ipvs": proxier}, node_name=f"bench-{n}",
                       tracker=ChangeTracker(min_interval=0.05, full_interval=1e9))
-        table = servers(n)
-        agent.replace_all(program("ipvs", vs, "v0") for vs in table)
         entry: dict[str, Any] = {"services": n, "real_servers_each": 10,
                                  "has_sync_full": hasattr(proxier, "sync_full")}
-        start = time.monotonic()
-        batch = agent.tracker.take(start)
-        assert batch is not None
-        assert loop.run_until_complete(agent.sync(batch)).ok
-        entry["cold_sync_seconds"] = round(time.monotonic() - start, 3)
-        log(f"ipvs full_sync {n}: cold {entry['cold_sync_seconds']} s")
-        steady: list[tuple[float, int]] = []
-        for _ in range(repeat):
-            batches.clear()
-            agent.tracker.request_full()
-            batch = agent.tracker.take(time.monotonic())
-            assert batch is not None
-            start = time.monotonic()
-            assert loop.run_until_complete(agent.sync(batch)).ok
-            steady.append((time.monotonic() - start, sum(len(ops) for _, ops in batches)))
-        dump_start = time.monotonic()
-        kernel.dump()
-        entry["dump_seconds"] = round(time.monotonic() - dump_start, 3)
-        entry["steady_full_seconds"] = [round(t, 3) for t, _ in steady]
-        entry["steady_full_median_seconds"] = round(median([t for t, _ in steady]), 3)
-        entry["steady_full_operations"] = steady[-1][1]
-        log(f"ipvs full_sync {n}: steady {entry['steady_full_seconds']} s, {steady[-1][1]} ops,"
-            f" dump {entry['dump_seconds']} s")
-        first = table[0]
-        latencies: list[float] = []
-        durations: list[float] = []
-        for i in range(changes):
-            marker = RealServer("10.244.255.1", 9000 + i)
-            changed = first.with_reals([*first.real_servers[:-1], marker]).canonical()
-
-            async def one(changed: VirtualServer = changed, marker: RealServer = marker, *,
-                          i: int = i, agent: Agent = agent, batches: list[Any] = batches,
-                          durations: list[float] = durations) -> float:
-                stop = asyncio.Event()
-                fulls: list[float] = []
-                runner = asyncio.ensure_future(_sync_loop(agent, stop, fulls))
-                agent.tracker.request_full()
-                await asyncio.sleep(offset)
-                batches.clear()
-                agent.upsert(program("ipvs", changed, f"c{i}"))
-                landed = time.monotonic()
-
-                def done(batches: list[Any] = batches) -> float | None:
-                    return next((t for t, ops in batches for op in ops
-                                 if op.real_server == marker), None)
-
-                while done() is None:
-                    await asyncio.sleep(0.002)
-                while not fulls:
-                    await asyncio.sleep(0.005)
-                stop.set()
-                await runner
-                durations.append(fulls[0])
-                return (done() or landed) - landed
-
-            latencies.append(loop.run_until_complete(one()))
-        entry["change_during_full_seconds"] = [round(t, 3) for t in latencies]
-        entry["change_during_full_median_seconds"] = round(median(latencies), 3)
-        entry["full_sync_with_change_seconds"] = [round(t, 3) for t in durations]
-        log(f"ipvs full_sync {n}: change during a full sync {entry['change_during_full_seconds']} s"
-            f" (full syncs {entry['full_sync_with_change_seconds']} s)")
+        measure_full_sync(agent, loop, "ipvs", servers(n), entry, batches, repeat=repeat,
+                          changes=changes, offset=offset, label="ipvs full_sync")
         report["sizes"].append(entry)
         loop.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)  # the kernel state goes with our sockets

@@ -56,18 +56,13 @@ def _source() -> str:
 sys.path.insert(0, _source())
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+from _sync import Observer, log, measure_full_sync, median, program  # noqa: E402
 from svcproxy.agent.agent import Agent  # noqa: E402
-from svcproxy.agent.convert import Program  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
 from svcproxy.dataplane.proxier import Counts, SyncResult  # noqa: E402
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer  # noqa: E402
 
 REALS = 10
-
-
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
 
 def servers(n: int) -> list[VirtualServer]:
     out = []
@@ -81,17 +76,9 @@ def servers(n: int) -> list[VirtualServer]:
     return out
 
 
-def program(mode: str, vs: VirtualServer, tag: str) -> Program:
-    return Program(vs.owner, tag, {mode: (vs,)})
-
-
 def swapped(vs: VirtualServer) -> VirtualServer:
     """``vs`` with its last endpoint replaced: one endpoint change."""
     return vs.with_reals([*vs.real_servers[:-1], RealServer("10.244.255.1", 8080)]).canonical()
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def rss_mb() -> float:
@@ -319,29 +306,31 @@ def bench_iptables(sizes: list[int], repeat: int, legacy: bool, tool_timeout: fl
 # the periodic full sync (iptables, host kernel) -------------------------------------------
 
 
-async def _sync_loop(agent: Agent, stop: asyncio.Event, fulls: list[float]) -> None:
-    """The agent's sync loop (``svcproxy.agent.main``), polling every 2 ms."""
-    while not stop.is_set():
-        delay = agent.tracker.due_at() - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(min(delay, 0.002))
-            continue
-        start = time.monotonic()
-        outcome = await agent.run_due()
-        if outcome is not None and outcome.batch.full:
-            fulls.append(time.monotonic() - start)
+class Restores(Observer):
+    """The iptables-restore inputs a full sync wrote: (end time, input) each."""
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[float, str]] = []
+
+    def clear(self) -> None:
+        self.inputs.clear()
+
+    def written(self) -> dict[str, Any]:
+        return {"steady_full_restore_inputs": len(self.inputs),
+                "steady_full_restored_lines": sum(text.count("\n") for _, text in self.inputs)}
+
+    def landed(self, marker: RealServer) -> float | None:
+        needle = f"{marker.address}:{marker.port}"
+        return next((t for t, text in self.inputs if needle in text), None)
 
 
 def bench_full_sync(sizes: list[int], repeat: int, changes: int, legacy: bool,
                     offset: float) -> dict[str, Any]:
-    """Steady-state full syncs and one change landing ``offset`` s into a full sync.
-
-    For each size: the agent's cold sync, then ``repeat`` full syncs with nothing to
-    change (seconds, iptables-restore inputs and lines), then ``changes`` times: a full
-    sync starts in the agent's own sync loop and ``offset`` seconds later one
-    ProxyVirtualServer's endpoint changes (a new address:port each time); the latency
-    is upsert -> the end of the iptables-restore whose input holds the new endpoint
-    (the kernel has it). Works with older sources too (``--baseline-src``).
+    """Steady-state full syncs and one change landing ``offset`` s into a full sync
+    (``_sync.measure_full_sync``), seen through the iptables-restore inputs: per size,
+    the inputs and lines the last steady full sync restored; the latency ends with the
+    iptables-restore whose input holds the new endpoint. Works with older sources too
+    (``--baseline-src``).
     """
     from svcproxy.dataplane.iptables.proxier import IptablesProxier
     from svcproxy.dataplane.netfilter import Netfilter
@@ -349,12 +338,12 @@ def bench_full_sync(sizes: list[int], repeat: int, changes: int, legacy: bool,
     loop = asyncio.new_event_loop()
     tag = uuid.uuid4().hex[:6]
     report: dict[str, Any] = {"offset_seconds": offset, "sizes": []}
-    restores: list[tuple[float, str]] = []  # (end time, input)
+    restores = Restores()
 
     class Recording(Netfilter):
         def restore(self, text: str) -> None:
             super().restore(text)
-            restores.append((time.monotonic(), text))
+            restores.inputs.append((time.monotonic(), text))
 
     for n in sizes:
         ns = f"svcpf-{tag}-{n}"
@@ -364,65 +353,9 @@ def bench_full_sync(sizes: list[int], repeat: int, changes: int, legacy: bool,
                                       Netfilter(ipv6=True, netns=ns, legacy=legacy))
             agent = Agent({"iptables": proxier}, node_name=f"bench-{n}",
                           tracker=ChangeTracker(min_interval=0.05, full_interval=1e9))
-            table = servers(n)
-            agent.replace_all(program("iptables", vs, "v0") for vs in table)
-            batch = agent.tracker.take(time.monotonic())
-            assert batch is not None
-            start = time.monotonic()
-            assert loop.run_until_complete(agent.sync(batch)).ok
-            entry: dict[str, Any] = {"services": n, "cold_sync_seconds": round(time.monotonic() - start, 3)}
-            log(f"full_sync {n}: cold {entry['cold_sync_seconds']} s")
-            steady = []
-            for _ in range(repeat):
-                restores.clear()
-                agent.tracker.request_full()
-                batch = agent.tracker.take(time.monotonic())
-                assert batch is not None
-                start = time.monotonic()
-                assert loop.run_until_complete(agent.sync(batch)).ok
-                steady.append((time.monotonic() - start, len(restores),
-                               sum(text.count("\n") for _, text in restores)))
-            entry["steady_full_seconds"] = [round(t, 3) for t, _, _ in steady]
-            entry["steady_full_median_seconds"] = round(median([t for t, _, _ in steady]), 3)
-            entry["steady_full_restore_inputs"] = steady[-1][1]
-            entry["steady_full_restored_lines"] = steady[-1][2]
-            log(f"full_sync {n}: steady {entry['steady_full_seconds']} s, "
-                f"{steady[-1][1]} inputs, {steady[-1][2]} lines")
-            first = table[0]
-            latencies: list[float] = []
-            durations: list[float] = []
-            for i in range(changes):
-                marker = RealServer("10.244.255.1", 9000 + i)
-                changed = first.with_reals([*first.real_servers[:-1], marker]).canonical()
-
-                async def one(changed: VirtualServer = changed, marker: RealServer = marker,
-                              i: int = i, agent: Agent = agent, durations: list[float] = durations) -> float:
-                    stop = asyncio.Event()
-                    fulls: list[float] = []
-                    runner = asyncio.ensure_future(_sync_loop(agent, stop, fulls))
-                    agent.tracker.request_full()
-                    await asyncio.sleep(offset)
-                    restores.clear()
-                    agent.upsert(program("iptables", changed, f"c{i}"))
-                    landed = time.monotonic()
-                    needle = f"{marker.address}:{marker.port}"
-                    while not any(needle in text for _, text in restores):
-                        await asyncio.sleep(0.002)
-                    done = next(t for t, text in restores if needle in text)
-                    while not fulls:
-                        await asyncio.sleep(0.005)
-                    stop.set()
-                    await runner
-                    durations.append(fulls[0])
-                    return done - landed
-
-                latencies.append(loop.run_until_complete(one()))
-            entry["change_during_full_seconds"] = [round(t, 3) for t in latencies]
-            entry["change_during_full_median_seconds"] = round(median(latencies), 3)
-            entry["full_sync_with_change_seconds"] = [round(t, 3) for t in durations]
-            log(f"full_sync {n}: change during a full sync {entry['change_during_full_seconds']} s "
-                f"(full syncs {entry['full_sync_with_change_seconds']} s)")
-            report["sizes"].append(entry)
+            report["sizes"].append(measure_full_sync(
+                agent, loop, "iptables", servers(n), {"services": n}, restores,
+                repeat=repeat, changes=changes, offset=offset, label="full_sync"))
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
     loop.close()
