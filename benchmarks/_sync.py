@@ -76,12 +76,15 @@ async def sync_loop(agent: Agent, stop: asyncio.Event, fulls: list[float]) -> No
             fulls.append(time.monotonic() - start)
 
 
-def _timed_sync(agent: Agent, loop: asyncio.AbstractEventLoop) -> float:
+def timed_sync(agent: Agent, loop: asyncio.AbstractEventLoop) -> float:
+    """Seconds the agent takes to run the batch due now; fails with its first errors."""
     batch = agent.tracker.take(time.monotonic())
     assert batch is not None
     start = time.monotonic()
-    assert loop.run_until_complete(agent.sync(batch)).ok
-    return time.monotonic() - start
+    outcome = loop.run_until_complete(agent.sync(batch))
+    took = time.monotonic() - start
+    assert outcome.ok, [str(e) for r in outcome.results for e in r.errors][:3]
+    return took
 
 
 def measure_full_sync(agent: Agent, loop: asyncio.AbstractEventLoop, mode: str,  # noqa: PLR0917
@@ -101,14 +104,14 @@ def measure_full_sync(agent: Agent, loop: asyncio.AbstractEventLoop, mode: str, 
 
     n = entry["services"]
     agent.replace_all(program(mode, vs, "v0") for vs in table)
-    entry["cold_sync_seconds"] = round(_timed_sync(agent, loop), 3)
+    entry["cold_sync_seconds"] = round(timed_sync(agent, loop), 3)
     log(f"{label} {n}: cold {entry['cold_sync_seconds']} s")
     steady: list[float] = []
     written: dict[str, Any] = {}
     for _ in range(repeat):
         observer.clear()
         agent.tracker.request_full()
-        steady.append(_timed_sync(agent, loop))
+        steady.append(timed_sync(agent, loop))
         written = observer.written()
     extra = observer.after_steady()
     entry.update(extra)
