@@ -153,6 +153,21 @@ def case_full_sync_edits_a_forwarding_method_back_to_nat(kit: Kit) -> None:
     assert p.sync_blocking(make_table([v])).total_operations == 0
 
 
+def case_ipv6_persistent_service_reads_back_as_written(kit: Kit) -> None:
+    """The persistence netmask of IPv6 is a prefix length (128 sent, 128 read back): a
+    service written by the agent shows no ``other`` setting, so steady full syncs write
+    nothing; the proc reader's IPv6 real servers match netlink's."""
+    p = kit.proxier()
+    reals = [RealServer("fd01::2", 8080), RealServer("fd01::3", 8080)]
+    v = VirtualServer.create("TCP", "fd00::10", 80, reals, persistence=60, owner="ns/v6")
+    result = p.sync_blocking(make_table([v]))
+    assert result.ok, result.errors
+    for got in (kit.kernel.dump()[v.key], kit.kernel.read([v.key])[v.key]):
+        assert got.other == frozenset() and got.persistence == 60, got
+        assert set(got.real_servers) == set(v.real_servers), got
+    assert p.sync_blocking(make_table([v])).total_operations == 0
+
+
 CASES: dict[str, Callable[[Kit], None]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

@@ -48,6 +48,7 @@ def conformance() -> None:
     from svcproxy.dataplane.ipvs.netlink import NetlinkAddresses, NetlinkIpvs
 
     results: dict[str, str] = {}
+    subprocess.run(["modprobe", "ipv6"], check=False)  # a module in the UML kernel: IPv6 cases
     for i, (name, case) in enumerate(sorted(CASES.items())):
         ns = f"conf{i}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -55,6 +56,7 @@ def conformance() -> None:
         in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(ns, "ip", "link", "add", "pods", "type", "dummy")
         in_ns(ns, "ip", "addr", "add", "10.244.0.1/16", "dev", "pods")
+        in_ns(ns, "ip", "addr", "add", "fd01::1/64", "dev", "pods", "nodad")
         in_ns(ns, "ip", "link", "set", "pods", "up")
         try:
             setns(ns)
