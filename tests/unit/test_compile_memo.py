@@ -37,6 +37,7 @@ class World:
     now: float = 100.0
     unlabelled: dict[str, float] = field(default_factory=dict)
     last: Plan | None = None
+    written: dict[str, JSON] = field(default_factory=dict)  # program specs as last written
 
     def put(self, kind: str, obj: JSON) -> None:
         self.rv += 1
@@ -57,7 +58,8 @@ class World:
     def apply(self, plan: Plan) -> None:
         """The reconciler's writes, as they come back from the API server."""
         for name, spec in plan.writes.items():
-            self.put("program", {"metadata": {"name": name, "namespace": "ns"}, "spec": spec.wire()})
+            self.written[name] = spec.wire()
+            self.put("program", {"metadata": {"name": name, "namespace": "ns"}, "spec": self.written[name]})
         for name, on in [(n, True) for n in plan.label] + [(n, False) for n in plan.unlabel]:
             svc = copy.deepcopy(self.cache.get("service", "ns", name))
             assert svc is not None
@@ -203,10 +205,10 @@ def _step(world: World, op: tuple[Any, ...]) -> None:
             {"metadata": {"name": op[1]}, "status": {"conditions": [{"type": "Ready", "status": ready}]}},
         )
     elif kind == "edit-program":
-        program = copy.deepcopy(cache.get("program", "ns", op[1]))
-        if program is not None:
-            program["spec"]["summary"] = {"vips": "edited by hand", "endpoints": "0/0"}
-            world.put("program", program)
+        # The cache keeps a summary of a program: the edit is made to what was written.
+        if cache.get("program", "ns", op[1]) is not None:
+            spec = {**world.written[op[1]], "summary": {"vips": "edited by hand", "endpoints": "0/0"}}
+            world.put("program", {"metadata": {"name": op[1], "namespace": "ns"}, "spec": spec})
     elif kind == "apply":
         if world.last is not None:
             world.apply(world.last)

@@ -164,8 +164,8 @@ async def test_observe_coalesces_events_into_one_pass() -> None:
 
 def test_cache_keeps_newer_resource_version() -> None:
     cache = Cache()
-    new = {"metadata": {"name": "a", "namespace": "ns", "resourceVersion": "20"}, "v": 2}
-    old = {"metadata": {"name": "a", "namespace": "ns", "resourceVersion": "10"}, "v": 1}
+    new = {"metadata": {"name": "a", "namespace": "ns", "resourceVersion": "20"}, "spec": {"v": 2}}
+    old = {"metadata": {"name": "a", "namespace": "ns", "resourceVersion": "10"}, "spec": {"v": 1}}
     assert cache.put("service", new)
     assert not cache.put("service", old)
     assert cache.get("service", "ns", "a") == new

@@ -27,6 +27,7 @@ drop out, and a pass that raises resets it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class Compiled:
     key: tuple[Any, ...] | None
     pods: tuple[tuple[str, Mapping[str, str] | None], ...]
     result: ProxyVirtualServerSpec | NotProxied
-    wire: JSON | None  # the program's wire form (None when not proxied, or once stored)
-    stored_rv: str | None = None  # resourceVersion of a stored program known to equal ``wire``
+    # Digest of the program's wire form (None when not proxied): compared with the stored
+    # program's, so neither side keeps a second copy of the program as dicts.
+    digest: str | None
 
 
 @dataclass
@@ -161,20 +163,20 @@ class PlanMemo:
         # Without weights compile ignores Pod labels: they cannot invalidate the program.
         seen = _Recorder(pod_labels) if policy.policy.spec.weights else None
         result = compile_program(policy.policy, service, slices, seen if seen is not None else {})
-        wire: JSON | None = None
+        digest: str | None = None
         if isinstance(result, ProxyVirtualServerSpec):
-            wire = result.wire()
-            size = len(json.dumps(wire))
-            if size > MAX_PROGRAM_BYTES:
+            text = spec_text(result.wire())
+            if len(text) > MAX_PROGRAM_BYTES:
                 result = NotProxied(
                     "TooLarge",
-                    f"the program would be {size} bytes (limit {MAX_PROGRAM_BYTES}): "
+                    f"the program would be {len(text)} bytes (limit {MAX_PROGRAM_BYTES}): "
                     "split the Service's ports or endpoints across Services",
                 )
-                wire = None
+            else:
+                digest = text_digest(text)
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
-        return Compiled(key, seen.seen() if seen is not None else (), result, wire)
+        return Compiled(key, seen.seen() if seen is not None else (), result, digest)
 
 
 @dataclass
@@ -289,6 +291,21 @@ class _Recorder(Mapping[str, Mapping[str, str]]):
 
     def seen(self) -> tuple[tuple[str, Mapping[str, str] | None], ...]:
         return tuple(self._seen.items())
+
+
+def spec_text(spec: JSON) -> str:
+    """A program spec as JSON with sorted keys (the API server serves a custom object's keys
+    sorted; sorting does not change the length, which the size limit reads)."""
+    return json.dumps(spec, sort_keys=True)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_digest(spec: JSON) -> str:
+    """What tells two program specs apart (equal JSON, equal digest)."""
+    return text_digest(spec_text(spec))
 
 
 def resource_version(obj: JSON) -> str | None:

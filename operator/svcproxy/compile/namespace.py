@@ -38,13 +38,24 @@ from svcproxy.compile.memo import (
     PolicyRows,
     ServiceRecord,
     resource_version,
+    spec_digest,
 )
 from svcproxy.compile.program import NotProxied, not_proxied
 from svcproxy.compile.status import changed_reports, policy_rows, policy_status
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
-__all__ = ["MAX_PROGRAM_BYTES", "Event", "NamespaceView", "Plan", "PlanMemo", "plan_namespace"]
+__all__ = [
+    "MAX_PROGRAM_BYTES",
+    "Event",
+    "NamespaceView",
+    "Plan",
+    "PlanMemo",
+    "plan_namespace",
+    "program_summary",
+]
+# The key that marks a stored program given as its summary (see program_summary).
+SPEC_DIGEST = "specDigest"
 # Conditions whose "True" is bad news (no Event when they start out False).
 _BAD_WHEN_TRUE = {"Conflicted", "Degraded"}
 # Transitions worth a Warning Event; the rest are Normal.
@@ -60,7 +71,7 @@ class NamespaceView:
     services: Mapping[str, JSON]
     slices: Mapping[str, Sequence[JSON]]  # Service name -> its EndpointSlices
     pod_labels: Mapping[str, Mapping[str, str]]
-    programs: Mapping[str, JSON]  # existing ProxyVirtualServers by name
+    programs: Mapping[str, JSON]  # existing ProxyVirtualServers by name (or their program_summary)
     nodes: Sequence[ProxyNode]
     now: float  # seconds, the reconciler's monotonic-ish clock
     now_iso: str  # RFC 3339, for lastTransitionTime
@@ -123,10 +134,33 @@ def _labelled(service: JSON) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def program_summary(program: JSON) -> JSON:
+    """What the planner reads of a stored ProxyVirtualServer: name, resourceVersion, the policy
+    that wrote it and the digest of its spec. The operator's cache keeps this instead of the
+    program, which is as large as the compiled program itself (a view may hold either)."""
+    meta = program.get("metadata") or {}
+    spec = program.get("spec")
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion") if k in meta},
+        "policy": _owner_of(program),
+        SPEC_DIGEST: spec_digest(spec) if isinstance(spec, dict) else None,
+    }
+
+
+def _stored_digest(program: JSON) -> str | None:
+    if SPEC_DIGEST in program:
+        digest = program[SPEC_DIGEST]
+        return digest if isinstance(digest, str) else None
+    spec = program.get("spec")
+    return spec_digest(spec) if isinstance(spec, dict) and spec else None
+
+
 def _owner_of(program: JSON) -> str | None:
-    spec = program.get("spec") or {}
-    policy = spec.get("policy") or {}
-    name = policy.get("name")
+    if SPEC_DIGEST in program:
+        name = program.get("policy")
+    else:
+        spec = program.get("spec") or {}
+        name = (spec.get("policy") or {}).get("name")
     return name if isinstance(name, str) else None
 
 
@@ -384,21 +418,8 @@ def _plan_programs(
 
 
 def _needs_write(existing: JSON | None, entry: Compiled) -> bool:
-    """True unless the stored program equals the compiled one (a hand edit is put back).
-
-    Once a stored version is known equal, the memo drops its copy of the wire form
-    (it would double the programs' memory) and rebuilds it only if that version moves."""
-    rv = resource_version(existing) if existing is not None else None
-    if rv is not None and rv == entry.stored_rv:
-        return False  # this very version was compared before
-    if entry.wire is None:
-        assert isinstance(entry.result, ProxyVirtualServerSpec)
-        entry.wire = entry.result.wire()
-    if existing is None or (existing.get("spec") or {}) != entry.wire:
-        return True
-    if rv is not None:
-        entry.stored_rv, entry.wire = rv, None
-    return False
+    """True unless the stored program equals the compiled one (a hand edit is put back)."""
+    return existing is None or _stored_digest(existing) != entry.digest
 
 
 def _all_nodes_applied(view: NamespaceView, svc_name: str, content_hash: str) -> bool:

@@ -10,13 +10,16 @@ Single-threaded: used only from the operator's event loop.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from svcproxy.api.node import ProxyNode
-from svcproxy.compile.namespace import NamespaceView
+from svcproxy.compile.namespace import NamespaceView, program_summary
 
 JSON = dict[str, Any]
 # "node" is a ProxyNode (an agent's report); "k8snode" a core/v1 Node.
@@ -37,6 +40,91 @@ def node_summary(node: JSON) -> JSON:
         },
         "status": {"conditions": ready},
     }
+
+
+# Metadata the planner reads of a Service (selection, handover label, memo keys, owner refs).
+_SERVICE_META = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
+# Values repeated across thousands of objects (node names, condition sets, port lists), kept
+# once: a JSON parser makes a new object for every occurrence. Never edited (the cache
+# replaces objects, it never edits one), so sharing them is safe.
+_SHARED: dict[Any, Any] = {}
+_REF_KEYS = ("kind", "name")
+_SHARED_LIMIT = 4096  # distinct values kept; past it values are stored unshared
+
+
+def _shared(key: Any, value: Any) -> Any:
+    hit = _SHARED.get(key)
+    if hit is not None:
+        return hit
+    if len(_SHARED) < _SHARED_LIMIT:
+        _SHARED[key] = value
+    return value
+
+
+def _shared_str(value: Any) -> Any:
+    return sys.intern(value) if type(value) is str else value
+
+
+def service_summary(service: JSON) -> JSON:
+    """The part of a Service the planner reads: its spec and a few metadata fields; not
+    managedFields, annotations (kubectl's last-applied copy) or status."""
+    meta = service.get("metadata") or {}
+    out: JSON = {"metadata": {k: meta[k] for k in _SERVICE_META if k in meta}}
+    if "namespace" in out["metadata"]:
+        out["metadata"]["namespace"] = _shared_str(out["metadata"]["namespace"])
+    if "spec" in service:
+        out["spec"] = service["spec"]
+    return out
+
+
+def _endpoint(ep: Any) -> Any:
+    """One endpoint as compile reads it: the first address (consumers use only that one),
+    conditions, nodeName and the Pod it is (targetRef kind and name)."""
+    if not isinstance(ep, dict):
+        return ep
+    out: JSON = {}
+    addresses = ep.get("addresses")
+    if isinstance(addresses, list):
+        out["addresses"] = addresses[:1]
+    cond = ep.get("conditions")
+    if isinstance(cond, dict):
+        key = ("cond", *sorted(cond.items())) if all(type(v) is bool for v in cond.values()) else None
+        out["conditions"] = _shared(key, cond) if key is not None else cond
+    if "nodeName" in ep:
+        out["nodeName"] = _shared_str(ep["nodeName"])
+    ref = ep.get("targetRef")
+    if isinstance(ref, dict):
+        out["targetRef"] = {k: _shared_str(v) if k == "kind" else v for k, v in ref.items() if k in _REF_KEYS}
+    return out
+
+
+def slice_summary(slice_: JSON) -> JSON:
+    """The part of an EndpointSlice compile reads (see _endpoint); the zone, hints, the Pod's
+    uid and namespace, managedFields and ownerReferences are left out."""
+    meta = slice_.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    out_meta: JSON = {k: meta[k] for k in ("name", "resourceVersion") if k in meta}
+    if "namespace" in meta:
+        out_meta["namespace"] = _shared_str(meta["namespace"])
+    if SERVICE_NAME_LABEL in labels:
+        out_meta["labels"] = {SERVICE_NAME_LABEL: labels[SERVICE_NAME_LABEL]}
+    out: JSON = {"metadata": out_meta}
+    if "addressType" in slice_:
+        out["addressType"] = _shared_str(slice_["addressType"])
+    ports = slice_.get("ports")
+    if isinstance(ports, list):
+        try:
+            out["ports"] = _shared(("ports", json.dumps(ports, sort_keys=True)), ports)
+        except (TypeError, ValueError):
+            out["ports"] = ports
+    elif "ports" in slice_:
+        out["ports"] = ports
+    endpoints = slice_.get("endpoints")
+    if isinstance(endpoints, list):
+        out["endpoints"] = [_endpoint(ep) for ep in endpoints]
+    elif "endpoints" in slice_:
+        out["endpoints"] = endpoints
+    return out
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -83,8 +171,9 @@ class Cache:
 
         At an equal resourceVersion the stored object stays (same content, by the API's
         contract): the planner memo tells unchanged objects by identity."""
-        if kind == "k8snode":
-            obj = node_summary(obj)
+        summary = _SUMMARIES.get(kind)
+        if summary is not None:
+            obj = summary(obj)
         meta = obj.get("metadata") or {}
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         current = self.objects[kind][ns].get(name)
@@ -207,6 +296,15 @@ class Cache:
             handover_delay=handover_delay,
             expected_nodes=self.expected_nodes(),
         )
+
+
+# What the cache keeps of each kind (the rest is kept whole: policies, ProxyNode reports).
+_SUMMARIES: dict[str, Callable[[JSON], JSON]] = {
+    "service": service_summary,
+    "slice": slice_summary,
+    "program": program_summary,
+    "k8snode": node_summary,
+}
 
 
 def _slice_owner(obj: JSON) -> str:
