@@ -12,7 +12,9 @@ them to the :class:`~svcproxy.agent.agent.Agent`; run the first full sync into
 the kernel, then a second one (the periodic drift repair, which reads the
 kernel back). Reported per size: RSS after import, after the proxiers are
 built, after each sync (``VmRSS``, after ``gc.collect()``) and the peak
-(``VmHWM``) after the cold sync and at the end. With
+(``VmHWM``) after the cold sync and at the end. With ``--drift`` one service
+chain is then flushed by hand and one more full sync repairs it (the peak of a
+full sync that finds drift). With
 ``--trace`` the largest size runs once more under :mod:`tracemalloc` and the
 top allocation sites still alive after the sync are listed (tracing costs
 memory itself, so its RSS is not reported). With ``--baseline-src`` older
@@ -22,7 +24,7 @@ traffic is sent.
 
 Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/agent_memory.py [--sizes 1000,10000] [--reals 10] [--trace]
+    .venv/bin/python benchmarks/agent_memory.py [--sizes 1000,10000] [--reals 10] [--trace] [--drift]
         [--src NEW/operator] [--label TEXT] [--baseline-src OLD/operator] [--baseline-label TEXT]
         [--output benchmarks/results/agent_memory.json]
 """
@@ -39,7 +41,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = 500
@@ -80,7 +82,7 @@ def pvs_object(i: int, reals: int) -> dict[str, Any]:
     }
 
 
-def child(n: int, reals: int, trace: bool) -> dict[str, Any]:
+def child(n: int, reals: int, trace: bool, drift: bool) -> dict[str, Any]:
     """Runs inside a fresh network namespace (the parent starts it with ``ip netns exec``)."""
     if trace:
         import tracemalloc
@@ -135,6 +137,18 @@ def child(n: int, reals: int, trace: bool) -> dict[str, Any]:
     gc.collect()
     out["rss_after_resync_mb"] = status_mb("VmRSS")
     out["rss_peak_mb"] = status_mb("VmHWM")
+    if drift and not trace:
+        # One service chain flushed by hand: the next full sync finds drift and repairs it
+        # (the peak of a full sync that has to find which chains differ). The chain name
+        # comes through a shell pipe so this process never holds iptables-save's output.
+        name = subprocess.run(["sh", "-c", "iptables-save -t nat | grep -m1 '^:SVCPROXY-SVC-'"],
+                              capture_output=True, text=True, check=True).stdout.split()[0][1:]
+        subprocess.run(["iptables", "-t", "nat", "-F", name], check=True)
+        out["drift_resync_seconds"] = full_sync()
+        out["drift_rewritten_services"] = cast(Any, usable["iptables"]).last_full.dirty_services
+        gc.collect()
+        out["rss_after_drift_resync_mb"] = status_mb("VmRSS")
+        out["rss_peak_with_drift_mb"] = status_mb("VmHWM")
     if trace:
         import tracemalloc
         snap = tracemalloc.take_snapshot().filter_traces([
@@ -157,11 +171,11 @@ def child(n: int, reals: int, trace: bool) -> dict[str, Any]:
     return out
 
 
-def run_child(n: int, reals: int, trace: bool, src: Path) -> dict[str, Any]:
+def run_child(n: int, reals: int, trace: bool, src: Path, drift: bool = False) -> dict[str, Any]:
     ns = f"svcpmem-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--child", str(n), "--reals", str(reals),
-           *(["--trace"] if trace else [])]
+           *(["--trace"] if trace else []), *(["--drift"] if drift else [])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               env=dict(os.environ, PYTHONPATH=str(src)))
@@ -179,6 +193,8 @@ def main() -> int:
     parser.add_argument("--reals", type=int, default=10)
     parser.add_argument("--trace", action="store_true",
                         help="also list tracemalloc's top sites at the largest size")
+    parser.add_argument("--drift", action="store_true",
+                        help="then flush one service chain by hand and run one more full sync")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, default=ROOT / "operator",
                         help="svcproxy sources to measure (an older commit's operator/: a before figure)")
@@ -189,7 +205,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.reals, args.trace)))
+        print(json.dumps(child(args.child, args.reals, args.trace, args.drift)))
         return 0
     if os.geteuid() != 0:
         log("run as root: each size makes a network namespace for the iptables proxier")
@@ -209,7 +225,7 @@ def main() -> int:
     for n in sizes:
         for name, (src, part) in runs.items():
             log(f"{name}: {n} Services x {args.reals} endpoints ({src})")
-            part["sizes"].append(run_child(n, args.reals, False, src))
+            part["sizes"].append(run_child(n, args.reals, False, src, args.drift))
             log(json.dumps(part["sizes"][-1]))
     if args.trace:
         log(f"{max(sizes)} Services under tracemalloc")
