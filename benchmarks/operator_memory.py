@@ -16,7 +16,7 @@ server that stores each write the way kube-apiserver does (new
 resourceVersion, uid, managedFields) and whose watch echoes it back: every
 ProxyVirtualServer written, 3 agents' ProxyNode reports applying all of
 them, the handover labels, the policy statuses, until a pass writes nothing;
-then one periodic resync (``apply_lists`` with a full list of every kind).
+then one periodic resync (full lists of every kind, merged as the operator does).
 Reported per size: RSS (``VmRSS`` after ``gc.collect()``) after import, after
 the objects are fed, after the passes, after the resync, and the peak
 (``VmHWM``).
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import json
 import os
@@ -104,10 +105,12 @@ class ApiServer:
         self.size, self.endpoints, self.policies = size, endpoints, policies
         self.rv = 10_000
         self.service_rv: dict[int, int] = {}
+        self.slice_rv: dict[int, int] = {}
         self.labelled: set[int] = set()
         self.program_rv: dict[str, int] = {}
         # Programs as written, for the resync's list: on disk, so they do not count in the RSS.
         self.program_file = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the run
+        self.program_at: dict[str, int] = {}  # name -> where its last write starts in the file
         self.policy_rv: dict[int, int] = {}
         self.statuses: dict[int, JSON] = {}  # the operator's last status (the API stores it too)
         self.echoes: list[tuple[str, JSON]] = []  # watch events of the writes, delivered later
@@ -298,7 +301,7 @@ class ApiServer:
                 "generateName": f"{name}-",
                 "namespace": NS,
                 "uid": _uid(5, i),
-                "resourceVersion": str(self.service_rv.get(i, 0) + 1),
+                "resourceVersion": str(self.slice_rv.setdefault(i, self.next_rv())),
                 "generation": 1,
                 "creationTimestamp": "2026-11-27T06:10:01Z",
                 "labels": {
@@ -411,20 +414,39 @@ class ApiServer:
         }
 
     # -- lists (the periodic resync) -------------------------------------------------------
-    def lists(self, applied: dict[str, str], programs: list[JSON]) -> dict[str, JSON]:
-        meta = {"resourceVersion": str(self.rv)}
-        return {
-            "policy": {"metadata": meta, "items": [_wire(self.policy(k)) for k in range(self.policies)]},
-            "service": {"metadata": meta, "items": [_wire(self.service(i)) for i in range(self.size)]},
-            "slice": {"metadata": meta, "items": [_wire(self.endpoint_slice(i)) for i in range(self.size)]},
-            "program": {"metadata": meta, "items": programs},
-            "node": {
-                "metadata": meta,
-                "items": [_wire(self.proxy_node(k, applied)) for k in range(len(NODES))],
-            },
-            "pod": {"metadata": meta, "items": []},
-            "k8snode": {"metadata": meta, "items": [_wire(self.node(k)) for k in range(len(NODES))]},
+    def count(self, kind: str) -> int:
+        counts = {
+            "policy": self.policies,
+            "service": self.size,
+            "slice": self.size,
+            "program": len(self.program_at),
+            "node": len(NODES),
+            "k8snode": len(NODES),
         }
+        return counts.get(kind, 0)
+
+    def item(self, kind: str, i: int, applied: dict[str, str]) -> JSON:
+        if kind == "policy":
+            return self.policy(i)
+        if kind == "service":
+            return self.service(i)
+        if kind == "slice":
+            return self.endpoint_slice(i)
+        if kind == "program":
+            self.program_file.seek(self.program_at[f"svc-{i:05d}"])
+            name, spec = json.loads(self.program_file.readline())
+            return self.program(name, spec)
+        if kind == "node":
+            return self.proxy_node(i, applied)
+        return self.node(i)
+
+    def page(self, kind: str, start: int, applied: dict[str, str], limit: int) -> JSON:
+        """One page of a list, as the API server serves it (``continue``: where the next starts)."""
+        end = min(self.count(kind), start + limit)
+        meta: JSON = {"resourceVersion": str(self.rv)}
+        if end < self.count(kind):
+            meta["continue"] = str(end)
+        return {"metadata": meta, "items": [self.item(kind, i, applied) for i in range(start, end)]}
 
 
 class Writer:
@@ -439,6 +461,7 @@ class Writer:
         name = str(service["metadata"]["name"])
         self.api.program_rv[name] = self.api.next_rv()
         wire = spec.wire()
+        self.api.program_at[name] = self.api.program_file.seek(0, os.SEEK_END)
         self.api.program_file.write(json.dumps([name, wire]) + "\n")
         body = self.api.program(name, wire)
         self.api.echoes.append(("program", body))
@@ -555,7 +578,6 @@ class Feed:
 
 async def _scenario(size: int, endpoints: int, policies: int, variant: str, out: JSON) -> None:
     from svcproxy.controller.cache import Cache
-    from svcproxy.controller.lister import apply_lists
     from svcproxy.controller.reconciler import Reconciler
 
     api = ApiServer(size, endpoints, policies)
@@ -612,18 +634,40 @@ async def _scenario(size: int, endpoints: int, policies: int, variant: str, out:
     out["rss_peak_passes_mb"] = status_mb("VmHWM")
     out["passes_seconds"] = round(time.monotonic() - started, 1)
     # The periodic resync: a full list of every kind, merged in (same versions: nothing replaced).
-    api.program_file.seek(0)
-    last = dict(json.loads(line) for line in api.program_file)
-    lists = api.lists(applied, [_wire(api.program(n, s)) for n, s in last.items()])
-    del last
-    apply_lists(cache, lists)
-    del lists
+    await _resync(api, cache, applied, out)
     gc.collect()
     out["rss_after_resync_mb"] = status_mb("VmRSS")
     out["rss_peak_mb"] = status_mb("VmHWM")
+    # How much of that is pages glibc keeps after the resync's garbage was freed.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    out["rss_after_resync_malloc_trim_mb"] = status_mb("VmRSS")
     out["held"] = {kind: sum(len(v) for v in cache.objects[kind].values()) for kind in cache.objects}
     out["kopf_memories"] = feed.kopf_memories()
     out["keep"] = (cache, rec, feed)  # alive until measured
+
+
+async def _resync(api: ApiServer, cache: Any, applied: dict[str, str], out: JSON) -> None:
+    """The periodic resync as the measured sources do it: page by page through the Lister's
+    merge where it has one (its HTTP read replaced by the in-memory API server); else, as the
+    older sources did, every kind's whole list at once (here as dicts: their client's models,
+    which cost more, are not built)."""
+    from svcproxy.controller import lister
+
+    kinds = ("policy", "service", "slice", "program", "node", "pod", "k8snode")
+    if hasattr(lister, "ListMerge"):
+        out["resync"] = "paged"
+        reader = lister.Lister.__new__(lister.Lister)  # no API client: _get is replaced
+        reader.namespace, reader._warned_nodes = None, False
+
+        async def get(kind: str, token: str | None) -> JSON:
+            return _wire(api.page(kind, int(token or 0), applied, lister.PAGE))
+
+        reader._get = get
+        await reader.load(cache)
+        return
+    out["resync"] = "whole lists"
+    lists = {k: _wire(api.page(k, 0, applied, api.count(k) or 1)) for k in kinds}
+    lister.apply_lists(cache, lists)
 
 
 def _site(frame: Any) -> str:
@@ -635,10 +679,6 @@ def _site(frame: Any) -> str:
 
 
 def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -> JSON:
-    if trace:
-        import tracemalloc
-
-        tracemalloc.start(12)
     import svcproxy.controller.handlers  # noqa: F401  (registers the handlers with kopf, as main does)
 
     gc.collect()
@@ -649,6 +689,10 @@ def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -
         "variant": variant,
         "rss_after_import_mb": status_mb("VmRSS"),
     }
+    if trace:  # after the imports: what they allocate is in rss_after_import_mb, and tracing
+        import tracemalloc  # them costs a minute
+
+        tracemalloc.start(8)
     asyncio.run(_scenario(size, endpoints, policies, variant, out))
     keep = out.pop("keep")
     gc.collect()
@@ -668,16 +712,18 @@ def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -
             {"site": _site(s.traceback[0]), "mb": round(s.size / 2**20, 2), "blocks": s.count}
             for s in stats[:25]
         ]
-        # Who asked for it: the innermost frame in svcproxy or kopf (else this script's feed).
-        owners: dict[str, list[int]] = {}
-        for t in snap.traces:
-            frames = list(t.traceback)  # most recent call first
-            mine = next((f for f in frames if "svcproxy/" in f.filename or "/kopf/" in f.filename), frames[0])
-            acc = owners.setdefault(_site(mine), [0, 0])
-            acc[0] += t.size
+        # Who asked for it: the innermost frame in svcproxy or kopf (else the allocating frame).
+        # The raw traces (tuples, most recent frame first): Traceback objects cost minutes here.
+        owners: dict[tuple[str, int], list[int]] = {}
+        for _, nbytes, frames, *_rest in snap.traces._traces:
+            mine = next((f for f in frames if "svcproxy/" in f[0] or "/kopf/" in f[0]), frames[0])
+            acc = owners.setdefault(mine, [0, 0])
+            acc[0] += nbytes
             acc[1] += 1
         top = sorted(owners.items(), key=lambda kv: -kv[1][0])[:25]
-        out["top_owners"] = [{"site": s, "mb": round(b / 2**20, 2), "blocks": c} for s, (b, c) in top]
+        out["top_owners"] = [
+            {"site": _site(tracemalloc.Frame(f)), "mb": round(b / 2**20, 2), "blocks": c} for f, (b, c) in top
+        ]
     del keep
     return out
 

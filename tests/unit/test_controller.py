@@ -253,10 +253,10 @@ async def test_nothing_is_planned_before_the_first_full_list() -> None:
         "pod": {"metadata": {"resourceVersion": "50"}, "items": []},
     }
 
-    async def fake_lists() -> dict[str, JSON]:
-        return lists
+    async def fake_load(into: Cache) -> None:
+        apply_lists(into, lists)
 
-    task = asyncio.get_running_loop().create_task(rec.resync_forever(fake_lists, 3600))
+    task = asyncio.get_running_loop().create_task(rec.resync_forever(fake_load, 3600))
     try:
         for _ in range(200):
             await asyncio.sleep(0.01)

@@ -60,7 +60,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     memo.reconciler.writer = ApiWriter(api)
     lister = Lister(api, memo.options.namespace)
     memo.resync = asyncio.get_running_loop().create_task(
-        memo.reconciler.resync_forever(lister.lists, memo.options.resync_seconds), name="svcproxy-resync"
+        memo.reconciler.resync_forever(lister.load, memo.options.resync_seconds), name="svcproxy-resync"
     )
 
 

@@ -25,7 +25,6 @@ from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer, describe
-from svcproxy.controller.lister import apply_lists
 
 JSON = dict[str, Any]
 log = logging.getLogger("svcproxy.operator")
@@ -122,12 +121,13 @@ class Reconciler:
         loop = asyncio.get_running_loop()
         self._timers[namespace] = loop.call_later(max(delay, 0.05), self.touch, namespace)
 
-    async def resync_forever(self, lists: Callable[[], Awaitable[dict[str, JSON]]], interval: float) -> None:
-        """List every kind now and every ``interval`` seconds; the first list opens the gate."""
+    async def resync_forever(self, load: Callable[[Cache], Awaitable[None]], interval: float) -> None:
+        """List every kind into the cache (``load``, e.g. :meth:`Lister.load`) now and every
+        ``interval`` seconds; the first complete list opens the gate."""
         failures = 0
         while True:
             try:
-                apply_lists(self.cache, await lists())
+                await load(self.cache)
             except Exception as err:
                 # Right after CRDs are created the API server answers 429 "storage is
                 # (re)initializing" for a moment: retry soon, then back off.
