@@ -183,3 +183,18 @@ def test_a_consumer_that_stops_early_ends_the_tool(tmp_path: Path, monkeypatch: 
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # ended and reaped, not left running
         os.kill(pid, 0)
+
+
+def test_chains_not_kept_are_folded_but_neither_they_nor_their_names_are_held() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def fold(name: str, rules: list[str]) -> int:
+        seen.append((name, len(rules)))
+        return len(rules)
+
+    nat = scan(SAVED.splitlines(), ("nat",), "SVCPROXY-", fold, keep=lambda n: n == "SVCPROXY-SERVICES")["nat"]
+    assert nat.chains == {"SVCPROXY-SERVICES": 1} and nat.problem is None
+    # Declarations (no rules) and then each chain's rules, for the caller's own sums.
+    assert sorted(seen) == sorted([("SVCPROXY-SVC-AAAAAAAAAAAAAAA", 0), ("SVCPROXY-SEP-BBBBBBBBBBBBBBB", 0),
+                                   ("SVCPROXY-EMPTY", 0), ("SVCPROXY-SERVICES", 1),
+                                   ("SVCPROXY-SVC-AAAAAAAAAAAAAAA", 1), ("SVCPROXY-SEP-BBBBBBBBBBBBBBB", 2)])

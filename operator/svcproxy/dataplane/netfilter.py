@@ -103,7 +103,6 @@ class SavedTable(Generic[T]):
 
     present: bool = False  # the table was in the output (a table nothing created is not)
     chains: dict[str, T] = field(default_factory=dict)  # chains under the prefix -> fold(name, rules)
-    passed: int = 0  # chains under the prefix declared but not kept (``keep``): only folded
     jumps: set[str] = field(default_factory=set)  # rules of built-in chains jumping to a project chain
     problem: str | None = None  # the first thing a strict reader refuses, e.g. a cut-short table
 
@@ -123,10 +122,10 @@ def scan(
     built-in chains that jump to a project chain (exact lines), and whether it parsed.
 
     ``keep``: chains under the prefix for which it is False are folded but not kept,
-    nor are their names (only counted, in ``passed``): for a caller whose fold sums
-    them up. ``fold`` sees such a chain only if it has rules, once per run of them;
-    the checks below that need the chain's name are the caller's to make (a sum over
-    runs and ``passed`` against what it expects does).
+    nor are their names: for a caller whose fold sums them up. ``fold`` sees such a
+    chain at its declaration (with no rules) and once per run of its rules; the checks
+    below that need the chain's name are the caller's to make (comparing its sums of
+    declarations and runs with what it expects does).
 
     One pass; it holds one chain's lines at a time, never the output: iptables-save
     prints each chain's rules together, after every chain's declaration, and a table
@@ -197,7 +196,7 @@ def scan(
                 if keep is None or keep(name):
                     kept[name] = None
                 else:
-                    table.passed += 1
+                    fold(name, [])
         elif line and not line.startswith("#"):
             table.problem = table.problem or f"unknown line in iptables-save output: {line!r}"
     if table is not None:

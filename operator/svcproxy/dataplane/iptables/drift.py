@@ -84,41 +84,76 @@ def fold(name: str, lines: list[str]) -> Chain:
     return digest(normalise(line) for line in lines)
 
 
+def group(name: str) -> str:
+    """The group of a per-service chain: the first two characters of its name's hash
+    (base32: 1024 groups, each ~1/1000 of the chains)."""
+    return name[len(PER_SERVICE[0]) : len(PER_SERVICE[0]) + 2]
+
+
 @dataclass
 class Summary:
-    """Per-service chains as one sum, mod 2^128, of a 128-bit hash of each chain's name
-    and rules, and their count: the steady-state full sync compares this with the sum
-    of the desired chains, so its read-back holds nothing per chain (the per-chain
-    digests of 110k chains, with their names, were ~19 MB at 10k Services). Only when
-    the sums differ is the table read again with a digest per chain, to find which."""
+    """Per-service chains summed up per :func:`group`: a sum, mod 2^128, of a 128-bit
+    hash of each chain's name and rules, and a count. The steady-state full sync
+    compares these with the desired chains' sums, so its read-back holds nothing per
+    chain (the digests of 110k chains, with their names, were ~19 MB at 10k Services).
+    Only the groups whose sums differ are read again with a digest per chain, to find
+    which services drifted: what that holds follows the drift, not the table."""
 
-    total: int = 0
-    chains: int = 0
+    # group -> (sum of the hashes of its chains' rules, runs of rules summed, chains declared)
+    sums: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def declare(self, name: str) -> None:
+        key = group(name)
+        total, runs, declared = self.sums.get(key, (0, 0, 0))
+        self.sums[key] = (total, runs, declared + 1)
 
     def add(self, name: str, chain: bytes) -> None:
-        term = hashlib.blake2b(name.encode() + chain, digest_size=16).digest()
-        self.total = (self.total + int.from_bytes(term, "big")) & _MASK
-        self.chains += 1
+        """One chain's rules (its :func:`digest`), which must not be empty."""
+        term = int.from_bytes(hashlib.blake2b(name.encode() + chain, digest_size=16).digest(), "big")
+        key = group(name)
+        total, runs, declared = self.sums.get(key, (0, 0, 0))
+        self.sums[key] = ((total + term) & _MASK, runs + 1, declared)
+
+    def differing(self, other: Summary) -> frozenset[str]:
+        return frozenset(g for g in self.sums.keys() | other.sums.keys()
+                         if self.sums.get(g) != other.sums.get(g))
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """:func:`plan_full` on a summed read-back whose per-service chains differ from the
+    desired ones: read back again, with a digest per chain of ``groups``."""
+
+    groups: frozenset[str]
 
 
 class Reader:
     """``fold`` and ``keep`` for ``Netfilter.read(..., rules.PREFIX, reader, reader.keep)``.
 
     ``summarise``: the per-service chains go into :attr:`summary` and are not kept
-    (the steady state's read); otherwise every owned chain is kept as :func:`fold`
-    makes it (the first sync, and the read that finds which chains differ)."""
+    (the steady state's read). Otherwise owned chains are kept as :func:`fold` makes
+    them; of the per-service chains only those of ``groups`` (None: all; the first
+    sync, or the read that finds which chains of a :class:`Deferred` differ). One
+    reader serves both tables of a read: only nat holds per-service chains (one named
+    so in filter would be summed too, and the sync would always read twice)."""
 
-    def __init__(self, summarise: bool) -> None:
+    def __init__(self, summarise: bool, groups: frozenset[str] | None = None) -> None:
         self.summary = Summary() if summarise else None
+        self.groups = groups
 
     def keep(self, name: str) -> bool:
-        return self.summary is None or not name.startswith(PER_SERVICE)
+        if not name.startswith(PER_SERVICE):
+            return True
+        return self.summary is None and (self.groups is None or group(name) in self.groups)
 
     def __call__(self, name: str, lines: list[str]) -> Chain:
-        chain = fold(name, lines)
-        if self.summary is not None and isinstance(chain, bytes) and name.startswith(PER_SERVICE):
-            self.summary.add(name, chain)
-        return chain
+        if self.keep(name):
+            return fold(name, lines)
+        if self.summary is not None and not lines:  # scan: a declaration, not kept
+            self.summary.declare(name)
+        elif self.summary is not None:
+            self.summary.add(name, digest(normalise(line) for line in lines))
+        return b""  # not kept: the value is dropped
 
 
 def observed(saved: SavedTable[Chain]) -> dict[str, Chain]:
@@ -189,8 +224,8 @@ def plan_full(
     rewrite_all: bool = False,
     keep: Iterable[str] = (),
     summary: Summary | None = None,
-    passed: int = 0,
-) -> FullPlan | None:
+    groups: frozenset[str] | None = None,
+) -> FullPlan | Deferred:
     """Desired ``servers`` x observed chains -> what to restore.
 
     ``nat``: owned nat chains as read back (:func:`observed`); ``filter_chain``: the
@@ -198,8 +233,10 @@ def plan_full(
     dirty (first sync after start, unparsable read-back). ``keep``: chains never to
     delete even if no desired service names them (written meanwhile by a partial sync).
     ``summary``: the per-service chains were read back only as a :class:`Summary`
-    (``nat`` lacks them; ``passed``: how many were declared); None is returned when
-    they differ from the desired ones: read them back per chain and plan from that.
+    (``nat`` lacks them); when they differ from
+    the desired ones a :class:`Deferred` is returned: read those groups back per chain
+    and plan from that. ``groups``: ``nat`` holds only these groups' per-service chains
+    (the others were found equal by the summed read).
     """
     plan = FullPlan()
     base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
@@ -214,20 +251,23 @@ def plan_full(
     for vs in servers:
         jump = normalise(rules.service_jump(vs))
         wanted_jumps.add(jump)
-        chains = {c: digest(want) for c, want in desired_chains(vs, cluster_cidrs, masquerade_all).items()}
+        rendered = desired_chains(vs, cluster_cidrs, masquerade_all)
+        chains = {c: digest(want) for c, want in rendered.items() if groups is None or group(c) in groups}
         if summary is None:
             needed.update(chains)
             differs = any(nat.get(c) != want for c, want in chains.items())
         else:  # decided for all services at once, below
             for c, want in chains.items():
-                want_sum.add(c, want)
+                want_sum.declare(c)
+                if rendered[c]:
+                    want_sum.add(c, want)
             differs = False
         if jump not in have_jumps:
             plan.add_jumps.add(jump)
         if rewrite_all or jump not in have_jumps or differs:
             plan.dirty.append(vs)
-    if summary is not None and (summary != want_sum or passed != want_sum.chains):
-        return None
+    if summary is not None and summary != want_sum:
+        return Deferred(summary.differing(want_sum))
     for jump, count in have_jumps.items():
         extra = count - 1 if jump in wanted_jumps else count
         plan.delete_jumps += ["-D" + jump[2:]] * extra

@@ -267,31 +267,33 @@ class IptablesProxier(BlockingProxier):
     def _prepare(self, v6: bool, want: dict[VSKey, VirtualServer]) -> Prepared:
         """Read back and plan: no write, no mirror access.
 
-        After the first sync the per-service chains are first read back as one sum
-        (``drift.Summary``: nothing held per chain); only when it differs from the
-        desired chains' (drift) is the table read again with a digest per chain."""
+        After the first sync the per-service chains are first read back as sums
+        (``drift.Summary``: nothing held per chain); only when they differ from the
+        desired chains' (drift) is the table read again, keeping a digest per chain
+        of the groups that differ."""
         servers = [want[k] for k in sorted(want)]
-        for summarise in (True, False) if self._synced else (False,):
-            reader = drift.Reader(summarise)
+        reader = drift.Reader(summarise=self._synced)
+        while True:
             saved = self._observe(v6, reader)
             rewrite_all = not self._synced
             try:
                 nat = drift.observed(saved["nat"])
                 filter_rules = drift.multiset(drift.observed(saved["filter"]), rules.NO_ENDPOINTS)
             except drift.SavedParseError:
-                if summarise:
-                    continue  # read per chain: the rewrite needs the names of stale chains
+                if reader.summary is not None or reader.groups is not None:
+                    reader = drift.Reader(summarise=False)  # the rewrite needs every chain's name
+                    continue
                 # Compare nothing (rewrite everything); what did parse still names the
                 # chains and jumps to sweep.
                 rewrite_all = True
                 nat, filter_rules = saved["nat"].chains, None
             plan = drift.plan_full(
                 servers, nat, filter_rules, self._cidrs, self._masq_all, rewrite_all=rewrite_all,
-                summary=reader.summary, passed=saved["nat"].passed,
+                summary=reader.summary, groups=reader.groups,
             )
-            if plan is not None:
+            if isinstance(plan, drift.FullPlan):
                 break
-        assert plan is not None  # the per-chain read always plans
+            reader = drift.Reader(summarise=False, groups=plan.groups)
         return Prepared(plan, frozenset(saved["nat"].jumps), frozenset(saved["filter"].jumps), rewrite_all)
 
     def _full(
