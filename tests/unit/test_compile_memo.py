@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, service
 
-from svcproxy.api import HANDOVER_LABEL
+from svcproxy.api import HANDOVER_LABEL, ServiceProxyPolicy
+from svcproxy.compile.memo import ParsedPolicy, Program
 from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
-from svcproxy.compile.program import address_key
+from svcproxy.compile.program import NotProxied, address_key, compile_program
 from svcproxy.controller.cache import Cache
 
 JSON = dict[str, Any]
@@ -362,3 +363,33 @@ def test_address_key_agrees_with_ipaddress(text: str) -> None:
     except ValueError:
         expected = (9, b"", text)
     assert address_key(text) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    variant=st.integers(0, 4),
+    eps=st.lists(
+        st.tuples(st.integers(2, 12), st.integers(0, 2), st.sampled_from((*PODS, None))), max_size=6
+    ),
+    spec_index=st.sampled_from([0, 1, 2, 3, 4, 5]),
+)
+def test_the_memos_program_text_gives_back_the_compiled_spec(
+    variant: int, eps: list[tuple[int, int, str | None]], spec_index: int
+) -> None:
+    """The memo keeps a program as JSON text; what it writes is built from that text."""
+    pol = ParsedPolicy(
+        "fp", ServiceProxyPolicy.parse(policy_obj("p", copy.deepcopy(POLICY_SPECS[spec_index]))), ""
+    )
+    svc, slices = _service("a", variant, True), [_slice("a", 0, eps)]
+    svc["metadata"]["resourceVersion"] = "7"
+    labels = {"pod-1": {"tier": "gold"}}
+    entry = PlanMemo().compile("a", pol, svc, slices, labels, old=None)
+    assert pol.policy is not None
+    direct = compile_program(pol.policy, svc, slices, labels)
+    if isinstance(direct, NotProxied):
+        assert entry.result == direct
+        return
+    assert isinstance(entry.result, Program)
+    assert entry.result.spec() == direct
+    assert entry.result.spec().wire() == direct.wire()
+    assert (entry.result.content_hash, entry.result.mode) == (direct.content_hash, direct.mode)

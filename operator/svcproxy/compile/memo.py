@@ -56,13 +56,46 @@ class ParsedPolicy:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A compiled program as the memo keeps it: what a pass reads of it, and the spec as
+    JSON text. A ProxyVirtualServerSpec holds every real server as a pydantic object
+    (~0.5 KB each: at 10k Services x 10 endpoints the largest thing the operator kept);
+    the text is a quarter of that, and the spec is rebuilt from it only to be written
+    (or shown: ``Plan.compiled``)."""
+
+    content_hash: str
+    mode: str
+    policy: str
+    text: str  # spec_text() of the spec's wire form
+
+    def spec(self) -> ProxyVirtualServerSpec:
+        return ProxyVirtualServerSpec.model_validate_json(self.text)
+
+
+class CompiledSpecs(Mapping[str, ProxyVirtualServerSpec]):
+    """Programs by Service name, each spec built when it is read."""
+
+    def __init__(self, programs: Mapping[str, Program]) -> None:
+        self._programs = programs
+
+    def __getitem__(self, name: str) -> ProxyVirtualServerSpec:
+        return self._programs[name].spec()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._programs)
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+
 @dataclass
 class Compiled:
     """One Service's program (or why it has none) and the key it was made from."""
 
     key: tuple[Any, ...] | None
     pods: tuple[tuple[str, Mapping[str, str] | None], ...]
-    result: ProxyVirtualServerSpec | NotProxied
+    result: Program | NotProxied
     # Digest of the program's wire form (None when not proxied): compared with the stored
     # program's, so neither side keeps a second copy of the program as dicts.
     digest: str | None
@@ -164,19 +197,23 @@ class PlanMemo:
         seen = _Recorder(pod_labels) if policy.policy.spec.weights else None
         result = compile_program(policy.policy, service, slices, seen if seen is not None else {})
         digest: str | None = None
-        if isinstance(result, ProxyVirtualServerSpec):
+        kept: Program | NotProxied
+        if isinstance(result, NotProxied):
+            kept = result
+        else:
             text = spec_text(result.wire())
             if len(text) > MAX_PROGRAM_BYTES:
-                result = NotProxied(
+                kept = NotProxied(
                     "TooLarge",
                     f"the program would be {len(text)} bytes (limit {MAX_PROGRAM_BYTES}): "
                     "split the Service's ports or endpoints across Services",
                 )
             else:
                 digest = text_digest(text)
+                kept = Program(result.content_hash, result.mode, result.policy.name, text)
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
-        return Compiled(key, seen.seen() if seen is not None else (), result, digest)
+        return Compiled(key, seen.seen() if seen is not None else (), kept, digest)
 
 
 @dataclass
@@ -204,7 +241,7 @@ class Derived:
 
     token: object
     desired: dict[str, Compiled] = field(default_factory=dict)
-    specs: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+    specs: dict[str, Program] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # desired Service -> its policy
     to_label: set[str] = field(default_factory=set)  # desired, not labelled yet
     to_unlabel: set[str] = field(default_factory=set)  # labelled for svcproxy, not desired
@@ -213,10 +250,10 @@ class Derived:
     def add(self, name: str, rec: ServiceRecord, handover_value: str) -> None:
         for policy in rec.names:
             self.selected.setdefault(policy, set()).add(name)
-        if rec.entry is not None and isinstance(rec.entry.result, ProxyVirtualServerSpec):
+        if rec.entry is not None and isinstance(rec.entry.result, Program):
             self.desired[name] = rec.entry
             self.specs[name] = rec.entry.result
-            self.owners[name] = rec.entry.result.policy.name
+            self.owners[name] = rec.entry.result.policy
             if rec.labelled is None:
                 self.to_label.add(name)
         elif rec.labelled == handover_value:

@@ -32,10 +32,12 @@ from svcproxy.compile.conflicts import selects, winner
 from svcproxy.compile.memo import (
     MAX_PROGRAM_BYTES,
     Compiled,
+    CompiledSpecs,
     Derived,
     ParsedPolicy,
     PlanMemo,
     PolicyRows,
+    Program,
     ServiceRecord,
     resource_version,
     spec_digest,
@@ -112,7 +114,7 @@ class Event:
 class Plan:
     """What the reconciler does for one namespace, in this order."""
 
-    writes: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+    writes: Mapping[str, ProxyVirtualServerSpec] = field(default_factory=dict)  # built on read
     label: list[str] = field(default_factory=list)
     unlabel: list[str] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
@@ -121,7 +123,7 @@ class Plan:
     unlabelled_at: dict[str, float] = field(default_factory=dict)
     recheck_at: float | None = None  # run again then: a handover delay ends
     owned_after: dict[str, str] = field(default_factory=dict)  # PVS name -> policy, once applied
-    compiled: dict[str, ProxyVirtualServerSpec] = field(default_factory=dict)
+    compiled: Mapping[str, ProxyVirtualServerSpec] = field(default_factory=dict)  # built on read
 
 
 def _key(namespace: str, name: str) -> str:
@@ -243,7 +245,7 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     if memo.weighted:
         memo.last_pod_labels = dict(pod_labels)
     derived, touched = _update_derived(memo, records, changed, gone, token)
-    plan.compiled = dict(derived.specs)
+    plan.compiled = CompiledSpecs(dict(derived.specs))
 
     _plan_programs(view, derived, touched, memo, plan)
     reports = changed_reports(memo.last_nodes, view.nodes)
@@ -377,11 +379,15 @@ def _plan_programs(
     else:
         replaced = _replaced(programs, memo.last_programs) if programs != memo.last_programs else ()
         candidates = {n for n in (*touched, *memo.last_writes, *replaced) if n in desired}
+    writes: dict[str, Program] = {}
     for svc_name in sorted(candidates):
         entry = desired[svc_name]
         if _needs_write(programs.get(svc_name), entry):
-            assert isinstance(entry.result, ProxyVirtualServerSpec)
-            plan.writes[svc_name] = entry.result
+            assert isinstance(entry.result, Program)
+            writes[svc_name] = entry.result
+    # Each spec is built when the reconciler writes it: 10k at once (a cold start) would
+    # be the whole namespace's programs as pydantic objects again.
+    plan.writes = CompiledSpecs(writes)
     memo.last_programs = dict(programs)
     memo.last_writes = set(plan.writes)
     plan.owned_after = dict(derived.owners)

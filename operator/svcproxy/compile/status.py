@@ -18,9 +18,8 @@ from typing import Any
 from svcproxy.api.common import Condition
 from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
-from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.conflicts import why_wins
-from svcproxy.compile.memo import Derived, PlanMemo, PolicyRows, Row, ServiceRecord
+from svcproxy.compile.memo import Derived, PlanMemo, PolicyRows, Program, Row, ServiceRecord
 
 JSON = dict[str, Any]
 
@@ -94,7 +93,7 @@ class _Pass:
             state = ("Conflicted", text)
             return Row(state, _wire(svc_name, rec.service, total, state), False, 0, None, text)
         spec = rec.entry.result
-        assert isinstance(spec, ProxyVirtualServerSpec)
+        assert isinstance(spec, Program)
         key = f"{self.namespace}/{svc_name}"
         mask = 0
         for i, report in enumerate(self.applied):
