@@ -201,9 +201,16 @@ def run_variant(n: int, args: argparse.Namespace, rate: float, ratio: float,
     """``--agents`` children at once, each in its own namespace; their reports."""
     children = [start_child(n, args, rate, ratio, batch) for _ in range(args.agents)]
     results = []
+    deadline = time.monotonic() + args.timeout
     try:
         for _ns, proc in children:
-            stdout, _ = proc.communicate()
+            try:
+                stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"  did not finish in {args.timeout:.0f} s: stopped")
+                results.append({"services": n, "error": f"did not finish in {args.timeout:.0f} s",
+                                "all_in_seconds": None})
+                continue
             if proc.returncode != 0:
                 raise RuntimeError(f"child {n} @ {rate}/s ratio {ratio} failed (exit {proc.returncode})")
             results.append(json.loads(stdout))
@@ -226,6 +233,7 @@ def main() -> int:
     parser.add_argument("--max-pause", type=float, default=1.0, help="the adaptive variant's cap")
     parser.add_argument("--lone", type=int, default=5, help="lone changes after the cold start")
     parser.add_argument("--idle", type=float, default=2.0, help="idle seconds before each lone change")
+    parser.add_argument("--timeout", type=float, default=900, help="stop a variant's run after this long")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
@@ -262,7 +270,8 @@ def main() -> int:
                 log(f"{n} Services @ {rate or 'max'}/s, {name} window, {args.agents} agent(s)")
                 pair[name] = run_variant(n, args, rate, ratio, batch)
             for name in pair.keys() - {"services", "rate_per_second", "fixed"}:
-                if "fixed" in pair:
+                runs = [*pair[name], *pair.get("fixed", [])]
+                if "fixed" in pair and all(r.get("all_in_seconds") is not None for r in runs):
                     pair[f"{name}_vs_fixed"] = {
                         key: round(sum(a[key] for a in pair[name])
                                    / max(1e-9, sum(f[key] for f in pair["fixed"])), 2)
