@@ -274,7 +274,7 @@ def test_one_slice_change_recompiles_only_its_service() -> None:
     before = memo.stats.compiles
     sl = copy.deepcopy(world.cache.get("slice", "ns", "s7-x"))
     assert sl is not None
-    sl["endpoints"][0]["addresses"] = ["10.244.99.1"]
+    sl["endpoints"][0] = endpoint("10.244.99.1", pod="s7-1")  # the cache keeps Endpoint tuples
     world.put("slice", sl)
     plan = world.plan(memo)
     assert memo.stats.last_compiled == ["s7"]
@@ -292,7 +292,7 @@ def test_node_reports_fold_into_status_without_recompiling() -> None:
     world, memo = _steady(20)
     sl = copy.deepcopy(world.cache.get("slice", "ns", "s3-x"))
     assert sl is not None
-    sl["endpoints"][0]["addresses"] = ["10.244.98.1"]
+    sl["endpoints"][0] = endpoint("10.244.98.1", pod="s3-1")
     world.put("slice", sl)
     plan = world.plan(memo)
     world.apply(plan)

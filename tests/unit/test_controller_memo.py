@@ -66,7 +66,7 @@ def test_cache_replaces_a_services_slice_list_on_change_and_keeps_equal_versions
     cache.put("slice", _slice("web", 7, "10.244.1.9"))
     after = view().slices["web"]
     assert after is not first and len(after) == 2
-    assert {s["endpoints"][0]["addresses"][0] for s in after} == {"10.244.1.9", "10.244.1.3"}
+    assert {s["endpoints"][0].address for s in after} == {"10.244.1.9", "10.244.1.3"}
     cache.remove("slice", "ns", "web-y")
     cache.remove("slice", "ns", "web-x")
     assert "web" not in view().slices

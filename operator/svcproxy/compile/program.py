@@ -18,7 +18,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from svcproxy.api.policy import Scheduler, SchedulerFlag, ServiceProxyPolicy
 from svcproxy.api.program import (
@@ -180,6 +180,45 @@ def _slice_port(slice_: JSON, name: str, protocol: str) -> int | None:
     return None
 
 
+class Endpoint(NamedTuple):
+    """One EndpointSlice endpoint as compile reads it, conditions resolved by the API's
+    rules (:func:`endpoint_of`). The operator's cache keeps endpoints in this form (about
+    a fifth of the API's dicts); compile takes either."""
+
+    address: str  # the first address: consumers use only that one
+    ready: bool
+    serving: bool
+    terminating: bool
+    node: str | None
+    pod: str | None  # targetRef's name when it is a Pod
+
+
+def endpoint_of(ep: Any) -> Endpoint | None:
+    """``ep`` (an API dict, or already an Endpoint) as an Endpoint; None when it has no address."""
+    if isinstance(ep, Endpoint):
+        return ep
+    if not isinstance(ep, dict) or not ep.get("addresses"):
+        return None
+    cond = ep.get("conditions") or {}
+    # API semantics: ready nil -> ready; serving nil -> same as ready; terminating nil -> false.
+    ready = cond.get("ready") is not False
+    serving = cond.get("serving") if isinstance(cond.get("serving"), bool) else ready
+    terminating = cond.get("terminating") is True
+    if terminating:
+        ready = False
+    ref = ep.get("targetRef") or {}
+    pod = ref.get("name") if ref.get("kind") == "Pod" else None
+    node = ep.get("nodeName")
+    return Endpoint(
+        str(ep["addresses"][0]),
+        ready,
+        bool(serving),
+        terminating,
+        node if isinstance(node, str) else None,
+        pod if isinstance(pod, str) else None,
+    )
+
+
 def _candidates(
     policy: ServiceProxyPolicy,
     *,
@@ -195,39 +234,27 @@ def _candidates(
         target = _slice_port(slice_, port_name, protocol)
         if target is None:
             continue
-        for ep in slice_.get("endpoints") or []:
-            if not isinstance(ep, dict) or not ep.get("addresses"):
+        for raw in slice_.get("endpoints") or []:
+            ep = endpoint_of(raw)
+            if ep is None or _family(ep.address) != family:
                 continue
-            # EndpointSlice API: consumers use only the first address of an endpoint.
-            address = str(ep["addresses"][0])
-            if _family(address) != family:
-                continue
-            cond = ep.get("conditions") or {}
-            # API semantics: ready nil -> ready; serving nil -> same as ready; terminating nil -> false.
-            ready = cond.get("ready") is not False
-            serving = cond.get("serving") if isinstance(cond.get("serving"), bool) else ready
-            terminating = cond.get("terminating") is True
-            if terminating:
-                ready = False
-            if not ready and not (serving and terminating):
+            if not ep.ready and not (ep.serving and ep.terminating):
                 continue  # not serving: no traffic, not even draining
-            ref = ep.get("targetRef") or {}
-            pod = ref.get("name") if ref.get("kind") == "Pod" else None
-            weight = endpoint_weight(policy, pod_labels.get(pod) if pod else None) if ready else 0
-            node = ep.get("nodeName")
+            weight = endpoint_weight(policy, pod_labels.get(ep.pod) if ep.pod else None) if ep.ready else 0
             # Built without validation: every value comes from API-validated objects or was
             # range-checked above (the port), and this runs once per endpoint.
             rs = RealServer.model_construct(
                 _REAL_SERVER_FIELDS,
-                address=address,
+                address=ep.address,
                 port=target,
                 weight=weight,
-                node_name=node if isinstance(node, str) else None,
-                pod_name=pod if isinstance(pod, str) else None,
-                ready=ready,
-                serving=bool(serving),
-                terminating=terminating,
+                node_name=ep.node,
+                pod_name=ep.pod,
+                ready=ep.ready,
+                serving=ep.serving,
+                terminating=ep.terminating,
             )
+            address = ep.address
             key = (address, target)
             # The same endpoint can sit in two slices while the controller moves it:
             # keep one, chosen by content so slice order cannot change the result.

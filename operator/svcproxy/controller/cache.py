@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from svcproxy.api.node import ProxyNode
 from svcproxy.compile.namespace import NamespaceView, program_summary
+from svcproxy.compile.program import Endpoint, endpoint_of
 
 JSON = dict[str, Any]
 # "node" is a ProxyNode (an agent's report); "k8snode" a core/v1 Node.
@@ -44,11 +45,10 @@ def node_summary(node: JSON) -> JSON:
 
 # Metadata the planner reads of a Service (selection, handover label, memo keys, owner refs).
 _SERVICE_META = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
-# Values repeated across thousands of objects (node names, condition sets, port lists), kept
-# once: a JSON parser makes a new object for every occurrence. Never edited (the cache
+# Values repeated across thousands of objects (a slice's port list), kept once: a JSON
+# parser makes a new object for every occurrence. Never edited (the cache
 # replaces objects, it never edits one), so sharing them is safe.
 _SHARED: dict[Any, Any] = {}
-_REF_KEYS = ("kind", "name")
 _SHARED_LIMIT = 4096  # distinct values kept; past it values are stored unshared
 
 
@@ -77,30 +77,17 @@ def service_summary(service: JSON) -> JSON:
     return out
 
 
-def _endpoint(ep: Any) -> Any:
-    """One endpoint as compile reads it: the first address (consumers use only that one),
-    conditions, nodeName and the Pod it is (targetRef kind and name)."""
-    if not isinstance(ep, dict):
-        return ep
-    out: JSON = {}
-    addresses = ep.get("addresses")
-    if isinstance(addresses, list):
-        out["addresses"] = addresses[:1]
-    cond = ep.get("conditions")
-    if isinstance(cond, dict):
-        key = ("cond", *sorted(cond.items())) if all(type(v) is bool for v in cond.values()) else None
-        out["conditions"] = _shared(key, cond) if key is not None else cond
-    if "nodeName" in ep:
-        out["nodeName"] = _shared_str(ep["nodeName"])
-    ref = ep.get("targetRef")
-    if isinstance(ref, dict):
-        out["targetRef"] = {k: _shared_str(v) if k == "kind" else v for k, v in ref.items() if k in _REF_KEYS}
+def _endpoint(ep: Any) -> Endpoint | None:
+    """One endpoint as compile reads it (see :class:`Endpoint`), its node name shared."""
+    out = endpoint_of(ep)
+    if out is not None and out.node is not None:
+        out = out._replace(node=sys.intern(out.node))
     return out
 
 
 def slice_summary(slice_: JSON) -> JSON:
-    """The part of an EndpointSlice compile reads (see _endpoint); the zone, hints, the Pod's
-    uid and namespace, managedFields and ownerReferences are left out."""
+    """The part of an EndpointSlice compile reads, endpoints as :class:`Endpoint` tuples; the
+    zone, hints, the Pod's uid and namespace, managedFields and ownerReferences are left out."""
     meta = slice_.get("metadata") or {}
     labels = meta.get("labels") or {}
     out_meta: JSON = {k: meta[k] for k in ("name", "resourceVersion") if k in meta}
@@ -121,7 +108,8 @@ def slice_summary(slice_: JSON) -> JSON:
         out["ports"] = ports
     endpoints = slice_.get("endpoints")
     if isinstance(endpoints, list):
-        out["endpoints"] = [_endpoint(ep) for ep in endpoints]
+        # Endpoints without an address are left out: compile skips them.
+        out["endpoints"] = [e for e in map(_endpoint, endpoints) if e is not None]
     elif "endpoints" in slice_:
         out["endpoints"] = endpoints
     return out
