@@ -13,7 +13,9 @@ per service (disjoint matches), so they are compared as multisets and
 repaired rule by rule, never flushed, and are kept as rules; every other
 chain is compared in order (the probability chain depends on it) and
 rewritten whole when it differs, so of those only a digest of the normalised
-rules is kept (:func:`fold`): the read-back streams through
+rules is kept (:func:`fold`), and of the per-service ones, after the first sync,
+only sums per group (:class:`Summary`; the groups whose sums differ are read
+again per chain). The read-back streams through
 :func:`svcproxy.dataplane.netfilter.scan` and never holds the 320k rules of a
 10k-Service node at once.
 """
@@ -93,7 +95,8 @@ def group(name: str) -> str:
 @dataclass
 class Summary:
     """Per-service chains summed up per :func:`group`: a sum, mod 2^128, of a 128-bit
-    hash of each chain's name and rules, and a count. The steady-state full sync
+    hash of each chain's name and rules, and counts of the runs of rules summed and of
+    the chains declared. The steady-state full sync
     compares these with the desired chains' sums, so its read-back holds nothing per
     chain (the digests of 110k chains, with their names, were ~19 MB at 10k Services).
     Only the groups whose sums differ are read again with a digest per chain, to find
