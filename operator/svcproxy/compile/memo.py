@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,16 +62,16 @@ class Program:
     """A compiled program as the memo keeps it: what a pass reads of it, and the spec as
     JSON text. A ProxyVirtualServerSpec holds every real server as a pydantic object
     (~0.5 KB each: at 10k Services x 10 endpoints the largest thing the operator kept);
-    the text is a quarter of that, and the spec is rebuilt from it only to be written
-    (or shown: ``Plan.compiled``)."""
+    the compressed text is ~0.5 KB for all ten, and the spec is rebuilt from it only to
+    be written (or shown: ``Plan.compiled``)."""
 
     content_hash: str
     mode: str
     policy: str
-    text: str  # spec_text() of the spec's wire form
+    packed: bytes  # spec_text() of the spec's wire form, zlib-compressed (~5x smaller)
 
     def spec(self) -> ProxyVirtualServerSpec:
-        return ProxyVirtualServerSpec.model_validate_json(self.text)
+        return ProxyVirtualServerSpec.model_validate_json(zlib.decompress(self.packed))
 
 
 class CompiledSpecs(Mapping[str, ProxyVirtualServerSpec]):
@@ -210,7 +211,8 @@ class PlanMemo:
                 )
             else:
                 digest = text_digest(text)
-                kept = Program(result.content_hash, result.mode, result.policy.name, text)
+                packed = zlib.compress(text.encode(), 1)  # level 1: ~20 us, most of the gain
+                kept = Program(result.content_hash, result.mode, result.policy.name, packed)
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
         return Compiled(key, seen.seen() if seen is not None else (), kept, digest)
