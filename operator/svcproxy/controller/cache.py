@@ -65,15 +65,32 @@ def _shared_str(value: Any) -> Any:
     return sys.intern(value) if type(value) is str else value
 
 
+def _interned(value: Any) -> Any:
+    """``value`` (JSON) with dict keys and short strings interned: Services repeat the same
+    keys and values ("ClusterIP", "TCP", "IPv4", label keys) thousands of times."""
+    if type(value) is str:
+        return sys.intern(value) if len(value) <= 32 else value
+    if type(value) is dict:
+        return {_shared_str(k): _interned(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_interned(v) for v in value]
+    return value
+
+
 def service_summary(service: JSON) -> JSON:
     """The part of a Service the planner reads: its spec and a few metadata fields; not
-    managedFields, annotations (kubectl's last-applied copy) or status."""
+    managedFields, annotations (kubectl's last-applied copy) or status. Repeated strings
+    are interned, and port lists equal to another Service's are shared."""
     meta = service.get("metadata") or {}
-    out: JSON = {"metadata": {k: meta[k] for k in _SERVICE_META if k in meta}}
-    if "namespace" in out["metadata"]:
-        out["metadata"]["namespace"] = _shared_str(out["metadata"]["namespace"])
+    out: JSON = {"metadata": {k: _interned(meta[k]) for k in _SERVICE_META if k in meta}}
+    spec = service.get("spec")
+    if isinstance(spec, dict):
+        spec = _interned(spec)
+        for key in ("ports", "ipFamilies"):
+            if isinstance(spec.get(key), list):
+                spec[key] = _shared((key, json.dumps(spec[key], sort_keys=True)), spec[key])
     if "spec" in service:
-        out["spec"] = service["spec"]
+        out["spec"] = spec
     return out
 
 
