@@ -3,6 +3,7 @@ the pause after a costly sync coalesces streams without delaying a lone change (
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from test_agent_fake import FakeKernel, FakeProxier
@@ -39,15 +40,30 @@ def test_partial_batches_respect_min_interval() -> None:
     assert batch.seen["ns/a"] == 0.01
 
 
-def test_full_sync_every_interval_and_it_covers_pending_owners() -> None:
+def test_full_sync_every_interval_leaves_pending_owners_to_partial_syncs() -> None:
     t = ChangeTracker(min_interval=0.05, full_interval=60, now=0.0)
     t.take(0.0)
     assert t.take(30) is None
     assert t.due_at() == 60
     t.changed("ns/a", now=59.99)
     batch = t.take(60)
-    assert batch is not None and batch.full and batch.owners == {"ns/a"}
+    # The periodic full sync (seconds of read-back at 10k) does not swallow the pending
+    # change: a partial sync takes it beside the full sync's read, at its own pace.
+    assert batch is not None and batch.full and batch.owners == frozenset()
+    assert t.pending == {"ns/a"} and t.due_at() == 60.05
+    partial = t.take(60.05)
+    assert partial is not None and not partial.full and partial.seen == {"ns/a": 59.99}
     assert t.due_at() == 120
+
+
+def test_a_requested_full_sync_covers_pending_owners() -> None:
+    t = ChangeTracker(min_interval=0.05, full_interval=60, now=0.0)
+    t.take(0.0)
+    t.changed("ns/a", now=10.0)
+    t.request_full()  # e.g. after a sync crashed: trust nothing, sync everything
+    batch = t.take(10.0)
+    assert batch is not None and batch.full and batch.owners == {"ns/a"}
+    assert not t.pending
 
 
 def test_retry_comes_back_after_interval_with_original_seen_time() -> None:
@@ -179,7 +195,7 @@ def test_full_syncs_are_not_held_by_the_pause_and_do_not_set_it() -> None:
     t.synced(79.0, 79.95, full=False)  # (a partial sync run inside a full one)
     assert t.due_at() == 80.05  # the periodic full sync is not pushed back by the pause
     batch = t.take(80.05)
-    assert batch is not None and batch.full and batch.owners == {"ns/b"}
+    assert batch is not None and batch.full and t.pending == {"ns/b"}
 
 
 def test_retries_come_back_on_their_interval_despite_the_pause() -> None:
@@ -263,3 +279,35 @@ def test_a_full_sync_takes_every_pending_owner_whatever_max_batch() -> None:
         t.changed(f"ns/s{i}", now=0.0)
     batch = t.take(0.0)
     assert batch is not None and batch.full and len(batch.owners) == 5
+
+
+async def test_a_change_pending_when_the_periodic_full_sync_starts_goes_out_beside_its_read() -> None:
+    from test_agent_sync import Clock, SteppedFake, key, pvs, settle, stepped_agent
+
+    kernel, clock = FakeKernel(), Clock()
+    agent, px = stepped_agent(kernel, clock)
+    stepped = px["iptables"]
+    assert isinstance(stepped, SteppedFake)
+    agent.replace_all([pvs("a"), pvs("b", vip="10.96.0.11")])
+    await settle(agent, clock)
+    clock.t += 59.99
+    agent.upsert(pvs("a", reals=[{"address": "10.244.3.3", "port": 9000}], h="h2"))
+    clock.t += 0.01  # the periodic full sync is due, with the change still pending
+
+    def during_read(reading: asyncio.Future[None]) -> None:
+        clock.t += 0.05  # the full sync's read takes a while; the end comes later
+        asyncio.get_running_loop().call_later(0.01, reading.set_result, None)
+
+    stepped.during_read = during_read
+    synced: list[tuple[bool, frozenset[str], tuple[RealServer, ...]]] = []
+    agent.on_synced = lambda o: synced.append(
+        (o.batch.full, o.batch.owners, kernel.table("iptables")[key()].real_servers))
+    outcome = await agent.run_due()
+    assert outcome is not None and outcome.batch.full
+    new = (RealServer("10.244.3.3", 9000),)
+    # A partial sync inside the full one (while it read) put the change in the kernel ...
+    assert synced[0] == (False, frozenset({"default/a"}), new)
+    assert stepped.touched == [frozenset({"default/a"})]
+    # ... and the full sync's write left it as it was.
+    assert synced[1][0] and synced[1][2] == new
+    assert agent.applied["default/a"] == "h2" and not agent.tracker.pending

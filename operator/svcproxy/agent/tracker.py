@@ -17,10 +17,12 @@ owners, the oldest first (one iptables-nft-restore input costs more than
 linearly in the chains it holds: 1k Services in one input ~6 s, in five of
 200 ~1.2 s), and while that many or more are pending the next one does not
 pause (a full batch gains nothing by waiting). A full reconcile comes every
-``full_interval`` (it also covers every pending owner, and only
-``min_interval`` holds it back); owners whose sync failed come back after
-``retry_interval``. Time is passed in, never read, so tests drive it with a
-fake clock. Pure: no I/O, no asyncio.
+``full_interval`` (only ``min_interval`` holds it back; the changes pending
+when it starts stay pending, for the partial syncs that run beside its
+read-back; a requested full sync, the first one or one after a crash, takes
+them all); owners whose sync failed come back after ``retry_interval``.
+Time is passed in, never read, so tests drive it with a fake clock. Pure:
+no I/O, no asyncio.
 """
 
 from __future__ import annotations
@@ -133,10 +135,17 @@ class ChangeTracker:
             if not_before <= now:
                 del self._retry[owner]
                 self._dirty.setdefault(owner, self._retry_seen.pop(owner, now))
-        full = self._full_requested or now >= self._last_full + self.full_interval
+        requested = self._full_requested  # the first sync, or after a crash: trusts nothing
+        full = requested or now >= self._last_full + self.full_interval
         if not full and not self._dirty:
             return None
-        if full or not 0 < self.max_batch < len(self._dirty):
+        if full and not requested:
+            # The periodic full sync is drift repair and takes seconds at 10k Services (its
+            # read-back). The changes pending now stay pending: partial syncs take them as
+            # they come due, beside its read (the full sync leaves alone what they wrote),
+            # instead of waiting for its end inside its batch.
+            seen: dict[str, float] = {}
+        elif full or not 0 < self.max_batch < len(self._dirty):
             seen = dict(self._dirty)
             self._dirty.clear()
         else:  # the oldest changes first (dicts keep insertion order; changed() keeps the first)
