@@ -514,7 +514,10 @@ class Feed:
         self.settings = kopf.OperatorSettings()
         handlers.configure_settings(self.settings, argparse.Namespace(workers=0, watch_server_timeout=60))
         self.memories = inventory.ResourceMemories()
-        self.memobase = kopf.Memo(options=argparse.Namespace(), cache=cache, reconciler=reconciler)
+        from svcproxy.controller import main
+
+        memo_type = getattr(main, "OperatorMemo", kopf.Memo)  # the operator's own memo class
+        self.memobase = memo_type(options=argparse.Namespace(), cache=cache, reconciler=reconciler)
         self.registry = registries.get_default_registry()
         self.indexers = indexing.OperatorIndexers()
         self.lifecycle = lifecycles.get_default_lifecycle()

@@ -317,3 +317,16 @@ async def test_refused_events_do_not_fail_the_pass() -> None:
     cache.put("policy", policy_obj("p"))
     assert await rec.reconcile("ns") is not None
     assert "web" in writer.programs and "p" in writer.statuses and rec.failures == {}
+
+
+async def test_kopf_gives_every_object_the_operators_one_memo() -> None:
+    """kopf keeps a memo per watched object; the operator's memo is shared, not copied."""
+    from kopf._core.reactor import inventory
+
+    from svcproxy.controller import main
+
+    memo = main.OperatorMemo(cache=Cache())
+    memories = inventory.ResourceMemories()
+    first = await memories.recall({"metadata": {"uid": "a"}}, memobase=memo)
+    second = await memories.recall({"metadata": {"uid": "b"}}, memobase=memo)
+    assert first is not second and first.memo is memo and second.memo is memo

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             standalone = True
     metrics.serve(args.metrics_port)
     cache = Cache(agent_node_selector=selector)
-    memo = kopf.Memo(options=args, cache=cache)
+    memo = OperatorMemo(options=args, cache=cache)
     memo.reconciler = Reconciler(cache, _NoWriter(), handover_delay=args.handover_delay)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     kopf.run(
@@ -172,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
         memo=memo,
     )
     return 0
+
+
+class OperatorMemo(kopf.Memo):
+    """The operator's memo, shared by every object's handlers.
+
+    kopf gives each watched object a copy of the memo and keeps it as long as the object
+    exists (30k copies at 10k Services, ~10 MB). The handlers read only operator-wide state
+    from it (cache, reconciler, options, the API client), never per-object state, so one
+    memo serves them all: a "copy" is the memo itself."""
+
+    def __copy__(self) -> OperatorMemo:
+        return self
 
 
 class _NoWriter:
