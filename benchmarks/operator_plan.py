@@ -172,9 +172,9 @@ class Namespace:
 
     def report(self, node: str, hashes: dict[str, str]) -> None:
         """``node``'s agent reports these programs applied (key: Service name)."""
-        raw = self.cache.get("node", "", node)
-        assert raw is not None
-        applied = dict(raw["status"]["applied"])
+        report = self.cache.report(node)
+        assert report is not None
+        applied = dict(report.status.applied)
         applied.update({f"{NS}/{name}": digest for name, digest in hashes.items()})
         self.put("node", self._report(node, applied))
 

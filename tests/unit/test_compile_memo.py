@@ -300,9 +300,9 @@ def test_node_reports_fold_into_status_without_recompiling() -> None:
     compiles = memo.stats.compiles
     states = []
     for node in NODES:
-        raw = world.cache.get("node", "", node)
-        assert raw is not None
-        applied = {**raw["status"]["applied"], "ns/s3": digest}
+        report = world.cache.report(node)
+        assert report is not None
+        applied = {**report.status.applied, "ns/s3": digest}
         world.put("node", {"metadata": {"name": node}, "status": {"nodeName": node, "applied": applied}})
         plan = world.plan(memo)
         assert memo.stats.last_compiled == []

@@ -162,10 +162,6 @@ class Cache:
         # ProxyNode reports say which nodes exist.
         self.nodes_listed = False
         self._expected: frozenset[str] | None = None  # memo of expected_nodes()
-        # Parsed ProxyNode reports by name, with the resourceVersion parsed: a report lists
-        # every applied program, and parsing three of them on every pass cost more than
-        # the plan itself at 1k Services.
-        self._parsed_nodes: dict[str, tuple[str, ProxyNode | None]] = {}
         # EndpointSlices by namespace and Service. A Service's list is replaced, never
         # edited, when one of its slices changes: the planner memo tells unchanged
         # Services by the identity of their objects and of this list.
@@ -239,24 +235,14 @@ class Cache:
         return any((p.get("spec") or {}).get("weights") for p in self.objects["policy"][namespace].values())
 
     def nodes(self) -> list[ProxyNode]:
-        out = []
-        parsed: dict[str, tuple[str, ProxyNode | None]] = {}
-        for name, raw in self.objects["node"][""].items():
-            rv = str((raw.get("metadata") or {}).get("resourceVersion") or "")
-            hit = self._parsed_nodes.get(name)
-            if rv and hit is not None and hit[0] == rv:
-                node = hit[1]
-            else:
-                try:
-                    node = ProxyNode.parse(raw)
-                except ValidationError:
-                    node = None  # a report we cannot read counts as no report
-            if rv:
-                parsed[name] = (rv, node)
-            if node is not None:
-                out.append(node)
-        self._parsed_nodes = parsed
+        """The ProxyNode reports that parse, by node name."""
+        out = [raw[_REPORT] for raw in self.objects["node"][""].values() if raw.get(_REPORT) is not None]
         return sorted(out, key=lambda n: n.metadata.name)
+
+    def report(self, name: str) -> ProxyNode | None:
+        """One node's parsed report (None: none, or one that does not parse)."""
+        raw = self.objects["node"][""].get(name)
+        return raw.get(_REPORT) if raw is not None else None
 
     def expected_nodes(self) -> frozenset[str] | None:
         """Nodes that should run an agent: Ready, not being deleted, matching the selector."""
@@ -303,11 +289,33 @@ class Cache:
         )
 
 
-# What the cache keeps of each kind (the rest is kept whole: policies, ProxyNode reports).
+# Where a ProxyNode's summary holds its parsed report.
+_REPORT = "svcproxy.io/report"
+
+
+def report_summary(report: JSON) -> JSON:
+    """A ProxyNode report parsed once, when it arrives (parsing three of them on every pass
+    cost more than the plan at 1k Services), kept parsed only: a report lists every
+    applied program, so raw and parsed were two maps of every Service per node. Its keys
+    and content hashes are interned: every node reports the same ones."""
+    status = report.get("status")
+    if isinstance(status, dict) and isinstance(status.get("applied"), dict):
+        applied = {_shared_str(k): _shared_str(v) for k, v in status["applied"].items()}
+        report = {**report, "status": {**status, "applied": applied}}
+    try:
+        parsed: ProxyNode | None = ProxyNode.parse(report)
+    except ValidationError:
+        parsed = None  # a report we cannot read counts as no report
+    meta = report.get("metadata") or {}
+    return {"metadata": {k: meta[k] for k in ("name", "resourceVersion") if k in meta}, _REPORT: parsed}
+
+
+# What the cache keeps of each kind (policies are kept whole).
 _SUMMARIES: dict[str, Callable[[JSON], JSON]] = {
     "service": service_summary,
     "slice": slice_summary,
     "program": program_summary,
+    "node": report_summary,
     "k8snode": node_summary,
 }
 
