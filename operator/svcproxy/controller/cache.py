@@ -45,6 +45,7 @@ def node_summary(node: JSON) -> JSON:
 
 # Metadata the planner reads of a Service (selection, handover label, memo keys, owner refs).
 _SERVICE_META = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
+_REPEATED = ("namespace", "labels")
 # Values repeated across thousands of objects (a slice's port list), kept once: a JSON
 # parser makes a new object for every occurrence. Never edited (the cache
 # replaces objects, it never edits one), so sharing them is safe.
@@ -82,7 +83,11 @@ def service_summary(service: JSON) -> JSON:
     managedFields, annotations (kubectl's last-applied copy) or status. Repeated strings
     are interned, and port lists equal to another Service's are shared."""
     meta = service.get("metadata") or {}
-    out: JSON = {"metadata": {k: _interned(meta[k]) for k in _SERVICE_META if k in meta}}
+    # Labels and the namespace repeat across Services; names, uids and versions do not (and
+    # interning a unique string only grows the interpreter's table of interned strings).
+    out: JSON = {
+        "metadata": {k: _interned(meta[k]) if k in _REPEATED else meta[k] for k in _SERVICE_META if k in meta}
+    }
     spec = service.get("spec")
     if isinstance(spec, dict):
         spec = _interned(spec)
