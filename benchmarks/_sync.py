@@ -16,18 +16,15 @@ on ``sys.path`` first (``sync_scale`` does so when imported, from ``--src``).
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import TYPE_CHECKING, Any
+
+from _report import log
 
 if TYPE_CHECKING:
     from svcproxy.agent.agent import Agent
     from svcproxy.agent.convert import Program
     from svcproxy.dataplane.table import RealServer, VirtualServer
-
-
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 def median(values: list[float]) -> float:

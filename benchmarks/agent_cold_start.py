@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from _lab.stats import summary  # noqa: E402
+from _report import emit, log  # noqa: E402
 from agent_memory import pvs_object  # noqa: E402
-from sync_scale import log  # noqa: E402
 
 # name -> (--sync-pause-ratio, --max-sync-batch): the agent before (a fixed 50 ms window),
 # the adaptive window, and each half of it alone.
@@ -279,11 +279,7 @@ def main() -> int:
                     }
                     log(f"  {name} / fixed: {pair[f'{name}_vs_fixed']}")
             report["runs"].append(pair)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

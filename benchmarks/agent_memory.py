@@ -43,19 +43,10 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+from _report import emit, log, status_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = 500
-
-
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def status_mb(field: str) -> float:
-    for text in Path("/proc/self/status").read_text().splitlines():
-        if text.startswith(field + ":"):
-            return round(int(text.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def pvs_object(i: int, reals: int) -> dict[str, Any]:
@@ -236,11 +227,7 @@ def main() -> int:
         report = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
                   "command": " ".join(["benchmarks/agent_memory.py", *sys.argv[1:]]),
                   **{name: part for name, (_, part) in runs.items()}}
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

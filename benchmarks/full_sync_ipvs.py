@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # sync_scale puts the sources to measure (--src) first on sys.path when imported: svcproxy
 # from there (_sync imports svcproxy only inside its functions, after that).
-from _sync import Observer, log, measure_full_sync
+from _report import log
+from _sync import Observer, measure_full_sync
 from sync_scale import (
     Agent,
     ChangeTracker,

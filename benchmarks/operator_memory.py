@@ -55,20 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _operator_api import NODES, NS, ApiServer, Writer, wire  # noqa: E402
+from _report import emit, log, status_mb  # noqa: E402
 
 PAGE = 500  # objects fed per batch, as a watch's first list delivers them
 JSON = dict[str, Any]
-
-
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def status_mb(field: str) -> float:
-    for text in Path("/proc/self/status").read_text().splitlines():
-        if text.startswith(field + ":"):
-            return round(int(text.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class Feed:
@@ -378,11 +368,7 @@ def main() -> int:
         variant = args.variants.split(",")[-1]
         log(f"{max(sizes)} Services under tracemalloc ({variant})")
         report["trace"] = run_child(max(sizes), args, variant, True)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

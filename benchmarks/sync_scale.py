@@ -57,7 +57,8 @@ def _source() -> str:
 sys.path.insert(0, _source())
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from _sync import Observer, log, measure_full_sync, median, program, timed_sync  # noqa: E402
+from _report import log  # noqa: E402
+from _sync import Observer, measure_full_sync, median, program, timed_sync  # noqa: E402
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
 from svcproxy.dataplane.proxier import Counts, SyncResult  # noqa: E402
