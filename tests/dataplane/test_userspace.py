@@ -139,3 +139,20 @@ def test_ipv6_vip_is_proxied_over_tcp_and_udp(topo: Topology, driver: Driver) ->
     # Counts follow partial syncs: one portal loses a backend, one goes.
     changed = driver.sync(svc6(80, "TCP", [1]), only=["ns/v6-tcp80", "ns/v6-udp53"])
     assert changed["counts"] == [2, 2]
+
+
+def test_full_sync_reads_beside_partial_syncs_and_puts_jumps_back(topo: Topology, driver: Driver) -> None:
+    """The periodic full sync reads the nat table while the agent may run partial syncs
+    (``between`` ran while the read was not done), then restores a jump deleted by hand."""
+    web = svc(topo, [0, 1])
+    driver.sync(web)
+    jumps = [ln for ln in in_ns(topo.node, "iptables-save", "-t", "nat").stdout.splitlines()
+             if "svcproxy-portals" in ln and ln.startswith("-A PREROUTING")]
+    assert jumps, "no jump from PREROUTING into the portal chain after the first sync"
+    in_ns(topo.node, "iptables", "-t", "nat", "-D", *jumps[0].split()[1:])
+    assert sorted(set(topo.ask(VIP, 80, 2))) != sorted(["be0", "be1"])  # the jump is gone
+    answer = driver.call({"op": "sync_full", "table": [web]})
+    assert answer["beside"] == [True], answer
+    saved = in_ns(topo.node, "iptables-save", "-t", "nat").stdout
+    assert jumps[0] in saved.splitlines(), saved
+    assert sorted(set(topo.ask(VIP, 80, 4))) == ["be0", "be1"]
