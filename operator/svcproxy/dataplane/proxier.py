@@ -175,7 +175,7 @@ Between = Callable[["asyncio.Future[Any]"], Awaitable[frozenset[str]]]
 @runtime_checkable
 class SteppedFullSync(Protocol):
     """A proxier whose full sync can let partial syncs run while it reads the kernel
-    (the iptables and ipvs proxiers): it awaits ``between(future)`` while its read-back
+    (every proxier here): it awaits ``between(future)`` while its read-back
     runs and leaves the owners ``between`` returns as the partial syncs left them."""
 
     async def sync_full(self, desired: Table, between: Between) -> SyncResult: ...
