@@ -216,6 +216,13 @@ def names_only(name: str, rules: list[str]) -> None:
     del name, rules
 
 
+# How long a full sync lets partial syncs commit beside its iptables-save (see
+# proxier.read_beside). The nft variant's dump starts over when the ruleset changes
+# under it; past this the read has the table to itself. At 1k Services the read takes
+# ~0.3 s (never cut short); at 10k a few seconds, which changes then wait at most.
+NFT_READ_BESIDE = 1.0
+
+
 class Netfilter:
     """iptables-save / iptables-restore for one address family."""
 
@@ -227,6 +234,8 @@ class Netfilter:
         if legacy is None:
             legacy = needs_legacy(ipv6, netns)
         self.legacy = legacy
+        # For read_beside: -legacy reads a table in one getsockopt, undisturbed by commits.
+        self.read_beside_for: float | None = None if legacy else NFT_READ_BESIDE
         base = ("ip6tables" if ipv6 else "iptables") + ("-legacy" if legacy else "")
         self._save = f"{base}-save"
         self._restore = f"{base}-restore"

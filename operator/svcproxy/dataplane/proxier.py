@@ -184,13 +184,24 @@ class SteppedFullSync(Protocol):
 T = TypeVar("T")
 
 
-async def read_beside(read: Callable[[], T], between: Between) -> tuple[T, frozenset[str]]:
+async def read_beside(
+    read: Callable[[], T], between: Between, beside_for: float | None = None
+) -> tuple[T, frozenset[str]]:
     """Run ``read`` (a full sync's kernel read-back: no writes) in a worker thread while
     ``between`` applies the partial syncs that come due; returns what it read and the
-    owners ``between`` synced. The caller then writes under its lock, leaving those alone."""
+    owners ``between`` synced. The caller then writes under its lock, leaving those alone.
+
+    ``beside_for``: partial syncs run beside the read for at most this many seconds;
+    after that changes wait for the read to end. For a read that starts over whenever
+    the kernel state changes under it (iptables-nft's dump retries when the ruleset's
+    generation moved), which a stream of partial syncs would otherwise keep from ever
+    ending (10k Services in a cold start: iptables-save still reading after 3 minutes)."""
     reading = asyncio.ensure_future(asyncio.to_thread(read))
+    window: asyncio.Future[Any] = reading
+    if beside_for is not None:
+        window = asyncio.ensure_future(asyncio.wait({reading}, timeout=beside_for))
     try:
-        touched = await between(reading)
+        touched = await between(window)
     finally:
         result = await reading
     return result, touched

@@ -132,7 +132,7 @@ class IptablesProxier(BlockingProxier):
                     prepared[v6] = self._prepare(v6, want)
             return prepared
 
-        prepared, touched = await read_beside(prepare, between)
+        prepared, touched = await read_beside(prepare, between, self._nf[False].read_beside_for)
         async with self._lock:
             return await asyncio.to_thread(self.sync_blocking, desired, None, prepared, touched)
 

@@ -134,7 +134,7 @@ class UserspaceProxier:
                     present[v6] = self._netfilter(v6).read(("nat",), None, names_only)["nat"].jumps
             return present
 
-        present, _ = await read_beside(read, between)
+        present, _ = await read_beside(read, between, self._nf.read_beside_for)
         # Partial syncs that ran meanwhile need no care: the full sync rewrites the whole
         # portal chain from the portals as they are now.
         return await self.sync(desired, None, present)
