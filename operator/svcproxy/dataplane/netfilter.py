@@ -328,13 +328,14 @@ class Netfilter:
         for jump in jumps:
             by_table.setdefault(jump.table, []).append(jump)
         for table, items in by_table.items():
-            have = present if present is not None and len(by_table) == 1 else self._jumps(table)
+            have = present if present is not None and len(by_table) == 1 else self.jumps(table)
             missing = [j for j in items if j.line not in have]
             if missing:
                 body = "\n".join(f"-I {j.chain} 1 {j.rule}" for j in missing)
                 self.restore(f"*{table}\n{body}\nCOMMIT\n")
 
-    def _jumps(self, table: str) -> set[str]:
+    def jumps(self, table: str) -> set[str]:
+        """The rules of ``table``'s built-in chains that jump to a project chain."""
         return self.read((table,), None, names_only)[table].jumps
 
     def remove(self, table: str, prefix: str, jumps: Iterable[Jump]) -> None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend, names_only
+from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend
 from svcproxy.dataplane.proxier import (
     Between,
     Capabilities,
@@ -131,7 +131,7 @@ class UserspaceProxier:
             present: dict[bool, set[str]] = {}
             for v6 in families:
                 with contextlib.suppress(DataplaneError):  # the write reads again and reports
-                    present[v6] = self._netfilter(v6).read(("nat",), None, names_only)["nat"].jumps
+                    present[v6] = self._netfilter(v6).jumps("nat")
             return present
 
         present, _ = await read_beside(read, between, self._nf.read_beside_for)
