@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e demo clean
+.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e test-kind images kind-up kind-down demo clean
 
 all: test
 
@@ -43,6 +43,19 @@ test-dataplane: venv host-deps
 
 test-e2e: venv host-deps
 	$(BIN)/pytest -q tests/e2e $(PYTEST_ARGS)
+
+# The kind cluster: every image built here (no registry), the chart's Pods on real kubelets.
+test-kind: venv host-deps
+	$(BIN)/pytest -q tests/kind $(PYTEST_ARGS)
+
+images: venv host-deps
+	bash hack/images.sh
+
+kind-up: venv host-deps
+	bash hack/kind.sh up
+
+kind-down:
+	bash hack/kind.sh down
 
 test: venv host-deps lint typecheck
 	$(BIN)/pytest -q tests $(PYTEST_ARGS)
