@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
@@ -53,6 +53,22 @@ class ReadBack:
     owned: set[VSKey]
     ops: list[Operation]
     setup_errors: list[DataplaneError]  # of the node setup (sysctls, masquerade) run with it
+
+
+@dataclass
+class _View:
+    """What one sync works from: the desired services it may program, what it has of
+    them (from the kernel or the mirror) and owns, the kernel's read-back (full syncs)
+    and what it keeps as partial syncs left it. The diff steps update it in place."""
+
+    want: dict[VSKey, VirtualServer]
+    have: dict[VSKey, VirtualServer]
+    owned: set[VSKey]
+    observed: dict[VSKey, VirtualServer] = field(default_factory=dict)
+    kept: dict[VSKey, VirtualServer] = field(default_factory=dict)
+
+    def diff(self) -> list[Operation]:
+        return diff(self.want, self.have, self.owned)
 
 
 class IpvsProxier(BlockingProxier):
@@ -161,83 +177,113 @@ class IpvsProxier(BlockingProxier):
             errors.extend(self._prepare())
         want, refused = self._programmable(desired, only)
         errors.extend(refused)
-        kept: dict[VSKey, VirtualServer] = {}
         if only is None:
-            self._addresses.ensure_interface(self._interface)
-            if read is None:
-                vips = self._addresses.addresses(self._interface)
-                self._vips = set(vips)
-                observed = self._kernel.dump()
-            else:  # read earlier; the VIPs again (cheap), as partial syncs left them
-                vips, observed = read.vips, read.observed
-                self._vips = set(self._addresses.addresses(self._interface))
-            owned = {k for k in observed if k.address in vips}
-            for key in [k for k in want if k in observed and k not in owned]:
-                errors.append(_foreign(want.pop(key)))
-            if skip:  # written by partial syncs during the read: as they left them
-                want = {k: v for k, v in want.items() if k not in skip}
-                owned -= skip
-                kept = {k: self._mirror[k] for k in skip if k in self._mirror}
-            have = {k: observed[k] for k in owned}
+            view = self._full_view(want, read, skip, errors)
+            ops = self._diff_again(view, read, skip, errors) if read is not None else view.diff()
         else:
-            if not self._synced:
-                self._adopt()
-            keys = set().union(*(self._by_owner.get(o, set()) for o in only))
-            keys |= {k for k in want if k in self._mirror}  # moved from another owner
-            have = {k: self._mirror[k] for k in keys}
-            owned = set(have)
-            if self._written is not None:  # a full sync is reading: it must leave these alone
-                self._written |= keys | set(want)
-        if read is not None and only is None:
-            # Diffed without the lock, from a dump that ran beside partial syncs: a dump
-            # in several parts can miss or repeat a service that changed meanwhile. So
-            # the services it would change are read again now (few: what drifted) and
-            # diffed from that; the steady state reads nothing more.
-            again = {op.key for op in read.ops if op.key not in skip}
-            fresh = self._kernel.read(again) if again else {}
-            for key in again:
-                observed.pop(key, None)
-                have.pop(key, None)
-                owned.discard(key)
-                if key in fresh:
-                    observed[key] = fresh[key]
-                    if key.address in self._vips:
-                        have[key] = fresh[key]
-                        owned.add(key)
-                    elif key in want:
-                        errors.append(_foreign(want.pop(key)))
-            ops = diff({k: want[k] for k in again if k in want}, {k: have[k] for k in again if k in have},
-                       owned & again)
-        else:
-            ops = diff(want, have, owned)
-        failures = self._kernel.execute(ops)
-        failed_ops = {id(f.operation) for f in failures}
-        errors.extend(_error(f) for f in failures)
-        applied = _apply_lenient(have, [op for op in ops if id(op) not in failed_ops])
-        # Owners from the desired table: the kernel stores none.
-        for key, vs in applied.items():
-            if key in want:
-                applied[key] = _owned(vs, want[key])
-        if only is None:
-            self._mirror.clear()
-            self._by_owner.clear()
-            self._vip_users.clear()
-            self._real_count = 0
-            self._replace({}, kept)
-        self._replace(have, applied)
-        present = {**kept, **applied} if kept else applied
-        errors.extend(self._sync_vips(present, set(have) - set(applied), full=only is None))
+            view = self._partial_view(want, only)
+            ops = view.diff()
+        done = self._write(view, ops, errors, full=only is None)
         self._synced = True
-        failed = frozenset(e.owner for e in errors if e.owner)
         return SyncResult(
             MODE,
             full,
-            count_kinds(op for op in ops if id(op) not in failed_ops),
+            count_kinds(done),
             tuple(errors),
-            failed,
+            frozenset(e.owner for e in errors if e.owner),
             time.monotonic() - start,
             self.counts(),
         )
+
+    def _full_view(
+        self,
+        want: dict[VSKey, VirtualServer],
+        read: ReadBack | None,
+        skip: frozenset[VSKey] | set[VSKey],
+        errors: list[DataplaneError],
+    ) -> _View:
+        """A full sync's starting point: the kernel (read now, or by ``read``) minus the
+        foreign services and minus ``skip``, which stays as the partial syncs left it."""
+        self._addresses.ensure_interface(self._interface)
+        if read is None:
+            vips = self._addresses.addresses(self._interface)
+            self._vips = set(vips)
+            observed = self._kernel.dump()
+        else:  # read earlier; the VIPs again (cheap), as partial syncs left them
+            vips, observed = read.vips, read.observed
+            self._vips = set(self._addresses.addresses(self._interface))
+        owned = {k for k in observed if k.address in vips}
+        for key in [k for k in want if k in observed and k not in owned]:
+            errors.append(_foreign(want.pop(key)))
+        kept: dict[VSKey, VirtualServer] = {}
+        if skip:  # written by partial syncs during the read: as they left them
+            want = {k: v for k, v in want.items() if k not in skip}
+            owned -= skip
+            kept = {k: self._mirror[k] for k in skip if k in self._mirror}
+        return _View(want, {k: observed[k] for k in owned}, owned, observed, kept)
+
+    def _partial_view(self, want: dict[VSKey, VirtualServer], only: frozenset[str]) -> _View:
+        """A partial sync's starting point: the mirror of the given owners' services."""
+        if not self._synced:
+            self._adopt()
+        keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+        keys |= {k for k in want if k in self._mirror}  # moved from another owner
+        have = {k: self._mirror[k] for k in keys}
+        if self._written is not None:  # a full sync is reading: it must leave these alone
+            self._written |= keys | set(want)
+        return _View(want, have, set(have))
+
+    def _diff_again(
+        self, view: _View, read: ReadBack, skip: frozenset[VSKey] | set[VSKey], errors: list[DataplaneError]
+    ) -> list[Operation]:
+        """Diffed without the lock, from a dump that ran beside partial syncs: a dump in
+        several parts can miss or repeat a service that changed meanwhile. So the
+        services it would change are read again now (few: what drifted) and diffed from
+        that; the steady state reads nothing more."""
+        again = {op.key for op in read.ops if op.key not in skip}
+        fresh = self._kernel.read(again) if again else {}
+        want, have, owned, observed = view.want, view.have, view.owned, view.observed
+        for key in again:
+            observed.pop(key, None)
+            have.pop(key, None)
+            owned.discard(key)
+            if key in fresh:
+                observed[key] = fresh[key]
+                if key.address in self._vips:
+                    have[key] = fresh[key]
+                    owned.add(key)
+                elif key in want:
+                    errors.append(_foreign(want.pop(key)))
+        return diff({k: want[k] for k in again if k in want}, {k: have[k] for k in again if k in have},
+                    owned & again)
+
+    def _write(
+        self, view: _View, ops: list[Operation], errors: list[DataplaneError], *, full: bool
+    ) -> list[Operation]:
+        """Run ``ops``, then bring the mirror and the VIPs in line; returns the operations
+        the kernel took."""
+        failures = self._kernel.execute(ops)
+        failed_ops = {id(f.operation) for f in failures}
+        errors.extend(_error(f) for f in failures)
+        done = [op for op in ops if id(op) not in failed_ops]
+        applied = _apply_lenient(view.have, done)
+        # Owners from the desired table: the kernel stores none.
+        for key, vs in applied.items():
+            if key in view.want:
+                applied[key] = _owned(vs, view.want[key])
+        if full:
+            self._reset_mirror()
+            self._replace({}, view.kept)
+        self._replace(view.have, applied)
+        present = {**view.kept, **applied} if view.kept else applied
+        errors.extend(self._sync_vips(present, set(view.have) - set(applied), full=full))
+        return done
+
+    def _reset_mirror(self) -> None:
+        self._mirror.clear()
+        self._by_owner.clear()
+        self._vip_users.clear()
+        self._real_count = 0
 
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
@@ -251,11 +297,8 @@ class IpvsProxier(BlockingProxier):
         self._addresses.delete_interface(self._interface)
         if self._unprepare is not None:
             self._unprepare()
-        self._mirror.clear()
-        self._by_owner.clear()
-        self._vip_users.clear()
+        self._reset_mirror()
         self._vips.clear()
-        self._real_count = 0
         self._synced = False
         return SyncResult(
             MODE, True, count_kinds(ops), tuple(errors), frozenset(), time.monotonic() - start
