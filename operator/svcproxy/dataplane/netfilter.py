@@ -134,75 +134,107 @@ def scan(
     Lines of other tables, and rules of foreign chains, are skipped unread.
     """
     out = {t: SavedTable[T]() for t in tables}
-    table: SavedTable[T] | None = None
-    kept: dict[str, T | None] = {}  # declared chains of ours; None until their rules are folded
-    builtins: set[str] = set()
-    current: str | None = None  # the chain of ours whose rules are being collected
-    current_kept = False
-    rules: list[str] = []
-
-    def flush() -> None:
-        nonlocal current
-        if current is not None:
-            value = fold(current, rules)
-            if current_kept:
-                kept[current] = value
-            rules.clear()
-            current = None
-
-    def close(t: SavedTable[T]) -> None:
-        flush()
-        t.chains = {name: fold(name, []) if value is None else value for name, value in kept.items()}
-        kept.clear()
-        builtins.clear()
-
+    state = _Scan(out, prefix, fold, keep)
+    rules = state.rules  # cleared in place, never replaced
     for line in lines:
-        if line.startswith("-A ") and table is not None:  # most lines (320k at 10k Services)
+        if line.startswith("-A ") and state.table is not None:  # most lines (320k at 10k Services)
             parts = line.split(" ", 2)
             name = parts[1] if len(parts) == 3 else ""
-            if name == current:
+            if name == state.current:
                 rules.append(line)
-            elif prefix is not None and name.startswith(prefix):
-                flush()
-                current_kept = keep is None or keep(name)
-                if current_kept and (name not in kept or kept[name] is not None):
-                    table.problem = table.problem or f"rules of chain {name} undeclared or apart: {line!r}"
-                current = name
-                rules.append(line)
-            elif name in builtins:
-                if _jumps_to_project(parts[2]):
-                    table.jumps.add(line)
-            elif not name:
-                table.problem = table.problem or f"rule without a chain and spec: {line!r}"
+            else:
+                state.rule(state.table, line, name, parts)
         elif line.startswith("*"):
-            if table is not None:  # a new table before this one's COMMIT
-                table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
-                close(table)
-            table = out.get(line[1:])
-            if table is not None:
-                if table.present:
-                    table.problem = table.problem or f"table {line} printed twice"
-                table.present = True
-        elif table is None:
+            state.start(line)
+        elif state.table is None:
             continue  # comments, and every line of a table nobody asked for
         elif line == "COMMIT":
-            close(table)
-            table = None
+            state.close(state.table)
+            state.table = None
         elif match := _CHAIN.match(line):
-            name, policy = match.group(1), match.group(2)
-            if policy != "-":
-                builtins.add(name)
-            if prefix is not None and name.startswith(prefix):
-                if keep is None or keep(name):
-                    kept[name] = None
-                else:
-                    fold(name, [])
+            state.declare(match.group(1), match.group(2))
         elif line and not line.startswith("#"):
-            table.problem = table.problem or f"unknown line in iptables-save output: {line!r}"
-    if table is not None:
-        table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
-        close(table)
+            _flag(state.table, f"unknown line in iptables-save output: {line!r}")
+    if state.table is not None:
+        _flag(state.table, "no COMMIT at the end of the table: the output was cut short")
+        state.close(state.table)
     return out
+
+
+def _flag(table: SavedTable[T], problem: str) -> None:
+    """Keep the first problem of a table."""
+    table.problem = table.problem or problem
+
+
+class _Scan(Generic[T]):
+    """:func:`scan`'s state between lines: the table being read, its declared chains
+    of ours and built-in chains, and the chain of ours whose rules are being collected."""
+
+    def __init__(
+        self,
+        out: dict[str, SavedTable[T]],
+        prefix: str | None,
+        fold: Callable[[str, list[str]], T],
+        keep: Callable[[str], bool] | None,
+    ) -> None:
+        self.out, self.prefix, self.fold, self.keep = out, prefix, fold, keep
+        self.table: SavedTable[T] | None = None
+        self.kept: dict[str, T | None] = {}  # declared chains of ours; None until folded
+        self.builtins: set[str] = set()
+        self.current: str | None = None
+        self.current_kept = False
+        self.rules: list[str] = []
+
+    def rule(self, table: SavedTable[T], line: str, name: str, parts: list[str]) -> None:
+        """A rule of a chain other than the one being collected."""
+        if self.prefix is not None and name.startswith(self.prefix):
+            self.flush()
+            self.current_kept = self.keep is None or self.keep(name)
+            if self.current_kept and (name not in self.kept or self.kept[name] is not None):
+                _flag(table, f"rules of chain {name} undeclared or apart: {line!r}")
+            self.current = name
+            self.rules.append(line)
+        elif name in self.builtins:
+            if _jumps_to_project(parts[2]):
+                table.jumps.add(line)
+        elif not name:
+            _flag(table, f"rule without a chain and spec: {line!r}")
+
+    def start(self, line: str) -> None:
+        """A ``*table`` line."""
+        if self.table is not None:  # a new table before this one's COMMIT
+            _flag(self.table, "no COMMIT at the end of the table: the output was cut short")
+            self.close(self.table)
+        self.table = self.out.get(line[1:])
+        if self.table is not None:
+            if self.table.present:
+                _flag(self.table, f"table {line} printed twice")
+            self.table.present = True
+
+    def declare(self, name: str, policy: str) -> None:
+        """A ``:chain policy`` line."""
+        if policy != "-":
+            self.builtins.add(name)
+        if self.prefix is not None and name.startswith(self.prefix):
+            if self.keep is None or self.keep(name):
+                self.kept[name] = None
+            else:
+                self.fold(name, [])
+
+    def flush(self) -> None:
+        if self.current is not None:
+            value = self.fold(self.current, self.rules)
+            if self.current_kept:
+                self.kept[self.current] = value
+            self.rules.clear()
+            self.current = None
+
+    def close(self, table: SavedTable[T]) -> None:
+        self.flush()
+        fold = self.fold
+        table.chains = {name: fold(name, []) if value is None else value for name, value in self.kept.items()}
+        self.kept.clear()
+        self.builtins.clear()
 
 
 def keep_rules(name: str, rules: list[str]) -> list[str]:
