@@ -68,6 +68,36 @@ def _rule(vs: VirtualServer, port: int) -> str:
     )
 
 
+def _wanted(
+    desired: Table, only: frozenset[str] | None
+) -> tuple[dict[VSKey, VirtualServer], list[DataplaneError]]:
+    """The virtual servers this sync programs, and those refused (SCTP)."""
+    errors: list[DataplaneError] = []
+    want: dict[VSKey, VirtualServer] = {}
+    for key, vs in desired.items():
+        if only is not None and vs.owner not in only:
+            continue
+        if vs.protocol == "SCTP":
+            errors.append(UnsupportedError(
+                f"{key}: the userspace mode proxies TCP and UDP only;"
+                " use ipvs or iptables mode for SCTP", owner=vs.owner))
+            continue
+        want[key] = vs
+    return want, errors
+
+
+def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int, str]) -> list[str]:
+    """A partial sync's restore lines: new portals, portals whose target changed, and
+    the rules of portals that went."""
+    lines: list[str] = []
+    for p in kept:
+        if p.rule != rules[id(p)]:
+            lines += ["-D" + p.rule[2:]] if p.rule else []
+            lines.append(rules[id(p)])
+    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
+    return lines
+
+
 class UserspaceProxier:
     def __init__(
         self,
@@ -152,63 +182,24 @@ class UserspaceProxier:
                 owners = frozenset(v.owner for v in desired.values())
                 err = ModeUnavailableError(f"userspace mode needs iptables: {self._caps.reason}")
                 return SyncResult(MODE, only is None, {}, (err,), owners, 0.0)
-            errors: list[DataplaneError] = []
-            want: dict[VSKey, VirtualServer] = {}
-            for key, vs in desired.items():
-                if only is not None and vs.owner not in only:
-                    continue
-                if vs.protocol == "SCTP":
-                    errors.append(UnsupportedError(
-                        f"{key}: the userspace mode proxies TCP and UDP only;"
-                        " use ipvs or iptables mode for SCTP", owner=vs.owner))
-                    continue
-                want[key] = vs
+            want, errors = _wanted(desired, only)
             if only is None:
                 mine = set(self._portals)
             else:
                 mine = {k for k, p in self._portals.items() if p.balancer.vs.owner in only}
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
-            for key, vs in want.items():
-                portal = self._portals.get(key)
-                if portal is None:
-                    try:
-                        self._portals[key] = await self._open(vs)
-                        self._reals += len(vs.real_servers)
-                    except OSError as err:
-                        errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
-                        continue
-                    ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
-                elif portal.balancer.vs != vs:
-                    self._reals += len(vs.real_servers) - len(portal.balancer.vs.real_servers)
-                    portal.balancer.update(vs)
-                    ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+            await self._open_or_update(want, ops, errors)
             gone = [self._portals[k] for k in mine - set(want)]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
-            rules = {id(p): self._rule_for(p) for p in kept}
             for v6 in (False, True):
                 fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
                 fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
                 if v6 and not (fam_kept or fam_gone or self._v6_used):
                     continue  # no IPv6 VIP ever: leave ip6tables alone
                 try:
-                    nf = self._netfilter(v6)
-                    if only is None:
-                        await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in fam_kept],
-                                                (present or {}).get(v6))
-                    else:
-                        lines = []
-                        for p in fam_kept:  # new portals, and portals whose target changed
-                            if p.rule != rules[id(p)]:
-                                lines += ["-D" + p.rule[2:]] if p.rule else []
-                                lines.append(rules[id(p)])
-                        lines += ["-D" + p.rule[2:] for p in fam_gone if p.rule]
-                        if lines:
-                            text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
-                            await asyncio.to_thread(nf.restore, text)
-                    for p in fam_kept:
-                        p.rule = rules[id(p)]
-                    self._v6_used = self._v6_used or v6
+                    await self._write_rules(v6, fam_kept, fam_gone, full=only is None,
+                                            present=(present or {}).get(v6))
                 except DataplaneError as err:
                     err.owner = err.owner or next(
                         (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
@@ -221,6 +212,49 @@ class UserspaceProxier:
             failed = frozenset(e.owner for e in errors if e.owner)
             return SyncResult(MODE, only is None, ops, tuple(errors), failed,
                               time.monotonic() - start, self.counts())
+
+    async def _open_or_update(
+        self, want: Mapping[VSKey, VirtualServer], ops: dict[str, int], errors: list[DataplaneError]
+    ) -> None:
+        """A listener for each new portal; a changed one keeps its listener, gets a new
+        balancer state."""
+        for key, vs in want.items():
+            portal = self._portals.get(key)
+            if portal is None:
+                try:
+                    self._portals[key] = await self._open(vs)
+                    self._reals += len(vs.real_servers)
+                except OSError as err:
+                    errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                    continue
+                ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
+            elif portal.balancer.vs != vs:
+                self._reals += len(vs.real_servers) - len(portal.balancer.vs.real_servers)
+                portal.balancer.update(vs)
+                ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+
+    async def _write_rules(
+        self,
+        v6: bool,
+        kept: list[_Portal],
+        gone: list[_Portal],
+        *,
+        full: bool,
+        present: Collection[str] | None,
+    ) -> None:
+        """One family's REDIRECT rules: the whole chain (full) or the rules that changed."""
+        nf = self._netfilter(v6)
+        rules = {id(p): self._rule_for(p) for p in kept}
+        if full:
+            await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in kept], present)
+        else:
+            lines = _changed_lines(kept, gone, rules)
+            if lines:
+                text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+                await asyncio.to_thread(nf.restore, text)
+        for p in kept:
+            p.rule = rules[id(p)]
+        self._v6_used = self._v6_used or v6
 
     def _netfilter(self, v6: bool) -> Netfilter:
         if not v6:
