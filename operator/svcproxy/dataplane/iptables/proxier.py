@@ -159,19 +159,10 @@ class IptablesProxier(BlockingProxier):
         if only is None:
             self.last_full = FullStats()
         for v6 in (False, True):
-            if only is None:
-                want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
-                have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
-                if not want and not have and v6:
-                    continue  # no IPv6 services: leave ip6tables alone
-                if touched:  # synced by a partial sync during this one: left alone
-                    want = {k: v for k, v in want.items() if v.owner not in touched}
-                    have = {k: v for k, v in have.items() if v.owner not in touched}
-            else:
-                want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
-                keys = set().union(*(self._by_owner.get(o, set()) for o in only))
-                keys |= {k for k in want if k in self._mirror}
-                have = {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
+            tables = self._family(v6, desired, only, touched)
+            if tables is None:
+                continue  # no IPv6 services: leave ip6tables alone
+            want, have = tables
             try:
                 if only is None:
                     self._full(v6, want, (prepared or {}).get(v6), touched)
@@ -205,6 +196,25 @@ class IptablesProxier(BlockingProxier):
             time.monotonic() - start,
             self.counts(),
         )
+
+    def _family(
+        self, v6: bool, desired: Table, only: frozenset[str] | None, touched: frozenset[str]
+    ) -> tuple[dict[VSKey, VirtualServer], dict[VSKey, VirtualServer]] | None:
+        """One address family's desired services and what the mirror has of them (all,
+        or the given owners'); None for IPv6 when neither has any."""
+        if only is None:
+            want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
+            have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
+            if not want and not have and v6:
+                return None
+            if touched:  # synced by a partial sync during this one: left alone
+                want = {k: v for k, v in want.items() if v.owner not in touched}
+                have = {k: v for k, v in have.items() if v.owner not in touched}
+            return want, have
+        want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
+        keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+        keys |= {k for k in want if k in self._mirror}
+        return want, {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
 
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
@@ -333,27 +343,7 @@ class IptablesProxier(BlockingProxier):
         size = (len(plan.dirty) or 1) if nf.legacy else NFT_BATCH
         for start in range(0, max(len(plan.dirty), 1), size):
             part = plan.dirty[start : start + size]
-            declare, body = self._service_lines(part)
-            text = ["*nat"]
-            if start == 0:
-                base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
-                if not plan.base:
-                    base = [c for c in base if c == rules.SERVICES]
-                text += [f":{c} - [0:0]" for c in base]
-            text += declare
-            last = start + size >= len(plan.dirty)
-            if last:
-                text += [f":{c} - [0:0]" for c in plan.stale]
-            if start == 0 and plan.base:
-                text += rules.base_rules()
-            jumps = [rules.service_jump(vs) for vs in part]
-            text += [j for j in jumps if drift.normalise(j) in plan.add_jumps]
-            text += body
-            if last:
-                text += plan.delete_jumps
-                text += [f"-X {c}" for c in plan.stale]
-                if plan.filter_rules is not None:
-                    text += ["COMMIT", "*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *plan.filter_rules]
+            text = self._batch(plan, part, first=start == 0, last=start + size >= len(plan.dirty))
             if len(text) > 1:
                 batch = "\n".join([*text, "COMMIT"]) + "\n"
                 nf.restore(batch)
@@ -361,6 +351,33 @@ class IptablesProxier(BlockingProxier):
                 self.last_full.lines += len(text) + 1
         nf.ensure_jumps(rules.JUMPS, prepared.nat_jumps)
         nf.ensure_jumps(rules.FILTER_JUMPS, prepared.filter_jumps)
+
+    def _batch(
+        self, plan: drift.FullPlan, part: list[VirtualServer], *, first: bool, last: bool
+    ) -> list[str]:
+        """The lines of one batch of a full sync (without the final COMMIT): the base
+        chains in the first, the services of ``part``, the sweep in the last."""
+        declare, body = self._service_lines(part)
+        text = ["*nat"]
+        if first:
+            base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
+            if not plan.base:
+                base = [c for c in base if c == rules.SERVICES]
+            text += [f":{c} - [0:0]" for c in base]
+        text += declare
+        if last:
+            text += [f":{c} - [0:0]" for c in plan.stale]
+        if first and plan.base:
+            text += rules.base_rules()
+        jumps = [rules.service_jump(vs) for vs in part]
+        text += [j for j in jumps if drift.normalise(j) in plan.add_jumps]
+        text += body
+        if last:
+            text += plan.delete_jumps
+            text += [f"-X {c}" for c in plan.stale]
+            if plan.filter_rules is not None:
+                text += ["COMMIT", "*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *plan.filter_rules]
+        return text
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]
