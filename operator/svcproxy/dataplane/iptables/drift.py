@@ -242,10 +242,7 @@ def plan_full(
     (the others were found equal by the summed read).
     """
     plan = FullPlan()
-    base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
-    for line in rules.base_rules():
-        base_want[line.split(" ", 2)[1]].append(normalise(line))
-    plan.base = rewrite_all or any(nat.get(c) != digest(want) for c, want in base_want.items())
+    plan.base = rewrite_all or _base_differs(nat)
     plan.declare_services = rules.SERVICES not in nat
     have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
     # Jumps read back that no desired service wants; a dict sharing the read-back's strings
@@ -273,14 +270,33 @@ def plan_full(
             plan.dirty.append(vs)
     if summary is not None and summary != want_sum:
         return Deferred(summary.differing(want_sum))
-    for jump, count in have_jumps.items():
-        extra = count if jump in unwanted else count - 1
-        plan.delete_jumps += ["-D" + jump[2:]] * extra
-    plan.stale = sorted(c for c in nat if rules.owned_chain(c) and c not in needed)
+    _sweep(plan, nat, have_jumps, unwanted, needed)
     rejects = [normalise(r) for vs in servers if (r := rules.reject_rule(vs))]
     if rewrite_all or filter_chain is None or Counter(filter_chain) != Counter(rejects):
         plan.filter_rules = [r for vs in servers if (r := rules.reject_rule(vs))]
     return plan
+
+
+def _base_differs(nat: Mapping[str, Chain]) -> bool:
+    """SVCPROXY-MARK-MASQ or SVCPROXY-POSTROUTING differ from what they should hold."""
+    base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
+    for line in rules.base_rules():
+        base_want[line.split(" ", 2)[1]].append(normalise(line))
+    return any(nat.get(c) != digest(want) for c, want in base_want.items())
+
+
+def _sweep(
+    plan: FullPlan,
+    nat: Mapping[str, Chain],
+    have_jumps: Counter[str],
+    unwanted: Mapping[str, int],
+    needed: set[str],
+) -> None:
+    """Jumps no service wants (and duplicates) deleted, owned chains nobody needs dropped."""
+    for jump, count in have_jumps.items():
+        extra = count if jump in unwanted else count - 1
+        plan.delete_jumps += ["-D" + jump[2:]] * extra
+    plan.stale = sorted(c for c in nat if rules.owned_chain(c) and c not in needed)
 
 
 def without_owners(
