@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svcproxy.dataplane.iptables import drift, rules
+from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.netfilter import Netfilter, SavedTable, detect_backend, names_only
 from svcproxy.dataplane.proxier import (
     Between,
@@ -84,10 +85,7 @@ class IptablesProxier(BlockingProxier):
             backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
         self._cidrs = cluster_cidrs
         self._masq_all = masquerade_all
-        self._mirror: dict[VSKey, VirtualServer] = {}
-        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
-        self._reals = 0
-        self._rules = 0
+        self._mirror = Mirror(self._rule_count)
         self._synced = False
         self.last_full = FullStats()
         self._caps = Capabilities(
@@ -100,10 +98,8 @@ class IptablesProxier(BlockingProxier):
         )
 
     def counts(self) -> Counts:
-        # Running totals: recounting the mirror would make partial syncs O(services).
-        return Counts(
-            virtual_servers=len(self._mirror), real_servers=self._reals, rules=self._rules
-        )
+        mirror = self._mirror
+        return Counts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
 
     def _rule_count(self, vs: VirtualServer) -> int:
         return rules.rule_count(vs, self._cidrs, self._masq_all)
@@ -212,7 +208,7 @@ class IptablesProxier(BlockingProxier):
                 have = {k: v for k, v in have.items() if v.owner not in touched}
             return want, have
         want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
-        keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+        keys = self._mirror.keys_of(only)
         keys |= {k for k in want if k in self._mirror}
         return want, {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
 
@@ -237,8 +233,6 @@ class IptablesProxier(BlockingProxier):
                     if not v6:
                         errors.append(err)
         self._mirror.clear()
-        self._by_owner.clear()
-        self._reals = self._rules = 0
         self._synced = False
         ops = {"delete_virtual_server": count} if count else {}
         return SyncResult(MODE, True, ops, tuple(errors), frozenset(), time.monotonic() - start)
@@ -246,20 +240,10 @@ class IptablesProxier(BlockingProxier):
     # Internals.
 
     def _remember(self, vs: VirtualServer) -> None:
-        self._forget(vs.key)
-        self._mirror[vs.key] = vs
-        self._by_owner[vs.owner].add(vs.key)
-        self._reals += len(vs.real_servers)
-        self._rules += self._rule_count(vs)
+        self._mirror.put(vs.key, vs)
 
     def _forget(self, key: VSKey) -> None:
-        old = self._mirror.pop(key, None)
-        if old is not None:
-            self._reals -= len(old.real_servers)
-            self._rules -= self._rule_count(old)
-            self._by_owner[old.owner].discard(key)
-            if not self._by_owner[old.owner]:
-                del self._by_owner[old.owner]
+        self._mirror.drop(key)
 
     def _service_lines(self, servers: Iterable[VirtualServer]) -> tuple[list[str], list[str]]:
         chains: list[str] = []
@@ -333,7 +317,7 @@ class IptablesProxier(BlockingProxier):
         prepared = prepared or self._prepare(v6, want)
         plan, rewrite_all = prepared.plan, prepared.rewrite_all
         if touched:
-            kept = [self._mirror[k] for o in touched for k in self._by_owner.get(o, ())]
+            kept = [self._mirror[k] for k in self._mirror.keys_of(touched)]
             kept = [vs for vs in kept if (":" in vs.address) == v6]
             rejects = [r for vs in [*want.values(), *kept] if (r := rules.reject_rule(vs))]
             keep = {c for vs in kept for c in rules.chains_of(vs)}

@@ -20,13 +20,14 @@ import asyncio
 import errno
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, AddressKernel, Failure, IpvsKernel
+from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -92,11 +93,9 @@ class IpvsProxier(BlockingProxier):
         # Node setup (sysctls, masquerade rules) run on each full sync / cleanup.
         self._prepare = prepare
         self._unprepare = unprepare
-        self._mirror: dict[VSKey, VirtualServer] = {}
-        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
+        self._mirror = Mirror()
         self._vip_users: Counter[str] = Counter()
         self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
-        self._real_count = 0
         self._synced = False
         # Keys partial syncs wrote while a full sync read the kernel (None: not reading).
         self._written: set[VSKey] | None = None
@@ -111,8 +110,7 @@ class IpvsProxier(BlockingProxier):
         )
 
     def counts(self) -> Counts:
-        # Kept as a running total: summing the mirror would make partial syncs O(services).
-        return Counts(virtual_servers=len(self._mirror), real_servers=self._real_count)
+        return Counts(virtual_servers=len(self._mirror), real_servers=self._mirror.real_servers)
 
     async def sync_full(self, desired: Table, between: Between) -> SyncResult:
         """A full sync whose kernel read-back and diff do not hold up partial syncs.
@@ -140,7 +138,7 @@ class IpvsProxier(BlockingProxier):
         async with self._lock:
             written, self._written = self._written, None
             skip = written | {k for k, v in desired.items() if v.owner in touched}
-            skip |= {k for o in touched for k in self._by_owner.get(o, ())}
+            skip |= self._mirror.keys_of(touched)
             return await asyncio.to_thread(self.sync_blocking, desired, None, read, skip)
 
     def _read_back(self, desired: Table) -> ReadBack:
@@ -226,7 +224,7 @@ class IpvsProxier(BlockingProxier):
         """A partial sync's starting point: the mirror of the given owners' services."""
         if not self._synced:
             self._adopt()
-        keys = set().union(*(self._by_owner.get(o, set()) for o in only))
+        keys = self._mirror.keys_of(only)
         keys |= {k for k in want if k in self._mirror}  # moved from another owner
         have = {k: self._mirror[k] for k in keys}
         if self._written is not None:  # a full sync is reading: it must leave these alone
@@ -281,9 +279,7 @@ class IpvsProxier(BlockingProxier):
 
     def _reset_mirror(self) -> None:
         self._mirror.clear()
-        self._by_owner.clear()
         self._vip_users.clear()
-        self._real_count = 0
 
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
@@ -336,23 +332,12 @@ class IpvsProxier(BlockingProxier):
         self._replace({}, {k: v for k, v in observed.items() if k.address in vips})
 
     def _replace(self, old: Table, new: dict[VSKey, VirtualServer]) -> None:
-        touched: set[str] = set()
         for key in old:
-            prev = self._mirror.pop(key, None)
-            if prev is not None:
-                self._real_count -= len(prev.real_servers)
-                self._by_owner[prev.owner].discard(key)
+            if self._mirror.drop(key) is not None:
                 self._vip_users[key.address] -= 1
-                touched.add(prev.owner)
         for key, vs in new.items():
-            self._mirror[key] = vs
-            self._real_count += len(vs.real_servers)
-            self._by_owner[vs.owner].add(key)
-            self._vip_users[key.address] += 1
-        # Only the owners touched here: scanning every owner made each change O(services).
-        for owner in touched:
-            if not self._by_owner.get(owner, True):
-                del self._by_owner[owner]
+            if self._mirror.put(key, vs) is None:
+                self._vip_users[key.address] += 1
 
     def _sync_vips(self, present: Table, gone: set[VSKey], full: bool) -> list[DataplaneError]:
         """Add VIPs of present virtual servers, drop VIPs no virtual server uses."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend
 from svcproxy.dataplane.proxier import (
     Between,
@@ -124,7 +125,7 @@ class UserspaceProxier:
         # a peer that never sends (the kernel matches no socket for other senders, so it
         # answers ICMP port unreachable). Bound, so no other process can take the port.
         self._refusers: dict[tuple[bool, str], socket.socket] = {}  # by (is IPv6, protocol)
-        self._reals = 0  # running total: counting every portal made each sync O(services)
+        self._mirror = Mirror()  # each portal's virtual server: owner index, counts
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -143,7 +144,7 @@ class UserspaceProxier:
     def counts(self) -> Counts:
         return Counts(
             virtual_servers=len(self._portals),
-            real_servers=self._reals,
+            real_servers=self._mirror.real_servers,
             rules=len(self._portals),
         )
 
@@ -186,7 +187,7 @@ class UserspaceProxier:
             if only is None:
                 mine = set(self._portals)
             else:
-                mine = {k for k, p in self._portals.items() if p.balancer.vs.owner in only}
+                mine = self._mirror.keys_of(only)
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
             await self._open_or_update(want, ops, errors)
@@ -206,7 +207,7 @@ class UserspaceProxier:
                     errors.append(err)
             for key in mine - set(want):
                 portal = self._portals.pop(key)
-                self._reals -= len(portal.balancer.vs.real_servers)
+                self._mirror.drop(key)
                 await self._close(portal)
                 ops["delete_virtual_server"] = ops.get("delete_virtual_server", 0) + 1
             failed = frozenset(e.owner for e in errors if e.owner)
@@ -223,14 +224,14 @@ class UserspaceProxier:
             if portal is None:
                 try:
                     self._portals[key] = await self._open(vs)
-                    self._reals += len(vs.real_servers)
+                    self._mirror.put(key, vs)
                 except OSError as err:
                     errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
                     continue
                 ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
             elif portal.balancer.vs != vs:
-                self._reals += len(vs.real_servers) - len(portal.balancer.vs.real_servers)
                 portal.balancer.update(vs)
+                self._mirror.put(key, vs)
                 ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
 
     async def _write_rules(
@@ -297,7 +298,7 @@ class UserspaceProxier:
             for portal in list(self._portals.values()):
                 await self._close(portal)
             self._portals.clear()
-            self._reals = 0
+            self._mirror.clear()
             errors: tuple[DataplaneError, ...] = ()
             if self._caps.available:
                 try:
@@ -313,7 +314,7 @@ class UserspaceProxier:
         for portal in list(self._portals.values()):
             await self._close(portal)
         self._portals.clear()
-        self._reals = 0
+        self._mirror.clear()
         for sock in self._refusers.values():
             sock.close()
         self._refusers.clear()
