@@ -1,8 +1,8 @@
 """The ipvs proxier on this host's kernel: which adapters it gets.
 
 :func:`create` is what ``modes.build_proxier("ipvs")`` calls. It asks ``probe``
-whether the kernel has IPVS at all before importing the netlink adapters (pyroute2
-costs ~9 MB of RSS on every node, needed only where IPVS is), then builds the proxier
+whether the kernel has IPVS at all before importing the netlink adapters (pyroute2's
+memory is then paid only on nodes with IPVS), then builds the proxier
 on ``netlink.NetlinkIpvs`` and ``addresses.NetlinkAddresses``, or on ``AbsentIpvs``
 with the address adapter imported on first use, and hands it the node setup.
 """

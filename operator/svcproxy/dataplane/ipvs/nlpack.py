@@ -2,8 +2,8 @@
 
 ``netlink.NetlinkIpvs`` sends what this packs (one request per diff operation, and
 the dump/get requests of its reads) and ``nlsock`` splits replies with
-:func:`messages`. Packing by hand avoids pyroute2's encoder (~0.3 ms a message in a
-UML guest); the result is checked byte for byte against pyroute2's encoding
+:func:`messages`. Packing by hand avoids pyroute2's encoder, slow where every
+message counts (UML guests); the result is checked byte for byte against pyroute2's encoding
 (``tests/unit/test_dataplane_netlink.py``, reference codec in
 ``tests/dataplane/ipvs_reference.py``). Every service request carries scheduler, flags,
 timeout and netmask (so an update also clears what svcproxy never sets: one-packet
