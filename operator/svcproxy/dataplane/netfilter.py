@@ -109,7 +109,6 @@ class Netfilter(SaveRestore):
     def family(self, ipv6: bool) -> Netfilter:
         return self if ipv6 == self.ipv6 else Netfilter(ipv6=ipv6, netns=self.netns)
 
-
     def lines(self, *args: str, modules: str) -> Iterator[str]:
         """iptables-save's output line by line as the tool prints it (never the whole text).
 
