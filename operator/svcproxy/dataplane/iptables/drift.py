@@ -16,7 +16,7 @@ rewritten whole when it differs, so of those only a digest of the normalised
 rules is kept (:func:`fold`), and of the per-service ones, after the first sync,
 only sums per group (:class:`Summary`; the groups whose sums differ are read
 again per chain). The read-back streams through
-:func:`svcproxy.dataplane.netfilter.scan` and never holds the 320k rules of a
+:func:`svcproxy.dataplane.nfkernel.scan` and never holds the 320k rules of a
 10k-Service node at once.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from svcproxy.dataplane.iptables import rules
-from svcproxy.dataplane.netfilter import SavedTable, scan
+from svcproxy.dataplane.nfkernel import SavedTable, scan
 from svcproxy.dataplane.table import VirtualServer
 
 # A chain as read back: its normalised rules (the multiset chains) or their digest.
@@ -79,7 +79,7 @@ def digest(normalised: Iterable[str]) -> bytes:
 
 
 def fold(name: str, lines: list[str]) -> Chain:
-    """The :func:`~svcproxy.dataplane.netfilter.scan` fold of the read-back: a multiset
+    """The :func:`~svcproxy.dataplane.nfkernel.scan` fold of the read-back: a multiset
     chain's normalised rules, any other chain's :func:`digest`."""
     if name in MULTISET:
         return [normalise(line) for line in lines]
@@ -131,7 +131,7 @@ class Deferred:
 
 
 class Reader:
-    """``fold`` and ``keep`` for ``Netfilter.read(..., rules.PREFIX, reader, reader.keep)``.
+    """``fold`` and ``keep`` for ``NetfilterKernel.read(..., rules.PREFIX, reader, reader.keep)``.
 
     ``summarise``: the per-service chains go into :attr:`summary` and are not kept
     (the steady state's read). Otherwise owned chains are kept as :func:`fold` makes
@@ -161,7 +161,7 @@ class Reader:
 
 def observed(saved: SavedTable[Chain]) -> dict[str, Chain]:
     """Owned chains (``SVCPROXY-`` prefix) of one table as :func:`fold` keeps them, from
-    ``Netfilter.read(..., rules.PREFIX, fold)``; a table the kernel lacks is empty.
+    ``NetfilterKernel.read(..., rules.PREFIX, fold)``; a table the kernel lacks is empty.
 
     Strict: a table that did not parse (a missing COMMIT, an unknown line, a rule in an
     undeclared chain of ours: ``saved.problem``) raises :class:`SavedParseError` (the

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
-from svcproxy.dataplane.netfilter import Netfilter, SavedTable, detect_backend, names_only
+from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -72,17 +72,19 @@ class IptablesProxier(BlockingProxier):
 
     def __init__(
         self,
-        netfilter: Netfilter | None = None,
-        netfilter6: Netfilter | None = None,
+        netfilter: NetfilterKernel | None = None,
+        netfilter6: NetfilterKernel | None = None,
         *,
         cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
         masquerade_all: bool = False,
     ) -> None:
         super().__init__()
-        backend, reason = detect_backend(netfilter.netns if netfilter else None)
-        self._nf = {False: netfilter or Netfilter(), True: netfilter6 or Netfilter(ipv6=True)}
-        if backend and self._nf[False].legacy:
-            backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
+        if netfilter is None:  # the real tools (``create``); unit tests pass a fake
+            from svcproxy.dataplane.netfilter import Netfilter
+
+            netfilter = Netfilter()
+        self._nf = {False: netfilter, True: netfilter6 or netfilter.family(True)}
+        backend, reason = netfilter.backend()
         self._cidrs = cluster_cidrs
         self._masq_all = masquerade_all
         self._mirror = Mirror(self._rule_count)

@@ -1,7 +1,8 @@
 """The ``ipvs`` mode: virtual servers in the kernel's IPVS, VIPs on ``svcproxy0``.
 
-Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``) on a
-real node, or directly with the fakes from ``kernel.py`` in unit tests.
+Built by :func:`svcproxy.dataplane.modes.build_proxier` (``host.create``, with the
+kernel adapters) on a real node, or directly with the fakes from ``kernel.py`` in unit
+tests; it probes nothing and runs no tool itself.
 Ownership: an IPVS virtual server is ours when its VIP is on the dummy
 interface (``svcproxy0``); that survives an agent restart, so a restarted
 agent adopts its services on the first full sync instead of rebuilding
@@ -18,15 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
-from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, AddressKernel, Failure, IpvsKernel
+from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.proxier import (
     Between,
@@ -406,75 +405,4 @@ def _error(failure: Failure) -> DataplaneError:
         f"IPVS refused {op}: {failure.message} (errno {failure.errno}); retried on the next sync",
         owner=op.owner,
         errno=failure.errno,
-    )
-
-
-def _modprobe_ip_vs() -> None:
-    subprocess.run(["modprobe", "ip_vs"], capture_output=True, check=False)
-
-
-def _ipvs_missing(proc_net: Path = Path("/proc/net"), load: Callable[[], None] = _modprobe_ip_vs) -> str:
-    """Why this kernel has no IPVS, found without importing pyroute2; '' when it may have.
-
-    The ip_vs module creates ``/proc/net/ip_vs`` in every network namespace. Checking
-    that first spares nodes without IPVS the netlink library (~9 MB of RSS per agent).
-    """
-    if not proc_net.is_dir():
-        return ""  # cannot tell: the netlink probe decides
-    if not (proc_net / "ip_vs").exists():
-        load()
-    if (proc_net / "ip_vs").exists():
-        return ""
-    return ("IPVS is not in this kernel (no /proc/net/ip_vs after `modprobe ip_vs`): the kernel"
-            " lacks CONFIG_IP_VS or the module does not load; ipvs Services fall back to iptables")
-
-
-class _LazyAddresses:
-    """The netlink address adapter, imported on first use (only ``cleanup`` uses it when
-    IPVS is missing: it still removes a leftover ``svcproxy0``)."""
-
-    def __init__(self) -> None:
-        self._real: AddressKernel | None = None
-
-    def _get(self) -> AddressKernel:
-        if self._real is None:
-            from svcproxy.dataplane.ipvs import netlink
-
-            self._real = netlink.NetlinkAddresses()
-        return self._real
-
-    def ensure_interface(self, name: str) -> None:
-        self._get().ensure_interface(name)
-
-    def delete_interface(self, name: str) -> None:
-        self._get().delete_interface(name)
-
-    def addresses(self, name: str) -> set[str]:
-        return self._get().addresses(name)
-
-    def add_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
-        return self._get().add_addresses(name, addresses)
-
-    def delete_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
-        return self._get().delete_addresses(name, addresses)
-
-
-def create(config: object) -> IpvsProxier:
-    """The real-kernel proxier (called by ``modes.build_proxier``)."""
-    from svcproxy.dataplane.ipvs import nodesetup
-
-    interface = getattr(config, "interface", "svcproxy0")
-    missing = _ipvs_missing()
-    if missing:
-        return IpvsProxier(AbsentIpvs(missing), _LazyAddresses(), interface=interface,
-                           unprepare=nodesetup.unprepare)
-    from svcproxy.dataplane.ipvs import netlink
-
-    kernel = netlink.NetlinkIpvs()
-    return IpvsProxier(
-        kernel,
-        netlink.NetlinkAddresses(),
-        interface=interface,
-        prepare=lambda: nodesetup.prepare(config),
-        unprepare=nodesetup.unprepare,
     )

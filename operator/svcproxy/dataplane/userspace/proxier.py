@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from svcproxy.dataplane.mirror import Mirror
-from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend
+from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
     Between,
     Capabilities,
@@ -102,19 +102,21 @@ def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int,
 class UserspaceProxier:
     def __init__(
         self,
-        netfilter: Netfilter | None = None,
-        netfilter6: Netfilter | None = None,
+        netfilter: NetfilterKernel | None = None,
+        netfilter6: NetfilterKernel | None = None,
         *,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._nf = netfilter or Netfilter()
+        if netfilter is None:  # the real tools (``create``); unit tests pass a fake
+            from svcproxy.dataplane.netfilter import Netfilter
+
+            netfilter = Netfilter()
+        self._nf = netfilter
         # ip6tables, made on first use (its probe runs subprocesses): IPv6 VIPs only.
         self._nf6 = netfilter6
         self._v6_used = False
-        backend, reason = detect_backend(self._nf.netns)
-        if backend and self._nf.legacy:
-            backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
+        backend, reason = self._nf.backend()
         self._timeout = connect_timeout
         self._clock = clock
         self._portals: dict[VSKey, _Portal] = {}
@@ -257,11 +259,11 @@ class UserspaceProxier:
             p.rule = rules[id(p)]
         self._v6_used = self._v6_used or v6
 
-    def _netfilter(self, v6: bool) -> Netfilter:
+    def _netfilter(self, v6: bool) -> NetfilterKernel:
         if not v6:
             return self._nf
         if self._nf6 is None:
-            self._nf6 = Netfilter(ipv6=True, netns=self._nf.netns)
+            self._nf6 = self._nf.family(True)
         return self._nf6
 
     def _rule_for(self, portal: _Portal) -> str:
@@ -288,7 +290,7 @@ class UserspaceProxier:
         return port
 
     @staticmethod
-    def _write_full(nf: Netfilter, body: list[str], present: Collection[str] | None = None) -> None:
+    def _write_full(nf: NetfilterKernel, body: list[str], present: Collection[str] | None = None) -> None:
         nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
         nf.ensure_jumps(JUMPS, present)
 
