@@ -45,7 +45,8 @@ def conformance() -> None:
 
     from ipvs_cases import CASES, Kit
 
-    from svcproxy.dataplane.ipvs.netlink import NetlinkAddresses, NetlinkIpvs
+    from svcproxy.dataplane.ipvs.addresses import NetlinkAddresses
+    from svcproxy.dataplane.ipvs.netlink import NetlinkIpvs
 
     results: dict[str, str] = {}
     subprocess.run(["modprobe", "ipv6"], check=False)  # a module in the UML kernel: IPv6 cases
@@ -169,10 +170,12 @@ def full_sync_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer
     kernel survives its write. ``table``: the desired table as the full sync begins."""
     import asyncio
 
+    from ipvs_reference import dump as reference_dump
+
     kernel = proxier._kernel
-    out["dump_equal"] = kernel.dump() == kernel.dump_pyroute2()  # foreign service included
+    out["dump_equal"] = kernel.dump() == reference_dump(kernel)  # foreign service included
     kernel.use_proc = False  # real servers over netlink too, not from /proc/net/ip_vs
-    out["dump_proc_equal"] = kernel.dump() == kernel.dump_pyroute2()
+    out["dump_proc_equal"] = kernel.dump() == reference_dump(kernel)
     kernel.use_proc = True
     out["dump_services"] = len(kernel.dump())
     before = in_ns(topo.node, "ipvsadm", "-Sn").stdout

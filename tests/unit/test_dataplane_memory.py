@@ -55,17 +55,17 @@ def test_table_values_are_slotted_and_share_the_empty_flag_set() -> None:
 
 
 def test_a_kernel_without_ipvs_is_known_without_the_netlink_library(tmp_path: Path) -> None:
-    from svcproxy.dataplane.ipvs.proxier import _ipvs_missing
+    from svcproxy.dataplane.ipvs.probe import ipvs_missing
 
     loads: list[str] = []
-    reason = _ipvs_missing(tmp_path, lambda: loads.append("modprobe"))
+    reason = ipvs_missing(tmp_path, lambda: loads.append("modprobe"))
     assert loads == ["modprobe"] and "CONFIG_IP_VS" in reason and "fall back to iptables" in reason
 
     def load() -> None:  # the module loads: its /proc entry appears
         (tmp_path / "ip_vs").write_text("")
 
-    assert _ipvs_missing(tmp_path, load) == ""
-    assert _ipvs_missing(tmp_path / "absent", lambda: None) == ""  # cannot tell: netlink decides
+    assert ipvs_missing(tmp_path, load) == ""
+    assert ipvs_missing(tmp_path / "absent", lambda: None) == ""  # cannot tell: netlink decides
     proxier = IpvsProxier(AbsentIpvs(reason), FakeAddresses())
     assert not proxier.capabilities().available and proxier.capabilities().reason == reason
 

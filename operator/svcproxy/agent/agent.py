@@ -2,11 +2,14 @@
 
 The watch feeds :meth:`Agent.upsert` / :meth:`Agent.delete` /
 :meth:`Agent.replace_all` (cheap: remember the program, mark its owner in
-the change tracker). :meth:`Agent.sync` runs one :class:`Batch`: it places
-each changed owner's virtual servers in a mode (:mod:`routing`), hands every
-proxier only the owners that changed (a partial sync), or everything (a full
-sync: observe -> diff -> apply in the proxier, which never flushes), and
-folds the results into ``applied`` hashes, errors and retries.
+the change tracker). :meth:`Agent.sync` runs one :class:`Batch`: it routes
+each changed owner's virtual servers to a mode (:mod:`routing`), plans the
+sync from them and the mirror of what each mode holds (:mod:`plan`, pure),
+then executes the plan: every proxier gets only the owners that changed (a
+partial sync), or everything (a full sync: observe -> diff -> apply in the
+proxier, which never flushes); the results fold into ``applied`` hashes,
+errors, retries and the mirror. Partial syncs that run while a full sync
+reads the kernel live in :mod:`fullsync`.
 
 Make-before-break: when a live virtual server changes mode, phase 1
 programs the new mode while the old mode keeps it; phase 2 withdraws it
@@ -16,21 +19,22 @@ partial sync follows the changed owners, not the number of services.
 Called by :mod:`svcproxy.agent.main` (real proxiers), the unit tests
 (in-memory proxiers, fake time) and the benchmarks.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from svcproxy.agent.convert import Program
+from svcproxy.agent.fullsync import Beside, InFlight, between
 from svcproxy.agent.metrics import Metrics
+from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, Plan, Step, plan_sync
 from svcproxy.agent.report import AgentSnapshot, OwnerError
-from svcproxy.agent.routing import FALLBACK_MODE, Placement, Route, Router
+from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
 from svcproxy.dataplane.proxier import (
     Action,
@@ -40,41 +44,11 @@ from svcproxy.dataplane.proxier import (
     SteppedFullSync,
     SyncResult,
 )
-from svcproxy.dataplane.table import VirtualServer, VSKey
+from svcproxy.dataplane.table import VSKey
 
 log = logging.getLogger("svcproxy.agent")
 
-MODE_ORDER = ("iptables", "userspace", "ipvs")
-
-
-@dataclass
-class _FullInFlight:
-    """The placement a running full sync works from, and the owners partial syncs took
-    over from it meanwhile (see :meth:`Agent._between`)."""
-
-    owners: set[str]
-    new: dict[str, Placement]
-    old: dict[str, Placement]
-    moving: dict[str, dict[str, dict[VSKey, VirtualServer]]]
-    failed_in: dict[str, set[str]]  # mode -> owners whose sync failed there (this full sync)
-    overtaken: set[str] = field(default_factory=set)
-    done: set[str] = field(default_factory=set)  # modes this full sync has written already
-
-    def held(self, owner: str) -> Placement:
-        """What the kernel holds of ``owner`` now, mid-way through this full sync:
-        the new placement in the modes already written (plus keys still moving out of
-        them), the old one elsewhere (as the end of :meth:`Agent.sync` reckons)."""
-        new, old = self.new[owner], self.old[owner]
-        placement: Placement = {}
-        for mode in set(new) | set(old):
-            if mode in self.done and owner not in self.failed_in.get(mode, ()):
-                held = dict(new.get(mode, {}))
-                held.update(self.moving.get(mode, {}).get(owner, {}))
-            else:
-                held = dict(old.get(mode, {}))
-            if held:
-                placement[mode] = held
-        return placement
+__all__ = ["MODE_ORDER", "Agent", "SyncOutcome"]
 
 
 @dataclass
@@ -89,6 +63,23 @@ class SyncOutcome:
     @property
     def ok(self) -> bool:
         return not self.failed and all(r.ok for r in self.results)
+
+
+@dataclass
+class _Run:
+    """One sync in progress: its plan (a full sync's is replaced on take-over), the
+    owners that failed, per mode and in all, and the full sync in flight, if any."""
+
+    plan: Plan
+    outcome: SyncOutcome
+    failed_in: dict[str, set[str]] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    inflight: InFlight | None = None
+
+    def record(self, mode: str, failed: set[str], result: SyncResult) -> None:
+        self.outcome.results.append(result)
+        self.failed_in[mode] = self.failed_in.get(mode, set()) | failed
+        self.failed |= failed
 
 
 def _node_trouble(mode: str, action: Action) -> bool:
@@ -124,9 +115,8 @@ class Agent:
             caps.setdefault(mode, mode_caps)
         self.router = Router(caps)
         self.programs: dict[str, Program] = {}
-        self.placement: dict[str, Placement] = {}  # owner -> what the proxiers were told
+        self.holdings = Holdings()  # what each mode holds, per owner and per key
         self.routes: dict[str, list[Route]] = {}
-        self.key_owner: dict[str, dict[VSKey, str]] = {}  # mode -> key -> owner holding it
         self.applied: dict[str, str] = {}
         self.errors: dict[str, OwnerError] = {}
         self.node_errors: list[str] = []
@@ -135,7 +125,7 @@ class Agent:
         self.last_sync_duration: float | None = None
         self.last_sync_ok = False
         self.synced_once = False
-        self._full: _FullInFlight | None = None
+        self._inflight: InFlight | None = None
         # Called after every sync, also the partial ones a full sync runs inside itself
         # (the caller's loop sees only the full one): e.g. to wake the ProxyNode writer.
         self.on_synced: Callable[[SyncOutcome], None] | None = None
@@ -164,41 +154,53 @@ class Agent:
             self.upsert(program)
 
     # ---- placement ---------------------------------------------------------------------
-    def _place(self, owner: str) -> Placement:
-        """Where ``owner``'s virtual servers go now; records routes and key conflicts."""
-        program = self.programs.get(owner)
-        self.routes.pop(owner, None)
-        if program is None:
-            return {}
-        if program.error:
-            self._error(owner, program.error)
-            return {}
-        placement, routes = self.router.place(program)
-        self.routes[owner] = routes
-        for mode, servers in placement.items():
-            index = self.key_owner.setdefault(mode, {})
-            for key in list(servers):
-                holder = index.get(key)
-                if holder is not None and holder != owner and holder in self.programs:
-                    del servers[key]
-                    self.conflicted.add(owner)
-                    self._error(
-                        owner,
-                        f"{key} is already programmed by {holder}: one VIP:port/protocol can belong"
-                        " to one ProxyVirtualServer only; remove it from one of them",
-                    )
-        return {m: s for m, s in placement.items() if s}
+    @property
+    def placement(self) -> dict[str, Placement]:
+        """owner -> what the modes hold of it (the shared mirror's view)."""
+        return self.holdings.placement
 
-    def _index(self, owner: str, old: Placement, new: Placement) -> None:
-        for mode, servers in old.items():
-            index = self.key_owner.get(mode, {})
-            for key in servers:
-                if index.get(key) == owner:
-                    del index[key]
-        for mode, servers in new.items():
-            index = self.key_owner.setdefault(mode, {})
-            for key in servers:
-                index[key] = owner
+    @property
+    def key_owner(self) -> dict[str, dict[VSKey, str]]:
+        """mode -> key -> the owner that claims it."""
+        return self.holdings.key_owner
+
+    def _route(self, owners: Iterable[str]) -> dict[str, Placement]:
+        """Each owner's desired placement by effective mode; records routes and spec errors."""
+        routed: dict[str, Placement] = {}
+        for owner in owners:
+            program = self.programs.get(owner)
+            self.routes.pop(owner, None)
+            if program is None:
+                continue
+            if program.error:
+                self._error(owner, program.error)
+                continue
+            routed[owner], self.routes[owner] = self.router.place(program)
+        return routed
+
+    def _plan(self, batch: Batch) -> Plan:
+        """The batch's plan (:mod:`svcproxy.agent.plan`), with its claims, conflicts and
+        unblocked owners recorded."""
+        owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
+        for owner in owners:
+            self.errors.pop(owner, None)
+        plan = plan_sync(
+            full=batch.full,
+            owners=owners,
+            routed=self._route(sorted(owners)),
+            holdings=self.holdings,
+            live=self.programs,
+            conflicted=frozenset(self.conflicted),
+            proxier_modes=self.proxiers.keys(),
+        )
+        self.holdings.apply(plan.claims)
+        self.conflicted = set(plan.conflicted)
+        for owner, message in plan.conflicts.items():
+            self._error(owner, message)
+        # Keys released now may unblock programs refused earlier for holding the same VIP.
+        if plan.unblock:
+            self.tracker.changed_many(plan.unblock, self.clock())
+        return plan
 
     def _error(self, owner: str, message: str) -> None:
         self.errors[owner] = OwnerError(owner, message, self.wall())
@@ -234,114 +236,72 @@ class Agent:
         return await self.sync(batch)
 
     async def sync(self, batch: Batch) -> SyncOutcome:
+        """One batch: plan, make (phase 1, every mode in order), break (phase 2: withdraw
+        moved keys from their old mode, only for owners whose make succeeded), settle."""
         started = self.clock()
-        outcome = SyncOutcome(batch)
-        owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
+        plan = self._plan(batch)
         # What this sync programs: a change that lands while it awaits the kernel is the
         # next sync's, so `applied` must not show its hash yet.
-        synced_programs = {o: self.programs.get(o) for o in owners}
-        for owner in owners:
-            self.errors.pop(owner, None)
-        old = {o: self.placement.get(o, {}) for o in owners}
-        for owner in owners:
-            self._index(owner, old[owner], {})
-        self.conflicted -= owners
-        new: dict[str, Placement] = {}
-        for owner in sorted(owners):
-            new[owner] = self._place(owner)
-            self._index(owner, {}, new[owner])
-        # Keys released now may unblock programs refused earlier for holding the same VIP.
-        released = any(
-            k not in new[o].get(m, {}) for o in owners for m, s in old[o].items() for k in s
-        )
-        if released and self.conflicted:
-            self.tracker.changed_many(self.conflicted - owners, self.clock())
-        # Keys moving to another mode stay in their old mode until the new one holds them.
-        moving: dict[str, dict[str, dict[VSKey, VirtualServer]]] = {}  # mode -> owner -> keys
-        for owner in owners:
-            new_keys = {k: m for m, s in new[owner].items() for k in s}
-            for mode, servers in old[owner].items():
-                moved = {k: v for k, v in servers.items() if k in new_keys and new_keys[k] != mode}
-                if moved:
-                    moving.setdefault(mode, {})[owner] = moved
-        modes = [m for m in MODE_ORDER if m in self.proxiers or any(m in p for p in new.values())]
-        failed: set[str] = set()
-        failed_in: dict[str, set[str]] = {}
-        # A periodic full sync lets partial syncs run while a proxier that can (see
-        # SteppedFullSync) reads the kernel; a partial sync then starts from what the
-        # kernel holds at that point (_FullInFlight.held). Not the first sync after
-        # start, and never nested.
-        inflight = None
-        if batch.full and self.synced_once and self._full is None:
-            inflight = _FullInFlight(owners, new, old, moving, failed_in)
-        for mode in modes:  # phase 1: make
-            desired: dict[VSKey, VirtualServer] = {}
-            only: set[str] = set()
-            for owner in owners:
-                desired.update(new[owner].get(mode, {}))
-                if new[owner].get(mode) or old[owner].get(mode):
-                    only.add(owner)
-            for moved in moving.get(mode, {}).values():
-                for key, vs in moved.items():
-                    desired.setdefault(key, vs)
-            if not batch.full and not only:
-                continue
-            if batch.full and mode not in self.proxiers and not desired:
-                continue
-            stepped = self.proxiers.get(mode)
-            if inflight is not None and isinstance(stepped, SteppedFullSync):
-                self._full = inflight
-                try:
-                    result = await stepped.sync_full(desired, self._between)
-                finally:
-                    self._full = None
-                self._take_over(inflight)
-                only -= inflight.overtaken
-            else:
-                result = await self._sync_mode(mode, desired, None if batch.full else frozenset(only))
-            outcome.results.append(result)
-            failed_in[mode] = self._absorb(result, only, batch)
-            failed |= failed_in[mode]
-            if inflight is not None:
-                inflight.done.add(mode)
-        overtaken = inflight.overtaken if inflight is not None else set()
-        failed -= overtaken
-        for mode, by_owner in moving.items():  # phase 2: break, only after a successful make
-            ready = {o for o in by_owner if o not in failed}
-            if not ready:
-                continue
-            desired = {k: v for o in ready for k, v in new[o].get(mode, {}).items()}
-            result = await self._sync_mode(mode, desired, frozenset(ready))
-            outcome.results.append(result)
-            failed_in[mode] = failed_in.get(mode, set()) | self._absorb(result, ready, batch)
-            failed |= failed_in[mode]
-        for owner in owners - overtaken:  # the overtaken ones: as their partial sync left them
-            # What each mode now holds of this owner, as far as the agent knows.
-            placement: Placement = {}
-            for mode in set(new[owner]) | set(old[owner]):
-                if owner in failed_in.get(mode, ()):
-                    held = dict(old[owner].get(mode, {}))  # unknown: the next full sync re-reads
-                else:
-                    held = dict(new[owner].get(mode, {}))
-                    if owner in failed and owner in moving.get(mode, {}):
-                        held.update(moving[mode][owner])  # not withdrawn: the new mode failed
-                if held:
-                    placement[mode] = held
-            if placement:
-                self.placement[owner] = placement
-            else:
-                self.placement.pop(owner, None)
-            program = synced_programs[owner]
-            if program is None or owner in failed or owner in self.errors:
+        synced = {o: self.programs.get(o) for o in plan.owners}
+        run = _Run(plan, SyncOutcome(batch))
+        # A periodic full sync lets partial syncs run while a proxier that can reads the
+        # kernel (svcproxy.agent.fullsync). Not the first sync after start, never nested.
+        if batch.full and self.synced_once and self._inflight is None:
+            run.inflight = InFlight(plan, run.failed_in)
+        for mode in plan.modes:
+            await self._make(run, mode)
+        overtaken = run.inflight.overtaken if run.inflight is not None else set()
+        run.failed -= overtaken
+        for step in run.plan.withdrawals(run.failed):
+            result = await self._sync_mode(step)
+            run.record(step.mode, self._absorb(result, step.owners, batch), result)
+        self._settle(run, synced, overtaken)
+        return self._finish(run, started)
+
+    async def _make(self, run: _Run, mode: str) -> None:
+        step = run.plan.make(mode)
+        if step is None:
+            return
+        stepped, inflight, owners = self.proxiers.get(mode), run.inflight, step.owners
+        if inflight is not None and isinstance(stepped, SteppedFullSync):
+            self._inflight = inflight
+            try:
+                result = await stepped.sync_full(step.desired, self._between)
+            finally:
+                self._inflight = None
+            inflight.take_over(self.holdings)
+            run.plan = inflight.plan
+            owners -= inflight.overtaken
+        else:
+            result = await self._sync_mode(step)
+        run.record(mode, self._absorb(result, owners, run.outcome.batch), result)
+        if inflight is not None:
+            inflight.done.add(mode)
+
+    def _settle(self, run: _Run, synced: Mapping[str, Program | None], overtaken: Collection[str]) -> None:
+        """What each mode now holds of each owner and which hashes are applied; the
+        overtaken owners stay as their partial sync left them."""
+        plan = run.plan
+        for owner in plan.owners - set(overtaken):
+            modes = plan.new[owner].keys() | plan.old[owner].keys()
+            ok = {m for m in modes if owner not in run.failed_in.get(m, ())}
+            self.holdings.hold(owner, plan.held(owner, ok, withdrawn=owner not in run.failed))
+            program = synced[owner]
+            if program is None or owner in run.failed or owner in self.errors:
                 self.applied.pop(owner, None)
             else:
                 self.applied[owner] = program.content_hash
+
+    def _finish(self, run: _Run, started: float) -> SyncOutcome:
+        """Pace, metrics, health and the log line of a finished sync."""
+        outcome = run.outcome
+        batch = outcome.batch
         done = self.clock()
         self.tracker.synced(started, done, full=batch.full)  # sets the pause before the next one
-        outcome.failed = failed
+        outcome.failed = run.failed
         outcome.duration = done - started
         for owner, seen in batch.seen.items():
-            if owner not in failed:
+            if owner not in run.failed:
                 self.metrics.programming_latency.observe(max(0.0, done - seen))
         self.metrics.sync_duration.labels("full" if batch.full else "partial").observe(outcome.duration)
         self._update_gauges()
@@ -359,84 +319,40 @@ class Agent:
             "sync done",
             extra={
                 "full": batch.full,
-                "owners": len(owners),
+                "owners": len(run.plan.owners),
                 "operations": sum(r.total_operations for r in outcome.results),
-                "failed": sorted(failed)[:20],
+                "failed": sorted(run.failed)[:20],
                 "seconds": round(outcome.duration, 6),
             },
         )
         return outcome
 
-    async def _sync_mode(
-        self, mode: str, desired: dict[VSKey, VirtualServer], only: frozenset[str] | None
-    ) -> SyncResult:
-        proxier = self.proxiers.get(mode)
+    async def _sync_mode(self, step: Step) -> SyncResult:
+        proxier = self.proxiers.get(step.mode)
         if proxier is None:
-            caps = self.router.capabilities.get(mode)
-            reason = caps.reason if caps and caps.reason else f"{mode} mode is not available on this node"
-            owners = frozenset(vs.owner for vs in desired.values()) | (only or frozenset())
+            caps = self.router.capabilities.get(step.mode)
+            missing = f"{step.mode} mode is not available on this node"
+            reason = caps.reason if caps and caps.reason else missing
+            owners = frozenset(vs.owner for vs in step.desired.values()) | (step.only or frozenset())
             return SyncResult(
-                mode=mode,
-                full=only is None,
+                mode=step.mode,
+                full=step.only is None,
                 operations={},
                 errors=(ModeUnavailableError(reason),),
                 failed_owners=owners,
             )
-        return await proxier.sync(desired, only)
+        return await proxier.sync(step.desired, step.only)
 
     async def _between(self, until: asyncio.Future[Any]) -> frozenset[str]:
-        """While a full sync reads the kernel (``until``), run the partial syncs that come
-        due, as the sync loop would; returns their owners, which the full sync leaves
-        alone (kube-proxy's full and partial syncs share one loop too, but its full sync
-        writes little; ours would stall every change for its read-back otherwise)."""
-        inflight = self._full
-        synced: set[str] = set()
+        """The hook a stepped full sync awaits while it reads (:func:`fullsync.between`)."""
+        inflight = self._inflight
         self._wake = asyncio.Event()  # of this event loop (an Event binds to its first loop)
-        while inflight is not None and not until.done():
-            now = self.clock()
-            batch = self.tracker.take(now) if self.tracker.due_at() <= now else None
-            if batch is not None:
-                if batch.full:
-                    self.tracker.request_full()  # asked for meanwhile: runs after this one
-                if batch.owners:
-                    for owner in batch.owners & inflight.owners - inflight.overtaken:
-                        # The partial sync starts from what the kernel holds now: the modes
-                        # this full sync wrote already hold the new placement.
-                        held = inflight.held(owner)
-                        self._index(owner, inflight.new[owner], {})
-                        if held:
-                            self.placement[owner] = held
-                        else:
-                            self.placement.pop(owner, None)
-                        self._index(owner, {}, held)
-                    inflight.overtaken |= batch.owners
-                    synced |= batch.owners
-                    self._full = None  # the partial sync below must not nest another full
-                    try:
-                        await self.sync(Batch(False, batch.owners, batch.seen))
-                    finally:
-                        self._full = inflight
-                continue
-            self._wake.clear()
-            woken = asyncio.ensure_future(self._wake.wait())
-            delay = min(max(self.tracker.due_at() - now, 0.0), 1.0)
-            await asyncio.wait({until, woken}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-        return frozenset(synced)
+        if inflight is None:
+            return frozenset()
+        return await between(inflight, until, Beside(self.tracker, self.clock, self._wake, self.holdings,
+                                                     self.sync))
 
-    def _take_over(self, inflight: _FullInFlight) -> None:
-        """After the first proxier of a full sync: owners that partial syncs synced
-        meanwhile continue from what those left (later modes get their placement now)."""
-        for owner in inflight.overtaken:
-            now = dict(self.placement.get(owner, {}))
-            inflight.new[owner] = now
-            inflight.old[owner] = now
-            for by_owner in inflight.moving.values():
-                by_owner.pop(owner, None)
-        for mode in [m for m, by_owner in inflight.moving.items() if not by_owner]:
-            del inflight.moving[mode]
-
-    def _absorb(self, result: SyncResult, owners: set[str], batch: Batch) -> set[str]:
+    def _absorb(self, result: SyncResult, owners: Collection[str], batch: Batch) -> set[str]:
         """Record a result's operations and errors; returns the owners that failed."""
         for kind, count in result.operations.items():
             self.metrics.operations.labels(result.mode, kind).inc(count)
@@ -468,7 +384,7 @@ class Agent:
             self.tracker.retry(retry, self.clock(), batch.seen)
         if result.full and result.ok:
             self.node_errors = [e for e in self.node_errors if not e.startswith(f"{result.mode}:")]
-        return failed & (owners | set(result.failed_owners))
+        return failed & (set(owners) | set(result.failed_owners))
 
     def _update_gauges(self) -> None:
         for mode, proxier in self.proxiers.items():

@@ -142,8 +142,8 @@ def _pick(items: Any, name: str, what: str, path: Path) -> dict[str, Any]:
     raise ConfigError(f"{path}: no {what} named {name!r} (check the context's {what} field)")
 
 
-def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
-    """The current (or the named) context of one kubeconfig file."""
+def _context(path: Path, context: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The context, cluster and user of the current (or the named) context."""
     import yaml  # only needed here, and not in-cluster
 
     try:
@@ -158,21 +158,10 @@ def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
     ctx = _pick(doc.get("contexts"), name, "context", path)
     cluster = _pick(doc.get("clusters"), ctx.get("cluster", ""), "cluster", path)
     user = _pick(doc.get("users"), ctx.get("user", ""), "user", path) if ctx.get("user") else {}
-    base = path.resolve().parent
+    return ctx, cluster, user
 
-    def file(field: str, obj: dict[str, Any]) -> Path | None:
-        value = obj.get(field)
-        return (base / value) if value else None  # relative paths are relative to the kubeconfig
 
-    def data(field: str, obj: dict[str, Any]) -> bytes | None:
-        value = obj.get(field)
-        if not value:
-            return None
-        try:
-            return base64.b64decode(value, validate=True)
-        except ValueError as err:
-            raise ConfigError(f"{path}: {field} is not valid base64: {err}") from err
-
+def _refuse_unsupported(path: Path, ctx: dict[str, Any], user: dict[str, Any]) -> None:
     for plugin in ("exec", "auth-provider"):
         if user.get(plugin):
             raise ConfigError(
@@ -182,13 +171,41 @@ def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
     if user.get("username") or user.get("password"):
         raise ConfigError(f"{path}: basic auth (username/password) is not supported; use a client"
                           " certificate or a token")
+
+
+class _Fields:
+    """File and ``-data`` fields of one kubeconfig."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+
+    def file(self, field: str, obj: dict[str, Any]) -> Path | None:
+        value = obj.get(field)
+        return (self.base / value) if value else None  # relative paths are relative to the kubeconfig
+
+    def data(self, field: str, obj: dict[str, Any]) -> bytes | None:
+        value = obj.get(field)
+        if not value:
+            return None
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError as err:
+            raise ConfigError(f"{self.path}: {field} is not valid base64: {err}") from err
+
+
+def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
+    """The current (or the named) context of one kubeconfig file."""
+    ctx, cluster, user = _context(path, context)
+    _refuse_unsupported(path, ctx, user)
     server = cluster.get("server")
     if not server:
         raise ConfigError(f"{path}: cluster {ctx.get('cluster')!r} has no server")
-    ca = data("certificate-authority-data", cluster)
-    cert_data = data("client-certificate-data", user)
-    key_data = data("client-key-data", user)
-    cert_file, key_file = file("client-certificate", user), file("client-key", user)
+    fields = _Fields(path)
+    ca = fields.data("certificate-authority-data", cluster)
+    cert_data = fields.data("client-certificate-data", user)
+    key_data = fields.data("client-key-data", user)
+    cert_file, key_file = fields.file("client-certificate", user), fields.file("client-key", user)
     if (cert_data is None) != (key_data is None) or (cert_file is None) != (key_file is None):
         raise ConfigError(f"{path}: user {ctx.get('user')!r} has a client certificate without its key"
                           " (or a key without its certificate): give both")
@@ -196,14 +213,14 @@ def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
     if server.startswith("https://"):
         try:
             sslctx = _ssl_context(
-                file("certificate-authority", cluster), ca.decode() if ca else None,
+                fields.file("certificate-authority", cluster), ca.decode() if ca else None,
                 bool(cluster.get("insecure-skip-tls-verify")),
                 (cert_file, key_file) if cert_file and key_file else None,
                 (cert_data, key_data) if cert_data and key_data else None,
             )
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"{path}: cannot load its certificates: {err}") from err
-    token_file = file("tokenFile", user)
+    token_file = fields.file("tokenFile", user)
     return ClusterConfig(
         server=server.rstrip("/"),
         ssl_context=sslctx,

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from svcproxy.agent.convert import Program
+from svcproxy.agent.plan import Placement
 from svcproxy.dataplane.proxier import Capabilities
-from svcproxy.dataplane.table import VirtualServer, VSKey
+from svcproxy.dataplane.table import VirtualServer
 
 FALLBACK_MODE = "iptables"
 
@@ -27,10 +28,6 @@ class Route:
     requested: str
     effective: str
     reason: str = ""
-
-
-Placement = dict[str, dict[VSKey, VirtualServer]]
-"""Effective mode -> that mode's virtual servers of one owner."""
 
 
 class Router:

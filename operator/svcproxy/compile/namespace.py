@@ -192,33 +192,60 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     parsed = {n: p.policy for n, p in every.items() if p.policy is not None}
     invalid = {n: p.error for n, p in every.items() if p.policy is None}
     token = memo.policies_token(every)
-
     # Who selects what, who wins, and the program: kept for Services whose objects are
     # the very ones of the last pass (one identity check each), derived again for the others.
-    records = memo.records
+    changed, gone = _rederive(view, memo, every, parsed, token)
+    derived, touched = _update_derived(memo, memo.records, changed, gone, token)
+    plan.compiled = CompiledSpecs(dict(derived.specs))
+    _plan_programs(view, derived, touched, memo, plan)
+    _policy_statuses(view, memo, parsed, raw_by_name=raw_by_name, derived=derived, touched=touched, plan=plan)
+    for name, error in invalid.items():
+        generation = (raw_by_name[name].get("metadata") or {}).get("generation")
+        status = ServiceProxyPolicyStatus(
+            observed_generation=generation,
+            conditions=[
+                Condition(type="Accepted", status="False", reason="InvalidSpec", message=error),
+                Condition(type="Programmed", status="False", reason="InvalidSpec", message="spec is invalid"),
+            ],
+        )
+        _finish_status(view, name, raw_by_name[name], status, plan, rows=None)
+    memo.last_nodes = tuple(view.nodes)
+    return plan
+
+
+def _suspects(view: NamespaceView, memo: PlanMemo, token: object) -> Iterable[str]:
+    """Which Services to look at: those whose Service object or slice list is not the one
+    of the last pass (object ids compared in C; the memo keeps last pass' objects
+    alive, so an id cannot have been reused), plus, when Pod labels changed, those
+    whose program read them. Everything when the policies changed.
+
+    Equal dicts compare value by value, identity first: the usual pass (nothing or one
+    thing changed) costs a few C-speed sweeps, and a Python step per changed Service."""
     services = view.services
-    slices_of = view.slices
-    pod_labels = view.pod_labels
-    # Which Services to look at: those whose Service object or slice list is not the one
-    # of the last pass (object ids compared in C; the memo keeps last pass' objects
-    # alive, so an id cannot have been reused), plus, when Pod labels changed, those
-    # whose program read them. Everything when the policies changed.
-    # Equal dicts compare value by value, identity first: the usual pass (nothing or one
-    # thing changed) costs a few C-speed sweeps, and a Python step per changed Service.
-    suspects: Iterable[str]
     if memo.derived is None or memo.derived.token is not token:
-        suspects = services
-    else:
-        found = set()
-        if services != memo.last_services:
-            found.update(_replaced(services, memo.last_services))
-        if slices_of != memo.last_slices:
-            found.update(_replaced(slices_of, memo.last_slices))
-        if memo.weighted and pod_labels != memo.last_pod_labels:
-            found.update(memo.weighted)
-        suspects = [n for n in found if n in services]
+        return services
+    found = set()
+    if services != memo.last_services:
+        found.update(_replaced(services, memo.last_services))
+    if view.slices != memo.last_slices:
+        found.update(_replaced(view.slices, memo.last_slices))
+    if memo.weighted and view.pod_labels != memo.last_pod_labels:
+        found.update(memo.weighted)
+    return [n for n in found if n in services]
+
+
+def _rederive(
+    view: NamespaceView,
+    memo: PlanMemo,
+    every: Mapping[str, ParsedPolicy],
+    parsed: Mapping[str, ServiceProxyPolicy],
+    token: object,
+) -> tuple[list[tuple[str, ServiceRecord | None]], list[tuple[str, ServiceRecord]]]:
+    """Derive the records of the suspect Services again; returns the changed ones (with
+    their old record) and the gone ones, and remembers this pass' objects."""
+    records, services, slices_of, pod_labels = memo.records, view.services, view.slices, view.pod_labels
     changed: list[tuple[str, ServiceRecord | None]] = []
-    for svc_name in suspects:
+    for svc_name in _suspects(view, memo, token):
         svc = services[svc_name]
         rec = records.get(svc_name)
         slices = slices_of.get(svc_name)
@@ -244,10 +271,20 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
     memo.last_services, memo.last_slices = dict(services), dict(slices_of)
     if memo.weighted:
         memo.last_pod_labels = dict(pod_labels)
-    derived, touched = _update_derived(memo, records, changed, gone, token)
-    plan.compiled = CompiledSpecs(dict(derived.specs))
+    return changed, gone
 
-    _plan_programs(view, derived, touched, memo, plan)
+
+def _policy_statuses(
+    view: NamespaceView,
+    memo: PlanMemo,
+    parsed: Mapping[str, ServiceProxyPolicy],
+    *,
+    raw_by_name: Mapping[str, JSON],
+    derived: Derived,
+    touched: set[str] | None,
+    plan: Plan,
+) -> None:
+    """The status of every valid policy, from its per-Service rows."""
     reports = changed_reports(memo.last_nodes, view.nodes)
     total = view.nodes_total()
     silent = view.silent_nodes()
@@ -258,7 +295,7 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
             total=total,
             policy=policy,
             parsed=parsed,
-            records=records,
+            records=memo.records,
             derived=derived,
             touched=touched,
             reports=reports,
@@ -276,18 +313,6 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
         _finish_status(view, name, raw_by_name[name], status, plan, rows=rows)
     for name in [n for n in memo.policy_rows if n not in parsed]:
         del memo.policy_rows[name]
-    for name, error in invalid.items():
-        generation = (raw_by_name[name].get("metadata") or {}).get("generation")
-        status = ServiceProxyPolicyStatus(
-            observed_generation=generation,
-            conditions=[
-                Condition(type="Accepted", status="False", reason="InvalidSpec", message=error),
-                Condition(type="Programmed", status="False", reason="InvalidSpec", message="spec is invalid"),
-            ],
-        )
-        _finish_status(view, name, raw_by_name[name], status, plan, rows=None)
-    memo.last_nodes = tuple(view.nodes)
-    return plan
 
 
 def _replaced(now: Mapping[str, object], before: Mapping[str, object]) -> set[str]:

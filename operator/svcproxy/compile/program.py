@@ -292,27 +292,17 @@ def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def compile_program(
+def _virtual_servers(
     policy: ServiceProxyPolicy,
     service: JSON,
-    slices: Iterable[JSON],
-    pod_labels: Mapping[str, Mapping[str, str]] | None = None,
-) -> ProxyVirtualServerSpec | NotProxied:
-    """The program of ``service`` under ``policy``, or why it is not proxied.
-
-    ``slices`` are the Service's EndpointSlices (any order); ``pod_labels`` maps
-    Pod names to labels for weight selection (Pods missing from it weigh 1).
-    """
-    why = not_proxied(service)
-    if why is not None:
-        return why
-    slices = list(slices)
-    pod_labels = pod_labels if pod_labels is not None else {}
+    slices: list[JSON],
+    pod_labels: Mapping[str, Mapping[str, str]],
+    *,
+    flags: list[str],
+    persistence: int,
+) -> list[VirtualServer]:
+    """One virtual server per usable Service port x VIP, with its real servers."""
     spec = policy.spec
-    meta = service.get("metadata") or {}
-    scheduler = spec.scheduler
-    flags = list(spec.scheduler_flags) if scheduler is not None else []
-    persistence = persistence_timeout(policy, service)
     servers: list[VirtualServer] = []
     for port in service["spec"]["ports"]:
         if not isinstance(port, dict):
@@ -334,7 +324,7 @@ def compile_program(
                     address_type="ClusterIP",
                     port=number,
                     mode=spec.mode,
-                    scheduler=cast(Scheduler | None, scheduler),
+                    scheduler=cast(Scheduler | None, spec.scheduler),
                     scheduler_flags=cast(list[SchedulerFlag], flags),
                     persistence_timeout_seconds=persistence,
                     real_servers=_candidates(
@@ -347,6 +337,30 @@ def compile_program(
                     ),
                 )
             )
+    return servers
+
+
+def compile_program(
+    policy: ServiceProxyPolicy,
+    service: JSON,
+    slices: Iterable[JSON],
+    pod_labels: Mapping[str, Mapping[str, str]] | None = None,
+) -> ProxyVirtualServerSpec | NotProxied:
+    """The program of ``service`` under ``policy``, or why it is not proxied.
+
+    ``slices`` are the Service's EndpointSlices (any order); ``pod_labels`` maps
+    Pod names to labels for weight selection (Pods missing from it weigh 1).
+    """
+    why = not_proxied(service)
+    if why is not None:
+        return why
+    spec = policy.spec
+    meta = service.get("metadata") or {}
+    scheduler = spec.scheduler
+    flags = list(spec.scheduler_flags) if scheduler is not None else []
+    persistence = persistence_timeout(policy, service)
+    servers = _virtual_servers(policy, service, list(slices), pod_labels if pod_labels is not None else {},
+                               flags=flags, persistence=persistence)
     if not servers:
         return NotProxied("NoPorts", "the Service has no usable ports (port 1..65535, TCP/UDP/SCTP)")
     servers.sort(key=lambda vs: (address_key(vs.address), vs.port, vs.protocol))

@@ -140,6 +140,28 @@ def _count(rows: PolicyRows, name: str, row: Row, sign: int) -> None:
             texts.pop(name, None)
 
 
+def _redo(
+    rows: PolicyRows,
+    namespace: str,
+    selected: Collection[str],
+    touched: Collection[str],
+    reports: Collection[str],
+) -> set[str]:
+    """The rows to rebuild: touched Services this policy selects or has a row of, and
+    those whose node reports changed; resets the names when the selection changed."""
+    redo = {n for n in touched if n in selected or n in rows.rows}
+    prefix = f"{namespace}/"
+    for key in reports:
+        svc_name = key[len(prefix) :] if key.startswith(prefix) else None
+        old = rows.rows.get(svc_name) if svc_name is not None else None
+        if svc_name is not None and old is not None and old.mine:
+            redo.add(svc_name)
+    if any((n in selected) != (n in rows.rows) for n in redo):
+        rows.names = sorted(selected)
+        rows.wires = None  # rebuilt by the caller
+    return redo
+
+
 def policy_rows(
     *,
     namespace: str,
@@ -175,17 +197,7 @@ def policy_rows(
         )
         redo: Collection[str] = rows.names
     else:
-        redo_set = {n for n in touched if n in selected or n in rows.rows}
-        prefix = f"{namespace}/"
-        for key in reports:
-            svc_name = key[len(prefix) :] if key.startswith(prefix) else None
-            old = rows.rows.get(svc_name) if svc_name is not None else None
-            if svc_name is not None and old is not None and old.mine:
-                redo_set.add(svc_name)
-        if any((n in selected) != (n in rows.rows) for n in redo_set):
-            rows.names = sorted(selected)
-            rows.wires = None  # rebuilt below
-        redo = redo_set
+        redo = _redo(rows, namespace, selected, touched, reports)
     for svc_name in redo:
         old = rows.rows.pop(svc_name, None)
         if old is not None:

@@ -230,12 +230,17 @@ class Reconciler:
             out = await self._step("status", w.patch_policy_status(namespace, name, status))
             if out is not None:
                 self.cache.put("policy", out)
+        await self._post_events(namespace, plan)
+        return plan
+
+    async def _post_events(self, namespace: str, plan: Plan) -> None:
         for event in plan.events:
             policy = self.cache.get("policy", namespace, event.policy)
             if policy is None:
                 continue
             try:
-                await self._step("event", w.post_event(policy, event.type, event.reason, event.message))
+                await self._step("event", self.writer.post_event(policy, event.type, event.reason,
+                                                                 event.message))
             except Exception as err:
                 # Events are best effort: a terminating namespace refuses new ones (403),
                 # and the status already says the same thing.
@@ -245,7 +250,6 @@ class Reconciler:
                     describe(err),
                     extra=_ref(namespace, event.policy),
                 )
-        return plan
 
     async def _step(self, stage: str, call: Any) -> Any:
         try:

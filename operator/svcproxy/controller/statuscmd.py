@@ -36,62 +36,66 @@ def _cond(obj: JSON, type_: str) -> str:
     return "-"
 
 
+def _policy_row(p: JSON) -> list[str]:
+    meta, spec, status = p["metadata"], p.get("spec") or {}, p.get("status") or {}
+    return [
+        meta.get("namespace", ""),
+        meta["name"],
+        spec.get("mode", "ipvs"),
+        (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
+        _cond(p, "Accepted"),
+        _cond(p, "Programmed"),
+        _cond(p, "Conflicted"),
+        _cond(p, "Degraded"),
+        status.get("programmed") or "-",
+    ]
+
+
+def _service_rows(p: JSON) -> list[list[str]]:
+    meta = p["metadata"]
+    return [
+        [
+            meta.get("namespace", ""),
+            row.get("name", ""),
+            meta["name"],
+            row.get("state", ""),
+            row.get("mode") or "-",
+            f"{row.get('nodesProgrammed', 0)}/{row.get('nodesTotal', 0)}",
+            (row.get("message") or "")[:80],
+        ]
+        for row in (p.get("status") or {}).get("services") or []
+    ]
+
+
+def _program_row(v: JSON) -> list[str]:
+    return [
+        v["metadata"].get("namespace", ""),
+        v["metadata"]["name"],
+        v["spec"].get("policy", {}).get("name", ""),
+        v["spec"].get("mode", ""),
+        v["spec"].get("scheduler") or "-",
+        v["spec"].get("summary", {}).get("vips", ""),
+        v["spec"].get("summary", {}).get("endpoints", ""),
+        v["spec"].get("contentHash", ""),
+    ]
+
+
+def _node_row(n: JSON) -> list[str]:
+    st = n.get("status") or {}
+    return [
+        n["metadata"]["name"],
+        str((st.get("capabilities") or {}).get("ipvs", "-")),
+        st.get("modesSummary") or "-",
+        str(len(st.get("applied") or {})),
+        str(len(st.get("errors") or [])),
+        st.get("lastSyncTime") or "-",
+    ]
+
+
 def render(policies: list[JSON], programs: list[JSON], nodes: list[JSON]) -> str:
     """The three tables (pure)."""
-    prow, srow = [], []
-    for p in policies:
-        meta, spec, status = p["metadata"], p.get("spec") or {}, p.get("status") or {}
-        prow.append(
-            [
-                meta.get("namespace", ""),
-                meta["name"],
-                spec.get("mode", "ipvs"),
-                (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
-                _cond(p, "Accepted"),
-                _cond(p, "Programmed"),
-                _cond(p, "Conflicted"),
-                _cond(p, "Degraded"),
-                status.get("programmed") or "-",
-            ]
-        )
-        for row in status.get("services") or []:
-            srow.append(
-                [
-                    meta.get("namespace", ""),
-                    row.get("name", ""),
-                    meta["name"],
-                    row.get("state", ""),
-                    row.get("mode") or "-",
-                    f"{row.get('nodesProgrammed', 0)}/{row.get('nodesTotal', 0)}",
-                    (row.get("message") or "")[:80],
-                ]
-            )
-    vrow = [
-        [
-            v["metadata"].get("namespace", ""),
-            v["metadata"]["name"],
-            v["spec"].get("policy", {}).get("name", ""),
-            v["spec"].get("mode", ""),
-            v["spec"].get("scheduler") or "-",
-            v["spec"].get("summary", {}).get("vips", ""),
-            v["spec"].get("summary", {}).get("endpoints", ""),
-            v["spec"].get("contentHash", ""),
-        ]
-        for v in programs
-    ]
-    nrow = []
-    for n in nodes:
-        st = n.get("status") or {}
-        nrow.append(
-            [
-                n["metadata"]["name"],
-                str((st.get("capabilities") or {}).get("ipvs", "-")),
-                st.get("modesSummary") or "-",
-                str(len(st.get("applied") or {})),
-                str(len(st.get("errors") or [])),
-                st.get("lastSyncTime") or "-",
-            ]
-        )
+    prow = [_policy_row(p) for p in policies]
+    srow = [row for p in policies for row in _service_rows(p)]
     parts = [
         "POLICIES\n"
         + _table(
@@ -110,8 +114,10 @@ def render(policies: list[JSON], programs: list[JSON], nodes: list[JSON]) -> str
         ),
         "SERVICES\n" + _table(["NAMESPACE", "SERVICE", "POLICY", "STATE", "MODE", "NODES", "MESSAGE"], srow),
         "PROGRAMS\n"
-        + _table(["NAMESPACE", "NAME", "POLICY", "MODE", "SCHEDULER", "VIPS", "ENDPOINTS", "CONTENT"], vrow),
-        "NODES\n" + _table(["NAME", "IPVS", "MODES", "APPLIED", "ERRORS", "LAST-SYNC"], nrow),
+        + _table(["NAMESPACE", "NAME", "POLICY", "MODE", "SCHEDULER", "VIPS", "ENDPOINTS", "CONTENT"],
+                 [_program_row(v) for v in programs]),
+        "NODES\n" + _table(["NAME", "IPVS", "MODES", "APPLIED", "ERRORS", "LAST-SYNC"],
+                            [_node_row(n) for n in nodes]),
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -31,7 +31,7 @@ class DataplaneConfig:
 
 
 _MODULES = {
-    "ipvs": "svcproxy.dataplane.ipvs.proxier",
+    "ipvs": "svcproxy.dataplane.ipvs.host",
     "iptables": "svcproxy.dataplane.iptables.proxier",
     "userspace": "svcproxy.dataplane.userspace.proxier",
 }

@@ -1,62 +1,38 @@
-"""The netfilter adapter: the only module that runs iptables-save / iptables-restore.
+"""The real netfilter adapter: the only module that runs iptables-save / iptables-restore.
 
-Used by the ``iptables`` and ``userspace`` proxiers (their NAT chains) and by
-the ``ipvs`` node setup (its masquerade chain). Every write goes through
-``iptables-restore --noflush``, which applies a whole batch atomically and
-touches only the chains named in it, so chains and rules the project does
-not own are never flushed. Each mode owns chains under its own prefix and
-sweeps only those. Reads stream ``iptables-save``'s output line by line
-through :func:`scan`, which keeps only what a caller asks for (the chains
-under one prefix, each folded as the caller wants, and the rules of built-in
-chains that jump to a project chain): at 10k Services the output is ~320k
-rules, and holding it whole (as text, then as lines) was most of the agent's
-peak memory.
+Implements :class:`~svcproxy.dataplane.nfkernel.NetfilterKernel` for the ``iptables``
+and ``userspace`` proxiers (their NAT chains) and the ``ipvs`` node setup (its
+masquerade chain); ``nffake.FakeNetfilter`` is its in-memory twin. Every write goes
+through ``iptables-restore --noflush``, which applies a whole batch atomically and
+touches only the chains named in it, so chains and rules the project does not own are
+never flushed. Reads stream ``iptables-save``'s output line by line through
+:func:`~svcproxy.dataplane.nfkernel.scan`, never holding it whole. It also probes
+which backend the node has (nft or x_tables) and whether nft can make NAT chains.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from collections.abc import Iterator, Sequence
 
+from svcproxy.dataplane.nfkernel import (
+    PROJECT_PREFIX,
+    Jump,
+    NetfilterKernel,
+    SavedTable,
+    SaveRestore,
+    keep_rules,
+    names_only,
+    scan,
+)
 from svcproxy.dataplane.proxier import KernelError, ModeUnavailableError
 
-# Every chain of the project starts with this (DESIGN: netfilter chains); the jumps
-# into them from built-in chains are what scan() keeps of the built-in chains.
-PROJECT_PREFIX = "SVCPROXY-"
-_TARGETS = (f"-j {PROJECT_PREFIX}", f"-g {PROJECT_PREFIX}")
-
-
-def _jumps_to_project(spec: str) -> bool:
-    """Whether a rule's spec jumps (or goes) to a project chain."""
-    return _TARGETS[0] in spec or _TARGETS[1] in spec
-
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Jump:
-    """A rule in a built-in chain that sends traffic into one of our chains."""
-
-    table: str
-    chain: str  # built-in chain (PREROUTING, OUTPUT, POSTROUTING)
-    rule: str  # rule spec after "-A CHAIN ", e.g. "-m comment --comment svcproxy -j SVCPROXY-SERVICES"
-
-    def __post_init__(self) -> None:
-        # scan() keeps only the built-in rules that name a project chain: a jump elsewhere
-        # would never be seen as present and be inserted again on every sync.
-        if not _jumps_to_project(self.rule):
-            raise ValueError(f"jump {self.rule!r} targets no {PROJECT_PREFIX}* chain")
-
-    @property
-    def line(self) -> str:
-        """The rule as iptables-save prints it."""
-        return f"-A {self.chain} {self.rule}"
+__all__ = [
+    "NFT_READ_BESIDE", "PROJECT_PREFIX", "Jump", "Netfilter", "NetfilterKernel", "SavedTable",
+    "detect_backend", "keep_rules", "names_only", "needs_legacy", "scan",
+]
 
 
 def _in_netns(netns: str | None) -> list[str]:
@@ -97,125 +73,6 @@ def needs_legacy(ipv6: bool = False, netns: str | None = None) -> bool:
     return proc.returncode != 0
 
 
-@dataclass
-class SavedTable(Generic[T]):
-    """What :func:`scan` keeps of one table of iptables-save's output."""
-
-    present: bool = False  # the table was in the output (a table nothing created is not)
-    chains: dict[str, T] = field(default_factory=dict)  # chains under the prefix -> fold(name, rules)
-    jumps: set[str] = field(default_factory=set)  # rules of built-in chains jumping to a project chain
-    problem: str | None = None  # the first thing a strict reader refuses, e.g. a cut-short table
-
-
-_CHAIN = re.compile(r"^:(\S+) (\S+)")
-
-
-def scan(
-    lines: Iterable[str],
-    tables: Collection[str],
-    prefix: str | None,
-    fold: Callable[[str, list[str]], T],
-    keep: Callable[[str], bool] | None = None,
-) -> dict[str, SavedTable[T]]:
-    """iptables-save output -> per table in ``tables``: the chains whose name starts with
-    ``prefix`` (None: none) as ``fold(name, their "-A" lines in order)``, the rules of
-    built-in chains that jump to a project chain (exact lines), and whether it parsed.
-
-    ``keep``: chains under the prefix for which it is False are folded but not kept,
-    nor are their names: for a caller whose fold sums them up. ``fold`` sees such a
-    chain at its declaration (with no rules) and once per run of its rules; the checks
-    below that need the chain's name are the caller's to make (comparing its sums of
-    declarations and runs with what it expects does).
-
-    One pass; it holds one chain's lines at a time, never the output: iptables-save
-    prints each chain's rules together, after every chain's declaration, and a table
-    where that does not hold is flagged as a ``problem`` (as are an unknown line, a
-    rule in an undeclared chain of ours, a table printed twice, a missing COMMIT).
-    Lines of other tables, and rules of foreign chains, are skipped unread.
-    """
-    out = {t: SavedTable[T]() for t in tables}
-    table: SavedTable[T] | None = None
-    kept: dict[str, T | None] = {}  # declared chains of ours; None until their rules are folded
-    builtins: set[str] = set()
-    current: str | None = None  # the chain of ours whose rules are being collected
-    current_kept = False
-    rules: list[str] = []
-
-    def flush() -> None:
-        nonlocal current
-        if current is not None:
-            value = fold(current, rules)
-            if current_kept:
-                kept[current] = value
-            rules.clear()
-            current = None
-
-    def close(t: SavedTable[T]) -> None:
-        flush()
-        t.chains = {name: fold(name, []) if value is None else value for name, value in kept.items()}
-        kept.clear()
-        builtins.clear()
-
-    for line in lines:
-        if line.startswith("-A ") and table is not None:  # most lines (320k at 10k Services)
-            parts = line.split(" ", 2)
-            name = parts[1] if len(parts) == 3 else ""
-            if name == current:
-                rules.append(line)
-            elif prefix is not None and name.startswith(prefix):
-                flush()
-                current_kept = keep is None or keep(name)
-                if current_kept and (name not in kept or kept[name] is not None):
-                    table.problem = table.problem or f"rules of chain {name} undeclared or apart: {line!r}"
-                current = name
-                rules.append(line)
-            elif name in builtins:
-                if _jumps_to_project(parts[2]):
-                    table.jumps.add(line)
-            elif not name:
-                table.problem = table.problem or f"rule without a chain and spec: {line!r}"
-        elif line.startswith("*"):
-            if table is not None:  # a new table before this one's COMMIT
-                table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
-                close(table)
-            table = out.get(line[1:])
-            if table is not None:
-                if table.present:
-                    table.problem = table.problem or f"table {line} printed twice"
-                table.present = True
-        elif table is None:
-            continue  # comments, and every line of a table nobody asked for
-        elif line == "COMMIT":
-            close(table)
-            table = None
-        elif match := _CHAIN.match(line):
-            name, policy = match.group(1), match.group(2)
-            if policy != "-":
-                builtins.add(name)
-            if prefix is not None and name.startswith(prefix):
-                if keep is None or keep(name):
-                    kept[name] = None
-                else:
-                    fold(name, [])
-        elif line and not line.startswith("#"):
-            table.problem = table.problem or f"unknown line in iptables-save output: {line!r}"
-    if table is not None:
-        table.problem = table.problem or "no COMMIT at the end of the table: the output was cut short"
-        close(table)
-    return out
-
-
-def keep_rules(name: str, rules: list[str]) -> list[str]:
-    """A :func:`scan` fold that keeps a chain's rule lines as they are."""
-    del name
-    return list(rules)
-
-
-def names_only(name: str, rules: list[str]) -> None:
-    """A :func:`scan` fold that keeps only the chain's name (the dict key)."""
-    del name, rules
-
-
 # How long a full sync lets partial syncs commit beside its iptables-save (see
 # proxier.read_beside). The nft variant's dump starts over when the ruleset changes
 # under it; past this the read has the table to itself. At 1k Services the read takes
@@ -223,8 +80,8 @@ def names_only(name: str, rules: list[str]) -> None:
 NFT_READ_BESIDE = 1.0
 
 
-class Netfilter:
-    """iptables-save / iptables-restore for one address family."""
+class Netfilter(SaveRestore):
+    """iptables-save / iptables-restore for one address family (a ``NetfilterKernel``)."""
 
     def __init__(
         self, ipv6: bool = False, netns: str | None = None, legacy: bool | None = None
@@ -241,6 +98,16 @@ class Netfilter:
         self._restore = f"{base}-restore"
         self._prefix = _in_netns(netns)
         self.netns = netns
+        self.ipv6 = ipv6
+
+    def backend(self) -> tuple[str, str]:
+        name, reason = detect_backend(self.netns)
+        if name and self.legacy:
+            name = "iptables-legacy"  # fell back to x_tables (no nft NAT here)
+        return name, reason
+
+    def family(self, ipv6: bool) -> Netfilter:
+        return self if ipv6 == self.ipv6 else Netfilter(ipv6=ipv6, netns=self.netns)
 
     def lines(self, *args: str, modules: str) -> Iterator[str]:
         """iptables-save's output line by line as the tool prints it (never the whole text).
@@ -280,24 +147,13 @@ class Netfilter:
                 errno=code,
             )
 
-    def read(
-        self,
-        tables: Sequence[str],
-        prefix: str | None,
-        fold: Callable[[str, list[str]], T],
-        keep: Callable[[str], bool] | None = None,
-    ) -> dict[str, SavedTable[T]]:
-        """``tables`` from ONE iptables-save run, streamed through :func:`scan` (see
-        there for ``prefix``, ``fold`` and ``keep``). One table is asked for with ``-t`` (the
-        -legacy tool then reads only that one); several with one run of the whole
-        ruleset (the nft variant fetches all of it for any run, so two tables cost what
-        one does). A table the kernel does not have yet comes back empty."""
+    def save_lines(self, tables: Sequence[str]) -> Iterator[str]:
+        """One table is asked for with ``-t`` (the -legacy tool then reads only that one);
+        several with one run of the whole ruleset (the nft variant fetches all of it for
+        any run, so two tables cost what one does)."""
         if len(tables) == 1:
-            args: tuple[str, ...] = ("-t", tables[0])
-            modules = f"the iptable_{tables[0]} or nf_tables module"
-        else:
-            args, modules = (), "an iptable_* or the nf_tables module"
-        return scan(self.lines(*args, modules=modules), tables, prefix, fold, keep)
+            return self.lines("-t", tables[0], modules=f"the iptable_{tables[0]} or nf_tables module")
+        return self.lines(modules="an iptable_* or the nf_tables module")
 
     def restore(self, text: str) -> None:
         """Apply one atomic batch (``*table`` ... ``COMMIT``) without flushing anything else."""
@@ -314,36 +170,3 @@ class Netfilter:
                 " (retried on the next sync)",
                 errno=proc.returncode,
             )
-
-    def chains(self, table: str, prefix: str) -> dict[str, list[str]]:
-        """Our chains (name starts with ``prefix``) and their rules as saved."""
-        return self.read((table,), prefix, keep_rules)[table].chains
-
-    def ensure_jumps(self, jumps: Iterable[Jump], present: Collection[str] | None = None) -> None:
-        """Insert missing jump rules (first position) into built-in chains.
-
-        ``present``: the jump rules the caller read already (:attr:`SavedTable.jumps` of
-        the jumps' table, when all are in one table; saves one iptables-save run)."""
-        by_table: dict[str, list[Jump]] = {}
-        for jump in jumps:
-            by_table.setdefault(jump.table, []).append(jump)
-        for table, items in by_table.items():
-            have = present if present is not None and len(by_table) == 1 else self.jumps(table)
-            missing = [j for j in items if j.line not in have]
-            if missing:
-                body = "\n".join(f"-I {j.chain} 1 {j.rule}" for j in missing)
-                self.restore(f"*{table}\n{body}\nCOMMIT\n")
-
-    def jumps(self, table: str) -> set[str]:
-        """The rules of ``table``'s built-in chains that jump to a project chain."""
-        return self.read((table,), None, names_only)[table].jumps
-
-    def remove(self, table: str, prefix: str, jumps: Iterable[Jump]) -> None:
-        """Delete our jumps and every chain under ``prefix`` in ``table``."""
-        saved = self.read((table,), prefix, names_only)[table]
-        out = [f"*{table}"]
-        out += [f"-D {j.chain} {j.rule}" for j in jumps if j.line in saved.jumps]
-        out += [f":{name} - [0:0]" for name in saved.chains]  # flush first: -X needs empty chains
-        out += [f"-X {name}" for name in saved.chains]
-        if len(out) > 1:
-            self.restore("\n".join(out) + "\nCOMMIT\n")

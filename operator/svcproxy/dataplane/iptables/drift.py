@@ -16,7 +16,7 @@ rewritten whole when it differs, so of those only a digest of the normalised
 rules is kept (:func:`fold`), and of the per-service ones, after the first sync,
 only sums per group (:class:`Summary`; the groups whose sums differ are read
 again per chain). The read-back streams through
-:func:`svcproxy.dataplane.netfilter.scan` and never holds the 320k rules of a
+:func:`svcproxy.dataplane.nfkernel.scan` and never holds the 320k rules of a
 10k-Service node at once.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from svcproxy.dataplane.iptables import rules
-from svcproxy.dataplane.netfilter import SavedTable, scan
+from svcproxy.dataplane.nfkernel import SavedTable, scan
 from svcproxy.dataplane.table import VirtualServer
 
 # A chain as read back: its normalised rules (the multiset chains) or their digest.
@@ -79,7 +79,7 @@ def digest(normalised: Iterable[str]) -> bytes:
 
 
 def fold(name: str, lines: list[str]) -> Chain:
-    """The :func:`~svcproxy.dataplane.netfilter.scan` fold of the read-back: a multiset
+    """The :func:`~svcproxy.dataplane.nfkernel.scan` fold of the read-back: a multiset
     chain's normalised rules, any other chain's :func:`digest`."""
     if name in MULTISET:
         return [normalise(line) for line in lines]
@@ -131,7 +131,7 @@ class Deferred:
 
 
 class Reader:
-    """``fold`` and ``keep`` for ``Netfilter.read(..., rules.PREFIX, reader, reader.keep)``.
+    """``fold`` and ``keep`` for ``NetfilterKernel.read(..., rules.PREFIX, reader, reader.keep)``.
 
     ``summarise``: the per-service chains go into :attr:`summary` and are not kept
     (the steady state's read). Otherwise owned chains are kept as :func:`fold` makes
@@ -161,7 +161,7 @@ class Reader:
 
 def observed(saved: SavedTable[Chain]) -> dict[str, Chain]:
     """Owned chains (``SVCPROXY-`` prefix) of one table as :func:`fold` keeps them, from
-    ``Netfilter.read(..., rules.PREFIX, fold)``; a table the kernel lacks is empty.
+    ``NetfilterKernel.read(..., rules.PREFIX, fold)``; a table the kernel lacks is empty.
 
     Strict: a table that did not parse (a missing COMMIT, an unknown line, a rule in an
     undeclared chain of ours: ``saved.problem``) raises :class:`SavedParseError` (the
@@ -242,10 +242,7 @@ def plan_full(
     (the others were found equal by the summed read).
     """
     plan = FullPlan()
-    base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
-    for line in rules.base_rules():
-        base_want[line.split(" ", 2)[1]].append(normalise(line))
-    plan.base = rewrite_all or any(nat.get(c) != digest(want) for c, want in base_want.items())
+    plan.base = rewrite_all or _base_differs(nat)
     plan.declare_services = rules.SERVICES not in nat
     have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
     # Jumps read back that no desired service wants; a dict sharing the read-back's strings
@@ -273,14 +270,33 @@ def plan_full(
             plan.dirty.append(vs)
     if summary is not None and summary != want_sum:
         return Deferred(summary.differing(want_sum))
-    for jump, count in have_jumps.items():
-        extra = count if jump in unwanted else count - 1
-        plan.delete_jumps += ["-D" + jump[2:]] * extra
-    plan.stale = sorted(c for c in nat if rules.owned_chain(c) and c not in needed)
+    _sweep(plan, nat, have_jumps, unwanted, needed)
     rejects = [normalise(r) for vs in servers if (r := rules.reject_rule(vs))]
     if rewrite_all or filter_chain is None or Counter(filter_chain) != Counter(rejects):
         plan.filter_rules = [r for vs in servers if (r := rules.reject_rule(vs))]
     return plan
+
+
+def _base_differs(nat: Mapping[str, Chain]) -> bool:
+    """SVCPROXY-MARK-MASQ or SVCPROXY-POSTROUTING differ from what they should hold."""
+    base_want: dict[str, list[str]] = {rules.MARK_MASQ: [], rules.POSTROUTING: []}
+    for line in rules.base_rules():
+        base_want[line.split(" ", 2)[1]].append(normalise(line))
+    return any(nat.get(c) != digest(want) for c, want in base_want.items())
+
+
+def _sweep(
+    plan: FullPlan,
+    nat: Mapping[str, Chain],
+    have_jumps: Counter[str],
+    unwanted: Mapping[str, int],
+    needed: set[str],
+) -> None:
+    """Jumps no service wants (and duplicates) deleted, owned chains nobody needs dropped."""
+    for jump, count in have_jumps.items():
+        extra = count if jump in unwanted else count - 1
+        plan.delete_jumps += ["-D" + jump[2:]] * extra
+    plan.stale = sorted(c for c in nat if rules.owned_chain(c) and c not in needed)
 
 
 def without_owners(

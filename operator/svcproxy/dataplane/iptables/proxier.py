@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svcproxy.dataplane.iptables import drift, rules
-from svcproxy.dataplane.netfilter import Netfilter, SavedTable, detect_backend, names_only
+from svcproxy.dataplane.mirror import Mirror
+from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -71,23 +72,22 @@ class IptablesProxier(BlockingProxier):
 
     def __init__(
         self,
-        netfilter: Netfilter | None = None,
-        netfilter6: Netfilter | None = None,
+        netfilter: NetfilterKernel | None = None,
+        netfilter6: NetfilterKernel | None = None,
         *,
         cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
         masquerade_all: bool = False,
     ) -> None:
         super().__init__()
-        backend, reason = detect_backend(netfilter.netns if netfilter else None)
-        self._nf = {False: netfilter or Netfilter(), True: netfilter6 or Netfilter(ipv6=True)}
-        if backend and self._nf[False].legacy:
-            backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
+        if netfilter is None:  # the real tools (``create``); unit tests pass a fake
+            from svcproxy.dataplane.netfilter import Netfilter
+
+            netfilter = Netfilter()
+        self._nf = {False: netfilter, True: netfilter6 or netfilter.family(True)}
+        backend, reason = netfilter.backend()
         self._cidrs = cluster_cidrs
         self._masq_all = masquerade_all
-        self._mirror: dict[VSKey, VirtualServer] = {}
-        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
-        self._reals = 0
-        self._rules = 0
+        self._mirror = Mirror(self._rule_count)
         self._synced = False
         self.last_full = FullStats()
         self._caps = Capabilities(
@@ -100,10 +100,8 @@ class IptablesProxier(BlockingProxier):
         )
 
     def counts(self) -> Counts:
-        # Running totals: recounting the mirror would make partial syncs O(services).
-        return Counts(
-            virtual_servers=len(self._mirror), real_servers=self._reals, rules=self._rules
-        )
+        mirror = self._mirror
+        return Counts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
 
     def _rule_count(self, vs: VirtualServer) -> int:
         return rules.rule_count(vs, self._cidrs, self._masq_all)
@@ -159,19 +157,10 @@ class IptablesProxier(BlockingProxier):
         if only is None:
             self.last_full = FullStats()
         for v6 in (False, True):
-            if only is None:
-                want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
-                have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
-                if not want and not have and v6:
-                    continue  # no IPv6 services: leave ip6tables alone
-                if touched:  # synced by a partial sync during this one: left alone
-                    want = {k: v for k, v in want.items() if v.owner not in touched}
-                    have = {k: v for k, v in have.items() if v.owner not in touched}
-            else:
-                want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
-                keys = set().union(*(self._by_owner.get(o, set()) for o in only))
-                keys |= {k for k in want if k in self._mirror}
-                have = {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
+            tables = self._family(v6, desired, only, touched)
+            if tables is None:
+                continue  # no IPv6 services: leave ip6tables alone
+            want, have = tables
             try:
                 if only is None:
                     self._full(v6, want, (prepared or {}).get(v6), touched)
@@ -206,6 +195,25 @@ class IptablesProxier(BlockingProxier):
             self.counts(),
         )
 
+    def _family(
+        self, v6: bool, desired: Table, only: frozenset[str] | None, touched: frozenset[str]
+    ) -> tuple[dict[VSKey, VirtualServer], dict[VSKey, VirtualServer]] | None:
+        """One address family's desired services and what the mirror has of them (all,
+        or the given owners'); None for IPv6 when neither has any."""
+        if only is None:
+            want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
+            have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
+            if not want and not have and v6:
+                return None
+            if touched:  # synced by a partial sync during this one: left alone
+                want = {k: v for k, v in want.items() if v.owner not in touched}
+                have = {k: v for k, v in have.items() if v.owner not in touched}
+            return want, have
+        want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
+        keys = self._mirror.keys_of(only)
+        keys |= {k for k in want if k in self._mirror}
+        return want, {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
+
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
         errors: list[DataplaneError] = []
@@ -227,8 +235,6 @@ class IptablesProxier(BlockingProxier):
                     if not v6:
                         errors.append(err)
         self._mirror.clear()
-        self._by_owner.clear()
-        self._reals = self._rules = 0
         self._synced = False
         ops = {"delete_virtual_server": count} if count else {}
         return SyncResult(MODE, True, ops, tuple(errors), frozenset(), time.monotonic() - start)
@@ -236,20 +242,10 @@ class IptablesProxier(BlockingProxier):
     # Internals.
 
     def _remember(self, vs: VirtualServer) -> None:
-        self._forget(vs.key)
-        self._mirror[vs.key] = vs
-        self._by_owner[vs.owner].add(vs.key)
-        self._reals += len(vs.real_servers)
-        self._rules += self._rule_count(vs)
+        self._mirror.put(vs.key, vs)
 
     def _forget(self, key: VSKey) -> None:
-        old = self._mirror.pop(key, None)
-        if old is not None:
-            self._reals -= len(old.real_servers)
-            self._rules -= self._rule_count(old)
-            self._by_owner[old.owner].discard(key)
-            if not self._by_owner[old.owner]:
-                del self._by_owner[old.owner]
+        self._mirror.drop(key)
 
     def _service_lines(self, servers: Iterable[VirtualServer]) -> tuple[list[str], list[str]]:
         chains: list[str] = []
@@ -323,7 +319,7 @@ class IptablesProxier(BlockingProxier):
         prepared = prepared or self._prepare(v6, want)
         plan, rewrite_all = prepared.plan, prepared.rewrite_all
         if touched:
-            kept = [self._mirror[k] for o in touched for k in self._by_owner.get(o, ())]
+            kept = [self._mirror[k] for k in self._mirror.keys_of(touched)]
             kept = [vs for vs in kept if (":" in vs.address) == v6]
             rejects = [r for vs in [*want.values(), *kept] if (r := rules.reject_rule(vs))]
             keep = {c for vs in kept for c in rules.chains_of(vs)}
@@ -333,27 +329,7 @@ class IptablesProxier(BlockingProxier):
         size = (len(plan.dirty) or 1) if nf.legacy else NFT_BATCH
         for start in range(0, max(len(plan.dirty), 1), size):
             part = plan.dirty[start : start + size]
-            declare, body = self._service_lines(part)
-            text = ["*nat"]
-            if start == 0:
-                base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
-                if not plan.base:
-                    base = [c for c in base if c == rules.SERVICES]
-                text += [f":{c} - [0:0]" for c in base]
-            text += declare
-            last = start + size >= len(plan.dirty)
-            if last:
-                text += [f":{c} - [0:0]" for c in plan.stale]
-            if start == 0 and plan.base:
-                text += rules.base_rules()
-            jumps = [rules.service_jump(vs) for vs in part]
-            text += [j for j in jumps if drift.normalise(j) in plan.add_jumps]
-            text += body
-            if last:
-                text += plan.delete_jumps
-                text += [f"-X {c}" for c in plan.stale]
-                if plan.filter_rules is not None:
-                    text += ["COMMIT", "*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *plan.filter_rules]
+            text = self._batch(plan, part, first=start == 0, last=start + size >= len(plan.dirty))
             if len(text) > 1:
                 batch = "\n".join([*text, "COMMIT"]) + "\n"
                 nf.restore(batch)
@@ -361,6 +337,33 @@ class IptablesProxier(BlockingProxier):
                 self.last_full.lines += len(text) + 1
         nf.ensure_jumps(rules.JUMPS, prepared.nat_jumps)
         nf.ensure_jumps(rules.FILTER_JUMPS, prepared.filter_jumps)
+
+    def _batch(
+        self, plan: drift.FullPlan, part: list[VirtualServer], *, first: bool, last: bool
+    ) -> list[str]:
+        """The lines of one batch of a full sync (without the final COMMIT): the base
+        chains in the first, the services of ``part``, the sweep in the last."""
+        declare, body = self._service_lines(part)
+        text = ["*nat"]
+        if first:
+            base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
+            if not plan.base:
+                base = [c for c in base if c == rules.SERVICES]
+            text += [f":{c} - [0:0]" for c in base]
+        text += declare
+        if last:
+            text += [f":{c} - [0:0]" for c in plan.stale]
+        if first and plan.base:
+            text += rules.base_rules()
+        jumps = [rules.service_jump(vs) for vs in part]
+        text += [j for j in jumps if drift.normalise(j) in plan.add_jumps]
+        text += body
+        if last:
+            text += plan.delete_jumps
+            text += [f"-X {c}" for c in plan.stale]
+            if plan.filter_rules is not None:
+                text += ["COMMIT", "*filter", f":{rules.NO_ENDPOINTS} - [0:0]", *plan.filter_rules]
+        return text
 
     def _partial(self, v6: bool, want: dict[VSKey, VirtualServer], have: dict[VSKey, VirtualServer]) -> None:
         changed = [want[k] for k in sorted(want) if have.get(k) != want[k]]

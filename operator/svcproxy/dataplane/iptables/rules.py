@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-from svcproxy.dataplane.netfilter import Jump
+from svcproxy.dataplane.nfkernel import Jump
 from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
 
 PREFIX = "SVCPROXY-"

@@ -40,7 +40,7 @@ F_PERSISTENT, F_HASHED, F_ONEPACKET = 0x1, 0x2, 0x4
 FWD_MASK = 0x7  # IP_VS_CONN_F_FWD_MASK: the forwarding method in the dest's conn flags
 PROTO_NAMES: dict[int, Protocol] = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", 132: "SCTP"}
 FLAG_BITS = {"sh-fallback": 0x8, "sh-port": 0x10, "mh-fallback": 0x8, "mh-port": 0x10}
-# The persistence netmask svcproxy sends (netlink.py): one client address. The kernel
+# The persistence netmask svcproxy sends (nlpack.py): one client address. The kernel
 # keeps it raw: an IPv4 mask, or an IPv6 prefix length in host byte order.
 HOST_NETMASK: dict[int, int] = {socket.AF_INET: 0xFFFFFFFF, socket.AF_INET6: 128}
 # /proc/net/ip_vs spells the forwarding method as ip_vs_fwd_name() does (BYPASS prints as Masq).
@@ -149,7 +149,7 @@ def other_settings(family: int, bits: int, flags: frozenset[str], netmask: int |
     other than persistent/hashed/the scheduler's own (``ops`` = one-packet scheduling),
     a persistence netmask wider than one address (``netmask``: the raw u32 the kernel
     keeps), a persistence engine. Usually nothing: one shared empty set. Also used by
-    the pyroute2 reference reader (``NetlinkIpvs.dump_pyroute2``)."""
+    the pyroute2 reference reader (``tests/dataplane/ipvs_reference.py``)."""
     other: list[str] = []
     extra = bits & ~(F_PERSISTENT | F_HASHED)
     for flag in flags:

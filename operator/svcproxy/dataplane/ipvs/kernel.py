@@ -2,7 +2,8 @@
 
 Two protocols: :class:`IpvsKernel` (virtual/real servers) and
 :class:`AddressKernel` (the dummy interface holding VIPs). The real ones are
-in ``netlink.py`` (the only modules importing pyroute2); the fakes here are
+``netlink.NetlinkIpvs`` and ``addresses.NetlinkAddresses`` (kernel adapters,
+with ``host.py`` the only modules importing pyroute2); the fakes here are
 stateful and refuse what the kernel refuses (EEXIST, ENOENT, an unloadable
 scheduler), so the proxier's unit tests and the conformance test
 (``tests/unit/test_dataplane_ipvs.py`` vs ``tests/dataplane/``) run the same
@@ -68,7 +69,7 @@ class AddressKernel(Protocol):
 
 
 class AbsentIpvs:
-    """A kernel without IPVS, known without opening netlink (see ``proxier.create``)."""
+    """A kernel without IPVS, known without opening netlink (see ``host.create``)."""
 
     def __init__(self, reason: str) -> None:
         self._reason = reason

@@ -1,7 +1,7 @@
 """Node setup the ``ipvs`` mode needs besides IPVS rules: sysctls and masquerade.
 
 Called by ``IpvsProxier`` on each full sync (``prepare``) and on cleanup
-(``unprepare``), through the closures ``proxier.create`` builds. Sysctls are
+(``unprepare``), through the closures ``host.create`` builds. Sysctls are
 written under /proc/sys (idempotent); the masquerade rule lives in the
 nat chain ``SVCPROXY-IPVS-POSTROUTING`` via the netfilter adapter: IPVS
 NAT rewrites only the destination, so replies from a real server find

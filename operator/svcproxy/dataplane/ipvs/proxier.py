@@ -1,7 +1,8 @@
 """The ``ipvs`` mode: virtual servers in the kernel's IPVS, VIPs on ``svcproxy0``.
 
-Built by :func:`svcproxy.dataplane.modes.build_proxier` (``create``) on a
-real node, or directly with the fakes from ``kernel.py`` in unit tests.
+Built by :func:`svcproxy.dataplane.modes.build_proxier` (``host.create``, with the
+kernel adapters) on a real node, or directly with the fakes from ``kernel.py`` in unit
+tests; it probes nothing and runs no tool itself.
 Ownership: an IPVS virtual server is ours when its VIP is on the dummy
 interface (``svcproxy0``); that survives an agent restart, so a restarted
 agent adopts its services on the first full sync instead of rebuilding
@@ -18,15 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
-from svcproxy.dataplane.ipvs.kernel import AbsentIpvs, AddressKernel, Failure, IpvsKernel
+from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
+from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -55,6 +55,22 @@ class ReadBack:
     setup_errors: list[DataplaneError]  # of the node setup (sysctls, masquerade) run with it
 
 
+@dataclass
+class _View:
+    """What one sync works from: the desired services it may program, what it has of
+    them (from the kernel or the mirror) and owns, the kernel's read-back (full syncs)
+    and what it keeps as partial syncs left it. The diff steps update it in place."""
+
+    want: dict[VSKey, VirtualServer]
+    have: dict[VSKey, VirtualServer]
+    owned: set[VSKey]
+    observed: dict[VSKey, VirtualServer] = field(default_factory=dict)
+    kept: dict[VSKey, VirtualServer] = field(default_factory=dict)
+
+    def diff(self) -> list[Operation]:
+        return diff(self.want, self.have, self.owned)
+
+
 class IpvsProxier(BlockingProxier):
     """One IPVS proxier per node (see module docstring)."""
 
@@ -76,11 +92,9 @@ class IpvsProxier(BlockingProxier):
         # Node setup (sysctls, masquerade rules) run on each full sync / cleanup.
         self._prepare = prepare
         self._unprepare = unprepare
-        self._mirror: dict[VSKey, VirtualServer] = {}
-        self._by_owner: dict[str, set[VSKey]] = defaultdict(set)
+        self._mirror = Mirror()
         self._vip_users: Counter[str] = Counter()
         self._vips: set[str] = set()  # addresses on the interface (re-read on full syncs)
-        self._real_count = 0
         self._synced = False
         # Keys partial syncs wrote while a full sync read the kernel (None: not reading).
         self._written: set[VSKey] | None = None
@@ -95,8 +109,7 @@ class IpvsProxier(BlockingProxier):
         )
 
     def counts(self) -> Counts:
-        # Kept as a running total: summing the mirror would make partial syncs O(services).
-        return Counts(virtual_servers=len(self._mirror), real_servers=self._real_count)
+        return Counts(virtual_servers=len(self._mirror), real_servers=self._mirror.real_servers)
 
     async def sync_full(self, desired: Table, between: Between) -> SyncResult:
         """A full sync whose kernel read-back and diff do not hold up partial syncs.
@@ -124,7 +137,7 @@ class IpvsProxier(BlockingProxier):
         async with self._lock:
             written, self._written = self._written, None
             skip = written | {k for k, v in desired.items() if v.owner in touched}
-            skip |= {k for o in touched for k in self._by_owner.get(o, ())}
+            skip |= self._mirror.keys_of(touched)
             return await asyncio.to_thread(self.sync_blocking, desired, None, read, skip)
 
     def _read_back(self, desired: Table) -> ReadBack:
@@ -161,83 +174,111 @@ class IpvsProxier(BlockingProxier):
             errors.extend(self._prepare())
         want, refused = self._programmable(desired, only)
         errors.extend(refused)
-        kept: dict[VSKey, VirtualServer] = {}
         if only is None:
-            self._addresses.ensure_interface(self._interface)
-            if read is None:
-                vips = self._addresses.addresses(self._interface)
-                self._vips = set(vips)
-                observed = self._kernel.dump()
-            else:  # read earlier; the VIPs again (cheap), as partial syncs left them
-                vips, observed = read.vips, read.observed
-                self._vips = set(self._addresses.addresses(self._interface))
-            owned = {k for k in observed if k.address in vips}
-            for key in [k for k in want if k in observed and k not in owned]:
-                errors.append(_foreign(want.pop(key)))
-            if skip:  # written by partial syncs during the read: as they left them
-                want = {k: v for k, v in want.items() if k not in skip}
-                owned -= skip
-                kept = {k: self._mirror[k] for k in skip if k in self._mirror}
-            have = {k: observed[k] for k in owned}
+            view = self._full_view(want, read, skip, errors)
+            ops = self._diff_again(view, read, skip, errors) if read is not None else view.diff()
         else:
-            if not self._synced:
-                self._adopt()
-            keys = set().union(*(self._by_owner.get(o, set()) for o in only))
-            keys |= {k for k in want if k in self._mirror}  # moved from another owner
-            have = {k: self._mirror[k] for k in keys}
-            owned = set(have)
-            if self._written is not None:  # a full sync is reading: it must leave these alone
-                self._written |= keys | set(want)
-        if read is not None and only is None:
-            # Diffed without the lock, from a dump that ran beside partial syncs: a dump
-            # in several parts can miss or repeat a service that changed meanwhile. So
-            # the services it would change are read again now (few: what drifted) and
-            # diffed from that; the steady state reads nothing more.
-            again = {op.key for op in read.ops if op.key not in skip}
-            fresh = self._kernel.read(again) if again else {}
-            for key in again:
-                observed.pop(key, None)
-                have.pop(key, None)
-                owned.discard(key)
-                if key in fresh:
-                    observed[key] = fresh[key]
-                    if key.address in self._vips:
-                        have[key] = fresh[key]
-                        owned.add(key)
-                    elif key in want:
-                        errors.append(_foreign(want.pop(key)))
-            ops = diff({k: want[k] for k in again if k in want}, {k: have[k] for k in again if k in have},
-                       owned & again)
-        else:
-            ops = diff(want, have, owned)
-        failures = self._kernel.execute(ops)
-        failed_ops = {id(f.operation) for f in failures}
-        errors.extend(_error(f) for f in failures)
-        applied = _apply_lenient(have, [op for op in ops if id(op) not in failed_ops])
-        # Owners from the desired table: the kernel stores none.
-        for key, vs in applied.items():
-            if key in want:
-                applied[key] = _owned(vs, want[key])
-        if only is None:
-            self._mirror.clear()
-            self._by_owner.clear()
-            self._vip_users.clear()
-            self._real_count = 0
-            self._replace({}, kept)
-        self._replace(have, applied)
-        present = {**kept, **applied} if kept else applied
-        errors.extend(self._sync_vips(present, set(have) - set(applied), full=only is None))
+            view = self._partial_view(want, only)
+            ops = view.diff()
+        done = self._write(view, ops, errors, full=only is None)
         self._synced = True
-        failed = frozenset(e.owner for e in errors if e.owner)
         return SyncResult(
             MODE,
             full,
-            count_kinds(op for op in ops if id(op) not in failed_ops),
+            count_kinds(done),
             tuple(errors),
-            failed,
+            frozenset(e.owner for e in errors if e.owner),
             time.monotonic() - start,
             self.counts(),
         )
+
+    def _full_view(
+        self,
+        want: dict[VSKey, VirtualServer],
+        read: ReadBack | None,
+        skip: frozenset[VSKey] | set[VSKey],
+        errors: list[DataplaneError],
+    ) -> _View:
+        """A full sync's starting point: the kernel (read now, or by ``read``) minus the
+        foreign services and minus ``skip``, which stays as the partial syncs left it."""
+        self._addresses.ensure_interface(self._interface)
+        if read is None:
+            vips = self._addresses.addresses(self._interface)
+            self._vips = set(vips)
+            observed = self._kernel.dump()
+        else:  # read earlier; the VIPs again (cheap), as partial syncs left them
+            vips, observed = read.vips, read.observed
+            self._vips = set(self._addresses.addresses(self._interface))
+        owned = {k for k in observed if k.address in vips}
+        for key in [k for k in want if k in observed and k not in owned]:
+            errors.append(_foreign(want.pop(key)))
+        kept: dict[VSKey, VirtualServer] = {}
+        if skip:  # written by partial syncs during the read: as they left them
+            want = {k: v for k, v in want.items() if k not in skip}
+            owned -= skip
+            kept = {k: self._mirror[k] for k in skip if k in self._mirror}
+        return _View(want, {k: observed[k] for k in owned}, owned, observed, kept)
+
+    def _partial_view(self, want: dict[VSKey, VirtualServer], only: frozenset[str]) -> _View:
+        """A partial sync's starting point: the mirror of the given owners' services."""
+        if not self._synced:
+            self._adopt()
+        keys = self._mirror.keys_of(only)
+        keys |= {k for k in want if k in self._mirror}  # moved from another owner
+        have = {k: self._mirror[k] for k in keys}
+        if self._written is not None:  # a full sync is reading: it must leave these alone
+            self._written |= keys | set(want)
+        return _View(want, have, set(have))
+
+    def _diff_again(
+        self, view: _View, read: ReadBack, skip: frozenset[VSKey] | set[VSKey], errors: list[DataplaneError]
+    ) -> list[Operation]:
+        """Diffed without the lock, from a dump that ran beside partial syncs: a dump in
+        several parts can miss or repeat a service that changed meanwhile. So the
+        services it would change are read again now (few: what drifted) and diffed from
+        that; the steady state reads nothing more."""
+        again = {op.key for op in read.ops if op.key not in skip}
+        fresh = self._kernel.read(again) if again else {}
+        want, have, owned, observed = view.want, view.have, view.owned, view.observed
+        for key in again:
+            observed.pop(key, None)
+            have.pop(key, None)
+            owned.discard(key)
+            if key in fresh:
+                observed[key] = fresh[key]
+                if key.address in self._vips:
+                    have[key] = fresh[key]
+                    owned.add(key)
+                elif key in want:
+                    errors.append(_foreign(want.pop(key)))
+        return diff({k: want[k] for k in again if k in want}, {k: have[k] for k in again if k in have},
+                    owned & again)
+
+    def _write(
+        self, view: _View, ops: list[Operation], errors: list[DataplaneError], *, full: bool
+    ) -> list[Operation]:
+        """Run ``ops``, then bring the mirror and the VIPs in line; returns the operations
+        the kernel took."""
+        failures = self._kernel.execute(ops)
+        failed_ops = {id(f.operation) for f in failures}
+        errors.extend(_error(f) for f in failures)
+        done = [op for op in ops if id(op) not in failed_ops]
+        applied = _apply_lenient(view.have, done)
+        # Owners from the desired table: the kernel stores none.
+        for key, vs in applied.items():
+            if key in view.want:
+                applied[key] = _owned(vs, view.want[key])
+        if full:
+            self._reset_mirror()
+            self._replace({}, view.kept)
+        self._replace(view.have, applied)
+        present = {**view.kept, **applied} if view.kept else applied
+        errors.extend(self._sync_vips(present, set(view.have) - set(applied), full=full))
+        return done
+
+    def _reset_mirror(self) -> None:
+        self._mirror.clear()
+        self._vip_users.clear()
 
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
@@ -251,11 +292,8 @@ class IpvsProxier(BlockingProxier):
         self._addresses.delete_interface(self._interface)
         if self._unprepare is not None:
             self._unprepare()
-        self._mirror.clear()
-        self._by_owner.clear()
-        self._vip_users.clear()
+        self._reset_mirror()
         self._vips.clear()
-        self._real_count = 0
         self._synced = False
         return SyncResult(
             MODE, True, count_kinds(ops), tuple(errors), frozenset(), time.monotonic() - start
@@ -293,23 +331,12 @@ class IpvsProxier(BlockingProxier):
         self._replace({}, {k: v for k, v in observed.items() if k.address in vips})
 
     def _replace(self, old: Table, new: dict[VSKey, VirtualServer]) -> None:
-        touched: set[str] = set()
         for key in old:
-            prev = self._mirror.pop(key, None)
-            if prev is not None:
-                self._real_count -= len(prev.real_servers)
-                self._by_owner[prev.owner].discard(key)
+            if self._mirror.drop(key) is not None:
                 self._vip_users[key.address] -= 1
-                touched.add(prev.owner)
         for key, vs in new.items():
-            self._mirror[key] = vs
-            self._real_count += len(vs.real_servers)
-            self._by_owner[vs.owner].add(key)
-            self._vip_users[key.address] += 1
-        # Only the owners touched here: scanning every owner made each change O(services).
-        for owner in touched:
-            if not self._by_owner.get(owner, True):
-                del self._by_owner[owner]
+            if self._mirror.put(key, vs) is None:
+                self._vip_users[key.address] += 1
 
     def _sync_vips(self, present: Table, gone: set[VSKey], full: bool) -> list[DataplaneError]:
         """Add VIPs of present virtual servers, drop VIPs no virtual server uses."""
@@ -378,75 +405,4 @@ def _error(failure: Failure) -> DataplaneError:
         f"IPVS refused {op}: {failure.message} (errno {failure.errno}); retried on the next sync",
         owner=op.owner,
         errno=failure.errno,
-    )
-
-
-def _modprobe_ip_vs() -> None:
-    subprocess.run(["modprobe", "ip_vs"], capture_output=True, check=False)
-
-
-def _ipvs_missing(proc_net: Path = Path("/proc/net"), load: Callable[[], None] = _modprobe_ip_vs) -> str:
-    """Why this kernel has no IPVS, found without importing pyroute2; '' when it may have.
-
-    The ip_vs module creates ``/proc/net/ip_vs`` in every network namespace. Checking
-    that first spares nodes without IPVS the netlink library (~9 MB of RSS per agent).
-    """
-    if not proc_net.is_dir():
-        return ""  # cannot tell: the netlink probe decides
-    if not (proc_net / "ip_vs").exists():
-        load()
-    if (proc_net / "ip_vs").exists():
-        return ""
-    return ("IPVS is not in this kernel (no /proc/net/ip_vs after `modprobe ip_vs`): the kernel"
-            " lacks CONFIG_IP_VS or the module does not load; ipvs Services fall back to iptables")
-
-
-class _LazyAddresses:
-    """The netlink address adapter, imported on first use (only ``cleanup`` uses it when
-    IPVS is missing: it still removes a leftover ``svcproxy0``)."""
-
-    def __init__(self) -> None:
-        self._real: AddressKernel | None = None
-
-    def _get(self) -> AddressKernel:
-        if self._real is None:
-            from svcproxy.dataplane.ipvs import netlink
-
-            self._real = netlink.NetlinkAddresses()
-        return self._real
-
-    def ensure_interface(self, name: str) -> None:
-        self._get().ensure_interface(name)
-
-    def delete_interface(self, name: str) -> None:
-        self._get().delete_interface(name)
-
-    def addresses(self, name: str) -> set[str]:
-        return self._get().addresses(name)
-
-    def add_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
-        return self._get().add_addresses(name, addresses)
-
-    def delete_addresses(self, name: str, addresses: Sequence[str]) -> list[str]:
-        return self._get().delete_addresses(name, addresses)
-
-
-def create(config: object) -> IpvsProxier:
-    """The real-kernel proxier (called by ``modes.build_proxier``)."""
-    from svcproxy.dataplane.ipvs import nodesetup
-
-    interface = getattr(config, "interface", "svcproxy0")
-    missing = _ipvs_missing()
-    if missing:
-        return IpvsProxier(AbsentIpvs(missing), _LazyAddresses(), interface=interface,
-                           unprepare=nodesetup.unprepare)
-    from svcproxy.dataplane.ipvs import netlink
-
-    kernel = netlink.NetlinkIpvs()
-    return IpvsProxier(
-        kernel,
-        netlink.NetlinkAddresses(),
-        interface=interface,
-        prepare=lambda: nodesetup.prepare(config),
-        unprepare=nodesetup.unprepare,
     )

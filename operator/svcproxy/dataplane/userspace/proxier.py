@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from svcproxy.dataplane.netfilter import Jump, Netfilter, detect_backend
+from svcproxy.dataplane.mirror import Mirror
+from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
     Between,
     Capabilities,
@@ -68,22 +69,54 @@ def _rule(vs: VirtualServer, port: int) -> str:
     )
 
 
+def _wanted(
+    desired: Table, only: frozenset[str] | None
+) -> tuple[dict[VSKey, VirtualServer], list[DataplaneError]]:
+    """The virtual servers this sync programs, and those refused (SCTP)."""
+    errors: list[DataplaneError] = []
+    want: dict[VSKey, VirtualServer] = {}
+    for key, vs in desired.items():
+        if only is not None and vs.owner not in only:
+            continue
+        if vs.protocol == "SCTP":
+            errors.append(UnsupportedError(
+                f"{key}: the userspace mode proxies TCP and UDP only;"
+                " use ipvs or iptables mode for SCTP", owner=vs.owner))
+            continue
+        want[key] = vs
+    return want, errors
+
+
+def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int, str]) -> list[str]:
+    """A partial sync's restore lines: new portals, portals whose target changed, and
+    the rules of portals that went."""
+    lines: list[str] = []
+    for p in kept:
+        if p.rule != rules[id(p)]:
+            lines += ["-D" + p.rule[2:]] if p.rule else []
+            lines.append(rules[id(p)])
+    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
+    return lines
+
+
 class UserspaceProxier:
     def __init__(
         self,
-        netfilter: Netfilter | None = None,
-        netfilter6: Netfilter | None = None,
+        netfilter: NetfilterKernel | None = None,
+        netfilter6: NetfilterKernel | None = None,
         *,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._nf = netfilter or Netfilter()
+        if netfilter is None:  # the real tools (``create``); unit tests pass a fake
+            from svcproxy.dataplane.netfilter import Netfilter
+
+            netfilter = Netfilter()
+        self._nf = netfilter
         # ip6tables, made on first use (its probe runs subprocesses): IPv6 VIPs only.
         self._nf6 = netfilter6
         self._v6_used = False
-        backend, reason = detect_backend(self._nf.netns)
-        if backend and self._nf.legacy:
-            backend = "iptables-legacy"  # the adapter fell back to x_tables (no nft NAT here)
+        backend, reason = self._nf.backend()
         self._timeout = connect_timeout
         self._clock = clock
         self._portals: dict[VSKey, _Portal] = {}
@@ -94,7 +127,7 @@ class UserspaceProxier:
         # a peer that never sends (the kernel matches no socket for other senders, so it
         # answers ICMP port unreachable). Bound, so no other process can take the port.
         self._refusers: dict[tuple[bool, str], socket.socket] = {}  # by (is IPv6, protocol)
-        self._reals = 0  # running total: counting every portal made each sync O(services)
+        self._mirror = Mirror()  # each portal's virtual server: owner index, counts
         self._caps = Capabilities(
             mode=MODE,
             available=bool(backend),
@@ -113,7 +146,7 @@ class UserspaceProxier:
     def counts(self) -> Counts:
         return Counts(
             virtual_servers=len(self._portals),
-            real_servers=self._reals,
+            real_servers=self._mirror.real_servers,
             rules=len(self._portals),
         )
 
@@ -152,81 +185,85 @@ class UserspaceProxier:
                 owners = frozenset(v.owner for v in desired.values())
                 err = ModeUnavailableError(f"userspace mode needs iptables: {self._caps.reason}")
                 return SyncResult(MODE, only is None, {}, (err,), owners, 0.0)
-            errors: list[DataplaneError] = []
-            want: dict[VSKey, VirtualServer] = {}
-            for key, vs in desired.items():
-                if only is not None and vs.owner not in only:
-                    continue
-                if vs.protocol == "SCTP":
-                    errors.append(UnsupportedError(
-                        f"{key}: the userspace mode proxies TCP and UDP only;"
-                        " use ipvs or iptables mode for SCTP", owner=vs.owner))
-                    continue
-                want[key] = vs
+            want, errors = _wanted(desired, only)
             if only is None:
                 mine = set(self._portals)
             else:
-                mine = {k for k, p in self._portals.items() if p.balancer.vs.owner in only}
+                mine = self._mirror.keys_of(only)
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
-            for key, vs in want.items():
-                portal = self._portals.get(key)
-                if portal is None:
-                    try:
-                        self._portals[key] = await self._open(vs)
-                        self._reals += len(vs.real_servers)
-                    except OSError as err:
-                        errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
-                        continue
-                    ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
-                elif portal.balancer.vs != vs:
-                    self._reals += len(vs.real_servers) - len(portal.balancer.vs.real_servers)
-                    portal.balancer.update(vs)
-                    ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+            await self._open_or_update(want, ops, errors)
             gone = [self._portals[k] for k in mine - set(want)]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
-            rules = {id(p): self._rule_for(p) for p in kept}
             for v6 in (False, True):
                 fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
                 fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
                 if v6 and not (fam_kept or fam_gone or self._v6_used):
                     continue  # no IPv6 VIP ever: leave ip6tables alone
                 try:
-                    nf = self._netfilter(v6)
-                    if only is None:
-                        await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in fam_kept],
-                                                (present or {}).get(v6))
-                    else:
-                        lines = []
-                        for p in fam_kept:  # new portals, and portals whose target changed
-                            if p.rule != rules[id(p)]:
-                                lines += ["-D" + p.rule[2:]] if p.rule else []
-                                lines.append(rules[id(p)])
-                        lines += ["-D" + p.rule[2:] for p in fam_gone if p.rule]
-                        if lines:
-                            text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
-                            await asyncio.to_thread(nf.restore, text)
-                    for p in fam_kept:
-                        p.rule = rules[id(p)]
-                    self._v6_used = self._v6_used or v6
+                    await self._write_rules(v6, fam_kept, fam_gone, full=only is None,
+                                            present=(present or {}).get(v6))
                 except DataplaneError as err:
                     err.owner = err.owner or next(
                         (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
             for key in mine - set(want):
                 portal = self._portals.pop(key)
-                self._reals -= len(portal.balancer.vs.real_servers)
+                self._mirror.drop(key)
                 await self._close(portal)
                 ops["delete_virtual_server"] = ops.get("delete_virtual_server", 0) + 1
             failed = frozenset(e.owner for e in errors if e.owner)
             return SyncResult(MODE, only is None, ops, tuple(errors), failed,
                               time.monotonic() - start, self.counts())
 
-    def _netfilter(self, v6: bool) -> Netfilter:
+    async def _open_or_update(
+        self, want: Mapping[VSKey, VirtualServer], ops: dict[str, int], errors: list[DataplaneError]
+    ) -> None:
+        """A listener for each new portal; a changed one keeps its listener, gets a new
+        balancer state."""
+        for key, vs in want.items():
+            portal = self._portals.get(key)
+            if portal is None:
+                try:
+                    self._portals[key] = await self._open(vs)
+                    self._mirror.put(key, vs)
+                except OSError as err:
+                    errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                    continue
+                ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
+            elif portal.balancer.vs != vs:
+                portal.balancer.update(vs)
+                self._mirror.put(key, vs)
+                ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+
+    async def _write_rules(
+        self,
+        v6: bool,
+        kept: list[_Portal],
+        gone: list[_Portal],
+        *,
+        full: bool,
+        present: Collection[str] | None,
+    ) -> None:
+        """One family's REDIRECT rules: the whole chain (full) or the rules that changed."""
+        nf = self._netfilter(v6)
+        rules = {id(p): self._rule_for(p) for p in kept}
+        if full:
+            await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in kept], present)
+        else:
+            lines = _changed_lines(kept, gone, rules)
+            if lines:
+                text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+                await asyncio.to_thread(nf.restore, text)
+        for p in kept:
+            p.rule = rules[id(p)]
+        self._v6_used = self._v6_used or v6
+
+    def _netfilter(self, v6: bool) -> NetfilterKernel:
         if not v6:
             return self._nf
         if self._nf6 is None:
-            self._nf6 = Netfilter(ipv6=True, netns=self._nf.netns)
+            self._nf6 = self._nf.family(True)
         return self._nf6
 
     def _rule_for(self, portal: _Portal) -> str:
@@ -253,7 +290,7 @@ class UserspaceProxier:
         return port
 
     @staticmethod
-    def _write_full(nf: Netfilter, body: list[str], present: Collection[str] | None = None) -> None:
+    def _write_full(nf: NetfilterKernel, body: list[str], present: Collection[str] | None = None) -> None:
         nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
         nf.ensure_jumps(JUMPS, present)
 
@@ -263,7 +300,7 @@ class UserspaceProxier:
             for portal in list(self._portals.values()):
                 await self._close(portal)
             self._portals.clear()
-            self._reals = 0
+            self._mirror.clear()
             errors: tuple[DataplaneError, ...] = ()
             if self._caps.available:
                 try:
@@ -279,7 +316,7 @@ class UserspaceProxier:
         for portal in list(self._portals.values()):
             await self._close(portal)
         self._portals.clear()
-        self._reals = 0
+        self._mirror.clear()
         for sock in self._refusers.values():
             sock.close()
         self._refusers.clear()

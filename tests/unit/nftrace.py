@@ -1,0 +1,67 @@
+"""Trace a new connection through the in-memory netfilter's nat rules (tests only).
+
+kube-proxy's iptables tests trace packets through the rules rather than compare rule
+text; this does the same for the fake: from a built-in chain, follow the rules whose
+address, protocol and port match, into our chains, and collect where the connection
+can end up (every branch of a ``statistic`` or ``recent`` match is taken).
+"""
+
+from __future__ import annotations
+
+from svcproxy.dataplane.nffake import FakeNetfilter
+
+
+def _matches(words: list[str], dst: str, port: int, proto: str) -> bool:
+    """Destination, protocol and port; source matches (masquerade marks) are taken as met."""
+    for i, word in enumerate(words[:-1]):
+        value = words[i + 1]
+        ok = True
+        if word == "-d":
+            ok = value.split("/")[0] == dst
+        elif word == "-p":
+            ok = value == proto
+        elif word == "--dport":
+            ok = int(value) == port
+        if not ok:
+            return False
+    return True
+
+
+def trace(nf: FakeNetfilter, dst: str, port: int, proto: str = "tcp", *,
+          table: str = "nat", chain: str = "PREROUTING") -> set[str]:
+    """Where a new connection to ``dst:port`` can go: "IP:PORT" (DNAT),
+    "redirect:PORT", "reject"; empty when no rule of ours takes it."""
+    out, _ = _walk(nf, table, chain, dst=dst, port=port, proto=proto, depth=0)
+    return out
+
+
+def _walk(nf: FakeNetfilter, table: str, chain: str, *, dst: str, port: int, proto: str,
+          depth: int) -> tuple[set[str], bool]:
+    assert depth < 20, "a loop in the rules"
+    found: set[str] = set()
+    for line in nf.rules(table, chain):
+        words = line.split()[2:]
+        if not _matches(words, dst, port, proto):
+            continue
+        maybe = "statistic" in words or "--rcheck" in words
+        target = words[words.index("-j") + 1] if "-j" in words else ""
+        if target == "DNAT":
+            found.add(words[words.index("--to-destination") + 1])
+            done = True
+        elif target == "REDIRECT":
+            found.add(f"redirect:{words[words.index('--to-ports') + 1]}")
+            done = True
+        elif target == "REJECT":
+            found.add("reject")
+            done = True
+        elif target in nf.tables.get(table, {}):
+            sub, done = _walk(nf, table, target, dst=dst, port=port, proto=proto,
+                              depth=depth + 1)
+            found |= sub
+        else:
+            done = target in ("ACCEPT", "DROP", "RETURN")
+            if target == "RETURN":
+                return found, False
+        if done and not maybe:
+            return found, True
+    return found, False
