@@ -1,0 +1,31 @@
+"""``hack/kind.sh down`` leaves the machine as it was before ``up``: no link, network
+namespace, route, netfilter rule, container, volume or Docker network left behind.
+
+Runs last in the kind suite (the name sorts last); where the session found the cluster
+already running it has no "before" to compare with, and makes one: down, record, up, down.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from kindlib import REPO, Kind, machine_state
+
+
+def _kind_sh(*args: str) -> None:
+    subprocess.run(["bash", str(REPO / "hack/kind.sh"), *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def test_down_leaves_the_machine_as_it_was(kind: Kind) -> None:
+    before = kind.before
+    if before is None:
+        _kind_sh("down")
+        before = machine_state()
+        _kind_sh("up")
+    assert machine_state() != before  # the cluster is there: the comparison can fail
+    _kind_sh("down")
+    after = machine_state()
+    for what in before:
+        assert after[what] == before[what], f"{what} differ after kind.sh down"
+    assert not kind.kubeconfig.exists()
