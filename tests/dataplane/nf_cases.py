@@ -1,8 +1,8 @@
 """Conformance cases for the netfilter kernel surface: run against the fake and the real kernel.
 
 Each case takes a fresh, empty :class:`NetfilterKernel` and asserts on what it reads
-back. tests/unit/test_netfilter_conformance.py runs them on ``FakeNetfilter``;
-tests/dataplane/test_netfilter_conformance.py on the real tools, each case in a network
+back. tests/unit/test_netfilter_conformance_fake.py runs them on ``FakeNetfilter``;
+tests/dataplane/test_netfilter_conformance_kernel.py on the real tools, each case in a network
 namespace of its own. If the fake and the kernel disagree, one of the two runs fails.
 """
 

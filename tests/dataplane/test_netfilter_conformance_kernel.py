@@ -1,5 +1,5 @@
 """The netfilter conformance cases (nf_cases.py) against the real tools, as root: each case
-in a fresh network namespace of its own. tests/unit/test_netfilter_conformance.py runs the
+in a fresh network namespace of its own. tests/unit/test_netfilter_conformance_fake.py runs the
 same cases on the in-memory fake."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The netfilter conformance cases (tests/dataplane/nf_cases.py) against the in-memory fake.
 
 The same cases run against the real tools in a network namespace
-(tests/dataplane/test_netfilter_conformance.py).
+(tests/dataplane/test_netfilter_conformance_kernel.py).
 """
 
 from __future__ import annotations
