@@ -430,12 +430,13 @@ def echo_deployment(name: str, replicas: int) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {
-                    "terminationGracePeriodSeconds": 10,
+                    "terminationGracePeriodSeconds": 15,
                     "containers": [{
                         "name": "echo", "image": ECHO, "ports": ports,
                         # Like a well-behaved server (or a preStop sleep): keep serving a
-                        # few seconds after SIGTERM, while proxies take the endpoint out.
-                        "env": [{"name": "SVCPROXY_ECHO_DRAIN_SECONDS", "value": "3"}],
+                        # while after SIGTERM, as long as proxies may take to drop the
+                        # endpoint on a loaded machine (an operator that just restarted).
+                        "env": [{"name": "SVCPROXY_ECHO_DRAIN_SECONDS", "value": "8"}],
                         "readinessProbe": {"httpGet": {"path": "/healthz", "port": 80},
                                            "periodSeconds": 1, "failureThreshold": 1},
                     }],
