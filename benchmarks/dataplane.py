@@ -476,7 +476,7 @@ def run_here(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
 def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """The same measurement inside a user-mode-linux guest (real IPVS); direct in the same guest."""
     sys.path.insert(0, str(SCRIPT.parents[1] / "operator"))
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
     argv = [sys.executable, str(SCRIPT), "--inner", "--modes", ",".join(modes), "--requests",
             str(args.guest_requests), "--persistent-requests", str(args.guest_requests * 2)]

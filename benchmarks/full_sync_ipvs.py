@@ -104,7 +104,7 @@ def inner(sizes: list[int], repeat: int, changes: int, offset: float) -> dict[st
 def bench_full_sync_ipvs(sizes: list[int], repeat: int, changes: int, offset: float,
                          baseline_src: str | None) -> dict[str, Any]:
     """On the host: one guest; the baseline's sources first (if given), then ours."""
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
     mem = "2048M" if max(sizes) >= 5000 else "1024M"
     out: dict[str, Any] = {}

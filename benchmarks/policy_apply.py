@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _lab import harness
 from _lab.harness import POLICY_PATH, BenchLab, Population, say
 from _lab.stats import summary
-from svcproxy.lab.kubeapi import ApiError
+from svcproxy_lab.kubeapi import ApiError
 
 PVS_PATH = f"/apis/svcproxy.io/v1alpha1/namespaces/{harness.NAMESPACE}/proxyvirtualservers"
 

@@ -48,7 +48,7 @@ from _lab.harness import (
 )
 from _lab.stats import histogram_summary, ratio, summary
 from _lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
-from svcproxy.lab.cluster import LabError
+from svcproxy_lab.cluster import LabError
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
 IPVS_SYSTEMS = ("kube-proxy-ipvs", "svcproxy-ipvs")

@@ -433,7 +433,7 @@ def bench_ipvs_inner(sizes: list[int], repeat: int) -> dict[str, Any]:
 
 
 def bench_ipvs(sizes: list[int], repeat: int) -> dict[str, Any]:
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
     mem = "2048M" if max(sizes) >= 5000 else "1024M"
     with tempfile.TemporaryDirectory() as state, booted_guest("bench-ipvs", state, mem=mem) as guest:

@@ -24,9 +24,9 @@ SCRIPT = Path(__file__).with_name("ipvs_guest.py")
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
-        from svcproxy.lab.uml import UmlError, booted_guest, kernel_dir
+        from svcproxy_lab.uml import UmlError, booted_guest, kernel_dir
     except ImportError as err:  # pragma: no cover - the lab package is another engineer's
-        pytest.skip(f"svcproxy.lab.uml is not importable: {err}")
+        pytest.skip(f"svcproxy_lab.uml is not importable: {err}")
     try:
         kernel_dir()
     except UmlError as err:

@@ -1,7 +1,7 @@
 """The echo server the lab kubelet runs for Pods of image ``svcproxy.io/echo``.
 
 Started by ``kubelet.py`` inside the Pod's network namespace as
-``python -m svcproxy.lab.echo --name POD --port 80 ...``. On every port it
+``python -m svcproxy_lab.echo --name POD --port 80 ...``. On every port it
 listens for TCP and UDP. It answers one line, ``<pod-name> <client-ip>:<client-port>``:
 to a UDP datagram, to a TCP connection that sends anything but an HTTP
 request (or nothing for 0.3 s), and as the body of ``HTTP/1.1 200`` to an
