@@ -53,13 +53,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
+from benchmarks._report import emit, log
+from benchmarks._source import module_argv
+from benchmarks.agent_memory import pvs_object
+from svcproxy_lab.stats import summary
 
-from _lab.stats import summary  # noqa: E402
-from _report import emit, log  # noqa: E402
-from agent_memory import pvs_object  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (--sync-pause-ratio, --max-sync-batch): the agent before (a fixed 50 ms window),
 # the adaptive window, and each half of it alone.
@@ -190,7 +189,7 @@ def start_child(n: int, args: argparse.Namespace, rate: float, ratio: float,
                 batch: int) -> tuple[str, subprocess.Popen[str]]:
     ns = f"svcpcold-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--child", str(n),
+    cmd = ["ip", "netns", "exec", ns, *module_argv("benchmarks.agent_cold_start", "--child", str(n)),
            "--reals", str(args.reals), "--rate", str(rate), "--ratio", str(ratio), "--batch", str(batch),
            "--max-pause", str(args.max_pause), "--lone", str(args.lone), "--idle", str(args.idle)]
     return ns, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from sync_scale import main
+from benchmarks.sync_scale import main
 
 if __name__ == "__main__":
     sys.exit(main(describe=lambda: __doc__.splitlines()[0]))

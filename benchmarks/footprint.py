@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import BenchLab, KernelWatchers, Population, say
-from programming_latency import SYSTEMS, Phase
+from benchmarks._lab import harness
+from benchmarks._lab.harness import BenchLab, KernelWatchers, Population, say
+from benchmarks.programming_latency import SYSTEMS, Phase
 
 
 def processes(bench: BenchLab, system: str) -> list[str]:

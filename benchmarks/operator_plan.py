@@ -37,12 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
+from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE
+from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.controller.cache import Cache
 
-from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE  # noqa: E402
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace  # noqa: E402
-from svcproxy.controller.cache import Cache  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 JSON = dict[str, Any]
 NS = "bench"

@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import POLICY_PATH, BenchLab, Population, say
-from _lab.stats import summary
+from benchmarks._lab import harness
+from benchmarks._lab.harness import POLICY_PATH, BenchLab, Population, say
 from svcproxy_lab.kubeapi import ApiError
+from svcproxy_lab.stats import summary
 
 PVS_PATH = f"/apis/svcproxy.io/v1alpha1/namespaces/{harness.NAMESPACE}/proxyvirtualservers"
 

@@ -33,10 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import (
+from benchmarks._lab import harness
+from benchmarks._lab.harness import (
     NAMESPACE,
     POLICY_PATH,
     SVC_PATH,
@@ -46,9 +44,9 @@ from _lab.harness import (
     Seen,
     say,
 )
-from _lab.stats import histogram_summary, ratio, summary
-from _lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
+from benchmarks._lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
 from svcproxy_lab.cluster import LabError
+from svcproxy_lab.stats import histogram_summary, ratio, summary
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
 IPVS_SYSTEMS = ("kube-proxy-ipvs", "svcproxy-ipvs")

@@ -42,27 +42,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _source as source
+from benchmarks._report import log
+from benchmarks._source import module_argv
+from benchmarks._sync import Observer, measure_full_sync, median, program, timed_sync
+
 ROOT = Path(__file__).resolve().parents[1]
+# Before svcproxy is imported: with --src DIR the run re-executes with DIR's svcproxy.
+SOURCES = source.use()
 
-
-def _source() -> str:
-    """The svcproxy sources to measure: ``--src DIR`` (e.g. an older commit's
-    ``operator/`` for a before/after run), else this checkout's."""
-    argv = sys.argv[1:]
-    if "--src" in argv and argv.index("--src") + 1 < len(argv):
-        return str(Path(argv[argv.index("--src") + 1]).resolve())
-    return str(ROOT / "operator")
-
-
-sys.path.insert(0, _source())
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-
-from _report import log  # noqa: E402
-from _sync import Observer, measure_full_sync, median, program, timed_sync  # noqa: E402
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
 from svcproxy.dataplane.proxier import Counts, SyncResult  # noqa: E402
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer  # noqa: E402
+
+
+def _source() -> str:
+    """The svcproxy sources measured (``--src DIR``, else this checkout's ``operator/``)."""
+    return SOURCES
+
 
 REALS = 10
 
@@ -438,7 +436,7 @@ def bench_ipvs(sizes: list[int], repeat: int) -> dict[str, Any]:
     mem = "2048M" if max(sizes) >= 5000 else "1024M"
     with tempfile.TemporaryDirectory() as state, booted_guest("bench-ipvs", state, mem=mem) as guest:
         proc = guest.run(
-            [sys.executable, str(Path(__file__).resolve()), "--inner-ipvs",
+            [*module_argv("benchmarks.sync_scale", "--inner-ipvs"),
              ",".join(map(str, sizes)), "--repeat", str(repeat), "--src", _source()],
             timeout=3600,
         )
@@ -492,7 +490,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
     if args.baseline_src:
         log(f"baseline: {args.baseline_src}")
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--src", args.baseline_src,
+            [*module_argv("benchmarks.sync_scale", "--src", args.baseline_src),
              "--sizes", args.baseline_sizes if args.baseline_sizes is not None else args.sizes,
              "--ipvs-sizes", args.ipvs_sizes, "--repeat", str(args.repeat),
              "--tool-timeout", str(args.tool_timeout), *(["--legacy"] if args.legacy else [])],
@@ -515,7 +513,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
 def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
     modes = args.full_sync_modes.split(",")
     if "ipvs" in modes:
-        from full_sync_ipvs import bench_full_sync_ipvs
+        from benchmarks.full_sync_ipvs import bench_full_sync_ipvs
 
         report["full_sync_ipvs"] = bench_full_sync_ipvs(
             parse_sizes(args.ipvs_sizes), args.full_repeat, args.changes, args.offset, args.baseline_src)
@@ -526,7 +524,7 @@ def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
     if args.baseline_src:
         log(f"baseline: {args.baseline_src}")
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--src", args.baseline_src, "--full-sync",
+            [*module_argv("benchmarks.sync_scale", "--src", args.baseline_src), "--full-sync",
              "--sizes", args.baseline_sizes if args.baseline_sizes is not None else args.sizes, *extra],
             stdout=subprocess.PIPE, text=True, check=False,
         )
