@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dp_topology import Topology, in_ns
 from pyroute2.netns import setns
 
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table, owned_by
+from svcproxy_lab.topology import Topology, in_ns
 
 out: dict[str, Any] = {"errors": []}
 

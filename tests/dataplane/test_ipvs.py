@@ -138,7 +138,6 @@ def test_foreign_service_survives_every_sync_and_cleanup(observed: dict[str, Any
 
 def test_conformance_cases_pass_on_the_real_kernel(observed: dict[str, Any]) -> None:
     """The cases of ipvs_cases.py (also run on the fake by tests/unit)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from ipvs_cases import CASES
 
     assert set(observed["conformance"]) == set(CASES)
