@@ -33,7 +33,7 @@ alone (``pause_only``, ``batch_only``). ``--agents K`` runs K such agents at onc
 lab runs 3 agents on this 2-core machine), each with its own namespace and
 stream. No traffic is sent. Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/agent_cold_start.py [--sizes 1000,10000] [--rates 100,0]
+    .venv/bin/python -m benchmarks.agent_cold_start [--sizes 1000,10000] [--rates 100,0]
         [--agents 1] [--lone 5] [--idle 2] [--output benchmarks/results/agent_cold_start.json]
 """
 
@@ -253,7 +253,7 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     report: dict[str, Any] = {
-        "command": "benchmarks/agent_cold_start.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.agent_cold_start " + " ".join(sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
         "host_kernel": os.uname().release, "agents_at_once": args.agents, "runs": [],
     }

@@ -24,7 +24,7 @@ traffic is sent.
 
 Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/agent_memory.py [--sizes 1000,10000] [--reals 10] [--trace] [--drift]
+    .venv/bin/python -m benchmarks.agent_memory [--sizes 1000,10000] [--reals 10] [--trace] [--drift]
         [--src NEW/operator] [--label TEXT] [--baseline-src OLD/operator] [--baseline-label TEXT]
         [--output benchmarks/results/agent_memory.json]
 """
@@ -226,7 +226,7 @@ def main() -> int:
     report: dict[str, Any] = runs["after"][1]
     if args.baseline_src:
         report = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-                  "command": " ".join(["benchmarks/agent_memory.py", *sys.argv[1:]]),
+                  "command": " ".join(["python -m benchmarks.agent_memory", *sys.argv[1:]]),
                   **{name: part for name, (_, part) in runs.items()}}
     return emit(report, args.output)
 

@@ -16,7 +16,7 @@ never starts or ends in the root netns. Usage (root, from the repo; JSON on
 stdout, progress on stderr; --serve, --client, --program and --inner are
 this file's own helper roles inside the namespaces or the guest):
 
-    .venv/bin/python benchmarks/dataplane.py [--modes ipvs,iptables,userspace] [--png out.png]
+    .venv/bin/python -m benchmarks.dataplane [--modes ipvs,iptables,userspace] [--png out.png]
 """
 
 from __future__ import annotations
@@ -565,7 +565,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "benchmark": "dataplane",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([".venv/bin/python", "benchmarks/dataplane.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "benchmarks.dataplane", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "host_kernel": platform.release()},
         "settings": {k: getattr(args, k) for k in ("rounds", "requests", "persistent_requests",
                                                    "guest_requests", "seconds", "throughput_rounds",

@@ -10,7 +10,7 @@ handover labels), and CPU seconds per minute while idle (periodic resyncs). The 
 figures after churn are in programming_latency's ``processes_after_churn``. Prints JSON on
 stdout, progress on stderr. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/footprint.py --sizes 1000 --idle 60
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.footprint --sizes 1000 --idle 60
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ the allocation's stack (tracing costs memory itself, so its RSS is not
 reported). ``--src`` measures other sources (an older commit's
 ``operator/``: a before figure in the same run). No traffic, no root needed.
 
-    .venv/bin/python benchmarks/operator_memory.py [--sizes 1000,10000] [--endpoints 10]
+    .venv/bin/python -m benchmarks.operator_memory [--sizes 1000,10000] [--endpoints 10]
         [--policies 4] [--variants cache,kopf] [--trace] [--src OLD/operator] [--output FILE]
 """
 

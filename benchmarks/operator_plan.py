@@ -20,7 +20,7 @@ both plans must be equal or the run stops. Medians over ``--repeat`` changes,
 min and max (the machine is shared: the minimum is the least disturbed pass), and
 the ratios memo/none and size/smallest size in the same run. Usage:
 
-    .venv/bin/python benchmarks/operator_plan.py [--sizes 100,1000,5000] [--repeat 15]
+    .venv/bin/python -m benchmarks.operator_plan [--sizes 100,1000,5000] [--repeat 15]
         [--output benchmarks/results/operator_plan.json]
 """
 

@@ -9,7 +9,7 @@ Service at its current contentHash), then deletes it and waits until it is gone 
 removed, programs withdrawn, finalizer released) before the next one. Prints JSON on stdout,
 progress on stderr. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/policy_apply.py --sizes 1,100,1000
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.policy_apply --sizes 1,100,1000
 """
 
 from __future__ import annotations

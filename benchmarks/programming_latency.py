@@ -10,7 +10,7 @@ kernel shows it, read by one ``nft monitor``-fed reader per node (``_lab/kernel_
 then ``--gap`` seconds pass before the next one. Prints JSON on stdout (progress on stderr)
 and can draw ``--png``. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/programming_latency.py \\
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.programming_latency \\
         --sizes 100,1000 --changes 60 --png benchmarks/programming_latency.png
 
 ``--dataplane ipvs`` measures IPVS instead: 3 user-mode-linux nodes (``--ipvs-nodes 3``),

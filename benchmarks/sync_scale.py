@@ -1,7 +1,6 @@
 """sync_scale: the agent's cold sync and one-change cost at 1k vs 10k Services; prints JSON.
 
-Issue #9's ``sync_scale`` (and the agent issue's figures; ``agent_sync.py``
-runs this). For each mode it builds, in the same run and the same kernel,
+Issue #9's ``sync_scale`` (and the agent issue's figures). For each mode it builds, in the same run and the same kernel,
 one node network namespace per table size (1k and 10k Services x 10
 endpoints by default) and in each an :class:`~svcproxy.agent.agent.Agent`
 with the real proxier:
@@ -20,7 +19,7 @@ iptables runs on the host kernel (its ``iptables`` backend, usually nft;
 ``--legacy`` for x_tables); ipvs runs inside a user-mode-linux guest (the
 host kernel has no IPVS). No traffic is sent. Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/sync_scale.py [--sizes 1000,10000] [--ipvs-sizes 1000,10000]
+    .venv/bin/python -m benchmarks.sync_scale [--sizes 1000,10000] [--ipvs-sizes 1000,10000]
         [--repeat 21] [--tool-timeout 180] [--legacy] [--output benchmarks/results/sync_scale.json]
 """
 
@@ -450,8 +449,8 @@ def parse_sizes(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def main(argv: list[str] | None = None, describe: Callable[[], str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(describe or (lambda: __doc__.splitlines()[0]))())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000", help="iptables table sizes ('' to skip)")
     parser.add_argument("--ipvs-sizes", default="1000,10000", help="ipvs table sizes ('' to skip)")
     parser.add_argument("--repeat", type=int, default=21, help="one-change samples per size")
@@ -479,7 +478,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
         print(json.dumps(bench_ipvs_inner(parse_sizes(args.inner_ipvs), args.repeat)))
         return 0
     report: dict[str, Any] = {
-        "command": "benchmarks/sync_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.sync_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "source": _source(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": subprocess.run(["uname", "-r"], capture_output=True, text=True,
