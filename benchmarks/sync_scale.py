@@ -1,9 +1,9 @@
 """sync_scale: the agent's cold sync and one-change cost at 1k vs 10k Services; prints JSON.
 
-Issue #9's ``sync_scale`` (and the agent issue's figures). For each mode it builds, in the same run and the same kernel,
-one node network namespace per table size (1k and 10k Services x 10
-endpoints by default) and in each an :class:`~svcproxy.agent.agent.Agent`
-with the real proxier:
+Issue #9's ``sync_scale`` (and the agent issue's figures). For each mode it
+builds, in the same run and the same kernel, one node network namespace per
+table size (1k and 10k Services x 10 endpoints by default) and in each an
+:class:`~svcproxy.agent.agent.Agent` with the real proxier:
 
 * ``cold_sync_seconds``: the agent's first (full) sync of the whole table,
   against the kernel's own loader reading the same table into a fresh netns
