@@ -1,7 +1,7 @@
 """Runs inside a user-mode-linux guest: programs IPVS with the ipvs proxier, sends traffic, reports.
 
 Started once per test module by tests/dataplane/test_ipvs.py (Python imports
-are slow in a guest). Builds the netns topology of dp_topology.py inside the
+are slow in a guest). Builds the netns topology of svcproxy_lab.topology inside the
 guest, enters the node netns, runs every case and prints one JSON object:
 who answered each client connection, and ``ipvsadm -Ln`` text read back
 independently after each step. The pytest side asserts on it.

@@ -2,7 +2,7 @@
 
 Started by tests/e2e/test_agent_guest.py (not a test module itself: its only
 code runs under ``__main__``). Builds the netns topology of
-tests/dataplane/dp_topology.py in the guest, enters the node netns and runs
+svcproxy_lab.topology in the guest, enters the node netns and runs
 the agent (:class:`svcproxy.agent.agent.Agent` with the proxiers
 ``svcproxy agent`` builds) through: a first full sync of ipvs, iptables and
 userspace programs; a live mode change ipvs -> iptables under steady
