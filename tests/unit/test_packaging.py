@@ -80,3 +80,13 @@ def test_operator_holds_no_lab_code() -> None:
         if f.endswith(".py"):
             text = (ROOT / f).read_text()
             assert "import svcproxy_lab" not in text and "from svcproxy_lab" not in text, f
+
+
+def test_lab_commands_say_how_to_get_the_lab_where_it_is_missing() -> None:
+    # Without site-packages, from operator/ alone: svcproxy is there, the lab is not.
+    for command in ("lab", "demo"):
+        proc = subprocess.run([sys.executable, "-S", "-m", "svcproxy.cli", command, "--help"],
+                              cwd=ROOT / "operator", capture_output=True, text=True, check=False,
+                              timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "development tool" in proc.stderr and "make venv" in proc.stderr
