@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 
 all: test
 
-$(VENV)/.stamp: pyproject.toml
+# The product and the lab (its own distribution, never in the wheel or the images), both editable.
+$(VENV)/.stamp: pyproject.toml lab/pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench]' -e ./lab
 	@touch $@
 
 venv: $(VENV)/.stamp
@@ -24,7 +25,7 @@ host-deps:
 	bash hack/setup.sh
 
 lint: venv
-	$(BIN)/ruff check operator tests benchmarks
+	$(BIN)/ruff check operator lab tests benchmarks
 	$(BIN)/lint-imports
 
 typecheck: venv

@@ -9,8 +9,8 @@ differs is only how each sees what reached the kernel: the iptables-restore inpu
 the IPVS netlink batches, behind an :class:`Observer`. Also home of ``log``,
 ``median`` and ``program``, which the benchmarks in this folder share.
 
-svcproxy is imported inside the functions: the caller has put the sources to measure
-on ``sys.path`` first (``sync_scale`` does so when imported, from ``--src``).
+svcproxy is imported inside the functions, after ``sync_scale`` has picked the sources
+to measure (``--src``, see ``_source.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from _report import log
+from benchmarks._report import log
 
 if TYPE_CHECKING:
     from svcproxy.agent.agent import Agent

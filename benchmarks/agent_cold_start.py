@@ -33,7 +33,7 @@ alone (``pause_only``, ``batch_only``). ``--agents K`` runs K such agents at onc
 lab runs 3 agents on this 2-core machine), each with its own namespace and
 stream. No traffic is sent. Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/agent_cold_start.py [--sizes 1000,10000] [--rates 100,0]
+    .venv/bin/python -m benchmarks.agent_cold_start [--sizes 1000,10000] [--rates 100,0]
         [--agents 1] [--lone 5] [--idle 2] [--output benchmarks/results/agent_cold_start.json]
 """
 
@@ -53,13 +53,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
+from benchmarks._report import emit, log
+from benchmarks._source import module_argv
+from benchmarks.agent_memory import pvs_object
+from svcproxy_lab.stats import summary
 
-from _lab.stats import summary  # noqa: E402
-from _report import emit, log  # noqa: E402
-from agent_memory import pvs_object  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (--sync-pause-ratio, --max-sync-batch): the agent before (a fixed 50 ms window),
 # the adaptive window, and each half of it alone.
@@ -190,7 +189,7 @@ def start_child(n: int, args: argparse.Namespace, rate: float, ratio: float,
                 batch: int) -> tuple[str, subprocess.Popen[str]]:
     ns = f"svcpcold-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--child", str(n),
+    cmd = ["ip", "netns", "exec", ns, *module_argv("benchmarks.agent_cold_start", "--child", str(n)),
            "--reals", str(args.reals), "--rate", str(rate), "--ratio", str(ratio), "--batch", str(batch),
            "--max-pause", str(args.max_pause), "--lone", str(args.lone), "--idle", str(args.idle)]
     return ns, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -254,7 +253,7 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     report: dict[str, Any] = {
-        "command": "benchmarks/agent_cold_start.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.agent_cold_start " + " ".join(sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
         "host_kernel": os.uname().release, "agents_at_once": args.agents, "runs": [],
     }

@@ -24,7 +24,7 @@ traffic is sent.
 
 Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/agent_memory.py [--sizes 1000,10000] [--reals 10] [--trace] [--drift]
+    .venv/bin/python -m benchmarks.agent_memory [--sizes 1000,10000] [--reals 10] [--trace] [--drift]
         [--src NEW/operator] [--label TEXT] [--baseline-src OLD/operator] [--baseline-label TEXT]
         [--output benchmarks/results/agent_memory.json]
 """
@@ -43,7 +43,8 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
-from _report import emit, log, status_mb
+from benchmarks._report import emit, log, status_mb
+from benchmarks._source import module_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = 500
@@ -165,8 +166,8 @@ def child(n: int, reals: int, trace: bool, drift: bool) -> dict[str, Any]:
 def run_child(n: int, reals: int, trace: bool, src: Path, drift: bool = False) -> dict[str, Any]:
     ns = f"svcpmem-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--child", str(n), "--reals", str(reals),
-           *(["--trace"] if trace else []), *(["--drift"] if drift else [])]
+    cmd = ["ip", "netns", "exec", ns, *module_argv("benchmarks.agent_memory", "--child", str(n)),
+           "--reals", str(reals), *(["--trace"] if trace else []), *(["--drift"] if drift else [])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               env=dict(os.environ, PYTHONPATH=str(src)))
@@ -225,7 +226,7 @@ def main() -> int:
     report: dict[str, Any] = runs["after"][1]
     if args.baseline_src:
         report = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-                  "command": " ".join(["benchmarks/agent_memory.py", *sys.argv[1:]]),
+                  "command": " ".join(["python -m benchmarks.agent_memory", *sys.argv[1:]]),
                   **{name: part for name, (_, part) in runs.items()}}
     return emit(report, args.output)
 

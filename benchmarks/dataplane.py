@@ -16,7 +16,7 @@ never starts or ends in the root netns. Usage (root, from the repo; JSON on
 stdout, progress on stderr; --serve, --client, --program and --inner are
 this file's own helper roles inside the namespaces or the guest):
 
-    .venv/bin/python benchmarks/dataplane.py [--modes ipvs,iptables,userspace] [--png out.png]
+    .venv/bin/python -m benchmarks.dataplane [--modes ipvs,iptables,userspace] [--png out.png]
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from benchmarks._source import module_argv
+from svcproxy_lab.stats import nearest_rank
+
 if TYPE_CHECKING:
     from svcproxy.dataplane.proxier import Proxier
 
@@ -62,27 +65,16 @@ REQUEST = b"GET\n"
 # --- pure helpers (unit tested in tests/unit/test_benchmarks_dataplane.py) ----------
 
 
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of unsorted samples; raises on an empty list."""
-    if not samples:
-        raise ValueError("percentile of no samples: every request of the round failed")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is outside 0..100")
-    ordered = sorted(samples)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n*q/100), at least the first sample
-    return ordered[int(rank) - 1]
-
-
 def summarize(rounds: Sequence[Sequence[float]], errors: int = 0) -> dict[str, Any]:
     """p50/p99/mean over all rounds pooled (microseconds), plus each round's p50."""
     pooled = [s for r in rounds for s in r]
     return {
-        "p50_us": round(percentile(pooled, 50), 1),
-        "p99_us": round(percentile(pooled, 99), 1),
+        "p50_us": round(nearest_rank(pooled, 50), 1),
+        "p99_us": round(nearest_rank(pooled, 99), 1),
         "mean_us": round(statistics.fmean(pooled), 1),
         "requests": len(pooled),
         "errors": errors,
-        "round_p50_us": [round(percentile(r, 50), 1) for r in rounds if r],
+        "round_p50_us": [round(nearest_rank(r, 50), 1) for r in rounds if r],
     }
 
 
@@ -352,7 +344,7 @@ class Topology:
 
     def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(role), sys.executable, str(SCRIPT), *args],
+            ["ip", "netns", "exec", self.ns(role), *module_argv("benchmarks.dataplane", *args)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         self.procs.append(proc)
@@ -475,10 +467,9 @@ def run_here(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 def run_in_guest(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """The same measurement inside a user-mode-linux guest (real IPVS); direct in the same guest."""
-    sys.path.insert(0, str(SCRIPT.parents[1] / "operator"))
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
-    argv = [sys.executable, str(SCRIPT), "--inner", "--modes", ",".join(modes), "--requests",
+    argv = [*module_argv("benchmarks.dataplane", "--inner"), "--modes", ",".join(modes), "--requests",
             str(args.guest_requests), "--persistent-requests", str(args.guest_requests * 2)]
     for name in ("rounds", "round_seconds", "seconds", "concurrency", "throughput_rounds"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -574,7 +565,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "benchmark": "dataplane",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([".venv/bin/python", "benchmarks/dataplane.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "benchmarks.dataplane", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "host_kernel": platform.release()},
         "settings": {k: getattr(args, k) for k in ("rounds", "requests", "persistent_requests",
                                                    "guest_requests", "seconds", "throughput_rounds",

@@ -10,7 +10,7 @@ handover labels), and CPU seconds per minute while idle (periodic resyncs). The 
 figures after churn are in programming_latency's ``processes_after_churn``. Prints JSON on
 stdout, progress on stderr. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/footprint.py --sizes 1000 --idle 60
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.footprint --sizes 1000 --idle 60
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import BenchLab, KernelWatchers, Population, say
-from programming_latency import SYSTEMS, Phase
+from benchmarks._lab import harness
+from benchmarks._lab.harness import BenchLab, KernelWatchers, Population, say
+from benchmarks.programming_latency import SYSTEMS, Phase
 
 
 def processes(bench: BenchLab, system: str) -> list[str]:

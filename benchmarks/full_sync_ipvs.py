@@ -21,16 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-# sync_scale puts the sources to measure (--src) first on sys.path when imported: svcproxy
-# from there (_sync imports svcproxy only inside its functions, after that).
-from _report import log
-from _sync import Observer, measure_full_sync
-from sync_scale import (
+# Importing sync_scale picks the sources to measure (--src, re-executing if need be) before
+# svcproxy is imported (_sync imports it only inside its functions).
+from benchmarks._report import log
+from benchmarks._source import module_argv
+from benchmarks._sync import Observer, measure_full_sync
+from benchmarks.sync_scale import (
     Agent,
     ChangeTracker,
     RealServer,
@@ -104,7 +102,7 @@ def inner(sizes: list[int], repeat: int, changes: int, offset: float) -> dict[st
 def bench_full_sync_ipvs(sizes: list[int], repeat: int, changes: int, offset: float,
                          baseline_src: str | None) -> dict[str, Any]:
     """On the host: one guest; the baseline's sources first (if given), then ours."""
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
     mem = "2048M" if max(sizes) >= 5000 else "1024M"
     out: dict[str, Any] = {}
@@ -115,7 +113,7 @@ def bench_full_sync_ipvs(sizes: list[int], repeat: int, changes: int, offset: fl
             if src is None:
                 continue
             log(f"ipvs full_sync: {name} ({src})")
-            proc = guest.run([sys.executable, str(Path(__file__).resolve()), "--inner", *args,
+            proc = guest.run([*module_argv("benchmarks.full_sync_ipvs", "--inner"), *args,
                               "--src", src], timeout=3600)
             out[name] = (json.loads(proc.stdout.decode().strip().splitlines()[-1])
                          if proc.returncode == 0 else {"error": proc.stderr.decode()[-2000:]})

@@ -33,7 +33,7 @@ the allocation's stack (tracing costs memory itself, so its RSS is not
 reported). ``--src`` measures other sources (an older commit's
 ``operator/``: a before figure in the same run). No traffic, no root needed.
 
-    .venv/bin/python benchmarks/operator_memory.py [--sizes 1000,10000] [--endpoints 10]
+    .venv/bin/python -m benchmarks.operator_memory [--sizes 1000,10000] [--endpoints 10]
         [--policies 4] [--variants cache,kopf] [--trace] [--src OLD/operator] [--output FILE]
 """
 
@@ -51,11 +51,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._operator_api import NODES, NS, ApiServer, Writer, wire
+from benchmarks._report import emit, log, status_mb
+from benchmarks._source import module_argv
 
-from _operator_api import NODES, NS, ApiServer, Writer, wire  # noqa: E402
-from _report import emit, log, status_mb  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAGE = 500  # objects fed per batch, as a watch's first list delivers them
 JSON = dict[str, Any]
@@ -301,8 +301,7 @@ def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -
 
 def run_child(size: int, args: argparse.Namespace, variant: str, trace: bool) -> JSON:
     cmd = [
-        sys.executable,
-        __file__,
+        *module_argv("benchmarks.operator_memory"),
         "--child",
         str(size),
         "--endpoints",

@@ -20,7 +20,7 @@ both plans must be equal or the run stops. Medians over ``--repeat`` changes,
 min and max (the machine is shared: the minimum is the least disturbed pass), and
 the ratios memo/none and size/smallest size in the same run. Usage:
 
-    .venv/bin/python benchmarks/operator_plan.py [--sizes 100,1000,5000] [--repeat 15]
+    .venv/bin/python -m benchmarks.operator_plan [--sizes 100,1000,5000] [--repeat 15]
         [--output benchmarks/results/operator_plan.json]
 """
 
@@ -37,12 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
+from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE
+from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.controller.cache import Cache
 
-from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE  # noqa: E402
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace  # noqa: E402
-from svcproxy.controller.cache import Cache  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 JSON = dict[str, Any]
 NS = "bench"

@@ -2,7 +2,7 @@
 
 Called by ``programming_latency.py --png`` and on its own to redraw from saved results:
 
-    .venv/bin/python benchmarks/plot.py benchmarks/results/programming_latency-*.json \\
+    .venv/bin/python -m benchmarks.plot benchmarks/results/programming_latency-*.json \\
         --png benchmarks/programming_latency.png
 
 Each system gets one line for the p50 and a dashed one for the p99 of the

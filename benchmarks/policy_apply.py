@@ -9,7 +9,7 @@ Service at its current contentHash), then deletes it and waits until it is gone 
 removed, programs withdrawn, finalizer released) before the next one. Prints JSON on stdout,
 progress on stderr. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/policy_apply.py --sizes 1,100,1000
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.policy_apply --sizes 1,100,1000
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import POLICY_PATH, BenchLab, Population, say
-from _lab.stats import summary
-from svcproxy.lab.kubeapi import ApiError
+from benchmarks._lab import harness
+from benchmarks._lab.harness import POLICY_PATH, BenchLab, Population, say
+from svcproxy_lab.kubeapi import ApiError
+from svcproxy_lab.stats import summary
 
 PVS_PATH = f"/apis/svcproxy.io/v1alpha1/namespaces/{harness.NAMESPACE}/proxyvirtualservers"
 

@@ -10,7 +10,7 @@ kernel shows it, read by one ``nft monitor``-fed reader per node (``_lab/kernel_
 then ``--gap`` seconds pass before the next one. Prints JSON on stdout (progress on stderr)
 and can draw ``--png``. Run as root, holding the lab turn:
 
-    flock /run/svcproxy-lab-turn.lock .venv/bin/python benchmarks/programming_latency.py \\
+    flock /run/svcproxy-lab-turn.lock .venv/bin/python -m benchmarks.programming_latency \\
         --sizes 100,1000 --changes 60 --png benchmarks/programming_latency.png
 
 ``--dataplane ipvs`` measures IPVS instead: 3 user-mode-linux nodes (``--ipvs-nodes 3``),
@@ -33,10 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lab import harness
-from _lab.harness import (
+from benchmarks._lab import harness
+from benchmarks._lab.harness import (
     NAMESPACE,
     POLICY_PATH,
     SVC_PATH,
@@ -46,9 +44,9 @@ from _lab.harness import (
     Seen,
     say,
 )
-from _lab.stats import histogram_summary, ratio, summary
-from _lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
-from svcproxy.lab.cluster import LabError
+from benchmarks._lab.uml_watch import IpvsWatchers, sample_guest, scrape_guest_histograms
+from svcproxy_lab.cluster import LabError
+from svcproxy_lab.stats import histogram_summary, ratio, summary
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
 IPVS_SYSTEMS = ("kube-proxy-ipvs", "svcproxy-ipvs")

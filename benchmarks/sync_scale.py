@@ -1,10 +1,9 @@
 """sync_scale: the agent's cold sync and one-change cost at 1k vs 10k Services; prints JSON.
 
-Issue #9's ``sync_scale`` (and the agent issue's figures; ``agent_sync.py``
-runs this). For each mode it builds, in the same run and the same kernel,
-one node network namespace per table size (1k and 10k Services x 10
-endpoints by default) and in each an :class:`~svcproxy.agent.agent.Agent`
-with the real proxier:
+Issue #9's ``sync_scale`` (and the agent issue's figures). For each mode it
+builds, in the same run and the same kernel, one node network namespace per
+table size (1k and 10k Services x 10 endpoints by default) and in each an
+:class:`~svcproxy.agent.agent.Agent` with the real proxier:
 
 * ``cold_sync_seconds``: the agent's first (full) sync of the whole table,
   against the kernel's own loader reading the same table into a fresh netns
@@ -20,7 +19,7 @@ iptables runs on the host kernel (its ``iptables`` backend, usually nft;
 ``--legacy`` for x_tables); ipvs runs inside a user-mode-linux guest (the
 host kernel has no IPVS). No traffic is sent. Usage (root, from the repo):
 
-    .venv/bin/python benchmarks/sync_scale.py [--sizes 1000,10000] [--ipvs-sizes 1000,10000]
+    .venv/bin/python -m benchmarks.sync_scale [--sizes 1000,10000] [--ipvs-sizes 1000,10000]
         [--repeat 21] [--tool-timeout 180] [--legacy] [--output benchmarks/results/sync_scale.json]
 """
 
@@ -42,27 +41,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _source as source
+from benchmarks._report import log
+from benchmarks._source import module_argv
+from benchmarks._sync import Observer, measure_full_sync, median, program, timed_sync
+
 ROOT = Path(__file__).resolve().parents[1]
+# Before svcproxy is imported: with --src DIR the run re-executes with DIR's svcproxy.
+SOURCES = source.use()
 
-
-def _source() -> str:
-    """The svcproxy sources to measure: ``--src DIR`` (e.g. an older commit's
-    ``operator/`` for a before/after run), else this checkout's."""
-    argv = sys.argv[1:]
-    if "--src" in argv and argv.index("--src") + 1 < len(argv):
-        return str(Path(argv[argv.index("--src") + 1]).resolve())
-    return str(ROOT / "operator")
-
-
-sys.path.insert(0, _source())
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-
-from _report import log  # noqa: E402
-from _sync import Observer, measure_full_sync, median, program, timed_sync  # noqa: E402
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
 from svcproxy.dataplane.proxier import Counts, SyncResult  # noqa: E402
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer  # noqa: E402
+
+
+def _source() -> str:
+    """The svcproxy sources measured (``--src DIR``, else this checkout's ``operator/``)."""
+    return SOURCES
+
 
 REALS = 10
 
@@ -433,12 +430,12 @@ def bench_ipvs_inner(sizes: list[int], repeat: int) -> dict[str, Any]:
 
 
 def bench_ipvs(sizes: list[int], repeat: int) -> dict[str, Any]:
-    from svcproxy.lab.uml import booted_guest
+    from svcproxy_lab.uml import booted_guest
 
     mem = "2048M" if max(sizes) >= 5000 else "1024M"
     with tempfile.TemporaryDirectory() as state, booted_guest("bench-ipvs", state, mem=mem) as guest:
         proc = guest.run(
-            [sys.executable, str(Path(__file__).resolve()), "--inner-ipvs",
+            [*module_argv("benchmarks.sync_scale", "--inner-ipvs"),
              ",".join(map(str, sizes)), "--repeat", str(repeat), "--src", _source()],
             timeout=3600,
         )
@@ -452,8 +449,8 @@ def parse_sizes(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def main(argv: list[str] | None = None, describe: Callable[[], str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(describe or (lambda: __doc__.splitlines()[0]))())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000", help="iptables table sizes ('' to skip)")
     parser.add_argument("--ipvs-sizes", default="1000,10000", help="ipvs table sizes ('' to skip)")
     parser.add_argument("--repeat", type=int, default=21, help="one-change samples per size")
@@ -481,7 +478,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
         print(json.dumps(bench_ipvs_inner(parse_sizes(args.inner_ipvs), args.repeat)))
         return 0
     report: dict[str, Any] = {
-        "command": "benchmarks/sync_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.sync_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "source": _source(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": subprocess.run(["uname", "-r"], capture_output=True, text=True,
@@ -492,7 +489,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
     if args.baseline_src:
         log(f"baseline: {args.baseline_src}")
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--src", args.baseline_src,
+            [*module_argv("benchmarks.sync_scale", "--src", args.baseline_src),
              "--sizes", args.baseline_sizes if args.baseline_sizes is not None else args.sizes,
              "--ipvs-sizes", args.ipvs_sizes, "--repeat", str(args.repeat),
              "--tool-timeout", str(args.tool_timeout), *(["--legacy"] if args.legacy else [])],
@@ -515,7 +512,7 @@ def main(argv: list[str] | None = None, describe: Callable[[], str] | None = Non
 def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
     modes = args.full_sync_modes.split(",")
     if "ipvs" in modes:
-        from full_sync_ipvs import bench_full_sync_ipvs
+        from benchmarks.full_sync_ipvs import bench_full_sync_ipvs
 
         report["full_sync_ipvs"] = bench_full_sync_ipvs(
             parse_sizes(args.ipvs_sizes), args.full_repeat, args.changes, args.offset, args.baseline_src)
@@ -526,7 +523,7 @@ def _main_full_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
     if args.baseline_src:
         log(f"baseline: {args.baseline_src}")
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--src", args.baseline_src, "--full-sync",
+            [*module_argv("benchmarks.sync_scale", "--src", args.baseline_src), "--full-sync",
              "--sizes", args.baseline_sizes if args.baseline_sizes is not None else args.sizes, *extra],
             stdout=subprocess.PIPE, text=True, check=False,
         )

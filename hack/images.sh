@@ -18,7 +18,7 @@ command -v mmdebstrap >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
 }
 
-toolchain=operator/svcproxy/lab/toolchain/build.sh
+toolchain=lab/svcproxy_lab/toolchain/build.sh
 bin=$(bash "$toolchain" | tail -n 1)
 eval "$(grep -E '^(K8S|ETCD|KIND|COREDNS|PAUSE)_VERSION=' "$toolchain")"
 kind_bin=$(dirname "$bin")/../kind-${KIND_VERSION}_coredns-${COREDNS_VERSION}_pause-${PAUSE_VERSION}_k8s-${K8S_VERSION}/bin
@@ -107,7 +107,7 @@ root_image "$reg/pause:$PAUSE_VERSION" pause
 
 # agnhost, with the porter's test certificate from the k8s.io/kubernetes module.
 agn=$work/agnhost
-porter=$(cd operator/svcproxy/lab/toolchain/kubernetes && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost/porter
+porter=$(cd lab/svcproxy_lab/toolchain/kubernetes && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost/porter
 agn_key=$(hash_of "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" hack/images/agnhost.Dockerfile; key_of svcproxy-base/tools:bookworm)
 if [ "$(key_of "$reg/e2e-test-images/agnhost:2.63.0")" != "$agn_key" ]; then
   mkdir -p "$agn"

@@ -29,7 +29,7 @@ export KIND_EXPERIMENTAL_DOCKER_NETWORK=$network
 
 toolchain() {
   local bin
-  bin=$(bash operator/svcproxy/lab/toolchain/build.sh | tail -n 1)
+  bin=$(bash lab/svcproxy_lab/toolchain/build.sh | tail -n 1)
   kind_dir=$(ls -d "$(dirname "$bin")"/../kind-*/bin | head -n 1)
   export PATH="$bin:$(cd "$kind_dir" && pwd):$PATH"
 }
@@ -91,7 +91,7 @@ up() {
   if ! nodes | grep -q .; then
     log "creating the kind cluster $cluster"
     kind create cluster --name "$cluster" --config "$config" \
-      --image "svcproxy/kind-node:$(grep -E '^K8S_VERSION=' operator/svcproxy/lab/toolchain/build.sh | cut -d= -f2)" \
+      --image "svcproxy/kind-node:$(grep -E '^K8S_VERSION=' lab/svcproxy_lab/toolchain/build.sh | cut -d= -f2)" \
       --kubeconfig "$kubeconfig.kind" >&2 || {
       # kind ends by exporting a kubeconfig through the published API port, which an
       # internal network does not have; the cluster itself is up if its nodes are.

@@ -24,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-bash operator/svcproxy/lab/toolchain/build.sh >/dev/null
-if [ -f operator/svcproxy/lab/toolchain/uml.sh ]; then
-  bash operator/svcproxy/lab/toolchain/uml.sh >/dev/null
+bash lab/svcproxy_lab/toolchain/build.sh >/dev/null
+if [ -f lab/svcproxy_lab/toolchain/uml.sh ]; then
+  bash lab/svcproxy_lab/toolchain/uml.sh >/dev/null
 fi

@@ -3,7 +3,7 @@
 Used by ``programming_latency.py``, ``policy_apply.py`` and ``footprint.py``. ``BenchLab``
 brings a 3-node lab up (network namespaces, or UML guests with ``ipvs_nodes``; without
 svcproxy: kube-proxy and svcproxy are started per phase through
-``svcproxy.lab.cluster.Lab``), writes N selectorless Services with their own EndpointSlices
+``svcproxy_lab.cluster.Lab``), writes N selectorless Services with their own EndpointSlices
 (10 endpoints each, ``endpointslice.kubernetes.io/managed-by`` set to ``bench.svcproxy.io``
 so the EndpointSlice controller leaves them alone and no Pods are needed), runs one
 ``kernel_watch`` reader per netns node (UML nodes: ``uml_watch``) and samples RSS / CPU
@@ -27,9 +27,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from svcproxy.lab.cluster import Lab
-from svcproxy.lab.kubeapi import ApiError, KubeApi
-from svcproxy.lab.node import spawn, terminate
+from svcproxy_lab.cluster import Lab
+from svcproxy_lab.kubeapi import ApiError, KubeApi
+from svcproxy_lab.node import spawn, terminate
 
 NAMESPACE = "bench"
 MEMBER_LABEL = "bench.svcproxy.io/member"

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _lab import harness
-from _lab.harness import BenchLab, KernelWatchers, say
-from _lab.stats import summary
+from benchmarks._lab import harness
+from benchmarks._lab.harness import BenchLab, KernelWatchers, say
+from svcproxy_lab.stats import summary
 
 IPVS_READER = Path(__file__).resolve().parent / "ipvs_watch.py"
 PROCESS = "ipvs-watch"

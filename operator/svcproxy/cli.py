@@ -3,7 +3,8 @@
 Each subcommand lives in its own module, which exposes ``configure(parser)``
 and ``run(args) -> int``. Modules are imported only when their subcommand
 runs, so ``svcproxy lab`` does not pay for kopf and ``svcproxy agent`` does not
-pay for the lab.
+pay for the lab. ``lab`` and ``demo`` live in the separate ``svcproxy_lab``
+distribution (a development tool, not shipped): they work where it is installed.
 """
 
 from __future__ import annotations
@@ -17,13 +18,19 @@ from typing import Protocol, cast
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("svcproxy.api.crdgen", "write the CRD YAML generated from the API models"),
-    "lab": ("svcproxy.lab.cli", "run a local Kubernetes lab: control plane, nodes, pods"),
+    "lab": ("svcproxy_lab.cli", "run a local Kubernetes lab: control plane, nodes, pods (dev)"),
     "operator": ("svcproxy.controller.main", "run the operator (kopf)"),
     "agent": ("svcproxy.agent.main", "run the node agent"),
     "plan": ("svcproxy.controller.plan", "show what a policy would program, without writing"),
     "status": ("svcproxy.controller.statuscmd", "show policies, programs and node reports"),
-    "demo": ("svcproxy.demo", "run the demo on a lab: policies applied, traffic shown"),
+    "demo": ("svcproxy_lab.demo", "run the demo on a lab: policies applied, traffic shown (dev)"),
 }
+# Subcommands from the lab distribution, which a release (wheel, image) does not carry.
+LAB_PACKAGE = "svcproxy_lab"
+LAB_MISSING = (
+    "svcproxy {name}: the lab is a development tool and is not installed here; "
+    "in a checkout of svcproxy run `make venv` (it installs ./lab), then .venv/bin/svcproxy {name}"
+)
 
 
 class Subcommand(Protocol):
@@ -32,8 +39,19 @@ class Subcommand(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
+class LabNotInstalledError(RuntimeError):
+    """A lab subcommand ran where the ``svcproxy_lab`` distribution is absent."""
+
+
 def _load(name: str) -> Subcommand:
-    return cast(Subcommand, importlib.import_module(SUBCOMMANDS[name][0]))
+    module = SUBCOMMANDS[name][0]
+    try:
+        return cast(Subcommand, importlib.import_module(module))
+    except ModuleNotFoundError as exc:
+        # Only the lab's own absence is expected; a missing module inside it is a bug to show.
+        if module.startswith(LAB_PACKAGE + ".") and exc.name == LAB_PACKAGE:
+            raise LabNotInstalledError(LAB_MISSING.format(name=name)) from exc
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     name = argv[0]
-    module = _load(name)
+    try:
+        module = _load(name)
+    except LabNotInstalledError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     sub_parser = argparse.ArgumentParser(prog=f"svcproxy {name}", description=SUBCOMMANDS[name][1])
     module.configure(sub_parser)
     args = sub_parser.parse_args(argv[1:])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from dp_topology import Topology, require_root
+
+from svcproxy_lab.topology import Topology, require_root
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,7 +1,7 @@
 """Runs inside a user-mode-linux guest: programs IPVS with the ipvs proxier, sends traffic, reports.
 
 Started once per test module by tests/dataplane/test_ipvs.py (Python imports
-are slow in a guest). Builds the netns topology of dp_topology.py inside the
+are slow in a guest). Builds the netns topology of svcproxy_lab.topology inside the
 guest, enters the node netns, runs every case and prints one JSON object:
 who answered each client connection, and ``ipvsadm -Ln`` text read back
 independently after each step. The pytest side asserts on it.
@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dp_topology import Topology, in_ns
 from pyroute2.netns import setns
 
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table, owned_by
+from svcproxy_lab.topology import Topology, in_ns
 
 out: dict[str, Any] = {"errors": []}
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from dp_topology import Topology, in_ns
-
 from svcproxy.dataplane.iptables import rules
 from svcproxy.dataplane.iptables.proxier import IptablesProxier
 from svcproxy.dataplane.netfilter import Netfilter
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table, owned_by
+from svcproxy_lab.topology import Topology, in_ns
 
 VIP = "10.96.5.10"
 

@@ -16,13 +16,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from dp_topology import Topology, in_ns
 
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.iptables.proxier import IptablesProxier
 from svcproxy.dataplane.netfilter import Netfilter, SavedTable
 from svcproxy.dataplane.proxier import KernelError
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
+from svcproxy_lab.topology import Topology, in_ns
 
 VIP = "10.96.6.10"
 VIP6 = "fd00:96::6:10"

@@ -24,9 +24,9 @@ SCRIPT = Path(__file__).with_name("ipvs_guest.py")
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
-        from svcproxy.lab.uml import UmlError, booted_guest, kernel_dir
+        from svcproxy_lab.uml import UmlError, booted_guest, kernel_dir
     except ImportError as err:  # pragma: no cover - the lab package is another engineer's
-        pytest.skip(f"svcproxy.lab.uml is not importable: {err}")
+        pytest.skip(f"svcproxy_lab.uml is not importable: {err}")
     try:
         kernel_dir()
     except UmlError as err:
@@ -138,7 +138,6 @@ def test_foreign_service_survives_every_sync_and_cleanup(observed: dict[str, Any
 
 def test_conformance_cases_pass_on_the_real_kernel(observed: dict[str, Any]) -> None:
     """The cases of ipvs_cases.py (also run on the fake by tests/unit)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from ipvs_cases import CASES
 
     assert set(observed["conformance"]) == set(CASES)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dp_topology import Topology, in_ns
+
+from svcproxy_lab.topology import Topology, in_ns
 
 VIP = "10.96.6.10"
 DRIVER = Path(__file__).with_name("us_driver.py")

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import pytest
 from waiting import wait_until
 
-from svcproxy.lab import traffic
-from svcproxy.lab.cluster import Lab as LabCluster
+from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab as LabCluster
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ class Lab:
 
     @property
     def traffic(self) -> ModuleType:
-        """``svcproxy.lab.traffic``: request(), answered_by(), set_ready() (lab only)."""
+        """``svcproxy_lab.traffic``: request(), answered_by(), set_ready() (lab only)."""
         self.require_local()
         return traffic
 
@@ -137,7 +137,7 @@ def svcproxy_cli(*args: str) -> list[str]:
 
 def _kubectl_bin() -> str:
     try:
-        out = subprocess.run(["bash", str(REPO / "operator/svcproxy/lab/toolchain/build.sh")],
+        out = subprocess.run(["bash", str(REPO / "lab/svcproxy_lab/toolchain/build.sh")],
                              capture_output=True, text=True, check=True, timeout=7200).stdout
         return str(Path(out.strip().splitlines()[-1]) / "kubectl")
     except (subprocess.CalledProcessError, OSError):

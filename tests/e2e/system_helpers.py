@@ -33,9 +33,9 @@ from typing import Any, TypeVar
 import pytest
 from waiting import wait_until as wait_for
 
-from svcproxy.lab import network
-from svcproxy.lab.cluster import Lab as LabCluster
-from svcproxy.lab.node import LabNode, read_pid, spawn, terminate
+from svcproxy_lab import network
+from svcproxy_lab.cluster import Lab as LabCluster
+from svcproxy_lab.node import LabNode, read_pid, spawn, terminate
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

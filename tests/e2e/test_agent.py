@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from conftest import REPO, Lab, svcproxy_cli, wait_until
 
-from svcproxy.lab import traffic
-from svcproxy.lab.cluster import Lab as LabCluster
-from svcproxy.lab.node import LabNode
+from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab as LabCluster
+from svcproxy_lab.node import LabNode
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 ECHO = "svcproxy.io/echo"

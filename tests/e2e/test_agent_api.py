@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import REPO, Lab
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_agent_fake import FakeKernel, FakeProxier
-
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.main import AgentProcess, _load_config
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.dataplane.proxier import Capabilities
+from tests.unit.test_agent_fake import FakeKernel, FakeProxier
 
 pytestmark = pytest.mark.lab
 

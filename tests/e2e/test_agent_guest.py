@@ -26,7 +26,7 @@ VIP_RR, VIP_IPT, VIP_US, VIP_FB = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
-        from svcproxy.lab.uml import UmlError, booted_guest, kernel_dir
+        from svcproxy_lab.uml import UmlError, booted_guest, kernel_dir
         kernel_dir()
     except (ImportError, UmlError) as err:
         pytest.skip(f"no user-mode-linux kernel: {err}")

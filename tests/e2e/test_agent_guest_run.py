@@ -2,7 +2,7 @@
 
 Started by tests/e2e/test_agent_guest.py (not a test module itself: its only
 code runs under ``__main__``). Builds the netns topology of
-tests/dataplane/dp_topology.py in the guest, enters the node netns and runs
+svcproxy_lab.topology in the guest, enters the node netns and runs
 the agent (:class:`svcproxy.agent.agent.Agent` with the proxiers
 ``svcproxy agent`` builds) through: a first full sync of ipvs, iptables and
 userspace programs; a live mode change ipvs -> iptables under steady
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
 
 VIP_RR, VIP_IPT, VIP_US, VIP_FB = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
 out: dict[str, Any] = {}
@@ -79,8 +76,9 @@ def use_legacy_iptables() -> None:
 
 
 def main() -> None:
-    from dp_topology import Topology, in_ns
     from pyroute2.netns import setns
+
+    from svcproxy_lab.topology import Topology, in_ns
 
     topo = Topology()
     topo.create(2)
@@ -95,9 +93,8 @@ def main() -> None:
 
 
 async def steps(topo: Any, sets: list[Any]) -> None:
-    from dp_topology import in_ns
-
     from svcproxy.agent.report import build_status
+    from svcproxy_lab.topology import in_ns
 
     if True:
         node = topo.node

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from waiting import wait_until
 
-from svcproxy.lab import traffic
-from svcproxy.lab.cluster import Lab as LabCluster
-from svcproxy.lab.node import LabNode
+from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab as LabCluster
+from svcproxy_lab.node import LabNode
 
 pytestmark = [
     pytest.mark.uml,

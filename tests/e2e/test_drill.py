@@ -32,9 +32,9 @@ from system_helpers import (
     wait_for,
 )
 
-from svcproxy.lab import controlplane
-from svcproxy.lab.node import terminate
-from svcproxy.lab.pki import Pki
+from svcproxy_lab import controlplane
+from svcproxy_lab.node import terminate
+from svcproxy_lab.pki import Pki
 
 pytestmark = [pytest.mark.lab, pytest.mark.uml, pytest.mark.root]
 

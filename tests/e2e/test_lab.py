@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from svcproxy.lab import traffic
+from svcproxy_lab import traffic
 
 if TYPE_CHECKING:
     from conftest import Lab
@@ -219,7 +219,7 @@ def _pod_log(state_dir: Path, node: str, uid: str) -> str:
 
 def test_kubelet_restart_adopts_running_pods(lab: Lab, namespace: str) -> None:
     lab.require_local()
-    from svcproxy.lab.cluster import Lab as LabCluster
+    from svcproxy_lab.cluster import Lab as LabCluster
 
     lab.apply(echo_pod("keep"), namespace)
     before = lab.wait_until("the keep Pod to be Ready",

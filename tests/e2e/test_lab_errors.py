@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from svcproxy.lab.node import pid_alive, read_pid
+from svcproxy_lab.node import pid_alive, read_pid
 
 if TYPE_CHECKING:
     from conftest import Lab

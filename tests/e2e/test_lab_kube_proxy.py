@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from svcproxy.lab import traffic
-from svcproxy.lab.cluster import Lab as LabCluster
+from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab as LabCluster
 
 if TYPE_CHECKING:
     from conftest import Lab

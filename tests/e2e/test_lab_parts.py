@@ -15,10 +15,10 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from svcproxy.lab.echo import Echo
-from svcproxy.lab.kubelet import is_echo, parse_probe
-from svcproxy.lab.pki import Pki
-from svcproxy.lab.podnet import Ipam, PodNetError, netns_name, veth_name
+from svcproxy_lab.echo import Echo
+from svcproxy_lab.kubelet import is_echo, parse_probe
+from svcproxy_lab.pki import Pki
+from svcproxy_lab.podnet import Ipam, PodNetError, netns_name, veth_name
 
 
 def _user_cert(kubeconfig: Path) -> x509.Certificate:

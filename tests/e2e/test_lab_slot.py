@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from svcproxy.lab.cluster import Lab as LabCluster
+from svcproxy_lab.cluster import Lab as LabCluster
 
 if TYPE_CHECKING:
     from conftest import Lab

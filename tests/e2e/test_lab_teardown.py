@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from svcproxy.lab import network
-from svcproxy.lab.node import pid_alive, read_pid
+from svcproxy_lab import network
+from svcproxy_lab.node import pid_alive, read_pid
 
 if TYPE_CHECKING:
     from conftest import Lab

@@ -36,7 +36,7 @@ from system_helpers import (
 )
 
 from svcproxy.api.policy import IPVS_SCHEDULERS
-from svcproxy.lab import traffic
+from svcproxy_lab import traffic
 
 pytestmark = [pytest.mark.lab, pytest.mark.uml, pytest.mark.root]
 

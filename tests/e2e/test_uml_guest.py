@@ -1,4 +1,4 @@
-"""A user-mode-linux guest (svcproxy.lab.uml) on its own, without the lab.
+"""A user-mode-linux guest (svcproxy_lab.uml) on its own, without the lab.
 
 Boots one guest and checks what the rest of the project relies on: the command
 channel (exit status, output, stdin, concurrency, long-lived processes), the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from svcproxy.lab.uml import UmlGuest, booted_guest, kernel_dir, kernel_paths, umid_pids
+from svcproxy_lab.uml import UmlGuest, booted_guest, kernel_dir, kernel_paths, umid_pids
 
 pytestmark = [
     pytest.mark.uml,

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 from waiting import wait_until
 
-from svcproxy.lab import network
-from svcproxy.lab.cluster import Lab as LabCluster
-from svcproxy.lab.node import LabContext
-from svcproxy.lab.uml import UmlNode, kernel_dir, kernel_paths
+from svcproxy_lab import network
+from svcproxy_lab.cluster import Lab as LabCluster
+from svcproxy_lab.node import LabContext
+from svcproxy_lab.uml import UmlNode, kernel_dir, kernel_paths
 
 pytestmark = [
     pytest.mark.uml,

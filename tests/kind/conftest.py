@@ -21,7 +21,7 @@ from kindlib import REPO, Kind, kind_running, machine_state
 
 
 def _toolchain_path() -> str:
-    out = subprocess.run(["bash", str(REPO / "operator/svcproxy/lab/toolchain/build.sh")],
+    out = subprocess.run(["bash", str(REPO / "lab/svcproxy_lab/toolchain/build.sh")],
                          capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]
 

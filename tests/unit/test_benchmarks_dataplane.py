@@ -1,4 +1,4 @@
-"""Pure helpers of benchmarks/dataplane.py: percentiles, ABBA order, ratios, the target verdict.
+"""Pure helpers of benchmarks/dataplane.py: summaries, ABBA order, ratios, the target verdict.
 
 The benchmark itself needs root and namespaces; these are the parts whose
 mistakes would silently skew its figures.
@@ -6,44 +6,7 @@ mistakes would silently skew its figures.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dataplane.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_dataplane", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-dp = _load()
-
-
-def test_percentile_is_nearest_rank() -> None:
-    samples = [float(x) for x in range(100, 0, -1)]  # 1..100, unsorted
-    assert dp.percentile(samples, 50) == 50
-    assert dp.percentile(samples, 99) == 99
-    assert dp.percentile(samples, 100) == 100
-    assert dp.percentile(samples, 0) == 1
-    assert dp.percentile([7.0], 99) == 7
-    assert dp.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2  # ceil(4 * 0.5) = 2nd
-    assert dp.percentile([float(x) for x in range(1, 11)], 95) == 10  # ceil(9.5): rounds up
-
-
-def test_percentile_refuses_nothing_and_out_of_range() -> None:
-    with pytest.raises(ValueError, match="no samples"):
-        dp.percentile([], 50)
-    with pytest.raises(ValueError, match="outside"):
-        dp.percentile([1.0], 101)
+from benchmarks import dataplane as dp
 
 
 def test_summarize_pools_rounds_and_keeps_each_rounds_p50() -> None:

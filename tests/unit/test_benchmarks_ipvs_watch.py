@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import socket
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from _lab import ipvs_watch as w
+from benchmarks._lab import ipvs_watch as w
 
 # Captured in a UML guest after:
 #   ipvsadm -A -t 10.96.16.1:80 -s rr -p 10800

@@ -7,12 +7,7 @@ what a VIP:port DNATs to after each change.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from _lab.kernel_watch import NftMirror
+from benchmarks._lab.kernel_watch import NftMirror
 
 DUMP = """table ip nat { # handle 2
 \tchain KUBE-SERVICES { # handle 1

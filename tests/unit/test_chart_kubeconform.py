@@ -38,7 +38,7 @@ JSON = dict[str, Any]
 
 
 def toolchain_bin() -> Path:
-    out = subprocess.run(["bash", str(ROOT / "operator/svcproxy/lab/toolchain/build.sh")],
+    out = subprocess.run(["bash", str(ROOT / "lab/svcproxy_lab/toolchain/build.sh")],
                          capture_output=True, text=True, timeout=7200, check=False)
     if out.returncode != 0:
         pytest.skip(f"the lab toolchain (helm, kubeconform) is not built: {out.stderr.strip()[-300:]}")

@@ -5,16 +5,10 @@ The same cases run against the real kernel in a UML guest (tests/dataplane/test_
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
-
-from ipvs_cases import CASES, Kit
-
 from svcproxy.dataplane.ipvs.kernel import FakeAddresses, FakeIpvs
+from tests.dataplane.ipvs_cases import CASES, Kit
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -3,18 +3,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
-
-from ipvs_reference import encode_op
 
 from svcproxy.dataplane.diff import Operation, OpKind
 from svcproxy.dataplane.ipvs import nlpack
 from svcproxy.dataplane.table import RealServer, VirtualServer
+from tests.dataplane.ipvs_reference import encode_op
 
 VS = [
     VirtualServer("TCP", "10.96.0.10", 80, "sh", frozenset({"sh-port"}), 10800),

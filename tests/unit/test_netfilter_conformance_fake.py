@@ -6,16 +6,10 @@ The same cases run against the real tools in a network namespace
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
-
-from nf_cases import CASES, cases
-
 from svcproxy.dataplane.nffake import FakeNetfilter
+from tests.dataplane.nf_cases import CASES, cases
 
 
 @pytest.mark.parametrize(("name", "args"), cases(), ids=[f"{n}{a}" if a else n for n, a in cases()])

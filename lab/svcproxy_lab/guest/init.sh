@@ -1,5 +1,5 @@
 #!/bin/sh
-# PID 1 of a svcproxy user-mode-linux guest (started by svcproxy.lab.uml.UmlGuest).
+# PID 1 of a svcproxy user-mode-linux guest (started by svcproxy_lab.uml.UmlGuest).
 # The root file system is the host's, read-only (hostfs). This script mounts
 # the kernel file systems, the UML kernel's modules and the guest's writable
 # state folder (both from the host through hostfs), applies the network

@@ -23,8 +23,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from svcproxy.lab import network
-from svcproxy.lab.node import (
+from svcproxy_lab import network
+from svcproxy_lab.node import (
     BRIDGE_ADDRESS,
     LabContext,
     node_address,
@@ -84,7 +84,7 @@ def _covered_code_paths() -> list[Path]:
     A checkout under /tmp (CI clones one anywhere) holds the guest's init, its command
     server, the agent and the kubelet; the guest mounts these back from the host.
     """
-    wanted = {Path(__file__).resolve().parents[3], Path(sys.prefix).resolve()}
+    wanted = {Path(__file__).resolve().parents[2], Path(sys.prefix).resolve()}
     return sorted(p for p in wanted if any(p.is_relative_to(t) for t in _TMPFS_IN_GUEST))
 
 

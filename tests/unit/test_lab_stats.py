@@ -1,16 +1,20 @@
-"""The statistics helpers of the lab benchmarks (benchmarks/_lab/stats.py): percentiles and summaries."""
+"""The lab's statistics (svcproxy_lab.stats), shared by the benchmarks: percentiles and summaries."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from _lab.stats import histogram_delta, histogram_quantile, histogram_summary, percentile, ratio, summary
+from svcproxy_lab.stats import (
+    histogram_delta,
+    histogram_quantile,
+    histogram_summary,
+    nearest_rank,
+    percentile,
+    ratio,
+    summary,
+)
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
@@ -76,3 +80,21 @@ def test_histogram_summary_sums_nodes_and_keeps_only_the_churn() -> None:
     node_after = {"kind=partial": {0.1: 4.0, math.inf: 6.0}, "+sum kind=partial": {0.0: 4.1}}
     got = histogram_summary([node_before, node_before], [node_after, node_after])
     assert got == {"kind=partial": {"syncs": 8.0, "mean_s": 1.0, "p50_s": 0.1, "p99_s": 0.1}}
+
+
+def test_nearest_rank_is_always_a_sample() -> None:
+    samples = [float(x) for x in range(100, 0, -1)]  # 1..100, unsorted
+    assert nearest_rank(samples, 50) == 50
+    assert nearest_rank(samples, 99) == 99
+    assert nearest_rank(samples, 100) == 100
+    assert nearest_rank(samples, 0) == 1
+    assert nearest_rank([7.0], 99) == 7
+    assert nearest_rank([1.0, 2.0, 3.0, 4.0], 50) == 2  # ceil(4 * 0.5) = 2nd
+    assert nearest_rank([float(x) for x in range(1, 11)], 95) == 10  # ceil(9.5): rounds up
+
+
+def test_nearest_rank_refuses_nothing_and_out_of_range() -> None:
+    with pytest.raises(ValueError, match="no samples"):
+        nearest_rank([], 50)
+    with pytest.raises(ValueError, match="outside"):
+        nearest_rank([1.0], 101)

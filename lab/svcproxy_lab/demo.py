@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from svcproxy.lab import traffic
-from svcproxy.lab.cluster import Lab, LabError, uml_available
+from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab, LabError, uml_available
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "demo"

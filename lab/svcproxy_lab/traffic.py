@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from svcproxy.lab import network
+from svcproxy_lab import network
 
 
 class TrafficError(RuntimeError):
@@ -28,7 +28,7 @@ def _index(node: str | int) -> int:
 def _run_probe(node: str | int, args: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
     """Run ``probe.py ARGS`` in the client namespace behind ``node``."""
     index = _index(node)
-    probe = [sys.executable, "-m", "svcproxy.lab.probe", *args]
+    probe = [sys.executable, "-m", "svcproxy_lab.probe", *args]
     if Path(f"/run/netns/svcp-node-{index}").exists():  # a namespace node on this kernel
         ns = network.ensure_client_netns(index)
         return subprocess.run(network.in_netns(ns, probe), capture_output=True,
@@ -67,7 +67,7 @@ RunClient = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 def _guest_client(index: int) -> RunClient:
     """``run_client`` of node ``index`` of the running lab (named by the owner file)."""
-    from svcproxy.lab.cluster import OWNER_FILE, Lab
+    from svcproxy_lab.cluster import OWNER_FILE, Lab
 
     try:
         lab = Lab(Path(OWNER_FILE.read_text().strip()))

@@ -1,6 +1,7 @@
 """``svcproxy lab``: the command line of the local Kubernetes lab.
 
-Dispatched from ``svcproxy/cli.py``. Subcommands: ``up`` (idempotent; prints
+Dispatched from ``svcproxy/cli.py`` (``svcproxy lab ...``) or run on its own as
+``svcproxy-lab ...`` (:func:`main`). Subcommands: ``up`` (idempotent; prints
 the KUBECONFIG path on its last stdout line), ``down``, ``status``,
 ``exec NODE [--client] -- CMD``, ``client NODE`` and ``kubelet`` (the lab
 kubelet itself, started by ``up`` inside each node). Every subcommand takes
@@ -15,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from svcproxy.lab import network
-from svcproxy.lab.cluster import DEFAULT_STATE, Lab, LabError
-from svcproxy.lab.controlplane import ControlPlaneError
+from svcproxy_lab import network
+from svcproxy_lab.cluster import DEFAULT_STATE, Lab, LabError
+from svcproxy_lab.controlplane import ControlPlaneError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     cl = add("client", "create (if needed) and print the client namespace behind a node")
     cl.add_argument("node", help="node-N or N")
-    from svcproxy.lab import kubelet
+    from svcproxy_lab import kubelet
 
     kubelet.configure(sub.add_parser("kubelet", help="the lab kubelet (started by `lab up`)"))
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.lab_command == "kubelet":
-        from svcproxy.lab import kubelet
+        from svcproxy_lab import kubelet
 
         return kubelet.main(args)
     cmd = _exec_options(args) if args.lab_command == "exec" else []
@@ -154,3 +155,14 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.buffer.write(proc.stderr)
         return proc.returncode
     raise LabError(f"unknown lab command {args.lab_command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``svcproxy-lab`` console script: the same parser as ``svcproxy lab``."""
+    parser = argparse.ArgumentParser(prog="svcproxy-lab", description=__doc__.splitlines()[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

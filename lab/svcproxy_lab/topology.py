@@ -1,4 +1,4 @@
-"""A throw-away network-namespace topology for data-plane tests (host kernel).
+"""The one throw-away network-namespace topology of the data-plane tests (host kernel or guest).
 
 node netns (the proxier programs it), a client netns with no default route
 (10.99.0.2, reaches 10.96.0.0/16 via the node), and backend netns on a
@@ -15,10 +15,9 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ECHO = Path(__file__).with_name("echo.py")
-CLIENT = Path(__file__).with_name("client.py")
+ECHO = "svcproxy_lab.echo"  # --bare: answers its name only
+CLIENT = "svcproxy_lab.burst"
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -81,12 +80,12 @@ class Topology:
     def start_echo(self, i: int, ports: tuple[int, ...] = (8080,)) -> None:
         ns = self.backend_ns(i)
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(ECHO), f"be{i}",
-             *(str(p) for p in ports)],
+            ["ip", "netns", "exec", ns, sys.executable, "-m", ECHO, "--name", f"be{i}", "--bare",
+             "--dual-stack", *(f"--port={p}" for p in ports)],
             stdout=subprocess.PIPE,
         )
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready", f"echo server in {ns} did not start"
+        assert b"serving" in proc.stdout.readline(), f"echo server in {ns} did not start"
         self.procs.append(proc)
 
     def stop_echo(self, i: int) -> None:
@@ -99,7 +98,7 @@ class Topology:
     def ask(self, vip: str, port: int, count: int, *, udp: bool = False,
             source_ports: bool = True) -> list[str]:
         """Names that answered ``count`` fresh connections from the client netns."""
-        out = in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), str(count),
+        out = in_ns(self.client, sys.executable, "-m", CLIENT, vip, str(port), str(count),
                     "udp" if udp else "tcp").stdout
         return out.split()
 
@@ -121,8 +120,8 @@ class Topology:
         return out
 
     def connect_error(self, vip: str, port: int, *, udp: bool = False) -> str:
-        """How one TCP connect (or UDP request) from the client netns ends (see client.py)."""
-        return in_ns(self.client, sys.executable, str(CLIENT), vip, str(port), "1",
+        """How one TCP connect (or UDP request) from the client netns ends (see burst.py)."""
+        return in_ns(self.client, sys.executable, "-m", CLIENT, vip, str(port), "1",
                      "udp-error" if udp else "tcp-error").stdout.strip()
 
     def route_services_nowhere(self) -> None:

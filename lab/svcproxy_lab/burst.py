@@ -1,4 +1,7 @@
-"""Test client, run inside a client netns: N fresh connections, prints who answered each."""
+"""The topology's client, run in its client netns: N fresh connections, prints who answered each.
+
+``python -m svcproxy_lab.burst VIP PORT COUNT tcp|udp|tcp-error|udp-error`` (see topology.py).
+"""
 
 import errno
 import socket

@@ -1,6 +1,6 @@
 """Command server inside a svcproxy user-mode-linux guest (PID 1 after init.sh).
 
-The host (svcproxy.lab.uml.UmlGuest, in any host process) talks to it through
+The host (svcproxy_lab.uml.UmlGuest, in any host process) talks to it through
 a spool folder inside the guest's state folder, which both sides see at the
 same path through hostfs:
 

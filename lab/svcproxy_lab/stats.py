@@ -1,6 +1,8 @@
 """Pure statistics of latency samples: percentiles and the summary every benchmark prints.
 
-Used by every lab benchmark and by ``plot.py``; tested in tests/unit/test_benchmarks_stats.py.
+The one home of these figures for the benchmarks, the demo and the tests: two percentile
+definitions (interpolated, and nearest-rank for the data-path benchmark), summaries, ratios
+and Prometheus-histogram quantiles. Tested in tests/unit/test_lab_stats.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def percentile(samples: Sequence[float], q: float) -> float:
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def nearest_rank(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by nearest rank: the smallest sample with at least
+    ``q`` % of the samples at or below it, always one of the samples measured."""
+    if not samples:
+        raise ValueError("percentile of no samples: every request of the round failed")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n*q/100), at least the first sample
+    return ordered[int(rank) - 1]
 
 
 def summary(samples: Sequence[float], digits: int = 4) -> dict[str, float | int]:

@@ -1,7 +1,8 @@
-"""The echo server the lab kubelet runs for Pods of image ``svcproxy.io/echo``.
+"""The one echo server: the lab kubelet's for Pods of image ``svcproxy.io/echo``, and the
+backends of the data-plane tests' netns topology (``topology.py``).
 
 Started by ``kubelet.py`` inside the Pod's network namespace as
-``python -m svcproxy.lab.echo --name POD --port 80 ...``. On every port it
+``python -m svcproxy_lab.echo --name POD --port 80 ...``. On every port it
 listens for TCP and UDP. It answers one line, ``<pod-name> <client-ip>:<client-port>``:
 to a UDP datagram, to a TCP connection that sends anything but an HTTP
 request (or nothing for 0.3 s), and as the body of ``HTTP/1.1 200`` to an
@@ -10,6 +11,11 @@ HTTP request. HTTP also serves:
 - ``GET /healthz``: 200 when ready, 503 when not (the readiness endpoint);
 - ``POST /admin/ready?value=false`` (or ``true``): make this Pod unready/ready;
 - the Pod is also unready while the file given by ``--unready-file`` exists.
+
+``--bare`` (the topology's backends) answers only ``<name>``, at once on every TCP
+connection and to every UDP datagram, with no HTTP; ``--dual-stack`` also listens on
+IPv6 (``::``, IPv6-only sockets beside the IPv4 ones). The first stdout line, once every
+port is bound, says it is serving.
 
 On SIGTERM it keeps serving for ``--drain-seconds`` (the Pod's env
 ``SVCPROXY_ECHO_DRAIN_SECONDS``, default 0), then exits, so tests can watch a
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 import urllib.parse
 from pathlib import Path
@@ -31,10 +38,11 @@ _HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", 
 
 
 class Echo:
-    def __init__(self, name: str, unready_file: Path | None) -> None:
+    def __init__(self, name: str, unready_file: Path | None, *, bare: bool = False) -> None:
         self.name = name
         self.unready_file = unready_file
         self.admin_ready = True
+        self.bare = bare
 
     @property
     def ready(self) -> bool:
@@ -43,10 +51,18 @@ class Echo:
         return self.admin_ready
 
     def line(self, peer: tuple[str, int]) -> bytes:
+        if self.bare:
+            return f"{self.name}\n".encode()
         return f"{self.name} {peer[0]}:{peer[1]}\n".encode()
 
     async def handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[:2]
+        if self.bare:  # answer at once: the topology's clients send nothing
+            writer.write(self.line(peer))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+            return
         try:
             try:
                 head = await asyncio.wait_for(reader.read(4096), timeout=0.3)
@@ -105,12 +121,19 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    echo = Echo(args.name, Path(args.unready_file) if args.unready_file else None)
+    echo = Echo(args.name, Path(args.unready_file) if args.unready_file else None, bare=args.bare)
     loop = asyncio.get_running_loop()
     servers = []
+    families = [("0.0.0.0", socket.AF_INET)] + ([("::", socket.AF_INET6)] if args.dual_stack else [])
     for port in args.port:
-        servers.append(await asyncio.start_server(echo.handle_tcp, "0.0.0.0", port, backlog=1024))
-        await loop.create_datagram_endpoint(lambda: _Udp(echo), local_addr=("0.0.0.0", port))
+        for host, family in families:  # asyncio binds "::" IPv6-only
+            servers.append(await asyncio.start_server(echo.handle_tcp, host, port, family=family,
+                                                      backlog=1024))
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            udp.bind((host, port))
+            await loop.create_datagram_endpoint(lambda: _Udp(echo), sock=udp)
     print(f"echo {args.name}: serving TCP and UDP on {args.port}", flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -130,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, action="append", required=True)
     parser.add_argument("--unready-file", help="the Pod is unready while this file exists")
     parser.add_argument("--drain-seconds", type=float, default=0.0)
+    parser.add_argument("--bare", action="store_true", help="answer only the name, at once; no HTTP")
+    parser.add_argument("--dual-stack", action="store_true", help="also listen on IPv6")
     args = parser.parse_args(argv)
     asyncio.run(serve(args))
     return 0

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from svcproxy.lab import controlplane, network
-from svcproxy.lab.kubeapi import ApiError, KubeApi
-from svcproxy.lab.node import (
+from svcproxy_lab import controlplane, network
+from svcproxy_lab.kubeapi import ApiError, KubeApi
+from svcproxy_lab.node import (
     LabContext,
     LabNode,
     make_node,
@@ -33,11 +33,11 @@ from svcproxy.lab.node import (
     terminate,
     uml_available,
 )
-from svcproxy.lab.pki import NODE_API, Pki
+from svcproxy_lab.pki import NODE_API, Pki
 
 __all__ = ["DEFAULT_STATE", "Lab", "LabError", "ensure_toolchain", "uml_available"]
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: lab/svcproxy_lab/cluster.py
 BUILD_SCRIPT = Path(__file__).resolve().parent / "toolchain" / "build.sh"
 OWNER_FILE = Path("/run/svcproxy-lab.owner")
 DEFAULT_STATE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svcproxy/labs/default"
@@ -133,7 +133,7 @@ class Lab:
         if ipvs_nodes > nodes:
             raise LabError(f"--ipvs-nodes {ipvs_nodes} is more than --nodes {nodes}")
         if ipvs_nodes and not uml_available():
-            raise LabError("--ipvs-nodes needs user-mode-linux nodes (svcproxy.lab.uml), "
+            raise LabError("--ipvs-nodes needs user-mode-linux nodes (svcproxy_lab.uml), "
                            "which this checkout does not have; use --ipvs-nodes 0")
         self._check_owner(say)
         state = self.load()

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svcproxy.lab import podnet
-from svcproxy.lab.kubeapi import JSON, ApiError, KubeApi
-from svcproxy.lab.node import pid_alive
+from svcproxy_lab import podnet
+from svcproxy_lab.kubeapi import JSON, ApiError, KubeApi
+from svcproxy_lab.node import pid_alive
 
 ECHO_IMAGE = "svcproxy.io/echo"
 K8S_VERSION = "v1.36.3"
@@ -259,7 +259,7 @@ class Kubelet:
             for env in c.get("env") or []:
                 if env.get("name") == "SVCPROXY_ECHO_DRAIN_SECONDS":
                     drain = str(env.get("value", "0"))
-        argv = [*podnet.enter(rt.record["netns"]), sys.executable, "-m", "svcproxy.lab.echo",
+        argv = [*podnet.enter(rt.record["netns"]), sys.executable, "-m", "svcproxy_lab.echo",
                 "--name", pod["metadata"]["name"], "--drain-seconds", drain,
                 "--unready-file", str(self.pods_dir / f"{rt.record['uid']}.unready")]
         for port in ports or [80, 8080]:  # no containerPorts: what `kubectl expose` expects

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from svcproxy.lab.kubeapi import KubeApi
-from svcproxy.lab.network import SERVICE_CIDR
-from svcproxy.lab.node import BRIDGE_ADDRESS, LabContext, pid_alive, read_pid, spawn, terminate
-from svcproxy.lab.pki import Pki
+from svcproxy_lab.kubeapi import KubeApi
+from svcproxy_lab.network import SERVICE_CIDR
+from svcproxy_lab.node import BRIDGE_ADDRESS, LabContext, pid_alive, read_pid, spawn, terminate
+from svcproxy_lab.pki import Pki
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # component -> the TCP ports it listens on, checked before it starts.

@@ -2,7 +2,7 @@
 # Unpacks Debian's user-mode-linux kernel (linux.uml, with IPVS and every
 # scheduler as modules) into a cache folder keyed by the package version,
 # without installing it system-wide. Called by hack/setup.sh; the lab's UML
-# guests (operator/svcproxy/lab/uml.py) read the folder it prints.
+# guests (lab/svcproxy_lab/uml.py) read the folder it prints.
 # Usage: uml.sh [CACHE_ROOT]   (default: ${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy)
 # Quick when the version is already unpacked. Prints the folder on its last line:
 #   <folder>/usr/bin/linux.uml, <folder>/usr/lib/uml/modules/<kernel version>/

@@ -3,7 +3,7 @@
 A lab node is where a lab kubelet and an agent run. ``cluster.py`` creates
 nodes through :func:`make_node`, starts processes in them and destroys them.
 Two kinds exist: ``netns`` (:class:`NetnsNode`, a network namespace on the
-host kernel, which has no IPVS) and ``uml`` (``svcproxy.lab.uml.UmlNode``, a
+host kernel, which has no IPVS) and ``uml`` (``svcproxy_lab.uml.UmlNode``, a
 user-mode-linux guest with a real IPVS kernel, written against this protocol).
 Everything else in the lab sees nodes only through :class:`LabNode`.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from svcproxy.lab import network
+from svcproxy_lab import network
 
 # The fixed lab address plan (see docs/lab.md).
 BRIDGE_ADDRESS = "172.29.0.1"
@@ -235,17 +235,17 @@ class NetnsNode:
 def make_node(kind: str, index: int, ctx: LabContext) -> LabNode:
     """Build node ``index`` of ``kind`` ("netns" or "uml").
 
-    A ``uml`` node comes from ``svcproxy.lab.uml.UmlNode(index, ctx)``, which has the
+    A ``uml`` node comes from ``svcproxy_lab.uml.UmlNode(index, ctx)``, which has the
     same constructor shape as :class:`NetnsNode`.
     """
     if kind == "netns":
         return NetnsNode(index, ctx)
     if kind == "uml":
         try:
-            uml = importlib.import_module("svcproxy.lab.uml")
+            uml = importlib.import_module("svcproxy_lab.uml")
         except ImportError as exc:
             raise RuntimeError(
-                "user-mode-linux nodes need svcproxy.lab.uml, which is not available; "
+                "user-mode-linux nodes need svcproxy_lab.uml, which is not available; "
                 "run without --ipvs-nodes"
             ) from exc
         node: LabNode = uml.UmlNode(index, ctx)
@@ -255,7 +255,7 @@ def make_node(kind: str, index: int, ctx: LabContext) -> LabNode:
 
 def uml_available() -> bool:
     try:
-        importlib.import_module("svcproxy.lab.uml")
+        importlib.import_module("svcproxy_lab.uml")
     except ImportError:
         return False
     return True

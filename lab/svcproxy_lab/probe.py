@@ -2,7 +2,7 @@
 
 Run by ``traffic.py`` inside a client network namespace (never in the root
 namespace: network safety rule) as
-``python -m svcproxy.lab.probe [--proto tcp|udp|http] [--path /] IP PORT``.
+``python -m svcproxy_lab.probe [--proto tcp|udp|http] [--path /] IP PORT``.
 Exit status 0 with the answer on stdout, 1 with the error on stderr; with
 ``--count N`` it sends N requests and prints one JSON line (see :func:`burst`).
 """
