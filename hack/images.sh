@@ -29,19 +29,27 @@ trap 'rm -rf "$work"' EXIT
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 key_of() { docker image inspect -f '{{index .Config.Labels "io.svcproxy.key"}}' "$1" 2>/dev/null || true; }
 
-# build_image TAG KEY ARGS...: docker build with the key as a label, unless TAG has it.
+# stale TAG KEY: true when TAG is missing or was built from other inputs than KEY says.
+stale() { [ "$(key_of "$1")" != "$2" ]; }
+
+# build_image TAG KEY ARGS...: docker build with the key as a label. The classic builder's
+# deprecation notice is noise here; the build's own errors are shown when it fails.
 build_image() {
   local tag=$1 key=$2; shift 2
-  if [ "$(key_of "$tag")" = "$key" ]; then return 0; fi
   log "building $tag"
-  docker build -q --force-rm --label "io.svcproxy.key=$key" -t "$tag" "$@" >/dev/null
+  if ! docker build -q --force-rm --label "io.svcproxy.key=$key" -t "$tag" "$@" \
+      >/dev/null 2>"$work/build.err"; then
+    grep -v -e 'DEPRECATED: The legacy builder' -e 'BuildKit is currently disabled' \
+      -e 'Install the buildx component' -e 'https://docs.docker.com/go/buildx' "$work/build.err" >&2
+    return 1
+  fi
 }
 
 # base NAME PACKAGES: a bookworm rootfs by mmdebstrap, from this machine's apt sources.
 base() {
   local tag="svcproxy-base/$1:bookworm" pkgs=$2 key
   key=$(echo "bookworm $pkgs" | sha256sum | cut -c1-16)
-  if [ "$(key_of "$tag")" = "$key" ]; then return 0; fi
+  stale "$tag" "$key" || return 0
   log "making the $1 base with mmdebstrap ($pkgs)"
   local sources=()
   for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
@@ -60,7 +68,7 @@ base node systemd,systemd-sysv,dbus,containerd,runc,containernetworking-plugins,
 src_key=$( (git ls-files -co --exclude-standard -- Dockerfile pyproject.toml README.md operator \
   | LC_ALL=C sort | xargs sha256sum; key_of svcproxy-base/python:bookworm) | sha256sum | cut -c1-12)
 tag=dev-$src_key
-if [ "$(key_of "svcproxy-operator:$tag")" != "$src_key" ] || [ "$(key_of "svcproxy-agent:$tag")" != "$src_key" ]; then
+if stale "svcproxy-operator:$tag" "$src_key" || stale "svcproxy-agent:$tag" "$src_key"; then
   # Wheels are made here, where pip is set up for this machine's index; the image build
   # then installs them with no network.
   ctx=$work/svcproxy
@@ -81,7 +89,7 @@ fi
 binary_image() {
   local tag=$1 base=$2 binary=$3 dir=$work/$3 key
   key=$(hash_of "$4/$binary" hack/images/binary.Dockerfile; key_of "$base")
-  [ "$(key_of "$tag")" = "$key" ] && return 0
+  stale "$tag" "$key" || return 0
   mkdir -p "$dir" && cp "$4/$binary" hack/images/binary.Dockerfile "$dir/"
   build_image "$tag" "$key" -f "$dir/binary.Dockerfile" --build-arg "BASE=$base" \
     --build-arg "BINARY=$binary" "$dir"
@@ -97,7 +105,7 @@ binary_image "$reg/etcd:${ETCD_VERSION#v}-0" scratch etcd "$bin"
 root_image() {
   local tag=$1 binary=$2 dir=$work/root-$2 key
   key=$(hash_of "$kind_bin/$binary")
-  [ "$(key_of "$tag")" = "$key" ] && return 0
+  stale "$tag" "$key" || return 0
   mkdir -p "$dir" && cp "$kind_bin/$binary" "$dir/"
   printf 'FROM scratch\nCOPY %s /%s\nENTRYPOINT ["/%s"]\n' "$binary" "$binary" "$binary" > "$dir/Dockerfile"
   build_image "$tag" "$key" "$dir"
@@ -109,7 +117,7 @@ root_image "$reg/pause:$PAUSE_VERSION" pause
 agn=$work/agnhost
 porter=$(cd lab/svcproxy_lab/toolchain/kubernetes && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost/porter
 agn_key=$(hash_of "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" hack/images/agnhost.Dockerfile; key_of svcproxy-base/tools:bookworm)
-if [ "$(key_of "$reg/e2e-test-images/agnhost:2.63.0")" != "$agn_key" ]; then
+if stale "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key"; then
   mkdir -p "$agn"
   cp "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" "$porter/localhost.key" "$agn/"
   build_image "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key" -f hack/images/agnhost.Dockerfile \
@@ -124,7 +132,7 @@ node_key=$( (for i in "${node_images[@]}" svcproxy-base/node:bookworm; do key_of
   find hack/images/node -type f | LC_ALL=C sort | xargs sha256sum
   sha256sum "$kind_bin/kubelet" "$kind_bin/kubeadm" "$bin/kubectl") | sha256sum | cut -c1-16)
 node_tag=svcproxy/kind-node:$K8S_VERSION
-if [ "$(key_of "$node_tag")" != "$node_key" ]; then
+if stale "$node_tag" "$node_key"; then
   ctx=$work/node
   mkdir -p "$ctx/bin" "$ctx/images"
   cp -r hack/images/node/files hack/images/node/Dockerfile "$ctx/"
@@ -133,4 +141,10 @@ if [ "$(key_of "$node_tag")" != "$node_key" ]; then
   build_image "$node_tag" "$node_key" --build-arg BASE=svcproxy-base/node:bookworm \
     --build-arg "K8S_VERSION=$K8S_VERSION" "$ctx"
 fi
+# What a rebuild left: untagged images of ours and svcproxy tags of earlier sources.
+docker image prune -f --filter "label=io.svcproxy.key" >/dev/null
+for repo_ in svcproxy-operator svcproxy-agent; do
+  docker image ls --format '{{.Repository}}:{{.Tag}}' "$repo_" | grep -vx "$repo_:$tag" \
+    | xargs -r docker image rm >/dev/null || true
+done
 echo "$tag"

@@ -35,13 +35,15 @@ toolchain() {
 }
 
 nodes() { kind get nodes --name "$cluster"; }
+node_ip() { docker inspect -f "{{(index .NetworkSettings.Networks \"$network\").IPAddress}}" "$1"; }
+kube() { kubectl --kubeconfig "$kubeconfig" "$@"; }
 
 # CNI: every node gets a ptp config for its Pod CIDR and a route to every other node's.
 # ptp routes all Pod traffic through the node, so netfilter sees every packet (hairpin too).
 write_cni() {
   local node cidr ip other ocidr oip
   for node in $(nodes); do
-    cidr=$(kubectl --kubeconfig "$kubeconfig" get node "$node" -o jsonpath='{.spec.podCIDR}')
+    cidr=$(kube get node "$node" -o jsonpath='{.spec.podCIDR}')
     [ -n "$cidr" ] || { echo "kind.sh: node $node has no podCIDR yet" >&2; return 1; }
     docker exec -i "$node" sh -c 'cat > /etc/cni/net.d/10-svcproxy.conflist.tmp && mv /etc/cni/net.d/10-svcproxy.conflist.tmp /etc/cni/net.d/10-svcproxy.conflist' <<JSON
 {
@@ -60,8 +62,8 @@ JSON
     docker exec "$node" ip route replace "$service_cidr" dev eth0
     for other in $(nodes); do
       [ "$other" = "$node" ] && continue
-      ocidr=$(kubectl --kubeconfig "$kubeconfig" get node "$other" -o jsonpath='{.spec.podCIDR}')
-      oip=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$network\").IPAddress}}" "$other")
+      ocidr=$(kube get node "$other" -o jsonpath='{.spec.podCIDR}')
+      oip=$(node_ip "$other")
       docker exec "$node" ip route replace "$ocidr" via "$oip"
     done
   done
@@ -100,23 +102,22 @@ up() {
     }
   fi
   # The published API port does not reach an internal network: talk to the node's address.
-  local cp ip
-  cp=$cluster-control-plane
-  ip=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$network\").IPAddress}}" "$cp")
+  local ip
+  ip=$(node_ip "$cluster-control-plane")
   kind get kubeconfig --internal --name "$cluster" | sed "s#server: https://.*#server: https://$ip:6443#" > "$kubeconfig"
   write_cni
   # CoreDNS answers for the cluster only: names outside it are not forwarded (nothing may
   # leave this machine, and the node's resolver, docker's 127.0.0.11, is CoreDNS's own
   # loopback inside its Pod: the loop plugin would stop it).
-  if kubectl --kubeconfig "$kubeconfig" -n kube-system get cm coredns -o jsonpath='{.data.Corefile}' | grep -q 'forward \.'; then
-    kubectl --kubeconfig "$kubeconfig" -n kube-system get cm coredns -o yaml \
+  if kube -n kube-system get cm coredns -o jsonpath='{.data.Corefile}' | grep -q 'forward \.'; then
+    kube -n kube-system get cm coredns -o yaml \
       | sed -e '/forward \. \/etc\/resolv.conf/,/}/d' -e '/^ *loop$/d' \
-      | kubectl --kubeconfig "$kubeconfig" replace -f - >&2
-    kubectl --kubeconfig "$kubeconfig" -n kube-system rollout restart deploy/coredns >&2
+      | kube replace -f - >&2
+    kube -n kube-system rollout restart deploy/coredns >&2
   fi
   log "waiting for the nodes and CoreDNS"
-  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Ready node --all --timeout=180s >&2
-  kubectl --kubeconfig "$kubeconfig" -n kube-system rollout status deploy/coredns --timeout=180s >&2
+  kube wait --for=condition=Ready node --all --timeout=180s >&2
+  kube -n kube-system rollout status deploy/coredns --timeout=180s >&2
   log "loading images"
   kind load docker-image --name "$cluster" "svcproxy-operator:$tag" "svcproxy-agent:$tag" \
     registry.k8s.io/e2e-test-images/agnhost:2.63.0 >&2
@@ -125,6 +126,9 @@ up() {
     --namespace "$chart_ns" --create-namespace --wait --timeout 5m \
     --set operator.image.repository=svcproxy-operator --set agent.image.repository=svcproxy-agent \
     --set image.tag="$tag" --set image.pullPolicy=Never >&2
+  # helm --wait counts a DaemonSet ready with maxUnavailable Pods missing: wait for all.
+  kube -n "$chart_ns" rollout status ds/"$release"-agent --timeout=180s >&2
+  kube -n "$chart_ns" rollout status deploy/"$release"-operator --timeout=180s >&2
   echo "$kubeconfig"
 }
 
