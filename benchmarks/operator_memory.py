@@ -21,20 +21,17 @@ Reported per size: RSS (``VmRSS`` after ``gc.collect()``) after import, after
 the objects are fed, after the passes, after the resync, and the peak
 (``VmHWM``).
 
-Two variants per size: ``cache`` calls :func:`svcproxy.controller.handlers.observe`
-directly (the operator's own cache and planner); ``kopf`` delivers every
-event through kopf's own ``process_resource_event`` with the operator's
-registered handlers and settings, so kopf's per-object bookkeeping (its
-``ResourceMemory`` per object uid, kept until the object is deleted) is
-counted too. With ``--trace`` the largest size runs once more under
-:mod:`tracemalloc` (kopf variant) and lists what stays alive grouped by
+Events go to :func:`svcproxy.controller.handlers.observe` directly (the
+operator's own cache and planner); kopf's per-object bookkeeping is not
+counted, as reaching it needs kopf's private modules. With ``--trace`` the
+largest size runs once more under :mod:`tracemalloc` and lists what stays alive grouped by
 file:line of the allocating frame, and by the first svcproxy/kopf frame on
 the allocation's stack (tracing costs memory itself, so its RSS is not
 reported). ``--src`` measures other sources (an older commit's
 ``operator/``: a before figure in the same run). No traffic, no root needed.
 
     .venv/bin/python -m benchmarks.operator_memory [--sizes 1000,10000] [--endpoints 10]
-        [--policies 4] [--variants cache,kopf] [--trace] [--src OLD/operator] [--output FILE]
+        [--policies 4] [--trace] [--src OLD/operator] [--output FILE]
 """
 
 from __future__ import annotations
@@ -62,92 +59,19 @@ JSON = dict[str, Any]
 
 
 class Feed:
-    """Delivers watch events: to ``observe`` directly, or through kopf's processing."""
+    """Delivers watch events to the operator's own handler path, ``observe``."""
 
-    def __init__(self, variant: str, cache: Any, reconciler: Any) -> None:
+    def __init__(self, cache: Any, reconciler: Any) -> None:
         from svcproxy.controller import handlers
 
-        self.variant = variant
         self.cache, self.reconciler = cache, reconciler
         self.observe = handlers.observe
-        if variant != "kopf":
-            return
-        import kopf
-        from kopf._cogs.structs import references
-        from kopf._core.actions import lifecycles
-        from kopf._core.engines import indexing
-        from kopf._core.intents import registries
-        from kopf._core.reactor import inventory
-
-        self.settings = kopf.OperatorSettings()
-        handlers.configure_settings(self.settings, argparse.Namespace(workers=0, watch_server_timeout=60))
-        self.memories = inventory.ResourceMemories()
-        from svcproxy.controller import main
-
-        memo_type = getattr(main, "OperatorMemo", kopf.Memo)  # the operator's own memo class
-        self.memobase = memo_type(options=argparse.Namespace(), cache=cache, reconciler=reconciler)
-        self.registry = registries.get_default_registry()
-        self.indexers = indexing.OperatorIndexers()
-        self.lifecycle = lifecycles.get_default_lifecycle()
-        self.event_queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def res(group: str, version: str, plural: str, kind: str, namespaced: bool = True) -> Any:
-            return references.Resource(
-                group=group,
-                version=version,
-                plural=plural,
-                kind=kind,
-                namespaced=namespaced,
-                preferred=True,
-                verbs=frozenset({"list", "watch", "patch"}),
-            )
-
-        self.resources = {
-            "policy": res("svcproxy.io", "v1alpha1", "serviceproxypolicies", "ServiceProxyPolicy"),
-            "service": res("", "v1", "services", "Service"),
-            "slice": res("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
-            "program": res("svcproxy.io", "v1alpha1", "proxyvirtualservers", "ProxyVirtualServer"),
-            "node": res("svcproxy.io", "v1alpha1", "proxynodes", "ProxyNode", namespaced=False),
-            "k8snode": res("", "v1", "nodes", "Node", namespaced=False),
-        }
-
-    def prepare_policy(self, body: JSON) -> JSON:
-        """A policy as the API server serves it once the operator has seen it: kopf's finalizer and
-        its last-handled-configuration annotation (the on.delete handler makes kopf keep both)."""
-        if self.variant != "kopf":
-            return body
-        from kopf._cogs.structs import bodies
-
-        essence = self.settings.persistence.diffbase_storage.build(body=bodies.Body(body))
-        annotations = body["metadata"].setdefault("annotations", {})
-        annotations["svcproxy.io/last-handled-configuration"] = json.dumps(essence, separators=(",", ":"))
-        return body
 
     async def __call__(self, kind: str, body: JSON, type_: str = "ADDED") -> None:
-        body = wire(self.prepare_policy(body) if kind == "policy" else body)
-        if self.variant != "kopf":
-            self.observe(self.cache, self.reconciler, kind, {"type": type_, "object": body})
-            return
-        from kopf._core.reactor import processing
-
-        await processing.process_resource_event(
-            lifecycle=self.lifecycle,
-            indexers=self.indexers,
-            registry=self.registry,
-            settings=self.settings,
-            memories=self.memories,
-            memobase=self.memobase,
-            resource=self.resources[kind],
-            raw_event={"type": type_, "object": body},
-            event_queue=self.event_queue,
-            no_throttling=True,
-        )
-
-    def kopf_memories(self) -> int:
-        return len(self.memories._items) if self.variant == "kopf" else 0
+        self.observe(self.cache, self.reconciler, kind, {"type": type_, "object": wire(body)})
 
 
-async def _scenario(size: int, endpoints: int, policies: int, variant: str, out: JSON) -> None:
+async def _scenario(size: int, endpoints: int, policies: int, out: JSON) -> None:
     from svcproxy.controller.cache import Cache
     from svcproxy.controller.reconciler import Reconciler
 
@@ -155,7 +79,7 @@ async def _scenario(size: int, endpoints: int, policies: int, variant: str, out:
     writer = Writer(api)
     cache = Cache()
     rec = Reconciler(cache, writer, handover_delay=3.0, clock=lambda: 1000.0)
-    feed = Feed(variant, cache, rec)
+    feed = Feed(cache, rec)
     started = time.monotonic()
     cache.nodes_listed = True
     for k in range(len(NODES)):
@@ -213,7 +137,6 @@ async def _scenario(size: int, endpoints: int, policies: int, variant: str, out:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     out["rss_after_resync_malloc_trim_mb"] = status_mb("VmRSS")
     out["held"] = {kind: sum(len(v) for v in cache.objects[kind].values()) for kind in cache.objects}
-    out["kopf_memories"] = feed.kopf_memories()
     out["keep"] = (cache, rec, feed)  # alive until measured
 
 
@@ -249,7 +172,7 @@ def _site(frame: Any) -> str:
     return f"{name}:{frame.lineno}"
 
 
-def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -> JSON:
+def child(size: int, endpoints: int, policies: int, trace: bool) -> JSON:
     import svcproxy.controller.handlers  # noqa: F401  (registers the handlers with kopf, as main does)
 
     gc.collect()
@@ -257,14 +180,13 @@ def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -
         "services": size,
         "endpoints_each": endpoints,
         "policies": policies,
-        "variant": variant,
         "rss_after_import_mb": status_mb("VmRSS"),
     }
     if trace:  # after the imports: what they allocate is in rss_after_import_mb, and tracing
         import tracemalloc  # them costs a minute
 
         tracemalloc.start(8)
-    asyncio.run(_scenario(size, endpoints, policies, variant, out))
+    asyncio.run(_scenario(size, endpoints, policies, out))
     keep = out.pop("keep")
     gc.collect()
     out["rss_end_mb"] = status_mb("VmRSS")
@@ -299,7 +221,7 @@ def child(size: int, endpoints: int, policies: int, variant: str, trace: bool) -
     return out
 
 
-def run_child(size: int, args: argparse.Namespace, variant: str, trace: bool) -> JSON:
+def run_child(size: int, args: argparse.Namespace, trace: bool) -> JSON:
     cmd = [
         *module_argv("benchmarks.operator_memory"),
         "--child",
@@ -308,8 +230,6 @@ def run_child(size: int, args: argparse.Namespace, variant: str, trace: bool) ->
         str(args.endpoints),
         "--policies",
         str(args.policies),
-        "--variants",
-        variant,
         *(["--trace"] if trace else []),
     ]
     proc = subprocess.run(
@@ -320,7 +240,7 @@ def run_child(size: int, args: argparse.Namespace, variant: str, trace: bool) ->
         env=dict(os.environ, PYTHONPATH=str(args.src.resolve())),
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"child {size} {variant} failed: {proc.stderr[-3000:]}")
+        raise RuntimeError(f"child {size} failed: {proc.stderr[-3000:]}")
     result: JSON = json.loads(proc.stdout)
     return result
 
@@ -330,8 +250,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--policies", type=int, default=4)
-    parser.add_argument("--variants", default="cache,kopf")
-    parser.add_argument("--trace", action="store_true", help="tracemalloc at the largest size (kopf variant)")
+    parser.add_argument("--trace", action="store_true", help="tracemalloc at the largest size")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--src",
@@ -342,7 +261,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.endpoints, args.policies, args.variants, args.trace)))
+        print(json.dumps(child(args.child, args.endpoints, args.policies, args.trace)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     commit = subprocess.run(
@@ -359,14 +278,12 @@ def main() -> int:
         "runs": [],
     }
     for size in sizes:
-        for variant in args.variants.split(","):
-            log(f"{size} Services x {args.endpoints} endpoints, {variant}")
-            report["runs"].append(run_child(size, args, variant, False))
-            log(json.dumps(report["runs"][-1]))
+        log(f"{size} Services x {args.endpoints} endpoints")
+        report["runs"].append(run_child(size, args, False))
+        log(json.dumps(report["runs"][-1]))
     if args.trace:
-        variant = args.variants.split(",")[-1]
-        log(f"{max(sizes)} Services under tracemalloc ({variant})")
-        report["trace"] = run_child(max(sizes), args, variant, True)
+        log(f"{max(sizes)} Services under tracemalloc")
+        report["trace"] = run_child(max(sizes), args, True)
     return emit(report, args.output)
 
 
