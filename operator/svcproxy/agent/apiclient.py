@@ -32,6 +32,8 @@ from typing import Any
 
 import aiohttp
 
+from svcproxy.base import IPFamily
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -244,9 +246,8 @@ def load_incluster(
         sslctx = _ssl_context(account_dir / "ca.crt", None, False, None, None)
     except (OSError, ssl.SSLError) as err:
         raise ConfigError(f"cannot load the service account CA {account_dir / 'ca.crt'}: {err}") from err
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    return ClusterConfig(server=f"https://{host}:{port}", ssl_context=sslctx, token_file=token)
+    server = f"https://{IPFamily.bracketed(host)}:{port}"
+    return ClusterConfig(server=server, ssl_context=sslctx, token_file=token)
 
 
 async def _error_of(resp: aiohttp.ClientResponse) -> ApiError:

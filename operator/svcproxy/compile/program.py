@@ -29,6 +29,7 @@ from svcproxy.api.program import (
     RealServer,
     VirtualServer,
 )
+from svcproxy.base import IPFamily
 
 JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -89,7 +90,7 @@ def _ipv4_packed(address: str) -> bytes | None:
 
 def address_key(address: str) -> tuple[int, bytes, str]:
     """Numeric order of IP addresses (IPv4 before IPv6), the agents' canonical order."""
-    if ":" not in address:  # an IPv6 address always has a colon, IPv4 and names never
+    if IPFamily.of(address) is IPFamily.V4:
         packed = _ipv4_packed(address)
         return (4, packed, "") if packed is not None else (9, b"", address)
     try:
@@ -280,16 +281,12 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
 
 def summarize(virtual_servers: list[VirtualServer]) -> ProgramSummary:
     """Short texts for `kubectl get pvs`: VIP:port/proto list and ready/all endpoints."""
-    vips = ",".join(f"{_bracket(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
+    vips = ",".join(f"{IPFamily.bracketed(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
     every = {rs.address for vs in virtual_servers for rs in vs.real_servers}
     ready = {rs.address for vs in virtual_servers for rs in vs.real_servers if rs.ready}
     if len(vips) > 200:
         vips = vips[:197] + "..."
     return ProgramSummary(vips=vips, endpoints=f"{len(ready)}/{len(every)}")
-
-
-def _bracket(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def _virtual_servers(

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.base import IPFamily
 from svcproxy.compile.namespace import NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
@@ -42,7 +43,7 @@ def format_program(namespace: str, spec: ProxyVirtualServerSpec) -> str:
         "  -> RemoteAddress:Port           Forward Weight  State",
     ]
     for vs in spec.virtual_servers:
-        host = f"[{vs.address}]" if ":" in vs.address else vs.address
+        host = IPFamily.bracketed(vs.address)
         sched = vs.scheduler or "random (iptables)"
         flags = f" ({','.join(vs.scheduler_flags)})" if vs.scheduler_flags else ""
         persist = f" persistent {vs.persistence_timeout_seconds}" if vs.persistence_timeout_seconds else ""
@@ -50,7 +51,7 @@ def format_program(namespace: str, spec: ProxyVirtualServerSpec) -> str:
         if not vs.real_servers:
             lines.append("  (no endpoints: connections are refused)")
         for rs in vs.real_servers:
-            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
+            rhost = IPFamily.bracketed(rs.address)
             state = "ready" if rs.ready else "draining" if rs.terminating else "not-ready"
             lines.append(f"  -> {f'{rhost}:{rs.port}':<28} {'Masq':<7} {rs.weight:<7} {state}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
+from svcproxy.base import IPFamily
 from svcproxy.dataplane.nfkernel import Jump
 from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
 
@@ -76,11 +77,11 @@ def endpoint_chain(key: VSKey, real: RealServer) -> str:
 
 
 def _host(address: str) -> str:
-    return f"{address}/128" if ":" in address else f"{address}/32"
+    return f"{address}/{IPFamily.of(address).host_prefix}"
 
 
 def _dest(real: RealServer) -> str:
-    return f"[{real.address}]:{real.port}" if ":" in real.address else f"{real.address}:{real.port}"
+    return f"{IPFamily.bracketed(real.address)}:{real.port}"
 
 
 def base_rules() -> list[str]:
@@ -112,7 +113,7 @@ def reject_rule(vs: VirtualServer) -> str | None:
     if any(r.weight > 0 for r in vs.real_servers):
         return None
     proto = vs.protocol.lower()
-    icmp = "icmp6-port-unreachable" if ":" in vs.address else "icmp-port-unreachable"
+    icmp = "icmp6-port-unreachable" if IPFamily.is_v6(vs.address) else "icmp-port-unreachable"
     return (
         f"-A {NO_ENDPOINTS} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
         f" -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
@@ -130,8 +131,8 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     proto = vs.protocol.lower()
     match = f"-d {_host(vs.address)} -p {proto} -m {proto} --dport {vs.port}"
     rules: list[str] = []
-    v6 = ":" in vs.address
-    cidrs = [c for c in cluster_cidrs if (":" in c) == v6]
+    v6 = IPFamily.is_v6(vs.address)
+    cidrs = [c for c in cluster_cidrs if IPFamily.is_v6(c) == v6]
     if masquerade_all or not cidrs:
         rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
     else:

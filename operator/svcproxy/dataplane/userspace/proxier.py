@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from svcproxy.base import IPFamily
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
@@ -57,7 +58,7 @@ def _no_ready_backend(vs: VirtualServer) -> bool:
 
 
 def _v6(vs: VirtualServer) -> bool:
-    return ":" in vs.address
+    return IPFamily.is_v6(vs.address)
 
 
 def _rule(vs: VirtualServer, port: int) -> str:
