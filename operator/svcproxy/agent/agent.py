@@ -36,6 +36,7 @@ from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, Plan, Step, pla
 from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.base import Mode
 from svcproxy.dataplane.proxier import (
     Action,
     Capabilities,
@@ -72,17 +73,17 @@ class _Run:
 
     plan: Plan
     outcome: SyncOutcome
-    failed_in: dict[str, set[str]] = field(default_factory=dict)
+    failed_in: dict[Mode, set[str]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     inflight: InFlight | None = None
 
-    def record(self, mode: str, failed: set[str], result: SyncResult) -> None:
+    def record(self, mode: Mode, failed: set[str], result: SyncResult) -> None:
         self.outcome.results.append(result)
         self.failed_in[mode] = self.failed_in.get(mode, set()) | failed
         self.failed |= failed
 
 
-def _node_trouble(mode: str, action: Action) -> bool:
+def _node_trouble(mode: Mode, action: Action) -> bool:
     """Kernel failures and a fallback mode that cannot run are the node's problem."""
     return action is Action.RETRY or (action is Action.FALLBACK and mode == FALLBACK_MODE)
 
@@ -90,7 +91,7 @@ def _node_trouble(mode: str, action: Action) -> bool:
 class Agent:
     def __init__(
         self,
-        proxiers: Mapping[str, Proxier],
+        proxiers: Mapping[Mode, Proxier],
         *,
         node_name: str,
         tracker: ChangeTracker | None = None,
@@ -99,7 +100,7 @@ class Agent:
         wall: Callable[[], float] = time.time,
         agent_version: str = "",
         kernel_release: str = "",
-        unavailable: Mapping[str, Capabilities] | None = None,
+        unavailable: Mapping[Mode, Capabilities] | None = None,
     ) -> None:
         self.proxiers = dict(proxiers)
         self.node_name = node_name
@@ -109,7 +110,7 @@ class Agent:
         self.metrics = metrics or Metrics()
         self.agent_version = agent_version
         self.kernel_release = kernel_release
-        caps: dict[str, Capabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
+        caps: dict[Mode, Capabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
         # Modes that could not be built or are not usable here: routed around, reported.
         for mode, mode_caps in (unavailable or {}).items():
             caps.setdefault(mode, mode_caps)
@@ -160,7 +161,7 @@ class Agent:
         return self.holdings.placement
 
     @property
-    def key_owner(self) -> dict[str, dict[VSKey, str]]:
+    def key_owner(self) -> dict[Mode, dict[VSKey, str]]:
         """mode -> key -> the owner that claims it."""
         return self.holdings.key_owner
 
@@ -258,7 +259,7 @@ class Agent:
         self._settle(run, synced, overtaken)
         return self._finish(run, started)
 
-    async def _make(self, run: _Run, mode: str) -> None:
+    async def _make(self, run: _Run, mode: Mode) -> None:
         step = run.plan.make(mode)
         if step is None:
             return

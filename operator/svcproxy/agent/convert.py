@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from svcproxy.api.program import ProxyVirtualServer
 from svcproxy.api.program import RealServer as ApiRealServer
 from svcproxy.api.program import VirtualServer as ApiVirtualServer
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import RealServer, VirtualServer
 
 
@@ -31,7 +32,7 @@ class Program:
 
     owner: str
     content_hash: str
-    by_mode: Mapping[str, tuple[VirtualServer, ...]] = field(default_factory=dict)
+    by_mode: Mapping[Mode, tuple[VirtualServer, ...]] = field(default_factory=dict)
     error: str = ""
 
     @property
@@ -78,7 +79,7 @@ def virtual_server(vs: ApiVirtualServer, owner: str) -> VirtualServer:
 def to_program(pvs: ProxyVirtualServer) -> Program:
     """The agent's form of one ProxyVirtualServer (never raises for bad content)."""
     owner = owner_of(pvs.metadata.namespace, pvs.metadata.name)
-    by_mode: dict[str, list[VirtualServer]] = {}
+    by_mode: dict[Mode, list[VirtualServer]] = {}
     seen: set[tuple[str, str, int]] = set()
     try:
         for api_vs in pvs.spec.virtual_servers:

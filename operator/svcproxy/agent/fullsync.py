@@ -20,6 +20,7 @@ from typing import Any
 
 from svcproxy.agent.plan import Holdings, Placement, Plan
 from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.base import Mode
 
 
 @dataclass
@@ -29,8 +30,8 @@ class InFlight:
     syncs took over from it."""
 
     plan: Plan
-    failed_in: dict[str, set[str]]  # mode -> owners (shared with the executor)
-    done: set[str] = field(default_factory=set)
+    failed_in: dict[Mode, set[str]]  # mode -> owners (shared with the executor)
+    done: set[Mode] = field(default_factory=set)
     overtaken: set[str] = field(default_factory=set)
 
     def held(self, owner: str) -> Placement:

@@ -36,8 +36,9 @@ from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.agent.watch import PvsWatch, _describe
+from svcproxy.base import MODES, Mode
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
-from svcproxy.dataplane.proxier import MODES, Capabilities, Proxier
+from svcproxy.dataplane.proxier import Capabilities, Proxier
 
 log = logging.getLogger("svcproxy.agent")
 
@@ -105,10 +106,10 @@ def version() -> str:
 
 def build_proxiers(
     cfg: DataplaneConfig, modes: list[str]
-) -> tuple[dict[str, Proxier], dict[str, Capabilities]]:
+) -> tuple[dict[Mode, Proxier], dict[Mode, Capabilities]]:
     """Every mode's proxier that can run here, and the capabilities of those that cannot."""
-    usable: dict[str, Proxier] = {}
-    unusable: dict[str, Capabilities] = {}
+    usable: dict[Mode, Proxier] = {}
+    unusable: dict[Mode, Capabilities] = {}
     for mode in MODES:
         if mode not in modes:
             unusable[mode] = Capabilities(mode, False, f"{mode} mode is turned off on this agent (--modes)")
@@ -223,7 +224,7 @@ async def _load_config(kubeconfig: str | None) -> ApiClient:
     return ApiClient(load_kubeconfig(Path(kubeconfig)) if kubeconfig else load_incluster())
 
 
-def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Capabilities]] | None:
+def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, Capabilities]] | None:
     """Build the proxiers before the event loop starts (pyroute2's synchronous sockets
     refuse to be made inside a running loop); None when --modes is wrong."""
     cfg = DataplaneConfig(
@@ -239,7 +240,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Cap
 
 
 async def amain(
-    args: argparse.Namespace, usable: dict[str, Proxier], unusable: dict[str, Capabilities]
+    args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, Capabilities]
 ) -> int:
     metrics = Metrics()
     agent = Agent(

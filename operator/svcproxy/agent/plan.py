@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import VirtualServer, VSKey
 
-MODE_ORDER = ("iptables", "userspace", "ipvs")
+MODE_ORDER: tuple[Mode, ...] = ("iptables", "userspace", "ipvs")
 
-Placement = dict[str, dict[VSKey, VirtualServer]]
+Placement = dict[Mode, dict[VSKey, VirtualServer]]
 """Effective mode -> that mode's virtual servers of one owner."""
 
-Moving = dict[str, dict[str, dict[VSKey, VirtualServer]]]
+Moving = dict[Mode, dict[str, dict[VSKey, VirtualServer]]]
 """Old mode -> owner -> the keys leaving that mode for another one."""
 
 
@@ -33,7 +34,7 @@ class Holdings:
     plan, holdings follow the results). Pure data; cheap per owner."""
 
     placement: dict[str, Placement] = field(default_factory=dict)
-    key_owner: dict[str, dict[VSKey, str]] = field(default_factory=dict)
+    key_owner: dict[Mode, dict[VSKey, str]] = field(default_factory=dict)
 
     def held(self, owner: str) -> Placement:
         return self.placement.get(owner, {})
@@ -58,7 +59,7 @@ class Holdings:
             for key in servers:
                 index[key] = owner
 
-    def apply(self, claims: Mapping[str, Mapping[VSKey, str | None]]) -> None:
+    def apply(self, claims: Mapping[Mode, Mapping[VSKey, str | None]]) -> None:
         """Apply a plan's claim changes (``None``: released)."""
         for mode, changes in claims.items():
             index = self.key_owner.setdefault(mode, {})
@@ -74,7 +75,7 @@ class Step:
     """One proxier call: ``desired`` for ``mode``; ``only`` is None for a full sync.
     ``owners``: whose outcome the result decides."""
 
-    mode: str
+    mode: Mode
     desired: dict[VSKey, VirtualServer]
     only: frozenset[str] | None
     owners: frozenset[str]
@@ -86,15 +87,15 @@ class Plan:
     owners: frozenset[str]
     old: Mapping[str, Placement]  # what each mode held of each owner before
     new: Mapping[str, Placement]  # what each mode should hold after
-    moving: Mapping[str, Mapping[str, dict[VSKey, VirtualServer]]]
-    modes: tuple[str, ...]  # phase 1 order
-    proxier_modes: frozenset[str]
-    claims: Mapping[str, Mapping[VSKey, str | None]]  # key_owner changes
+    moving: Mapping[Mode, Mapping[str, dict[VSKey, VirtualServer]]]
+    modes: tuple[Mode, ...]  # phase 1 order
+    proxier_modes: frozenset[Mode]
+    claims: Mapping[Mode, Mapping[VSKey, str | None]]  # key_owner changes
     conflicts: Mapping[str, str]  # owner -> why a key was refused
     conflicted: frozenset[str]  # every owner refused a key, after this sync
     unblock: frozenset[str]  # owners refused earlier that a released key may now let in
 
-    def make(self, mode: str) -> Step | None:
+    def make(self, mode: Mode) -> Step | None:
         """Phase 1 for ``mode``: the new placement, plus keys moving out of it (they stay
         until their new mode holds them)."""
         desired: dict[VSKey, VirtualServer] = {}
@@ -123,7 +124,7 @@ class Plan:
                 steps.append(Step(mode, desired, ready, ready))
         return steps
 
-    def held(self, owner: str, ok_modes: Container[str], withdrawn: bool) -> Placement:
+    def held(self, owner: str, ok_modes: Container[Mode], withdrawn: bool) -> Placement:
         """What the modes hold of ``owner``: the new placement where its sync went
         through (``ok_modes``; plus keys still moving out unless ``withdrawn``), the
         old one elsewhere (unknown: the next full sync re-reads)."""
@@ -157,7 +158,7 @@ class Plan:
         return replace(self, new=new, old=old, moving=moving)
 
 
-def _mode_rank(mode: str) -> int:
+def _mode_rank(mode: Mode) -> int:
     return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
 
 
@@ -169,7 +170,7 @@ def plan_sync(
     holdings: Holdings,
     live: Container[str],
     conflicted: frozenset[str],
-    proxier_modes: Collection[str],
+    proxier_modes: Collection[Mode],
 ) -> Plan:
     """Plan one sync of ``owners``. ``routed``: each owner's desired placement (absent:
     withdraw it); ``live``: owners that have a program (only they hold keys against
@@ -197,9 +198,9 @@ def plan_sync(
 
 def _released(
     owners: frozenset[str], old: Mapping[str, Placement], holdings: Holdings
-) -> dict[str, dict[VSKey, str | None]]:
+) -> dict[Mode, dict[VSKey, str | None]]:
     """Claim changes that drop each owner's claims on what it held."""
-    claims: dict[str, dict[VSKey, str | None]] = {}
+    claims: dict[Mode, dict[VSKey, str | None]] = {}
     for owner in owners:
         for mode, servers in old[owner].items():
             index = holdings.key_owner.get(mode, {})
@@ -213,7 +214,7 @@ def _claim(
     owners: list[str],
     routed: Mapping[str, Placement],
     holdings: Holdings,
-    claims: dict[str, dict[VSKey, str | None]],
+    claims: dict[Mode, dict[VSKey, str | None]],
     live: Container[str],
 ) -> tuple[dict[str, Placement], dict[str, str]]:
     """Each owner's placement minus keys a live other owner claims (in ``owners``

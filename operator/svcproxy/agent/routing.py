@@ -17,32 +17,33 @@ from dataclasses import dataclass
 
 from svcproxy.agent.convert import Program
 from svcproxy.agent.plan import Placement
+from svcproxy.base import Mode
 from svcproxy.dataplane.proxier import Capabilities
 from svcproxy.dataplane.table import VirtualServer
 
-FALLBACK_MODE = "iptables"
+FALLBACK_MODE: Mode = "iptables"
 
 
 @dataclass(frozen=True)
 class Route:
-    requested: str
-    effective: str
+    requested: Mode
+    effective: Mode
     reason: str = ""
 
 
 class Router:
     """Decides the effective mode of each virtual server from detected capabilities."""
 
-    def __init__(self, capabilities: Mapping[str, Capabilities]) -> None:
+    def __init__(self, capabilities: Mapping[Mode, Capabilities]) -> None:
         self.capabilities = dict(capabilities)
         # owner -> reason: the ipvs proxier refused it at runtime (e.g. a scheduler failed to load).
         self.forced: dict[str, str] = {}
 
-    def available(self, mode: str) -> bool:
+    def available(self, mode: Mode) -> bool:
         caps = self.capabilities.get(mode)
         return caps is not None and caps.available
 
-    def route(self, mode: str, vs: VirtualServer) -> Route:
+    def route(self, mode: Mode, vs: VirtualServer) -> Route:
         if mode == FALLBACK_MODE:
             return Route(mode, mode)
         caps = self.capabilities.get(mode)

@@ -22,7 +22,6 @@ from svcproxy.api.policy import (
     IPVS_SCHEDULERS,
     USERSPACE_SCHEDULERS,
     WEIGHTED_SCHEDULERS,
-    Mode,
     Scheduler,
     SchedulerFlag,
     ServiceProxyPolicy,
@@ -30,6 +29,7 @@ from svcproxy.api.policy import (
     ServiceProxyPolicyStatus,
 )
 from svcproxy.api.program import ProxyVirtualServer, ProxyVirtualServerSpec, RealServer, VirtualServer
+from svcproxy.base import Mode
 
 __all__ = [
     "API_VERSION",

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, Condition, ObjectMeta
+from svcproxy.base import Mode
 
 
 class Capabilities(ApiModel):
@@ -37,9 +38,9 @@ class ModeInEffect(ApiModel):
 
     model_config = LENIENT
 
-    requested: Literal["ipvs", "iptables", "userspace"]
+    requested: Mode
     """Mode asked for by ProxyVirtualServers."""
-    effective: Literal["ipvs", "iptables", "userspace"]
+    effective: Mode
     """Mode the node runs it in."""
     reason: str = ""
     """Why they differ (e.g. IPVS is not available in this kernel)."""

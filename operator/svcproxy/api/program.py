@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints
 
 from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, ObjectMeta
-from svcproxy.api.policy import Mode, Scheduler, SchedulerFlag
+from svcproxy.api.policy import Scheduler, SchedulerFlag
+from svcproxy.base import Mode
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.base import Mode
 from svcproxy.compile.program import NotProxied, compile_program
 
 JSON = dict[str, Any]
@@ -66,7 +67,7 @@ class Program:
     be written (or shown: ``Plan.compiled``)."""
 
     content_hash: str
-    mode: str
+    mode: Mode
     policy: str
     packed: bytes  # spec_text() of the spec's wire form, zlib-compressed (~5x smaller)
 

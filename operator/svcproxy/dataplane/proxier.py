@@ -38,9 +38,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import Table
-
-MODES = ("ipvs", "iptables", "userspace")
 
 
 class Action(enum.Enum):
@@ -100,7 +99,7 @@ class UnsupportedError(DataplaneError):
 class Capabilities:
     """What a mode can do on this node (reported in ProxyNode status)."""
 
-    mode: str
+    mode: Mode
     available: bool
     reason: str = ""  # why not, and what to do, when not available
     schedulers: frozenset[str] = frozenset()  # usable schedulers (ipvs, userspace)
@@ -122,7 +121,7 @@ class Counts:
 class SyncResult:
     """Outcome of one sync or cleanup."""
 
-    mode: str
+    mode: Mode
     full: bool
     operations: Mapping[str, int]  # OpKind.value -> count applied
     errors: tuple[DataplaneError, ...] = ()
@@ -144,7 +143,7 @@ class Proxier(Protocol):
     """One proxy mode. All methods run in the agent's event loop."""
 
     @property
-    def mode(self) -> str: ...
+    def mode(self) -> Mode: ...
 
     def capabilities(self) -> Capabilities:
         """Detected once at construction; cheap to call."""
@@ -216,14 +215,14 @@ class BlockingProxier(abc.ABC):
     ``_caps`` and implement ``sync_blocking`` and ``cleanup_blocking``.
     """
 
-    MODE: ClassVar[str]
+    MODE: ClassVar[Mode]
     _caps: Capabilities
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.MODE
 
     def capabilities(self) -> Capabilities:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from svcproxy.base import IPFamily
+from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
@@ -41,7 +41,7 @@ from svcproxy.dataplane.proxier import (
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
-MODE = "iptables"
+MODE: Mode = "iptables"
 # Services per iptables-nft-restore input in a full sync (see IptablesProxier._full).
 NFT_BATCH = 200
 

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from svcproxy.base import Mode
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.mirror import Mirror
@@ -41,7 +42,7 @@ from svcproxy.dataplane.proxier import (
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
-MODE = "ipvs"
+MODE: Mode = "ipvs"
 
 
 @dataclass(frozen=True)

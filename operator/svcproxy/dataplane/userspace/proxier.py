@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from svcproxy.base import IPFamily
+from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
@@ -35,7 +35,7 @@ from svcproxy.dataplane.proxier import (
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend, Balancer
 
-MODE = "userspace"
+MODE: Mode = "userspace"
 CHAIN = "SVCPROXY-PORTALS"
 JUMPS = (
     Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
@@ -138,7 +138,7 @@ class UserspaceProxier:
         )
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return MODE
 
     def capabilities(self) -> Capabilities:
