@@ -29,17 +29,17 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.fullsync import Beside, InFlight, between
 from svcproxy.agent.metrics import Metrics
-from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, Plan, Step, plan_sync
+from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, SyncPlan, SyncStep, plan_sync
 from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
 from svcproxy.base import Mode
 from svcproxy.dataplane.proxier import (
     Action,
-    Capabilities,
+    ModeCapabilities,
     ModeUnavailableError,
     Proxier,
     SteppedFullSync,
@@ -71,7 +71,7 @@ class _Run:
     """One sync in progress: its plan (a full sync's is replaced on take-over), the
     owners that failed, per mode and in all, and the full sync in flight, if any."""
 
-    plan: Plan
+    plan: SyncPlan
     outcome: SyncOutcome
     failed_in: dict[Mode, set[str]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
@@ -100,7 +100,7 @@ class Agent:
         wall: Callable[[], float] = time.time,
         agent_version: str = "",
         kernel_release: str = "",
-        unavailable: Mapping[Mode, Capabilities] | None = None,
+        unavailable: Mapping[Mode, ModeCapabilities] | None = None,
     ) -> None:
         self.proxiers = dict(proxiers)
         self.node_name = node_name
@@ -110,12 +110,12 @@ class Agent:
         self.metrics = metrics or Metrics()
         self.agent_version = agent_version
         self.kernel_release = kernel_release
-        caps: dict[Mode, Capabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
+        caps: dict[Mode, ModeCapabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
         # Modes that could not be built or are not usable here: routed around, reported.
         for mode, mode_caps in (unavailable or {}).items():
             caps.setdefault(mode, mode_caps)
         self.router = Router(caps)
-        self.programs: dict[str, Program] = {}
+        self.programs: dict[str, DesiredProgram] = {}
         self.holdings = Holdings()  # what each mode holds, per owner and per key
         self.routes: dict[str, list[Route]] = {}
         self.applied: dict[str, str] = {}
@@ -133,7 +133,7 @@ class Agent:
         self._wake = asyncio.Event()  # set on every change: wakes _between
 
     # ---- desired state (called by the watch) -------------------------------------------
-    def upsert(self, program: Program) -> None:
+    def upsert(self, program: DesiredProgram) -> None:
         old = self.programs.get(program.owner)
         self.programs[program.owner] = program
         if old != program:
@@ -145,7 +145,7 @@ class Agent:
             self.tracker.changed(owner, self.clock())
             self._wake.set()
 
-    def replace_all(self, programs: Iterable[Program]) -> None:
+    def replace_all(self, programs: Iterable[DesiredProgram]) -> None:
         """After a (re-)list: the complete set; owners missing from it are deleted."""
         fresh = {p.owner: p for p in programs}
         for owner in list(self.programs):
@@ -179,7 +179,7 @@ class Agent:
             routed[owner], self.routes[owner] = self.router.place(program)
         return routed
 
-    def _plan(self, batch: Batch) -> Plan:
+    def _plan(self, batch: Batch) -> SyncPlan:
         """The batch's plan (:mod:`svcproxy.agent.plan`), with its claims, conflicts and
         unblocked owners recorded."""
         owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
@@ -279,7 +279,9 @@ class Agent:
         if inflight is not None:
             inflight.done.add(mode)
 
-    def _settle(self, run: _Run, synced: Mapping[str, Program | None], overtaken: Collection[str]) -> None:
+    def _settle(
+        self, run: _Run, synced: Mapping[str, DesiredProgram | None], overtaken: Collection[str]
+    ) -> None:
         """What each mode now holds of each owner and which hashes are applied; the
         overtaken owners stay as their partial sync left them."""
         plan = run.plan
@@ -328,7 +330,7 @@ class Agent:
         )
         return outcome
 
-    async def _sync_mode(self, step: Step) -> SyncResult:
+    async def _sync_mode(self, step: SyncStep) -> SyncResult:
         proxier = self.proxiers.get(step.mode)
         if proxier is None:
             caps = self.router.capabilities.get(step.mode)

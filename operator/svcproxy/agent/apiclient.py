@@ -42,7 +42,7 @@ class ConfigError(Exception):
     """The kubeconfig or in-cluster environment cannot be used; the message says why and what to do."""
 
 
-class ApiError(Exception):
+class StatusError(Exception):
     """The API server answered with an error status.
 
     ``status`` is the HTTP status (410 = the resourceVersion expired: list again),
@@ -250,15 +250,15 @@ def load_incluster(
     return ClusterConfig(server=server, ssl_context=sslctx, token_file=token)
 
 
-async def _error_of(resp: aiohttp.ClientResponse) -> ApiError:
+async def _error_of(resp: aiohttp.ClientResponse) -> StatusError:
     body = await resp.read()
     try:
         status = json.loads(body)
     except ValueError:
         status = None
     if isinstance(status, dict) and status.get("kind") == "Status":
-        return ApiError(resp.status, str(status.get("reason", "")), str(status.get("message", "")))
-    return ApiError(resp.status, resp.reason or "", body[:300].decode(errors="replace").strip())
+        return StatusError(resp.status, str(status.get("reason", "")), str(status.get("message", "")))
+    return StatusError(resp.status, resp.reason or "", body[:300].decode(errors="replace").strip())
 
 
 class ApiClient:
@@ -313,7 +313,7 @@ class ApiClient:
                     on_open: Callable[[], None] | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Watch events (``{"type", "object"}``) until the server ends the watch.
 
-        Raises :class:`ApiError` when the watch is refused (410 when the resourceVersion
+        Raises :class:`StatusError` when the watch is refused (410 when the resourceVersion
         is too old). ERROR events are yielded as they come: the caller decides.
         ``on_open`` is called once the server accepted the watch (before any event:
         a quiet watch is live too).

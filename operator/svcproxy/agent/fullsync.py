@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcproxy.agent.plan import Holdings, Placement, Plan
+from svcproxy.agent.plan import Holdings, Placement, SyncPlan
 from svcproxy.agent.tracker import Batch, ChangeTracker
 from svcproxy.base import Mode
 
@@ -29,7 +29,7 @@ class InFlight:
     whose sync failed per mode so far, the modes it has written and the owners partial
     syncs took over from it."""
 
-    plan: Plan
+    plan: SyncPlan
     failed_in: dict[Mode, set[str]]  # mode -> owners (shared with the executor)
     done: set[Mode] = field(default_factory=set)
     overtaken: set[str] = field(default_factory=set)

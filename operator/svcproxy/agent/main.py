@@ -30,7 +30,7 @@ from aiohttp import web
 from svcproxy.agent import logs
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.apiclient import ApiClient, ConfigError, load_incluster, load_kubeconfig
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
@@ -38,7 +38,7 @@ from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.agent.watch import PvsWatch, _describe
 from svcproxy.base import MODES, Mode
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
-from svcproxy.dataplane.proxier import Capabilities, Proxier
+from svcproxy.dataplane.proxier import ModeCapabilities, Proxier
 
 log = logging.getLogger("svcproxy.agent")
 
@@ -106,18 +106,19 @@ def version() -> str:
 
 def build_proxiers(
     cfg: DataplaneConfig, modes: list[str]
-) -> tuple[dict[Mode, Proxier], dict[Mode, Capabilities]]:
+) -> tuple[dict[Mode, Proxier], dict[Mode, ModeCapabilities]]:
     """Every mode's proxier that can run here, and the capabilities of those that cannot."""
     usable: dict[Mode, Proxier] = {}
-    unusable: dict[Mode, Capabilities] = {}
+    unusable: dict[Mode, ModeCapabilities] = {}
     for mode in MODES:
         if mode not in modes:
-            unusable[mode] = Capabilities(mode, False, f"{mode} mode is turned off on this agent (--modes)")
+            why = f"{mode} mode is turned off on this agent (--modes)"
+            unusable[mode] = ModeCapabilities(mode, False, why)
             continue
         try:
             proxier = build_proxier(mode, cfg)
         except Exception as err:  # a mode's package missing or failing to import
-            unusable[mode] = Capabilities(mode, False, f"{mode} mode cannot start: {err}")
+            unusable[mode] = ModeCapabilities(mode, False, f"{mode} mode cannot start: {err}")
             log.warning("mode unavailable", extra={"mode": mode, "error": repr(err)})
             continue
         caps = proxier.capabilities()
@@ -150,7 +151,7 @@ class AgentProcess:
         # itself: their changes should not wait for the full sync to end to be reported.
         agent.on_synced = lambda _outcome: self.report_wake.set()
 
-    def _on_list(self, programs: Iterable[Program]) -> None:
+    def _on_list(self, programs: Iterable[DesiredProgram]) -> None:
         self.agent.replace_all(programs)
         self.listed.set()
 
@@ -224,7 +225,7 @@ async def _load_config(kubeconfig: str | None) -> ApiClient:
     return ApiClient(load_kubeconfig(Path(kubeconfig)) if kubeconfig else load_incluster())
 
 
-def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, Capabilities]] | None:
+def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, ModeCapabilities]] | None:
     """Build the proxiers before the event loop starts (pyroute2's synchronous sockets
     refuse to be made inside a running loop); None when --modes is wrong."""
     cfg = DataplaneConfig(
@@ -240,7 +241,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, C
 
 
 async def amain(
-    args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, Capabilities]
+    args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
 ) -> int:
     metrics = Metrics()
     agent = Agent(

@@ -3,10 +3,10 @@
 :func:`plan_sync` takes the batch's owners, their routed placements (the desired
 table, split by effective mode) and the agent's :class:`Holdings` (one mirror of
 what each mode holds per owner, and which owner claims each key), and returns a
-:class:`Plan`: the keys refused for being another owner's, the keys moving between
+:class:`SyncPlan`: the keys refused for being another owner's, the keys moving between
 modes, and the order of modes. The executor in :mod:`svcproxy.agent.agent` asks
-the plan for each step (:meth:`Plan.make`, then :meth:`Plan.withdraw` for
-make-before-break) and for what each mode holds afterwards (:meth:`Plan.held`).
+the plan for each step (:meth:`SyncPlan.make`, then :meth:`SyncPlan.withdraw` for
+make-before-break) and for what each mode holds afterwards (:meth:`SyncPlan.held`).
 No I/O and no clock here, so unit tests check plans directly.
 """
 
@@ -71,7 +71,7 @@ class Holdings:
 
 
 @dataclass(frozen=True)
-class Step:
+class SyncStep:
     """One proxier call: ``desired`` for ``mode``; ``only`` is None for a full sync.
     ``owners``: whose outcome the result decides."""
 
@@ -82,7 +82,7 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Plan:
+class SyncPlan:
     full: bool
     owners: frozenset[str]
     old: Mapping[str, Placement]  # what each mode held of each owner before
@@ -95,7 +95,7 @@ class Plan:
     conflicted: frozenset[str]  # every owner refused a key, after this sync
     unblock: frozenset[str]  # owners refused earlier that a released key may now let in
 
-    def make(self, mode: Mode) -> Step | None:
+    def make(self, mode: Mode) -> SyncStep | None:
         """Phase 1 for ``mode``: the new placement, plus keys moving out of it (they stay
         until their new mode holds them)."""
         desired: dict[VSKey, VirtualServer] = {}
@@ -111,17 +111,17 @@ class Plan:
             return None
         if self.full and mode not in self.proxier_modes and not desired:
             return None
-        return Step(mode, desired, None if self.full else frozenset(only), frozenset(only))
+        return SyncStep(mode, desired, None if self.full else frozenset(only), frozenset(only))
 
-    def withdrawals(self, failed: Container[str]) -> list[Step]:
+    def withdrawals(self, failed: Container[str]) -> list[SyncStep]:
         """Phase 2: withdraw moved keys from their old mode, only for owners whose
         make succeeded."""
-        steps: list[Step] = []
+        steps: list[SyncStep] = []
         for mode in sorted(self.moving, key=_mode_rank):
             ready = frozenset(o for o in self.moving[mode] if o not in failed)
             if ready:
                 desired = {k: v for o in ready for k, v in self.new[o].get(mode, {}).items()}
-                steps.append(Step(mode, desired, ready, ready))
+                steps.append(SyncStep(mode, desired, ready, ready))
         return steps
 
     def held(self, owner: str, ok_modes: Container[Mode], withdrawn: bool) -> Placement:
@@ -141,7 +141,7 @@ class Plan:
                 placement[mode] = held
         return placement
 
-    def taken_over(self, owners: Collection[str], now: Mapping[str, Placement]) -> Plan:
+    def taken_over(self, owners: Collection[str], now: Mapping[str, Placement]) -> SyncPlan:
         """The plan for the rest of a full sync once partial syncs took ``owners`` over:
         they continue from what those left (``now``) and nothing of theirs moves."""
         if not owners:
@@ -171,7 +171,7 @@ def plan_sync(
     live: Container[str],
     conflicted: frozenset[str],
     proxier_modes: Collection[Mode],
-) -> Plan:
+) -> SyncPlan:
     """Plan one sync of ``owners``. ``routed``: each owner's desired placement (absent:
     withdraw it); ``live``: owners that have a program (only they hold keys against
     others); ``conflicted``: owners refused a key before."""
@@ -181,7 +181,7 @@ def plan_sync(
     new, conflicts = _claim(sorted(owners), routed, holdings, claims, live)
     released = any(k not in new[o].get(m, {}) for o in owners for m, s in old[o].items() for k in s)
     modes = tuple(m for m in MODE_ORDER if m in proxier_modes or any(m in p for p in new.values()))
-    return Plan(
+    return SyncPlan(
         full=full,
         owners=owners,
         old=old,

@@ -28,7 +28,7 @@ from svcproxy.api.policy import (
     ServiceProxyPolicySpec,
     ServiceProxyPolicyStatus,
 )
-from svcproxy.api.program import ProxyVirtualServer, ProxyVirtualServerSpec, RealServer, VirtualServer
+from svcproxy.api.program import ProxyVirtualServer, ProxyVirtualServerSpec, RealServerSpec, VirtualServerSpec
 from svcproxy.base import Mode
 
 __all__ = [
@@ -49,11 +49,11 @@ __all__ = [
     "ProxyNodeStatus",
     "ProxyVirtualServer",
     "ProxyVirtualServerSpec",
-    "RealServer",
+    "RealServerSpec",
     "Scheduler",
     "SchedulerFlag",
     "ServiceProxyPolicy",
     "ServiceProxyPolicySpec",
     "ServiceProxyPolicyStatus",
-    "VirtualServer",
+    "VirtualServerSpec",
 ]

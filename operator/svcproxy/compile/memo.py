@@ -59,12 +59,12 @@ class ParsedPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Program:
+class PackedProgram:
     """A compiled program as the memo keeps it: what a pass reads of it, and the spec as
     JSON text. A ProxyVirtualServerSpec holds every real server as a pydantic object
     (~0.5 KB each: at 10k Services x 10 endpoints the largest thing the operator kept);
     the compressed text is ~0.5 KB for all ten, and the spec is rebuilt from it only to
-    be written (or shown: ``Plan.compiled``)."""
+    be written (or shown: ``NamespacePlan.compiled``)."""
 
     content_hash: str
     mode: Mode
@@ -78,7 +78,7 @@ class Program:
 class CompiledSpecs(Mapping[str, ProxyVirtualServerSpec]):
     """Programs by Service name, each spec built when it is read."""
 
-    def __init__(self, programs: Mapping[str, Program]) -> None:
+    def __init__(self, programs: Mapping[str, PackedProgram]) -> None:
         self._programs = programs
 
     def __getitem__(self, name: str) -> ProxyVirtualServerSpec:
@@ -97,7 +97,7 @@ class Compiled:
 
     key: tuple[Any, ...] | None
     pods: tuple[tuple[str, Mapping[str, str] | None], ...]
-    result: Program | NotProxied
+    result: PackedProgram | NotProxied
     # Digest of the program's wire form (None when not proxied): compared with the stored
     # program's, so neither side keeps a second copy of the program as dicts.
     digest: str | None
@@ -199,7 +199,7 @@ class PlanMemo:
         seen = _Recorder(pod_labels) if policy.policy.spec.weights else None
         result = compile_program(policy.policy, service, slices, seen if seen is not None else {})
         digest: str | None = None
-        kept: Program | NotProxied
+        kept: PackedProgram | NotProxied
         if isinstance(result, NotProxied):
             kept = result
         else:
@@ -213,7 +213,7 @@ class PlanMemo:
             else:
                 digest = text_digest(text)
                 packed = zlib.compress(text.encode(), 1)  # level 1: ~20 us, most of the gain
-                kept = Program(result.content_hash, result.mode, result.policy.name, packed)
+                kept = PackedProgram(result.content_hash, result.mode, result.policy.name, packed)
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
         return Compiled(key, seen.seen() if seen is not None else (), kept, digest)
@@ -244,7 +244,7 @@ class Derived:
 
     token: object
     desired: dict[str, Compiled] = field(default_factory=dict)
-    specs: dict[str, Program] = field(default_factory=dict)
+    specs: dict[str, PackedProgram] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # desired Service -> its policy
     to_label: set[str] = field(default_factory=set)  # desired, not labelled yet
     to_unlabel: set[str] = field(default_factory=set)  # labelled for svcproxy, not desired
@@ -253,7 +253,7 @@ class Derived:
     def add(self, name: str, rec: ServiceRecord, handover_value: str) -> None:
         for policy in rec.names:
             self.selected.setdefault(policy, set()).add(name)
-        if rec.entry is not None and isinstance(rec.entry.result, Program):
+        if rec.entry is not None and isinstance(rec.entry.result, PackedProgram):
             self.desired[name] = rec.entry
             self.specs[name] = rec.entry.result
             self.owners[name] = rec.entry.result.policy

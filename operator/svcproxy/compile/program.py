@@ -26,8 +26,8 @@ from svcproxy.api.program import (
     ProgramSummary,
     Protocol,
     ProxyVirtualServerSpec,
-    RealServer,
-    VirtualServer,
+    RealServerSpec,
+    VirtualServerSpec,
 )
 from svcproxy.base import IPFamily
 
@@ -228,9 +228,9 @@ def _candidates(
     protocol: str,
     family: int,
     pod_labels: Mapping[str, Mapping[str, str]],
-) -> list[RealServer]:
+) -> list[RealServerSpec]:
     """Real servers of one Service port and address family, one per address:port."""
-    best: dict[tuple[str, int], RealServer] = {}
+    best: dict[tuple[str, int], RealServerSpec] = {}
     for slice_ in slices:
         target = _slice_port(slice_, port_name, protocol)
         if target is None:
@@ -244,7 +244,7 @@ def _candidates(
             weight = endpoint_weight(policy, pod_labels.get(ep.pod) if ep.pod else None) if ep.ready else 0
             # Built without validation: every value comes from API-validated objects or was
             # range-checked above (the port), and this runs once per endpoint.
-            rs = RealServer.model_construct(
+            rs = RealServerSpec.model_construct(
                 _REAL_SERVER_FIELDS,
                 address=ep.address,
                 port=target,
@@ -264,7 +264,7 @@ def _candidates(
     return sorted(best.values(), key=lambda r: (address_key(r.address), r.port))
 
 
-def _rank(rs: RealServer) -> tuple[bool, bool, int, str, str]:
+def _rank(rs: RealServerSpec) -> tuple[bool, bool, int, str, str]:
     return (rs.ready, rs.serving, rs.weight, rs.node_name or "", rs.pod_name or "")
 
 
@@ -279,7 +279,7 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def summarize(virtual_servers: list[VirtualServer]) -> ProgramSummary:
+def summarize(virtual_servers: list[VirtualServerSpec]) -> ProgramSummary:
     """Short texts for `kubectl get pvs`: VIP:port/proto list and ready/all endpoints."""
     vips = ",".join(f"{IPFamily.bracketed(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
     every = {rs.address for vs in virtual_servers for rs in vs.real_servers}
@@ -297,10 +297,10 @@ def _virtual_servers(
     *,
     flags: list[str],
     persistence: int,
-) -> list[VirtualServer]:
+) -> list[VirtualServerSpec]:
     """One virtual server per usable Service port x VIP, with its real servers."""
     spec = policy.spec
-    servers: list[VirtualServer] = []
+    servers: list[VirtualServerSpec] = []
     for port in service["spec"]["ports"]:
         if not isinstance(port, dict):
             continue
@@ -313,7 +313,7 @@ def _virtual_servers(
             # Built without validation (per Service port x VIP): port and protocol are
             # checked above, the rest comes from the validated policy and Service.
             servers.append(
-                VirtualServer.model_construct(
+                VirtualServerSpec.model_construct(
                     _VIRTUAL_SERVER_FIELDS,
                     port_name=name,
                     protocol=cast(Protocol, protocol),

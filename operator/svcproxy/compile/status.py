@@ -20,7 +20,7 @@ from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.base import Mode
 from svcproxy.compile.conflicts import why_wins
-from svcproxy.compile.memo import Derived, PlanMemo, PolicyRows, Program, Row, ServiceRecord
+from svcproxy.compile.memo import Derived, PackedProgram, PlanMemo, PolicyRows, Row, ServiceRecord
 
 JSON = dict[str, Any]
 
@@ -94,7 +94,7 @@ class _Pass:
             state = ("Conflicted", text)
             return Row(state, _wire(svc_name, rec.service, total, state), False, 0, None, text)
         spec = rec.entry.result
-        assert isinstance(spec, Program)
+        assert isinstance(spec, PackedProgram)
         key = f"{self.namespace}/{svc_name}"
         mask = 0
         for i, report in enumerate(self.applied):

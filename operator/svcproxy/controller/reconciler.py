@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.compile.namespace import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer, describe
@@ -155,7 +155,7 @@ class Reconciler:
             for namespace in batch:
                 await self.reconcile(namespace)
 
-    async def reconcile(self, namespace: str) -> Plan | None:
+    async def reconcile(self, namespace: str) -> NamespacePlan | None:
         """Plan and apply ``namespace`` now; None when the pass failed (it is retried)."""
         if not self.ready.is_set():
             return None  # the worker picks touched namespaces up once primed
@@ -183,7 +183,7 @@ class Reconciler:
                 self._later(namespace, plan.recheck_at - self.clock())
             return plan
 
-    async def _reconcile(self, namespace: str) -> Plan:
+    async def _reconcile(self, namespace: str) -> NamespacePlan:
         view = self.cache.view(
             namespace,
             now=self.clock(),
@@ -233,7 +233,7 @@ class Reconciler:
         await self._post_events(namespace, plan)
         return plan
 
-    async def _post_events(self, namespace: str, plan: Plan) -> None:
+    async def _post_events(self, namespace: str, plan: NamespacePlan) -> None:
         for event in plan.events:
             policy = self.cache.get("policy", namespace, event.policy)
             if policy is None:

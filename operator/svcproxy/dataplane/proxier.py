@@ -96,7 +96,7 @@ class UnsupportedError(DataplaneError):
 
 
 @dataclass(frozen=True)
-class Capabilities:
+class ModeCapabilities:
     """What a mode can do on this node (reported in ProxyNode status)."""
 
     mode: Mode
@@ -109,7 +109,7 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
-class Counts:
+class ModeCounts:
     """What a proxier owns right now (from its mirror, refreshed on full syncs)."""
 
     virtual_servers: int = 0
@@ -127,7 +127,7 @@ class SyncResult:
     errors: tuple[DataplaneError, ...] = ()
     failed_owners: frozenset[str] = frozenset()
     duration: float = 0.0  # seconds, wall clock
-    counts: Counts = Counts()
+    counts: ModeCounts = ModeCounts()
 
     @property
     def ok(self) -> bool:
@@ -145,7 +145,7 @@ class Proxier(Protocol):
     @property
     def mode(self) -> Mode: ...
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         """Detected once at construction; cheap to call."""
         ...
 
@@ -157,7 +157,7 @@ class Proxier(Protocol):
         """Remove everything this mode owns on the node (``svcproxy agent --cleanup``)."""
         ...
 
-    def counts(self) -> Counts:
+    def counts(self) -> ModeCounts:
         """Owned objects now, from the in-memory mirror (no kernel access)."""
         ...
 
@@ -216,7 +216,7 @@ class BlockingProxier(abc.ABC):
     """
 
     MODE: ClassVar[Mode]
-    _caps: Capabilities
+    _caps: ModeCapabilities
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
@@ -225,7 +225,7 @@ class BlockingProxier(abc.ABC):
     def mode(self) -> Mode:
         return self.MODE
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         return self._caps
 
     async def close(self) -> None:

@@ -33,9 +33,9 @@ from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
-    Capabilities,
-    Counts,
     DataplaneError,
+    ModeCapabilities,
+    ModeCounts,
     SyncResult,
     read_beside,
 )
@@ -91,7 +91,7 @@ class IptablesProxier(BlockingProxier):
         self._mirror = Mirror(self._rule_count)
         self._synced = False
         self.last_full = FullStats()
-        self._caps = Capabilities(
+        self._caps = ModeCapabilities(
             mode=MODE,
             available=bool(backend),
             reason=reason,
@@ -100,9 +100,9 @@ class IptablesProxier(BlockingProxier):
             backend=backend,
         )
 
-    def counts(self) -> Counts:
+    def counts(self) -> ModeCounts:
         mirror = self._mirror
-        return Counts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
+        return ModeCounts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
 
     def _rule_count(self, vs: VirtualServer) -> int:
         return rules.rule_count(vs, self._cidrs, self._masq_all)

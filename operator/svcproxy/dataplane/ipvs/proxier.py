@@ -31,11 +31,11 @@ from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
-    Capabilities,
-    Counts,
     DataplaneError,
     ForeignObjectError,
     KernelError,
+    ModeCapabilities,
+    ModeCounts,
     SchedulerUnavailableError,
     SyncResult,
     read_beside,
@@ -100,7 +100,7 @@ class IpvsProxier(BlockingProxier):
         # Keys partial syncs wrote while a full sync read the kernel (None: not reading).
         self._written: set[VSKey] | None = None
         reason = kernel.available()
-        self._caps = Capabilities(
+        self._caps = ModeCapabilities(
             mode=MODE,
             available=not reason,
             reason=reason,
@@ -109,8 +109,8 @@ class IpvsProxier(BlockingProxier):
             backend="netlink",
         )
 
-    def counts(self) -> Counts:
-        return Counts(virtual_servers=len(self._mirror), real_servers=self._mirror.real_servers)
+    def counts(self) -> ModeCounts:
+        return ModeCounts(virtual_servers=len(self._mirror), real_servers=self._mirror.real_servers)
 
     async def sync_full(self, desired: Table, between: Between) -> SyncResult:
         """A full sync whose kernel read-back and diff do not hold up partial syncs.

@@ -24,9 +24,9 @@ from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
     Between,
-    Capabilities,
-    Counts,
     DataplaneError,
+    ModeCapabilities,
+    ModeCounts,
     ModeUnavailableError,
     SyncResult,
     UnsupportedError,
@@ -129,7 +129,7 @@ class UserspaceProxier:
         # answers ICMP port unreachable). Bound, so no other process can take the port.
         self._refusers: dict[tuple[bool, str], socket.socket] = {}  # by (is IPv6, protocol)
         self._mirror = Mirror()  # each portal's virtual server: owner index, counts
-        self._caps = Capabilities(
+        self._caps = ModeCapabilities(
             mode=MODE,
             available=bool(backend),
             reason=reason,
@@ -141,11 +141,11 @@ class UserspaceProxier:
     def mode(self) -> Mode:
         return MODE
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         return self._caps
 
-    def counts(self) -> Counts:
-        return Counts(
+    def counts(self) -> ModeCounts:
+        return ModeCounts(
             virtual_servers=len(self._portals),
             real_servers=self._mirror.real_servers,
             rules=len(self._portals),
