@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 
 from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE  # noqa: E402
-from svcproxy.compile.namespace import NamespacePlan, PlanMemo, plan_namespace  # noqa: E402
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace  # noqa: E402
 from svcproxy.controller.cache import Cache  # noqa: E402
 
 JSON = dict[str, Any]

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.base import IPFamily
-from svcproxy.compile.namespace import NamespaceView, plan_namespace
+from svcproxy.compile.planner import NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
 

@@ -4,7 +4,7 @@ kopf handlers record what they see in the :class:`~svcproxy.controller.cache.Cac
 and call :meth:`Reconciler.touch` for the namespaces it affects. A single
 worker task drains the set of touched namespaces, so a burst of ten
 EndpointSlice events costs one plan and at most one write per object. Each
-pass asks :func:`svcproxy.compile.namespace.plan_namespace` what to do and
+pass asks :func:`svcproxy.compile.planner.plan_namespace` what to do and
 performs it in handover order: write programs, label Services, unlabel
 Services, delete programs (the plan only deletes once the handover delay has
 passed, and asks for a recheck then), write policy status, post Events.
@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from svcproxy.compile.namespace import NamespacePlan, PlanMemo, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer, describe
@@ -80,7 +80,7 @@ class Reconciler:
         self.owned_after: dict[str, dict[str, str]] = {}
         self.failures: dict[str, int] = {}
         # One planner memo per namespace: a pass recompiles only the Services whose
-        # inputs changed (svcproxy.compile.memo says what keys them).
+        # inputs changed (svcproxy.compile.planner.memo says what keys them).
         self.memos: dict[str, PlanMemo] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()

@@ -8,7 +8,7 @@ which ProxyVirtualServers to write (only those whose content changed) or
 delete, which Services to label or unlabel for the handover with kube-proxy,
 the status of every policy and the Events of condition transitions. Nothing
 here talks to the API server, so every rule is unit-tested directly. The
-caller may pass a :class:`~svcproxy.compile.memo.PlanMemo` kept between passes
+caller may pass a :class:`~svcproxy.compile.planner.memo.PlanMemo` kept between passes
 so one change costs one Service's work, not the namespace's.
 
 Handover order: a Service is labelled ``service.kubernetes.io/service-proxy-name``
@@ -29,7 +29,7 @@ from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.conflicts import selects, winner
-from svcproxy.compile.memo import (
+from svcproxy.compile.planner.memo import (
     MAX_PROGRAM_BYTES,
     Compiled,
     CompiledSpecs,
@@ -42,8 +42,8 @@ from svcproxy.compile.memo import (
     resource_version,
     spec_digest,
 )
+from svcproxy.compile.planner.status import changed_reports, policy_rows, policy_status
 from svcproxy.compile.program import NotProxied, not_proxied
-from svcproxy.compile.status import changed_reports, policy_rows, policy_status
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
@@ -171,7 +171,7 @@ def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Namespa
 
     ``memo`` (one per namespace, kept by the caller between passes) lets a pass
     reuse what it derived for Services whose objects did not change; the result
-    is the same as with no memo (see :mod:`svcproxy.compile.memo`).
+    is the same as with no memo (see :mod:`svcproxy.compile.planner.memo`).
     """
     memo = memo if memo is not None else PlanMemo()
     memo.begin()

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, service
 
 from svcproxy.api import HANDOVER_LABEL, ServiceProxyPolicy
-from svcproxy.compile.memo import PackedProgram, ParsedPolicy
-from svcproxy.compile.namespace import NamespacePlan, PlanMemo, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
+from svcproxy.compile.planner.memo import PackedProgram, ParsedPolicy
 from svcproxy.compile.program import NotProxied, address_key, compile_program
 from svcproxy.controller.cache import Cache
 

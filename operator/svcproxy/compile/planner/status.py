@@ -1,8 +1,8 @@
 """Policy status for one planning pass: rows, conditions, Events (pure).
 
-Called by :func:`svcproxy.compile.namespace.plan_namespace` once per policy.
+Called by :func:`svcproxy.compile.planner.plan.plan_namespace` once per policy.
 A policy's rows (one per selected Service) and its counts are kept in the
-planner memo (:class:`~svcproxy.compile.memo.PolicyRows`) and only the rows
+planner memo (:class:`~svcproxy.compile.planner.memo.PolicyRows`) and only the rows
 whose inputs changed are rebuilt: the Services whose record changed this
 pass, and those whose program a node reports differently (a ProxyNode
 report is folded in by comparing its ``applied`` map with the previous one,
@@ -20,7 +20,7 @@ from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.base import Mode
 from svcproxy.compile.conflicts import why_wins
-from svcproxy.compile.memo import Derived, PackedProgram, PlanMemo, PolicyRows, Row, ServiceRecord
+from svcproxy.compile.planner.memo import Derived, PackedProgram, PlanMemo, PolicyRows, Row, ServiceRecord
 
 JSON = dict[str, Any]
 

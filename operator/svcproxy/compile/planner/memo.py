@@ -1,7 +1,7 @@
 """What the namespace planner keeps between passes, so one change costs one recompile (pure).
 
 A :class:`PlanMemo` belongs to one namespace; the operator's reconciler holds
-one per namespace and hands it to :func:`svcproxy.compile.namespace.plan_namespace`
+one per namespace and hands it to :func:`svcproxy.compile.planner.plan.plan_namespace`
 on every pass (``svcproxy plan`` and the tests may pass none: a fresh memo
 then lives for one pass). It keeps, per Service, the last compiled program
 together with the key of everything compile read to make it:
@@ -19,7 +19,7 @@ memoised pass returns exactly what a pass with an empty memo returns (the
 property tests check this over random change sequences). Objects without a
 ``resourceVersion`` (hand-built views) are never reused across versions. The
 memo also keeps policy parses, each policy's status rows and counts
-(:class:`PolicyRows`, see :mod:`svcproxy.compile.status`) and the
+(:class:`PolicyRows`, see :mod:`svcproxy.compile.planner.status`) and the
 namespace-wide sets (programs wanted, Services to label or unlabel). Nothing
 here is global: all state lives in the memo object, Services that are gone
 drop out, and a pass that raises resets it.

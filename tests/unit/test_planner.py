@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
 
 from svcproxy.api import HANDOVER_LABEL, ProxyNode
-from svcproxy.compile.namespace import NamespacePlan, NamespaceView, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
 
