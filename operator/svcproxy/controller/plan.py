@@ -100,17 +100,10 @@ def _items(resp: Any, api: Any) -> list[JSON]:
 
 def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> NamespaceView:
     """What the planner needs from the cluster, with the file's policy in place."""
-    from kubernetes import client, config
+    from svcproxy.controller import cliclient
 
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-    api = client.ApiClient()
-    core, discovery, custom = client.CoreV1Api(api), client.DiscoveryV1Api(api), client.CustomObjectsApi(api)
+    api = cliclient.api_client(kubeconfig)
+    core, discovery, custom = cliclient.core(api), cliclient.discovery(api), cliclient.custom(api)
     services = _items(core.list_namespaced_service(namespace), api)
     slices = _items(discovery.list_namespaced_endpoint_slice(namespace), api)
     stored: Any = custom.list_namespaced_custom_object(
