@@ -57,8 +57,8 @@ def trim_heap() -> None:
     """Hand the heap pages a full sync freed back to the kernel.
 
     A full sync's transient objects (the read-back of every rule, restore inputs) are
-    freed when it ends, but glibc keeps the pages: at 10k Services ~6 MB of RSS that
-    malloc_trim returns. Called after each full sync (once a minute; it takes ~ms).
+    freed when it ends, but glibc keeps the pages until malloc_trim returns them.
+    Called after each full sync.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

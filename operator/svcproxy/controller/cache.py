@@ -299,8 +299,8 @@ _REPORT = "svcproxy.io/report"
 
 
 def report_summary(report: JSON) -> JSON:
-    """A ProxyNode report parsed once, when it arrives (parsing three of them on every pass
-    cost more than the plan at 1k Services), kept parsed only: a report lists every
+    """A ProxyNode report parsed once, when it arrives (parsing every report on every pass
+    would cost more than the plan), kept parsed only: a report lists every
     applied program, so raw and parsed were two maps of every Service per node. Its keys
     and content hashes are interned: every node reports the same ones."""
     status = report.get("status")

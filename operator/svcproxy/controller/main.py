@@ -148,7 +148,7 @@ class OperatorMemo(kopf.Memo):
     """The operator's memo, shared by every object's handlers.
 
     kopf gives each watched object a copy of the memo and keeps it as long as the object
-    exists (30k copies at 10k Services, ~10 MB). The handlers read only operator-wide state
+    exists. The handlers read only operator-wide state
     from it (cache, reconciler, options, the API client), never per-object state, so one
     memo serves them all: a "copy" is the memo itself."""
 

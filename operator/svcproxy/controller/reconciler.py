@@ -30,8 +30,8 @@ JSON = dict[str, Any]
 log = logging.getLogger("svcproxy.operator")
 RETRY_SECONDS = (0.5, 1, 2, 5, 10, 30)
 # Writes of one kind in one pass are independent of each other, so they go out together,
-# this many at a time: one at a time, applying a policy to 1k Services took ~19 s of
-# round trips. The handover order between kinds is kept (each kind waits for the last).
+# this many at a time: one at a time, a policy over many Services waits on one round
+# trip per write. The handover order between kinds is kept (each kind waits for the last).
 WRITES_IN_FLIGHT = 16
 
 

@@ -4,8 +4,8 @@ The agent (``svcproxy.agent``) holds one :class:`Proxier` per mode in use
 (``ipvs``, ``iptables``, ``userspace``; built by
 :func:`svcproxy.dataplane.modes.build_proxier`), hands each the part of the
 desired table that runs in that mode and reads back a :class:`SyncResult`.
-No mode imports another; they share only this module, ``table``, ``diff``
-and the netfilter adapter.
+No mode imports another; they share only this module, ``table``, ``mirror``
+and the netfilter adapter (the ipvs mode also ``diff``).
 
 Contract of :meth:`Proxier.sync`:
 
@@ -194,7 +194,7 @@ async def read_beside(
     after that changes wait for the read to end. For a read that starts over whenever
     the kernel state changes under it (iptables-nft's dump retries when the ruleset's
     generation moved), which a stream of partial syncs would otherwise keep from ever
-    ending (10k Services in a cold start: iptables-save still reading after 3 minutes)."""
+    ending."""
     reading = asyncio.ensure_future(asyncio.to_thread(read))
     window: asyncio.Future[Any] = reading
     if beside_for is not None:

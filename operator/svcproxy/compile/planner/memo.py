@@ -61,10 +61,9 @@ class ParsedPolicy:
 @dataclass(frozen=True, slots=True)
 class PackedProgram:
     """A compiled program as the memo keeps it: what a pass reads of it, and the spec as
-    JSON text. A ProxyVirtualServerSpec holds every real server as a pydantic object
-    (~0.5 KB each: at 10k Services x 10 endpoints the largest thing the operator kept);
-    the compressed text is ~0.5 KB for all ten, and the spec is rebuilt from it only to
-    be written (or shown: ``NamespacePlan.compiled``)."""
+    compressed JSON text: a ProxyVirtualServerSpec holds every real server as a pydantic
+    object, the largest thing the operator would keep, so the spec is rebuilt from the
+    text only to be written (or shown: ``NamespacePlan.compiled``)."""
 
     content_hash: str
     mode: Mode

@@ -305,8 +305,7 @@ class IptablesProxier(BlockingProxier):
         The first full sync after start, and any full sync whose read-back does not
         parse, rewrites every chain of ours (restart safety: nothing is trusted). Big
         rewrites go in batches: iptables-nft-restore's own work grows with the square
-        of the chains in one input (1k services: 5 s, 3k: 47 s, 10k: did not finish in
-        5 min; 4 batches of 500: 1 s each), so nft gets batches of ``NFT_BATCH``
+        of the chains in one input, so nft gets batches of ``NFT_BATCH``
         services. Each service (its chains and its jump) is in one batch, so each
         changes atomically; the jump chain SVCPROXY-SERVICES is never flushed (that
         would cut services whose batch comes later): missing jumps are appended, stale

@@ -57,10 +57,9 @@ def _hash(text: str) -> str:
     """The first 15 base32 characters of sha256(text) (chain names are limited to 28).
 
     Same value as ``base64.b32encode(digest)[:15]`` (the names chains already carry in
-    running kernels), computed from the first 10 bytes, two characters per lookup
-    (~1 us): base64's pure-Python encoder of the whole digest was most of a 10k-service
-    full sync. Not cached: a cache of every chain name held ~24 MB at 10k Services
-    (its keys were the longest strings the agent kept) to save ~1 us per name.
+    running kernels), computed from the first 10 bytes, two characters per lookup:
+    base64's pure-Python encoder of the whole digest is too slow for a full sync. Not
+    cached: a cache of every chain name would hold the longest strings the agent keeps.
     """
     b = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")  # 80 bits
     p = _B32_PAIRS

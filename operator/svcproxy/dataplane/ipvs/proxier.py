@@ -145,7 +145,7 @@ class IpvsProxier(BlockingProxier):
         """VIPs + IPVS table + diff: no IPVS write, no mirror access (runs beside partial
         syncs). The node setup runs here too: it touches sysctls and its own nat chain
         (iptables-restore -w waits for other writers), nothing a partial sync writes, and
-        under the lock it held every change landing late in a 1k full sync ~0.3 s."""
+        under the lock it would hold back every change landing late in a full sync."""
         setup = self._prepare() if self._prepare is not None else []
         vips = self._addresses.addresses(self._interface)
         observed = self._kernel.dump()
@@ -367,7 +367,7 @@ def _owned(have: VirtualServer, want: VirtualServer) -> VirtualServer:
 
     When the kernel holds exactly what was wanted (the usual case after a full sync),
     the desired object itself: the mirror then shares the agent's real servers instead
-    of keeping a second copy read back from the kernel (~10 MB at 10k Services x 10).
+    of keeping a second copy read back from the kernel.
     """
     if have.real_servers == want.real_servers and have.same_service(want):
         return want

@@ -154,9 +154,9 @@ class UserspaceProxier:
     async def sync_full(self, desired: Table, between: Between) -> SyncResult:
         """The periodic full sync (``SteppedFullSync``): the iptables-save that checks the
         jumps into the portal chain runs beside the partial syncs, then the full sync
-        runs under the lock with what it read. That read is of the whole nat table
-        (~30k rules on a node with 1k iptables-mode Services: ~0.4 s), and under the
-        lock it held every change on the node back, even with no userspace Service."""
+        runs under the lock with what it read. That read is of the whole nat table, and
+        under the lock it would hold every change on the node back, even with no
+        userspace Service."""
         if not self._caps.available:
             return await self.sync(desired, None)
         families = [False, True] if self._v6_used else [False]
