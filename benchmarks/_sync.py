@@ -23,7 +23,7 @@ from benchmarks._report import log
 
 if TYPE_CHECKING:
     from svcproxy.agent.agent import Agent
-    from svcproxy.agent.convert import Program
+    from svcproxy.agent.convert import DesiredProgram
     from svcproxy.dataplane.table import RealServer, VirtualServer
 
 
@@ -31,10 +31,10 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def program(mode: str, vs: VirtualServer, tag: str) -> Program:
-    from svcproxy.agent.convert import Program
+def program(mode: str, vs: VirtualServer, tag: str) -> DesiredProgram:
+    from svcproxy.agent.convert import DesiredProgram
 
-    return Program(vs.owner, tag, {mode: (vs,)})
+    return DesiredProgram(vs.owner, tag, {mode: (vs,)})
 
 
 class Observer:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller.cache import Cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ class Namespace:
         obj["metadata"]["resourceVersion"] = self._rv()
         self.cache.put(kind, obj)
 
-    def plan(self, memo: PlanMemo | None) -> Plan:
+    def plan(self, memo: PlanMemo | None) -> NamespacePlan:
         view = self.cache.view(
             NS,
             now=self.now,
@@ -153,7 +153,7 @@ class Namespace:
         )
         return plan_namespace(view, memo)
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: NamespacePlan) -> None:
         """What the reconciler writes, as the API server would store it."""
         for name, spec in plan.writes.items():
             self.put("program", {"metadata": {"name": name, "namespace": NS}, "spec": spec.wire()})
@@ -187,14 +187,14 @@ class Namespace:
         return name
 
 
-def _timed(ns: Namespace, memo: PlanMemo | None) -> tuple[float, Plan]:
+def _timed(ns: Namespace, memo: PlanMemo | None) -> tuple[float, NamespacePlan]:
     gc.collect()
     started = time.perf_counter()
     plan = ns.plan(memo)
     return time.perf_counter() - started, plan
 
 
-def _same(a: Plan, b: Plan) -> bool:
+def _same(a: NamespacePlan, b: NamespacePlan) -> bool:
     return (a.writes, a.label, a.unlabel, a.delete, a.statuses, a.events, a.compiled) == (
         b.writes,
         b.label,
@@ -206,7 +206,7 @@ def _same(a: Plan, b: Plan) -> bool:
     )
 
 
-def _both(ns: Namespace, memo: PlanMemo, turn: int, out: dict[str, list[float]]) -> Plan:
+def _both(ns: Namespace, memo: PlanMemo, turn: int, out: dict[str, list[float]]) -> NamespacePlan:
     """Plan the current state with the memo and without; both must agree."""
     if turn % 2:
         t_none, p_none = _timed(ns, None)

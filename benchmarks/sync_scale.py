@@ -52,7 +52,7 @@ SOURCES = source.use()
 
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
-from svcproxy.dataplane.proxier import Counts, SyncResult  # noqa: E402
+from svcproxy.dataplane.proxier import ModeCounts, SyncResult  # noqa: E402
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer  # noqa: E402
 
 
@@ -102,8 +102,8 @@ class Direct:
     def capabilities(self) -> Any:
         return self.proxier.capabilities()
 
-    def counts(self) -> Counts:
-        counts: Counts = self.proxier.counts()
+    def counts(self) -> ModeCounts:
+        counts: ModeCounts = self.proxier.counts()
         return counts
 
     async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:

@@ -7,6 +7,8 @@ import errno
 import socket
 import sys
 
+from svcproxy.base import IPFamily
+
 vip, port, count, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if proto == "tcp-error":
     # How one TCP connect ends: "connected", an errno name (ECONNREFUSED), or
@@ -20,7 +22,7 @@ if proto == "tcp-error":
 if proto == "udp-error":
     # How one UDP request ends: "answered", ECONNREFUSED when an ICMP port unreachable
     # came back (a connected UDP socket reports it), or "TimeoutError" after 3 s.
-    with socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if IPFamily.is_v6(vip) else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(3)
         try:
             s.connect((vip, port))
@@ -34,7 +36,7 @@ names = []
 for _ in range(count):
     try:
         if proto == "udp":
-            family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+            family = socket.AF_INET6 if IPFamily.is_v6(vip) else socket.AF_INET
             with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.settimeout(2)
                 s.sendto(b"hi\n", (vip, port))

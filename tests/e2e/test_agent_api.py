@@ -25,7 +25,7 @@ from conftest import REPO, Lab
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.main import AgentProcess, _load_config
 from svcproxy.agent.tracker import ChangeTracker
-from svcproxy.dataplane.proxier import Capabilities
+from svcproxy.dataplane.proxier import ModeCapabilities
 from tests.unit.test_agent_fake import FakeKernel, FakeProxier
 
 pytestmark = pytest.mark.lab
@@ -50,7 +50,7 @@ class Running:
     async def start(self) -> None:
         proxiers = {m: FakeProxier(m, self.kernel) for m in ("iptables", "userspace")}
         agent = Agent(proxiers, node_name=self.node, tracker=ChangeTracker(min_interval=0.05),
-                      unavailable={"ipvs": Capabilities("ipvs", False, reason="no IPVS in this kernel")})
+                      unavailable={"ipvs": ModeCapabilities("ipvs", False, reason="no IPVS in this kernel")})
         args = argparse.Namespace(node_name=self.node, health_port=0, metrics_port=0,
                                   bind_address="127.0.0.1")
         api = await _load_config(str(self.lab.kubeconfig))

@@ -37,9 +37,9 @@ from cryptography.x509.oid import NameOID
 
 from svcproxy.agent.apiclient import (
     ApiClient,
-    ApiError,
     ClusterConfig,
     ConfigError,
+    StatusError,
     load_incluster,
     load_kubeconfig,
 )
@@ -419,11 +419,11 @@ async def test_watch_resumes_from_bookmarks_and_lists_again_on_410(fake: tuple[F
 
 async def test_api_errors_carry_the_status_reason_and_message(fake: tuple[FakeApi, ApiClient]) -> None:
     _, client = fake
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(StatusError) as caught:
         await client.get("/apis/svcproxy.io/v1alpha1/proxynodes/absent")
     assert (caught.value.status, caught.value.reason) == (404, "NotFound")
     assert "absent" in caught.value.message
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(StatusError) as caught:
         await client.get("/nowhere")  # not a Status body: the text is kept
     assert caught.value.status == 404 and caught.value.reason == "Not Found"
 

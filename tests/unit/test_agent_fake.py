@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from svcproxy.dataplane import diff as dpdiff
-from svcproxy.dataplane.proxier import Capabilities, Counts, DataplaneError, Proxier, SyncResult
+from svcproxy.dataplane.proxier import DataplaneError, ModeCapabilities, ModeCounts, Proxier, SyncResult
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 
@@ -43,10 +43,10 @@ class FakeKernel:
 
 
 class FakeProxier:
-    def __init__(self, mode: str, kernel: FakeKernel, caps: Capabilities | None = None) -> None:
+    def __init__(self, mode: str, kernel: FakeKernel, caps: ModeCapabilities | None = None) -> None:
         self._mode = mode
         self.kernel = kernel
-        self.caps = caps or Capabilities(mode, True, schedulers=frozenset({"rr", "wrr", "sh", "lc"}))
+        self.caps = caps or ModeCapabilities(mode, True, schedulers=frozenset({"rr", "wrr", "sh", "lc"}))
         self.fail: dict[str, DataplaneError] = {}  # owner -> error its next syncs raise
         self.desired_sizes: list[int] = []  # entries handed in, per partial sync (cost check)
         self.syncs: list[frozenset[str] | None] = []
@@ -55,7 +55,7 @@ class FakeProxier:
     def mode(self) -> str:
         return self._mode
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         return self.caps
 
     async def sync(self, desired: Table, only: frozenset[str] | None = None) -> SyncResult:
@@ -116,10 +116,10 @@ class FakeProxier:
         self.kernel.by_owner.pop(self._mode, None)
         return SyncResult(mode=self._mode, full=True, operations={})
 
-    def counts(self) -> Counts:
+    def counts(self) -> ModeCounts:
         # Kept up to date per operation (not counted by a scan): real proxiers count from
         # their mirrors the same way, and the cost test must not see a hidden O(N).
-        return Counts(virtual_servers=len(self.kernel.marks(self._mode)),
+        return ModeCounts(virtual_servers=len(self.kernel.marks(self._mode)),
                       real_servers=self.kernel.reals.get(self._mode, 0))
 
     async def close(self) -> None:

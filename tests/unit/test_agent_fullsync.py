@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from svcproxy.agent.fullsync import Beside, InFlight, between
-from svcproxy.agent.plan import Holdings, Placement, Plan, plan_sync
+from svcproxy.agent.plan import Holdings, Placement, SyncPlan, plan_sync
 from svcproxy.agent.tracker import Batch, ChangeTracker
 from svcproxy.dataplane.table import RealServer, VirtualServer
 
@@ -26,7 +26,7 @@ class Clock:
         return self.t
 
 
-def full_plan(holdings: Holdings) -> Plan:
+def full_plan(holdings: Holdings) -> SyncPlan:
     """a held in ipvs, moving to iptables; b new in iptables."""
     holdings.hold("ns/a", at("ipvs", A))
     holdings.claim("ns/a", at("ipvs", A))

@@ -3,7 +3,7 @@ between modes, who claims a contested key, and what each mode holds afterwards."
 
 from __future__ import annotations
 
-from svcproxy.agent.plan import Holdings, Placement, Plan, Step, plan_sync
+from svcproxy.agent.plan import Holdings, Placement, SyncPlan, SyncStep, plan_sync
 from svcproxy.dataplane.table import RealServer, VirtualServer
 
 MODES = frozenset({"iptables", "userspace", "ipvs"})
@@ -19,7 +19,7 @@ def at(mode: str, *servers: VirtualServer) -> Placement:
 
 def plan(owners: set[str], routed: dict[str, Placement], holdings: Holdings | None = None, *,
          full: bool = False, conflicted: frozenset[str] = frozenset(), live: set[str] | None = None,
-         modes: frozenset[str] = MODES) -> Plan:
+         modes: frozenset[str] = MODES) -> SyncPlan:
     return plan_sync(full=full, owners=owners, routed=routed, holdings=holdings or Holdings(),
                      live=live if live is not None else set(routed), conflicted=conflicted,
                      proxier_modes=modes)
@@ -30,7 +30,7 @@ def test_a_new_owner_goes_to_its_mode_only() -> None:
     p = plan({"ns/a"}, {"ns/a": at("ipvs", a)})
     assert p.modes == ("iptables", "userspace", "ipvs")
     assert p.make("iptables") is None and p.make("userspace") is None
-    assert p.make("ipvs") == Step("ipvs", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
+    assert p.make("ipvs") == SyncStep("ipvs", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
     assert p.moving == {} and p.withdrawals(set()) == []
     assert p.claims == {"ipvs": {a.key: "ns/a"}}
 
@@ -43,10 +43,10 @@ def test_a_mode_change_keeps_the_old_mode_until_the_new_one_holds_it() -> None:
     p = plan({"ns/a"}, {"ns/a": at("userspace", a)}, holdings)
     assert p.moving == {"iptables": {"ns/a": {a.key: a}}}
     # Phase 1: iptables still gets the key, userspace gets it too.
-    assert p.make("iptables") == Step("iptables", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
-    assert p.make("userspace") == Step("userspace", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
+    assert p.make("iptables") == SyncStep("iptables", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
+    assert p.make("userspace") == SyncStep("userspace", {a.key: a}, frozenset({"ns/a"}), frozenset({"ns/a"}))
     # Phase 2 withdraws it from iptables, unless the make failed.
-    assert p.withdrawals(set()) == [Step("iptables", {}, frozenset({"ns/a"}), frozenset({"ns/a"}))]
+    assert p.withdrawals(set()) == [SyncStep("iptables", {}, frozenset({"ns/a"}), frozenset({"ns/a"}))]
     assert p.withdrawals({"ns/a"}) == []
     # What the modes hold afterwards.
     assert p.held("ns/a", {"iptables", "userspace"}, withdrawn=True) == at("userspace", a)
@@ -70,7 +70,7 @@ def test_a_key_held_by_a_live_owner_is_refused_and_a_released_one_unblocks() -> 
     # a is deleted: its key is released and b, refused before, is due again.
     freed = plan({"ns/a"}, {}, holdings, live={"ns/b"}, conflicted=frozenset({"ns/b"}))
     assert freed.new == {"ns/a": {}} and freed.unblock == {"ns/b"}
-    assert freed.make("iptables") == Step("iptables", {}, frozenset({"ns/a"}), frozenset({"ns/a"}))
+    assert freed.make("iptables") == SyncStep("iptables", {}, frozenset({"ns/a"}), frozenset({"ns/a"}))
     holdings.apply(freed.claims)
     assert holdings.key_owner["iptables"] == {}
 
@@ -86,7 +86,7 @@ def test_a_full_plan_visits_every_mode_with_a_proxier_and_skips_empty_absent_one
     a = vs("ns/a")
     p = plan({"ns/a"}, {"ns/a": at("iptables", a)}, full=True, modes=frozenset({"iptables", "ipvs"}))
     assert p.modes == ("iptables", "ipvs")
-    assert p.make("ipvs") == Step("ipvs", {}, None, frozenset())  # sweeps whatever it owns
+    assert p.make("ipvs") == SyncStep("ipvs", {}, None, frozenset())  # sweeps whatever it owns
     assert p.make("userspace") is None
     # ipvs wanted where no ipvs proxier exists: still planned, the executor reports it.
     b = vs("ns/b", "10.96.0.11")

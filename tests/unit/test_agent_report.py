@@ -10,7 +10,7 @@ from svcproxy.agent.report import AgentSnapshot, OwnerError, ReportThrottle, bui
 from svcproxy.agent.routing import Route
 from svcproxy.agent.watch import ExpiredError, PvsWatch, parse
 from svcproxy.api.node import ProxyNodeStatus
-from svcproxy.dataplane.proxier import Capabilities
+from svcproxy.dataplane.proxier import ModeCapabilities
 
 
 def snapshot(**over: Any) -> AgentSnapshot:
@@ -18,9 +18,9 @@ def snapshot(**over: Any) -> AgentSnapshot:
         node_name="node-1",
         agent_version="0.1.0",
         capabilities={
-            "ipvs": Capabilities("ipvs", False, reason="IPVS is not available in this kernel"),
-            "iptables": Capabilities("iptables", True, backend="iptables-nft"),
-            "userspace": Capabilities("userspace", True),
+            "ipvs": ModeCapabilities("ipvs", False, reason="IPVS is not available in this kernel"),
+            "iptables": ModeCapabilities("iptables", True, backend="iptables-nft"),
+            "userspace": ModeCapabilities("userspace", True),
         },
         kernel_release="6.1.0",
         routes=[Route("ipvs", "iptables", "IPVS is not available in this kernel"),

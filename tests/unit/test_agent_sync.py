@@ -10,12 +10,12 @@ import pytest
 from test_agent_fake import FakeKernel, FakeProxier
 
 from svcproxy.agent.agent import Agent
-from svcproxy.agent.convert import Program, to_program
+from svcproxy.agent.convert import DesiredProgram, to_program
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.api.program import ProxyVirtualServer
 from svcproxy.dataplane.proxier import (
-    Capabilities,
     KernelError,
+    ModeCapabilities,
     SchedulerUnavailableError,
     UnsupportedError,
 )
@@ -32,7 +32,7 @@ class Clock:
 
 def pvs(name: str, *, mode: str = "iptables", vip: str = "10.96.0.10", port: int = 80,
         scheduler: str | None = "rr", reals: list[dict[str, Any]] | None = None,
-        h: str = "h1", ns: str = "default", extra_vs: list[dict[str, Any]] | None = None) -> Program:
+        h: str = "h1", ns: str = "default", extra_vs: list[dict[str, Any]] | None = None) -> DesiredProgram:
     real_servers = reals if reals is not None else [{"address": "10.244.1.5", "port": 8080},
                                                     {"address": "10.244.2.5", "port": 8080}]
     vs = {"address": vip, "port": port, "protocol": "TCP", "mode": mode, "scheduler": scheduler,
@@ -52,7 +52,7 @@ def key(vip: str = "10.96.0.10", port: int = 80) -> VSKey:
 Proxiers = dict[str, FakeProxier]
 
 
-def make_agent(kernel: FakeKernel, clock: Clock, *, ipvs: Capabilities | None = None,
+def make_agent(kernel: FakeKernel, clock: Clock, *, ipvs: ModeCapabilities | None = None,
                modes: tuple[str, ...] = ("iptables", "userspace", "ipvs")) -> tuple[Agent, Proxiers]:
     proxiers = {m: FakeProxier(m, kernel) for m in modes}
     unavailable = {}
@@ -138,7 +138,7 @@ async def test_partial_sync_leaves_drift_to_the_full_sync_and_never_touches_fore
 
 async def test_ipvs_without_ipvs_runs_in_iptables_and_says_why() -> None:
     kernel, clock = FakeKernel(), Clock()
-    no_ipvs = Capabilities("ipvs", False, reason="IPVS is not available in this kernel")
+    no_ipvs = ModeCapabilities("ipvs", False, reason="IPVS is not available in this kernel")
     agent, _ = make_agent(kernel, clock, ipvs=no_ipvs)
     agent.replace_all([pvs("web", mode="ipvs", scheduler="rr")])
     await settle(agent, clock)
@@ -151,7 +151,7 @@ async def test_ipvs_without_ipvs_runs_in_iptables_and_says_why() -> None:
 
 async def test_scheduler_that_does_not_load_falls_back_per_service() -> None:
     kernel, clock = FakeKernel(), Clock()
-    caps = Capabilities("ipvs", True, schedulers=frozenset({"rr", "wrr"}))
+    caps = ModeCapabilities("ipvs", True, schedulers=frozenset({"rr", "wrr"}))
     agent, _ = make_agent(kernel, clock, ipvs=caps)
     agent.replace_all([pvs("a", mode="ipvs", scheduler="rr"),
                        pvs("b", mode="ipvs", scheduler="mh", vip="10.96.0.11")])
@@ -269,7 +269,7 @@ async def test_without_iptables_an_ipvs_service_is_reported_and_not_retried_ever
     clock = Clock()
     agent = Agent({}, node_name="node-1", clock=clock, wall=clock,
                   tracker=ChangeTracker(now=clock()),
-                  unavailable={m: Capabilities(m, False, reason=f"{m} is off") for m in
+                  unavailable={m: ModeCapabilities(m, False, reason=f"{m} is off") for m in
                                ("ipvs", "iptables", "userspace")})
     agent.replace_all([pvs("a", mode="ipvs")])
     await settle(agent, clock)

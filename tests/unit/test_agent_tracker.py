@@ -9,7 +9,7 @@ import itertools
 from test_agent_fake import FakeKernel, FakeProxier
 
 from svcproxy.agent.agent import Agent
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.dataplane.proxier import SyncResult
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer
@@ -227,9 +227,9 @@ class SlowProxier(FakeProxier):
         return await super().sync(desired, only)
 
 
-def program(i: int, address: str) -> Program:
+def program(i: int, address: str) -> DesiredProgram:
     vs = VirtualServer.create("TCP", f"10.96.0.{i + 1}", 80, [RealServer(address, 8080)], owner=f"ns/s{i}")
-    return Program(vs.owner, address, {"iptables": (vs,)})
+    return DesiredProgram(vs.owner, address, {"iptables": (vs,)})
 
 
 async def test_the_agent_paces_its_syncs_by_what_they_cost_and_the_kernel_gets_everything() -> None:

@@ -10,7 +10,7 @@ import pytest
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, service
 
 from svcproxy.api import HANDOVER_LABEL, ProxyVirtualServerSpec
-from svcproxy.compile.namespace import NamespaceView
+from svcproxy.compile.planner import NamespaceView
 from svcproxy.controller import handlers, plan, statuscmd
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.lister import apply_lists

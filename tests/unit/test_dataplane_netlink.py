@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from svcproxy.base import IPFamily
 from svcproxy.dataplane.diff import Operation, OpKind
 from svcproxy.dataplane.ipvs import nlpack
 from svcproxy.dataplane.table import RealServer, VirtualServer
@@ -24,6 +25,6 @@ def test_pack_op_matches_pyroute2(kind: OpKind, index: int) -> None:
     vs = VS[index]
     rs = None
     if kind in (OpKind.ADD_RS, OpKind.UPDATE_RS, OpKind.DELETE_RS):
-        rs = RS[1] if ":" in vs.address else RS[0]
+        rs = RS[1] if IPFamily.is_v6(vs.address) else RS[0]
     op = Operation(kind, vs, rs)
     assert nlpack.pack_op(op, 31, 42) == encode_op(op, 31, 42)

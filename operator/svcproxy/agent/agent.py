@@ -29,16 +29,17 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.fullsync import Beside, InFlight, between
 from svcproxy.agent.metrics import Metrics
-from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, Plan, Step, plan_sync
+from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, SyncPlan, SyncStep, plan_sync
 from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.base import Mode
 from svcproxy.dataplane.proxier import (
     Action,
-    Capabilities,
+    ModeCapabilities,
     ModeUnavailableError,
     Proxier,
     SteppedFullSync,
@@ -70,19 +71,19 @@ class _Run:
     """One sync in progress: its plan (a full sync's is replaced on take-over), the
     owners that failed, per mode and in all, and the full sync in flight, if any."""
 
-    plan: Plan
+    plan: SyncPlan
     outcome: SyncOutcome
-    failed_in: dict[str, set[str]] = field(default_factory=dict)
+    failed_in: dict[Mode, set[str]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     inflight: InFlight | None = None
 
-    def record(self, mode: str, failed: set[str], result: SyncResult) -> None:
+    def record(self, mode: Mode, failed: set[str], result: SyncResult) -> None:
         self.outcome.results.append(result)
         self.failed_in[mode] = self.failed_in.get(mode, set()) | failed
         self.failed |= failed
 
 
-def _node_trouble(mode: str, action: Action) -> bool:
+def _node_trouble(mode: Mode, action: Action) -> bool:
     """Kernel failures and a fallback mode that cannot run are the node's problem."""
     return action is Action.RETRY or (action is Action.FALLBACK and mode == FALLBACK_MODE)
 
@@ -90,7 +91,7 @@ def _node_trouble(mode: str, action: Action) -> bool:
 class Agent:
     def __init__(
         self,
-        proxiers: Mapping[str, Proxier],
+        proxiers: Mapping[Mode, Proxier],
         *,
         node_name: str,
         tracker: ChangeTracker | None = None,
@@ -99,7 +100,7 @@ class Agent:
         wall: Callable[[], float] = time.time,
         agent_version: str = "",
         kernel_release: str = "",
-        unavailable: Mapping[str, Capabilities] | None = None,
+        unavailable: Mapping[Mode, ModeCapabilities] | None = None,
     ) -> None:
         self.proxiers = dict(proxiers)
         self.node_name = node_name
@@ -109,12 +110,12 @@ class Agent:
         self.metrics = metrics or Metrics()
         self.agent_version = agent_version
         self.kernel_release = kernel_release
-        caps: dict[str, Capabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
+        caps: dict[Mode, ModeCapabilities] = {m: p.capabilities() for m, p in self.proxiers.items()}
         # Modes that could not be built or are not usable here: routed around, reported.
         for mode, mode_caps in (unavailable or {}).items():
             caps.setdefault(mode, mode_caps)
         self.router = Router(caps)
-        self.programs: dict[str, Program] = {}
+        self.programs: dict[str, DesiredProgram] = {}
         self.holdings = Holdings()  # what each mode holds, per owner and per key
         self.routes: dict[str, list[Route]] = {}
         self.applied: dict[str, str] = {}
@@ -132,7 +133,7 @@ class Agent:
         self._wake = asyncio.Event()  # set on every change: wakes _between
 
     # ---- desired state (called by the watch) -------------------------------------------
-    def upsert(self, program: Program) -> None:
+    def upsert(self, program: DesiredProgram) -> None:
         old = self.programs.get(program.owner)
         self.programs[program.owner] = program
         if old != program:
@@ -144,7 +145,7 @@ class Agent:
             self.tracker.changed(owner, self.clock())
             self._wake.set()
 
-    def replace_all(self, programs: Iterable[Program]) -> None:
+    def replace_all(self, programs: Iterable[DesiredProgram]) -> None:
         """After a (re-)list: the complete set; owners missing from it are deleted."""
         fresh = {p.owner: p for p in programs}
         for owner in list(self.programs):
@@ -160,7 +161,7 @@ class Agent:
         return self.holdings.placement
 
     @property
-    def key_owner(self) -> dict[str, dict[VSKey, str]]:
+    def key_owner(self) -> dict[Mode, dict[VSKey, str]]:
         """mode -> key -> the owner that claims it."""
         return self.holdings.key_owner
 
@@ -178,7 +179,7 @@ class Agent:
             routed[owner], self.routes[owner] = self.router.place(program)
         return routed
 
-    def _plan(self, batch: Batch) -> Plan:
+    def _plan(self, batch: Batch) -> SyncPlan:
         """The batch's plan (:mod:`svcproxy.agent.plan`), with its claims, conflicts and
         unblocked owners recorded."""
         owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
@@ -258,7 +259,7 @@ class Agent:
         self._settle(run, synced, overtaken)
         return self._finish(run, started)
 
-    async def _make(self, run: _Run, mode: str) -> None:
+    async def _make(self, run: _Run, mode: Mode) -> None:
         step = run.plan.make(mode)
         if step is None:
             return
@@ -278,7 +279,9 @@ class Agent:
         if inflight is not None:
             inflight.done.add(mode)
 
-    def _settle(self, run: _Run, synced: Mapping[str, Program | None], overtaken: Collection[str]) -> None:
+    def _settle(
+        self, run: _Run, synced: Mapping[str, DesiredProgram | None], overtaken: Collection[str]
+    ) -> None:
         """What each mode now holds of each owner and which hashes are applied; the
         overtaken owners stay as their partial sync left them."""
         plan = run.plan
@@ -327,7 +330,7 @@ class Agent:
         )
         return outcome
 
-    async def _sync_mode(self, step: Step) -> SyncResult:
+    async def _sync_mode(self, step: SyncStep) -> SyncResult:
         proxier = self.proxiers.get(step.mode)
         if proxier is None:
             caps = self.router.capabilities.get(step.mode)

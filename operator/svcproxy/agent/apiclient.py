@@ -4,11 +4,10 @@ The agent needs five things from the API server: list and watch
 ProxyVirtualServers, get and create its ProxyNode, and merge-patch the
 ProxyNode's status. :class:`ApiClient` does those over one ``aiohttp``
 session; :func:`load_kubeconfig` and :func:`load_incluster` build its
-:class:`ClusterConfig`. It replaces ``kubernetes_asyncio`` in the agent,
-whose import alone (every generated model class) cost ~70 MB of RSS on every
-node. Called by :mod:`svcproxy.agent.main` (config), :mod:`svcproxy.agent.watch`
-and :mod:`svcproxy.agent.kube` (requests). The operator keeps kopf and
-``kubernetes_asyncio``.
+:class:`ClusterConfig`. It is the agent's one Kubernetes client (import-linter
+contract ``agent-client``): a generated client loads every model class, too much
+memory for a process that runs on every node. Called by :mod:`svcproxy.agent.main`
+(config), :mod:`svcproxy.agent.watch` and :mod:`svcproxy.agent.kube` (requests).
 
 Supported kubeconfig users: client certificates (file or ``-data``), a bearer
 ``token`` or ``tokenFile``; clusters: ``certificate-authority`` (file or
@@ -32,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from svcproxy.base import IPFamily
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -40,7 +41,7 @@ class ConfigError(Exception):
     """The kubeconfig or in-cluster environment cannot be used; the message says why and what to do."""
 
 
-class ApiError(Exception):
+class StatusError(Exception):
     """The API server answered with an error status.
 
     ``status`` is the HTTP status (410 = the resourceVersion expired: list again),
@@ -244,20 +245,19 @@ def load_incluster(
         sslctx = _ssl_context(account_dir / "ca.crt", None, False, None, None)
     except (OSError, ssl.SSLError) as err:
         raise ConfigError(f"cannot load the service account CA {account_dir / 'ca.crt'}: {err}") from err
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    return ClusterConfig(server=f"https://{host}:{port}", ssl_context=sslctx, token_file=token)
+    server = f"https://{IPFamily.bracketed(host)}:{port}"
+    return ClusterConfig(server=server, ssl_context=sslctx, token_file=token)
 
 
-async def _error_of(resp: aiohttp.ClientResponse) -> ApiError:
+async def _error_of(resp: aiohttp.ClientResponse) -> StatusError:
     body = await resp.read()
     try:
         status = json.loads(body)
     except ValueError:
         status = None
     if isinstance(status, dict) and status.get("kind") == "Status":
-        return ApiError(resp.status, str(status.get("reason", "")), str(status.get("message", "")))
-    return ApiError(resp.status, resp.reason or "", body[:300].decode(errors="replace").strip())
+        return StatusError(resp.status, str(status.get("reason", "")), str(status.get("message", "")))
+    return StatusError(resp.status, resp.reason or "", body[:300].decode(errors="replace").strip())
 
 
 class ApiClient:
@@ -312,7 +312,7 @@ class ApiClient:
                     on_open: Callable[[], None] | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Watch events (``{"type", "object"}``) until the server ends the watch.
 
-        Raises :class:`ApiError` when the watch is refused (410 when the resourceVersion
+        Raises :class:`StatusError` when the watch is refused (410 when the resourceVersion
         is too old). ERROR events are yielded as they come: the caller decides.
         ``on_open`` is called once the server accepted the watch (before any event:
         a quiet watch is live too).

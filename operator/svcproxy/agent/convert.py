@@ -1,7 +1,7 @@
 """ProxyVirtualServer -> the data plane's desired entries; pure.
 
 The watch (:mod:`svcproxy.agent.watch`) parses each object once into the
-pydantic model; :func:`to_program` turns it into a :class:`Program`: the
+pydantic model; :func:`to_program` turns it into a :class:`DesiredProgram`: the
 owner ("namespace/name"), its content hash and its virtual servers grouped
 by the mode they ask for. The agent's router then decides the mode each
 group really runs in. Endpoint rules: ready endpoints take traffic with
@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from svcproxy.api.program import ProxyVirtualServer
-from svcproxy.api.program import RealServer as ApiRealServer
-from svcproxy.api.program import VirtualServer as ApiVirtualServer
+from svcproxy.api.program import ProxyVirtualServer, RealServerSpec, VirtualServerSpec
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import RealServer, VirtualServer
 
 
 @dataclass(frozen=True)
-class Program:
+class DesiredProgram:
     """One ProxyVirtualServer as the agent keeps it.
 
     ``by_mode``: requested mode -> virtual servers (owner set, reals in
@@ -31,7 +30,7 @@ class Program:
 
     owner: str
     content_hash: str
-    by_mode: Mapping[str, tuple[VirtualServer, ...]] = field(default_factory=dict)
+    by_mode: Mapping[Mode, tuple[VirtualServer, ...]] = field(default_factory=dict)
     error: str = ""
 
     @property
@@ -43,7 +42,7 @@ def owner_of(namespace: str | None, name: str) -> str:
     return f"{namespace or ''}/{name}"
 
 
-def real_server(rs: ApiRealServer) -> RealServer | None:
+def real_server(rs: RealServerSpec) -> RealServer | None:
     """The kernel's view of one endpoint, or None when it takes no traffic at all."""
     if rs.ready and not rs.terminating:
         return RealServer(rs.address, rs.port, rs.weight)
@@ -53,7 +52,7 @@ def real_server(rs: ApiRealServer) -> RealServer | None:
     return None
 
 
-def virtual_server(vs: ApiVirtualServer, owner: str) -> VirtualServer:
+def virtual_server(vs: VirtualServerSpec, owner: str) -> VirtualServer:
     reals: dict[tuple[str, int], RealServer] = {}
     for api_rs in vs.real_servers:
         rs = real_server(api_rs)
@@ -75,10 +74,10 @@ def virtual_server(vs: ApiVirtualServer, owner: str) -> VirtualServer:
     )
 
 
-def to_program(pvs: ProxyVirtualServer) -> Program:
+def to_program(pvs: ProxyVirtualServer) -> DesiredProgram:
     """The agent's form of one ProxyVirtualServer (never raises for bad content)."""
     owner = owner_of(pvs.metadata.namespace, pvs.metadata.name)
-    by_mode: dict[str, list[VirtualServer]] = {}
+    by_mode: dict[Mode, list[VirtualServer]] = {}
     seen: set[tuple[str, str, int]] = set()
     try:
         for api_vs in pvs.spec.virtual_servers:
@@ -88,5 +87,5 @@ def to_program(pvs: ProxyVirtualServer) -> Program:
             seen.add(vs.key)
             by_mode.setdefault(api_vs.mode, []).append(vs)
     except ValueError as err:
-        return Program(owner, pvs.spec.content_hash, {}, f"cannot program {owner}: {err}")
-    return Program(owner, pvs.spec.content_hash, {m: tuple(v) for m, v in by_mode.items()})
+        return DesiredProgram(owner, pvs.spec.content_hash, {}, f"cannot program {owner}: {err}")
+    return DesiredProgram(owner, pvs.spec.content_hash, {m: tuple(v) for m, v in by_mode.items()})

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcproxy.agent.plan import Holdings, Placement, Plan
+from svcproxy.agent.plan import Holdings, Placement, SyncPlan
 from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.base import Mode
 
 
 @dataclass
@@ -28,9 +29,9 @@ class InFlight:
     whose sync failed per mode so far, the modes it has written and the owners partial
     syncs took over from it."""
 
-    plan: Plan
-    failed_in: dict[str, set[str]]  # mode -> owners (shared with the executor)
-    done: set[str] = field(default_factory=set)
+    plan: SyncPlan
+    failed_in: dict[Mode, set[str]]  # mode -> owners (shared with the executor)
+    done: set[Mode] = field(default_factory=set)
     overtaken: set[str] = field(default_factory=set)
 
     def held(self, owner: str) -> Placement:

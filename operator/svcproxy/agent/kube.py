@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from svcproxy.agent.apiclient import ApiClient, ApiError
+from svcproxy.agent.apiclient import ApiClient, StatusError
 from svcproxy.agent.report import ReportThrottle
 from svcproxy.api.common import API_VERSION, GROUP, VERSION
 
@@ -32,14 +32,14 @@ class ProxyNodeWriter:
         """Create the ProxyNode with an empty spec if it is missing; load its status."""
         try:
             obj = await self.api.get(self.path)
-        except ApiError as err:
+        except StatusError as err:
             if err.status != 404:
                 raise
             body = {"apiVersion": API_VERSION, "kind": "ProxyNode",
                     "metadata": {"name": self.node_name}, "spec": {}}
             try:
                 obj = await self.api.post(COLLECTION, body)
-            except ApiError as err2:
+            except StatusError as err2:
                 if err2.status != 409:
                     raise
                 obj = await self.api.get(self.path)
@@ -56,7 +56,7 @@ class ProxyNodeWriter:
             return False
         try:
             await self.api.merge_patch(f"{self.path}/status", {"status": patch})
-        except ApiError as err:
+        except StatusError as err:
             self.throttle.forget()
             self._known = False  # deleted under us, or out of step: read it again
             if err.status == 404:

@@ -30,14 +30,15 @@ from aiohttp import web
 from svcproxy.agent import logs
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.apiclient import ApiClient, ConfigError, load_incluster, load_kubeconfig
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.agent.watch import PvsWatch, _describe
+from svcproxy.base import MODES, Mode
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
-from svcproxy.dataplane.proxier import MODES, Capabilities, Proxier
+from svcproxy.dataplane.proxier import ModeCapabilities, Proxier
 
 log = logging.getLogger("svcproxy.agent")
 
@@ -56,8 +57,8 @@ def trim_heap() -> None:
     """Hand the heap pages a full sync freed back to the kernel.
 
     A full sync's transient objects (the read-back of every rule, restore inputs) are
-    freed when it ends, but glibc keeps the pages: at 10k Services ~6 MB of RSS that
-    malloc_trim returns. Called after each full sync (once a minute; it takes ~ms).
+    freed when it ends, but glibc keeps the pages until malloc_trim returns them.
+    Called after each full sync.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -105,18 +106,19 @@ def version() -> str:
 
 def build_proxiers(
     cfg: DataplaneConfig, modes: list[str]
-) -> tuple[dict[str, Proxier], dict[str, Capabilities]]:
+) -> tuple[dict[Mode, Proxier], dict[Mode, ModeCapabilities]]:
     """Every mode's proxier that can run here, and the capabilities of those that cannot."""
-    usable: dict[str, Proxier] = {}
-    unusable: dict[str, Capabilities] = {}
+    usable: dict[Mode, Proxier] = {}
+    unusable: dict[Mode, ModeCapabilities] = {}
     for mode in MODES:
         if mode not in modes:
-            unusable[mode] = Capabilities(mode, False, f"{mode} mode is turned off on this agent (--modes)")
+            why = f"{mode} mode is turned off on this agent (--modes)"
+            unusable[mode] = ModeCapabilities(mode, False, why)
             continue
         try:
             proxier = build_proxier(mode, cfg)
         except Exception as err:  # a mode's package missing or failing to import
-            unusable[mode] = Capabilities(mode, False, f"{mode} mode cannot start: {err}")
+            unusable[mode] = ModeCapabilities(mode, False, f"{mode} mode cannot start: {err}")
             log.warning("mode unavailable", extra={"mode": mode, "error": repr(err)})
             continue
         caps = proxier.capabilities()
@@ -149,7 +151,7 @@ class AgentProcess:
         # itself: their changes should not wait for the full sync to end to be reported.
         agent.on_synced = lambda _outcome: self.report_wake.set()
 
-    def _on_list(self, programs: Iterable[Program]) -> None:
+    def _on_list(self, programs: Iterable[DesiredProgram]) -> None:
         self.agent.replace_all(programs)
         self.listed.set()
 
@@ -223,7 +225,7 @@ async def _load_config(kubeconfig: str | None) -> ApiClient:
     return ApiClient(load_kubeconfig(Path(kubeconfig)) if kubeconfig else load_incluster())
 
 
-def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Capabilities]] | None:
+def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, ModeCapabilities]] | None:
     """Build the proxiers before the event loop starts (pyroute2's synchronous sockets
     refuse to be made inside a running loop); None when --modes is wrong."""
     cfg = DataplaneConfig(
@@ -239,7 +241,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Proxier], dict[str, Cap
 
 
 async def amain(
-    args: argparse.Namespace, usable: dict[str, Proxier], unusable: dict[str, Capabilities]
+    args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
 ) -> int:
     metrics = Metrics()
     agent = Agent(

@@ -3,10 +3,10 @@
 :func:`plan_sync` takes the batch's owners, their routed placements (the desired
 table, split by effective mode) and the agent's :class:`Holdings` (one mirror of
 what each mode holds per owner, and which owner claims each key), and returns a
-:class:`Plan`: the keys refused for being another owner's, the keys moving between
+:class:`SyncPlan`: the keys refused for being another owner's, the keys moving between
 modes, and the order of modes. The executor in :mod:`svcproxy.agent.agent` asks
-the plan for each step (:meth:`Plan.make`, then :meth:`Plan.withdraw` for
-make-before-break) and for what each mode holds afterwards (:meth:`Plan.held`).
+the plan for each step (:meth:`SyncPlan.make`, then :meth:`SyncPlan.withdraw` for
+make-before-break) and for what each mode holds afterwards (:meth:`SyncPlan.held`).
 No I/O and no clock here, so unit tests check plans directly.
 """
 
@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import VirtualServer, VSKey
 
-MODE_ORDER = ("iptables", "userspace", "ipvs")
+MODE_ORDER: tuple[Mode, ...] = ("iptables", "userspace", "ipvs")
 
-Placement = dict[str, dict[VSKey, VirtualServer]]
+Placement = dict[Mode, dict[VSKey, VirtualServer]]
 """Effective mode -> that mode's virtual servers of one owner."""
 
-Moving = dict[str, dict[str, dict[VSKey, VirtualServer]]]
+Moving = dict[Mode, dict[str, dict[VSKey, VirtualServer]]]
 """Old mode -> owner -> the keys leaving that mode for another one."""
 
 
@@ -33,7 +34,7 @@ class Holdings:
     plan, holdings follow the results). Pure data; cheap per owner."""
 
     placement: dict[str, Placement] = field(default_factory=dict)
-    key_owner: dict[str, dict[VSKey, str]] = field(default_factory=dict)
+    key_owner: dict[Mode, dict[VSKey, str]] = field(default_factory=dict)
 
     def held(self, owner: str) -> Placement:
         return self.placement.get(owner, {})
@@ -58,7 +59,7 @@ class Holdings:
             for key in servers:
                 index[key] = owner
 
-    def apply(self, claims: Mapping[str, Mapping[VSKey, str | None]]) -> None:
+    def apply(self, claims: Mapping[Mode, Mapping[VSKey, str | None]]) -> None:
         """Apply a plan's claim changes (``None``: released)."""
         for mode, changes in claims.items():
             index = self.key_owner.setdefault(mode, {})
@@ -70,31 +71,31 @@ class Holdings:
 
 
 @dataclass(frozen=True)
-class Step:
+class SyncStep:
     """One proxier call: ``desired`` for ``mode``; ``only`` is None for a full sync.
     ``owners``: whose outcome the result decides."""
 
-    mode: str
+    mode: Mode
     desired: dict[VSKey, VirtualServer]
     only: frozenset[str] | None
     owners: frozenset[str]
 
 
 @dataclass(frozen=True)
-class Plan:
+class SyncPlan:
     full: bool
     owners: frozenset[str]
     old: Mapping[str, Placement]  # what each mode held of each owner before
     new: Mapping[str, Placement]  # what each mode should hold after
-    moving: Mapping[str, Mapping[str, dict[VSKey, VirtualServer]]]
-    modes: tuple[str, ...]  # phase 1 order
-    proxier_modes: frozenset[str]
-    claims: Mapping[str, Mapping[VSKey, str | None]]  # key_owner changes
+    moving: Mapping[Mode, Mapping[str, dict[VSKey, VirtualServer]]]
+    modes: tuple[Mode, ...]  # phase 1 order
+    proxier_modes: frozenset[Mode]
+    claims: Mapping[Mode, Mapping[VSKey, str | None]]  # key_owner changes
     conflicts: Mapping[str, str]  # owner -> why a key was refused
     conflicted: frozenset[str]  # every owner refused a key, after this sync
     unblock: frozenset[str]  # owners refused earlier that a released key may now let in
 
-    def make(self, mode: str) -> Step | None:
+    def make(self, mode: Mode) -> SyncStep | None:
         """Phase 1 for ``mode``: the new placement, plus keys moving out of it (they stay
         until their new mode holds them)."""
         desired: dict[VSKey, VirtualServer] = {}
@@ -110,20 +111,20 @@ class Plan:
             return None
         if self.full and mode not in self.proxier_modes and not desired:
             return None
-        return Step(mode, desired, None if self.full else frozenset(only), frozenset(only))
+        return SyncStep(mode, desired, None if self.full else frozenset(only), frozenset(only))
 
-    def withdrawals(self, failed: Container[str]) -> list[Step]:
+    def withdrawals(self, failed: Container[str]) -> list[SyncStep]:
         """Phase 2: withdraw moved keys from their old mode, only for owners whose
         make succeeded."""
-        steps: list[Step] = []
+        steps: list[SyncStep] = []
         for mode in sorted(self.moving, key=_mode_rank):
             ready = frozenset(o for o in self.moving[mode] if o not in failed)
             if ready:
                 desired = {k: v for o in ready for k, v in self.new[o].get(mode, {}).items()}
-                steps.append(Step(mode, desired, ready, ready))
+                steps.append(SyncStep(mode, desired, ready, ready))
         return steps
 
-    def held(self, owner: str, ok_modes: Container[str], withdrawn: bool) -> Placement:
+    def held(self, owner: str, ok_modes: Container[Mode], withdrawn: bool) -> Placement:
         """What the modes hold of ``owner``: the new placement where its sync went
         through (``ok_modes``; plus keys still moving out unless ``withdrawn``), the
         old one elsewhere (unknown: the next full sync re-reads)."""
@@ -140,7 +141,7 @@ class Plan:
                 placement[mode] = held
         return placement
 
-    def taken_over(self, owners: Collection[str], now: Mapping[str, Placement]) -> Plan:
+    def taken_over(self, owners: Collection[str], now: Mapping[str, Placement]) -> SyncPlan:
         """The plan for the rest of a full sync once partial syncs took ``owners`` over:
         they continue from what those left (``now``) and nothing of theirs moves."""
         if not owners:
@@ -157,7 +158,7 @@ class Plan:
         return replace(self, new=new, old=old, moving=moving)
 
 
-def _mode_rank(mode: str) -> int:
+def _mode_rank(mode: Mode) -> int:
     return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
 
 
@@ -169,8 +170,8 @@ def plan_sync(
     holdings: Holdings,
     live: Container[str],
     conflicted: frozenset[str],
-    proxier_modes: Collection[str],
-) -> Plan:
+    proxier_modes: Collection[Mode],
+) -> SyncPlan:
     """Plan one sync of ``owners``. ``routed``: each owner's desired placement (absent:
     withdraw it); ``live``: owners that have a program (only they hold keys against
     others); ``conflicted``: owners refused a key before."""
@@ -180,7 +181,7 @@ def plan_sync(
     new, conflicts = _claim(sorted(owners), routed, holdings, claims, live)
     released = any(k not in new[o].get(m, {}) for o in owners for m, s in old[o].items() for k in s)
     modes = tuple(m for m in MODE_ORDER if m in proxier_modes or any(m in p for p in new.values()))
-    return Plan(
+    return SyncPlan(
         full=full,
         owners=owners,
         old=old,
@@ -197,9 +198,9 @@ def plan_sync(
 
 def _released(
     owners: frozenset[str], old: Mapping[str, Placement], holdings: Holdings
-) -> dict[str, dict[VSKey, str | None]]:
+) -> dict[Mode, dict[VSKey, str | None]]:
     """Claim changes that drop each owner's claims on what it held."""
-    claims: dict[str, dict[VSKey, str | None]] = {}
+    claims: dict[Mode, dict[VSKey, str | None]] = {}
     for owner in owners:
         for mode, servers in old[owner].items():
             index = holdings.key_owner.get(mode, {})
@@ -213,7 +214,7 @@ def _claim(
     owners: list[str],
     routed: Mapping[str, Placement],
     holdings: Holdings,
-    claims: dict[str, dict[VSKey, str | None]],
+    claims: dict[Mode, dict[VSKey, str | None]],
     live: Container[str],
 ) -> tuple[dict[str, Placement], dict[str, str]]:
     """Each owner's placement minus keys a live other owner claims (in ``owners``

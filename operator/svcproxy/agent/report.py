@@ -19,7 +19,8 @@ from typing import Any
 
 from svcproxy.agent.routing import Route, modes_summary
 from svcproxy.api.node import ProxyNodeStatus
-from svcproxy.dataplane.proxier import Capabilities
+from svcproxy.base import Mode
+from svcproxy.dataplane.proxier import ModeCapabilities
 
 MAX_ERRORS = 100
 
@@ -37,7 +38,7 @@ class AgentSnapshot:
 
     node_name: str
     agent_version: str
-    capabilities: Mapping[str, Capabilities]
+    capabilities: Mapping[Mode, ModeCapabilities]
     kernel_release: str
     routes: Sequence[Route]
     applied: Mapping[str, str]

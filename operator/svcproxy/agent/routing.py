@@ -1,7 +1,7 @@
 """Mode routing: which proxier runs each virtual server on this node; pure.
 
 Modes do not know each other; the agent asks the router where each virtual
-server of a :class:`~svcproxy.agent.convert.Program` goes. An ``ipvs``
+server of a :class:`~svcproxy.agent.convert.DesiredProgram` goes. An ``ipvs``
 virtual server runs in ``iptables`` mode when IPVS is not usable on the
 node, when its scheduler's module does not load, or when the ipvs proxier
 reported a fallback error for its owner at runtime. A ``userspace`` one
@@ -15,34 +15,35 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from svcproxy.agent.convert import Program
+from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.plan import Placement
-from svcproxy.dataplane.proxier import Capabilities
+from svcproxy.base import Mode
+from svcproxy.dataplane.proxier import ModeCapabilities
 from svcproxy.dataplane.table import VirtualServer
 
-FALLBACK_MODE = "iptables"
+FALLBACK_MODE: Mode = "iptables"
 
 
 @dataclass(frozen=True)
 class Route:
-    requested: str
-    effective: str
+    requested: Mode
+    effective: Mode
     reason: str = ""
 
 
 class Router:
     """Decides the effective mode of each virtual server from detected capabilities."""
 
-    def __init__(self, capabilities: Mapping[str, Capabilities]) -> None:
+    def __init__(self, capabilities: Mapping[Mode, ModeCapabilities]) -> None:
         self.capabilities = dict(capabilities)
         # owner -> reason: the ipvs proxier refused it at runtime (e.g. a scheduler failed to load).
         self.forced: dict[str, str] = {}
 
-    def available(self, mode: str) -> bool:
+    def available(self, mode: Mode) -> bool:
         caps = self.capabilities.get(mode)
         return caps is not None and caps.available
 
-    def route(self, mode: str, vs: VirtualServer) -> Route:
+    def route(self, mode: Mode, vs: VirtualServer) -> Route:
         if mode == FALLBACK_MODE:
             return Route(mode, mode)
         caps = self.capabilities.get(mode)
@@ -60,7 +61,7 @@ class Router:
             return Route(mode, FALLBACK_MODE, forced)
         return Route(mode, mode)
 
-    def place(self, program: Program) -> tuple[Placement, list[Route]]:
+    def place(self, program: DesiredProgram) -> tuple[Placement, list[Route]]:
         """Effective placement of one program's virtual servers, and the routes taken."""
         placement: Placement = {}
         routes: list[Route] = []

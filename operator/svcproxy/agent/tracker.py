@@ -9,13 +9,12 @@ how long each sync ran. Many events between two syncs become one batch; two
 syncs start at least ``min_interval`` apart; after a partial sync the next
 one waits ``pause_ratio`` times as long as that sync took (at most
 ``max_pause``), so when each sync costs a lot (iptables-nft revalidates the
-whole nat table on every commit: ~260 ms at 10k Services) a stream of changes
+whole nat table on every commit) a stream of changes
 goes out in fewer, larger syncs and the agent leaves the CPU to others at
 least half the time (ratio 1), while a change after an idle spell longer
 than that pause goes out at once. A partial sync takes at most ``max_batch``
 owners, the oldest first (one iptables-nft-restore input costs more than
-linearly in the chains it holds: 1k Services in one input ~6 s, in five of
-200 ~1.2 s), and while that many or more are pending the next one does not
+linearly in the chains it holds), and while that many or more are pending the next one does not
 pause (a full batch gains nothing by waiting). A full reconcile comes every
 ``full_interval`` (only ``min_interval`` holds it back; the changes pending
 when it starts stay pending, for the partial syncs that run beside its

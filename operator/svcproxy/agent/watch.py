@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from svcproxy.agent.apiclient import ApiClient, ApiError
-from svcproxy.agent.convert import Program, owner_of, to_program
+from svcproxy.agent.apiclient import ApiClient, StatusError
+from svcproxy.agent.convert import DesiredProgram, owner_of, to_program
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.api.program import ProxyVirtualServer
 
@@ -36,8 +36,8 @@ class ExpiredError(Exception):
     """The resourceVersion is too old (410 Gone): list again."""
 
 
-def parse(obj: dict[str, Any]) -> Program:
-    """One object from the API -> a Program (an error Program when it does not parse)."""
+def parse(obj: dict[str, Any]) -> DesiredProgram:
+    """One object from the API -> a DesiredProgram (one with an error when it does not parse)."""
     meta = obj.get("metadata") or {}
     owner = owner_of(meta.get("namespace"), meta.get("name", ""))
     try:
@@ -45,7 +45,7 @@ def parse(obj: dict[str, Any]) -> Program:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return Program(
+        return DesiredProgram(
             owner,
             ((obj.get("spec") or {}).get("contentHash") or ""),
             {},
@@ -55,7 +55,7 @@ def parse(obj: dict[str, Any]) -> Program:
 
 
 def _describe(err: Exception) -> str:
-    if isinstance(err, ApiError):
+    if isinstance(err, StatusError):
         return str(err)[:400]
     return repr(err)
 
@@ -65,8 +65,8 @@ class PvsWatch:
         self,
         api: ApiClient,
         *,
-        on_list: Callable[[Iterable[Program]], None],
-        on_upsert: Callable[[Program], None],
+        on_list: Callable[[Iterable[DesiredProgram]], None],
+        on_upsert: Callable[[DesiredProgram], None],
         on_delete: Callable[[str], None],
         on_restart: Callable[[str], None] = lambda reason: None,
         watch_timeout: int = 300,
@@ -118,7 +118,7 @@ class PvsWatch:
         # In pages: each page's raw objects are dropped once parsed, so a 10k-Service list
         # never holds every raw object at once (the agent's peak RSS). All pages are one
         # snapshot (the continue token pins the resourceVersion); an expired token is a 410.
-        programs: list[Program] = []
+        programs: list[DesiredProgram] = []
         params = {"limit": str(self.page_size)}
         try:
             while True:
@@ -129,7 +129,7 @@ class PvsWatch:
                     break
                 params = {"limit": str(self.page_size), "continue": meta["continue"]}
                 del page
-        except ApiError as err:
+        except StatusError as err:
             if err.status == 410:
                 raise ExpiredError() from err
             raise
@@ -148,7 +148,7 @@ class PvsWatch:
             async with contextlib.aclosing(events):  # release the connection when _event raises
                 async for event in events:
                     self._event(event)
-        except ApiError as err:
+        except StatusError as err:
             if err.status == 410:
                 raise ExpiredError() from err
             raise

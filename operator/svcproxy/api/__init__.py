@@ -22,14 +22,14 @@ from svcproxy.api.policy import (
     IPVS_SCHEDULERS,
     USERSPACE_SCHEDULERS,
     WEIGHTED_SCHEDULERS,
-    Mode,
     Scheduler,
     SchedulerFlag,
     ServiceProxyPolicy,
     ServiceProxyPolicySpec,
     ServiceProxyPolicyStatus,
 )
-from svcproxy.api.program import ProxyVirtualServer, ProxyVirtualServerSpec, RealServer, VirtualServer
+from svcproxy.api.program import ProxyVirtualServer, ProxyVirtualServerSpec, RealServerSpec, VirtualServerSpec
+from svcproxy.base import Mode
 
 __all__ = [
     "API_VERSION",
@@ -49,11 +49,11 @@ __all__ = [
     "ProxyNodeStatus",
     "ProxyVirtualServer",
     "ProxyVirtualServerSpec",
-    "RealServer",
+    "RealServerSpec",
     "Scheduler",
     "SchedulerFlag",
     "ServiceProxyPolicy",
     "ServiceProxyPolicySpec",
     "ServiceProxyPolicyStatus",
-    "VirtualServer",
+    "VirtualServerSpec",
 ]

@@ -13,9 +13,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, Condition, ObjectMeta
+from svcproxy.base import Mode
 
 
-class Capabilities(ApiModel):
+class NodeCapabilities(ApiModel):
     """What the node's kernel and tools offer."""
 
     model_config = LENIENT
@@ -37,9 +38,9 @@ class ModeInEffect(ApiModel):
 
     model_config = LENIENT
 
-    requested: Literal["ipvs", "iptables", "userspace"]
+    requested: Mode
     """Mode asked for by ProxyVirtualServers."""
-    effective: Literal["ipvs", "iptables", "userspace"]
+    effective: Mode
     """Mode the node runs it in."""
     reason: str = ""
     """Why they differ (e.g. IPVS is not available in this kernel)."""
@@ -58,7 +59,7 @@ class SyncError(ApiModel):
     """When it last happened (RFC 3339)."""
 
 
-class Counts(ApiModel):
+class NodeCounts(ApiModel):
     """What the agent owns in the kernel."""
 
     model_config = LENIENT
@@ -80,7 +81,7 @@ class ProxyNodeStatus(ApiModel):
     """The node this report is about."""
     agent_version: str = ""
     """svcproxy version of the agent."""
-    capabilities: Capabilities = Field(default_factory=Capabilities)
+    capabilities: NodeCapabilities = Field(default_factory=NodeCapabilities)
     """Kernel capabilities."""
     modes: list[ModeInEffect] = Field(default_factory=list)
     """Modes in effect, with fallbacks."""
@@ -88,7 +89,7 @@ class ProxyNodeStatus(ApiModel):
     """Short text for kubectl get, e.g. "ipvs,iptables,userspace" or "iptables(ipvs)"."""
     applied: dict[str, str] = Field(default_factory=dict)
     """namespace/name of each applied ProxyVirtualServer -> its content hash."""
-    counts: Counts = Field(default_factory=Counts)
+    counts: NodeCounts = Field(default_factory=NodeCounts)
     """Counts of owned kernel objects."""
     last_sync_time: str | None = None
     """When the last sync finished (RFC 3339)."""

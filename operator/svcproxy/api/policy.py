@@ -22,8 +22,8 @@ from svcproxy.api.common import (
     LabelSelector,
     ObjectMeta,
 )
+from svcproxy.base import Mode
 
-Mode = Literal["ipvs", "iptables", "userspace"]
 Scheduler = Literal["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo", "ovf"]
 SchedulerFlag = Literal["sh-fallback", "sh-port"]
 AffinityType = Literal["None", "ClientIP"]

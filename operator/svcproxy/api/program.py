@@ -14,14 +14,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints
 
 from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, ObjectMeta
-from svcproxy.api.policy import Mode, Scheduler, SchedulerFlag
+from svcproxy.api.policy import Scheduler, SchedulerFlag
+from svcproxy.base import Mode
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
 IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
 
 
-class RealServer(ApiModel):
+class RealServerSpec(ApiModel):
     """One endpoint behind a virtual server."""
 
     address: IPAddress
@@ -42,7 +43,7 @@ class RealServer(ApiModel):
     """The endpoint is terminating; served endpoints that terminate are drained."""
 
 
-class VirtualServer(ApiModel):
+class VirtualServerSpec(ApiModel):
     """One virtual server: a virtual IP, protocol and port, and its real servers."""
 
     port_name: Annotated[str, StringConstraints(max_length=63)] = ""
@@ -63,7 +64,7 @@ class VirtualServer(ApiModel):
     """Scheduler flags (sh and mh only)."""
     persistence_timeout_seconds: int = Field(default=0, ge=0, le=86400)
     """ClientIP affinity timeout; 0 means no affinity."""
-    real_servers: list[RealServer] = Field(default_factory=list)
+    real_servers: list[RealServerSpec] = Field(default_factory=list)
     """Real servers in canonical order (sorted by address and port): every node adds
     them in this order so hashing schedulers agree across nodes."""
 
@@ -103,7 +104,7 @@ class ProxyVirtualServerSpec(ApiModel):
     """Scheduler flags."""
     persistence_timeout_seconds: int = Field(default=0, ge=0, le=86400)
     """ClientIP affinity timeout; 0 means no affinity."""
-    virtual_servers: list[VirtualServer] = Field(default_factory=list)
+    virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
     """One entry per service port and virtual IP."""
     content_hash: str = ""
     """Hash of everything above: agents report it once applied."""

@@ -4,7 +4,7 @@
 ``services`` list; ``winner(policies)`` settles a Service selected by more than
 one policy: the higher ``priority`` wins, then the older policy (creation
 time), then the smaller name, so every operator replica picks the same one.
-Called by :mod:`svcproxy.compile.namespace` and by ``svcproxy plan``.
+Called by :mod:`svcproxy.compile.planner.plan` and by ``svcproxy plan``.
 """
 
 from __future__ import annotations

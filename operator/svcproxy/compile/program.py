@@ -26,9 +26,10 @@ from svcproxy.api.program import (
     ProgramSummary,
     Protocol,
     ProxyVirtualServerSpec,
-    RealServer,
-    VirtualServer,
+    RealServerSpec,
+    VirtualServerSpec,
 )
+from svcproxy.base import IPFamily
 
 JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -71,7 +72,7 @@ class NotProxied:
 
 def _ipv4_packed(address: str) -> bytes | None:
     """The 4 bytes of a dotted-quad IPv4 address, by the rules of ``ipaddress`` (no
-    leading zeros, 0..255), or None. Splitting is ~5x cheaper than ``ip_address``,
+    leading zeros, 0..255), or None. Splitting is cheaper than ``ip_address``,
     and compile looks at every endpoint of every Service it compiles."""
     parts = address.split(".")
     if len(parts) != 4:
@@ -89,7 +90,7 @@ def _ipv4_packed(address: str) -> bytes | None:
 
 def address_key(address: str) -> tuple[int, bytes, str]:
     """Numeric order of IP addresses (IPv4 before IPv6), the agents' canonical order."""
-    if ":" not in address:  # an IPv6 address always has a colon, IPv4 and names never
+    if IPFamily.of(address) is IPFamily.V4:
         packed = _ipv4_packed(address)
         return (4, packed, "") if packed is not None else (9, b"", address)
     try:
@@ -227,9 +228,9 @@ def _candidates(
     protocol: str,
     family: int,
     pod_labels: Mapping[str, Mapping[str, str]],
-) -> list[RealServer]:
+) -> list[RealServerSpec]:
     """Real servers of one Service port and address family, one per address:port."""
-    best: dict[tuple[str, int], RealServer] = {}
+    best: dict[tuple[str, int], RealServerSpec] = {}
     for slice_ in slices:
         target = _slice_port(slice_, port_name, protocol)
         if target is None:
@@ -243,7 +244,7 @@ def _candidates(
             weight = endpoint_weight(policy, pod_labels.get(ep.pod) if ep.pod else None) if ep.ready else 0
             # Built without validation: every value comes from API-validated objects or was
             # range-checked above (the port), and this runs once per endpoint.
-            rs = RealServer.model_construct(
+            rs = RealServerSpec.model_construct(
                 _REAL_SERVER_FIELDS,
                 address=ep.address,
                 port=target,
@@ -263,7 +264,7 @@ def _candidates(
     return sorted(best.values(), key=lambda r: (address_key(r.address), r.port))
 
 
-def _rank(rs: RealServer) -> tuple[bool, bool, int, str, str]:
+def _rank(rs: RealServerSpec) -> tuple[bool, bool, int, str, str]:
     return (rs.ready, rs.serving, rs.weight, rs.node_name or "", rs.pod_name or "")
 
 
@@ -278,18 +279,14 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def summarize(virtual_servers: list[VirtualServer]) -> ProgramSummary:
+def summarize(virtual_servers: list[VirtualServerSpec]) -> ProgramSummary:
     """Short texts for `kubectl get pvs`: VIP:port/proto list and ready/all endpoints."""
-    vips = ",".join(f"{_bracket(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
+    vips = ",".join(f"{IPFamily.bracketed(vs.address)}:{vs.port}/{vs.protocol}" for vs in virtual_servers)
     every = {rs.address for vs in virtual_servers for rs in vs.real_servers}
     ready = {rs.address for vs in virtual_servers for rs in vs.real_servers if rs.ready}
     if len(vips) > 200:
         vips = vips[:197] + "..."
     return ProgramSummary(vips=vips, endpoints=f"{len(ready)}/{len(every)}")
-
-
-def _bracket(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def _virtual_servers(
@@ -300,10 +297,10 @@ def _virtual_servers(
     *,
     flags: list[str],
     persistence: int,
-) -> list[VirtualServer]:
+) -> list[VirtualServerSpec]:
     """One virtual server per usable Service port x VIP, with its real servers."""
     spec = policy.spec
-    servers: list[VirtualServer] = []
+    servers: list[VirtualServerSpec] = []
     for port in service["spec"]["ports"]:
         if not isinstance(port, dict):
             continue
@@ -316,7 +313,7 @@ def _virtual_servers(
             # Built without validation (per Service port x VIP): port and protocol are
             # checked above, the rest comes from the validated policy and Service.
             servers.append(
-                VirtualServer.model_construct(
+                VirtualServerSpec.model_construct(
                     _VIRTUAL_SERVER_FIELDS,
                     port_name=name,
                     protocol=cast(Protocol, protocol),

@@ -2,7 +2,7 @@
 
 Handlers put every ServiceProxyPolicy, Service, EndpointSlice, Pod (labels
 only), ProxyVirtualServer and ProxyNode they see here; the reconciler reads a
-consistent :class:`~svcproxy.compile.namespace.NamespaceView` of one namespace
+consistent :class:`~svcproxy.compile.planner.NamespaceView` of one namespace
 from it. Writes the operator makes are put here too (newer resourceVersions
 win), so a reconcile never acts on a picture older than its own last write.
 Single-threaded: used only from the operator's event loop.
@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from svcproxy.api.node import ProxyNode
-from svcproxy.compile.namespace import NamespaceView, program_summary
+from svcproxy.compile.planner import NamespaceView, program_summary
 from svcproxy.compile.program import Endpoint, endpoint_of
 
 JSON = dict[str, Any]
@@ -299,8 +299,8 @@ _REPORT = "svcproxy.io/report"
 
 
 def report_summary(report: JSON) -> JSON:
-    """A ProxyNode report parsed once, when it arrives (parsing three of them on every pass
-    cost more than the plan at 1k Services), kept parsed only: a report lists every
+    """A ProxyNode report parsed once, when it arrives (parsing every report on every pass
+    would cost more than the plan), kept parsed only: a report lists every
     applied program, so raw and parsed were two maps of every Service per node. Its keys
     and content hashes are interned: every node reports the same ones."""
     status = report.get("status")

@@ -1,11 +1,12 @@
-"""The operator's writes to the API server, and nothing else.
+"""The operator's writes to the API server, and its peering set-up.
 
 kopf watches; this module writes: ProxyVirtualServers (created or replaced,
 owned by their Service), the handover label on Services, policy status
 (status subresource) and Events. It wraps ``kubernetes_asyncio`` so the
 reconciler sees a narrow async interface (:class:`Writer`) that unit tests can
 replace. Each call returns the stored object, so the reconciler's cache is
-current before the watch event arrives. Called by :mod:`reconciler`.
+current before the watch event arrives. Called by :mod:`reconciler`; the
+peering check and object by :mod:`main`, before kopf starts.
 """
 
 from __future__ import annotations
@@ -183,3 +184,47 @@ class ApiWriter:
             "count": 1,
         }
         await self.core.create_namespaced_event(str(meta.get("namespace")), body)  # type: ignore[arg-type]
+
+
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+
+
+async def peering_available(api: client.ApiClient, namespace: str | None) -> bool:
+    """True when kopf's peering CRD for this scope (namespaced or cluster) is installed."""
+    plural = "kopfpeerings" if namespace else "clusterkopfpeerings"
+    try:
+        await client.ApiextensionsV1Api(api).read_custom_resource_definition(f"{plural}.{PEERING_GROUP}")
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+async def ensure_peering_object(api: client.ApiClient, name: str, namespace: str | None) -> None:
+    """Create kopf's peering object ``name`` unless it exists."""
+    custom = client.CustomObjectsApi(api)
+    meta: JSON = {"name": name}
+    try:
+        if namespace:
+            meta["namespace"] = namespace
+            body = {
+                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+                "kind": "KopfPeering",
+                "metadata": meta,
+            }
+            await custom.create_namespaced_custom_object(
+                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", body
+            )
+        else:
+            body = {
+                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+                "kind": "ClusterKopfPeering",
+                "metadata": meta,
+            }
+            await custom.create_cluster_custom_object(
+                PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body
+            )
+    except ApiException as err:
+        if err.status != 409:
+            raise

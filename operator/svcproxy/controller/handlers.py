@@ -35,8 +35,8 @@ def configure_settings(settings: kopf.OperatorSettings, options: Any) -> None:
         prefix="svcproxy.io", key="last-handled-configuration"
     )
     # kopf keeps one worker per object alive for idle_timeout (5 s) after its last event; with
-    # a limit, the events of a busy object queue behind thousands of idle ones (benchmarks
-    # measured > 20 s per change at 1k Services with 20). The handlers only update a cache,
+    # a limit, the events of a busy object queue behind thousands of idle ones. The handlers
+    # only update a cache,
     # so a worker costs one small task: no limit unless one is asked for.
     settings.batching.worker_limit = options.workers or None
     # Watch streams can stall silently: the server ends each watch, the client gives up after.
@@ -47,9 +47,8 @@ def configure_settings(settings: kopf.OperatorSettings, options: Any) -> None:
     settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
     settings.peering.stealth = True
     # A replica killed -9 leaves its peering record behind: the standby (and a restarted
-    # replica, which gets a new identity) waits until that record expires. kopf's default
-    # of 60 s kept new changes unprogrammed for up to a minute (e2e drills measured 23 s
-    # after a restart, 54 s for a standby); 15 s, renewed every 5-10 s, bounds that.
+    # replica, which gets a new identity) waits until that record expires, and changes wait
+    # with it: kopf's default of 60 s is too long; 15 s, renewed every 5-10 s, bounds that.
     settings.peering.lifetime = 15
 
 

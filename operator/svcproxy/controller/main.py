@@ -12,19 +12,21 @@ single replica needs. Called by ``svcproxy.cli``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import kopf
 
-from svcproxy.controller import handlers, metrics
+from svcproxy.controller import client, handlers, metrics
 from svcproxy.controller.cache import Cache, parse_selector
 from svcproxy.controller.reconciler import Reconciler
 
 log = logging.getLogger("svcproxy.operator")
-PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+T = TypeVar("T")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -72,53 +74,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _peering_available(namespace: str | None) -> bool:
-    """True when the kopf peering CRD for this scope exists; creates the peering object."""
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
-
-    if os.environ.get("KUBECONFIG"):
-        # Explicit path: the client reads $KUBECONFIG once, at import time, which may be
-        # before main() set it from --kubeconfig.
-        config.load_kube_config(config_file=os.environ["KUBECONFIG"])  # type: ignore[no-untyped-call]
-    else:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    plural = "kopfpeerings" if namespace else "clusterkopfpeerings"
-    try:
-        client.ApiextensionsV1Api().read_custom_resource_definition(f"{plural}.{PEERING_GROUP}")
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+    """True when the kopf peering CRD for this scope exists ($KUBECONFIG, else in-cluster)."""
+    return asyncio.run(_with_api(lambda api: client.peering_available(api, namespace)))
 
 
 def _ensure_peering_object(name: str, namespace: str | None) -> None:
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+    asyncio.run(_with_api(lambda api: client.ensure_peering_object(api, name, namespace)))
 
-    api = client.CustomObjectsApi()
-    meta: dict[str, Any] = {"name": name}
+
+async def _with_api(call: Callable[[Any], Awaitable[T]]) -> T:
+    """``call`` with a kubernetes_asyncio client that is closed afterwards (before kopf starts)."""
+    api = await client.connect(None)
     try:
-        if namespace:
-            meta["namespace"] = namespace
-            body = {
-                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
-                "kind": "KopfPeering",
-                "metadata": meta,
-            }
-            api.create_namespaced_custom_object(
-                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", body
-            )
-        else:
-            body = {
-                "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
-                "kind": "ClusterKopfPeering",
-                "metadata": meta,
-            }
-            api.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body)
-    except ApiException as err:
-        if err.status != 409:
-            raise
+        return await call(api)
+    finally:
+        await api.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,7 +148,7 @@ class OperatorMemo(kopf.Memo):
     """The operator's memo, shared by every object's handlers.
 
     kopf gives each watched object a copy of the memo and keeps it as long as the object
-    exists (30k copies at 10k Services, ~10 MB). The handlers read only operator-wide state
+    exists. The handlers read only operator-wide state
     from it (cache, reconciler, options, the API client), never per-object state, so one
     memo serves them all: a "copy" is the memo itself."""
 

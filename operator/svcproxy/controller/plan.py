@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
-from svcproxy.compile.namespace import NamespaceView, plan_namespace
+from svcproxy.base import IPFamily
+from svcproxy.compile.planner import NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
 
@@ -42,7 +43,7 @@ def format_program(namespace: str, spec: ProxyVirtualServerSpec) -> str:
         "  -> RemoteAddress:Port           Forward Weight  State",
     ]
     for vs in spec.virtual_servers:
-        host = f"[{vs.address}]" if ":" in vs.address else vs.address
+        host = IPFamily.bracketed(vs.address)
         sched = vs.scheduler or "random (iptables)"
         flags = f" ({','.join(vs.scheduler_flags)})" if vs.scheduler_flags else ""
         persist = f" persistent {vs.persistence_timeout_seconds}" if vs.persistence_timeout_seconds else ""
@@ -50,7 +51,7 @@ def format_program(namespace: str, spec: ProxyVirtualServerSpec) -> str:
         if not vs.real_servers:
             lines.append("  (no endpoints: connections are refused)")
         for rs in vs.real_servers:
-            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
+            rhost = IPFamily.bracketed(rs.address)
             state = "ready" if rs.ready else "draining" if rs.terminating else "not-ready"
             lines.append(f"  -> {f'{rhost}:{rs.port}':<28} {'Masq':<7} {rs.weight:<7} {state}")
     return "\n".join(lines)
@@ -99,17 +100,10 @@ def _items(resp: Any, api: Any) -> list[JSON]:
 
 def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> NamespaceView:
     """What the planner needs from the cluster, with the file's policy in place."""
-    from kubernetes import client, config
+    from svcproxy.controller import cliclient
 
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-    api = client.ApiClient()
-    core, discovery, custom = client.CoreV1Api(api), client.DiscoveryV1Api(api), client.CustomObjectsApi(api)
+    api = cliclient.api_client(kubeconfig)
+    core, discovery, custom = cliclient.core(api), cliclient.discovery(api), cliclient.custom(api)
     services = _items(core.list_namespaced_service(namespace), api)
     slices = _items(discovery.list_namespaced_endpoint_slice(namespace), api)
     stored: Any = custom.list_namespaced_custom_object(

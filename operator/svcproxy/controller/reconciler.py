@@ -4,7 +4,7 @@ kopf handlers record what they see in the :class:`~svcproxy.controller.cache.Cac
 and call :meth:`Reconciler.touch` for the namespaces it affects. A single
 worker task drains the set of touched namespaces, so a burst of ten
 EndpointSlice events costs one plan and at most one write per object. Each
-pass asks :func:`svcproxy.compile.namespace.plan_namespace` what to do and
+pass asks :func:`svcproxy.compile.planner.plan_namespace` what to do and
 performs it in handover order: write programs, label Services, unlabel
 Services, delete programs (the plan only deletes once the handover delay has
 passed, and asks for a recheck then), write policy status, post Events.
@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
 from svcproxy.controller.client import Writer, describe
@@ -30,8 +30,8 @@ JSON = dict[str, Any]
 log = logging.getLogger("svcproxy.operator")
 RETRY_SECONDS = (0.5, 1, 2, 5, 10, 30)
 # Writes of one kind in one pass are independent of each other, so they go out together,
-# this many at a time: one at a time, applying a policy to 1k Services took ~19 s of
-# round trips. The handover order between kinds is kept (each kind waits for the last).
+# this many at a time: one at a time, a policy over many Services waits on one round
+# trip per write. The handover order between kinds is kept (each kind waits for the last).
 WRITES_IN_FLIGHT = 16
 
 
@@ -80,7 +80,7 @@ class Reconciler:
         self.owned_after: dict[str, dict[str, str]] = {}
         self.failures: dict[str, int] = {}
         # One planner memo per namespace: a pass recompiles only the Services whose
-        # inputs changed (svcproxy.compile.memo says what keys them).
+        # inputs changed (svcproxy.compile.planner.memo says what keys them).
         self.memos: dict[str, PlanMemo] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
@@ -155,7 +155,7 @@ class Reconciler:
             for namespace in batch:
                 await self.reconcile(namespace)
 
-    async def reconcile(self, namespace: str) -> Plan | None:
+    async def reconcile(self, namespace: str) -> NamespacePlan | None:
         """Plan and apply ``namespace`` now; None when the pass failed (it is retried)."""
         if not self.ready.is_set():
             return None  # the worker picks touched namespaces up once primed
@@ -183,7 +183,7 @@ class Reconciler:
                 self._later(namespace, plan.recheck_at - self.clock())
             return plan
 
-    async def _reconcile(self, namespace: str) -> Plan:
+    async def _reconcile(self, namespace: str) -> NamespacePlan:
         view = self.cache.view(
             namespace,
             now=self.clock(),
@@ -233,7 +233,7 @@ class Reconciler:
         await self._post_events(namespace, plan)
         return plan
 
-    async def _post_events(self, namespace: str, plan: Plan) -> None:
+    async def _post_events(self, namespace: str, plan: NamespacePlan) -> None:
         for event in plan.events:
             policy = self.cache.get("policy", namespace, event.policy)
             if policy is None:

@@ -123,17 +123,10 @@ def render(policies: list[JSON], programs: list[JSON], nodes: list[JSON]) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubernetes import client, config
+    from svcproxy.controller import cliclient
 
     try:
-        if args.kubeconfig:
-            config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            try:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-        custom = client.CustomObjectsApi()
+        custom = cliclient.custom(cliclient.api_client(args.kubeconfig))
         group, version = "svcproxy.io", "v1alpha1"
 
         def listed(plural: str) -> list[JSON]:

@@ -1,9 +1,10 @@
 """The diff: desired table + observed table -> smallest list of kernel operations.
 
-Pure (no I/O), the heart of the agent. Every proxier calls :func:`diff`
-(full syncs diff against the kernel read back, partial syncs against the
-in-memory mirror) and the in-memory fakes use :func:`apply` to play the
-operations onto a table. Property-tested in ``tests/unit/test_diff*.py``.
+Pure (no I/O). The ipvs proxier calls :func:`diff` (full syncs against the
+kernel read back, partial syncs against the in-memory mirror) and the IPVS
+fake uses :func:`apply` to play the operations onto a table; the netfilter
+modes plan rule changes instead (:mod:`svcproxy.dataplane.iptables.drift`,
+the userspace proxier's own rules). Property-tested in ``tests/unit/test_diff.py``.
 
 Rules:
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from svcproxy.dataplane.proxier import MODES, Proxier
+from svcproxy.base import Mode, parse_mode
+from svcproxy.dataplane.proxier import Proxier
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,20 @@ class DataplaneConfig:
     set_sysctls: bool = True
 
 
-_MODULES = {
+_MODULES: dict[Mode, str] = {
     "ipvs": "svcproxy.dataplane.ipvs.host",
     "iptables": "svcproxy.dataplane.iptables.proxier",
     "userspace": "svcproxy.dataplane.userspace.proxier",
 }
 
 
-def build_proxier(mode: str, config: DataplaneConfig | None = None) -> Proxier:
+def build_proxier(mode: Mode, config: DataplaneConfig | None = None) -> Proxier:
     """The proxier of ``mode`` on the real kernel (check ``capabilities().available``).
 
     Construction never raises for a missing kernel feature: the proxier
     reports ``available=False`` with the reason, and its ``sync`` returns a
     ``ModeUnavailableError`` error.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown proxy mode {mode!r}: use one of {', '.join(MODES)}")
-    module = importlib.import_module(_MODULES[mode])
+    module = importlib.import_module(_MODULES[parse_mode(mode)])
     proxier: Proxier = module.create(config or DataplaneConfig())
     return proxier

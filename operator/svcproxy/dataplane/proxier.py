@@ -4,8 +4,8 @@ The agent (``svcproxy.agent``) holds one :class:`Proxier` per mode in use
 (``ipvs``, ``iptables``, ``userspace``; built by
 :func:`svcproxy.dataplane.modes.build_proxier`), hands each the part of the
 desired table that runs in that mode and reads back a :class:`SyncResult`.
-No mode imports another; they share only this module, ``table``, ``diff``
-and the netfilter adapter.
+No mode imports another; they share only this module, ``table``, ``mirror``
+and the netfilter adapter (the ipvs mode also ``diff``).
 
 Contract of :meth:`Proxier.sync`:
 
@@ -38,9 +38,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from svcproxy.base import Mode
 from svcproxy.dataplane.table import Table
-
-MODES = ("ipvs", "iptables", "userspace")
 
 
 class Action(enum.Enum):
@@ -97,10 +96,10 @@ class UnsupportedError(DataplaneError):
 
 
 @dataclass(frozen=True)
-class Capabilities:
+class ModeCapabilities:
     """What a mode can do on this node (reported in ProxyNode status)."""
 
-    mode: str
+    mode: Mode
     available: bool
     reason: str = ""  # why not, and what to do, when not available
     schedulers: frozenset[str] = frozenset()  # usable schedulers (ipvs, userspace)
@@ -110,7 +109,7 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
-class Counts:
+class ModeCounts:
     """What a proxier owns right now (from its mirror, refreshed on full syncs)."""
 
     virtual_servers: int = 0
@@ -122,13 +121,13 @@ class Counts:
 class SyncResult:
     """Outcome of one sync or cleanup."""
 
-    mode: str
+    mode: Mode
     full: bool
     operations: Mapping[str, int]  # OpKind.value -> count applied
     errors: tuple[DataplaneError, ...] = ()
     failed_owners: frozenset[str] = frozenset()
     duration: float = 0.0  # seconds, wall clock
-    counts: Counts = Counts()
+    counts: ModeCounts = ModeCounts()
 
     @property
     def ok(self) -> bool:
@@ -144,9 +143,9 @@ class Proxier(Protocol):
     """One proxy mode. All methods run in the agent's event loop."""
 
     @property
-    def mode(self) -> str: ...
+    def mode(self) -> Mode: ...
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         """Detected once at construction; cheap to call."""
         ...
 
@@ -158,7 +157,7 @@ class Proxier(Protocol):
         """Remove everything this mode owns on the node (``svcproxy agent --cleanup``)."""
         ...
 
-    def counts(self) -> Counts:
+    def counts(self) -> ModeCounts:
         """Owned objects now, from the in-memory mirror (no kernel access)."""
         ...
 
@@ -195,7 +194,7 @@ async def read_beside(
     after that changes wait for the read to end. For a read that starts over whenever
     the kernel state changes under it (iptables-nft's dump retries when the ruleset's
     generation moved), which a stream of partial syncs would otherwise keep from ever
-    ending (10k Services in a cold start: iptables-save still reading after 3 minutes)."""
+    ending."""
     reading = asyncio.ensure_future(asyncio.to_thread(read))
     window: asyncio.Future[Any] = reading
     if beside_for is not None:
@@ -216,17 +215,17 @@ class BlockingProxier(abc.ABC):
     ``_caps`` and implement ``sync_blocking`` and ``cleanup_blocking``.
     """
 
-    MODE: ClassVar[str]
-    _caps: Capabilities
+    MODE: ClassVar[Mode]
+    _caps: ModeCapabilities
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.MODE
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         return self._caps
 
     async def close(self) -> None:

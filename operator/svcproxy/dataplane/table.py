@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
+from svcproxy.base import IPFamily
+
 Protocol = Literal["TCP", "UDP", "SCTP"]
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
 
@@ -66,8 +68,7 @@ class VSKey(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{self.protocol}/{host}:{self.port}"
+        return f"{self.protocol}/{IPFamily.bracketed(self.address)}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)  # slots: ~100k of these at 10k Services

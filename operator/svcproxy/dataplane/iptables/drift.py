@@ -16,8 +16,8 @@ rewritten whole when it differs, so of those only a digest of the normalised
 rules is kept (:func:`fold`), and of the per-service ones, after the first sync,
 only sums per group (:class:`Summary`; the groups whose sums differ are read
 again per chain). The read-back streams through
-:func:`svcproxy.dataplane.nfkernel.scan` and never holds the 320k rules of a
-10k-Service node at once.
+:func:`svcproxy.dataplane.nfkernel.scan` and never holds every rule of a node
+at once.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Summary:
     hash of each chain's name and rules, and counts of the runs of rules summed and of
     the chains declared. The steady-state full sync
     compares these with the desired chains' sums, so its read-back holds nothing per
-    chain (the digests of 110k chains, with their names, were ~19 MB at 10k Services).
+    chain (a digest per chain, with its name, is the largest thing it would keep).
     Only the groups whose sums differ are read again with a digest per chain, to find
     which services drifted: what that holds follows the drift, not the table."""
 

@@ -26,21 +26,22 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
-    Capabilities,
-    Counts,
     DataplaneError,
+    ModeCapabilities,
+    ModeCounts,
     SyncResult,
     read_beside,
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
-MODE = "iptables"
+MODE: Mode = "iptables"
 # Services per iptables-nft-restore input in a full sync (see IptablesProxier._full).
 NFT_BATCH = 200
 
@@ -90,7 +91,7 @@ class IptablesProxier(BlockingProxier):
         self._mirror = Mirror(self._rule_count)
         self._synced = False
         self.last_full = FullStats()
-        self._caps = Capabilities(
+        self._caps = ModeCapabilities(
             mode=MODE,
             available=bool(backend),
             reason=reason,
@@ -99,9 +100,9 @@ class IptablesProxier(BlockingProxier):
             backend=backend,
         )
 
-    def counts(self) -> Counts:
+    def counts(self) -> ModeCounts:
         mirror = self._mirror
-        return Counts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
+        return ModeCounts(virtual_servers=len(mirror), real_servers=mirror.real_servers, rules=mirror.rules)
 
     def _rule_count(self, vs: VirtualServer) -> int:
         return rules.rule_count(vs, self._cidrs, self._masq_all)
@@ -126,7 +127,7 @@ class IptablesProxier(BlockingProxier):
             prepared: dict[bool, Prepared] = {}
             for v6 in families:
                 with contextlib.suppress(DataplaneError):  # sync_blocking reads again and reports
-                    want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
+                    want = {k: v for k, v in desired.items() if IPFamily.is_v6(k.address) == v6}
                     prepared[v6] = self._prepare(v6, want)
             return prepared
 
@@ -135,8 +136,8 @@ class IptablesProxier(BlockingProxier):
             return await asyncio.to_thread(self.sync_blocking, desired, None, prepared, touched)
 
     def _has_family(self, desired: Table, v6: bool) -> bool:
-        return any((":" in k.address) == v6 for k in desired) or any(
-            (":" in k.address) == v6 for k in self._mirror
+        return any(IPFamily.is_v6(k.address) == v6 for k in desired) or any(
+            IPFamily.is_v6(k.address) == v6 for k in self._mirror
         )
 
     def sync_blocking(
@@ -201,18 +202,18 @@ class IptablesProxier(BlockingProxier):
         """One address family's desired services and what the mirror has of them (all,
         or the given owners'); None for IPv6 when neither has any."""
         if only is None:
-            want = {k: v for k, v in desired.items() if (":" in k.address) == v6}
-            have = {k: v for k, v in self._mirror.items() if (":" in k.address) == v6}
+            want = {k: v for k, v in desired.items() if IPFamily.is_v6(k.address) == v6}
+            have = {k: v for k, v in self._mirror.items() if IPFamily.is_v6(k.address) == v6}
             if not want and not have and v6:
                 return None
             if touched:  # synced by a partial sync during this one: left alone
                 want = {k: v for k, v in want.items() if v.owner not in touched}
                 have = {k: v for k, v in have.items() if v.owner not in touched}
             return want, have
-        want = {k: v for k, v in desired.items() if v.owner in only and (":" in k.address) == v6}
+        want = {k: v for k, v in desired.items() if v.owner in only and IPFamily.is_v6(k.address) == v6}
         keys = self._mirror.keys_of(only)
         keys |= {k for k in want if k in self._mirror}
-        return want, {k: self._mirror[k] for k in keys if (":" in k.address) == v6}
+        return want, {k: self._mirror[k] for k in keys if IPFamily.is_v6(k.address) == v6}
 
     def cleanup_blocking(self) -> SyncResult:
         start = time.monotonic()
@@ -304,8 +305,7 @@ class IptablesProxier(BlockingProxier):
         The first full sync after start, and any full sync whose read-back does not
         parse, rewrites every chain of ours (restart safety: nothing is trusted). Big
         rewrites go in batches: iptables-nft-restore's own work grows with the square
-        of the chains in one input (1k services: 5 s, 3k: 47 s, 10k: did not finish in
-        5 min; 4 batches of 500: 1 s each), so nft gets batches of ``NFT_BATCH``
+        of the chains in one input, so nft gets batches of ``NFT_BATCH``
         services. Each service (its chains and its jump) is in one batch, so each
         changes atomically; the jump chain SVCPROXY-SERVICES is never flushed (that
         would cut services whose batch comes later): missing jumps are appended, stale
@@ -320,7 +320,7 @@ class IptablesProxier(BlockingProxier):
         plan, rewrite_all = prepared.plan, prepared.rewrite_all
         if touched:
             kept = [self._mirror[k] for k in self._mirror.keys_of(touched)]
-            kept = [vs for vs in kept if (":" in vs.address) == v6]
+            kept = [vs for vs in kept if IPFamily.is_v6(vs.address) == v6]
             rejects = [r for vs in [*want.values(), *kept] if (r := rules.reject_rule(vs))]
             keep = {c for vs in kept for c in rules.chains_of(vs)}
             plan = drift.without_owners(plan, touched, keep, rejects)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
+from svcproxy.base import IPFamily
 from svcproxy.dataplane.nfkernel import Jump
 from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
 
@@ -56,10 +57,9 @@ def _hash(text: str) -> str:
     """The first 15 base32 characters of sha256(text) (chain names are limited to 28).
 
     Same value as ``base64.b32encode(digest)[:15]`` (the names chains already carry in
-    running kernels), computed from the first 10 bytes, two characters per lookup
-    (~1 us): base64's pure-Python encoder of the whole digest was most of a 10k-service
-    full sync. Not cached: a cache of every chain name held ~24 MB at 10k Services
-    (its keys were the longest strings the agent kept) to save ~1 us per name.
+    running kernels), computed from the first 10 bytes, two characters per lookup:
+    base64's pure-Python encoder of the whole digest is too slow for a full sync. Not
+    cached: a cache of every chain name would hold the longest strings the agent keeps.
     """
     b = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")  # 80 bits
     p = _B32_PAIRS
@@ -76,11 +76,11 @@ def endpoint_chain(key: VSKey, real: RealServer) -> str:
 
 
 def _host(address: str) -> str:
-    return f"{address}/128" if ":" in address else f"{address}/32"
+    return f"{address}/{IPFamily.of(address).host_prefix}"
 
 
 def _dest(real: RealServer) -> str:
-    return f"[{real.address}]:{real.port}" if ":" in real.address else f"{real.address}:{real.port}"
+    return f"{IPFamily.bracketed(real.address)}:{real.port}"
 
 
 def base_rules() -> list[str]:
@@ -112,7 +112,7 @@ def reject_rule(vs: VirtualServer) -> str | None:
     if any(r.weight > 0 for r in vs.real_servers):
         return None
     proto = vs.protocol.lower()
-    icmp = "icmp6-port-unreachable" if ":" in vs.address else "icmp-port-unreachable"
+    icmp = "icmp6-port-unreachable" if IPFamily.is_v6(vs.address) else "icmp-port-unreachable"
     return (
         f"-A {NO_ENDPOINTS} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
         f" -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
@@ -130,8 +130,8 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     proto = vs.protocol.lower()
     match = f"-d {_host(vs.address)} -p {proto} -m {proto} --dport {vs.port}"
     rules: list[str] = []
-    v6 = ":" in vs.address
-    cidrs = [c for c in cluster_cidrs if (":" in c) == v6]
+    v6 = IPFamily.is_v6(vs.address)
+    cidrs = [c for c in cluster_cidrs if IPFamily.is_v6(c) == v6]
     if masquerade_all or not cidrs:
         rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
     else:

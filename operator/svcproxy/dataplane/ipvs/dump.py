@@ -2,8 +2,8 @@
 
 ``netlink.NetlinkIpvs.dump`` reads the kernel's IPVS table (one GET_SERVICE dump,
 then one GET_DEST dump per service) and hands each reply message here. pyroute2's
-generic decoder built every attribute of every message (statistics included) as
-Python objects: 92 % of a 1k-Services full sync in a UML guest. This module reads
+generic decoder builds every attribute of every message (statistics included) as
+Python objects, most of a full sync's cost. This module reads
 the few attributes the diff compares (protocol, address, port, scheduler, flags,
 timeout, and what svcproxy never sets: other flag bits, the persistence netmask, a
 persistence engine; a real server's address, port, weight and forwarding method)

@@ -96,8 +96,8 @@ class NetlinkIpvs:
 
         On a socket of its own, opened for this dump: the proxier's full sync reads the
         kernel in a worker thread while partial syncs write on the main socket
-        (``IpvsProxier.sync_full``). Decoded by hand (``dump.py``): pyroute2's decoder
-        spent most of a read of 1k services x 10 in a UML guest. The services come from
+        (``IpvsProxier.sync_full``). Decoded by hand (:mod:`svcproxy.dataplane.ipvs.dump`):
+        pyroute2's generic decoder is most of a read's cost. The services come from
         one netlink dump; their real servers from ``/proc/net/ip_vs`` (a few reads for
         the whole table instead of one netlink dump per service), over netlink for any
         service the file does not list (added meanwhile, or no file).

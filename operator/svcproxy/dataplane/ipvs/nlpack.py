@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from svcproxy.base import IPFamily
 from svcproxy.dataplane.diff import Operation, OpKind
 from svcproxy.dataplane.table import FORWARD_METHODS, Protocol, RealServer, VirtualServer, VSKey
 
@@ -56,7 +57,7 @@ COMMANDS = {
 
 
 def family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
+    return socket.AF_INET6 if IPFamily.is_v6(address) else socket.AF_INET
 
 
 def netmask(af: int) -> str:

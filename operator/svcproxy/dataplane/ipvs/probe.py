@@ -31,7 +31,7 @@ def ipvs_missing(proc_net: Path = Path("/proc/net"), load: Callable[[], None] = 
     """Why this kernel has no IPVS, found without importing pyroute2; '' when it may have.
 
     The ip_vs module creates ``/proc/net/ip_vs`` in every network namespace. Checking
-    that first spares nodes without IPVS the netlink library (~9 MB of RSS per agent).
+    that first spares nodes without IPVS the memory of the netlink library.
     """
     if not proc_net.is_dir():
         return ""  # cannot tell: the netlink probe decides

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
     Between,
-    Capabilities,
-    Counts,
     DataplaneError,
+    ModeCapabilities,
+    ModeCounts,
     ModeUnavailableError,
     SyncResult,
     UnsupportedError,
@@ -34,7 +35,7 @@ from svcproxy.dataplane.proxier import (
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend, Balancer
 
-MODE = "userspace"
+MODE: Mode = "userspace"
 CHAIN = "SVCPROXY-PORTALS"
 JUMPS = (
     Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
@@ -57,7 +58,7 @@ def _no_ready_backend(vs: VirtualServer) -> bool:
 
 
 def _v6(vs: VirtualServer) -> bool:
-    return ":" in vs.address
+    return IPFamily.is_v6(vs.address)
 
 
 def _rule(vs: VirtualServer, port: int) -> str:
@@ -128,7 +129,7 @@ class UserspaceProxier:
         # answers ICMP port unreachable). Bound, so no other process can take the port.
         self._refusers: dict[tuple[bool, str], socket.socket] = {}  # by (is IPv6, protocol)
         self._mirror = Mirror()  # each portal's virtual server: owner index, counts
-        self._caps = Capabilities(
+        self._caps = ModeCapabilities(
             mode=MODE,
             available=bool(backend),
             reason=reason,
@@ -137,14 +138,14 @@ class UserspaceProxier:
         )
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return MODE
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self) -> ModeCapabilities:
         return self._caps
 
-    def counts(self) -> Counts:
-        return Counts(
+    def counts(self) -> ModeCounts:
+        return ModeCounts(
             virtual_servers=len(self._portals),
             real_servers=self._mirror.real_servers,
             rules=len(self._portals),
@@ -153,9 +154,9 @@ class UserspaceProxier:
     async def sync_full(self, desired: Table, between: Between) -> SyncResult:
         """The periodic full sync (``SteppedFullSync``): the iptables-save that checks the
         jumps into the portal chain runs beside the partial syncs, then the full sync
-        runs under the lock with what it read. That read is of the whole nat table
-        (~30k rules on a node with 1k iptables-mode Services: ~0.4 s), and under the
-        lock it held every change on the node back, even with no userspace Service."""
+        runs under the lock with what it read. That read is of the whole nat table, and
+        under the lock it would hold every change on the node back, even with no
+        userspace Service."""
         if not self._caps.available:
             return await self.sync(desired, None)
         families = [False, True] if self._v6_used else [False]

@@ -3,12 +3,12 @@
 The operator's reconciler gathers what it knows about one namespace into a
 :class:`NamespaceView` (raw policies, Services, EndpointSlices, Pod labels,
 existing ProxyVirtualServers, every ProxyNode report, the clock) and calls
-:func:`plan_namespace`. The returned :class:`Plan` says exactly what to do:
+:func:`plan_namespace`. The returned :class:`NamespacePlan` says exactly what to do:
 which ProxyVirtualServers to write (only those whose content changed) or
 delete, which Services to label or unlabel for the handover with kube-proxy,
 the status of every policy and the Events of condition transitions. Nothing
 here talks to the API server, so every rule is unit-tested directly. The
-caller may pass a :class:`~svcproxy.compile.memo.PlanMemo` kept between passes
+caller may pass a :class:`~svcproxy.compile.planner.memo.PlanMemo` kept between passes
 so one change costs one Service's work, not the namespace's.
 
 Handover order: a Service is labelled ``service.kubernetes.io/service-proxy-name``
@@ -29,29 +29,29 @@ from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.conflicts import selects, winner
-from svcproxy.compile.memo import (
+from svcproxy.compile.planner.memo import (
     MAX_PROGRAM_BYTES,
     Compiled,
     CompiledSpecs,
     Derived,
+    PackedProgram,
     ParsedPolicy,
     PlanMemo,
     PolicyRows,
-    Program,
     ServiceRecord,
     resource_version,
     spec_digest,
 )
+from svcproxy.compile.planner.status import changed_reports, policy_rows, policy_status
 from svcproxy.compile.program import NotProxied, not_proxied
-from svcproxy.compile.status import changed_reports, policy_rows, policy_status
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
 __all__ = [
     "MAX_PROGRAM_BYTES",
     "Event",
+    "NamespacePlan",
     "NamespaceView",
-    "Plan",
     "PlanMemo",
     "plan_namespace",
     "program_summary",
@@ -111,7 +111,7 @@ class Event:
 
 
 @dataclass
-class Plan:
+class NamespacePlan:
     """What the reconciler does for one namespace, in this order."""
 
     writes: Mapping[str, ProxyVirtualServerSpec] = field(default_factory=dict)  # built on read
@@ -166,12 +166,12 @@ def _owner_of(program: JSON) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
+def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> NamespacePlan:
     """Decide programs, handover steps and statuses for every policy in ``view``.
 
     ``memo`` (one per namespace, kept by the caller between passes) lets a pass
     reuse what it derived for Services whose objects did not change; the result
-    is the same as with no memo (see :mod:`svcproxy.compile.memo`).
+    is the same as with no memo (see :mod:`svcproxy.compile.planner.memo`).
     """
     memo = memo if memo is not None else PlanMemo()
     memo.begin()
@@ -183,8 +183,8 @@ def plan_namespace(view: NamespaceView, memo: PlanMemo | None = None) -> Plan:
     return plan
 
 
-def _plan(view: NamespaceView, memo: PlanMemo) -> Plan:
-    plan = Plan(unlabelled_at=dict(view.unlabelled_at))
+def _plan(view: NamespaceView, memo: PlanMemo) -> NamespacePlan:
+    plan = NamespacePlan(unlabelled_at=dict(view.unlabelled_at))
     # From here on ``view.nodes`` holds only the reports that count.
     view = replace(view, nodes=view.counted_nodes())
     raw_by_name = {str((raw.get("metadata") or {}).get("name", "")): raw for raw in view.policies}
@@ -282,7 +282,7 @@ def _policy_statuses(
     raw_by_name: Mapping[str, JSON],
     derived: Derived,
     touched: set[str] | None,
-    plan: Plan,
+    plan: NamespacePlan,
 ) -> None:
     """The status of every valid policy, from its per-Service rows."""
     reports = changed_reports(memo.last_nodes, view.nodes)
@@ -393,7 +393,7 @@ def _update_derived(
 
 
 def _plan_programs(
-    view: NamespaceView, derived: Derived, touched: set[str] | None, memo: PlanMemo, plan: Plan
+    view: NamespaceView, derived: Derived, touched: set[str] | None, memo: PlanMemo, plan: NamespacePlan
 ) -> None:
     """Writes, labels, unlabels and deletes, in handover order."""
     programs = view.programs
@@ -404,11 +404,11 @@ def _plan_programs(
     else:
         replaced = _replaced(programs, memo.last_programs) if programs != memo.last_programs else ()
         candidates = {n for n in (*touched, *memo.last_writes, *replaced) if n in desired}
-    writes: dict[str, Program] = {}
+    writes: dict[str, PackedProgram] = {}
     for svc_name in sorted(candidates):
         entry = desired[svc_name]
         if _needs_write(programs.get(svc_name), entry):
-            assert isinstance(entry.result, Program)
+            assert isinstance(entry.result, PackedProgram)
             writes[svc_name] = entry.result
     # Each spec is built when the reconciler writes it: 10k at once (a cold start) would
     # be the whole namespace's programs as pydantic objects again.
@@ -464,7 +464,7 @@ def _finish_status(
     name: str,
     raw: JSON,
     status: ServiceProxyPolicyStatus,
-    plan: Plan,
+    plan: NamespacePlan,
     *,
     rows: PolicyRows | None,
 ) -> None:

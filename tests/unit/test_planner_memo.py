@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, service
 
 from svcproxy.api import HANDOVER_LABEL, ServiceProxyPolicy
-from svcproxy.compile.memo import ParsedPolicy, Program
-from svcproxy.compile.namespace import Plan, PlanMemo, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
+from svcproxy.compile.planner.memo import PackedProgram, ParsedPolicy
 from svcproxy.compile.program import NotProxied, address_key, compile_program
 from svcproxy.controller.cache import Cache
 
@@ -37,7 +37,7 @@ class World:
     rv: int = 1
     now: float = 100.0
     unlabelled: dict[str, float] = field(default_factory=dict)
-    last: Plan | None = None
+    last: NamespacePlan | None = None
     written: dict[str, JSON] = field(default_factory=dict)  # program specs as last written
 
     def put(self, kind: str, obj: JSON) -> None:
@@ -46,7 +46,7 @@ class World:
         obj["metadata"]["resourceVersion"] = str(self.rv)
         assert self.cache.put(kind, obj)
 
-    def plan(self, memo: PlanMemo | None) -> Plan:
+    def plan(self, memo: PlanMemo | None) -> NamespacePlan:
         view = self.cache.view(
             "ns",
             now=self.now,
@@ -56,7 +56,7 @@ class World:
         )
         return plan_namespace(view, memo)
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: NamespacePlan) -> None:
         """The reconciler's writes, as they come back from the API server."""
         for name, spec in plan.writes.items():
             self.written[name] = spec.wire()
@@ -217,7 +217,7 @@ def _step(world: World, op: tuple[Any, ...]) -> None:
         world.now += op[1]
 
 
-def _assert_same(memoised: Plan, fresh: Plan) -> None:
+def _assert_same(memoised: NamespacePlan, fresh: NamespacePlan) -> None:
     for name in (
         "writes",
         "label",
@@ -389,7 +389,7 @@ def test_the_memos_program_text_gives_back_the_compiled_spec(
     if isinstance(direct, NotProxied):
         assert entry.result == direct
         return
-    assert isinstance(entry.result, Program)
+    assert isinstance(entry.result, PackedProgram)
     assert entry.result.spec() == direct
     assert entry.result.spec().wire() == direct.wire()
     assert (entry.result.content_hash, entry.result.mode) == (direct.content_hash, direct.mode)

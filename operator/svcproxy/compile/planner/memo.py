@@ -1,7 +1,7 @@
 """What the namespace planner keeps between passes, so one change costs one recompile (pure).
 
 A :class:`PlanMemo` belongs to one namespace; the operator's reconciler holds
-one per namespace and hands it to :func:`svcproxy.compile.namespace.plan_namespace`
+one per namespace and hands it to :func:`svcproxy.compile.planner.plan.plan_namespace`
 on every pass (``svcproxy plan`` and the tests may pass none: a fresh memo
 then lives for one pass). It keeps, per Service, the last compiled program
 together with the key of everything compile read to make it:
@@ -19,7 +19,7 @@ memoised pass returns exactly what a pass with an empty memo returns (the
 property tests check this over random change sequences). Objects without a
 ``resourceVersion`` (hand-built views) are never reused across versions. The
 memo also keeps policy parses, each policy's status rows and counts
-(:class:`PolicyRows`, see :mod:`svcproxy.compile.status`) and the
+(:class:`PolicyRows`, see :mod:`svcproxy.compile.planner.status`) and the
 namespace-wide sets (programs wanted, Services to label or unlabel). Nothing
 here is global: all state lives in the memo object, Services that are gone
 drop out, and a pass that raises resets it.
@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.base import Mode
 from svcproxy.compile.program import NotProxied, compile_program
 
 JSON = dict[str, Any]
@@ -58,15 +59,14 @@ class ParsedPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Program:
+class PackedProgram:
     """A compiled program as the memo keeps it: what a pass reads of it, and the spec as
-    JSON text. A ProxyVirtualServerSpec holds every real server as a pydantic object
-    (~0.5 KB each: at 10k Services x 10 endpoints the largest thing the operator kept);
-    the compressed text is ~0.5 KB for all ten, and the spec is rebuilt from it only to
-    be written (or shown: ``Plan.compiled``)."""
+    compressed JSON text: a ProxyVirtualServerSpec holds every real server as a pydantic
+    object, the largest thing the operator would keep, so the spec is rebuilt from the
+    text only to be written (or shown: ``NamespacePlan.compiled``)."""
 
     content_hash: str
-    mode: str
+    mode: Mode
     policy: str
     packed: bytes  # spec_text() of the spec's wire form, zlib-compressed (~5x smaller)
 
@@ -77,7 +77,7 @@ class Program:
 class CompiledSpecs(Mapping[str, ProxyVirtualServerSpec]):
     """Programs by Service name, each spec built when it is read."""
 
-    def __init__(self, programs: Mapping[str, Program]) -> None:
+    def __init__(self, programs: Mapping[str, PackedProgram]) -> None:
         self._programs = programs
 
     def __getitem__(self, name: str) -> ProxyVirtualServerSpec:
@@ -96,7 +96,7 @@ class Compiled:
 
     key: tuple[Any, ...] | None
     pods: tuple[tuple[str, Mapping[str, str] | None], ...]
-    result: Program | NotProxied
+    result: PackedProgram | NotProxied
     # Digest of the program's wire form (None when not proxied): compared with the stored
     # program's, so neither side keeps a second copy of the program as dicts.
     digest: str | None
@@ -198,7 +198,7 @@ class PlanMemo:
         seen = _Recorder(pod_labels) if policy.policy.spec.weights else None
         result = compile_program(policy.policy, service, slices, seen if seen is not None else {})
         digest: str | None = None
-        kept: Program | NotProxied
+        kept: PackedProgram | NotProxied
         if isinstance(result, NotProxied):
             kept = result
         else:
@@ -212,7 +212,7 @@ class PlanMemo:
             else:
                 digest = text_digest(text)
                 packed = zlib.compress(text.encode(), 1)  # level 1: ~20 us, most of the gain
-                kept = Program(result.content_hash, result.mode, result.policy.name, packed)
+                kept = PackedProgram(result.content_hash, result.mode, result.policy.name, packed)
         self.stats.compiles += 1
         self.stats.last_compiled.append(svc_name)
         return Compiled(key, seen.seen() if seen is not None else (), kept, digest)
@@ -243,7 +243,7 @@ class Derived:
 
     token: object
     desired: dict[str, Compiled] = field(default_factory=dict)
-    specs: dict[str, Program] = field(default_factory=dict)
+    specs: dict[str, PackedProgram] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # desired Service -> its policy
     to_label: set[str] = field(default_factory=set)  # desired, not labelled yet
     to_unlabel: set[str] = field(default_factory=set)  # labelled for svcproxy, not desired
@@ -252,7 +252,7 @@ class Derived:
     def add(self, name: str, rec: ServiceRecord, handover_value: str) -> None:
         for policy in rec.names:
             self.selected.setdefault(policy, set()).add(name)
-        if rec.entry is not None and isinstance(rec.entry.result, Program):
+        if rec.entry is not None and isinstance(rec.entry.result, PackedProgram):
             self.desired[name] = rec.entry
             self.specs[name] = rec.entry.result
             self.owners[name] = rec.entry.result.policy

@@ -1,8 +1,8 @@
 """Policy status for one planning pass: rows, conditions, Events (pure).
 
-Called by :func:`svcproxy.compile.namespace.plan_namespace` once per policy.
+Called by :func:`svcproxy.compile.planner.plan.plan_namespace` once per policy.
 A policy's rows (one per selected Service) and its counts are kept in the
-planner memo (:class:`~svcproxy.compile.memo.PolicyRows`) and only the rows
+planner memo (:class:`~svcproxy.compile.planner.memo.PolicyRows`) and only the rows
 whose inputs changed are rebuilt: the Services whose record changed this
 pass, and those whose program a node reports differently (a ProxyNode
 report is folded in by comparing its ``applied`` map with the previous one,
@@ -18,8 +18,9 @@ from typing import Any
 from svcproxy.api.common import Condition
 from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
+from svcproxy.base import Mode
 from svcproxy.compile.conflicts import why_wins
-from svcproxy.compile.memo import Derived, PlanMemo, PolicyRows, Program, Row, ServiceRecord
+from svcproxy.compile.planner.memo import Derived, PackedProgram, PlanMemo, PolicyRows, Row, ServiceRecord
 
 JSON = dict[str, Any]
 
@@ -38,7 +39,7 @@ def changed_reports(previous: tuple[ProxyNode, ...], nodes: Sequence[ProxyNode])
     return keys
 
 
-def fallback_nodes(nodes: Sequence[ProxyNode], mode: str) -> list[str]:
+def fallback_nodes(nodes: Sequence[ProxyNode], mode: Mode) -> list[str]:
     out = []
     for node in nodes:
         if any(m.requested == mode and m.effective != m.requested for m in node.status.modes):
@@ -46,7 +47,7 @@ def fallback_nodes(nodes: Sequence[ProxyNode], mode: str) -> list[str]:
     return out
 
 
-def fallback_text(nodes: Sequence[ProxyNode], mode: str, names: list[str]) -> str:
+def fallback_text(nodes: Sequence[ProxyNode], mode: Mode, names: list[str]) -> str:
     effective = sorted(
         {m.effective for n in nodes for m in n.status.modes if m.requested == mode and m.effective != mode}
     )
@@ -73,7 +74,7 @@ class _Pass:
         self.fallback = fallback_nodes(nodes, policy.spec.mode)
         self.fallback_texts: dict[str, str] = {}
 
-    def mode_text(self, mode: str) -> str:
+    def mode_text(self, mode: Mode) -> str:
         if not self.fallback:
             return mode
         if mode not in self.fallback_texts:
@@ -93,7 +94,7 @@ class _Pass:
             state = ("Conflicted", text)
             return Row(state, _wire(svc_name, rec.service, total, state), False, 0, None, text)
         spec = rec.entry.result
-        assert isinstance(spec, Program)
+        assert isinstance(spec, PackedProgram)
         key = f"{self.namespace}/{svc_name}"
         mask = 0
         for i, report in enumerate(self.applied):
@@ -289,7 +290,7 @@ def _programmed(nodes: Sequence[ProxyNode], total: int, silent: list[str], rows:
 
 
 def _degraded(
-    namespace: str, nodes: Sequence[ProxyNode], rows: PolicyRows, fallback: list[str], mode: str
+    namespace: str, nodes: Sequence[ProxyNode], rows: PolicyRows, fallback: list[str], mode: Mode
 ) -> Condition:
     problems: list[str] = []
     if rows.mine and fallback:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
 
 from svcproxy.api import HANDOVER_LABEL, ProxyNode
-from svcproxy.compile.namespace import NamespaceView, Plan, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
 
@@ -40,11 +40,11 @@ def view(
     )
 
 
-def conditions(plan: Plan, name: str) -> dict[str, tuple[str, str]]:
+def conditions(plan: NamespacePlan, name: str) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c.get("reason", "")) for c in plan.statuses[name]["conditions"]}
 
 
-def stored(plan: Plan, name: str = "web") -> dict[str, JSON]:
+def stored(plan: NamespacePlan, name: str = "web") -> dict[str, JSON]:
     return {name: {"metadata": {"name": name}, "spec": plan.writes[name].wire()}}
 
 

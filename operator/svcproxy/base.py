@@ -1,0 +1,55 @@
+"""The words every layer shares: the proxy :data:`Mode` and the :class:`IPFamily` of an address.
+
+The bottom of the package: it imports nothing from svcproxy and no I/O library, so the
+API models, the compile step, the data plane, the agent and the CLI all spell a mode
+and tell IPv4 from IPv6 the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, TypeGuard
+
+Mode = Literal["ipvs", "iptables", "userspace"]
+"""A proxy mode, as a ServiceProxyPolicy, a ProxyVirtualServer and a ProxyNode spell it."""
+
+MODES: tuple[Mode, ...] = ("ipvs", "iptables", "userspace")
+
+
+def is_mode(text: str) -> TypeGuard[Mode]:
+    """True when ``text`` names a proxy mode (narrows it to :data:`Mode`)."""
+    return text in MODES
+
+
+def parse_mode(text: str) -> Mode:
+    """``text`` as a :data:`Mode`; ValueError naming the valid modes otherwise."""
+    if not is_mode(text):
+        raise ValueError(f"unknown proxy mode {text!r}: use one of {', '.join(MODES)}")
+    return text
+
+
+class IPFamily(enum.Enum):
+    """IPv4 or IPv6, told from the spelling of an address, a CIDR or a host."""
+
+    V4 = 4
+    V6 = 6
+
+    @classmethod
+    def of(cls, address: str) -> IPFamily:
+        """The family of ``address`` (no parsing: an IPv6 address always holds a colon,
+        an IPv4 address, an IPv4 CIDR and a host name never do)."""
+        return cls.V6 if ":" in address else cls.V4
+
+    @classmethod
+    def is_v6(cls, address: str) -> bool:
+        return cls.of(address) is cls.V6
+
+    @classmethod
+    def bracketed(cls, address: str) -> str:
+        """``address`` as the host part of ``host:port`` or a URL (IPv6 in brackets)."""
+        return f"[{address}]" if cls.of(address) is cls.V6 else address
+
+    @property
+    def host_prefix(self) -> int:
+        """Prefix length of a single host: 32 or 128."""
+        return 128 if self is IPFamily.V6 else 32
