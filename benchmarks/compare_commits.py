@@ -9,10 +9,13 @@ commits in one run:
   commit before the redesign merge, and ``HEAD``), under a temporary
   directory outside the repository, removed at the end;
 * the same benchmark script (default ``benchmarks/sync_scale.py``) run from
-  each tree as a subprocess, by file path, with ``PYTHONPATH`` set to that
-  tree's ``operator/`` and the same arguments for both; the child reports
-  which ``svcproxy`` it imported (``svcproxy.__file__``), and a run that did
-  not import its own tree's sources fails the comparison;
+  each tree as a subprocess, with ``PYTHONPATH`` set to that tree's
+  ``operator/`` (and ``lab/``, once the lab has its own distribution) and the
+  same arguments for both: by file path where ``benchmarks/`` is a plain
+  folder, as ``python -m benchmarks.NAME`` from the tree's root where it is a
+  package; the child reports which ``svcproxy`` it imported
+  (``svcproxy.__file__``; sync_scale's UML guest reports its own), and a run
+  that did not import its own tree's sources fails the comparison;
 * ``--reps`` repetitions in ABBA order (old, new / new, old / ...), so a slow
   spell of the machine hits both commits alike;
 * from the JSON each run prints: per mode, table size and figure (agent cold
@@ -59,17 +62,22 @@ DEFAULT_ARGS = "--sizes 1000 --ipvs-sizes 1000 --repeat 21"
 AGENT_FIGURES = ("cold_sync_seconds", "one_change_seconds", "agent_own_seconds")
 CONTROL_FIGURES = ("tool_cold_seconds", "tool_one_change_seconds")
 
-# Runs in the child: the benchmark script by path (``runpy``, as ``python script``
-# would), and at exit the file the svcproxy package came from, for the parent to check.
+# Runs in the child: the benchmark as ``python -m NAME`` or ``python FILE`` would run it
+# (``runpy``; argv: "module"|"path", target, the benchmark's arguments), and at exit the
+# files svcproxy and svcproxy_lab came from, for the parent to check.
 CHILD = """\
 import atexit, json, os, runpy, sys
 def _where():
-    mod = sys.modules.get("svcproxy")
+    files = {name: getattr(sys.modules.get(name), "__file__", None) for name in ("svcproxy", "svcproxy_lab")}
     with open(os.environ["SVCPROXY_COMPARE_WHERE"], "w") as out:
-        json.dump({"svcproxy_file": getattr(mod, "__file__", None), "python": sys.executable}, out)
+        json.dump(files, out)
 atexit.register(_where)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+how, target = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+if how == "module":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
 """
 
 # Processes whose presence says the machine is shared during the run (reported, not acted on).
@@ -115,6 +123,19 @@ class Tree:
     def operator(self) -> Path:
         return self.path / "operator"
 
+    @property
+    def lab(self) -> Path | None:
+        """The lab's own distribution (since the lab moved out of ``operator/``), if any."""
+        return self.path / "lab" if (self.path / "lab" / "svcproxy_lab").is_dir() else None
+
+    def invocation(self, script: Path) -> tuple[list[str], Path]:
+        """How this tree's benchmark runs (its CLI changed when ``benchmarks/`` became a
+        package): ``-m benchmarks.NAME`` from the tree's root, else the file from its
+        folder (what ``python FILE`` puts first on the path). Child argv head and cwd."""
+        if (self.path / script.parent / "__init__.py").is_file():
+            return ["module", ".".join(script.with_suffix("").parts)], self.path
+        return ["path", str(self.path / script)], self.path / script.parent
+
 
 def options_of(tokens: list[str]) -> list[list[str]]:
     """``--flag [value]`` groups of an argument list (a value is any token after a flag
@@ -130,7 +151,8 @@ def options_of(tokens: list[str]) -> list[list[str]]:
 
 def accepted(tree: Tree, script: Path, groups: list[list[str]], env: dict[str, str]) -> set[str]:
     """The option names of ``groups`` that the tree's benchmark lists in its ``--help``."""
-    proc = subprocess.run([sys.executable, str(tree.path / script), "--help"], env=env,
+    head, cwd = tree.invocation(script)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *head, "--help"], cwd=cwd, env=env,
                           capture_output=True, text=True, check=False, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"{tree.label} ({tree.sha[:7]}): {script} --help failed:\n{proc.stderr[-2000:]}")
@@ -140,7 +162,7 @@ def accepted(tree: Tree, script: Path, groups: list[list[str]], env: dict[str, s
 
 def child_env(tree: Tree, where: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree.operator)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (tree.operator, tree.lab) if p)
     env["SVCPROXY_COMPARE_WHERE"] = str(where)
     env.pop("PYTHONSTARTUP", None)
     return env
@@ -184,17 +206,25 @@ def figures_of(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]
     return values, errors
 
 
+def check_import(tree: Tree, name: str, file: str | None, under: Path) -> None:
+    """Fail the comparison if the child imported ``name`` from outside ``under``."""
+    if not file or not Path(file).resolve().is_relative_to(under.resolve()):
+        raise RuntimeError(f"{tree.label} ({tree.sha[:7]}): the benchmark imported {name} from {file},"
+                           f" not from {under}")
+
+
 def run_one(tree: Tree, script: Path, args: list[str], scratch: Path, *, rep: int,
             position: int, timeout: float) -> dict[str, Any]:
     where = scratch / f"where-{tree.label}-{rep}.json"
     stderr_path = scratch / f"stderr-{tree.label}-{rep}.log"
-    cmd = [sys.executable, "-c", CHILD, str(tree.path / script), *args]
+    head, cwd = tree.invocation(script)
+    cmd = [sys.executable, "-c", CHILD, *head, *args]
     record: dict[str, Any] = {"rep": rep, "position": position, "commit": tree.label,
                               "loadavg_before": loadavg(), "neighbours": neighbours()}
-    log(f"rep {rep} #{position}: {tree.label} {tree.sha[:7]}: {script} {shlex.join(args)}")
+    log(f"rep {rep} #{position}: {tree.label} {tree.sha[:7]}: {head[1]} {shlex.join(args)}")
     start = time.monotonic()
     with stderr_path.open("w") as err:
-        proc = subprocess.run(cmd, cwd=tree.path / script.parent, env=child_env(tree, where),
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(tree, where),
                               stdout=subprocess.PIPE, stderr=err, text=True, check=False,
                               timeout=timeout)
     record["seconds"] = round(time.monotonic() - start, 1)
@@ -204,12 +234,17 @@ def run_one(tree: Tree, script: Path, args: list[str], scratch: Path, *, rep: in
         record["error"] = stderr_path.read_text()[-2000:]
         log(f"  failed (exit status {proc.returncode}):\n{record['error']}")
         return record
-    imported = json.loads(where.read_text())["svcproxy_file"]
-    record["svcproxy_file"] = imported
-    if not imported or not Path(imported).resolve().is_relative_to(tree.operator.resolve()):
-        raise RuntimeError(f"{tree.label}: the benchmark imported svcproxy from {imported},"
-                           f" not from {tree.operator}")
+    files = json.loads(where.read_text())
+    record["svcproxy_file"] = files["svcproxy"]
+    check_import(tree, "svcproxy", files["svcproxy"], tree.operator)
+    if files.get("svcproxy_lab") or tree.lab:
+        record["svcproxy_lab_file"] = files.get("svcproxy_lab")
+        check_import(tree, "svcproxy_lab", files.get("svcproxy_lab"), tree.lab or tree.operator)
     report = parse_report(proc.stdout)
+    for mode, block in report.items():  # a mode run elsewhere (ipvs: a UML guest) may say too
+        if isinstance(block, dict) and "svcproxy_file" in block:
+            record.setdefault("svcproxy_file_by_mode", {})[mode] = block["svcproxy_file"]
+            check_import(tree, f"svcproxy ({mode})", block["svcproxy_file"], tree.operator)
     record["source"] = report.get("source")
     if record["source"] and Path(record["source"]).resolve() != tree.operator.resolve():
         raise RuntimeError(f"{tree.label}: the benchmark measured {record['source']}, not {tree.operator}")
@@ -217,7 +252,7 @@ def run_one(tree: Tree, script: Path, args: list[str], scratch: Path, *, rep: in
     record["figures"], errors = figures_of(report)
     if errors:
         record["mode_errors"] = errors
-    log(f"  {record['seconds']} s, svcproxy from {imported}: "
+    log(f"  {record['seconds']} s, svcproxy from {files['svcproxy']}: "
         + ", ".join(f"{k} {v}" for k, v in record["figures"].items()))
     return record
 
