@@ -425,6 +425,7 @@ def bench_ipvs_inner(sizes: list[int], repeat: int) -> dict[str, Any]:
     report["agent_own_ratio"] = ratio({node.n: median(node.own) for node in nodes})
     report["agent_rss_mb"] = rss_mb()
     report["kernel"] = os.uname().release
+    report["svcproxy_file"] = sys.modules["svcproxy"].__file__
     loop.close()
     return report
 
@@ -437,7 +438,9 @@ def bench_ipvs(sizes: list[int], repeat: int) -> dict[str, Any]:
         proc = guest.run(
             [*module_argv("benchmarks.sync_scale", "--inner-ipvs"),
              ",".join(map(str, sizes)), "--repeat", str(repeat), "--src", _source()],
-            timeout=3600,
+            # The guest's python would otherwise import the svcproxy installed in the venv,
+            # which need not be _source() (a worktree run by another checkout's venv).
+            env={"PYTHONPATH": _source()}, timeout=3600,
         )
     if proc.returncode != 0:
         return {"error": proc.stderr.decode()[-2000:]}
