@@ -6,7 +6,9 @@ chart's operator and agent Pods stay Pending there, bound to their nodes; the te
 the operator and an agent as local processes with the chart's own ServiceAccount credentials
 (TokenRequest API; the agent's token is bound to the chart's DaemonSet Pod on node-1, so it
 carries that node's name), which proves the chart's RBAC is enough. ``kubectl auth can-i``
-with the same tokens, and real writes refused by the admission policy, prove it is not more.
+with the same tokens, and real writes refused by the admission policies, prove it is not more:
+an agent writes only its own node's ProxyNode, and nobody but the operator's account creates
+or updates a ProxyVirtualServer (deletes, and the garbage collector's updates, stay allowed).
 On an external cluster the chart's own Pods run and do the same work.
 
 The local operator watches only the test's namespace (``--namespace``) and runs standalone,
@@ -482,6 +484,177 @@ def test_agent_cannot_write_another_nodes_proxynode(lab: Lab, release: Release,
     finally:
         if made:
             lab.kubectl("delete", "proxynode", other, "--ignore-not-found", check=False)
+
+
+# --- programs are the operator's alone ---------------------------------------------------------------
+
+
+def _program(name: str, ns: str, mode: str = "iptables", **metadata: Any) -> str:
+    return json.dumps({
+        "apiVersion": "svcproxy.io/v1alpha1", "kind": "ProxyVirtualServer",
+        "metadata": {"name": name, "namespace": ns, **metadata},
+        "spec": {"service": {"name": name}, "policy": {"name": "e2e"}, "mode": mode}})
+
+
+@pytest.fixture(scope="module")
+def programs_ns(lab: Lab, release: Release,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A namespace of its own, and the kubeconfig of an "intruder" ServiceAccount there whose
+    Role grants every write on ProxyVirtualServers: RBAC lets it, only admission refuses."""
+    ns = f"chart-pvs-{uuid.uuid4().hex[:6]}"
+    lab.kubectl("create", "namespace", ns)
+    try:
+        lab.kubectl("create", "serviceaccount", "intruder", "-n", ns)
+        lab.kubectl("create", "role", "program-writer", "-n", ns,
+                    "--resource=proxyvirtualservers.svcproxy.io", "--verb=get,create,update,patch,delete")
+        lab.kubectl("create", "rolebinding", "program-writer", "-n", ns, "--role=program-writer",
+                    f"--serviceaccount={ns}:intruder")
+        token = lab.kubectl("create", "token", "intruder", "-n", ns, "--duration=1h").strip()
+        yield ns, token_kubeconfig(lab, tmp_path_factory.mktemp("intruder") / "kubeconfig", token)
+    finally:
+        lab.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+
+
+def _replace(lab: Lab, kc: Path, ns: str, name: str, change: Any) -> subprocess.CompletedProcess[str]:
+    """An update (PUT: the verb the operator's Role has, as its client uses) of the stored object."""
+    obj = lab.kubectl_json("get", "pvs", name, "-n", ns)
+    change(obj)
+    return _kubectl_as(lab, kc, "replace", "-f", "-", input=json.dumps(obj))
+
+
+def _refused(out: subprocess.CompletedProcess[str], release: Release, who: str, what: str) -> None:
+    """Refused by the chart's program policy, with a message naming who may write programs."""
+    assert out.returncode != 0, f"{who} could {what}: {out.stdout}"
+    operator = f"system:serviceaccount:{release.namespace}:{release.operator_sa}"
+    assert f"{release.name}-operator-writes-programs" in out.stderr, out.stderr
+    assert f"ProxyVirtualServers are written only by the svcproxy operator ({operator})" in out.stderr, \
+        out.stderr
+    assert f"{who} may not {what}" in out.stderr, out.stderr
+
+
+def test_only_the_operator_may_create_or_update_programs(lab: Lab, release: Release, tokens: dict[str, Path],
+                                                        programs_ns: tuple[str, Path]) -> None:
+    ns, intruder = programs_ns
+    admin = lab.kubeconfig
+    spec_patch = ["--type=merge", "-p", '{"spec": {"mode": "userspace"}}']
+
+    def mode() -> str:
+        return str(lab.kubectl_json("get", "pvs", "p1", "-n", ns)["spec"]["mode"])
+
+    # The operator's token creates and changes a program (spec, labels, finalizers).
+    out = _kubectl_as(lab, tokens["operator"], "create", "-f", "-", input=_program("p1", ns))
+    assert out.returncode == 0, out.stderr
+    changes = [lambda o: o["spec"].update(mode="ipvs"),
+               lambda o: o["metadata"].update(labels={"svcproxy.io/e2e": "yes"}),
+               lambda o: o["metadata"].update(finalizers=["svcproxy.io/e2e"]),
+               lambda o: o["metadata"].pop("finalizers")]
+    for i, change in enumerate(changes):
+        out = _replace(lab, tokens["operator"], ns, "p1", change)
+        assert out.returncode == 0, f"change {i}: {out.stderr}"
+    assert mode() == "ipvs"
+
+    # Another ServiceAccount that RBAC lets write programs: refused by admission.
+    who = f"system:serviceaccount:{ns}:intruder"
+    out = _kubectl_as(lab, intruder, "create", "-f", "-", input=_program("p2", ns))
+    _refused(out, release, who, f"create {ns}/p2")
+    out = _kubectl_as(lab, intruder, "patch", "pvs", "p1", "-n", ns, *spec_patch)
+    _refused(out, release, who, f"change {ns}/p1")
+    out = _kubectl_as(lab, intruder, "patch", "pvs", "p1", "-n", ns, "--type=merge",
+                      "-p", '{"metadata": {"labels": {"svcproxy.io/e2e": "forged"}}}')
+    _refused(out, release, who, f"change {ns}/p1")
+    out = _replace(lab, intruder, ns, "p1", lambda o: o["spec"].update(mode="userspace"))
+    _refused(out, release, who, f"change {ns}/p1")
+    # The agent's token (RBAC refuses it already; whichever layer, nothing is written).
+    for args in (["create", "-f", "-"], ["patch", "pvs", "p1", "-n", ns, *spec_patch]):
+        out = _kubectl_as(lab, tokens["agent"], *args, input=_program("p3", ns))
+        assert out.returncode != 0, f"the agent could {args[0]} a program: {out.stdout}"
+    # Admins too: the cluster's admin, and a user impersonated with system:masters.
+    out = _kubectl_as(lab, admin, "create", "-f", "-", input=_program("p4", ns))
+    assert out.returncode != 0 and "ProxyVirtualServers are written only by the svcproxy operator" \
+        in out.stderr, out.stderr
+    out = _kubectl_as(lab, admin, "--as=jane", "--as-group=system:masters", "patch", "pvs", "p1", "-n", ns,
+                      *spec_patch)
+    _refused(out, release, "jane", f"change {ns}/p1")
+    out = _kubectl_as(lab, admin, "--as=jane", "--as-group=system:masters", "create", "-f", "-",
+                      input=_program("p5", ns))
+    _refused(out, release, "jane", f"create {ns}/p5")
+
+    assert mode() == "ipvs"
+    labels = lab.kubectl_json("get", "pvs", "p1", "-n", ns)["metadata"].get("labels") or {}
+    assert labels == {"svcproxy.io/e2e": "yes"}, labels
+    assert lab.kubectl("get", "pvs", "-n", ns, "-o", "name").split() == ["proxyvirtualserver.svcproxy.io/p1"]
+    # Deleting stays allowed: an admin cleans up.
+    out = _kubectl_as(lab, admin, "delete", "pvs", "p1", "-n", ns, "--wait=true", "--timeout=60s")
+    assert out.returncode == 0, out.stderr
+    assert not lab.kubectl("get", "pvs", "-n", ns, "-o", "name").strip()
+
+
+def test_programs_can_still_be_let_go(lab: Lab, release: Release, tokens: dict[str, Path],
+                                      programs_ns: tuple[str, Path]) -> None:
+    """The garbage collector (kube-controller-manager's own account) strips ownerReferences for
+    an orphaning delete and removes the foregroundDeletion finalizer, both updates; an admin
+    removes a finalizer nobody will remove. None changes a program, so the policy admits them."""
+    ns, _ = programs_ns
+    op = tokens["operator"]
+
+    def owner(name: str) -> dict[str, Any]:
+        lab.kubectl("create", "configmap", name, "-n", ns)
+        uid = lab.kubectl_json("get", "configmap", name, "-n", ns)["metadata"]["uid"]
+        return {"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": uid}
+
+    def gone(kind: str, name: str) -> bool:
+        return not lab.kubectl("get", kind, name, "-n", ns, "--ignore-not-found").strip()
+
+    # Background delete of the owner: the GC deletes the program (a delete: not matched). The
+    # GC watches a CRD's objects only from its next discovery sync (30 s) after the CRD came,
+    # so this also waits until it watches ProxyVirtualServers.
+    out = _kubectl_as(lab, op, "create", "-f", "-",
+                      input=_program("child", ns, ownerReferences=[owner("o2")]))
+    assert out.returncode == 0, out.stderr
+    lab.kubectl("delete", "configmap", "o2", "-n", ns)
+    lab.wait_until("the GC to delete the owned program", timeout=120, check=lambda: gone("pvs", "child"))
+    # Orphaning delete of the owner: the GC patches the program's ownerReferences away.
+    out = _kubectl_as(lab, op, "create", "-f", "-",
+                      input=_program("orphan", ns, ownerReferences=[owner("o1")]))
+    assert out.returncode == 0, out.stderr
+    # The GC learns of dependents from its watch: an owner deleted before the program's event
+    # reached it would just lose its orphan finalizer, with no update of the program.
+    time.sleep(2)
+    lab.kubectl("delete", "configmap", "o1", "-n", ns, "--cascade=orphan", "--wait=false")
+    lab.wait_until("the orphaned owner to go (the GC updated the program)", timeout=90,
+                   check=lambda: gone("configmap", "o1"))
+    assert not lab.kubectl_json("get", "pvs", "orphan", "-n", ns)["metadata"].get("ownerReferences")
+    # Foreground delete of the program: the GC removes its foregroundDeletion finalizer.
+    lab.kubectl("delete", "pvs", "orphan", "-n", ns, "--cascade=foreground", "--wait=false")
+    lab.wait_until("the program deleted in the foreground to go", timeout=90,
+                   check=lambda: gone("pvs", "orphan"))
+
+    # A finalizer no controller removes: an admin deletes and lets the program go, but cannot
+    # change the program while it waits.
+    out = _kubectl_as(lab, op, "create", "-f", "-",
+                      input=_program("held", ns, finalizers=["svcproxy.io/e2e-hold"]))
+    assert out.returncode == 0, out.stderr
+    lab.kubectl("delete", "pvs", "held", "-n", ns, "--wait=false")
+    out = _kubectl_as(lab, lab.kubeconfig, "patch", "pvs", "held", "-n", ns, "--type=merge",
+                      "-p", '{"spec": {"mode": "userspace"}}')
+    assert out.returncode != 0 and "may not change" in out.stderr, out.stderr
+    out = _kubectl_as(lab, lab.kubeconfig, "patch", "pvs", "held", "-n", ns, "--type=json",
+                      "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    assert out.returncode == 0, out.stderr
+    lab.wait_until("the held program to go", timeout=30, check=lambda: gone("pvs", "held"))
+
+
+def test_program_policy_type_checks(lab: Lab, release: Release) -> None:
+    """The API server type-checks the policy's expressions against the CRD's schema."""
+    name = f"{release.name}-operator-writes-programs"
+
+    def checked() -> dict[str, Any] | None:
+        obj = lab.kubectl_json("get", "validatingadmissionpolicy", name)
+        status = obj.get("status") or {}
+        return status if status.get("observedGeneration") == obj["metadata"]["generation"] else None
+
+    status = lab.wait_until(f"the type check of {name}", checked, timeout=60)
+    assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
 
 
 # --- upgrade and uninstall ------------------------------------------------------------------------

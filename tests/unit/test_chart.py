@@ -72,6 +72,10 @@ BAD_VALUES = [
      "at '/operator/podDisruptionBudget/enabled': got string, want boolean"),
     (["--set", "operator.resources.requests.cpu=lots"], "at '/operator/resources/requests/cpu'"),
     (["--set", "agent.clusterCIDRs[0]=everywhere"], "at '/agent/clusterCIDRs/0'"),
+    (["--set-string", "operator.programRestriction.enabled=no"],
+     "at '/operator/programRestriction/enabled': got string, want boolean"),
+    (["--set", "operator.programRestriction.writers=x"],
+     "at '/operator/programRestriction': additional properties 'writers' not allowed"),
 ]
 
 
@@ -145,3 +149,77 @@ def test_admission_policy_names_the_agent_account(rendered: dict[tuple[str, str]
     assert "system:serviceaccount:svcproxy-system:svcproxy-agent" in cond["expression"]
     binding = rendered[("ValidatingAdmissionPolicyBinding", "svcproxy-agent-own-proxynode")]
     assert binding["spec"] == {"policyName": "svcproxy-agent-own-proxynode", "validationActions": ["Deny"]}
+
+
+PROGRAMS = "svcproxy-operator-writes-programs"
+
+
+def _by_key(text: str) -> dict[tuple[str, str], JSON]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents(text)}
+
+
+def test_program_policy_lets_only_the_operator_create_or_update(
+        rendered: dict[tuple[str, str], JSON]) -> None:
+    vap = rendered[("ValidatingAdmissionPolicy", PROGRAMS)]
+    spec = vap["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == ["svcproxy.io"]
+    # Deletes stay allowed (admins, the garbage collector): DELETE is not matched.
+    assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]
+    assert "proxyvirtualservers" in rule["resources"]
+    # Every subresource the CRD serves is matched too (a status subresource would be a write path).
+    crd = yaml.safe_load((CHART / "crds" / "svcproxy.io_proxyvirtualservers.yaml").read_text())
+    for version in crd["spec"]["versions"]:
+        for sub in version.get("subresources") or {}:
+            assert {f"proxyvirtualservers/{sub}", "proxyvirtualservers/*"} & set(rule["resources"]), sub
+    (cond,) = spec["matchConditions"]
+    assert cond["expression"] == (
+        'request.userInfo.username != "system:serviceaccount:svcproxy-system:svcproxy-operator"')
+    (check,) = spec["validations"]
+    assert check["reason"] == "Forbidden"
+    # An empty subResource is absent from CEL's request, not "": comparing it fails the
+    # expression (the API server then refuses the garbage collector's updates).
+    for key in ("expression", "messageExpression"):
+        assert "request.subResource ==" not in check[key] and "request.subResource !=" not in check[key]
+    # The refusal names the one account that may write programs.
+    for key in ("message", "messageExpression"):
+        assert "system:serviceaccount:svcproxy-system:svcproxy-operator" in check[key], key
+    binding = rendered[("ValidatingAdmissionPolicyBinding", PROGRAMS)]
+    assert binding["spec"] == {"policyName": PROGRAMS, "validationActions": ["Deny"]}
+
+
+@pytest.mark.parametrize(("args", "user"), [
+    ([], "system:serviceaccount:net-proxy:edge-svcproxy-operator"),
+    (["--set", "operator.serviceAccount.name=ops"], "system:serviceaccount:net-proxy:ops"),
+    (["--set", "operator.serviceAccount.create=false", "--set", "operator.serviceAccount.name=shared"],
+     "system:serviceaccount:net-proxy:shared"),
+    (["--set", "fullnameOverride=px"], "system:serviceaccount:net-proxy:px-operator"),
+], ids=["default-names", "named-account", "existing-account", "fullname-override"])
+def test_program_policy_names_the_releases_operator_account(helm: Path, args: list[str], user: str) -> None:
+    out = helm_template(helm, *args, release="edge", namespace="net-proxy")
+    assert out.returncode == 0, out.stderr
+    docs = _by_key(out.stdout)
+    prefix = "px" if "fullnameOverride=px" in args else "edge-svcproxy"
+    name = f"{prefix}-operator-writes-programs"
+    vap = docs[("ValidatingAdmissionPolicy", name)]
+    (cond,) = vap["spec"]["matchConditions"]
+    assert cond["expression"] == f'request.userInfo.username != "{user}"'
+    assert user in vap["spec"]["validations"][0]["messageExpression"]
+    # The account the policy admits is the one the operator Deployment runs as.
+    dep = docs[("Deployment", f"{prefix}-operator")]
+    assert user.rsplit(":", 1)[1] == dep["spec"]["template"]["spec"]["serviceAccountName"]
+    assert docs[("ValidatingAdmissionPolicyBinding", name)]["spec"]["policyName"] == name
+    assert vap["metadata"]["labels"]["app.kubernetes.io/instance"] == "edge"
+
+
+def test_program_policy_can_be_turned_off(helm: Path) -> None:
+    out = helm_template(helm, "--set", "operator.programRestriction.enabled=false")
+    assert out.returncode == 0, out.stderr
+    docs = _by_key(out.stdout)
+    assert ("ValidatingAdmissionPolicy", PROGRAMS) not in docs
+    assert ("ValidatingAdmissionPolicyBinding", PROGRAMS) not in docs
+    # The agents' ProxyNode policy is a separate switch and stays.
+    assert ("ValidatingAdmissionPolicy", "svcproxy-agent-own-proxynode") in docs
+    out = helm_template(helm, "--set", "agent.nodeRestriction.enabled=false")
+    assert ("ValidatingAdmissionPolicy", PROGRAMS) in _by_key(out.stdout)

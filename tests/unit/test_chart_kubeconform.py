@@ -45,10 +45,10 @@ def toolchain_bin() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def helm_template(helm: Path, *args: str,
-                  namespace: str = "svcproxy-system") -> subprocess.CompletedProcess[str]:
+def helm_template(helm: Path, *args: str, namespace: str = "svcproxy-system",
+                  release: str = "svcproxy") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(helm), "template", "svcproxy", str(CHART), "--namespace", namespace,
+        [str(helm), "template", release, str(CHART), "--namespace", namespace,
          "--kube-version", K8S_VERSION, *args],
         capture_output=True, text=True, timeout=120, check=False,
     )
