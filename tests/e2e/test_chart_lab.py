@@ -39,7 +39,7 @@ CHART = REPO / "charts" / "svcproxy"
 ECHO = "svcproxy.io/echo"
 HANDOVER = "service.kubernetes.io/service-proxy-name"
 pytestmark = pytest.mark.lab
-# Set by tests/e2e/kind/run.sh: the chart's images are loaded and its Pods really run.
+# Set when SVCPROXY_E2E_KUBECONFIG is a cluster whose kubelets run the chart's images.
 # Otherwise (the lab, whose kubelet runs only its echo image) the Pods stay Pending and the
 # tests run the operator and an agent as local processes with the chart's credentials.
 CHART_SET = os.environ.get("SVCPROXY_E2E_CHART_SET", "")
