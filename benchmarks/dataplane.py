@@ -22,12 +22,10 @@ this file's own helper roles inside the namespaces or the guest):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
 import platform
-import selectors
 import socket
 import statistics
 import subprocess
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from benchmarks._source import module_argv
+from svcproxy_lab.echo import serve_lines
 from svcproxy_lab.stats import nearest_rank
 
 if TYPE_CHECKING:
@@ -123,47 +122,6 @@ def expected_peer(mode: str) -> str:
 
 
 # --- roles that run inside the namespaces ---------------------------------------------
-
-
-def serve(name: str, port: int) -> None:
-    """Backend echo server: answers every request line with ``<name> <peer ip:port>``, on new
-    and on persistent connections (the lab's echo closes after one answer). One selector
-    loop, no per-connection thread or task, to keep the server's own cost small."""
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("0.0.0.0", port))
-    lsock.listen(4096)
-    lsock.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(lsock, selectors.EVENT_READ, None)
-    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")  # the harness closes it to stop us
-    print(json.dumps({"ready": True}), flush=True)
-    while True:
-        for key, _ in sel.select():
-            if key.data == "stdin":
-                if not os.read(sys.stdin.fileno(), 1024):
-                    return
-                continue
-            if key.data is None:
-                try:
-                    conn, peer = lsock.accept()
-                except BlockingIOError:
-                    continue
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sel.register(conn, selectors.EVENT_READ, f"{name} {peer[0]}:{peer[1]}\n".encode())
-                continue
-            sock: socket.socket = key.fileobj  # type: ignore[assignment]
-            try:
-                data = sock.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(sock)
-                sock.close()
-            elif n := data.count(b"\n"):  # one answer per request line, however they arrive
-                with contextlib.suppress(OSError):  # the client is gone; its close comes next
-                    sock.send(key.data * n)
 
 
 def _connect(host: str, port: int) -> socket.socket:
@@ -538,7 +496,7 @@ def main() -> int:
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]))
+        serve_lines(args.serve[0], int(args.serve[1]))
     elif args.client:
         client_loop()
     elif args.program:

@@ -1,5 +1,5 @@
-"""The one echo server: the lab kubelet's for Pods of image ``svcproxy.io/echo``, and the
-backends of the data-plane tests' netns topology (``topology.py``).
+"""The one echo server: the lab kubelet's for Pods of image ``svcproxy.io/echo``, the
+backends of the data-plane tests' netns topology (``topology.py``) and of the data-path benchmark.
 
 Started by ``kubelet.py`` inside the Pod's network namespace as
 ``python -m svcproxy_lab.echo --name POD --port 80 ...``. On every port it
@@ -17,6 +17,9 @@ connection and to every UDP datagram, with no HTTP; ``--dual-stack`` also listen
 IPv6 (``::``, IPv6-only sockets beside the IPv4 ones). The first stdout line, once every
 port is bound, says it is serving.
 
+``serve_lines`` is the data-path benchmark's variant: TCP only, one answer per request
+line on persistent connections, a bare selector loop.
+
 On SIGTERM it keeps serving for ``--drain-seconds`` (the Pod's env
 ``SVCPROXY_ECHO_DRAIN_SECONDS``, default 0), then exits, so tests can watch a
 terminating endpoint drain.
@@ -27,6 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import selectors
 import signal
 import socket
 import sys
@@ -159,6 +165,47 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(serve(args))
     return 0
 
+
+
+def serve_lines(name: str, port: int) -> None:
+    """The data-path benchmark's backend: every request line gets ``<name> <peer ip:port>``,
+    on new and on persistent connections, until stdin closes. One selector loop with no
+    task per connection, so the server's own cost stays small beside what is measured."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("0.0.0.0", port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ, None)
+    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")  # the harness closes it to stop us
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        for key, _ in sel.select():
+            if key.data == "stdin":
+                if not os.read(sys.stdin.fileno(), 1024):
+                    return
+                continue
+            if key.data is None:
+                try:
+                    conn, peer = lsock.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sel.register(conn, selectors.EVENT_READ, f"{name} {peer[0]}:{peer[1]}\n".encode())
+                continue
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()
+            elif n := data.count(b"\n"):  # one answer per request line, however they arrive
+                with contextlib.suppress(OSError):  # the client is gone; its close comes next
+                    sock.send(key.data * n)
 
 if __name__ == "__main__":
     sys.exit(main())
