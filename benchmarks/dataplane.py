@@ -32,28 +32,27 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from benchmarks._source import module_argv
 from svcproxy_lab.echo import serve_lines
 from svcproxy_lab.stats import nearest_rank
+from svcproxy_lab.topology import (
+    BACKEND_IP,
+    CLIENT_IP,
+    CLIENT_VIP_IP,
+    NODE_BACKEND_SIDE,
+    POD_CIDR,
+    PathTopology,
+)
 
 if TYPE_CHECKING:
     from svcproxy.dataplane.proxier import Proxier
 
 SCRIPT = Path(__file__).resolve()
-POD_CIDR = "10.244.0.0/16"
-CLIENT_IP, NODE_CLIENT_SIDE = "10.244.8.2", "10.244.8.1"
-# The client sends to the VIP from a second address of the same interface (chosen by the
-# route's src): a direct connection that reuses the ports of an IPVS connection in
-# TIME_WAIT would have its SYN-ACK rewritten to come from the VIP and fail.
-CLIENT_VIP_IP = "10.244.8.3"
-BACKEND_IP, NODE_BACKEND_SIDE = "10.244.9.2", "10.244.9.1"
 BACKEND_PORT = 8080
 VIP, VIP_PORT = "10.96.9.10", 80
 PATHS = ("direct", "vip")
@@ -269,59 +268,6 @@ def log(msg: str) -> None:
     print(f"[dataplane {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class Topology:
-    """client netns <-veth-> node netns <-veth-> backend netns; nothing in the root netns."""
-
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def ns(self, role: str) -> str:
-        return f"svcpdp-{self.tag}-{role}"
-
-    def create(self) -> None:
-        node, cli, be = self.ns("node"), self.ns("cli"), self.ns("be")
-        for name in (node, cli, be):
-            sh("ip", "netns", "add", name)
-        cmds = [f"-n {n} link set lo up" for n in (node, cli, be)]
-        for name, peer, addr, gw in ((cli, "cl0", CLIENT_IP, NODE_CLIENT_SIDE),
-                                     (be, "be0", BACKEND_IP, NODE_BACKEND_SIDE)):
-            cmds += [f"link add eth0 netns {name} type veth peer name {peer} netns {node}",
-                     f"-n {name} addr add {addr}/24 dev eth0", f"-n {name} link set eth0 up",
-                     f"-n {node} addr add {gw}/24 dev {peer}", f"-n {node} link set {peer} up",
-                     f"-n {name} route add {POD_CIDR} via {gw}"]  # via the node; no default route
-        cmds += [f"-n {cli} addr add {CLIENT_VIP_IP}/24 dev eth0",
-                 f"-n {cli} route add 10.96.0.0/16 via {NODE_CLIENT_SIDE} src {CLIENT_VIP_IP}"]
-        for cmd in cmds:
-            sh("ip", *cmd.split())
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        # New-connection rounds open tens of thousands of connections to one address:
-        # a wide port range and TIME_WAIT reuse keep the client from running out of ports.
-        sh("ip", "netns", "exec", cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
-           "net.ipv4.tcp_tw_reuse=1")
-
-    def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(role), *module_argv("benchmarks.dataplane", *args)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def destroy(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                if proc.stdin:
-                    proc.stdin.close()  # lets --program clean up its rules
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        for role in ("cli", "be", "node"):
-            subprocess.run(["ip", "netns", "del", self.ns(role)], capture_output=True, check=False)
-
-
 def read_json(proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
     out: BinaryIO | None = proc.stdout  # type: ignore[assignment]
     line = out.readline() if out else b""
@@ -339,8 +285,8 @@ def ask(proc: subprocess.Popen[bytes], **cmd: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def programmed(mode: str) -> Iterator[tuple[Topology, dict[str, Any]]]:
-    topo = Topology()
+def programmed(mode: str) -> Iterator[tuple[PathTopology, dict[str, Any]]]:
+    topo = PathTopology(lambda *args: module_argv("benchmarks.dataplane", *args))
     try:
         topo.create()
         read_json(topo.start("be", "--serve", "be0", str(BACKEND_PORT)), "echo server")

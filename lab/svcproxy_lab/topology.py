@@ -1,10 +1,11 @@
-"""The one throw-away network-namespace topology of the data-plane tests (host kernel or guest).
+"""The throw-away network-namespace topologies of the data-plane tests and the data-path benchmark.
 
 node netns (the proxier programs it), a client netns with no default route
 (10.99.0.2, reaches 10.96.0.0/16 via the node), and backend netns on a
 bridge in the node (10.244.9.2, .3, ...) each running an echo server that
-answers with its name over TCP and UDP. No traffic ever leaves these
-namespaces; the root netns is never a source or a destination.
+answers with its name over TCP and UDP (``Topology``); or client, node and one
+backend on veth pairs for the data-path benchmark (``PathTopology``). No traffic
+ever leaves these namespaces; the root netns is never a source or a destination.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 ECHO = "svcproxy_lab.echo"  # --bare: answers its name only
 CLIENT = "svcproxy_lab.burst"
+
+# The data-path benchmark's addresses (PathTopology).
+POD_CIDR = "10.244.0.0/16"
+CLIENT_IP, NODE_CLIENT_SIDE = "10.244.8.2", "10.244.8.1"
+# The client sends to the VIP from a second address of the same interface (chosen by the
+# route's src): a direct connection that reuses the ports of an IPVS connection in
+# TIME_WAIT would have its SYN-ACK rewritten to come from the VIP and fail.
+CLIENT_VIP_IP = "10.244.8.3"
+BACKEND_IP, NODE_BACKEND_SIDE = "10.244.9.2", "10.244.9.1"
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -145,6 +156,62 @@ class Topology:
         for ns in [self.client, *(self.backend_ns(i) for i in range(len(self.backends))),
                    self.node]:
             sh("ip", "netns", "del", ns, check=False)
+
+
+@dataclass
+class PathTopology:
+    """client netns <-veth-> node netns <-veth-> backend netns, for the data-path benchmark;
+    ``argv(*args)`` is the command line a role's process runs inside its namespace."""
+
+    argv: Callable[..., list[str]]
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def ns(self, role: str) -> str:
+        return f"svcpdp-{self.tag}-{role}"
+
+    def create(self) -> None:
+        node, cli, be = self.ns("node"), self.ns("cli"), self.ns("be")
+        for name in (node, cli, be):
+            sh("ip", "netns", "add", name)
+        cmds = [f"-n {n} link set lo up" for n in (node, cli, be)]
+        for name, peer, addr, gw in ((cli, "cl0", CLIENT_IP, NODE_CLIENT_SIDE),
+                                     (be, "be0", BACKEND_IP, NODE_BACKEND_SIDE)):
+            cmds += [f"link add eth0 netns {name} type veth peer name {peer} netns {node}",
+                     f"-n {name} addr add {addr}/24 dev eth0", f"-n {name} link set eth0 up",
+                     f"-n {node} addr add {gw}/24 dev {peer}", f"-n {node} link set {peer} up",
+                     f"-n {name} route add {POD_CIDR} via {gw}"]  # via the node; no default route
+        cmds += [f"-n {cli} addr add {CLIENT_VIP_IP}/24 dev eth0",
+                 f"-n {cli} route add 10.96.0.0/16 via {NODE_CLIENT_SIDE} src {CLIENT_VIP_IP}"]
+        for cmd in cmds:
+            sh("ip", *cmd.split())
+        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # New-connection rounds open tens of thousands of connections to one address:
+        # a wide port range and TIME_WAIT reuse keep the client from running out of ports.
+        sh("ip", "netns", "exec", cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
+           "net.ipv4.tcp_tw_reuse=1")
+
+    def start(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(role), *self.argv(*args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def destroy(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                if proc.stdin:
+                    proc.stdin.close()  # lets --program clean up its rules
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for role in ("cli", "be", "node"):
+            subprocess.run(["ip", "netns", "del", self.ns(role)], capture_output=True, check=False)
 
 
 def require_root() -> str | None:
