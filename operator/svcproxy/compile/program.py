@@ -35,8 +35,8 @@ JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 DEFAULT_SERVICE_AFFINITY_TIMEOUT = 10800
 # The fields every model_construct below sets, one set shared by all the objects it builds:
-# pydantic otherwise keeps a set of field names per object (~0.5 KB per real server, the
-# largest part of a compiled program; 10k Services x 10 endpoints held ~50 MB of them).
+# pydantic otherwise keeps a set of field names per object, the largest part of a
+# compiled program (benchmarks/README.md, operator memory, has the figures).
 # pydantic copies the set before it changes one (model_copy), so sharing it is safe.
 _REAL_SERVER_FIELDS = {
     "address",

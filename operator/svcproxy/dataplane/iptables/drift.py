@@ -246,7 +246,7 @@ def plan_full(
     plan.declare_services = rules.SERVICES not in nat
     have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
     # Jumps read back that no desired service wants; a dict sharing the read-back's strings
-    # (a set of the desired jumps was 10k new strings, ~2.5 MB at 10k Services).
+    # (a set of the desired jumps would be one new string per Service).
     unwanted = dict(have_jumps)
     needed = set(rules.BASE_CHAINS) | set(keep)
     want_sum = Summary()

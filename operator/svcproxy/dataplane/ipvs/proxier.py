@@ -353,7 +353,7 @@ class IpvsProxier(BlockingProxier):
         have.difference_update(drop)
         errors: list[DataplaneError] = []
         # No request at all when nothing changes (the common endpoint change): even an
-        # empty address update costs interface lookups, ~1 ms each in a UML guest.
+        # empty address update costs an interface lookup per address.
         for vip in self._addresses.add_addresses(self._interface, add) if add else ():
             have.discard(vip)
             errors.append(KernelError(f"could not add VIP {vip} to {self._interface}"))
