@@ -73,7 +73,7 @@ command -v mmdebstrap >/dev/null || {
 work=$(mktemp -d /tmp/svcproxy-fresh.XXXXXX)
 cname=svcproxy-fresh-$$
 cleanup() {
-  if [ $keep = 0 ]; then docker rm -f "$cname" >/dev/null 2>&1 || true; fi
+  if [ $keep = 0 ]; then docker rm -f -v "$cname" >/dev/null 2>&1 || true; fi
   rm -rf "$work/clone" "$work/rootfs.tar"
 }
 trap cleanup EXIT
@@ -149,7 +149,7 @@ for cmd in "${steps[@]}"; do
   [ "$rc" = 0 ] || passed=false
   results+=("{\"cmd\": $(json_str "$cmd"), \"rc\": $rc, \"seconds\": $took}")
 done
-[ $keep = 1 ] && log "container kept: docker exec -it $cname bash; docker rm -f $cname when done"
+[ $keep = 1 ] && log "container kept: docker exec -it $cname bash; docker rm -f -v $cname when done"
 
 steps_json=$(printf '%s, ' "${results[@]}")
 echo "{\"passed\": $passed, \"commit\": \"$commit\", \"image\": \"$image\", \"image_seconds\": $image_seconds, \"total_seconds\": $((SECONDS - t0)), \"logs\": \"$logdir\", \"steps\": [${steps_json%, }]}"
