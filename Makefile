@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 all: test
 
 # The product and the lab (its own distribution, never in the wheel or the images), both editable.
+# A new venv first gets the Debian packages (python3-venv on a bare Debian): hack/setup.sh packages.
 $(VENV)/.stamp: pyproject.toml lab/pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/python || { PY=$(PY) bash hack/setup.sh packages && $(PY) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,bench]' -e ./lab
 	@touch $@

@@ -115,6 +115,7 @@ root_image "$reg/pause:$PAUSE_VERSION" pause
 
 # agnhost, with the porter's test certificate from the k8s.io/kubernetes module.
 agn=$work/agnhost
+eval "$(bash "$toolchain" --go-env)"   # the Go build.sh builds with, maybe off PATH
 porter=$(cd lab/svcproxy_lab/toolchain/kubernetes && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost/porter
 agn_key=$(hash_of "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" hack/images/agnhost.Dockerfile; key_of svcproxy-base/tools:bookworm)
 if stale "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key"; then

@@ -7,6 +7,13 @@
 # e2e test image), coredns, kind, and the pause binary (C, from the k8s.io/kubernetes module).
 # Usage: build.sh [CACHE_ROOT]   (default: ${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy)
 # Prints the bin folder on its last line.
+#        build.sh --go-env         prints shell lines that put the Go it builds with first on
+#                                  PATH (eval them); exit 3 when this machine has no usable Go
+#
+# Go: the first of `go` on PATH, /usr/local/go and Debian's /usr/lib/go-1.N that is at least
+# GO_VERSION builds as it is. Otherwise any Go >= 1.21 found there (hack/setup.sh installs
+# Debian's backported one on a machine without) builds with GOTOOLCHAIN=go$GO_VERSION: the go
+# command fetches that release from the Go module proxy once and runs it.
 set -euo pipefail
 
 K8S_VERSION=v1.36.3
@@ -16,8 +23,55 @@ KUBECONFORM_VERSION=v0.7.0
 KIND_VERSION=v0.33.0
 COREDNS_VERSION=v1.14.2
 PAUSE_VERSION=3.10.2
+GO_VERSION=1.26.8
 
 here=$(cd "$(dirname "$0")" && pwd)
+
+# version_ge A B: dotted version A is B or later.
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
+# The Go release a go binary is, without letting it switch to another toolchain.
+go_release() { (cd / && GOTOOLCHAIN=local "$1" env GOVERSION 2>/dev/null) | sed -n 's/^go\([0-9][0-9.]*\).*/\1/p'; }
+
+# pick_go: sets GO_BIN (and GO_SWITCH=1 when it must fetch GO_VERSION); false when none fits.
+pick_go() {
+  local g v fallback=""
+  GO_SWITCH=0
+  for g in "$(command -v go || true)" /usr/local/go/bin/go $(ls -d /usr/lib/go-1.*/bin/go 2>/dev/null | sort -rV); do
+    [ -n "$g" ] && [ -x "$g" ] || continue
+    v=$(go_release "$g")
+    [ -n "$v" ] || continue
+    if version_ge "$v" "$GO_VERSION"; then GO_BIN=$g; return 0; fi
+    # 1.21 is the first go command that can fetch and run another release.
+    if [ -z "$fallback" ] && version_ge "$v" 1.21; then fallback=$g; fi
+  done
+  [ -n "$fallback" ] || return 1
+  GO_BIN=$fallback GO_SWITCH=1
+}
+
+# go_env: the Go to build with, first on PATH, for this script and its callers' eval.
+go_env() {
+  if ! pick_go; then
+    echo "build.sh: no Go >= 1.21 on this machine, and the lab builds Kubernetes from Go modules with Go $GO_VERSION; run hack/setup.sh as root (it installs Debian's backported Go, which fetches $GO_VERSION), or install Go >= $GO_VERSION, and retry." >&2
+    return 3
+  fi
+  printf 'export PATH=%q:"$PATH"\n' "$(dirname "$GO_BIN")"
+  if [ "$GO_SWITCH" = 1 ]; then printf 'export GOTOOLCHAIN=go%s\n' "$GO_VERSION"; fi
+}
+if [ "${1:-}" = --go-env ]; then go_env; exit; fi
+
+# use_go: once, before the first go command; only when something must be built.
+go_ready=0
+use_go() {
+  [ "$go_ready" = 0 ] || return 0
+  pick_go || { go_env; exit 3; }
+  PATH="$(dirname "$GO_BIN"):$PATH"
+  if [ "$GO_SWITCH" = 1 ]; then
+    export GOTOOLCHAIN=go$GO_VERSION
+    log "$GO_BIN is older than Go $GO_VERSION: building with GOTOOLCHAIN=$GOTOOLCHAIN"
+  fi
+  go_ready=1
+}
+
 root=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy}
 key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_kubeconform-${KUBECONFORM_VERSION}"
 # The kind part has a folder of its own, so adding it leaves the lab's binaries where they are.
@@ -35,10 +89,7 @@ build() {
   case $out in /*) ;; *) out=$bin/$out ;; esac
   if [ -x "$out" ]; then return 0; fi
   # Go is needed only when something is missing: a filled cache works without it.
-  command -v go >/dev/null || {
-    echo "build.sh: Go is not installed and $out is not built yet; the lab builds Kubernetes from Go modules. Install Go >= 1.26 (https://go.dev/dl/) and retry." >&2
-    exit 2
-  }
+  use_go
   log "building $out ($pkg); a cold build takes minutes"
   local start=$SECONDS
   (cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$pkg")
@@ -72,6 +123,7 @@ build kind "$kind_bin/kind" sigs.k8s.io/kind "-s -w"
 build kind "$kind_bin/coredns" github.com/coredns/coredns "-s -w"
 if [ ! -x "$kind_bin/pause" ]; then
   # pause.c is upstream's, read from the module cache the kubernetes build filled.
+  use_go
   src=$(cd "$here/kubernetes" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
   gcc -Os -Wall -static -DVERSION="v$PAUSE_VERSION" -o "$kind_bin/pause.tmp" "$src"
   strip "$kind_bin/pause.tmp" && mv "$kind_bin/pause.tmp" "$kind_bin/pause"
