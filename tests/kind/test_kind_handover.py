@@ -13,7 +13,10 @@ def test_take_over_and_give_back_under_steady_traffic(kind: Kind, namespace: str
     proxy = kind.json("get", "cm", "-n", "kube-system", "kube-proxy")["data"]["config.conf"]
     assert 'mode: nftables' in proxy or 'mode: "nftables"' in proxy
     deploy(kind, namespace)
-    assert burst(kind, namespace, "http://web/hostname", 5).get("", 0) == 0  # kube-proxy's
+    # kube-proxy programs a new Service on its own schedule: wait until it answers, so the
+    # steady traffic below starts from a Service that works before svcproxy touches it.
+    kind.wait("kube-proxy serving the new Service", lambda: burst(
+        kind, namespace, "http://web/hostname", 5).get("", 0) == 0)
     steady = Steady(kind, namespace, "http://web/hostname").start()
     kind.apply([policy("web", "web", "iptables")], namespace)
     wait_programmed(kind, namespace, "web")
