@@ -64,11 +64,7 @@ fi
 
 [ "$(id -u)" = 0 ] || { echo "fresh-machine.sh: run as root (Docker, mmdebstrap)" >&2; exit 2; }
 bash hack/docker.sh
-command -v mmdebstrap >/dev/null || {
-  log "installing mmdebstrap"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
-}
+bash hack/setup.sh packages   # mmdebstrap among them
 
 work=$(mktemp -d /tmp/svcproxy-fresh.XXXXXX)
 cname=svcproxy-fresh-$$

@@ -12,11 +12,7 @@ log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 bash hack/docker.sh
 export DOCKER_BUILDKIT=0   # the classic builder: no buildx plugin needed
-command -v mmdebstrap >/dev/null || {
-  log "installing mmdebstrap"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
-}
+bash hack/setup.sh packages   # mmdebstrap among them
 
 toolchain=lab/svcproxy_lab/toolchain/build.sh
 bin=$(bash "$toolchain" | tail -n 1)

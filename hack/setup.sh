@@ -2,7 +2,7 @@
 # Installs what the tests and the demo need on a fresh Debian machine, and is
 # quick when everything is already there:
 #   - Debian packages (Python's venv, a C compiler for the pause binary, network
-#     tools, netfilter, ipvsadm, UML helpers);
+#     tools, netfilter, ipvsadm, UML helpers, mmdebstrap for the kind images);
 #   - Go, when this machine has none at least as new as the one build.sh pins:
 #     Debian's backported Go (bookworm-backports, added as an apt source if
 #     absent), with which build.sh fetches the pinned release from the Go module
@@ -29,7 +29,7 @@ if [ "$mode" = all ] && ! is_root; then
 fi
 
 packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc
-  gcc libc6-dev)
+  gcc libc6-dev mmdebstrap)
 # One dpkg-query for all of them: the packages not installed (unknown ones print nothing).
 installed=$(dpkg-query -W -f='${Package} ${Status}\n' "${packages[@]}" 2>/dev/null \
   | awk '/ install ok installed$/ {print $1}' || true)
