@@ -47,6 +47,7 @@ from svcproxy_lab.topology import (
     NODE_BACKEND_SIDE,
     POD_CIDR,
     PathTopology,
+    sh,
 )
 
 if TYPE_CHECKING:
@@ -256,12 +257,6 @@ async def _hold(proxier: Proxier) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await proxier.cleanup()
     await proxier.close()
-
-
-def sh(*argv: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}")
 
 
 def log(msg: str) -> None:
