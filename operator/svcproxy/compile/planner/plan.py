@@ -30,7 +30,6 @@ from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.conflicts import selects, winner
 from svcproxy.compile.planner.memo import (
-    MAX_PROGRAM_BYTES,
     Compiled,
     CompiledSpecs,
     Derived,
@@ -47,15 +46,7 @@ from svcproxy.compile.program import NotProxied, not_proxied
 
 JSON = dict[str, Any]
 CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
-__all__ = [
-    "MAX_PROGRAM_BYTES",
-    "Event",
-    "NamespacePlan",
-    "NamespaceView",
-    "PlanMemo",
-    "plan_namespace",
-    "program_summary",
-]
+__all__ = ["Event", "NamespacePlan", "NamespaceView", "plan_namespace", "program_summary"]
 # The key that marks a stored program given as its summary (see program_summary).
 SPEC_DIGEST = "specDigest"
 # Conditions whose "True" is bad news (no Event when they start out False).
