@@ -31,6 +31,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 log() { printf '[fresh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+. hack/lib.sh
 
 full=0 keep=0 steps=()
 while [ $# -gt 0 ]; do
@@ -78,10 +79,8 @@ mkdir -p "$logdir"
 t0=$SECONDS
 
 # The image: what this workplace's machines have before anything is installed.
-sources=() extras=()
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-  [ -s "$f" ] && sources+=("$f")
-done
+extras=()
+mapfile -t sources < <(apt_sources)
 for f in /etc/apt/apt.conf.d/99artifact-registry /etc/pip.conf /usr/local/share/ca-certificates/*.crt; do
   [ -s "$f" ] && extras+=("$f")
 done
@@ -106,8 +105,7 @@ else
   image_seconds=$((SECONDS - start))
   log "made $image in $image_seconds s"
   # Earlier images of this script, made from other inputs.
-  docker image ls --format '{{.Repository}}:{{.Tag}}' svcproxy-fresh/debian | grep -vx "$image" \
-    | xargs -r docker image rm >/dev/null || true
+  keep_only_tag svcproxy-fresh/debian "$image"
 fi
 
 # A clean clone of HEAD: what is committed, nothing of this work tree's state.

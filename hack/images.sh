@@ -9,6 +9,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+. hack/lib.sh
 
 bash hack/docker.sh
 export DOCKER_BUILDKIT=0   # the classic builder: no buildx plugin needed
@@ -47,10 +48,8 @@ base() {
   key=$(echo "bookworm $pkgs" | sha256sum | cut -c1-16)
   stale "$tag" "$key" || return 0
   log "making the $1 base with mmdebstrap ($pkgs)"
-  local sources=()
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-    [ -s "$f" ] && sources+=("$f")
-  done
+  local sources
+  mapfile -t sources < <(apt_sources)
   mmdebstrap --quiet --variant=apt --include="$pkgs" bookworm "$work/$1.tar" "${sources[@]}"
   docker import --change "LABEL io.svcproxy.key=$key" "$work/$1.tar" "$tag" >/dev/null
   rm -f "$work/$1.tar"
@@ -140,8 +139,5 @@ if stale "$node_tag" "$node_key"; then
 fi
 # What a rebuild left: untagged images of ours and svcproxy tags of earlier sources.
 docker image prune -f --filter "label=io.svcproxy.key" >/dev/null
-for repo_ in svcproxy-operator svcproxy-agent; do
-  docker image ls --format '{{.Repository}}:{{.Tag}}' "$repo_" | grep -vx "$repo_:$tag" \
-    | xargs -r docker image rm >/dev/null || true
-done
+for repo_ in svcproxy-operator svcproxy-agent; do keep_only_tag "$repo_" "$repo_:$tag"; done
 echo "$tag"
