@@ -52,6 +52,8 @@ SOURCES = source.use()
 
 from svcproxy.agent.agent import Agent  # noqa: E402
 from svcproxy.agent.tracker import ChangeTracker  # noqa: E402
+
+# From proxier, not capabilities: --src may name sources older than that module.
 from svcproxy.dataplane.proxier import ModeCounts, SyncResult  # noqa: E402
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer  # noqa: E402
 

@@ -25,7 +25,7 @@ from conftest import REPO, Lab
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.main import AgentProcess, _load_config
 from svcproxy.agent.tracker import ChangeTracker
-from svcproxy.dataplane.proxier import ModeCapabilities
+from svcproxy.dataplane.capabilities import ModeCapabilities
 from tests.unit.test_agent_fake import FakeKernel, FakeProxier
 
 pytestmark = pytest.mark.lab

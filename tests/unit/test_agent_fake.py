@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from svcproxy.dataplane import diff as dpdiff
-from svcproxy.dataplane.proxier import DataplaneError, ModeCapabilities, ModeCounts, Proxier, SyncResult
+from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
+from svcproxy.dataplane.proxier import DataplaneError, Proxier, SyncResult
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 
 

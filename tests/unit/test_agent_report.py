@@ -10,7 +10,7 @@ from svcproxy.agent.report import AgentSnapshot, OwnerError, ReportThrottle, bui
 from svcproxy.agent.routing import Route
 from svcproxy.agent.watch import ExpiredError, PvsWatch, parse
 from svcproxy.api.node import ProxyNodeStatus
-from svcproxy.dataplane.proxier import ModeCapabilities
+from svcproxy.dataplane.capabilities import ModeCapabilities
 
 
 def snapshot(**over: Any) -> AgentSnapshot:

@@ -37,9 +37,9 @@ from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
 from svcproxy.base import Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities
 from svcproxy.dataplane.proxier import (
     Action,
-    ModeCapabilities,
     ModeUnavailableError,
     Proxier,
     SteppedFullSync,

@@ -37,8 +37,9 @@ from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
 from svcproxy.agent.watch import PvsWatch, _describe
 from svcproxy.base import MODES, Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
-from svcproxy.dataplane.proxier import ModeCapabilities, Proxier
+from svcproxy.dataplane.proxier import Proxier
 
 log = logging.getLogger("svcproxy.agent")
 

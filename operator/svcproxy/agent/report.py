@@ -20,7 +20,7 @@ from typing import Any
 from svcproxy.agent.routing import Route, modes_summary
 from svcproxy.api.node import ProxyNodeStatus
 from svcproxy.base import Mode
-from svcproxy.dataplane.proxier import ModeCapabilities
+from svcproxy.dataplane.capabilities import ModeCapabilities
 
 MAX_ERRORS = 100
 

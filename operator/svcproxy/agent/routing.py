@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.plan import Placement
 from svcproxy.base import Mode
-from svcproxy.dataplane.proxier import ModeCapabilities
+from svcproxy.dataplane.capabilities import ModeCapabilities
 from svcproxy.dataplane.table import VirtualServer
 
 FALLBACK_MODE: Mode = "iptables"

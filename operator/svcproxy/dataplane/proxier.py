@@ -4,7 +4,7 @@ The agent (``svcproxy.agent``) holds one :class:`Proxier` per mode in use
 (``ipvs``, ``iptables``, ``userspace``; built by
 :func:`svcproxy.dataplane.modes.build_proxier`), hands each the part of the
 desired table that runs in that mode and reads back a :class:`SyncResult`.
-No mode imports another; they share only this module, ``table``, ``mirror``
+No mode imports another; they share only this module, ``capabilities``, ``table``, ``mirror``
 and the netfilter adapter (the ipvs mode also ``diff``).
 
 Contract of :meth:`Proxier.sync`:
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from svcproxy.base import Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.table import Table
 
 
@@ -96,28 +97,6 @@ class UnsupportedError(DataplaneError):
 
 
 @dataclass(frozen=True)
-class ModeCapabilities:
-    """What a mode can do on this node (reported in ProxyNode status)."""
-
-    mode: Mode
-    available: bool
-    reason: str = ""  # why not, and what to do, when not available
-    schedulers: frozenset[str] = frozenset()  # usable schedulers (ipvs, userspace)
-    protocols: frozenset[str] = frozenset({"TCP", "UDP"})
-    backend: str = ""  # e.g. "iptables-nft" / "iptables-legacy" / "netlink"
-    detail: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModeCounts:
-    """What a proxier owns right now (from its mirror, refreshed on full syncs)."""
-
-    virtual_servers: int = 0
-    real_servers: int = 0
-    rules: int = 0  # netfilter rules (iptables/userspace) or 0
-
-
-@dataclass(frozen=True)
 class SyncResult:
     """Outcome of one sync or cleanup."""
 
@@ -127,7 +106,7 @@ class SyncResult:
     errors: tuple[DataplaneError, ...] = ()
     failed_owners: frozenset[str] = frozenset()
     duration: float = 0.0  # seconds, wall clock
-    counts: ModeCounts = ModeCounts()
+    counts: ModeCounts = field(default_factory=ModeCounts)
 
     @property
     def ok(self) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svcproxy.base import IPFamily, Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
@@ -34,8 +35,6 @@ from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
     DataplaneError,
-    ModeCapabilities,
-    ModeCounts,
     SyncResult,
     read_beside,
 )

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from svcproxy.base import Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.mirror import Mirror
@@ -34,8 +35,6 @@ from svcproxy.dataplane.proxier import (
     DataplaneError,
     ForeignObjectError,
     KernelError,
-    ModeCapabilities,
-    ModeCounts,
     SchedulerUnavailableError,
     SyncResult,
     read_beside,

@@ -20,13 +20,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from svcproxy.base import IPFamily, Mode
+from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
 from svcproxy.dataplane.proxier import (
     Between,
     DataplaneError,
-    ModeCapabilities,
-    ModeCounts,
     ModeUnavailableError,
     SyncResult,
     UnsupportedError,
