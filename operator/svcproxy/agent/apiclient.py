@@ -1,13 +1,14 @@
 """The agent's small Kubernetes API client: kubeconfig / in-cluster config, JSON requests, watches.
 
-The agent needs five things from the API server: list and watch
-ProxyVirtualServers, get and create its ProxyNode, and merge-patch the
-ProxyNode's status. :class:`ApiClient` does those over one ``aiohttp``
-session; :func:`load_kubeconfig` and :func:`load_incluster` build its
-:class:`ClusterConfig`. It is the agent's one Kubernetes client (import-linter
-contract ``agent-client``): a generated client loads every model class, too much
-memory for a process that runs on every node. Called by :mod:`svcproxy.agent.main`
-(config), :mod:`svcproxy.agent.watch` and :mod:`svcproxy.agent.kube` (requests).
+The agent needs a few things from the API server: list and watch
+ProxyVirtualServers (and Services and Nodes, to check them), get, create and
+watch its ProxyNode, and merge-patch the ProxyNode's status.
+:class:`ApiClient` does those over one ``aiohttp`` session;
+:func:`load_kubeconfig` and :func:`load_incluster` build its :class:`ClusterConfig`.
+It is the agent's one Kubernetes client (import-linter contract ``agent-client``):
+a generated client loads every model class, too much memory for a process that
+runs on every node. Called by :mod:`svcproxy.agent.main` (config),
+:mod:`svcproxy.agent.watch` and :mod:`svcproxy.agent.kube` (requests).
 
 Supported kubeconfig users: client certificates (file or ``-data``), a bearer
 ``token`` or ``tokenFile``; clusters: ``certificate-authority`` (file or
