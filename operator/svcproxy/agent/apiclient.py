@@ -309,7 +309,7 @@ class ApiClient:
         return await self._request("PATCH", path, body=body, content_type=MERGE_PATCH)
 
     async def watch(self, path: str, *, resource_version: str | None, timeout_seconds: int,
-                    allow_bookmarks: bool = True,
+                    allow_bookmarks: bool = True, field_selector: str | None = None,
                     on_open: Callable[[], None] | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Watch events (``{"type", "object"}``) until the server ends the watch.
 
@@ -323,6 +323,8 @@ class ApiClient:
             params["allowWatchBookmarks"] = "true"
         if resource_version:
             params["resourceVersion"] = resource_version
+        if field_selector:
+            params["fieldSelector"] = field_selector
         # No total timeout: the server ends the watch after timeoutSeconds; a read
         # silent well beyond that means the connection is dead.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=timeout_seconds + 30)

@@ -322,7 +322,8 @@ async def amain(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loops = [proc.watch.run(), *(w.run() for w in proc.guards), proc.sync_loop(), proc.report_loop()]
+    loops = [proc.watch.run(), *(w.run() for w in proc.guards), proc.sync_loop(), proc.report_loop(),
+             proc.writer.watch(proc.report_wake.set)]
     tasks = [asyncio.create_task(c) for c in loops]
     log.info("agent started", extra={"modes": sorted(usable), "unavailable": sorted(unusable)})
     stopper = asyncio.create_task(stop.wait())
