@@ -8,11 +8,14 @@ outside every Pod CIDR and node address; a good Service is programmed beside the
 Checked: the refusal with its reason in every node's ProxyNode, no kernel state for
 the refused programs (``iptables-save`` in the node netns), traffic from a client
 netns to the good Service, none to the refused ones, and the refusal clearing when
-the program is fixed.
+the program is fixed. And a Node that goes and comes back: its ProxyNode (owned by the
+Node) goes with it and is not recreated while the Node is gone; the re-registered Node
+(a restarted lab kubelet) gets a new ProxyNode, owned by the new Node, with every program.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -21,6 +24,7 @@ from conftest import Lab, wait_until
 from test_agent import _answers, _echo_pods, _owned_rules, _proxynode, _pvs, _wait_applied, agents
 
 from svcproxy_lab import traffic
+from svcproxy_lab.cluster import Lab as LabCluster
 from svcproxy_lab.node import LabNode
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -103,3 +107,51 @@ def test_foreign_vip_and_foreign_real_server_are_refused_while_the_rest_is_progr
         assert _refusal(lab, node, f"{namespace}/mine") is None
     assert wait_until("mine answers again", lambda: _answers(lab, mine_vip, 2) or None) == {"mine-0"}
     assert _answers(lab, good_vip, 6) <= want
+
+
+def _node_uid(lab: Lab, name: str) -> str | None:
+    out = lab.kubectl("get", "node", name, "-o", "jsonpath={.metadata.uid}", check=False)
+    return out.strip() or None
+
+
+def _restart_kubelet(lab: Lab, name: str) -> None:
+    """The lab kubelet registers its Node when it starts (a deleted Node stays deleted)."""
+    assert lab.state_dir is not None
+    cluster = LabCluster(lab.state_dir)
+    state = cluster.load()
+    assert state is not None
+    (node,) = [n for n in cluster.nodes(state) if n.name == name]
+    node.start_process("kubelet", cluster.kubelet_argv(cluster.context(state), node))
+
+
+def test_a_deleted_node_takes_its_proxynode_and_back_gets_every_program(
+    lab: Lab, agents: dict[str, LabNode], namespace: str
+) -> None:
+    lab.require_owned()  # deletes a Node of the lab
+    name = "node-3"
+    pods = _echo_pods(lab, namespace, "stay", 2)
+    _pvs(lab, namespace, "stay", "iptables", pods, content_hash="stay-1")
+    _wait_applied(lab, list(agents), f"{namespace}/stay", "stay-1")
+    uid = _node_uid(lab, name)
+    refs = (_proxynode(lab, name) or {})["metadata"].get("ownerReferences")
+    assert refs == [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}]
+    try:
+        lab.kubectl("delete", "node", name)
+        wait_until(f"the garbage collector to remove {name}'s ProxyNode",
+                   lambda: _proxynode(lab, name) is None or None, timeout=60)
+        # The agent still runs there, but leaves no ProxyNode that nothing owns.
+        time.sleep(12)  # the report loop retries every 10 s
+        assert _proxynode(lab, name) is None
+        # A program changed while the Node is away: the Node gets it when it is back.
+        _pvs(lab, namespace, "stay", "iptables", pods[:1], content_hash="stay-2")
+    finally:
+        _restart_kubelet(lab, name)
+    new_uid = wait_until(f"{name} registered again", lambda: _node_uid(lab, name), timeout=60)
+    assert new_uid != uid
+    _wait_applied(lab, [name], f"{namespace}/stay", "stay-2")  # every program, as it is now
+    refs = (_proxynode(lab, name) or {})["metadata"].get("ownerReferences")
+    assert refs == [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": new_uid}]
+    # Deleted while the agent runs (and its Node is there): it comes back at once.
+    lab.kubectl("delete", "proxynode", name)
+    wait_until(f"{name}'s ProxyNode recreated", lambda: _proxynode(lab, name), timeout=30)
+    _wait_applied(lab, [name], f"{namespace}/stay", "stay-2")
