@@ -287,12 +287,15 @@ class FakeApi:
         self.lists: list[list[tuple[list[dict[str, Any]], str, str]]] = []  # pages (items, rv, continue)
         self.watches: list[Callable[[web.StreamResponse], Any] | int] = []  # stream writers or a status
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.core_nodes: dict[str, dict[str, Any]] = {}  # Nodes (/api/v1/nodes)
         self.stop = asyncio.Event()  # ends streams that wait (a quiet watch)
         self.app = web.Application()
         self.app.router.add_get("/apis/svcproxy.io/v1alpha1/proxyvirtualservers", self.pvs)
         self.app.router.add_get("/apis/svcproxy.io/v1alpha1/proxynodes/{name}", self.get_node)
         self.app.router.add_post("/apis/svcproxy.io/v1alpha1/proxynodes", self.create_node)
         self.app.router.add_patch("/apis/svcproxy.io/v1alpha1/proxynodes/{name}/status", self.patch_status)
+        self.app.router.add_patch("/apis/svcproxy.io/v1alpha1/proxynodes/{name}", self.patch_meta)
+        self.app.router.add_get("/api/v1/nodes/{name}", self.get_core_node)
 
     @staticmethod
     def status(code: int, reason: str, message: str) -> web.Response:
@@ -332,6 +335,18 @@ class FakeApi:
         body = await request.json()
         self.nodes[body["metadata"]["name"]] = body
         return web.json_response(body, status=201)
+
+    async def get_core_node(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.core_nodes:
+            return self.status(404, "NotFound", f'nodes "{name}" not found')
+        return web.json_response(self.core_nodes[name])
+
+    async def patch_meta(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path, {"content-type": request.content_type}))
+        node = self.nodes[request.match_info["name"]]
+        node["metadata"] = {**node["metadata"], **(await request.json())["metadata"]}
+        return web.json_response(node)
 
     async def patch_status(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path, {"content-type": request.content_type}))
@@ -439,3 +454,25 @@ async def test_proxynode_is_created_then_its_status_merge_patched(fake: tuple[Fa
     assert api.nodes["node-1"]["status"]["applied"] == {"ns/a": "h2"}
     patches = [q for (m, _, q) in api.requests if m == "PATCH"]
     assert patches == [{"content-type": "application/merge-patch+json"}] * 2
+
+
+async def test_proxynode_is_owned_by_its_node_and_not_recreated_while_the_node_is_gone(
+        fake: tuple[FakeApi, ApiClient]) -> None:
+    api, client = fake
+    api.core_nodes["node-1"] = {"metadata": {"name": "node-1", "uid": "u1"}}
+    # Made by an earlier agent before it set owners: the owner is added.
+    api.nodes["node-1"] = {"metadata": {"name": "node-1"}, "spec": {}, "status": {}}
+    writer = ProxyNodeWriter(client, "node-1", ReportThrottle(0.0))
+    assert await writer.write({"nodeName": "node-1"}, 1.0)
+    owner = {"apiVersion": "v1", "kind": "Node", "name": "node-1", "uid": "u1"}
+    assert api.nodes["node-1"]["metadata"]["ownerReferences"] == [owner]
+    # The Node goes, the garbage collector takes the ProxyNode: nothing comes back.
+    del api.core_nodes["node-1"], api.nodes["node-1"]
+    writer.forget()
+    assert not await writer.write({"nodeName": "node-1"}, 2.0)
+    assert "node-1" not in api.nodes and writer.node_gone
+    # The Node comes back (a new uid): a new ProxyNode, owned by the new Node.
+    api.core_nodes["node-1"] = {"metadata": {"name": "node-1", "uid": "u2"}}
+    assert await writer.write({"nodeName": "node-1"}, 3.0)
+    assert api.nodes["node-1"]["metadata"]["ownerReferences"] == [{**owner, "uid": "u2"}]
+    assert api.nodes["node-1"]["status"] == {"nodeName": "node-1"}

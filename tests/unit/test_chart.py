@@ -72,6 +72,7 @@ BAD_VALUES = [
      "at '/operator/podDisruptionBudget/enabled': got string, want boolean"),
     (["--set", "operator.resources.requests.cpu=lots"], "at '/operator/resources/requests/cpu'"),
     (["--set", "agent.clusterCIDRs[0]=everywhere"], "at '/agent/clusterCIDRs/0'"),
+    (["--set", "agent.extraPodCIDRs[0]=calico"], "at '/agent/extraPodCIDRs/0'"),
     (["--set-string", "operator.programRestriction.enabled=no"],
      "at '/operator/programRestriction/enabled': got string, want boolean"),
     (["--set", "operator.programRestriction.writers=x"],
@@ -126,15 +127,27 @@ def test_agent_has_only_the_capabilities_it_needs(rendered: dict[tuple[str, str]
     assert mounts["lib-modules"]["readOnly"] is True
 
 
-def test_rbac_grants_the_agent_nothing_but_programs_and_proxynodes(
+def test_extra_pod_cidrs_reach_the_agent(helm: Path) -> None:
+    out = helm_template(helm, "--set", "agent.extraPodCIDRs={192.168.0.0/16,fd00:99::/48}")
+    assert out.returncode == 0, out.stderr
+    ds = next(d for d in documents(out.stdout) if d["kind"] == "DaemonSet")
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--extra-pod-cidr")] == [
+        "--extra-pod-cidr=192.168.0.0/16", "--extra-pod-cidr=fd00:99::/48"]
+
+
+def test_rbac_grants_the_agent_nothing_but_programs_proxynodes_and_reads_for_checks(
         rendered: dict[tuple[str, str], JSON]) -> None:
     role = rendered[("ClusterRole", "svcproxy-agent")]
     grants = {(r["apiGroups"][0], res, v)
               for r in role["rules"] for res in r["resources"] for v in r["verbs"]}
+    read = ("get", "list", "watch")
     assert grants == {
-        ("svcproxy.io", "proxyvirtualservers", "get"), ("svcproxy.io", "proxyvirtualservers", "list"),
-        ("svcproxy.io", "proxyvirtualservers", "watch"), ("svcproxy.io", "proxynodes", "create"),
-        ("svcproxy.io", "proxynodes", "get"), ("svcproxy.io", "proxynodes", "patch"),
+        *(("svcproxy.io", "proxyvirtualservers", v) for v in read),
+        # Services and Nodes: what programs are checked against (agent/trust.py).
+        *(("", res, v) for res in ("services", "nodes") for v in read),
+        # Its own ProxyNode, watched so that it comes back when deleted.
+        *(("svcproxy.io", "proxynodes", v) for v in (*read, "create", "patch")),
         ("svcproxy.io", "proxynodes/status", "get"), ("svcproxy.io", "proxynodes/status", "patch"),
     }
     op = rendered[("ClusterRole", "svcproxy-operator")]

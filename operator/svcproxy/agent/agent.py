@@ -36,6 +36,7 @@ from svcproxy.agent.plan import MODE_ORDER, Holdings, Placement, SyncPlan, SyncS
 from svcproxy.agent.report import AgentSnapshot, OwnerError
 from svcproxy.agent.routing import FALLBACK_MODE, Route, Router
 from svcproxy.agent.tracker import Batch, ChangeTracker
+from svcproxy.agent.trust import UNKNOWN_SERVICE, AddressBook, Network, Refusal
 from svcproxy.base import Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities
 from svcproxy.dataplane.proxier import (
@@ -101,6 +102,8 @@ class Agent:
         agent_version: str = "",
         kernel_release: str = "",
         unavailable: Mapping[Mode, ModeCapabilities] | None = None,
+        guard: AddressBook | None = None,
+        unknown_grace: float = 5.0,
     ) -> None:
         self.proxiers = dict(proxiers)
         self.node_name = node_name
@@ -122,6 +125,12 @@ class Agent:
         self.errors: dict[str, OwnerError] = {}
         self.node_errors: list[str] = []
         self.conflicted: set[str] = set()  # owners refused a key another owner holds
+        # What programs are checked against (svcproxy.agent.trust); None: trust every
+        # program (unit tests and benchmarks that have no Services and Nodes).
+        self.guard = guard
+        self.refused: dict[str, tuple[Refusal, float]] = {}  # owner -> refusal, since (wall)
+        # A program may arrive just before its Service: not reported for this long.
+        self.unknown_grace = unknown_grace
         self.last_sync_time: float | None = None
         self.last_sync_duration: float | None = None
         self.last_sync_ok = False
@@ -141,6 +150,8 @@ class Agent:
             self._wake.set()
 
     def delete(self, owner: str) -> None:
+        if self.guard is not None:
+            self.guard.forget(owner)
         if self.programs.pop(owner, None) is not None or owner in self.placement:
             self.tracker.changed(owner, self.clock())
             self._wake.set()
@@ -153,6 +164,60 @@ class Agent:
                 self.delete(owner)
         for program in fresh.values():
             self.upsert(program)
+
+    # ---- what programs are checked against (called by the Service and Node watches) -----
+    def _recheck(self, owners: Iterable[str]) -> None:
+        marked = [o for o in owners if o in self.programs or o in self.placement]
+        if marked:
+            self.tracker.changed_many(marked, self.clock())
+            self._wake.set()
+
+    def _guard(self) -> AddressBook:
+        if self.guard is None:
+            raise RuntimeError("this agent checks no programs (no AddressBook): nothing to update")
+        return self.guard
+
+    def services_listed(self, services: Iterable[tuple[str, frozenset[str]]]) -> None:
+        self._recheck(self._guard().replace_services(dict(services)))
+
+    def service_changed(self, service: tuple[str, frozenset[str]]) -> None:
+        owner, addresses = service
+        if self._guard().set_service(owner, addresses):
+            self._recheck([owner])
+
+    def service_deleted(self, owner: str) -> None:
+        if self._guard().drop_service(owner):
+            self._recheck([owner])
+
+    def nodes_listed(self, nodes: Iterable[tuple[str, tuple[Network, ...]]]) -> None:
+        if self._guard().replace_nodes(dict(nodes), self.clock()):
+            self._recheck(list(self.refused))  # a wider space may let refused programs in
+
+    def node_changed(self, node: tuple[str, tuple[Network, ...]]) -> None:
+        if self._guard().set_node(*node):
+            self._recheck(list(self.refused))
+
+    def node_deleted(self, name: str) -> None:
+        # Its networks stay trusted for the book's grace; the full sync after it re-checks.
+        self._guard().drop_node(name, self.clock())
+
+    def _refusal(self, owner: str, program: DesiredProgram) -> Refusal | None:
+        """The program's refusal (recorded, logged when it starts or changes), or None."""
+        refusal = self.guard.check(program) if self.guard is not None else None
+        before = self.refused.get(owner)
+        if refusal is None:
+            if before is not None:
+                del self.refused[owner]
+                log.info("program no longer refused", extra={"owner": owner, "node": self.node_name})
+            return None
+        if before is None or before[0] != refusal:
+            before = self.refused[owner] = (refusal, self.wall())
+            log.log(logging.INFO if refusal.reason == UNKNOWN_SERVICE else logging.WARNING,
+                    "program refused: nothing of it is programmed",
+                    extra={"owner": owner, "node": self.node_name, "reason": refusal.reason,
+                           "why": refusal.message})
+        self.errors[owner] = OwnerError(owner, refusal.message, before[1], refusal.reason)
+        return refusal
 
     # ---- placement ---------------------------------------------------------------------
     @property
@@ -172,10 +237,13 @@ class Agent:
             program = self.programs.get(owner)
             self.routes.pop(owner, None)
             if program is None:
+                self.refused.pop(owner, None)
                 continue
             if program.error:
                 self._error(owner, program.error)
                 continue
+            if self._refusal(owner, program) is not None:
+                continue  # untrusted: withdrawn wherever it was programmed
             routed[owner], self.routes[owner] = self.router.place(program)
         return routed
 
@@ -183,6 +251,8 @@ class Agent:
         """The batch's plan (:mod:`svcproxy.agent.plan`), with its claims, conflicts and
         unblocked owners recorded."""
         owners = set(self.programs) | set(self.placement) if batch.full else set(batch.owners)
+        if self.guard is not None and self.guard.expire(self.clock()) and not batch.full:
+            self.tracker.request_full()  # the space narrowed: re-check every program soon
         for owner in owners:
             self.errors.pop(owner, None)
         plan = plan_sync(
@@ -398,6 +468,11 @@ class Agent:
         self.metrics.services.set(len(self.applied))
 
     # ---- cleanup and report ------------------------------------------------------------
+    def _fresh_unknown(self, error: OwnerError) -> bool:
+        """A program waiting for its Service for less than ``unknown_grace``: not reported
+        yet (the operator writes programs right after it sees the Service)."""
+        return error.reason == UNKNOWN_SERVICE and self.wall() - error.time < self.unknown_grace
+
     async def cleanup(self) -> list[SyncResult]:
         """Every mode's cleanup (``svcproxy agent --cleanup``)."""
         return [await p.cleanup() for p in self.proxiers.values()]
@@ -428,7 +503,7 @@ class Agent:
             services=len(self.applied),
             virtual_servers=vs,
             real_servers=rs,
-            errors=list(self.errors.values()),
+            errors=[e for e in self.errors.values() if not self._fresh_unknown(e)],
             last_sync_time=self.last_sync_time,
             last_sync_duration=self.last_sync_duration,
             ready=ready,

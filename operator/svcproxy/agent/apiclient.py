@@ -1,13 +1,14 @@
 """The agent's small Kubernetes API client: kubeconfig / in-cluster config, JSON requests, watches.
 
-The agent needs five things from the API server: list and watch
-ProxyVirtualServers, get and create its ProxyNode, and merge-patch the
-ProxyNode's status. :class:`ApiClient` does those over one ``aiohttp``
-session; :func:`load_kubeconfig` and :func:`load_incluster` build its
-:class:`ClusterConfig`. It is the agent's one Kubernetes client (import-linter
-contract ``agent-client``): a generated client loads every model class, too much
-memory for a process that runs on every node. Called by :mod:`svcproxy.agent.main`
-(config), :mod:`svcproxy.agent.watch` and :mod:`svcproxy.agent.kube` (requests).
+The agent needs a few things from the API server: list and watch
+ProxyVirtualServers (and Services and Nodes, to check them), get, create and
+watch its ProxyNode, and merge-patch the ProxyNode's status.
+:class:`ApiClient` does those over one ``aiohttp`` session;
+:func:`load_kubeconfig` and :func:`load_incluster` build its :class:`ClusterConfig`.
+It is the agent's one Kubernetes client (import-linter contract ``agent-client``):
+a generated client loads every model class, too much memory for a process that
+runs on every node. Called by :mod:`svcproxy.agent.main` (config),
+:mod:`svcproxy.agent.watch` and :mod:`svcproxy.agent.kube` (requests).
 
 Supported kubeconfig users: client certificates (file or ``-data``), a bearer
 ``token`` or ``tokenFile``; clusters: ``certificate-authority`` (file or
@@ -308,7 +309,7 @@ class ApiClient:
         return await self._request("PATCH", path, body=body, content_type=MERGE_PATCH)
 
     async def watch(self, path: str, *, resource_version: str | None, timeout_seconds: int,
-                    allow_bookmarks: bool = True,
+                    allow_bookmarks: bool = True, field_selector: str | None = None,
                     on_open: Callable[[], None] | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Watch events (``{"type", "object"}``) until the server ends the watch.
 
@@ -322,6 +323,8 @@ class ApiClient:
             params["allowWatchBookmarks"] = "true"
         if resource_version:
             params["resourceVersion"] = resource_version
+        if field_selector:
+            params["fieldSelector"] = field_selector
         # No total timeout: the server ends the watch after timeoutSeconds; a read
         # silent well beyond that means the connection is dead.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=timeout_seconds + 30)

@@ -21,9 +21,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -35,7 +36,8 @@ from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
-from svcproxy.agent.watch import PvsWatch, _describe
+from svcproxy.agent.trust import AddressBook, network
+from svcproxy.agent.watch import ListWatch, NodeWatch, PvsWatch, ServiceWatch, _describe
 from svcproxy.base import MODES, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities
 from svcproxy.dataplane.modes import DataplaneConfig, build_proxier
@@ -90,6 +92,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masquerade-all", action="store_true", help="masquerade all proxied traffic")
     parser.add_argument("--cluster-cidr", action="append", default=None,
                         help="Pod CIDR(s); traffic from outside them is masqueraded (default 10.244.0.0/16)")
+    parser.add_argument("--extra-pod-cidr", action="append", default=None, metavar="CIDR",
+                        help="where real servers may also be, besides every Node's spec.podCIDRs and"
+                        " addresses: for a CNI that does not allocate Pods from the Nodes' podCIDRs"
+                        " (repeatable; a program with a real server outside all of them is refused)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated proxy modes this agent may run (default: all);"
                         " Services asking for another run in iptables mode, or fail if that is off")
@@ -146,19 +152,48 @@ class AgentProcess:
             on_delete=agent.delete,
             on_restart=lambda reason: agent.metrics.watch_restarts.labels(reason).inc(),
         )
+        # What programs are checked against (svcproxy.agent.trust): Services and Nodes,
+        # kept as addresses only. The first sync waits for these lists too.
+        self.guards: list[ListWatch[Any]] = []
+        self.guards_listed: list[asyncio.Event] = []
+        if agent.guard is not None:
+            self._guard_watch(ServiceWatch, agent.services_listed, agent.service_changed,
+                              agent.service_deleted)
+            self._guard_watch(NodeWatch, agent.nodes_listed, agent.node_changed, agent.node_deleted)
         self.writer = ProxyNodeWriter(api, args.node_name, ReportThrottle(1.0))
         self.report_wake = asyncio.Event()
         # Every sync wakes the report, also the partial syncs a full sync runs inside
         # itself: their changes should not wait for the full sync to end to be reported.
         agent.on_synced = lambda _outcome: self.report_wake.set()
 
+    def _guard_watch(self, kind: type[ListWatch[Any]], on_list: Callable[[Iterable[Any]], None],
+                     on_upsert: Callable[[Any], None], on_delete: Callable[[str], None]) -> None:
+        listed = asyncio.Event()
+
+        def listed_all(items: Iterable[Any]) -> None:
+            on_list(items)
+            listed.set()
+
+        self.guards_listed.append(listed)
+        self.guards.append(kind(
+            self.api, on_list=listed_all, on_upsert=on_upsert, on_delete=on_delete,
+            on_restart=lambda reason: self.agent.metrics.watch_restarts.labels(reason).inc(),
+        ))
+
     def _on_list(self, programs: Iterable[DesiredProgram]) -> None:
         self.agent.replace_all(programs)
         self.listed.set()
 
+    @property
+    def watches_live(self) -> bool:
+        return self.watch.live and all(w.live for w in self.guards)
+
     def healthy(self) -> tuple[bool, str]:
         if not self.watch.live:
             return False, "the ProxyVirtualServer watch is not live"
+        down = [w.kind for w in self.guards if not w.live]
+        if down:
+            return False, f"the {' and '.join(down)} watch is not live (programs cannot be checked)"
         if not self.agent.synced_once:
             return False, "the first full sync has not finished"
         if not self.agent.last_sync_ok:
@@ -167,6 +202,8 @@ class AgentProcess:
 
     async def sync_loop(self) -> None:
         await self.listed.wait()
+        for listed in self.guards_listed:  # a program is checked against complete lists only
+            await listed.wait()
         await self.agent.run_forever(after_full=trim_heap)
 
     async def report_loop(self) -> None:
@@ -178,7 +215,7 @@ class AgentProcess:
             delay = self.writer.throttle.due_at() - now
             if delay > 0:
                 await asyncio.sleep(delay)  # coalesce: one write per second at most
-            snap = self.agent.snapshot(watch_live=self.watch.live)
+            snap = self.agent.snapshot(watch_live=self.watches_live)
             status = build_status(snap, self.writer.throttle.sent)
             try:
                 if await self.writer.write(status, time.monotonic()):
@@ -245,6 +282,13 @@ async def amain(
     args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
 ) -> int:
     metrics = Metrics()
+    try:
+        extra = tuple(network(c) for c in args.extra_pod_cidr or ())
+    except ValueError as err:
+        log.error("bad --extra-pod-cidr: %s", err)
+        for proxier in usable.values():
+            await proxier.close()
+        return 2
     agent = Agent(
         usable,
         node_name=args.node_name,
@@ -256,6 +300,7 @@ async def amain(
         agent_version=version(),
         kernel_release=os.uname().release,
         unavailable=unusable,
+        guard=AddressBook(extra=extra),
     )
     if args.cleanup:
         results = await agent.cleanup()
@@ -278,7 +323,9 @@ async def amain(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(c) for c in (proc.watch.run(), proc.sync_loop(), proc.report_loop())]
+    loops = [proc.watch.run(), *(w.run() for w in proc.guards), proc.sync_loop(), proc.report_loop(),
+             proc.writer.watch(proc.report_wake.set)]
+    tasks = [asyncio.create_task(c) for c in loops]
     log.info("agent started", extra={"modes": sorted(usable), "unavailable": sorted(unusable)})
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -30,6 +30,7 @@ class OwnerError:
     owner: str
     message: str
     time: float  # wall clock, seconds since the epoch
+    reason: str | None = None  # set for a refused program (svcproxy.agent.trust)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,9 @@ def build_status(snap: AgentSnapshot, previous: Mapping[str, Any] | None = None)
     lastTransitionTime while its status does not change.
     """
     now = snap.last_sync_time
-    errors = [
+    errors: list[dict[str, Any]] = [
         {"service": e.owner, "message": e.message[:32768], "time": rfc3339(e.time)}
+        | ({"reason": e.reason} if e.reason else {})
         for e in sorted(snap.errors, key=lambda e: e.owner)[:MAX_ERRORS]
     ]
     for message in snap.extra_errors[: max(0, MAX_ERRORS - len(errors))]:

@@ -1,14 +1,17 @@
-"""The ProxyVirtualServer watch: list, then watch from the resourceVersion, forever.
+"""The agent's watches: list, then watch from the resourceVersion, forever.
 
-:class:`PvsWatch` lists ProxyVirtualServers in all namespaces, hands the
-complete set to the agent (``replace_all``), then watches from the list's
-resourceVersion with bookmarks (which only move the resourceVersion on).
-A ``410 Gone`` (the resourceVersion expired), a watch that ends, or a
-connection error leads to a new watch or a re-list, with exponential
-backoff on errors. Each object is parsed into the pydantic model here, once;
-an object that does not parse is reported and programs nothing.
-Called by :mod:`svcproxy.agent.main`; the Kubernetes API is reached only
-through :mod:`svcproxy.agent.apiclient`, here and in :mod:`svcproxy.agent.kube`.
+:class:`ListWatch` lists one kind in all namespaces, hands the complete set to
+its ``on_list``, then watches from the list's resourceVersion with bookmarks
+(which only move the resourceVersion on). A ``410 Gone`` (the resourceVersion
+expired), a watch that ends, or a connection error leads to a new watch or a
+re-list, with exponential backoff on errors. Each object is parsed once, here,
+and only the parsed form is kept. :class:`PvsWatch` watches ProxyVirtualServers
+(parsed into the pydantic model; one that does not parse is reported and
+programs nothing); :class:`ServiceWatch` and :class:`NodeWatch` keep only what
+:mod:`svcproxy.agent.trust` checks programs against (a Service's addresses, a
+Node's Pod CIDRs and addresses). Called by :mod:`svcproxy.agent.main`; the
+Kubernetes API is reached only through :mod:`svcproxy.agent.apiclient`, here and
+in :mod:`svcproxy.agent.kube`.
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import ValidationError
 
 from svcproxy.agent.apiclient import ApiClient, StatusError
 from svcproxy.agent.convert import DesiredProgram, owner_of, to_program
+from svcproxy.agent.trust import Network, node_networks, service_addresses
 from svcproxy.api.common import GROUP, VERSION
 from svcproxy.api.program import ProxyVirtualServer
 
 log = logging.getLogger("svcproxy.agent.watch")
 PLURAL = "proxyvirtualservers"
 PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+T = TypeVar("T")
 
 
 class ExpiredError(Exception):
@@ -60,13 +65,25 @@ def _describe(err: Exception) -> str:
     return repr(err)
 
 
-class PvsWatch:
+class ListWatch(Generic[T]):
+    """List and watch one kind; subclasses say which (``path``) and how to parse it."""
+
+    path: ClassVar[str]
+    kind: ClassVar[str]
+
+    def parse_object(self, obj: dict[str, Any]) -> T:
+        raise NotImplementedError
+
+    def key_of(self, meta: dict[str, Any]) -> str:
+        """The key ``on_delete`` gets: "namespace/name" (cluster-scoped: "/name")."""
+        return owner_of(meta.get("namespace"), meta.get("name", ""))
+
     def __init__(
         self,
         api: ApiClient,
         *,
-        on_list: Callable[[Iterable[DesiredProgram]], None],
-        on_upsert: Callable[[DesiredProgram], None],
+        on_list: Callable[[Iterable[T]], None],
+        on_upsert: Callable[[T], None],
         on_delete: Callable[[str], None],
         on_restart: Callable[[str], None] = lambda reason: None,
         watch_timeout: int = 300,
@@ -94,7 +111,8 @@ class PvsWatch:
                 backoff = 0.5  # a watch that ended normally: reconnect at once
                 self.on_restart("timeout")
             except ExpiredError:
-                log.info("resourceVersion expired; listing again", extra={"rv": self.resource_version})
+                log.info("resourceVersion expired; listing again",
+                         extra={"kind": self.kind, "rv": self.resource_version})
                 self.resource_version = None
                 self.live = False
                 self.on_restart("expired")
@@ -109,7 +127,7 @@ class PvsWatch:
                 # no kernel work, since the agent marks only programs that differ.
                 self.resource_version = None
                 delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
-                log.warning("watch failed (%s); listing again", _describe(err),
+                log.warning("%s watch failed (%s); listing again", self.kind, _describe(err),
                             extra={"retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
                 backoff = min(self.max_backoff, backoff * 2)
@@ -118,12 +136,12 @@ class PvsWatch:
         # In pages: each page's raw objects are dropped once parsed, so a 10k-Service list
         # never holds every raw object at once (the agent's peak RSS). All pages are one
         # snapshot (the continue token pins the resourceVersion); an expired token is a 410.
-        programs: list[DesiredProgram] = []
+        programs: list[T] = []
         params = {"limit": str(self.page_size)}
         try:
             while True:
-                page = await self.api.get(PATH, params)
-                programs.extend(parse(o) for o in page.get("items") or [])
+                page = await self.api.get(self.path, params)
+                programs.extend(self.parse_object(o) for o in page.get("items") or [])
                 meta = page.get("metadata") or {}
                 if not meta.get("continue"):
                     break
@@ -135,13 +153,13 @@ class PvsWatch:
             raise
         self.on_list(programs)
         self.resource_version = meta["resourceVersion"]
-        log.info("listed", extra={"count": len(programs), "rv": self.resource_version})
+        log.info("listed", extra={"kind": self.kind, "count": len(programs), "rv": self.resource_version})
 
     async def _watch(self) -> None:
         def connected() -> None:
             self.live = True
 
-        events = self.api.watch(PATH, resource_version=self.resource_version,
+        events = self.api.watch(self.path, resource_version=self.resource_version,
                                 timeout_seconds=self.watch_timeout, allow_bookmarks=True,
                                 on_open=connected)
         try:
@@ -162,10 +180,42 @@ class PvsWatch:
             raise RuntimeError(f"watch error from the API server: {obj.get('message', obj)}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED"):
-            self.on_upsert(parse(obj))
+            self.on_upsert(self.parse_object(obj))
         elif kind == "DELETED":
-            meta = obj.get("metadata") or {}
-            self.on_delete(owner_of(meta.get("namespace"), meta.get("name", "")))
+            self.on_delete(self.key_of(obj.get("metadata") or {}))
         # BOOKMARK: only the resourceVersion moves on.
         if rv:
             self.resource_version = rv
+
+
+class PvsWatch(ListWatch[DesiredProgram]):
+    """ProxyVirtualServers in all namespaces -> the agent's programs."""
+
+    path = PATH
+    kind = "ProxyVirtualServer"
+
+    def parse_object(self, obj: dict[str, Any]) -> DesiredProgram:
+        return parse(obj)
+
+
+class ServiceWatch(ListWatch[tuple[str, frozenset[str]]]):
+    """Services -> ("namespace/name", the addresses a program may use as virtual IPs)."""
+
+    path = "/api/v1/services"
+    kind = "Service"
+
+    def parse_object(self, obj: dict[str, Any]) -> tuple[str, frozenset[str]]:
+        return self.key_of(obj.get("metadata") or {}), service_addresses(obj)
+
+
+class NodeWatch(ListWatch[tuple[str, tuple[Network, ...]]]):
+    """Nodes -> (name, its Pod CIDRs and addresses)."""
+
+    path = "/api/v1/nodes"
+    kind = "Node"
+
+    def key_of(self, meta: dict[str, Any]) -> str:
+        return str(meta.get("name", ""))
+
+    def parse_object(self, obj: dict[str, Any]) -> tuple[str, tuple[Network, ...]]:
+        return self.key_of(obj.get("metadata") or {}), node_networks(obj)

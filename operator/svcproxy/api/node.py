@@ -46,6 +46,10 @@ class ModeInEffect(ApiModel):
     """Why they differ (e.g. IPVS is not available in this kernel)."""
 
 
+RefusalReason = Literal["ForeignVIP", "ForeignRealServer", "UnknownService"]
+"""Why an agent refused a ProxyVirtualServer (see ``SyncError.reason``)."""
+
+
 class SyncError(ApiModel):
     """A ProxyVirtualServer the agent could not apply."""
 
@@ -56,7 +60,11 @@ class SyncError(ApiModel):
     message: str
     """What went wrong and what to do."""
     time: str | None = None
-    """When it last happened (RFC 3339)."""
+    """When it last happened (RFC 3339); for a refusal, since when it is refused."""
+    reason: RefusalReason | None = None
+    """Set when the agent refused the program as untrusted (nothing of it is programmed):
+    ForeignVIP (a virtual IP that is not its Service's address), ForeignRealServer (a real
+    server outside every Pod CIDR and node address), UnknownService (no such Service)."""
 
 
 class NodeCounts(ApiModel):
@@ -96,7 +104,7 @@ class ProxyNodeStatus(ApiModel):
     last_sync_duration_seconds: float | None = None
     """How long the last sync took."""
     errors: list[SyncError] = Field(default_factory=list, max_length=100)
-    """ProxyVirtualServers that failed to apply."""
+    """ProxyVirtualServers that failed to apply or were refused (those carry a reason)."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
