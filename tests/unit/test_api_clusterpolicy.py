@@ -3,9 +3,11 @@ namespaced policy's, selectors are optional, and the CRD is cluster-scoped as ``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from svcproxy.api import (
@@ -100,3 +102,12 @@ def test_crd_is_cluster_scoped_with_short_name_rules_and_columns() -> None:
     status = top["properties"]["status"]["properties"]
     assert "services" not in status  # no row per Service: counts and a few problems
     assert status["problems"]["maxItems"] == 10
+
+
+def test_the_docs_example_parses_and_selects_labelled_namespaces() -> None:
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "cluster-default.yaml"
+    policy = ClusterServiceProxyPolicy.parse(yaml.safe_load(path.read_text()))
+    assert policy.spec.mode == "iptables" and policy.spec.service_selector is None
+    selector = policy.spec.namespace_selector
+    assert selector is not None and selector.matches({"svcproxy.io/proxy": "enabled"})
+    assert not selector.matches({})
