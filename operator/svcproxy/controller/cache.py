@@ -247,10 +247,22 @@ class Cache:
     def namespaces_with_policies(self) -> list[str]:
         """Namespaces holding a ServiceProxyPolicy or selected by a cluster policy."""
         found = {ns for ns, items in self.objects["policy"].items() if items}
-        clusters = [p for p in self.cluster_policies() if p.policy is not None]
-        if clusters:
-            found.update(ns for ns in self.known_namespaces() if self.cluster_stand_ins(ns))
+        if any(p.policy is not None for p in self.cluster_policies()):
+            found.update(ns for ns in self.known_namespaces() if self.cluster_selects(ns))
         return sorted(found)
+
+    def has_policies(self, namespace: str) -> bool:
+        """True when a ServiceProxyPolicy lives in ``namespace`` or a cluster policy selects it
+        (asked on every watch event: no list of every namespace is built)."""
+        return bool(self.objects["policy"].get(namespace)) or self.cluster_selects(namespace)
+
+    def cluster_selects(self, namespace: str) -> bool:
+        """True when a valid cluster policy, not being deleted, selects ``namespace``."""
+        parsed = [p.policy for p in self.cluster_policies() if p.policy is not None and not p.deleting]
+        if not parsed:
+            return False
+        labels = self.namespace_labels(namespace)
+        return any(selects_namespace(policy, labels) for policy in parsed)
 
     def namespace_needs_pod_labels(self, namespace: str) -> bool:
         if any((p.get("spec") or {}).get("weights") for p in self.objects["policy"][namespace].values()):

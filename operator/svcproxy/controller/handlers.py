@@ -103,7 +103,7 @@ def observe(cache: Cache, reconciler: Reconciler, kind: str, event: JSON) -> Non
         reconciler.touch_all()  # every policy's Programmed count may move
     elif (
         kind == "policy"
-        or namespace in cache.namespaces_with_policies()
+        or cache.has_policies(namespace)
         or cache.objects["program"][namespace]
     ):
         reconciler.touch(namespace)
