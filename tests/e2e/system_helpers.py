@@ -149,15 +149,15 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 class SystemLab:
     """The running 3-node lab with svcproxy, seen by the tests."""
 
-    def __init__(self) -> None:
-        self.cluster = LabCluster(STATE)
+    def __init__(self, state_dir: Path = STATE) -> None:
+        self.cluster = LabCluster(state_dir)
         state = self.cluster.load()
-        assert state is not None, f"no lab state in {STATE}"
+        assert state is not None, f"no lab state in {state_dir}"
         self.ctx = self.cluster.context(state)
         self.kubectl_bin = str(Path(state["bin_dir"]) / "kubectl")
         self.nodes: dict[str, LabNode] = {n.name: n for n in self.cluster.nodes(state)}
-        self.stop_file = STATE / "traffic.stop"
-        self.port_file = STATE / "batch-port"  # shared by the test modules on one lab
+        self.stop_file = state_dir / "traffic.stop"
+        self.port_file = state_dir / "batch-port"  # shared by the test modules on one lab
 
     def fresh_ports(self, count: int) -> int:
         """The first of ``count`` source ports no earlier batch on this lab used (cycling

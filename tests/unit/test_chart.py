@@ -156,6 +156,20 @@ def test_rbac_grants_the_agent_nothing_but_programs_proxynodes_and_reads_for_che
         assert "secrets" not in rule["resources"], rule
 
 
+def test_operator_may_watch_cluster_policies_and_namespaces_and_write_their_status(
+    rendered: dict[tuple[str, str], JSON],
+) -> None:
+    op = rendered[("ClusterRole", "svcproxy-operator")]
+    grants = {(r["apiGroups"][0], res, v) for r in op["rules"] for res in r["resources"] for v in r["verbs"]}
+    needed = {
+        ("svcproxy.io", "clusterserviceproxypolicies", verb) for verb in ("get", "list", "watch", "patch")
+    } | {("svcproxy.io", "clusterserviceproxypolicies/status", verb) for verb in ("get", "patch")}
+    needed |= {("", "namespaces", verb) for verb in ("get", "list", "watch")}
+    assert needed <= grants, needed - grants
+    # Namespaces are only read: the operator never creates, labels or deletes one.
+    assert {v for g, res, v in grants if res == "namespaces"} == {"get", "list", "watch"}
+
+
 def test_admission_policy_names_the_agent_account(rendered: dict[tuple[str, str], JSON]) -> None:
     vap = rendered[("ValidatingAdmissionPolicy", "svcproxy-agent-own-proxynode")]
     (cond,) = vap["spec"]["matchConditions"]

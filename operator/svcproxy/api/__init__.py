@@ -1,4 +1,4 @@
-"""The svcproxy API: pydantic models of the three custom resources.
+"""The svcproxy API: pydantic models of the four custom resources.
 
 These models are the single source of the CRD schemas (``svcproxy crds``
 generates ``crds/`` from them) and the parsed form every other layer works
@@ -6,6 +6,11 @@ with: the operator parses policies here, compiles ProxyVirtualServers, and the
 agent reads those and writes ProxyNodes. Nothing here does I/O.
 """
 
+from svcproxy.api.clusterpolicy import (
+    ClusterServiceProxyPolicy,
+    ClusterServiceProxyPolicySpec,
+    ClusterServiceProxyPolicyStatus,
+)
 from svcproxy.api.common import (
     API_VERSION,
     GROUP,
@@ -22,6 +27,7 @@ from svcproxy.api.policy import (
     IPVS_SCHEDULERS,
     USERSPACE_SCHEDULERS,
     WEIGHTED_SCHEDULERS,
+    ProxyFields,
     Scheduler,
     SchedulerFlag,
     ServiceProxyPolicy,
@@ -41,10 +47,14 @@ __all__ = [
     "USERSPACE_SCHEDULERS",
     "VERSION",
     "WEIGHTED_SCHEDULERS",
+    "ClusterServiceProxyPolicy",
+    "ClusterServiceProxyPolicySpec",
+    "ClusterServiceProxyPolicyStatus",
     "Condition",
     "LabelSelector",
     "LabelSelectorRequirement",
     "Mode",
+    "ProxyFields",
     "ProxyNode",
     "ProxyNodeStatus",
     "ProxyVirtualServer",

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from svcproxy.api.clusterpolicy import ClusterServiceProxyPolicySpec, ClusterServiceProxyPolicyStatus
 from svcproxy.api.common import GROUP, VERSION, ApiModel
 from svcproxy.api.node import ProxyNodeSpec, ProxyNodeStatus
 from svcproxy.api.policy import ServiceProxyPolicySpec, ServiceProxyPolicyStatus
@@ -66,6 +67,28 @@ KINDS: tuple[Kind, ...] = (
             _col("Mode", ".spec.mode"),
             _col("Scheduler", ".spec.ipvs.scheduler"),
             _col("Affinity", ".spec.sessionAffinity.type"),
+            _col("Programmed", ".status.programmed", description="nodes programmed / nodes"),
+            _AGE,
+        ),
+    ),
+    Kind(
+        kind="ClusterServiceProxyPolicy",
+        plural="clusterserviceproxypolicies",
+        singular="clusterserviceproxypolicy",
+        short_names=("cspp",),
+        scope="Cluster",
+        description=(
+            "ClusterServiceProxyPolicy is the cluster-wide default: it chooses how the Services of "
+            "the selected namespaces are proxied unless a ServiceProxyPolicy in their namespace "
+            "selects them."
+        ),
+        spec=ClusterServiceProxyPolicySpec,
+        status=ClusterServiceProxyPolicyStatus,
+        columns=(
+            _col("Mode", ".spec.mode"),
+            _col("Scheduler", ".spec.ipvs.scheduler"),
+            _col("Affinity", ".spec.sessionAffinity.type"),
+            _col("Services", ".status.summary.selected", "integer", description="Services selected"),
             _col("Programmed", ".status.programmed", description="nodes programmed / nodes"),
             _AGE,
         ),
@@ -203,7 +226,7 @@ def crd(kind: Kind) -> dict[str, Any]:
     if kind.status is not None:
         properties["status"] = model_schema(kind.status)
         version["subresources"] = {"status": {}}
-    required = ["spec"] if kind.kind == "ServiceProxyPolicy" else []
+    required = ["spec"] if kind.kind in ("ServiceProxyPolicy", "ClusterServiceProxyPolicy") else []
     top: Schema = {"type": "object", "description": kind.description, "properties": properties}
     if required:
         top["required"] = required

@@ -8,7 +8,7 @@ reads them; ``crdgen`` turns them into the CRD schema.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -102,17 +102,12 @@ class EndpointWeight(ApiModel):
     """Relative weight (0..65535); 0 takes no new connections. Unmatched endpoints weigh 1."""
 
 
-class ServiceProxyPolicySpec(ApiModel):
-    """How the selected Services are proxied on every node."""
+class ProxyFields(ApiModel):
+    """The proxy settings every policy kind shares (ServiceProxyPolicy and
+    ClusterServiceProxyPolicy): mode, scheduler, affinity, weights, priority, and
+    the rules that tie them together. Each kind's spec extends this with how it
+    selects Services."""
 
-    service_selector: LabelSelector | None = None
-    """Selects Services in the policy's namespace by label. Exactly one of
-    serviceSelector and services must be set."""
-    services: list[DNS1035Label] | None = Field(
-        default=None, max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}
-    )
-    """Names of Services in the policy's namespace. Exactly one of serviceSelector
-    and services must be set."""
     mode: Mode = "ipvs"
     """Proxy mode: ipvs (kernel IPVS; falls back to iptables on nodes without IPVS),
     iptables (netfilter NAT rules), or userspace (the node agent proxies itself)."""
@@ -126,14 +121,7 @@ class ServiceProxyPolicySpec(ApiModel):
     priority: int = Field(default=0, ge=-1000000, le=1000000)
     """When two policies select one Service, the higher priority wins, then the older policy."""
 
-    cel_rules = (
-        CelRule(
-            rule="has(self.serviceSelector) != has(self.services)",
-            message="exactly one of serviceSelector and services must be set",
-            check=lambda s: (s.service_selector is None) != (s.services is None),
-            field_path=".services",
-            reason="FieldValueRequired",
-        ),
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
             rule="self.mode != 'iptables' || !has(self.ipvs)",
             message="iptables mode takes no scheduler: remove spec.ipvs, or use mode ipvs or userspace",
@@ -193,6 +181,30 @@ class ServiceProxyPolicySpec(ApiModel):
     @property
     def scheduler_flags(self) -> tuple[str, ...]:
         return tuple(self.ipvs.scheduler_flags) if self.ipvs else ()
+
+
+class ServiceProxyPolicySpec(ProxyFields):
+    """How the selected Services are proxied on every node."""
+
+    service_selector: LabelSelector | None = None
+    """Selects Services in the policy's namespace by label. Exactly one of
+    serviceSelector and services must be set."""
+    services: list[DNS1035Label] | None = Field(
+        default=None, max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Names of Services in the policy's namespace. Exactly one of serviceSelector
+    and services must be set."""
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.serviceSelector) != has(self.services)",
+            message="exactly one of serviceSelector and services must be set",
+            check=lambda s: (s.service_selector is None) != (s.services is None),
+            field_path=".services",
+            reason="FieldValueRequired",
+        ),
+        *ProxyFields.cel_rules,
+    )
 
 
 class PolicyServiceStatus(ApiModel):

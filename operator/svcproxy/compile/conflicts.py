@@ -2,8 +2,10 @@
 
 ``selects(policy, service)`` applies a policy's ``serviceSelector`` or
 ``services`` list; ``winner(policies)`` settles a Service selected by more than
-one policy: the higher ``priority`` wins, then the older policy (creation
-time), then the smaller name, so every operator replica picks the same one.
+one policy: any namespaced policy beats every cluster policy's stand-in (see
+:mod:`svcproxy.compile.cluster`); among the rest the higher ``priority`` wins,
+then the older policy (creation time), then the smaller name, so every
+operator replica picks the same one.
 Called by :mod:`svcproxy.compile.planner.plan` and by ``svcproxy plan``.
 """
 
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from svcproxy.api.policy import ServiceProxyPolicy
+from svcproxy.compile.cluster import is_cluster
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
@@ -42,9 +45,9 @@ def created_at(policy: ServiceProxyPolicy) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def precedence(policy: ServiceProxyPolicy) -> tuple[int, datetime, str]:
-    """Sort key: the first in this order wins."""
-    return (-policy.spec.priority, created_at(policy), policy.metadata.name)
+def precedence(policy: ServiceProxyPolicy) -> tuple[bool, int, datetime, str]:
+    """Sort key: the first in this order wins (namespaced before cluster, whatever the priority)."""
+    return (is_cluster(policy.metadata.name), -policy.spec.priority, created_at(policy), policy.metadata.name)
 
 
 def winner(policies: Sequence[ServiceProxyPolicy]) -> ServiceProxyPolicy:
@@ -56,6 +59,8 @@ def winner(policies: Sequence[ServiceProxyPolicy]) -> ServiceProxyPolicy:
 
 def why_wins(win: ServiceProxyPolicy, lose: ServiceProxyPolicy) -> str:
     """Plain words for the loser's status: why ``win`` beats ``lose``."""
+    if is_cluster(win.metadata.name) != is_cluster(lose.metadata.name):
+        return "a ServiceProxyPolicy in the Service's namespace beats every ClusterServiceProxyPolicy"
     if win.spec.priority != lose.spec.priority:
         return f"higher priority ({win.spec.priority} > {lose.spec.priority})"
     if created_at(win) != created_at(lose):

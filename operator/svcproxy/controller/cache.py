@@ -1,7 +1,8 @@
 """The operator's in-memory picture of the cluster, fed by kopf watch events.
 
-Handlers put every ServiceProxyPolicy, Service, EndpointSlice, Pod (labels
-only), ProxyVirtualServer and ProxyNode they see here; the reconciler reads a
+Handlers put every ServiceProxyPolicy, ClusterServiceProxyPolicy, Namespace
+(labels only), Service, EndpointSlice, Pod (labels only), ProxyVirtualServer
+and ProxyNode they see here; the reconciler reads a
 consistent :class:`~svcproxy.compile.planner.NamespaceView` of one namespace
 from it. Writes the operator makes are put here too (newer resourceVersions
 win), so a reconcile never acts on a picture older than its own last write.
@@ -19,13 +20,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from svcproxy.api.node import ProxyNode
+from svcproxy.compile.cluster import ParsedCluster, for_namespace, parse_cluster, selects_namespace
 from svcproxy.compile.planner import NamespaceView, program_summary
 from svcproxy.compile.program import Endpoint, endpoint_of
 
 JSON = dict[str, Any]
-# "node" is a ProxyNode (an agent's report); "k8snode" a core/v1 Node.
-KINDS = ("policy", "service", "slice", "program", "node", "k8snode")
+# "node" is a ProxyNode (an agent's report); "k8snode" a core/v1 Node; "cpolicy" a
+# ClusterServiceProxyPolicy and "namespace" a Namespace (both under namespace "").
+KINDS = ("policy", "cpolicy", "namespace", "service", "slice", "program", "node", "k8snode")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def namespace_summary(namespace: JSON) -> JSON:
+    """The part of a Namespace the operator needs: its labels, for namespaceSelector."""
+    meta = namespace.get("metadata") or {}
+    return {"metadata": {k: meta[k] for k in ("name", "resourceVersion", "labels") if k in meta}}
 
 
 def node_summary(node: JSON) -> JSON:
@@ -171,6 +180,8 @@ class Cache:
         # edited, when one of its slices changes: the planner memo tells unchanged
         # Services by the identity of their objects and of this list.
         self._slices: dict[str, dict[str, list[JSON]]] = defaultdict(dict)
+        # Cluster policies parsed once per stored version (name -> (object, parse)).
+        self._clusters: dict[str, tuple[JSON, ParsedCluster]] = {}
 
     def put(self, kind: str, obj: JSON) -> bool:
         """Store ``obj`` unless the cache holds a newer version; True when stored.
@@ -234,10 +245,72 @@ class Cache:
         return before != labels
 
     def namespaces_with_policies(self) -> list[str]:
-        return sorted(ns for ns, items in self.objects["policy"].items() if items)
+        """Namespaces holding a ServiceProxyPolicy or selected by a cluster policy."""
+        found = {ns for ns, items in self.objects["policy"].items() if items}
+        if any(p.policy is not None for p in self.cluster_policies()):
+            found.update(ns for ns in self.known_namespaces() if self.cluster_selects(ns))
+        return sorted(found)
+
+    def has_policies(self, namespace: str) -> bool:
+        """True when a ServiceProxyPolicy lives in ``namespace`` or a cluster policy selects it
+        (asked on every watch event: no list of every namespace is built)."""
+        return bool(self.objects["policy"].get(namespace)) or self.cluster_selects(namespace)
+
+    def cluster_selects(self, namespace: str) -> bool:
+        """True when a valid cluster policy, not being deleted, selects ``namespace``."""
+        parsed = [p.policy for p in self.cluster_policies() if p.policy is not None and not p.deleting]
+        if not parsed:
+            return False
+        labels = self.namespace_labels(namespace)
+        return any(selects_namespace(policy, labels) for policy in parsed)
 
     def namespace_needs_pod_labels(self, namespace: str) -> bool:
-        return any((p.get("spec") or {}).get("weights") for p in self.objects["policy"][namespace].values())
+        if any((p.get("spec") or {}).get("weights") for p in self.objects["policy"][namespace].values()):
+            return True
+        return any((p.get("spec") or {}).get("weights") for p in self.cluster_stand_ins(namespace))
+
+    # -- cluster policies and namespaces -------------------------------------------------
+    def cluster_policies(self) -> list[ParsedCluster]:
+        """Every stored cluster policy, parsed (or why not), by name."""
+        out = []
+        stored = self.objects["cpolicy"][""]
+        for name in sorted(stored):
+            raw = stored[name]
+            kept = self._clusters.get(name)
+            if kept is None or kept[0] is not raw:
+                kept = (raw, parse_cluster(raw))
+                self._clusters[name] = kept
+            out.append(kept[1])
+        for name in [n for n in self._clusters if n not in stored]:
+            del self._clusters[name]
+        return out
+
+    def namespace_labels(self, namespace: str) -> dict[str, str]:
+        """A namespace's labels ({} when Namespaces are not known, e.g. not listable)."""
+        obj = self.objects["namespace"][""].get(namespace) or {}
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    def known_namespaces(self) -> set[str]:
+        """Namespaces listed, or holding a Service or a program."""
+        found = set(self.objects["namespace"][""])
+        for kind in ("service", "program"):
+            found.update(ns for ns, items in self.objects[kind].items() if items)
+        return found
+
+    def cluster_stand_ins(self, namespace: str) -> list[JSON]:
+        """The stand-ins the planner gets for the cluster policies selecting ``namespace``."""
+        return for_namespace(self.cluster_policies(), self.namespace_labels(namespace))
+
+    def selected_by(self, cluster: JSON | None) -> set[str]:
+        """Namespaces a cluster policy object selects (none when it does not parse)."""
+        if cluster is None:
+            return set()
+        parsed = parse_cluster(cluster)
+        if parsed.policy is None:
+            return set()
+        policy = parsed.policy
+        return {ns for ns in self.known_namespaces() if selects_namespace(policy, self.namespace_labels(ns))}
 
     def nodes(self) -> list[ProxyNode]:
         """The ProxyNode reports that parse, by node name."""
@@ -291,6 +364,7 @@ class Cache:
             unlabelled_at=dict(unlabelled_at),
             handover_delay=handover_delay,
             expected_nodes=self.expected_nodes(),
+            cluster_policies=self.cluster_stand_ins(namespace),
         )
 
 
@@ -322,6 +396,7 @@ _SUMMARIES: dict[str, Callable[[JSON], JSON]] = {
     "program": program_summary,
     "node": report_summary,
     "k8snode": node_summary,
+    "namespace": namespace_summary,
 }
 
 

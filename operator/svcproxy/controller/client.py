@@ -1,8 +1,8 @@
 """The operator's writes to the API server, and its peering set-up.
 
 kopf watches; this module writes: ProxyVirtualServers (created or replaced,
-owned by their Service), the handover label on Services, policy status
-(status subresource) and Events. It wraps ``kubernetes_asyncio`` so the
+owned by their Service), the handover label on Services, the status of
+namespaced and cluster policies (status subresource) and Events. It wraps ``kubernetes_asyncio`` so the
 reconciler sees a narrow async interface (:class:`Writer`) that unit tests can
 replace. Each call returns the stored object, so the reconciler's cache is
 current before the watch event arrives. Called by :mod:`reconciler`; the
@@ -25,6 +25,7 @@ from svcproxy.api.program import ProxyVirtualServerSpec
 JSON = dict[str, Any]
 PVS_PLURAL = "proxyvirtualservers"
 SPP_PLURAL = "serviceproxypolicies"
+CSPP_PLURAL = "clusterserviceproxypolicies"
 COMPONENT = "svcproxy-operator"
 
 
@@ -38,6 +39,8 @@ class Writer(Protocol):
     async def set_handover_label(self, namespace: str, name: str, on: bool) -> JSON | None: ...
 
     async def patch_policy_status(self, namespace: str, name: str, status: JSON) -> JSON | None: ...
+
+    async def patch_cluster_policy_status(self, name: str, status: JSON) -> JSON | None: ...
 
     async def post_event(self, policy: JSON, type_: str, reason: str, message: str) -> None: ...
 
@@ -150,6 +153,18 @@ class ApiWriter:
                 SPP_PLURAL,
                 name,
                 patch,  # a list: the client sends it as application/json-patch+json
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return self._serialize(out)
+
+    async def patch_cluster_policy_status(self, name: str, status: JSON) -> JSON | None:
+        patch = [{"op": "add", "path": "/status", "value": status}]
+        try:
+            out = await self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, CSPP_PLURAL, name, patch
             )
         except ApiException as err:
             if err.status == 404:

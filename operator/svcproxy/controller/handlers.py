@@ -1,9 +1,11 @@
 """kopf handlers of the operator: a few lines each, delegating to plain functions.
 
 Every watched kind feeds :func:`observe`, which updates the cache and touches
-the namespaces the change affects; the reconciler does the rest. The policy's
-delete handler (which makes kopf keep a finalizer on every policy) waits until
-the handover of its Services back to kube-proxy is done. ``on_startup``
+the namespaces the change affects; the reconciler does the rest. A cluster
+policy's change touches the namespaces it selects or selected, a Namespace's
+label change that namespace. The delete handlers of both policy kinds (which
+make kopf keep a finalizer on every policy) wait until the handover of their
+Services back to kube-proxy is done. ``on_startup``
 applies the production settings. Imported by :mod:`svcproxy.controller.main`,
 which is what registers these handlers with kopf.
 """
@@ -79,6 +81,9 @@ def observe(cache: Cache, reconciler: Reconciler, kind: str, event: JSON) -> Non
     meta = obj.get("metadata") or {}
     namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
     gone = event.get("type") == "DELETED"
+    if kind in ("cpolicy", "namespace"):
+        _observe_cluster(cache, reconciler, kind, name, None if gone else obj)
+        return
     if kind == "pod":
         labels = None if gone else {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         if cache.set_pod_labels(namespace, name, labels) and cache.namespace_needs_pod_labels(namespace):
@@ -98,10 +103,51 @@ def observe(cache: Cache, reconciler: Reconciler, kind: str, event: JSON) -> Non
         reconciler.touch_all()  # every policy's Programmed count may move
     elif (
         kind == "policy"
-        or namespace in cache.namespaces_with_policies()
+        or cache.has_policies(namespace)
         or cache.objects["program"][namespace]
     ):
         reconciler.touch(namespace)
+
+
+def _observe_cluster(cache: Cache, reconciler: Reconciler, kind: str, name: str, obj: JSON | None) -> None:
+    """A cluster policy re-plans the namespaces it selected, selects, or holds programs in;
+    a Namespace re-plans itself when its labels change."""
+    if kind == "namespace":
+        before = cache.namespace_labels(name)
+        if obj is None:
+            cache.remove(kind, "", name)
+        else:
+            cache.put(kind, obj)
+        if cache.namespace_labels(name) != before and cache.cluster_policies():
+            reconciler.touch(name)
+        return
+    touched = cache.selected_by(cache.get(kind, "", name))
+    if obj is None:
+        cache.remove(kind, "", name)
+    else:
+        cache.put(kind, obj)
+    touched |= cache.selected_by(obj)
+    touched.update(key.partition("/")[0] for key in reconciler.owned_by_cluster(name))
+    for namespace in sorted(touched):
+        reconciler.touch(namespace)
+    reconciler.touch_cluster()
+
+
+async def withdraw_cluster(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
+    """Finalizer step of a deleted cluster policy: done once none of its programs remain."""
+    cache.put("cpolicy", body)
+    name = str((body.get("metadata") or {}).get("name"))
+    namespaces = cache.selected_by(body) | {k.partition("/")[0] for k in reconciler.owned_by_cluster(name)}
+    for namespace in sorted(namespaces):
+        if await reconciler.reconcile(namespace) is None:
+            raise kopf.TemporaryError(f"could not reconcile namespace {namespace}; retrying", delay=2)
+    owned = reconciler.owned_by_cluster(name)
+    if owned:
+        shown = ", ".join(owned[:10]) + (f" and {len(owned) - 10} more" if len(owned) > 10 else "")
+        raise kopf.TemporaryError(f"handing {shown} back to kube-proxy before removing the program", delay=1)
+    logging.getLogger("svcproxy.operator").info(
+        "every Service handed back; cluster policy can go", extra={"k8s_ref": {"namespace": "", "name": name}}
+    )
 
 
 async def withdraw(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
@@ -149,6 +195,21 @@ async def on_policy(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
 @kopf.on.delete(GROUP, VERSION, "serviceproxypolicies")
 async def on_policy_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await withdraw(memo.cache, memo.reconciler, dict(body))
+
+
+@kopf.on.event(GROUP, VERSION, "clusterserviceproxypolicies")
+async def on_cluster_policy(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "cpolicy", dict(event))
+
+
+@kopf.on.delete(GROUP, VERSION, "clusterserviceproxypolicies")
+async def on_cluster_policy_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await withdraw_cluster(memo.cache, memo.reconciler, dict(body))
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def on_namespace(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    observe(memo.cache, memo.reconciler, "namespace", dict(event))
 
 
 @kopf.on.event("", "v1", "services")

@@ -34,7 +34,16 @@ log = logging.getLogger("svcproxy.operator")
 # a whole list of every kind at once was several hundred MB of transient objects).
 PAGE = 500
 # The order kinds are merged in; "k8snode" last, as it may be refused (403).
-KINDS = ("policy", "service", "slice", "program", "node", "pod", "k8snode")
+KINDS = ("policy", "cpolicy", "namespace", "service", "slice", "program", "node", "pod", "k8snode")
+# Kinds the operator works without, and the refusal that means so: without Nodes the
+# ProxyNode reports alone count; without Namespaces every namespace has no labels; without
+# the cluster policy CRD (an older install) there are no cluster policies.
+_OPTIONAL = {"k8snode": 403, "namespace": 403, "cpolicy": 404}
+_WITHOUT = {
+    "k8snode": "a node whose agent never reported is not counted; grant get/list/watch on nodes",
+    "namespace": "cluster policies see no namespace labels; grant get/list/watch on namespaces",
+    "cpolicy": "ClusterServiceProxyPolicies are ignored; install the chart's CRDs (crds/)",
+}
 
 
 class Lister:
@@ -46,7 +55,7 @@ class Lister:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self._warned_nodes = False
+        self._warned: set[str] = set()
 
     def _call(self, kind: str) -> Callable[..., Awaitable[Any]]:
         ns = self.namespace
@@ -60,6 +69,10 @@ class Lister:
             if ns
             else self.discovery.list_endpoint_slice_for_all_namespaces,
             "k8snode": core.list_node,
+            "namespace": core.list_namespace,
+            "cpolicy": partial(
+                custom.list_cluster_custom_object, GROUP, VERSION, "clusterserviceproxypolicies"
+            ),
             "node": partial(custom.list_cluster_custom_object, GROUP, VERSION, "proxynodes"),
         }
         for kind_, plural in (("policy", "serviceproxypolicies"), ("program", "proxyvirtualservers")):
@@ -105,14 +118,11 @@ class Lister:
                 async for page in self.pages(kind):
                     merge.add(page)
             except ApiException as err:
-                if kind != "k8snode" or err.status != 403:
+                if _OPTIONAL.get(kind) != err.status:
                     raise
-                if not self._warned_nodes:
-                    self._warned_nodes = True
-                    log.warning(
-                        "may not list Nodes (403): a node whose agent never reported is not counted; "
-                        "grant get/list/watch on nodes to the operator's service account"
-                    )
+                if kind not in self._warned:
+                    self._warned.add(kind)
+                    log.warning("cannot list %s (HTTP %s): %s", kind, err.status, _WITHOUT[kind])
                 continue
             merge.finish()
 

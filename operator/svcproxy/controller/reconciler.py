@@ -8,7 +8,10 @@ pass asks :func:`svcproxy.compile.planner.plan_namespace` what to do and
 performs it in handover order: write programs, label Services, unlabel
 Services, delete programs (the plan only deletes once the handover delay has
 passed, and asks for a recheck then), write policy status, post Events.
-Failures are logged, counted and retried with a backoff; they never stop the
+Each pass also keeps what every cluster policy does in the namespace (its
+:class:`~svcproxy.compile.cluster.ClusterPart`); after a batch of namespaces the
+worker folds those parts into each cluster policy's status and writes the
+ones that changed. Failures are logged, counted and retried with a backoff; they never stop the
 worker. Used by :mod:`svcproxy.controller.handlers`.
 """
 
@@ -21,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from svcproxy.compile.cluster import CLUSTER_PREFIX, ClusterPart, cluster_status
 from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
@@ -82,6 +86,9 @@ class Reconciler:
         # One planner memo per namespace: a pass recompiles only the Services whose
         # inputs changed (svcproxy.compile.planner.memo says what keys them).
         self.memos: dict[str, PlanMemo] = {}
+        # Cluster policy -> namespace -> what it does there, from each namespace's last pass.
+        self.cluster_parts: dict[str, dict[str, ClusterPart]] = {}
+        self._cluster_dirty = False
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -106,6 +113,15 @@ class Reconciler:
         if self._stopped:
             return
         self._dirty.add(namespace)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name="svcproxy-reconciler")
+
+    def touch_cluster(self) -> None:
+        """Ask for the cluster policies' statuses to be folded and written soon."""
+        if self._stopped:
+            return
+        self._cluster_dirty = True
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._worker(), name="svcproxy-reconciler")
@@ -154,6 +170,8 @@ class Reconciler:
             batch, self._dirty = sorted(self._dirty), set()
             for namespace in batch:
                 await self.reconcile(namespace)
+            if self._cluster_dirty:
+                await self.write_cluster_statuses()
 
     async def reconcile(self, namespace: str) -> NamespacePlan | None:
         """Plan and apply ``namespace`` now; None when the pass failed (it is retried)."""
@@ -193,7 +211,8 @@ class Reconciler:
         )
         started = time.perf_counter()
         plan = plan_namespace(view, self.memos.setdefault(namespace, PlanMemo()))
-        if not view.policies and not view.programs:
+        self._keep_parts(namespace, plan)
+        if not view.policies and not view.programs and not view.cluster_policies:
             self.memos.pop(namespace, None)  # nothing of ours here any more
         metrics.COMPILE_SECONDS.observe(time.perf_counter() - started)
         w = self.writer
@@ -233,14 +252,63 @@ class Reconciler:
         await self._post_events(namespace, plan)
         return plan
 
+    def _keep_parts(self, namespace: str, plan: NamespacePlan) -> None:
+        for name, part in plan.cluster.items():
+            parts = self.cluster_parts.setdefault(name, {})
+            if parts.get(namespace) != part:
+                parts[namespace] = part
+                self._cluster_dirty = True
+        for name, parts in self.cluster_parts.items():
+            if name not in plan.cluster and parts.pop(namespace, None) is not None:
+                self._cluster_dirty = True
+
+    async def write_cluster_statuses(self) -> None:
+        """Fold every cluster policy's parts into its status; write those that changed."""
+        self._cluster_dirty = False
+        cache = self.cache
+        expected = cache.expected_nodes()
+        reports = [n for n in cache.nodes() if expected is None or n.metadata.name in expected]
+        total = len(reports) if expected is None else len(expected)
+        now_iso = _iso_now()
+        for parsed in cache.cluster_policies():
+            name = parsed.name
+            if parsed.deleting:
+                continue
+            parts = self.cluster_parts.get(name, {})
+            status = cluster_status(
+                parsed, parts, nodes_reporting=len(reports), nodes_total=total, now_iso=now_iso
+            )
+            if status == parsed.raw.get("status"):
+                continue
+            try:
+                out = await self._step("status", self.writer.patch_cluster_policy_status(name, status))
+            except Exception as err:
+                log.warning(
+                    "status of ClusterServiceProxyPolicy %s not written (retrying): %s",
+                    name,
+                    describe(err),
+                    extra=_ref("", name),
+                )
+                self._cluster_dirty = True
+                self._later_cluster(2.0)
+                continue
+            if out is not None:
+                cache.put("cpolicy", out)
+        for name in [n for n in self.cluster_parts if cache.get("cpolicy", "", n) is None]:
+            del self.cluster_parts[name]
+
+    def _later_cluster(self, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self.touch_cluster)
+
     async def _post_events(self, namespace: str, plan: NamespacePlan) -> None:
         for event in plan.events:
             policy = self.cache.get("policy", namespace, event.policy)
             if policy is None:
                 continue
             try:
-                await self._step("event", self.writer.post_event(policy, event.type, event.reason,
-                                                                 event.message))
+                await self._step(
+                    "event", self.writer.post_event(policy, event.type, event.reason, event.message)
+                )
             except Exception as err:
                 # Events are best effort: a terminating namespace refuses new ones (403),
                 # and the status already says the same thing.
@@ -257,6 +325,16 @@ class Reconciler:
         except Exception:
             metrics.ERRORS.labels(stage).inc()
             raise
+
+    def owned_by_cluster(self, name: str) -> list[str]:
+        """``namespace/Service`` of the programs that still come from cluster policy ``name``."""
+        stand_in = CLUSTER_PREFIX + name
+        return sorted(
+            f"{ns}/{svc}"
+            for ns, owned in self.owned_after.items()
+            for svc, p in owned.items()
+            if p == stand_in
+        )
 
     def still_owned(self, namespace: str, policy: str) -> list[str]:
         """ProxyVirtualServers that still come from ``policy`` after the last pass."""

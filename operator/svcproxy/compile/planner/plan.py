@@ -28,6 +28,7 @@ from svcproxy.api.common import HANDOVER_LABEL, HANDOVER_VALUE, Condition
 from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.compile.cluster import ClusterPart, cluster_name, is_cluster
 from svcproxy.compile.conflicts import selects, winner
 from svcproxy.compile.planner.memo import (
     Compiled,
@@ -41,7 +42,7 @@ from svcproxy.compile.planner.memo import (
     resource_version,
     spec_digest,
 )
-from svcproxy.compile.planner.status import changed_reports, policy_rows, policy_status
+from svcproxy.compile.planner.status import changed_reports, cluster_part, policy_rows, policy_status
 from svcproxy.compile.program import NotProxied, not_proxied
 
 JSON = dict[str, Any]
@@ -74,6 +75,9 @@ class NamespaceView:
     # selector); None when the operator cannot list Nodes: then the ProxyNode reports
     # alone say how many nodes there are, and a node whose agent never started is missed.
     expected_nodes: frozenset[str] | None = None
+    # Stand-ins of the cluster policies that select this namespace (compile/cluster.py's
+    # for_namespace): planned below every namespaced policy, reported in ``cluster``.
+    cluster_policies: Sequence[JSON] = ()
 
     def counted_nodes(self) -> list[ProxyNode]:
         """The reports that count: those of expected nodes (a deleted Node's report does not)."""
@@ -115,6 +119,7 @@ class NamespacePlan:
     recheck_at: float | None = None  # run again then: a handover delay ends
     owned_after: dict[str, str] = field(default_factory=dict)  # PVS name -> policy, once applied
     compiled: Mapping[str, ProxyVirtualServerSpec] = field(default_factory=dict)  # built on read
+    cluster: dict[str, ClusterPart] = field(default_factory=dict)  # cluster policy -> its part here
 
 
 def _key(namespace: str, name: str) -> str:
@@ -178,10 +183,12 @@ def _plan(view: NamespaceView, memo: PlanMemo) -> NamespacePlan:
     plan = NamespacePlan(unlabelled_at=dict(view.unlabelled_at))
     # From here on ``view.nodes`` holds only the reports that count.
     view = replace(view, nodes=view.counted_nodes())
-    raw_by_name = {str((raw.get("metadata") or {}).get("name", "")): raw for raw in view.policies}
-    every = memo.parse_policies(view.policies)
+    raws = [*view.policies, *view.cluster_policies]
+    raw_by_name = {str((raw.get("metadata") or {}).get("name", "")): raw for raw in raws}
+    every = memo.parse_policies(raws)
     parsed = {n: p.policy for n, p in every.items() if p.policy is not None}
-    invalid = {n: p.error for n, p in every.items() if p.policy is None}
+    # A cluster policy that does not parse never gets here (its own status says so).
+    invalid = {n: p.error for n, p in every.items() if p.policy is None and not is_cluster(n)}
     token = memo.policies_token(every)
     # Who selects what, who wins, and the program: kept for Services whose objects are
     # the very ones of the last pass (one identity check each), derived again for the others.
@@ -292,6 +299,11 @@ def _policy_statuses(
             reports=reports,
             memo=memo,
         )
+        if is_cluster(name):
+            plan.cluster[cluster_name(name)] = cluster_part(
+                namespace=view.namespace, nodes=view.nodes, policy=policy, rows=rows, records=memo.records
+            )
+            continue
         status = policy_status(
             namespace=view.namespace,
             nodes=view.nodes,

@@ -12,13 +12,16 @@ policies, the set of nodes or their modes change, every row is rebuilt.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from svcproxy.api.clusterpolicy import MAX_PROBLEM_ROWS
 from svcproxy.api.common import Condition
 from svcproxy.api.node import ProxyNode
 from svcproxy.api.policy import PolicyServiceStatus, ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.base import Mode
+from svcproxy.compile.cluster import ClusterPart, is_cluster
 from svcproxy.compile.conflicts import why_wins
 from svcproxy.compile.planner.memo import Derived, PackedProgram, PlanMemo, PolicyRows, Row, ServiceRecord
 
@@ -306,3 +309,39 @@ def _degraded(
             type="Degraded", status="True", reason="NodeProblems", message="; ".join(problems)[:4000]
         )
     return Condition(type="Degraded", status="False", reason="AllNodesHealthy", message="")
+
+
+def cluster_part(
+    *,
+    namespace: str,
+    nodes: Sequence[ProxyNode],
+    policy: ServiceProxyPolicy,
+    rows: PolicyRows,
+    records: Mapping[str, ServiceRecord],
+) -> ClusterPart:
+    """A cluster policy's counts in one namespace, from its rows (its stand-in's, in
+    ``policy``): a Service another policy wins is overridden when a namespaced policy
+    takes it, conflicted when another cluster policy does. Costs the number of
+    pending and lost Services, not of selected ones."""
+    overridden = conflicted = 0
+    problems: list[tuple[str, str, str]] = []
+    for svc_name, text in rows.conflicts.items():
+        rec = records.get(svc_name)
+        taken_by_cluster = rec is not None and rec.winner is not None and is_cluster(rec.winner)
+        conflicted += taken_by_cluster
+        overridden += not taken_by_cluster
+        problems.append((svc_name, "Conflicted" if taken_by_cluster else "Overridden", text))
+    problems.extend((svc_name, "Pending", text) for svc_name, text in rows.pending.items())
+    complete = frozenset(n.metadata.name for n, gaps in zip(nodes, rows.missing, strict=False) if gaps == 0)
+    degraded = _degraded(namespace, nodes, rows, fallback_nodes(nodes, policy.spec.mode), policy.spec.mode)
+    return ClusterPart(
+        selected=len(rows.names),
+        programmed=rows.mine - len(rows.pending),
+        pending=len(rows.pending),
+        overridden=overridden,
+        conflicted=conflicted,
+        not_proxied=len(rows.names) - rows.mine - len(rows.conflicts),
+        complete=complete,
+        problems=tuple(heapq.nsmallest(MAX_PROBLEM_ROWS, problems)),
+        degraded=(degraded.message,) if degraded.status == "True" else (),
+    )
