@@ -203,6 +203,13 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "values",
         "values must be non-empty for In and NotIn",
     ),
+    # What the API server reads the same way (found by tests/e2e/test_policy_fuzz.py).
+    (
+        "null type",
+        {"services": ["a"], "sessionAffinity": {"type": None}},
+        "sessionAffinity.type",
+        "Field required",
+    ),
 ]
 
 
@@ -230,3 +237,16 @@ def test_label_selector_semantics() -> None:
     assert not sel.matches({"app": "web", "track": "stable", "legacy": "1"})
     assert not sel.matches({"track": "stable"})
     assert LabelSelector().matches({"anything": "x"})
+
+
+def test_null_fields_read_as_left_out_as_the_api_server_prunes_them() -> None:
+    spec = ServiceProxyPolicySpec.model_validate(
+        {
+            "services": ["a"],
+            "serviceSelector": None,
+            "mode": None,
+            "ipvs": {"scheduler": None},
+            "priority": None,
+        }
+    )
+    assert (spec.mode, spec.scheduler, spec.priority, spec.service_selector) == ("ipvs", "rr", 0, None)

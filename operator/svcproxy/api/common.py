@@ -68,6 +68,15 @@ class ApiModel(BaseModel):
     )
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prune_nulls(cls, data: Any) -> Any:
+        # The API server drops a null field that is not nullable (none here is) before it
+        # defaults and validates: null reads as left out, on both sides.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
     @model_validator(mode="after")
     def _check_cel_rules(self) -> ApiModel:
         for rule in self.cel_rules:
