@@ -210,6 +210,13 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "sessionAffinity.type",
         "Field required",
     ),
+    ("duplicate service", {"services": ["a", "b", "a"]}, "services", "duplicate value 'a' at [2]"),
+    (
+        "duplicate flag",
+        {"services": ["a"], "ipvs": {"scheduler": "sh", "schedulerFlags": ["sh-port", "sh-port"]}},
+        "ipvs.schedulerFlags",
+        "duplicate value 'sh-port' at [1]",
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP: Final = "svcproxy.io"
@@ -27,6 +27,17 @@ DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1035Label = Annotated[str, StringConstraints(pattern=DNS1035_PATTERN, max_length=63)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ValueError(f"duplicate value {item!r} at [{i}]: the list is a set, name each value once")
+    return items
+
+
+UNIQUE = AfterValidator(_unique)
+"""For lists marked ``x-kubernetes-list-type: set``: the API server refuses duplicates."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pydantic import Field, StringConstraints
 from svcproxy.api.common import (
     API_VERSION,
     LENIENT,
+    UNIQUE,
     ApiModel,
     CelRule,
     Condition,
@@ -64,7 +65,7 @@ class IPVSSpec(ApiModel):
     """IPVS scheduler: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh, fo or ovf.
     Stateful schedulers (lc, wlc, sed, nq, lblc, lblcr) decide on each node alone.
     In userspace mode only rr, wrr, lc, sh, dh, sed and nq are available."""
-    scheduler_flags: list[SchedulerFlag] = Field(
+    scheduler_flags: Annotated[list[SchedulerFlag], UNIQUE] = Field(
         default_factory=list, max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
     """Flags for the hashing schedulers sh and mh only: sh-fallback (pick another
@@ -108,7 +109,7 @@ class ServiceProxyPolicySpec(ApiModel):
     service_selector: LabelSelector | None = None
     """Selects Services in the policy's namespace by label. Exactly one of
     serviceSelector and services must be set."""
-    services: list[DNS1035Label] | None = Field(
+    services: Annotated[list[DNS1035Label], UNIQUE] | None = Field(
         default=None, max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
     """Names of Services in the policy's namespace. Exactly one of serviceSelector
