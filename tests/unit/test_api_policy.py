@@ -217,6 +217,20 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "ipvs.schedulerFlags",
         "duplicate value 'sh-port' at [1]",
     ),
+    ("priority as a string", {"services": ["a"], "priority": "5"}, "priority", "must be an integer, not str"),
+    ("priority as a boolean", {"services": ["a"], "priority": True}, "priority", "not bool"),
+    (
+        "timeout as a string",
+        {"services": ["a"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": "60"}},
+        "sessionAffinity.timeoutSeconds",
+        "must be an integer",
+    ),
+    (
+        "weight as a string",
+        {"services": ["a"], "ipvs": {"scheduler": "wrr"}, "weights": [{"podSelector": {}, "weight": "2"}]},
+        "weights.0.weight",
+        "must be an integer",
+    ),
 ]
 
 

@@ -12,7 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP: Final = "svcproxy.io"
@@ -27,6 +35,17 @@ DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1035Label = Annotated[str, StringConstraints(pattern=DNS1035_PATTERN, max_length=63)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
+
+
+def _json_integer(value: Any) -> Any:
+    # pydantic's lax mode reads "5" and true as integers; the API server refuses both.
+    if isinstance(value, str | bool):
+        raise ValueError(f"must be an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+"""An integer field as the API server reads it: no strings or booleans for numbers."""
 
 
 def _unique(items: list[Any]) -> list[Any]:

@@ -20,6 +20,7 @@ from svcproxy.api.common import (
     CelRule,
     Condition,
     DNS1035Label,
+    JsonInt,
     LabelSelector,
     ObjectMeta,
 )
@@ -90,7 +91,7 @@ class SessionAffinity(ApiModel):
 
     type: AffinityType
     """None, or ClientIP to send every connection of one client IP to the same endpoint."""
-    timeout_seconds: int = Field(default=DEFAULT_AFFINITY_TIMEOUT, ge=1, le=MAX_AFFINITY_TIMEOUT)
+    timeout_seconds: JsonInt = Field(default=DEFAULT_AFFINITY_TIMEOUT, ge=1, le=MAX_AFFINITY_TIMEOUT)
     """How long a ClientIP affinity lasts after the client's last connection (1..86400, default 10800)."""
 
 
@@ -99,7 +100,7 @@ class EndpointWeight(ApiModel):
 
     pod_selector: LabelSelector
     """Pods whose endpoints get this weight; the first matching entry wins."""
-    weight: int = Field(default=1, ge=0, le=65535)
+    weight: JsonInt = Field(default=1, ge=0, le=65535)
     """Relative weight (0..65535); 0 takes no new connections. Unmatched endpoints weigh 1."""
 
 
@@ -124,7 +125,7 @@ class ServiceProxyPolicySpec(ApiModel):
     weights: list[EndpointWeight] | None = Field(default=None, max_length=32)
     """Endpoint weights by Pod labels, for weighted schedulers (ipvs: wrr, wlc, sed,
     nq, lblc, lblcr, mh, fo, ovf; userspace: wrr)."""
-    priority: int = Field(default=0, ge=-1000000, le=1000000)
+    priority: JsonInt = Field(default=0, ge=-1000000, le=1000000)
     """When two policies select one Service, the higher priority wins, then the older policy."""
 
     cel_rules = (
