@@ -271,3 +271,11 @@ def test_null_fields_read_as_left_out_as_the_api_server_prunes_them() -> None:
         }
     )
     assert (spec.mode, spec.scheduler, spec.priority, spec.service_selector) == ("ipvs", "rr", 0, None)
+
+
+def test_parse_takes_the_wire_names_only() -> None:
+    obj = {"metadata": {"name": "p"}, "spec": {"services": ["a"], "session_affinity": {"type": "ClientIP"}}}
+    with pytest.raises(ValidationError, match="session_affinity"):
+        ServiceProxyPolicy.parse(obj)
+    obj["spec"] = {"services": ["a"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 5}}
+    assert ServiceProxyPolicy.parse(obj).spec.session_affinity is not None

@@ -253,7 +253,9 @@ class ServiceProxyPolicy(ApiModel):
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> ServiceProxyPolicy:
-        return cls.model_validate(obj)
+        """A policy as written to or read from the API server: camelCase names only (the
+        server refuses ``session_affinity`` as an unknown field, so does this)."""
+        return cls.model_validate(obj, by_alias=True, by_name=False)
 
 
 PolicyName = Annotated[str, StringConstraints(max_length=253)]
