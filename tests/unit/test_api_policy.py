@@ -231,6 +231,12 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "weights.0.weight",
         "must be an integer",
     ),
+    (
+        "empty label key",
+        {"serviceSelector": {"matchLabels": {"": "x"}}},
+        "matchLabels",
+        "at least 1 character",
+    ),
 ]
 
 

@@ -162,6 +162,16 @@ class LabelSelector(ApiModel):
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
     """Requirements that must all hold."""
 
+    cel_rules = (
+        # A structural schema cannot bound map keys (no propertyNames): CEL does it for the server.
+        CelRule(
+            rule="!has(self.matchLabels) || self.matchLabels.all(k, size(k) >= 1 && size(k) <= 317)",
+            message="matchLabels keys must be 1 to 317 characters long",
+            check=lambda s: all(1 <= len(k) <= 317 for k in s.match_labels),
+            field_path=".matchLabels",
+        ),
+    )
+
     def matches(self, labels: dict[str, str]) -> bool:
         """True when ``labels`` satisfy every label and expression."""
         if any(labels.get(k) != v for k, v in self.match_labels.items()):
