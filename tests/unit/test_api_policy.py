@@ -285,3 +285,8 @@ def test_parse_takes_the_wire_names_only() -> None:
         ServiceProxyPolicy.parse(obj)
     obj["spec"] = {"services": ["a"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 5}}
     assert ServiceProxyPolicy.parse(obj).spec.session_affinity is not None
+
+
+def test_an_unknown_null_field_is_still_refused() -> None:
+    with pytest.raises(ValidationError, match="scheduler"):
+        ServiceProxyPolicySpec.model_validate({"services": ["a"], "scheduler": None})

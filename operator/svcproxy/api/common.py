@@ -103,8 +103,10 @@ class ApiModel(BaseModel):
     def _prune_nulls(cls, data: Any) -> Any:
         # The API server drops a null field that is not nullable (none here is) before it
         # defaults and validates: null reads as left out, on both sides.
+        # An unknown field stays, null or not: the server refuses it either way.
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            known = {n for n, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values()}
+            return {k: v for k, v in data.items() if v is not None or k not in known}
         return data
 
     @model_validator(mode="after")
