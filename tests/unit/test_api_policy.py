@@ -203,6 +203,40 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "values",
         "values must be non-empty for In and NotIn",
     ),
+    # What the API server reads the same way (found by tests/e2e/test_policy_fuzz.py).
+    (
+        "null type",
+        {"services": ["a"], "sessionAffinity": {"type": None}},
+        "sessionAffinity.type",
+        "Field required",
+    ),
+    ("duplicate service", {"services": ["a", "b", "a"]}, "services", "duplicate value 'a' at [2]"),
+    (
+        "duplicate flag",
+        {"services": ["a"], "ipvs": {"scheduler": "sh", "schedulerFlags": ["sh-port", "sh-port"]}},
+        "ipvs.schedulerFlags",
+        "duplicate value 'sh-port' at [1]",
+    ),
+    ("priority as a string", {"services": ["a"], "priority": "5"}, "priority", "must be an integer, not str"),
+    ("priority as a boolean", {"services": ["a"], "priority": True}, "priority", "not bool"),
+    (
+        "timeout as a string",
+        {"services": ["a"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": "60"}},
+        "sessionAffinity.timeoutSeconds",
+        "must be an integer",
+    ),
+    (
+        "weight as a string",
+        {"services": ["a"], "ipvs": {"scheduler": "wrr"}, "weights": [{"podSelector": {}, "weight": "2"}]},
+        "weights.0.weight",
+        "must be an integer",
+    ),
+    (
+        "empty label key",
+        {"serviceSelector": {"matchLabels": {"": "x"}}},
+        "matchLabels",
+        "at least 1 character",
+    ),
 ]
 
 
@@ -230,3 +264,29 @@ def test_label_selector_semantics() -> None:
     assert not sel.matches({"app": "web", "track": "stable", "legacy": "1"})
     assert not sel.matches({"track": "stable"})
     assert LabelSelector().matches({"anything": "x"})
+
+
+def test_null_fields_read_as_left_out_as_the_api_server_prunes_them() -> None:
+    spec = ServiceProxyPolicySpec.model_validate(
+        {
+            "services": ["a"],
+            "serviceSelector": None,
+            "mode": None,
+            "ipvs": {"scheduler": None},
+            "priority": None,
+        }
+    )
+    assert (spec.mode, spec.scheduler, spec.priority, spec.service_selector) == ("ipvs", "rr", 0, None)
+
+
+def test_parse_takes_the_wire_names_only() -> None:
+    obj = {"metadata": {"name": "p"}, "spec": {"services": ["a"], "session_affinity": {"type": "ClientIP"}}}
+    with pytest.raises(ValidationError, match="session_affinity"):
+        ServiceProxyPolicy.parse(obj)
+    obj["spec"] = {"services": ["a"], "sessionAffinity": {"type": "ClientIP", "timeoutSeconds": 5}}
+    assert ServiceProxyPolicy.parse(obj).spec.session_affinity is not None
+
+
+def test_an_unknown_null_field_is_still_refused() -> None:
+    with pytest.raises(ValidationError, match="scheduler"):
+        ServiceProxyPolicySpec.model_validate({"services": ["a"], "scheduler": None})

@@ -104,4 +104,5 @@ class ClusterServiceProxyPolicy(ApiModel):
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> ClusterServiceProxyPolicy:
-        return cls.model_validate(obj)
+        """As ServiceProxyPolicy.parse: camelCase names only, as the API server reads them."""
+        return cls.model_validate(obj, by_alias=True, by_name=False)

@@ -12,7 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP: Final = "svcproxy.io"
@@ -27,6 +35,28 @@ DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1035Label = Annotated[str, StringConstraints(pattern=DNS1035_PATTERN, max_length=63)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
+
+
+def _json_integer(value: Any) -> Any:
+    # pydantic's lax mode reads "5" and true as integers; the API server refuses both.
+    if isinstance(value, str | bool):
+        raise ValueError(f"must be an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+"""An integer field as the API server reads it: no strings or booleans for numbers."""
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ValueError(f"duplicate value {item!r} at [{i}]: the list is a set, name each value once")
+    return items
+
+
+UNIQUE = AfterValidator(_unique)
+"""For lists marked ``x-kubernetes-list-type: set``: the API server refuses duplicates."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,17 @@ class ApiModel(BaseModel):
         use_attribute_docstrings=True,
     )
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prune_nulls(cls, data: Any) -> Any:
+        # The API server drops a null field that is not nullable (none here is) before it
+        # defaults and validates: null reads as left out, on both sides.
+        # An unknown field stays, null or not: the server refuses it either way.
+        if isinstance(data, dict):
+            known = {n for n, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values()}
+            return {k: v for k, v in data.items() if v is not None or k not in known}
+        return data
 
     @model_validator(mode="after")
     def _check_cel_rules(self) -> ApiModel:
@@ -122,6 +163,16 @@ class LabelSelector(ApiModel):
     """Labels that must all be present with these values."""
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
     """Requirements that must all hold."""
+
+    cel_rules = (
+        # A structural schema cannot bound map keys (no propertyNames): CEL does it for the server.
+        CelRule(
+            rule="!has(self.matchLabels) || self.matchLabels.all(k, size(k) >= 1 && size(k) <= 317)",
+            message="matchLabels keys must be 1 to 317 characters long",
+            check=lambda s: all(1 <= len(k) <= 317 for k in s.match_labels),
+            field_path=".matchLabels",
+        ),
+    )
 
     def matches(self, labels: dict[str, str]) -> bool:
         """True when ``labels`` satisfy every label and expression."""

@@ -15,10 +15,12 @@ from pydantic import Field, StringConstraints
 from svcproxy.api.common import (
     API_VERSION,
     LENIENT,
+    UNIQUE,
     ApiModel,
     CelRule,
     Condition,
     DNS1035Label,
+    JsonInt,
     LabelSelector,
     ObjectMeta,
 )
@@ -64,7 +66,7 @@ class IPVSSpec(ApiModel):
     """IPVS scheduler: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh, fo or ovf.
     Stateful schedulers (lc, wlc, sed, nq, lblc, lblcr) decide on each node alone.
     In userspace mode only rr, wrr, lc, sh, dh, sed and nq are available."""
-    scheduler_flags: list[SchedulerFlag] = Field(
+    scheduler_flags: Annotated[list[SchedulerFlag], UNIQUE] = Field(
         default_factory=list, max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
     """Flags for the hashing schedulers sh and mh only: sh-fallback (pick another
@@ -89,7 +91,7 @@ class SessionAffinity(ApiModel):
 
     type: AffinityType
     """None, or ClientIP to send every connection of one client IP to the same endpoint."""
-    timeout_seconds: int = Field(default=DEFAULT_AFFINITY_TIMEOUT, ge=1, le=MAX_AFFINITY_TIMEOUT)
+    timeout_seconds: JsonInt = Field(default=DEFAULT_AFFINITY_TIMEOUT, ge=1, le=MAX_AFFINITY_TIMEOUT)
     """How long a ClientIP affinity lasts after the client's last connection (1..86400, default 10800)."""
 
 
@@ -98,7 +100,7 @@ class EndpointWeight(ApiModel):
 
     pod_selector: LabelSelector
     """Pods whose endpoints get this weight; the first matching entry wins."""
-    weight: int = Field(default=1, ge=0, le=65535)
+    weight: JsonInt = Field(default=1, ge=0, le=65535)
     """Relative weight (0..65535); 0 takes no new connections. Unmatched endpoints weigh 1."""
 
 
@@ -118,7 +120,7 @@ class ProxyFields(ApiModel):
     weights: list[EndpointWeight] | None = Field(default=None, max_length=32)
     """Endpoint weights by Pod labels, for weighted schedulers (ipvs: wrr, wlc, sed,
     nq, lblc, lblcr, mh, fo, ovf; userspace: wrr)."""
-    priority: int = Field(default=0, ge=-1000000, le=1000000)
+    priority: JsonInt = Field(default=0, ge=-1000000, le=1000000)
     """When two policies select one Service, the higher priority wins, then the older policy."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
@@ -189,7 +191,7 @@ class ServiceProxyPolicySpec(ProxyFields):
     service_selector: LabelSelector | None = None
     """Selects Services in the policy's namespace by label. Exactly one of
     serviceSelector and services must be set."""
-    services: list[DNS1035Label] | None = Field(
+    services: Annotated[list[DNS1035Label], UNIQUE] | None = Field(
         default=None, max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
     """Names of Services in the policy's namespace. Exactly one of serviceSelector
@@ -263,7 +265,9 @@ class ServiceProxyPolicy(ApiModel):
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> ServiceProxyPolicy:
-        return cls.model_validate(obj)
+        """A policy as written to or read from the API server: camelCase names only (the
+        server refuses ``session_affinity`` as an unknown field, so does this)."""
+        return cls.model_validate(obj, by_alias=True, by_name=False)
 
 
 PolicyName = Annotated[str, StringConstraints(max_length=253)]
