@@ -101,7 +101,8 @@ rc=0
 # Ginkgo stops at its own timeout and still writes the report; the outer one only catches a hang.
 timeout --kill-after=60s "$(( timeout_min + 5 ))m" "$e2e" "${args[@]}" >"$results/e2e.log" 2>&1 || rc=$?
 log "e2e.test ended with status $rc after $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
-tail -n 5 "$results/e2e.log" >&2
+# Ginkgo's own summary ("Ran 37 of 7579 Specs ...", "FAIL! -- 30 Passed | 7 Failed ...").
+grep -E '^(Ran [0-9]+ of|SUCCESS!|FAIL!|Summarizing)' "$results/e2e.log" >&2 || tail -n 3 "$results/e2e.log" >&2
 
 junit=$results/junit_01.xml
 if [ ! -s "$junit" ]; then

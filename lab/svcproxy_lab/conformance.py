@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = parse_junit(args.junit.read_text(), args.focus, args.dry_run)
-        run = Run(dt.datetime.now(dt.UTC), args.mode, args.command, args.dry_run, str(args.junit.parent))
+        folder = str(args.junit.parent.resolve()).replace(str(Path.home()), "~", 1)
+        run = Run(dt.datetime.now(dt.UTC), args.mode, args.command, args.dry_run, folder)
         args.doc.write_text(insert_run(args.doc.read_text(), render_run(run, results)))
     except (OSError, ReportError) as err:
         print(f"conformance: {err}", file=sys.stderr)
