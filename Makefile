@@ -62,7 +62,7 @@ kind-down:
 # Kubernetes' own conformance specs for Services, DNS, EndpointSlices, the API proxy and Pod
 # networking, on the kind cluster, recorded in docs/conformance.md (hack/conformance.sh).
 # MODE=none|iptables|userspace picks the cluster-wide default policy, TIMEOUT its minutes.
-# Not part of `make test`: it builds e2e.test (long when cold) and runs for half an hour.
+# Not part of `make test`: it builds e2e.test (long when cold) and a run can take its whole timeout.
 MODE ?= none
 TIMEOUT ?= 40
 conformance: venv host-deps
