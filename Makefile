@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e test-kind images kind-up kind-down demo clean
+.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e test-kind images kind-up kind-down conformance demo clean
 
 all: test
 
@@ -58,6 +58,15 @@ kind-up: venv host-deps
 
 kind-down:
 	bash hack/kind.sh down
+
+# Kubernetes' own conformance specs for Services, DNS, EndpointSlices, the API proxy and Pod
+# networking, on the kind cluster, recorded in docs/conformance.md (hack/conformance.sh).
+# MODE=none|iptables|userspace picks the cluster-wide default policy, TIMEOUT its minutes.
+# Not part of `make test`: it builds e2e.test (long when cold) and a run can take its whole timeout.
+MODE ?= none
+TIMEOUT ?= 40
+conformance: venv host-deps
+	MODE=$(MODE) TIMEOUT=$(TIMEOUT) PYTHON=$(BIN)/python bash hack/conformance.sh
 
 # Everything, the kind suite included: it builds the images (cached by content), creates
 # the cluster, and its last test deletes it again.

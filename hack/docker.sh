@@ -68,8 +68,13 @@ JSON
 fi
 
 log "starting dockerd (log: /var/log/svcproxy-dockerd.log)"
-# setsid: the engine outlives this script and the make target that started it.
-setsid dockerd >>/var/log/svcproxy-dockerd.log 2>&1 < /dev/null &
+# setsid: the engine outlives this script and the make target that started it. It takes
+# only stdin, stdout and stderr along: any other inherited descriptor stays open as long as
+# the engine runs, and the one `flock /tmp/svcproxy-lab.lock make ...` hands its command is
+# the lab lock itself, which then nobody else could take again until dockerd stops.
+# shellcheck disable=SC2016
+setsid bash -c 'for fd in /proc/self/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done 2>/dev/null
+  exec dockerd' >>/var/log/svcproxy-dockerd.log 2>&1 < /dev/null &
 echo $! > /var/run/svcproxy-dockerd.pid
 for _ in $(seq 1 60); do
   docker info >/dev/null 2>&1 && exit 0

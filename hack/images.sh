@@ -5,7 +5,10 @@
 # and the kind node image. Each image carries a label with the hash of its inputs and is
 # rebuilt only when they change, so a warm run takes seconds.
 # Usage: hack/images.sh   (the last line names the svcproxy image tag, e.g. dev-0123abcd4567)
+#        hack/images.sh conformance   also the upstream conformance suite's other images
+#                                     (glibc-dns-testing, nginx; hack/conformance.sh)
 set -euo pipefail
+case ${1:-} in ''|conformance) ;; *) echo "usage: hack/images.sh [conformance]" >&2; exit 2 ;; esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -118,6 +121,25 @@ if stale "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key"; then
   cp "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" "$porter/localhost.key" "$agn/"
   build_image "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key" -f hack/images/agnhost.Dockerfile \
     --build-arg BASE=svcproxy-base/tools:bookworm "$agn"
+fi
+
+# The conformance specs' other images, named as e2e.test v1.36 names them
+# (test/utils/image/manifest.go): the DNS specs' glibc prober, and the EndpointSlice specs' nginx.
+if [ "${1:-}" = conformance ]; then
+  base nginx nginx,ca-certificates
+  e2e=$reg/e2e-test-images
+  dns_key=$(hash_of "$kind_bin/coredns" hack/images/glibc-dns-testing.Dockerfile; key_of svcproxy-base/tools:bookworm)
+  if stale "$e2e/glibc-dns-testing:2.0.0" "$dns_key"; then
+    mkdir -p "$work/glibc-dns" && cp "$kind_bin/coredns" "$work/glibc-dns/"
+    build_image "$e2e/glibc-dns-testing:2.0.0" "$dns_key" -f hack/images/glibc-dns-testing.Dockerfile \
+      --build-arg BASE=svcproxy-base/tools:bookworm "$work/glibc-dns"
+  fi
+  nginx_key=$(hash_of hack/images/nginx.Dockerfile; key_of svcproxy-base/nginx:bookworm)
+  if stale "$e2e/nginx:1.15-4" "$nginx_key"; then
+    mkdir -p "$work/nginx"
+    build_image "$e2e/nginx:1.15-4" "$nginx_key" -f hack/images/nginx.Dockerfile \
+      --build-arg BASE=svcproxy-base/nginx:bookworm "$work/nginx"
+  fi
 fi
 
 # The node image: the control-plane images saved into it, imported by containerd at boot.

@@ -5,6 +5,8 @@
 #                       images, helm install --wait the chart; the last line is the
 #                       kubeconfig's path
 #   hack/kind.sh down   delete the cluster and everything "up" made (network, routes, files)
+#   hack/kind.sh load IMAGE...
+#                       load images built here into every node of the running cluster
 # The nodes sit on an internal Docker network: no default route, no masquerade, so no
 # traffic from the cluster can leave the machine. The root namespace gets blackhole routes
 # for the cluster's Pod and Service ranges while the cluster exists, and talks only to the
@@ -144,8 +146,16 @@ down() {
   rm -f "$kubeconfig" "$kubeconfig.kind" "$state/image-tag"
 }
 
+load() {
+  toolchain
+  nodes 2>/dev/null | grep -q . || { echo "kind.sh: the cluster $cluster is not up; run hack/kind.sh up first" >&2; exit 1; }
+  log "loading $*"
+  kind load docker-image --name "$cluster" "$@" >&2
+}
+
 case ${1:-} in
   up) up ;;
   down) down ;;
-  *) echo "usage: hack/kind.sh up|down" >&2; exit 2 ;;
+  load) shift; [ $# -gt 0 ] || { echo "usage: hack/kind.sh load IMAGE..." >&2; exit 2; }; load "$@" ;;
+  *) echo "usage: hack/kind.sh up|down|load IMAGE..." >&2; exit 2 ;;
 esac

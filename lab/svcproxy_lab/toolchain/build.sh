@@ -7,6 +7,11 @@
 # e2e test image), coredns, kind, and the pause binary (C, from the k8s.io/kubernetes module).
 # Usage: build.sh [CACHE_ROOT]   (default: ${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy)
 # Prints the bin folder on its last line.
+#        build.sh --e2e [CACHE_ROOT]
+#                                  builds only the upstream conformance suite, e2e.test
+#                                  (`go test -c k8s.io/kubernetes/test/e2e`, for
+#                                  hack/conformance.sh), into a folder of its own keyed by
+#                                  K8S_VERSION, and prints the binary's path on its last line
 #        build.sh --go-env         prints shell lines that put the Go it builds with first on
 #                                  PATH (eval them); exit 3 when this machine has no usable Go
 #
@@ -58,6 +63,9 @@ go_env() {
   if [ "$GO_SWITCH" = 1 ]; then printf 'export GOTOOLCHAIN=go%s\n' "$GO_VERSION"; fi
 }
 if [ "${1:-}" = --go-env ]; then go_env; exit; fi
+# e2e.test is large (a cold build takes several times kube-apiserver's): built only when asked.
+only_e2e=0
+if [ "${1:-}" = --e2e ]; then only_e2e=1; shift; fi
 
 # use_go: once, before the first go command; only when something must be built.
 go_ready=0
@@ -78,25 +86,32 @@ key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_kubeconform-${
 kind_key="kind-${KIND_VERSION}_coredns-${COREDNS_VERSION}_pause-${PAUSE_VERSION}_k8s-${K8S_VERSION}"
 kind_bin="$root/toolchain/$kind_key/bin"
 bin="$root/toolchain/$key/bin"
+e2e_key="conformance-k8s-${K8S_VERSION}"
+e2e_bin="$root/toolchain/$e2e_key/bin"
 mkdir -p "$bin" "$kind_bin"
 # One build at a time per key: tests and scripts call this script concurrently, and two
 # builds of one binary would race on its output file. The second waits, then finds it built.
-exec 9>"$root/toolchain/$key.lock"
+# e2e.test has a key of its own: it neither waits for the lab's binaries nor holds them up.
+lock_key=$key
+[ "$only_e2e" = 1 ] && lock_key=$e2e_key
+exec 9>"$root/toolchain/$lock_key.lock"
 flock 9
 
 log() { printf '[toolchain %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# build MODULE_DIR OUTPUT PACKAGE LDFLAGS: one binary, skipped when present. OUTPUT is a
-# name in the lab's bin folder or a path.
+# build MODULE_DIR OUTPUT PACKAGE LDFLAGS [test]: one binary, skipped when present. OUTPUT
+# is a name in the lab's bin folder or a path. With "test", the binary is PACKAGE's test
+# binary (`go test -c`), as the e2e suite is.
 build() {
-  local dir=$1 out=$2 pkg=$3 ldflags=$4
+  local dir=$1 out=$2 pkg=$3 ldflags=$4 how=(build)
+  [ "${5:-}" = test ] && how=(test -c)
   case $out in /*) ;; *) out=$bin/$out ;; esac
   if [ -x "$out" ]; then return 0; fi
   # Go is needed only when something is missing: a filled cache works without it.
   use_go
   log "building $out ($pkg); a cold build takes minutes"
   local start=$SECONDS
-  (cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg")
+  (cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go "${how[@]}" -trimpath -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg")
   mv "$out.tmp.$$" "$out"
   log "built ${out##*/} in $((SECONDS - start)) s"
 }
@@ -109,6 +124,13 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   stamp+=" -X $p.buildDate=1970-01-01T00:00:00Z"
 done
 k8s_flags="-s -w$stamp"
+
+if [ "$only_e2e" = 1 ]; then
+  mkdir -p "$e2e_bin"
+  build kubernetes "$e2e_bin/e2e.test" k8s.io/kubernetes/test/e2e "$k8s_flags" test
+  echo "$e2e_bin/e2e.test"
+  exit 0
+fi
 
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl; do
   build kubernetes "$cmd" "k8s.io/kubernetes/cmd/$cmd" "$k8s_flags"

@@ -1,6 +1,8 @@
 //go:build tools
 
-// Package tools pins the commands the lab builds from k8s.io/kubernetes.
+// Package tools pins the commands the lab builds from k8s.io/kubernetes, and the
+// conformance suite, whose binary is the test binary of test/e2e (`go test -c`, see
+// ../build.sh --e2e): its test-only imports come from the same module requirements.
 package tools
 
 import (
@@ -11,5 +13,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubeadm"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/test/e2e"
 	_ "k8s.io/kubernetes/test/images/agnhost"
 )
