@@ -79,6 +79,10 @@ kind_key="kind-${KIND_VERSION}_coredns-${COREDNS_VERSION}_pause-${PAUSE_VERSION}
 kind_bin="$root/toolchain/$kind_key/bin"
 bin="$root/toolchain/$key/bin"
 mkdir -p "$bin" "$kind_bin"
+# One build at a time per key: tests and scripts call this script concurrently, and two
+# builds of one binary would race on its output file. The second waits, then finds it built.
+exec 9>"$root/toolchain/$key.lock"
+flock 9
 
 log() { printf '[toolchain %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -92,8 +96,8 @@ build() {
   use_go
   log "building $out ($pkg); a cold build takes minutes"
   local start=$SECONDS
-  (cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$pkg")
-  mv "$out.tmp" "$out"
+  (cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg")
+  mv "$out.tmp.$$" "$out"
   log "built ${out##*/} in $((SECONDS - start)) s"
 }
 
