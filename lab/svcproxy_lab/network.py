@@ -9,7 +9,9 @@ adapters may import pyroute2. No namespace made here gets a default route
 Address plan: bridge ``svcpbr0`` 172.29.0.1/24 in the root namespace; node i
 is namespace ``svcp-node-i`` with ``eth0`` 172.29.0.(10+i)/24 and Pod CIDR
 10.244.i.0/24, whose ``.1`` is the node's gateway address on every pod and
-client veth; the client namespace ``svcp-node-i-client`` has 10.244.i.254/32.
+client veth; the client namespace ``svcp-node-i-client`` has 10.244.i.254/32 (its
+default source) and 10.244.i.251-253/32 beside it, so that one node has several
+distinct clients (a source-hash scheduler pins each of them, see ``probe.py --source``).
 """
 
 from __future__ import annotations
@@ -152,12 +154,21 @@ def destroy_node_netns(netns: str, index: int) -> None:
 # --- client namespaces ----------------------------------------------------------
 
 
+CLIENT_SOURCES = 4  # addresses per client namespace: .254 down to .251 (Pods get .2-.250)
+
+
 def client_address(index: int) -> str:
+    """The client namespace's default source address."""
     return f"10.244.{index}.254"
 
 
+def client_addresses(index: int) -> list[str]:
+    """Every source address of the client namespace behind node ``index``, default first."""
+    return [f"10.244.{index}.{254 - k}" for k in range(CLIENT_SOURCES)]
+
+
 def ensure_client_netns(index: int) -> str:
-    """Client namespace behind node ``index``: ``10.244.i.254/32``, lab routes only."""
+    """Client namespace behind node ``index``: ``10.244.i.251-254/32``, lab routes only."""
     node_ns = f"svcp-node-{index}"
     if node_ns not in netns_list():
         raise NetworkError(f"node namespace {node_ns} does not exist: run `svcproxy lab up` first")
@@ -174,11 +185,13 @@ def ensure_client_netns(index: int) -> str:
     if gateway not in sh(["ip", "-n", node_ns, "-br", "addr", "show", "dev", "client0"]).stdout:
         sh(["ip", "-n", node_ns, "addr", "add", f"{gateway}/32", "dev", "client0"])
     sh(["ip", "-n", node_ns, "link", "set", "client0", "up"])
-    sh(["ip", "-n", node_ns, "route", "replace", f"{address}/32", "dev", "client0",
-        "scope", "link", "src", gateway])
     sh(["ip", "-n", name, "link", "set", "lo", "up"])
-    if address not in sh(["ip", "-n", name, "-br", "addr", "show", "dev", "eth0"]).stdout:
-        sh(["ip", "-n", name, "addr", "add", f"{address}/32", "dev", "eth0"])
+    present = sh(["ip", "-n", name, "-br", "addr", "show", "dev", "eth0"]).stdout.split()
+    for source in client_addresses(index):
+        sh(["ip", "-n", node_ns, "route", "replace", f"{source}/32", "dev", "client0",
+            "scope", "link", "src", gateway])
+        if f"{source}/32" not in present:
+            sh(["ip", "-n", name, "addr", "add", f"{source}/32", "dev", "eth0"])
     sh(["ip", "-n", name, "link", "set", "eth0", "up"])
     sh(["ip", "-n", name, "route", "replace", gateway, "dev", "eth0", "scope", "link"])
     for cidr in (SERVICE_CIDR, CLUSTER_POD_CIDR, LAB_SUBNET):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LAB_ROUTES = ("10.244.0.0/16", "10.96.0.0/16", "172.29.0.0/24")
-FIRST_HOST, LAST_HOST = 2, 250  # .1 is the gateway, .254 the client namespace
+FIRST_HOST, LAST_HOST = 2, 250  # .1 is the gateway, .251-.254 the client namespace
 
 
 class PodNetError(RuntimeError):

@@ -4,7 +4,9 @@ Run by ``traffic.py`` inside a client network namespace (never in the root
 namespace: network safety rule) as
 ``python -m svcproxy_lab.probe [--proto tcp|udp|http] [--path /] IP PORT``.
 Exit status 0 with the answer on stdout, 1 with the error on stderr; with
-``--count N`` it sends N requests and prints one JSON line (see :func:`burst`).
+``--count N`` it sends N requests and prints one JSON line (see :func:`burst`),
+from each ``--source ADDR`` in turn when given (one of the client namespace's
+addresses, see ``network.client_addresses``).
 """
 
 from __future__ import annotations
@@ -17,22 +19,25 @@ import sys
 
 
 def ask(ip: str, port: int, proto: str, timeout: float, *, path: str = "/",
-        method: str = "GET") -> str:
+        method: str = "GET", source: str | None = None) -> str:
+    bind = (source, 0) if source else None
     if proto == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
+            if bind:
+                sock.bind(bind)
             sock.sendto(b"hello\n", (ip, port))
             data, _ = sock.recvfrom(65535)
             return data.decode()
     if proto == "http":
-        conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+        conn = http.client.HTTPConnection(ip, port, timeout=timeout, source_address=bind)
         try:
             conn.request(method, path)
             resp = conn.getresponse()
             return f"{resp.status} {resp.read().decode()}"
         finally:
             conn.close()
-    with socket.create_connection((ip, port), timeout=timeout) as sock:
+    with socket.create_connection((ip, port), timeout=timeout, source_address=bind) as sock:
         sock.sendall(b"hello\n")  # anything but HTTP gets the echo line at once
         chunks = []
         while True:
@@ -48,16 +53,23 @@ def burst(args: argparse.Namespace) -> int:
     request itself (especially inside a user-mode-linux guest)."""
     answers: list[str | None] = []
     errors: list[str] = []
-    for _ in range(args.count):
-        try:
-            words = ask(args.ip, args.port, args.proto, args.timeout, path=args.path,
-                        method=args.method).split()
-            answers.append(words[1] if words and words[0].isdigit() else words[0])
-        except (OSError, http.client.HTTPException, IndexError) as exc:
-            answers.append(None)
-            if len(errors) < 5:
-                errors.append(f"{type(exc).__name__}: {exc}")
-    print(json.dumps({"answers": answers, "errors": errors}))
+    by_source: dict[str, list[str | None]] = {}
+    for source in args.source or [None]:
+        mine = by_source.setdefault(source or "", [])
+        for _ in range(args.count):
+            try:
+                words = ask(args.ip, args.port, args.proto, args.timeout, path=args.path,
+                            method=args.method, source=source).split()
+                mine.append(words[1] if words and words[0].isdigit() else words[0])
+            except (OSError, http.client.HTTPException, IndexError) as exc:
+                mine.append(None)
+                if len(errors) < 5:
+                    errors.append(f"{source or 'default source'}: {type(exc).__name__}: {exc}")
+        answers += mine
+    out: dict[str, object] = {"answers": answers, "errors": errors}
+    if args.source:
+        out["sources"] = by_source
+    print(json.dumps(out))
     return 0
 
 
@@ -72,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0,
                         help="send this many requests (a new connection each) and print JSON: "
                              "the answering Pod of each, or null where it failed")
+    parser.add_argument("--source", action="append",
+                        help="with --count: send from this local address (repeat for several, "
+                             "each sends --count requests in turn)")
     args = parser.parse_args(argv)
     if args.count:
         return burst(args)

@@ -62,6 +62,24 @@ def burst(node: str | int, ip: str, port: int, count: int, proto: str = "tcp", *
     return list(out["answers"]), list(out["errors"])
 
 
+def burst_from(node: str | int, ip: str, port: int, count: int, *, sources: list[str],
+               proto: str = "tcp", timeout: float = 2
+               ) -> tuple[dict[str, list[str | None]], list[str]]:
+    """``count`` requests from each of ``sources`` (addresses of the client namespace behind
+    ``node``, see ``network.client_addresses``) in turn, from one client process: the
+    answering Pod of each request per source (None where it failed), and the first errors."""
+    args = ["--proto", proto, "--timeout", str(timeout), "--count", str(count)]
+    for source in sources:
+        args += ["--source", source]
+    proc = _run_probe(node, [*args, ip, str(port)],
+                      len(sources) * count * (timeout + 1) + 30)
+    if proc.returncode != 0:
+        raise TrafficError(proc.stderr.decode(errors="replace").strip()
+                           or f"probe exited {proc.returncode}")
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return {s: list(a) for s, a in out["sources"].items()}, list(out["errors"])
+
+
 RunClient = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 

@@ -458,9 +458,11 @@ if ! ip -n $ns link show eth0 >/dev/null 2>&1; then
 fi
 ip addr replace $gw/32 dev client0
 ip link set client0 up
-ip route replace $addr/32 dev client0 scope link src $gw
 ip -n $ns link set lo up
-ip -n $ns addr replace $addr/32 dev eth0
+for a in {sources}; do
+  ip route replace $a/32 dev client0 scope link src $gw
+  ip -n $ns addr replace $a/32 dev eth0
+done
 ip -n $ns link set eth0 up
 ip -n $ns route replace $gw dev eth0 scope link
 for cidr in {cidrs}; do ip -n $ns route replace $cidr via $gw dev eth0 src $addr; done
@@ -554,6 +556,7 @@ class UmlNode:
         ns = network.client_netns(self.index)
         script = CLIENT_SCRIPT.format(
             ns=ns, gw=f"10.244.{self.index}.1", addr=network.client_address(self.index),
+            sources=" ".join(network.client_addresses(self.index)),
             cidrs=" ".join((network.SERVICE_CIDR, network.CLUSTER_POD_CIDR, network.LAB_SUBNET)),
         )
         proc = self.guest.run(["sh", "-ec", script])
