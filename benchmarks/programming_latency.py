@@ -216,15 +216,16 @@ class Turn:
                 ignore_missing(partial(api.delete, f"{POLICY_PATH}/bench-aff-{c.service}"))
             elif c.kind == "affinity":
                 api.merge_patch(f"{SVC_PATH}/{c.service}", {"spec": {"sessionAffinity": "None"}})
-        added = {f"{c.service}-bench" for c in changes if c.kind == "add"}
+        gone = {f"{c.service}-bench" for c in changes if c.kind in ("add", "remove")}
 
         def collected() -> bool:
             items = api.get(SLICE_PATH)["items"]
-            return not added & {i["metadata"]["name"] for i in items}
+            return not gone & {i["metadata"]["name"] for i in items}
 
-        wait_for(collected, 60, "the garbage collector to delete the added Services' slices")
+        wait_for(collected, 60, "the garbage collector to delete the slices of deleted Services")
         for c in changes:
-            if c.kind == "remove":
+            # A remove whose write failed left its Service in place.
+            if c.kind == "remove" and api.get_or_none(f"{SVC_PATH}/{c.service}") is None:
                 self.bench.add_service(self.pop, index=int(c.service.removeprefix("svc-")))
         self.pop.next_index = self.size
         affinity_keys = [key(vip_of(c.service)) for c in changes if c.kind == "affinity"]
@@ -280,7 +281,11 @@ def stop_svcproxy(turn: Turn) -> dict[str, Any]:
 
     out: dict[str, Any] = {"labels_removed_by_operator": wait_for(unlabelled, 60, "handover labels removed"),
                            "withdrawn_by_agents": wait_for(withdrawn, 60, "agents to withdraw")}
+    out["policies_deleted_by_operator"] = wait_for(
+        lambda: not api.get(POLICY_PATH)["items"], 60, "the operator to release the policies")
     turn.bench.stop_svcproxy()
+    for item in api.get(POLICY_PATH)["items"]:  # its finalizer would block the next turn's create
+        api.merge_patch(f"{POLICY_PATH}/{item['metadata']['name']}", {"metadata": {"finalizers": None}})
     for svc in api.get(SVC_PATH, labelSelector=HANDOVER_LABEL)["items"]:
         api.merge_patch(f"{SVC_PATH}/{svc['metadata']['name']}",
                         {"metadata": {"labels": {HANDOVER_LABEL: None}}})

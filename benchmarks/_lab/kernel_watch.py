@@ -233,6 +233,7 @@ class Nft:
 
     def __init__(self) -> None:
         self.ctx: int | None = None
+        self.lock = threading.Lock()  # one libnftables context: the probes and a sweep share it
         try:
             self.lib = ctypes.CDLL("libnftables.so.1")
             self.lib.nft_ctx_new.restype = ctypes.c_void_p
@@ -249,7 +250,8 @@ class Nft:
     def run(self, script: str) -> str | None:
         """Run ``script`` as one transaction; what went wrong, or None."""
         if self.ctx:
-            rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
+            with self.lock:
+                rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
             return None if rc == 0 else f"libnftables returned {rc} for: {script[:200]}"
         proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
                               check=False)
