@@ -149,3 +149,41 @@ def test_owned_lists_svcproxy_chains_and_the_sweep_removes_jumps_first() -> None
         m.apply(line)
     assert m.owned() == []
     assert m.sweep_script() == ""
+
+
+class _NoNft:
+    how = "none"
+
+    def run(self, script: str) -> str | None:
+        raise AssertionError(f"the test wrote to the kernel: {script}")
+
+
+def test_reader_stamps_probes_and_resolves_only_on_real_commits() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks._lab import kernel_watch
+
+    reader = kernel_watch.Reader()
+    reader.nft = _NoNft()  # type: ignore[assignment]
+    reader.mirror = mirror()
+    out: list[dict[str, object]] = []
+    reader.emit = out.append  # type: ignore[method-assign]
+    reader.watched = {"10.96.0.5:80": reader.mirror.resolve("10.96.0.5:80")}
+    lines = [
+        'add rule ip bench_probe probe counter packets 0 bytes 0 comment "probe-1" # handle 3',
+        "# new generation 5 by process 7 (nft)",
+        "add rule ip nat KUBE-SVC-A counter packets 0 bytes 0 jump KUBE-SEP-Z # handle 30",
+        "add chain ip nat KUBE-SEP-Z",
+        "add rule ip nat KUBE-SEP-Z meta l4proto tcp dnat to 10.244.1.9:8080 # handle 31",
+        "# new generation 6 by process 8 (iptables-nft-restore)",
+    ]
+    reader.follow(SimpleNamespace(stdout=iter(line + "\n" for line in lines)))  # type: ignore[arg-type]
+    states = [e for e in out if e["ev"] == "state"]
+    assert len(states) == 1  # the probe-only commit resolved nothing
+    assert "10.244.1.9:8080" in states[0]["targets"]  # type: ignore[operator]
+    assert not [e for e in out if e["ev"] == "probe"]  # written / acked not known yet
+    reader._probe_part(1, "written", 1.0)
+    reader._probe_part(1, "acked", 1.001)
+    probes = [e for e in out if e["ev"] == "probe"]
+    assert len(probes) == 1 and probes[0]["id"] == 1 and probes[0]["written"] == 1.0
+    assert isinstance(probes[0]["seen"], float)
