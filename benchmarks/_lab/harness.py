@@ -77,12 +77,19 @@ def service_body(name: str, cluster_ip: str, affinity: bool = False,
             "spec": spec}
 
 
-def slice_body(service: str, addresses: list[str]) -> dict[str, Any]:
+def slice_body(service: str, addresses: list[str], owner_uid: str | None = None) -> dict[str, Any]:
+    """The Service's EndpointSlice; with ``owner_uid`` owned by the Service, as the
+    EndpointSlice controller writes its own, so the garbage collector deletes it with the Service."""
+    meta: dict[str, Any] = {"name": f"{service}-bench", "namespace": NAMESPACE,
+                            "labels": {"kubernetes.io/service-name": service,
+                                       "endpointslice.kubernetes.io/managed-by": MANAGED_BY}}
+    if owner_uid:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Service", "name": service,
+                                    "uid": owner_uid, "controller": True,
+                                    "blockOwnerDeletion": True}]
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{service}-bench", "namespace": NAMESPACE,
-                     "labels": {"kubernetes.io/service-name": service,
-                                "endpointslice.kubernetes.io/managed-by": MANAGED_BY}},
+        "metadata": meta,
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}],
         "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
@@ -117,6 +124,7 @@ class Population:
     services: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     pool: AddressPool = field(default_factory=AddressPool)
     next_index: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the open-loop writers share it
 
 
 class BenchLab:
@@ -171,6 +179,22 @@ class BenchLab:
                   ctx.pid_dir / "operator.pid",
                   env=dict(os.environ, KUBECONFIG=str(self.lab.admin_kubeconfig)))
 
+    def stop_svcproxy(self) -> None:
+        """Stop the operator and every agent (what they leave behind, the caller checks)."""
+        state = self.lab.load()
+        assert state is not None, "the lab is not up"
+        terminate(self.lab.context(state).pid_dir / "operator.pid")
+        for node in self.lab.nodes(state):
+            node.stop_process("agent")
+
+    def versions(self) -> dict[str, str]:
+        """What the binaries under test say they are (``kube-proxy --version``)."""
+        state = self.lab.load()
+        assert state is not None, "the lab is not up"
+        tool = self.lab.context(state).bin_dir / "kube-proxy"
+        proc = subprocess.run([str(tool), "--version"], capture_output=True, text=True, check=False)
+        return {"kube-proxy": (proc.stdout or proc.stderr).strip()}
+
     @property
     def node_names(self) -> list[str]:
         return [f"node-{i}" for i in range(1, self.node_count + 1)]
@@ -198,36 +222,43 @@ class BenchLab:
         say(f"wrote {n} Services + EndpointSlices in {time.monotonic() - start:.1f} s")
 
     def add_service(self, population: Population, affinity: bool = False,
-                    labels: dict[str, str] | None = None) -> tuple[str, str, float]:
-        """Slice first, then the Service: returns (name, VIP, wall time just before the Service write)."""
-        i = population.next_index
-        population.next_index += 1
-        name = f"svc-{i}"
-        addresses = population.pool.take(ENDPOINTS)
+                    labels: dict[str, str] | None = None, index: int | None = None) -> tuple[str, str, float]:
+        """The Service, then its slice owned by it (the EndpointSlice controller's order):
+        returns (name, VIP, wall time just before the Service write)."""
+        with population.lock:
+            if index is None:
+                index = population.next_index
+            population.next_index = max(population.next_index, index + 1)
+            addresses = population.pool.take(ENDPOINTS)
+        name = f"svc-{index}"
         api = self._api()
-        api.create(SLICE_PATH, slice_body(name, addresses))
         t0 = time.time()
-        api.create(SVC_PATH, service_body(name, vip(i), affinity, labels))
-        population.services[name] = (vip(i), addresses)
-        return name, vip(i), t0
+        created = api.create(SVC_PATH, service_body(name, vip(index), affinity, labels))
+        api.create(SLICE_PATH, slice_body(name, addresses, created["metadata"]["uid"]))
+        with population.lock:
+            population.services[name] = (vip(index), addresses)
+        return name, vip(index), t0
 
     def remove_service(self, population: Population, name: str) -> float:
+        """Delete the Service only: the garbage collector deletes its slice, as for a user."""
         t0 = time.time()
         self._api().delete(f"{SVC_PATH}/{name}")
-        self._api().delete(f"{SLICE_PATH}/{name}-bench")
-        del population.services[name]
+        with population.lock:
+            del population.services[name]
         return t0
 
     def replace_endpoint(self, population: Population, name: str) -> tuple[str, str, float]:
-        """Swap one endpoint of ``name`` for a fresh address: (old, new, wall time before the write)."""
-        cluster_ip, addresses = population.services[name]
-        old = addresses[0]
-        new = population.pool.take()[0]
-        updated = [*addresses[1:], new]
+        """Swap the oldest endpoint of ``name`` for a fresh address: (old, new, wall time before
+        the write). A later swap on the same Service takes the next oldest, so it cannot undo this one."""
+        with population.lock:
+            cluster_ip, addresses = population.services[name]
+            old = addresses[0]
+            new = population.pool.take()[0]
+            updated = [*addresses[1:], new]
+            population.services[name] = (cluster_ip, updated)
         body = {"endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in updated]}
         t0 = time.time()
         self._api().merge_patch(f"{SLICE_PATH}/{name}-bench", body)
-        population.services[name] = (cluster_ip, updated)
         return old, new, t0
 
     def _api(self) -> KubeApi:
@@ -260,6 +291,9 @@ class KernelWatchers:
         self.errors: list[str] = []
         self._count_id = 0
         self.last_per_node: dict[str, float] = {}
+        self.probes: list[dict[str, Any]] = []  # the readers' own lag probes, with "node"
+        self.replies: dict[tuple[str, int], dict[str, Any]] = {}  # owned / swept, by (node, id)
+        self.writer: dict[str, str] = {}  # how each reader writes its probes
 
     def __enter__(self) -> KernelWatchers:
         for node in self.nodes:
@@ -288,6 +322,11 @@ class KernelWatchers:
         with self.cond:
             if ev["ev"] == "ready":
                 self.ready.add(node)
+                self.writer[node] = ev.get("writer", "")
+            elif ev["ev"] == "probe":
+                self.probes.append({"node": node, **ev})
+            elif ev["ev"] in ("owned", "swept"):
+                self.replies[(node, ev["id"])] = ev
             elif ev["ev"] == "state":
                 self.history.setdefault((node, ev["key"]), []).append(
                     Seen(ev["t"], tuple(ev["targets"]), ev["affinity"],
@@ -343,6 +382,44 @@ class KernelWatchers:
         with self.cond:
             self.last_per_node = {n: round((first(n) or 0.0) - t0, 4) for n in self.nodes}
             return max(first(n) or 0.0 for n in self.nodes) - t0
+
+    def watch_many(self, keys: list[str], timeout: float = 30) -> None:
+        """Follow every key in ``keys`` on every node (all of one open-loop run, before it starts)."""
+        for k in keys:
+            self._send({"op": "watch", "key": k})
+        self._wait(lambda: all((n, k) in self.history for n in self.nodes for k in keys),
+                   timeout, f"watch {len(keys)} keys")
+
+    def first_seen(self, key: str, ok: Callable[[Seen], bool], t0: float) -> dict[str, float | None]:
+        """Per node: the first commit time at or after ``t0`` at which ``ok`` held for ``key``."""
+        out: dict[str, float | None] = {}
+        with self.cond:
+            for node in self.nodes:
+                out[node] = next((seen.t for seen in self.history.get((node, key), [])
+                                  if seen.t >= t0 - 0.001 and ok(seen)), None)
+        return out
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> bool:
+        """Wait (woken by every reader event) until ``check()`` holds; False after ``timeout``."""
+        return self._wait(check, timeout, what)
+
+    def probe(self, start: bool, rate: float = 5.0, seed: int = 0) -> None:
+        """Start / stop the readers' lag probes (each node gets its own seed)."""
+        for i, proc in enumerate(self.procs.values()):
+            assert proc.stdin is not None
+            cmd: dict[str, Any] = ({"op": "probe_start", "rate": rate, "seed": seed * 31 + i}
+                                   if start else {"op": "probe_stop"})
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+
+    def ask(self, op: str, timeout: float = 60) -> dict[str, dict[str, Any]]:
+        """Send ``owned`` or ``sweep`` to every reader; their answers by node."""
+        self._count_id += 1
+        cid = self._count_id
+        self._send({"op": op, "id": cid})
+        self._wait(lambda: all((n, cid) in self.replies for n in self.nodes), timeout, op)
+        with self.cond:
+            return {n: self.replies.get((n, cid), {}) for n in self.nodes}
 
     def count(self, timeout: float = 120) -> dict[str, dict[str, int]]:
         """Per node: number of service entries by number of DNAT targets."""

@@ -16,14 +16,29 @@ and whether affinity rules (``recent`` / ``@affinity``) are on the path. After e
 it prints, as JSON lines on stdout, the watched keys whose answer changed, stamped with the
 wall-clock time the commit was seen.
 
+Many keys are watched at once (every change of an open-loop run is outstanding until it
+lands), so each commit resolves the watched keys from one index of the service entries, and
+a commit that touched only the probe table resolves nothing.
+
+The reader measures its own lag: ``probe_start`` makes it write known rules (one
+transaction each, through libnftables in this process, at exponential random intervals)
+into a table of the benchmark's own, ``ip bench_probe``, which has no hooked chain and so
+no effect on packets; for each it prints when the write was issued, when the kernel acked
+it and when the monitor delivered its commit.
+
 Commands on stdin (JSON lines): ``{"op": "watch", "key": "10.96.16.1:80"}``,
 ``{"op": "unwatch", "key": ...}``, ``{"op": "count", "id": N}`` (histogram of the number of
-targets over every service entry). The pure part (``NftMirror``) is unit-tested.
+targets over every service entry), ``{"op": "probe_start", "rate": R, "seed": S}``,
+``{"op": "probe_stop"}``, ``{"op": "owned", "id": N}`` (svcproxy's chains and tables left) and
+``{"op": "sweep", "id": N}`` (remove them, with the jumps into them). The pure part
+(``NftMirror``) is unit-tested.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import random
 import re
 import subprocess
 import sys
@@ -48,6 +63,9 @@ _DNAT = re.compile(r"\bdnat (?:ip )?to (\d\S+)")
 _DNAT_MAP = re.compile(r": (\d+\.\d+\.\d+\.\d+) \. (\d+)")
 _DADDR = re.compile(r"ip daddr (\d+\.\d+\.\d+\.\d+) .*?dport (\d+)")
 _HANDLE = re.compile(r"^(.*?)\s*# handle (\d+)\s*$")
+_PROBE = re.compile(r'comment "probe-(\d+)"')
+PROBE_TABLE = "ip bench_probe"
+OWNED_PREFIX = "SVCPROXY-"  # svcproxy's iptables chains; its nftables table is "svcproxy"
 
 
 @dataclass(frozen=True)
@@ -179,9 +197,65 @@ class NftMirror:
                 todo.extend((node[0], j) for j in _JUMP.findall(text))
         return Answer(tuple(sorted(targets)), affinity)
 
+    def answers(self, keys: list[str]) -> dict[str, Answer]:
+        """``resolve`` for many keys from one pass over the entries."""
+        index = self.entries()
+        return {key: self.resolve(key, index.get(key, [])) for key in keys}
+
+    def owned(self) -> list[tuple[Table, str]]:
+        """svcproxy's chains (``SVCPROXY-*``) and the chains of its ``svcproxy`` tables."""
+        return sorted(k for k in self.rules
+                      if k[1].startswith(OWNED_PREFIX) or k[0].split()[-1] == "svcproxy")
+
+    def sweep_script(self) -> str:
+        """An nft script removing what ``owned`` lists: first the jumps into it, then it."""
+        owned = set(self.owned())
+        lines = []
+        for (table, chain), rules in self.rules.items():
+            if (table, chain) in owned:
+                continue
+            for handle, text in rules.items():
+                if any((table, j) in owned for j in _JUMP.findall(text)):
+                    lines.append(f"delete rule {table} {chain} handle {handle}")
+        lines += [f"flush chain {t} {c}" for t, c in sorted(owned)]
+        lines += [f"delete chain {t} {c}" for t, c in sorted(owned) if t.split()[-1] != "svcproxy"]
+        lines += [f"delete table {t}" for t in sorted({t for t, _ in owned if t.split()[-1] == "svcproxy"})]
+        return "\n".join(lines) + "\n" if lines else ""
+
     def histogram(self) -> dict[int, int]:
         """Number of service entries by number of DNAT targets."""
         return dict(Counter(len(self.resolve(k, s).targets) for k, s in self.entries().items()))
+
+
+class Nft:
+    """nft commands from this process: libnftables when it loads (no process start in the
+    timed path), else the ``nft`` tool."""
+
+    def __init__(self) -> None:
+        self.ctx: int | None = None
+        self.lock = threading.Lock()  # one libnftables context: the probes and a sweep share it
+        try:
+            self.lib = ctypes.CDLL("libnftables.so.1")
+            self.lib.nft_ctx_new.restype = ctypes.c_void_p
+            self.lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+            self.lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            self.ctx = self.lib.nft_ctx_new(0)
+        except OSError:
+            self.ctx = None
+
+    @property
+    def how(self) -> str:
+        return "libnftables" if self.ctx else "nft tool"
+
+    def run(self, script: str) -> str | None:
+        """Run ``script`` as one transaction; what went wrong, or None."""
+        if self.ctx:
+            with self.lock:
+                rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
+            return None if rc == 0 else f"libnftables returned {rc} for: {script[:200]}"
+        proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
+                              check=False)
+        return None if proc.returncode == 0 else proc.stderr.strip()[-300:]
 
 
 class Reader:
@@ -193,6 +267,11 @@ class Reader:
         self.out_lock = threading.Lock()
         self.watched: dict[str, Answer | None] = {}
         self.generation_time = time.time()
+        self.nft = Nft()
+        self.touched: set[str] = set()  # tables changed since the last commit
+        self.probes: dict[int, dict[str, float]] = {}  # probe id -> written / acked / seen
+        self.in_generation: list[int] = []
+        self.probing = threading.Event()
 
     def emit(self, obj: dict[str, object]) -> None:
         with self.out_lock:
@@ -207,8 +286,8 @@ class Reader:
 
     def report(self, t: float, keys: list[str] | None = None) -> None:
         """Print the watched keys whose answer changed (call with the lock held)."""
-        for key in keys if keys is not None else list(self.watched):
-            answer = self.mirror.resolve(key)
+        answers = self.mirror.answers(keys if keys is not None else list(self.watched))
+        for key, answer in answers.items():
             if answer != self.watched.get(key):
                 self.watched[key] = answer
                 self.emit({"ev": "state", "key": key, "targets": list(answer.targets),
@@ -216,12 +295,105 @@ class Reader:
 
     def follow(self, monitor: subprocess.Popen[str]) -> None:
         assert monitor.stdout is not None
-        for line in monitor.stdout:
+        for raw in monitor.stdout:
+            line = raw.rstrip("\n")
             with self.lock:
-                if self.mirror.apply(line.rstrip("\n")):
+                if self.mirror.apply(line):
                     self.generation_time = time.time()
-                    self.report(self.generation_time)
+                    if self.touched - {PROBE_TABLE}:
+                        self.report(self.generation_time)
+                    for pid in self.in_generation:
+                        self._probe_part(pid, "seen", self.generation_time)
+                    self.touched.clear()
+                    self.in_generation.clear()
+                    continue
+                words = line.split()
+                if len(words) >= 4:
+                    self.touched.add(" ".join(words[2:4]))
+                if m := _PROBE.search(line):
+                    self.in_generation.append(int(m.group(1)))
         self.emit({"ev": "error", "why": "nft monitor ended"})
+
+    def _probe_part(self, pid: int, what: str, t: float) -> None:
+        """Note one stamp of probe ``pid``; print the probe once all three are in (lock held)."""
+        probe = self.probes.setdefault(pid, {})
+        probe[what] = t
+        if len(probe) == 3:
+            del self.probes[pid]
+            self.emit({"ev": "probe", "id": pid, **probe})
+
+    def probe(self, rate: float, seed: int) -> None:
+        """Write probe rules at exponential random intervals until ``probe_stop``."""
+        rng = random.Random(seed)
+        why = self.nft.run(f"add table {PROBE_TABLE}\nadd chain {PROBE_TABLE} probe\n")
+        if why:
+            self.emit({"ev": "error", "why": f"cannot make the probe table: {why}"})
+            return
+        pid = 0
+        while self.probing.is_set():
+            time.sleep(rng.expovariate(rate))
+            pid += 1
+            script = (f"flush chain {PROBE_TABLE} probe\n"
+                      f'add rule {PROBE_TABLE} probe counter comment "probe-{pid}"\n')
+            written = time.time()
+            why = self.nft.run(script)
+            acked = time.time()
+            if why:
+                self.emit({"ev": "error", "why": f"probe write failed: {why}"})
+                return
+            with self.lock:
+                self._probe_part(pid, "written", written)
+                self._probe_part(pid, "acked", acked)
+        self.nft.run(f"delete table {PROBE_TABLE}\n")
+
+    def commands(self) -> None:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "probe_start" and not self.probing.is_set():
+                self.probing.set()
+                threading.Thread(target=self.probe, args=(cmd["rate"], cmd["seed"]),
+                                 daemon=True).start()
+                continue
+            if cmd["op"] == "probe_stop":
+                self.probing.clear()
+                continue
+            with self.lock:
+                self.command(cmd)
+
+    def command(self, cmd: dict[str, object]) -> None:
+        """One stdin command other than the probes' (lock held)."""
+        if cmd["op"] == "watch":
+            key = str(cmd["key"])
+            self.watched[key] = None
+            self.report(time.time(), [key])
+        elif cmd["op"] == "unwatch":
+            self.watched.pop(str(cmd["key"]), None)
+        elif cmd["op"] == "count":
+            hist = self.mirror.histogram()
+            self.emit({"ev": "count", "id": cmd["id"], "hist": hist, "t": time.time()})
+        elif cmd["op"] == "owned":
+            self.emit({"ev": "owned", "id": cmd["id"],
+                       "chains": [f"{t} {c}" for t, c in self.mirror.owned()]})
+        elif cmd["op"] == "sweep":
+            script = self.mirror.sweep_script()
+            why = self.nft.run(script) if script else None
+            self.emit({"ev": "swept", "id": cmd["id"], "ops": script.count("\n"), "error": why})
+
+    def run(self) -> int:
+        monitor = subprocess.Popen(["stdbuf", "-oL", "nft", "-a", "monitor"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, bufsize=1)
+        time.sleep(0.2)  # let the monitor subscribe before the dump, so nothing falls between
+        self.dump()
+        threading.Thread(target=self.follow, args=(monitor,), daemon=True).start()
+        threading.Thread(target=self.errors, args=(monitor,), daemon=True).start()
+        self.emit({"ev": "ready", "t": time.time(), "writer": self.nft.how})
+        try:
+            self.commands()
+        finally:
+            self.probing.clear()
+            self.nft.run(f"delete table {PROBE_TABLE}\n")
+            monitor.terminate()
+        return 0
 
     def errors(self, monitor: subprocess.Popen[str]) -> None:
         """nft monitor reports lost events (netlink ENOBUFS) on stderr: re-read everything.
@@ -237,33 +409,6 @@ class Reader:
             self.dump()
             with self.lock:
                 self.report(time.time())
-
-    def commands(self) -> None:
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            with self.lock:
-                if cmd["op"] == "watch":
-                    self.watched[cmd["key"]] = None
-                    self.report(time.time(), [cmd["key"]])
-                elif cmd["op"] == "unwatch":
-                    self.watched.pop(cmd["key"], None)
-                elif cmd["op"] == "count":
-                    hist = self.mirror.histogram()
-                    self.emit({"ev": "count", "id": cmd["id"], "hist": hist, "t": time.time()})
-
-    def run(self) -> int:
-        monitor = subprocess.Popen(["stdbuf", "-oL", "nft", "-a", "monitor"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, bufsize=1)
-        time.sleep(0.2)  # let the monitor subscribe before the dump, so nothing falls between
-        self.dump()
-        threading.Thread(target=self.follow, args=(monitor,), daemon=True).start()
-        threading.Thread(target=self.errors, args=(monitor,), daemon=True).start()
-        self.emit({"ev": "ready", "t": time.time()})
-        try:
-            self.commands()
-        finally:
-            monitor.terminate()
-        return 0
 
 
 if __name__ == "__main__":

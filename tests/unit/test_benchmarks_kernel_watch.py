@@ -103,3 +103,87 @@ def test_kube_proxy_numgen_dnat_map_without_endpoint_chains() -> None:
             "map { 0 : 10.244.16.1 . 8080, 1 : 10.244.16.2 . 8080 } # handle 61")
     m.apply("add element ip kube-proxy service-ips { 10.96.16.1 . tcp . 80 : goto service-C-ns/u/tcp/http }")
     assert m.resolve("10.96.16.1:80").targets == ("10.244.16.1:8080", "10.244.16.2:8080")
+
+
+def test_answers_for_many_keys_match_one_by_one_resolution() -> None:
+    m = mirror()
+    keys = ["10.96.0.5:80", "10.96.0.7:80", "10.96.0.8:80", "10.96.9.9:80"]
+    assert m.answers(keys) == {k: m.resolve(k) for k in keys}
+    assert m.answers(["10.96.0.7:80"])["10.96.0.7:80"].targets == ("10.244.1.5:8080", "10.244.1.6:8080")
+
+
+SVCPROXY_DUMP = """table ip nat { # handle 2
+\tchain PREROUTING { # handle 1
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tcounter packets 0 bytes 0 jump SVCPROXY-SERVICES # handle 5
+\t\tcounter packets 0 bytes 0 jump KUBE-SERVICES # handle 6
+\t}
+
+\tchain SVCPROXY-SERVICES { # handle 2
+\t\tip daddr 10.96.0.9 tcp dport 80 counter packets 0 bytes 0 jump SVCPROXY-SVC-B # handle 7
+\t}
+
+\tchain SVCPROXY-SVC-B { # handle 3
+\t\tcounter packets 0 bytes 0 dnat to 10.244.2.1:8080 # handle 8
+\t}
+
+\tchain KUBE-SERVICES { # handle 4
+\t}
+}
+"""
+
+
+def test_owned_lists_svcproxy_chains_and_the_sweep_removes_jumps_first() -> None:
+    m = NftMirror()
+    m.load_dump(SVCPROXY_DUMP)
+    assert m.owned() == [("ip nat", "SVCPROXY-SERVICES"), ("ip nat", "SVCPROXY-SVC-B")]
+    script = m.sweep_script().splitlines()
+    assert script[0] == "delete rule ip nat PREROUTING handle 5"
+    assert "delete rule ip nat PREROUTING handle 6" not in script  # kube-proxy's jump stays
+    assert script.index("flush chain ip nat SVCPROXY-SERVICES") < script.index(
+        "delete chain ip nat SVCPROXY-SERVICES")
+    # Applying what the kernel would print for that script leaves nothing owned.
+    for line in ["delete rule ip nat PREROUTING handle 5", "flush chain ip nat SVCPROXY-SERVICES",
+                 "flush chain ip nat SVCPROXY-SVC-B", "delete chain ip nat SVCPROXY-SERVICES",
+                 "delete chain ip nat SVCPROXY-SVC-B"]:
+        m.apply(line)
+    assert m.owned() == []
+    assert m.sweep_script() == ""
+
+
+class _NoNft:
+    how = "none"
+
+    def run(self, script: str) -> str | None:
+        raise AssertionError(f"the test wrote to the kernel: {script}")
+
+
+def test_reader_stamps_probes_and_resolves_only_on_real_commits() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks._lab import kernel_watch
+
+    reader = kernel_watch.Reader()
+    reader.nft = _NoNft()  # type: ignore[assignment]
+    reader.mirror = mirror()
+    out: list[dict[str, object]] = []
+    reader.emit = out.append  # type: ignore[method-assign]
+    reader.watched = {"10.96.0.5:80": reader.mirror.resolve("10.96.0.5:80")}
+    lines = [
+        'add rule ip bench_probe probe counter packets 0 bytes 0 comment "probe-1" # handle 3',
+        "# new generation 5 by process 7 (nft)",
+        "add rule ip nat KUBE-SVC-A counter packets 0 bytes 0 jump KUBE-SEP-Z # handle 30",
+        "add chain ip nat KUBE-SEP-Z",
+        "add rule ip nat KUBE-SEP-Z meta l4proto tcp dnat to 10.244.1.9:8080 # handle 31",
+        "# new generation 6 by process 8 (iptables-nft-restore)",
+    ]
+    reader.follow(SimpleNamespace(stdout=iter(line + "\n" for line in lines)))  # type: ignore[arg-type]
+    states = [e for e in out if e["ev"] == "state"]
+    assert len(states) == 1  # the probe-only commit resolved nothing
+    assert "10.244.1.9:8080" in states[0]["targets"]  # type: ignore[operator]
+    assert not [e for e in out if e["ev"] == "probe"]  # written / acked not known yet
+    reader._probe_part(1, "written", 1.0)
+    reader._probe_part(1, "acked", 1.001)
+    probes = [e for e in out if e["ev"] == "probe"]
+    assert len(probes) == 1 and probes[0]["id"] == 1 and probes[0]["written"] == 1.0
+    assert isinstance(probes[0]["seen"], float)
