@@ -31,13 +31,6 @@ pytestmark = [
     pytest.mark.uml,
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="the demo's lab needs root"),
-    # Not yet run green: the chart's admission policy svcproxy-operator-writes-programs
-    # denies the lab's operator (it runs as svcproxy-lab-admin, not the operator's
-    # ServiceAccount), so no program is written and no policy becomes Programmed.
-    pytest.mark.skip(reason="svcproxy demo fails on the lab: the chart's admission policy "
-                            "svcproxy-operator-writes-programs denies the lab operator's "
-                            "program writes; unskip once the demo installs the chart so "
-                            "that the lab operator may write programs"),
 ]
 
 STATE = Path(os.environ.get("SVCPROXY_E2E_DEMO_STATE_DIR", "/tmp/svcproxy-e2e-demo-lab"))
