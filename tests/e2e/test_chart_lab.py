@@ -426,11 +426,16 @@ def test_agent_can_do_nothing_else(lab: Lab, release: Release, tokens: dict[str,
     kc = tokens["agent"]
     assert can_i(lab, kc, "watch", "proxyvirtualservers.svcproxy.io", "--all-namespaces")
     assert can_i(lab, kc, "patch", "proxynodes.svcproxy.io", "--subresource=status")
+    # Services' addresses and Nodes' ranges: what the agent checks each program against
+    # (docs/agent.md, "Refused programs"); its own ProxyNode it watches to recreate it.
+    assert can_i(lab, kc, "watch", "services", "-A")
+    assert can_i(lab, kc, "watch", "nodes")
+    assert can_i(lab, kc, "watch", "proxynodes.svcproxy.io")
     for args in [("get", "secrets", "-A"), ("list", "secrets", "-n", release.namespace),
-                 ("patch", "services", "-A"), ("get", "services", "-A"), ("list", "pods", "-A"),
+                 ("patch", "services", "-A"), ("delete", "services", "-A"), ("list", "pods", "-A"),
                  ("create", "proxyvirtualservers.svcproxy.io", "-A"), ("delete", "proxynodes.svcproxy.io"),
-                 ("list", "proxynodes.svcproxy.io"), ("patch", "serviceproxypolicies.svcproxy.io", "-A"),
-                 ("get", "nodes"), ("create", "events", "-A"), ("create", "serviceaccounts/token", "-A")]:
+                 ("patch", "serviceproxypolicies.svcproxy.io", "-A"), ("patch", "nodes"),
+                 ("create", "events", "-A"), ("create", "serviceaccounts/token", "-A")]:
         assert not can_i(lab, kc, *args), f"the agent may {' '.join(args)}"
 
 
