@@ -44,7 +44,9 @@ def test_switching_modes_under_steady_traffic_loses_nothing(kind: Kind, namespac
             kind, namespace, m))
         burst(kind, namespace, URL, 5)  # a few requests in the new mode before the next switch
     answers = steady.stop()
-    assert sum(answers.values()) >= 50, answers
+    # The claim is the next line; this only shows the traffic really ran through the three
+    # switches (a loaded machine sent 48 in one run: the count follows the switches' speed).
+    assert sum(answers.values()) >= 20, answers
     assert answers.get("", 0) == 0, f"requests lost while switching modes: {answers}"
 
 
