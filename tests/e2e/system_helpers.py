@@ -141,8 +141,8 @@ class Batch:
                 for i, a in enumerate(self.answers) if a == "!"][:10]
 
 
-def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(STATE)],
+def _cli(*args: str, timeout: float = 900, state_dir: Path = STATE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(state_dir)],
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -386,15 +386,17 @@ def rule_lines(text: str) -> list[str]:
 
 
 @contextmanager
-def system_lab() -> Iterator[SystemLab]:
-    """``svcproxy lab up --nodes 3 --ipvs-nodes 2`` in STATE (operator and agents included),
-    ready for traffic; down afterwards (``SVCPROXY_E2E_KEEP_LAB=1`` keeps it)."""
+def system_lab(state_dir: Path = STATE, nodes: tuple[str, ...] = NODES,
+               up_args: tuple[str, ...] = ("--ipvs-nodes", "2")) -> Iterator[SystemLab]:
+    """``svcproxy lab up --nodes N`` (by default 3 nodes, 2 of them IPVS guests) in
+    ``state_dir`` (operator and agents included), ready for traffic; down afterwards
+    (``SVCPROXY_E2E_KEEP_LAB=1`` keeps it)."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
     # Another engineer's lab may hold the machine's one slot: wait for it if asked to.
     patience = time.monotonic() + float(os.environ.get("SVCPROXY_E2E_WAIT_FOR_LAB", "0"))
     while True:
-        proc = _cli("up", "--nodes", "3", "--ipvs-nodes", "2")
+        proc = _cli("up", "--nodes", str(len(nodes)), *up_args, state_dir=state_dir)
         if "another lab" not in proc.stderr.lower() or time.monotonic() > patience:
             break
         time.sleep(5)
@@ -402,10 +404,10 @@ def system_lab() -> Iterator[SystemLab]:
         pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
     try:
-        lab = SystemLab()
+        lab = SystemLab(state_dir)
 
         def agents_ready() -> bool:
-            for node in NODES:
+            for node in nodes:
                 conds = lab.proxynode(node).get("conditions") or []
                 if not any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
                     return False
@@ -415,7 +417,7 @@ def system_lab() -> Iterator[SystemLab]:
         yield lab
     finally:
         if not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
-            _cli("down", timeout=300)
+            _cli("down", timeout=300, state_dir=state_dir)
 
 
 def echo_deployment(name: str, replicas: int) -> dict[str, Any]:

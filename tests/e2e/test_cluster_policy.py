@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from system_helpers import PY, SystemLab, echo_deployment, echo_service, wait_for
+from system_helpers import SystemLab, echo_deployment, echo_service, system_lab, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -36,39 +36,10 @@ HANDOVER = "service.kubernetes.io/service-proxy-name"
 CSPP = "e2e-default"
 
 
-def _lab_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PY, "-m", "svcproxy.cli", "lab", *args, "--state-dir", str(STATE)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def clab(lab_slot: None) -> Iterator[SystemLab]:
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    proc = _lab_cli("up", "--nodes", str(len(NODES)))
-    if proc.returncode != 0 and "another lab" in proc.stderr.lower():
-        pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
-    assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
-    try:
-        lab = SystemLab(STATE)
-
-        def agents_ready() -> bool:
-            for node in NODES:
-                conds = lab.proxynode(node).get("conditions") or []
-                if not any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
-                    return False
-            return True
-
-        wait_for("a Ready ProxyNode from every agent", agents_ready, 120)
+    with system_lab(STATE, NODES, up_args=()) as lab:
         yield lab
-    finally:
-        if not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
-            _lab_cli("down", timeout=300)
 
 
 def cluster_policy(spec: dict[str, Any]) -> dict[str, Any]:
