@@ -121,14 +121,35 @@ async def test_finalizer_waits_for_handover_then_releases() -> None:
     import kopf
 
     with pytest.raises(kopf.TemporaryError, match="handing web back to kube-proxy"):
-        await handlers.withdraw(cache, rec, deleting)
+        await handlers.withdraw(cache, rec, deleting, wait=0)
     assert writer.labels == {"web": False} and "web" in writer.programs  # label first, program kept
     clock.now += 1
     with pytest.raises(kopf.TemporaryError):
-        await handlers.withdraw(cache, rec, deleting)
+        await handlers.withdraw(cache, rec, deleting, wait=0)
     clock.now += 2.5
-    await handlers.withdraw(cache, rec, deleting)  # delay over: program deleted, finalizer may go
+    await handlers.withdraw(cache, rec, deleting, wait=0)  # delay over: program deleted, finalizer may go
     assert "web" not in writer.programs
+
+
+async def test_finalizer_waits_in_itself_when_the_handback_is_on_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hand-back on schedule ends inside one handler call: no TemporaryError, which kopf
+    # would log at error level.
+    cache, writer, rec, clock = _setup()
+    cache.put("policy", policy_obj("p"))
+    await rec.reconcile("ns")
+    cache.put("service", service("web", labels={HANDOVER_LABEL: "svcproxy"}))
+    monkeypatch.setattr(handlers, "HANDBACK_POLL_SECONDS", 0.01)
+
+    async def grace_passes() -> None:
+        await asyncio.sleep(0.05)
+        clock.now += 3.5
+
+    passing = asyncio.create_task(grace_passes())
+    await handlers.withdraw(cache, rec, policy_obj("p", deleting=True), wait=5)
+    await passing
+    assert writer.labels == {"web": False} and "web" not in writer.programs
 
 
 async def test_observe_coalesces_events_into_one_pass() -> None:

@@ -107,10 +107,10 @@ async def test_cluster_status_is_written_once_then_only_on_change_and_deletion_h
     deleting = cluster_obj(spec=SELECT)
     deleting["metadata"]["deletionTimestamp"] = "2026-12-07T16:00:00Z"
     with pytest.raises(kopf.TemporaryError, match="handing ns/web back to kube-proxy"):
-        await handlers.withdraw_cluster(cache, rec, deleting)
+        await handlers.withdraw_cluster(cache, rec, deleting, wait=0)
     assert writer.labels == {"web": False} and "web" in writer.programs  # label first
     clock.now += 3.5
-    await handlers.withdraw_cluster(cache, rec, deleting)
+    await handlers.withdraw_cluster(cache, rec, deleting, wait=0)
     assert "web" not in writer.programs
 
 

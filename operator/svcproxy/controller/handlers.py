@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -133,36 +134,63 @@ def _observe_cluster(cache: Cache, reconciler: Reconciler, kind: str, name: str,
     reconciler.touch_cluster()
 
 
-async def withdraw_cluster(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
+# How long a delete handler waits in itself for the hand-back (label off, kube-proxy's grace,
+# program deleted: about 3 s) before it gives the object back to kopf to retry. kopf logs
+# every retry at error level; a hand-back on schedule is not an error.
+HANDBACK_WAIT_SECONDS = 15.0
+HANDBACK_POLL_SECONDS = 0.5
+
+
+async def _handed_back(step: Callable[[], Awaitable[list[str]]], wait: float, what: str) -> None:
+    """Run ``step`` (reconcile, return the Services still owned) until it returns none, for
+    at most ``wait`` seconds; then a TemporaryError naming the rest (kopf retries)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        owned = await step()
+        if not owned:
+            return
+        if loop.time() >= deadline:
+            shown = ", ".join(owned[:10]) + (f" and {len(owned) - 10} more" if len(owned) > 10 else "")
+            raise kopf.TemporaryError(f"handing {shown} back to kube-proxy before removing {what}", delay=1)
+        await asyncio.sleep(HANDBACK_POLL_SECONDS)
+
+
+async def withdraw_cluster(
+    cache: Cache, reconciler: Reconciler, body: JSON, *, wait: float = HANDBACK_WAIT_SECONDS
+) -> None:
     """Finalizer step of a deleted cluster policy: done once none of its programs remain."""
     cache.put("cpolicy", body)
     name = str((body.get("metadata") or {}).get("name"))
-    namespaces = cache.selected_by(body) | {k.partition("/")[0] for k in reconciler.owned_by_cluster(name)}
-    for namespace in sorted(namespaces):
-        if await reconciler.reconcile(namespace) is None:
-            raise kopf.TemporaryError(f"could not reconcile namespace {namespace}; retrying", delay=2)
-    owned = reconciler.owned_by_cluster(name)
-    if owned:
-        shown = ", ".join(owned[:10]) + (f" and {len(owned) - 10} more" if len(owned) > 10 else "")
-        raise kopf.TemporaryError(f"handing {shown} back to kube-proxy before removing the program", delay=1)
+
+    async def step() -> list[str]:
+        owned = reconciler.owned_by_cluster(name)
+        namespaces = cache.selected_by(body) | {key.partition("/")[0] for key in owned}
+        for namespace in sorted(namespaces):
+            if await reconciler.reconcile(namespace) is None:
+                raise kopf.TemporaryError(f"could not reconcile namespace {namespace}; retrying", delay=2)
+        return list(reconciler.owned_by_cluster(name))
+
+    await _handed_back(step, wait, "the program")
     logging.getLogger("svcproxy.operator").info(
         "every Service handed back; cluster policy can go", extra={"k8s_ref": {"namespace": "", "name": name}}
     )
 
 
-async def withdraw(cache: Cache, reconciler: Reconciler, body: JSON) -> None:
+async def withdraw(
+    cache: Cache, reconciler: Reconciler, body: JSON, *, wait: float = HANDBACK_WAIT_SECONDS
+) -> None:
     """Finalizer step of a deleted policy: done once none of its programs remain."""
     cache.put("policy", body)
     meta = body.get("metadata") or {}
     namespace, name = str(meta.get("namespace")), str(meta.get("name"))
-    plan = await reconciler.reconcile(namespace)
-    if plan is None:
-        raise kopf.TemporaryError("could not reconcile the namespace; retrying", delay=2)
-    owned = reconciler.still_owned(namespace, name)
-    if owned:
-        raise kopf.TemporaryError(
-            f"handing {', '.join(owned)} back to kube-proxy before removing the program", delay=1
-        )
+
+    async def step() -> list[str]:
+        if await reconciler.reconcile(namespace) is None:
+            raise kopf.TemporaryError("could not reconcile the namespace; retrying", delay=2)
+        return list(reconciler.still_owned(namespace, name))
+
+    await _handed_back(step, wait, "the program")
     logging.getLogger("svcproxy.operator").info(
         "every Service handed back; policy can go", extra={"k8s_ref": {"namespace": namespace, "name": name}}
     )
