@@ -258,6 +258,29 @@ def test_status_tables() -> None:
     assert any(line.split()[:4] == ["node-1", "True", "ipvs", "1"] for line in text.splitlines())
 
 
+def test_status_shows_cluster_policies_with_their_counts_and_problem_rows() -> None:
+    cluster = {
+        "metadata": {"name": "default"},
+        "spec": {"mode": "iptables"},
+        "status": {
+            "conditions": [{"type": "Accepted", "status": "True"}],
+            "summary": {
+                "namespaces": 4, "selected": 12, "programmed": 10, "pending": 1, "conflicted": 1,
+            },
+            "problems": [
+                {"namespace": "shop", "name": "cart", "state": "Conflicted", "message": "older one"},
+            ],
+        },
+    }
+    text = statuscmd.render([], [], [], [cluster])
+    lines = text.splitlines()
+    row = next(line.split() for line in lines if line.startswith("default"))
+    assert row == ["default", "iptables", "-", "True", "-", "4", "12", "10", "1", "0", "1", "0"]
+    assert any(line.split()[:4] == ["shop", "cart", "ClusterServiceProxyPolicy/default", "Conflicted"]
+               for line in lines)
+    assert "CLUSTER POLICIES" not in statuscmd.render([], [], [])
+
+
 async def test_nothing_is_planned_before_the_first_full_list() -> None:
     cache = Cache()
     writer = FakeWriter(cache)

@@ -1,7 +1,8 @@
 """``svcproxy status``: policies, programs and node reports at a glance.
 
-Reads ServiceProxyPolicies (with their per-Service rows and conditions),
-ProxyVirtualServers and ProxyNodes from the cluster and prints three short
+Reads ClusterServiceProxyPolicies (their counts and problem rows),
+ServiceProxyPolicies (with their per-Service rows and conditions),
+ProxyVirtualServers and ProxyNodes from the cluster and prints short
 tables. Read-only. Called by ``svcproxy.cli``; :func:`render` is pure and
 unit-tested.
 """
@@ -67,6 +68,41 @@ def _service_rows(p: JSON) -> list[list[str]]:
     ]
 
 
+def _cluster_row(p: JSON) -> list[str]:
+    spec, status = p.get("spec") or {}, p.get("status") or {}
+    summary = status.get("summary") or {}
+    return [
+        p["metadata"]["name"],
+        spec.get("mode", "ipvs"),
+        (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
+        _cond(p, "Accepted"),
+        _cond(p, "Programmed"),
+        str(summary.get("namespaces", 0)),
+        str(summary.get("selected", 0)),
+        str(summary.get("programmed", 0)),
+        str(summary.get("pending", 0)),
+        str(summary.get("overridden", 0)),
+        str(summary.get("conflicted", 0)),
+        str(summary.get("notProxied", 0)),
+    ]
+
+
+def _problem_rows(p: JSON) -> list[list[str]]:
+    # A cluster policy keeps rows only for Services that need a look (status.problems).
+    return [
+        [
+            row.get("namespace", ""),
+            row.get("name", ""),
+            f"ClusterServiceProxyPolicy/{p['metadata']['name']}",
+            row.get("state", ""),
+            "-",
+            "-",
+            (row.get("message") or "")[:80],
+        ]
+        for row in (p.get("status") or {}).get("problems") or []
+    ]
+
+
 def _program_row(v: JSON) -> list[str]:
     return [
         v["metadata"].get("namespace", ""),
@@ -92,11 +128,22 @@ def _node_row(n: JSON) -> list[str]:
     ]
 
 
-def render(policies: list[JSON], programs: list[JSON], nodes: list[JSON]) -> str:
-    """The three tables (pure)."""
+def render(
+    policies: list[JSON], programs: list[JSON], nodes: list[JSON], cluster_policies: list[JSON] | None = None
+) -> str:
+    """The tables (pure); the cluster policies' only when there are any."""
     prow = [_policy_row(p) for p in policies]
     srow = [row for p in policies for row in _service_rows(p)]
-    parts = [
+    srow += [row for p in cluster_policies or [] for row in _problem_rows(p)]
+    parts = [] if not cluster_policies else [
+        "CLUSTER POLICIES\n"
+        + _table(
+            ["NAME", "MODE", "SCHEDULER", "ACCEPTED", "PROGRAMMED", "NAMESPACES", "SELECTED",
+             "PROGRAMMED-SVCS", "PENDING", "OVERRIDDEN", "CONFLICTED", "NOT-PROXIED"],
+            [_cluster_row(p) for p in cluster_policies],
+        )
+    ]
+    parts += [
         "POLICIES\n"
         + _table(
             [
@@ -141,8 +188,18 @@ def run(args: argparse.Namespace) -> int:
         policies, programs = listed("serviceproxypolicies"), listed("proxyvirtualservers")
         node_list: Any = custom.list_cluster_custom_object(group, version, "proxynodes")
         nodes: list[JSON] = node_list.get("items", [])
+        cluster_list: Any = custom.list_cluster_custom_object(group, version, "clusterserviceproxypolicies")
+        cluster: list[JSON] = cluster_list.get("items", [])
+        if args.namespace:  # its rows in other namespaces are not asked for
+            cluster = [
+                {**c, "status": {**(c.get("status") or {}), "problems": [
+                    row for row in (c.get("status") or {}).get("problems") or []
+                    if row.get("namespace") == args.namespace
+                ]}}
+                for c in cluster
+            ]
     except Exception as err:
         print(f"svcproxy status: cannot read the cluster: {err}", file=sys.stderr)
         return 1
-    sys.stdout.write(render(policies, programs, nodes))
+    sys.stdout.write(render(policies, programs, nodes, cluster))
     return 0
