@@ -238,6 +238,28 @@ def test_plan_shows_conflicts_and_refusals() -> None:
     )
 
 
+def test_plan_of_a_cluster_policy_shows_its_programs_and_what_overrides_it() -> None:
+    from dataclasses import replace
+
+    from svcproxy.compile.cluster import CLUSTER_PREFIX, for_namespace, parse_cluster
+
+    raw = {
+        "apiVersion": "svcproxy.io/v1alpha1",
+        "kind": "ClusterServiceProxyPolicy",
+        "metadata": {"name": "default", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"mode": "iptables"},
+    }
+    stand_ins = for_namespace([parse_cluster(raw)], {})
+    view = replace(_view([]), cluster_policies=stand_ins)
+    text = plan.render("ns", CLUSTER_PREFIX + "default", view)
+    assert f"policy {CLUSTER_PREFIX}default  mode iptables" in text
+    assert "TCP  10.96.0.10:80 random (iptables)" in text
+    # A namespaced policy for the same Service wins: the cluster policy programs nothing.
+    overridden = plan.render("ns", CLUSTER_PREFIX + "default", replace(view, policies=[policy_obj("p")]))
+    assert "Prot LocalAddress" not in overridden
+    assert "# ns/web: Overridden:" in overridden
+
+
 def test_status_tables() -> None:
     pol = policy_obj(
         "p",

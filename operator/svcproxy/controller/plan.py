@@ -6,7 +6,9 @@ EndpointSlices, Pod labels when the policy has weights, the other policies
 there) and runs the operator's own planner on it with the file's policy in
 place of any stored one of that name. Prints one table per Service in the
 style of ``ipvsadm -Ln``, plus the Services the policy would not proxy and
-why (conflicts included). Called by ``svcproxy.cli``.
+why (conflicts included). A ClusterServiceProxyPolicy file is planned the same
+way in every namespace it selects, beside the stored policies of both kinds.
+Called by ``svcproxy.cli``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from svcproxy.api.clusterpolicy import ClusterServiceProxyPolicy
 from svcproxy.api.policy import ServiceProxyPolicy
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.base import IPFamily
+from svcproxy.compile.cluster import (
+    CLUSTER_PREFIX,
+    cluster_name,
+    for_namespace,
+    is_cluster,
+    parse_cluster,
+    selects_namespace,
+)
 from svcproxy.compile.planner import NamespaceView, plan_namespace
 
 JSON = dict[str, Any]
@@ -75,6 +86,9 @@ def render(namespace: str, policy_name: str, view: NamespaceView) -> str:
     for row in status.get("services", []):
         if row.get("state") in ("NotProxied", "Conflicted"):
             out.append(f"# {namespace}/{row['name']}: {row['state']}: {row.get('message', '')}")
+    part = plan.cluster.get(cluster_name(policy_name)) if is_cluster(policy_name) else None
+    for service, state, message in part.problems if part is not None else ():
+        out.append(f"# {namespace}/{service}: {state}: {message}")
     accepted = next((c for c in status.get("conditions", []) if c.get("type") == "Accepted"), None)
     if accepted and accepted.get("status") != "True":
         out.append(f"# not accepted: {accepted.get('message')}")
@@ -83,12 +97,18 @@ def render(namespace: str, policy_name: str, view: NamespaceView) -> str:
     return "\n\n".join(out) + "\n"
 
 
+KINDS = ("ServiceProxyPolicy", "ClusterServiceProxyPolicy")
+
+
 def _load(path: str) -> JSON:
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
-    policies = [d for d in docs if d.get("kind") == "ServiceProxyPolicy"]
+    policies = [d for d in docs if d.get("kind") in KINDS]
     if len(policies) != 1:
-        raise ValueError(f"{path} holds {len(policies)} ServiceProxyPolicy documents: give exactly one")
+        raise ValueError(
+            f"{path} holds {len(policies)} ServiceProxyPolicy or ClusterServiceProxyPolicy documents:"
+            " give exactly one"
+        )
     return policies[0]
 
 
@@ -98,8 +118,24 @@ def _items(resp: Any, api: Any) -> list[JSON]:
     return items
 
 
-def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> NamespaceView:
-    """What the planner needs from the cluster, with the file's policy in place."""
+def _in_place(raw_policy: JSON, stored: list[JSON]) -> list[JSON]:
+    """``stored`` with the file's policy in place of the one of its name (whose age it keeps:
+    age decides conflicts)."""
+    name = raw_policy["metadata"]["name"]
+    mine = next((p for p in stored if p["metadata"]["name"] == name), None)
+    if mine is not None:
+        raw_policy = {**raw_policy, "metadata": {**mine["metadata"], **raw_policy["metadata"]}}
+    return [raw_policy, *(p for p in stored if p["metadata"]["name"] != name)]
+
+
+def read_namespace(
+    namespace: str,
+    raw_policy: JSON | None,
+    kubeconfig: str | None,
+    cluster_policies: list[JSON] | None = None,
+) -> NamespaceView:
+    """What the planner needs from the cluster, with the file's policy (if namespaced) in place
+    and ``cluster_policies`` (stand-ins) beside the namespace's own."""
     from svcproxy.controller import cliclient
 
     api = cliclient.api_client(kubeconfig)
@@ -109,13 +145,10 @@ def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> 
     stored: Any = custom.list_namespaced_custom_object(
         "svcproxy.io", "v1alpha1", namespace, "serviceproxypolicies"
     )
-    name = raw_policy["metadata"]["name"]
-    others = [p for p in stored.get("items", []) if p["metadata"]["name"] != name]
-    mine = next((p for p in stored.get("items", []) if p["metadata"]["name"] == name), None)
-    if mine is not None:  # keep its age (it decides conflicts), take the file's spec
-        raw_policy = {**raw_policy, "metadata": {**mine["metadata"], **raw_policy["metadata"]}}
+    items: list[JSON] = stored.get("items", [])
+    policies = _in_place(raw_policy, items) if raw_policy is not None else items
     pod_labels: dict[str, Mapping[str, str]] = {}
-    if raw_policy.get("spec", {}).get("weights"):
+    if any((p.get("spec") or {}).get("weights") for p in [*policies, *(cluster_policies or [])]):
         for pod in _items(core.list_namespaced_pod(namespace), api):
             pod_labels[pod["metadata"]["name"]] = pod["metadata"].get("labels") or {}
     by_service: dict[str, list[JSON]] = {}
@@ -125,7 +158,7 @@ def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> 
             by_service.setdefault(owner, []).append(s)
     return NamespaceView(
         namespace=namespace,
-        policies=[raw_policy, *others],
+        policies=policies,
         services={s["metadata"]["name"]: s for s in services},
         slices=by_service,
         pod_labels=pod_labels,
@@ -133,19 +166,47 @@ def read_namespace(namespace: str, raw_policy: JSON, kubeconfig: str | None) -> 
         nodes=[],
         now=0.0,
         now_iso="",
+        cluster_policies=cluster_policies or [],
     )
+
+
+def read_cluster(raw_policy: JSON, kubeconfig: str | None) -> list[NamespaceView]:
+    """One view per namespace the file's cluster policy selects, with the stored cluster
+    policies (the file's in place of the stored one) planned beside each namespace's own."""
+    from svcproxy.controller import cliclient
+
+    api = cliclient.api_client(kubeconfig)
+    core, custom = cliclient.core(api), cliclient.custom(api)
+    stored: Any = custom.list_cluster_custom_object("svcproxy.io", "v1alpha1", "clusterserviceproxypolicies")
+    parsed = [parse_cluster(p) for p in _in_place(raw_policy, stored.get("items", []))]
+    mine = parsed[0].policy
+    if mine is None:  # validated before; the merge with the stored metadata cannot break it
+        raise ValueError(parsed[0].error)
+    views = []
+    for ns in _items(core.list_namespace(), api):
+        labels = ns["metadata"].get("labels") or {}
+        if selects_namespace(mine, labels):
+            stand_ins = for_namespace(parsed, labels)
+            views.append(read_namespace(ns["metadata"]["name"], None, kubeconfig, stand_ins))
+    return views
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         raw = _load(args.filename)
-        policy = ServiceProxyPolicy.parse(raw)
+        policy: ServiceProxyPolicy | ClusterServiceProxyPolicy
+        if raw.get("kind") == "ClusterServiceProxyPolicy":
+            policy = ClusterServiceProxyPolicy.parse(raw)
+        else:
+            policy = ServiceProxyPolicy.parse(raw)
     except (OSError, ValueError, yaml.YAMLError) as err:
         # pydantic's ValidationError is a ValueError: its text names the field and the rule.
         first = err.errors()[0] if isinstance(err, ValidationError) else None
         detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(err)
         print(f"svcproxy plan: {args.filename}: {detail}", file=sys.stderr)
         return 1
+    if isinstance(policy, ClusterServiceProxyPolicy):
+        return _run_cluster(args, raw, policy.metadata.name)
     namespace = policy.metadata.namespace or args.namespace or "default"
     raw.setdefault("metadata", {})["namespace"] = namespace
     try:
@@ -154,4 +215,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"svcproxy plan: cannot read namespace {namespace} from the cluster: {err}", file=sys.stderr)
         return 1
     sys.stdout.write(render(namespace, policy.metadata.name, view))
+    return 0
+
+
+def _run_cluster(args: argparse.Namespace, raw: JSON, name: str) -> int:
+    try:
+        views = read_cluster(raw, args.kubeconfig)
+    except Exception as err:
+        print(f"svcproxy plan: cannot read the cluster: {err}", file=sys.stderr)
+        return 1
+    if args.namespace:
+        views = [v for v in views if v.namespace == args.namespace]
+    if not views:
+        sys.stdout.write("# the policy selects no namespace\n")
+        return 0
+    sys.stdout.write("\n".join(render(v.namespace, CLUSTER_PREFIX + name, v) for v in views))
     return 0
