@@ -95,14 +95,18 @@ async def test_cluster_status_is_written_once_then_only_on_change_and_deletion_h
     assert [n for n, _ in writer.cluster_statuses] == ["default"]
     status = writer.cluster_statuses[0][1]
     assert status["summary"]["selected"] == 1 and status["summary"]["pending"] == 1
+    assert ("default", "Normal", "Accepted") in writer.events  # Events like a namespaced policy's
+    posted = len(writer.events)
     await rec.write_cluster_statuses()
     assert len(writer.cluster_statuses) == 1  # nothing changed: nothing written
+    assert len(writer.events) == posted  # and no Event again
     digest = writer.programs["web"]["spec"]["contentHash"]
     cache.put("node", {"metadata": {"name": "node-1", "resourceVersion": "5"}, **_report(digest)})
     await rec.reconcile("ns")
     assert writer.labels == {"web": True}
     await rec.write_cluster_statuses()
     assert writer.cluster_statuses[-1][1]["programmed"] == "1/1"
+    assert writer.events[posted:] == [("default", "Normal", "Programmed")]
     cache.put("service", service("web", labels={HANDOVER_LABEL: "svcproxy"}))
     deleting = cluster_obj(spec=SELECT)
     deleting["metadata"]["deletionTimestamp"] = "2026-12-07T16:00:00Z"

@@ -175,18 +175,20 @@ class ApiWriter:
     async def post_event(self, policy: JSON, type_: str, reason: str, message: str) -> None:
         meta = policy.get("metadata") or {}
         now = _now()
+        # A cluster-scoped object's Events live in "default", as kubectl describe looks there.
+        namespace = meta.get("namespace") or "default"
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
                 "generateName": f"{meta.get('name', 'policy')}.",
-                "namespace": meta.get("namespace"),
+                "namespace": namespace,
             },
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "ServiceProxyPolicy",
+                "kind": policy.get("kind") or "ServiceProxyPolicy",
                 "name": meta.get("name"),
-                "namespace": meta.get("namespace"),
+                "namespace": meta.get("namespace") or "",
                 "uid": meta.get("uid"),
             },
             "reason": reason,
@@ -198,7 +200,7 @@ class ApiWriter:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.core.create_namespaced_event(str(meta.get("namespace")), body)  # type: ignore[arg-type]
+        await self.core.create_namespaced_event(namespace, body)  # type: ignore[arg-type]
 
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"

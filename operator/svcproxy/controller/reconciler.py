@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from svcproxy.compile.cluster import CLUSTER_PREFIX, ClusterPart, cluster_status
+from svcproxy.compile.events import transitions
 from svcproxy.compile.planner import NamespacePlan, PlanMemo, plan_namespace
 from svcproxy.controller import metrics
 from svcproxy.controller.cache import Cache
@@ -294,11 +295,23 @@ class Reconciler:
                 continue
             if out is not None:
                 cache.put("cpolicy", out)
+            await self._post_cluster_events(parsed.raw, status)
         for name in [n for n in self.cluster_parts if cache.get("cpolicy", "", n) is None]:
             del self.cluster_parts[name]
 
     def _later_cluster(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self.touch_cluster)
+
+    async def _post_cluster_events(self, raw: JSON, status: JSON) -> None:
+        """Events for a cluster policy's condition changes, best effort as for namespaced ones."""
+        name = str((raw.get("metadata") or {}).get("name"))
+        body = {"kind": "ClusterServiceProxyPolicy", **raw}
+        for event in transitions(raw.get("status"), status.get("conditions") or []):
+            try:
+                posting = self.writer.post_event(body, event.type, event.reason, event.message)
+                await self._step("event", posting)
+            except Exception as err:
+                log.info("event %s not posted: %s", event.reason, describe(err), extra=_ref("", name))
 
     async def _post_events(self, namespace: str, plan: NamespacePlan) -> None:
         for event in plan.events:

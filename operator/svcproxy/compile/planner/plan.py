@@ -30,6 +30,7 @@ from svcproxy.api.policy import ServiceProxyPolicy, ServiceProxyPolicyStatus
 from svcproxy.api.program import ProxyVirtualServerSpec
 from svcproxy.compile.cluster import ClusterPart, cluster_name, is_cluster
 from svcproxy.compile.conflicts import selects, winner
+from svcproxy.compile.events import transition
 from svcproxy.compile.planner.memo import (
     Compiled,
     CompiledSpecs,
@@ -50,10 +51,6 @@ CONDITION_TYPES = ("Accepted", "Programmed", "Conflicted", "Degraded")
 __all__ = ["Event", "NamespacePlan", "NamespaceView", "plan_namespace", "program_summary"]
 # The key that marks a stored program given as its summary (see program_summary).
 SPEC_DIGEST = "specDigest"
-# Conditions whose "True" is bad news (no Event when they start out False).
-_BAD_WHEN_TRUE = {"Conflicted", "Degraded"}
-# Transitions worth a Warning Event; the rest are Normal.
-_WARNINGS = {("Accepted", "False"), ("Conflicted", "True"), ("Degraded", "True")}
 
 
 @dataclass(frozen=True)
@@ -487,18 +484,9 @@ def _finish_status(
         conditions.append(
             cond.model_copy(update={"last_transition_time": stamp, "observed_generation": generation})
         )
-        changed = not same or (old is not None and old.get("reason") != cond.reason)
-        if cond.type == "Conflicted" and cond.status == "True" and old is not None:
-            changed = changed or old.get("message") != cond.message
-        if changed and not (old is None and cond.status == "False" and cond.type in _BAD_WHEN_TRUE):
-            plan.events.append(
-                Event(
-                    policy=name,
-                    type="Warning" if (cond.type, cond.status) in _WARNINGS else "Normal",
-                    reason=f"{cond.type}{cond.status}" if not cond.reason else cond.reason,
-                    message=f"{cond.type}={cond.status}: {cond.message}"[:1000],
-                )
-            )
+        event = transition(old, cond.type, cond.status, cond.reason, cond.message)
+        if event is not None:
+            plan.events.append(Event(name, event.type, event.reason, event.message))
     top = status.model_copy(update={"conditions": conditions}).wire()
     wires = rows.wires if rows is not None and rows.wires is not None else []
     if rows is not None and stored is rows.equal_raw and wires is rows.equal_rows and top == rows.equal_top:
