@@ -174,6 +174,21 @@ async def test_a_new_node_lets_a_refused_program_in() -> None:
     assert set(kernel.table("iptables")) == {key("10.96.0.10")} and not agent.refused
 
 
+async def test_a_node_losing_a_range_refuses_programs_that_used_it() -> None:
+    kernel, clock = FakeKernel(), Clock()
+    agent = guarded(kernel, clock)
+    agent.replace_all([pvs("web", reals=[{"address": "10.244.2.5", "port": 80}])])
+    await settle(agent, clock)
+    assert set(kernel.table("iptables")) == {key("10.96.0.10")}
+    moved = {"metadata": {"name": "node-2"}, "spec": {"podCIDRs": ["10.244.7.0/24"]}}
+    agent.node_changed(("node-2", node_networks(moved)))
+    # Well before the next full sync (60 s): the narrowing itself re-checks the program.
+    assert agent.tracker.due_at() < clock.t + 1
+    clock.t += 1
+    await agent.run_due()
+    assert kernel.table("iptables") == {} and agent.errors["default/web"].reason == FOREIGN_REAL_SERVER
+
+
 async def test_service_addresses_changing_away_refuse_the_program() -> None:
     kernel, clock = FakeKernel(), Clock()
     agent = guarded(kernel, clock)

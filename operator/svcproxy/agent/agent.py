@@ -191,11 +191,18 @@ class Agent:
 
     def nodes_listed(self, nodes: Iterable[tuple[str, tuple[Network, ...]]]) -> None:
         if self._guard().replace_nodes(dict(nodes), self.clock()):
-            self._recheck(list(self.refused))  # a wider space may let refused programs in
+            self._space_moved()
 
     def node_changed(self, node: tuple[str, tuple[Network, ...]]) -> None:
         if self._guard().set_node(*node):
-            self._recheck(list(self.refused))
+            self._space_moved()
+
+    def _space_moved(self) -> None:
+        if self._guard().take_narrowed():
+            # A Node lost a range: programs accepted before may now reach outside the space.
+            self._recheck(list(self.programs))
+        else:
+            self._recheck(list(self.refused))  # a wider space may let refused programs in
 
     def node_deleted(self, name: str) -> None:
         # Its networks stay trusted for the book's grace; the full sync after it re-checks.

@@ -140,6 +140,7 @@ class AddressBook:
     nodes_version: int = 0
     _space: NetworkSet | None = None
     _verdicts: dict[str, _Verdict] = field(default_factory=dict)
+    _narrowed: bool = False
 
     # ---- Services ----------------------------------------------------------------------
     def set_service(self, owner: str, addresses: frozenset[str]) -> bool:
@@ -161,13 +162,23 @@ class AddressBook:
 
     # ---- Nodes -------------------------------------------------------------------------
     def set_node(self, name: str, nets: tuple[Network, ...]) -> bool:
-        """True when the address space changed."""
-        self.departed.pop(name, None)
-        if self.nodes.get(name) == nets:
+        """True when the address space changed; :meth:`take_narrowed` says whether it lost any."""
+        before = self.nodes.get(name)
+        if before is None:
+            departed = self.departed.pop(name, None)
+            before = departed[0] if departed is not None else None
+        if before == nets and name in self.nodes:
             return False
+        if before is not None and not set(before) <= set(nets):
+            self._narrowed = True  # programs accepted before may reach outside the space now
         self.nodes[name] = nets
         self._moved()
         return True
+
+    def take_narrowed(self) -> bool:
+        """True once after a Node's networks lost a range (the caller re-checks every program)."""
+        narrowed, self._narrowed = self._narrowed, False
+        return narrowed
 
     def drop_node(self, name: str, now: float) -> None:
         """The Node left: its networks stay in the space until the grace ends."""
