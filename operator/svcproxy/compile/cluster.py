@@ -144,49 +144,36 @@ def _problems(parts: Mapping[str, ClusterPart]) -> list[ClusterPolicyProblem]:
     return [ClusterPolicyProblem(namespace=ns, name=n, state=s, message=m[:256]) for ns, n, s, m in first]
 
 
+def _accepted(summary: ClusterPolicySummary) -> Condition:
+    if summary.selected:
+        message = f"selects {summary.selected} Service(s) in {summary.namespaces} namespace(s)"
+        return Condition(type="Accepted", status="True", reason="Accepted", message=message)
+    return Condition(
+        type="Accepted",
+        status="False",
+        reason="NoServicesFound",
+        message="no Service in the selected namespaces matches the policy",
+    )
+
+
+def _programmed(summary: ClusterPolicySummary, nodes_reporting: int, total: int) -> Condition:
+    proxied = summary.programmed + summary.pending
+    if not proxied:
+        status, reason, message = "False", "NothingToProgram", "no Service is proxied by this policy"
+    elif not nodes_reporting:
+        status, reason, message = "False", "NoAgents", "no ProxyNode reports yet"
+    elif summary.pending:
+        status, reason = "False", "Pending"
+        message = f"{summary.pending} of {proxied} Service(s) not reported by every node yet"
+    else:
+        status, reason = "True", "Programmed"
+        message = f"{proxied} Service(s) programmed on {total}/{total} nodes"
+    return Condition(type="Programmed", status=status, reason=reason, message=message)
+
+
 def _conditions(
     summary: ClusterPolicySummary, parts: Mapping[str, ClusterPart], nodes_reporting: int, total: int
 ) -> list[Condition]:
-    if summary.selected:
-        accepted = Condition(
-            type="Accepted",
-            status="True",
-            reason="Accepted",
-            message=f"selects {summary.selected} Service(s) in {summary.namespaces} namespace(s)",
-        )
-    else:
-        accepted = Condition(
-            type="Accepted",
-            status="False",
-            reason="NoServicesFound",
-            message="no Service in the selected namespaces matches the policy",
-        )
-    proxied = summary.programmed + summary.pending
-    if not proxied:
-        programmed = Condition(
-            type="Programmed",
-            status="False",
-            reason="NothingToProgram",
-            message="no Service is proxied by this policy",
-        )
-    elif not nodes_reporting:
-        programmed = Condition(
-            type="Programmed", status="False", reason="NoAgents", message="no ProxyNode reports yet"
-        )
-    elif summary.pending:
-        programmed = Condition(
-            type="Programmed",
-            status="False",
-            reason="Pending",
-            message=f"{summary.pending} of {proxied} Service(s) not reported by every node yet",
-        )
-    else:
-        programmed = Condition(
-            type="Programmed",
-            status="True",
-            reason="Programmed",
-            message=f"{proxied} Service(s) programmed on {total}/{total} nodes",
-        )
     conflicted = Condition(
         type="Conflicted",
         status="True" if summary.conflicted else "False",
@@ -204,7 +191,7 @@ def _conditions(
         reason="NodeProblems" if troubles else "AllNodesHealthy",
         message="; ".join(troubles)[:_CONDITION_TEXT],
     )
-    return [accepted, programmed, conflicted, degraded]
+    return [_accepted(summary), _programmed(summary, nodes_reporting, total), conflicted, degraded]
 
 
 def _carry(
