@@ -278,46 +278,36 @@ def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, M
     return build_proxiers(cfg, modes)
 
 
-async def amain(
+def _agent(
     args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
-) -> int:
-    metrics = Metrics()
-    try:
-        extra = tuple(network(c) for c in args.extra_pod_cidr or ())
-    except ValueError as err:
-        log.error("bad --extra-pod-cidr: %s", err)
-        for proxier in usable.values():
-            await proxier.close()
-        return 2
-    agent = Agent(
+) -> Agent:
+    """The agent the flags describe; ValueError for a bad --extra-pod-cidr."""
+    extra = tuple(network(c) for c in args.extra_pod_cidr or ())
+    return Agent(
         usable,
         node_name=args.node_name,
         tracker=ChangeTracker(min_interval=args.min_sync_interval, pause_ratio=args.sync_pause_ratio,
                               max_pause=args.max_sync_pause, max_batch=args.max_sync_batch,
                               full_interval=args.full_sync_interval,
                               now=time.monotonic()),
-        metrics=metrics,
+        metrics=Metrics(),
         agent_version=version(),
         kernel_release=os.uname().release,
         unavailable=unusable,
         guard=AddressBook(extra=extra),
     )
-    if args.cleanup:
-        results = await agent.cleanup()
-        for r in results:
-            log.info("cleaned up", extra={"mode": r.mode, "operations": dict(r.operations),
-                                          "errors": [str(e) for e in r.errors]})
-        for proxier in usable.values():
-            await proxier.close()
-        return 0 if all(r.ok for r in results) else 1
-    try:
-        api = await _load_config(args.kubeconfig)
-    except ConfigError as err:
-        log.error("cannot reach the API server: %s", err)
-        for proxier in usable.values():
-            await proxier.close()
-        return 2
-    proc = AgentProcess(args, agent, api)
+
+
+async def _cleanup(agent: Agent) -> int:
+    results = await agent.cleanup()
+    for r in results:
+        log.info("cleaned up", extra={"mode": r.mode, "operations": dict(r.operations),
+                                      "errors": [str(e) for e in r.errors]})
+    return 0 if all(r.ok for r in results) else 1
+
+
+async def _serve(proc: AgentProcess, modes: list[str], unavailable: list[str]) -> int:
+    """Run the watches, syncs and reports until SIGTERM/SIGINT or a task fails."""
     runners = await proc.serve_http()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -326,7 +316,7 @@ async def amain(
     loops = [proc.watch.run(), *(w.run() for w in proc.guards), proc.sync_loop(), proc.report_loop(),
              proc.writer.watch(proc.report_wake.set)]
     tasks = [asyncio.create_task(c) for c in loops]
-    log.info("agent started", extra={"modes": sorted(usable), "unavailable": sorted(unusable)})
+    log.info("agent started", extra={"modes": modes, "unavailable": unavailable})
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     rc = 0
@@ -337,13 +327,35 @@ async def amain(
     for task in [*tasks, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
-    # Leave the kernel as it is: a restarted agent adopts it without interrupting traffic.
-    for proxier in usable.values():
-        await proxier.close()
     for runner in runners:
         await runner.cleanup()
-    await api.close()
     return rc
+
+
+async def amain(
+    args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
+) -> int:
+    try:
+        try:
+            agent = _agent(args, usable, unusable)
+        except ValueError as err:
+            log.error("bad --extra-pod-cidr: %s", err)
+            return 2
+        if args.cleanup:
+            return await _cleanup(agent)
+        try:
+            api = await _load_config(args.kubeconfig)
+        except ConfigError as err:
+            log.error("cannot reach the API server: %s", err)
+            return 2
+        try:
+            return await _serve(AgentProcess(args, agent, api), sorted(usable), sorted(unusable))
+        finally:
+            await api.close()
+    finally:
+        # Leave the kernel as it is: a restarted agent adopts it without interrupting traffic.
+        for proxier in usable.values():
+            await proxier.close()
 
 
 def run(args: argparse.Namespace) -> int:
