@@ -54,8 +54,7 @@ e2e=$(bash "$toolchain" --e2e | tail -n 1)
 kubectl_bin=$(bash "$toolchain" | tail -n 1)/kubectl
 mkdir -p "$results"
 
-# The default policy for every Service the specs create. Until ClusterServiceProxyPolicy is
-# in the chart (branch cspp), only MODE=none runs.
+# The default policy for every Service the specs create.
 apply_mode() {
   local kubeconfig=$1
   [ "$mode" = none ] && { log "MODE=none: no svcproxy policy, kube-proxy (nftables) proxies every Service"; return 0; }
@@ -95,12 +94,32 @@ else
   args=(--kubeconfig="$kubeconfig" "${args[@]}")
 fi
 
+# While the specs run under a svcproxy policy: every second, the specs' namespaces (label
+# e2e-run), their Services (type, proxy label) and svcproxy's programs, so the record can say
+# which Services svcproxy served and which kube-proxy served alone (the handover takes
+# seconds; many specs are done sooner).
+sampler=
+if [ "$dry_run" = 0 ] && [ "$mode" != none ]; then
+  (
+    k() { "$kubectl_bin" --kubeconfig "$kubeconfig" "$@" 2>/dev/null || true; }
+    while :; do
+      echo "# t=$(date +%s.%N)"
+      k get ns -l e2e-run -o name | sed 's/^/ns /'
+      k get svc -A --no-headers -o 'custom-columns=NS:.metadata.namespace,NAME:.metadata.name,TYPE:.spec.type,PROXY:.metadata.labels.service\.kubernetes\.io/service-proxy-name' | sed 's/^/svc /'
+      k get pvs -A --no-headers -o 'custom-columns=NS:.metadata.namespace,NAME:.metadata.name' | sed 's/^/pvs /'
+      sleep 1
+    done
+  ) > "$results/handover.txt" &
+  sampler=$!
+fi
+
 log "running e2e.test (${timeout_min} min at most); log: $results/e2e.log"
 start=$SECONDS
 rc=0
 # Ginkgo stops at its own timeout and still writes the report; the outer one only catches a hang.
 timeout --kill-after=60s "$(( timeout_min + 5 ))m" "$e2e" "${args[@]}" >"$results/e2e.log" 2>&1 || rc=$?
 log "e2e.test ended with status $rc after $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; fi
 # Ginkgo's own summary ("Ran 37 of 7579 Specs ...", "FAIL! -- 30 Passed | 7 Failed ...").
 grep -E '^(Ran [0-9]+ of|SUCCESS!|FAIL!|Summarizing)' "$results/e2e.log" >&2 || tail -n 3 "$results/e2e.log" >&2
 
@@ -126,6 +145,7 @@ shown=$(shell_words "$e2e" "${args[@]}")
 if [ "${RECORD:-1}" = 1 ]; then
   record_args=()
   [ "$dry_run" = 1 ] && record_args=(--dry-run)
+  [ -s "$results/handover.txt" ] && record_args+=(--handover "$results/handover.txt")
   # The record's own status is 1 when a spec failed (e2e.test's status says so already).
   rec=0
   "$python" -m svcproxy_lab.conformance --junit "$junit" --focus "$focus" --mode "$mode" \

@@ -10,7 +10,13 @@ first. Standard library only, so the script runs with any Python 3.11. Tested in
 tests/unit/test_lab_conformance.py.
 
     python -m svcproxy_lab.conformance --junit DIR/junit_01.xml --focus REGEX \\
-        --mode none --command "..." --doc docs/conformance.md [--dry-run]
+        --mode none --command "..." --doc docs/conformance.md [--dry-run] [--handover FILE]
+
+``--handover`` reads the samples hack/conformance.sh took every second while the specs ran
+(the specs' namespaces, their Services with type and proxy label, the programs svcproxy
+wrote) and adds to the record how many of the specs' Services svcproxy programmed and how
+many it took over from kube-proxy (:func:`handover_summary`): a spec can pass on kube-proxy
+alone while the handover is still under way, and the record must tell the two apart.
 """
 
 from __future__ import annotations
@@ -134,7 +140,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_run(run: Run, results: Sequence[SpecResult]) -> str:
+def render_run(run: Run, results: Sequence[SpecResult], extra: Sequence[str] = ()) -> str:
     """The Markdown section of one run: a heading with the summary, the facts, the table."""
     when = run.when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     kind = "dry run" if run.dry_run else f"MODE={run.mode}"
@@ -147,10 +153,83 @@ def render_run(run: Run, results: Sequence[SpecResult]) -> str:
     ]
     if not run.dry_run:
         lines.append(f"- time in specs: {total / 60:.1f} min")
+    lines += extra
     lines += ["", "| spec | result | time (s) | note |", "| --- | --- | ---: | --- |"]
     for r in results:
         lines.append(f"| {_cell(r.name)} | {r.result} | {r.seconds:.1f} | {_cell(r.note)} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ServiceSeen:
+    """One Service a spec created, over every sample it was in."""
+
+    types: set[str]
+    programmed: bool = False  # svcproxy wrote its ProxyVirtualServer
+    handed: bool = False  # it carried service-proxy-name=svcproxy: kube-proxy let go of it
+
+
+def parse_samples(text: str) -> dict[str, ServiceSeen]:
+    """The sampler's lines -> Service ("namespace/name") -> what was seen of it.
+
+    Lines: ``ns NAME`` (a namespace of the specs), ``svc NS NAME TYPE PROXY``,
+    ``pvs NS NAME``; ``# t=...`` starts a sample. Only Services in the specs' namespaces
+    (as seen in the same sample) count."""
+    seen: dict[str, ServiceSeen] = {}
+    programs: set[str] = set()
+    namespaces: set[str] = set()
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        for ns, name, type_, proxy in rows:
+            if ns in namespaces:
+                entry = seen.setdefault(f"{ns}/{name}", ServiceSeen(set()))
+                entry.types.add(type_)
+                entry.handed |= proxy == "svcproxy"
+        for key in programs:
+            if key in seen:
+                seen[key].programmed = True
+        rows.clear()
+        programs.clear()
+        namespaces.clear()
+
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "#":
+            flush()
+        elif parts[0] == "ns" and len(parts) >= 2:
+            namespaces.add(parts[1].removeprefix("namespace/"))
+        elif parts[0] == "svc" and len(parts) >= 5:
+            rows.append(parts[1:5])
+        elif parts[0] == "pvs" and len(parts) >= 3:
+            programs.add(f"{parts[1]}/{parts[2]}")
+    flush()
+    return seen
+
+
+def handover_summary(seen: dict[str, ServiceSeen]) -> list[str]:
+    """Markdown lines: per Service type, how many svcproxy programmed and took over."""
+    if not seen:
+        return ["- handover: no Service of the specs was seen by the sampler"]
+    by_type: dict[str, list[ServiceSeen]] = {}
+    for entry in seen.values():
+        by_type.setdefault("/".join(sorted(entry.types)), []).append(entry)
+    programmed = sum(e.programmed for e in seen.values())
+    handed = sum(e.handed for e in seen.values())
+    lines = [
+        f"- handover: of the {len(seen)} Services the specs created (sampled every second), svcproxy"
+        f" programmed {programmed} and took {handed} over from kube-proxy before they were deleted;"
+        " the rest were served by kube-proxy alone",
+        "",
+        "| Service type | created | programmed by svcproxy | taken over from kube-proxy |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for type_, entries in sorted(by_type.items()):
+        programs, taken = sum(e.programmed for e in entries), sum(e.handed for e in entries)
+        lines.append(f"| {type_} | {len(entries)} | {programs} | {taken} |")
+    return [*lines, ""]
 
 
 def insert_run(document: str, section: str) -> str:
@@ -170,12 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--command", required=True, help="the e2e.test command line, as run")
     parser.add_argument("--doc", type=Path, required=True, help="the Markdown document to insert into")
     parser.add_argument("--dry-run", action="store_true", help="the report is of --ginkgo.dry-run")
+    parser.add_argument("--handover", type=Path, help="the sampler's file (hack/conformance.sh)")
     args = parser.parse_args(argv)
     try:
         results = parse_junit(args.junit.read_text(), args.focus, args.dry_run)
         folder = str(args.junit.parent.resolve()).replace(str(Path.home()), "~", 1)
         run = Run(dt.datetime.now(dt.UTC), args.mode, args.command, args.dry_run, folder)
-        args.doc.write_text(insert_run(args.doc.read_text(), render_run(run, results)))
+        extra = handover_summary(parse_samples(args.handover.read_text())) if args.handover else []
+        args.doc.write_text(insert_run(args.doc.read_text(), render_run(run, results, extra)))
     except (OSError, ReportError) as err:
         print(f"conformance: {err}", file=sys.stderr)
         return 2

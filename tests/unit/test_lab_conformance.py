@@ -21,9 +21,11 @@ from svcproxy_lab.conformance import (
     ReportError,
     Run,
     SpecResult,
+    handover_summary,
     insert_run,
     main,
     parse_junit,
+    parse_samples,
     render_run,
     summary_line,
 )
@@ -131,3 +133,49 @@ def test_main_records_the_run_and_exits_1_when_a_spec_failed(tmp_path: Path) -> 
     assert main([*argv[:3], r"\[sig-network\] DNS", *argv[4:]]) == 0
     assert doc.read_text().count("### ") == 2
     assert main([*argv[:1], str(tmp_path / "missing.xml"), *argv[2:]]) == 2
+
+
+SAMPLES = """\
+# t=1.0
+ns namespace/services-1
+svc default kubernetes ClusterIP <none>
+svc services-1 web ClusterIP <none>
+svc services-1 np NodePort <none>
+# t=2.0
+ns namespace/services-1
+ns namespace/dns-2
+svc services-1 web ClusterIP svcproxy
+svc services-1 np NodePort <none>
+svc dns-2 test-service ClusterIP <none>
+pvs services-1 web
+pvs default kubernetes
+# t=3.0
+svc dns-2 test-service ClusterIP <none>
+pvs dns-2 test-service
+"""
+
+
+def test_handover_counts_only_the_specs_services_and_what_svcproxy_did_with_them() -> None:
+    seen = parse_samples(SAMPLES)
+    # default/kubernetes is not a spec's (its namespace has no e2e-run label); a spec's
+    # Service once seen counts as programmed when its program shows up in a later sample.
+    assert set(seen) == {"services-1/web", "services-1/np", "dns-2/test-service"}
+    assert seen["services-1/web"].programmed and seen["services-1/web"].handed
+    assert not seen["services-1/np"].programmed
+    assert seen["dns-2/test-service"].programmed and not seen["dns-2/test-service"].handed
+    lines = handover_summary(seen)
+    assert "of the 3 Services the specs created" in lines[0]
+    assert "programmed 2 and took 1 over" in lines[0]
+    assert "| ClusterIP | 2 | 2 | 1 |" in lines and "| NodePort | 1 | 0 | 0 |" in lines
+    assert handover_summary({})[0].endswith("no Service of the specs was seen by the sampler")
+
+
+def test_main_adds_the_handover_to_the_record(tmp_path: Path) -> None:
+    doc = tmp_path / "conformance.md"
+    doc.write_text(f"# Conformance\n\n{RUNS_MARKER}\n")
+    samples = tmp_path / "handover.txt"
+    samples.write_text(SAMPLES)
+    argv = ["--junit", str(FIXTURE), "--focus", r"\[sig-network\] DNS", "--mode", "iptables"]
+    argv += ["--command", "e2e.test", "--doc", str(doc), "--handover", str(samples)]
+    assert main(argv) == 0
+    assert "| NodePort | 1 | 0 | 0 |" in doc.read_text()
