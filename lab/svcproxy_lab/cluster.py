@@ -23,6 +23,7 @@ from typing import Any
 from svcproxy_lab import controlplane, network
 from svcproxy_lab.kubeapi import ApiError, KubeApi
 from svcproxy_lab.node import (
+    API_PORT,
     LabContext,
     LabNode,
     make_node,
@@ -298,12 +299,22 @@ class Lab:
         Lab(owner).down(say)
 
     def _running_owner(self) -> Path | None:
-        """The state folder of another lab that runs and holds the machine's one slot, if any."""
+        """The state folder of another lab that runs and holds the machine's one slot, if any.
+
+        The owner file names it; failing that (the file removed by hand), the lab whose
+        API server listens on 6443 does.
+        """
         try:
-            owner = Path(OWNER_FILE.read_text().strip())
+            owner: Path | None = Path(OWNER_FILE.read_text().strip())
         except OSError:
-            return None
-        return owner if owner != self.state_dir and Lab(owner).alive() else None
+            owner = None
+        if owner is not None and owner != self.state_dir and Lab(owner).alive():
+            return owner
+        for pid in controlplane.listeners(API_PORT):
+            lab = controlplane.lab_of(pid)
+            if lab is not None and lab != self.state_dir:
+                return lab
+        return None
 
     def wait_nodes_ready(self, nodes: list[LabNode], say: Say, timeout: float = 120) -> None:
         api = KubeApi(self.admin_kubeconfig)
@@ -366,7 +377,7 @@ class Lab:
     def down(self, say: Say = say_stderr) -> None:
         """Stop everything and remove every namespace, link and route; safe to repeat.
 
-        While another lab runs (the owner file names it), only this lab's own processes
+        While another lab runs (see :meth:`_running_owner`), only this lab's own processes
         and files go: the namespaces, links and routes have fixed names and are that
         lab's now. (A fixture tearing down a lab whose ``up`` was refused lands here.)
         """

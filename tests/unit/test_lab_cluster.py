@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +43,13 @@ class Machine:
     fail_create: set[int] = field(default_factory=set)
     pids: list[int] = field(default_factory=list)
     said: list[str] = field(default_factory=list)
+    listeners: dict[int, list[int]] = field(default_factory=dict)  # port -> pids
 
     def say(self, msg: str) -> None:
         self.said.append(msg)
 
-    def spawn(self, pid_file: Path) -> int:
-        pid = spawn(SLEEP, pid_file.parent.parent / "logs" / f"{pid_file.stem}.log", pid_file)
+    def spawn(self, pid_file: Path, argv: Sequence[str] = SLEEP) -> int:
+        pid = spawn(argv, pid_file.parent.parent / "logs" / f"{pid_file.stem}.log", pid_file)
         self.pids.append(pid)
         return pid
 
@@ -122,6 +124,8 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machine
     monkeypatch.setattr(network, "sweep", lambda: m.calls.append("sweep"))
     monkeypatch.setattr(controlplane, "start", start)
     monkeypatch.setattr(controlplane, "check_ports", lambda state_dir: m.calls.append("check_ports"))
+    # This machine's real port 6443 may belong to a real lab: the tests say who listens.
+    monkeypatch.setattr(controlplane, "listeners", lambda port: m.listeners.get(port, []))
     monkeypatch.setattr(Lab, "wait_nodes_ready", lambda self, nodes, say: None)
     try:
         yield m
@@ -224,6 +228,33 @@ def test_down_beside_another_running_lab_stops_only_its_own(machine: Machine) ->
     assert machine.destroyed == []
     assert machine.owner_file.read_text().strip() == str(other.state_dir)
     assert lab.load() is None
+    assert any(f"another lab runs from {other.state_dir}" in s for s in machine.said)
+
+
+def test_down_knows_the_running_lab_by_its_api_server_without_the_owner_file(
+    machine: Machine,
+) -> None:
+    other = Lab(machine.tmp / "other")
+    (other.state_dir / "pki").mkdir(parents=True)
+    (other.state_dir / "pki" / "admin.kubeconfig").write_text("")
+    # Its command line names the other lab's files, as a real API server's does.
+    api = machine.spawn(other.state_dir / "pids" / "kube-apiserver.pid",
+                        [sys.executable, "-c", "import time; time.sleep(600)",
+                         f"--client-ca-file={other.state_dir}/pki/ca.crt"])
+    machine.listeners[6443] = [api]
+    # Popen returns once the child execs, a moment before its arguments show in /proc.
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{api}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lab = Lab(machine.tmp / "lab")
+    (lab.state_dir / "pids").mkdir(parents=True)
+    lab.state_file.write_text('{"nodes": [{"index": 1, "kind": "netns"}], "bin_dir": "/x"}')
+
+    lab.down(say=machine.say)
+
+    assert machine.calls == []
+    assert machine.destroyed == []
+    assert pid_alive(api)
     assert any(f"another lab runs from {other.state_dir}" in s for s in machine.said)
 
 
