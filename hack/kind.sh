@@ -18,6 +18,7 @@ log() { printf '[kind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 cluster=${KIND_CLUSTER:-svcproxy}
 network=svcproxy-kind
+nft_table=svcproxy-kind   # drops what the nodes' bridge would forward elsewhere
 subnet=172.31.250.0/24
 config=tests/e2e/kind/kind-config.yaml
 state=${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy/kind
@@ -81,9 +82,19 @@ up() {
   echo "$tag" > "$state/image-tag"
   for cidr in "${blackholes[@]}"; do ip route replace blackhole "$cidr"; done
   # Nothing from the nodes' bridge is forwarded anywhere else (the nodes have no default
-  # route either; this holds if one comes back).
-  iptables -C FORWARD -i "$network" ! -o "$network" -j DROP 2>/dev/null \
-    || iptables -I FORWARD -i "$network" ! -o "$network" -j DROP
+  # route either; this holds if one comes back). A table of its own, which down deletes
+  # whole: a rule in iptables' FORWARD chain made iptables-nft create `table ip filter`
+  # on a machine that had none, and deleting the rule left that table behind.
+  nft -f - <<NFT
+table ip $nft_table
+delete table ip $nft_table
+table ip $nft_table {
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "$network" oifname != "$network" drop
+  }
+}
+NFT
   docker network inspect "$network" >/dev/null 2>&1 \
     || docker network create --internal --subnet "$subnet" \
        -o com.docker.network.bridge.name="$network" "$network" >/dev/null
@@ -141,6 +152,8 @@ down() {
     kind delete cluster --name "$cluster" >&2
   fi
   docker network rm "$network" >/dev/null 2>&1 || true
+  nft delete table ip "$nft_table" 2>/dev/null || true
+  # The FORWARD rule earlier versions of this script inserted (-D makes no table).
   while iptables -D FORWARD -i "$network" ! -o "$network" -j DROP 2>/dev/null; do :; done
   for cidr in "${blackholes[@]}"; do ip route del blackhole "$cidr" 2>/dev/null || true; done
   rm -f "$kubeconfig" "$kubeconfig.kind" "$state/image-tag"

@@ -23,6 +23,7 @@ from typing import Any
 from svcproxy_lab import controlplane, network
 from svcproxy_lab.kubeapi import ApiError, KubeApi
 from svcproxy_lab.node import (
+    API_PORT,
     LabContext,
     LabNode,
     make_node,
@@ -126,6 +127,13 @@ class Lab:
 
     def up(self, nodes: int, ipvs_nodes: int, svcproxy: bool, say: Say = say_stderr,
            kube_proxy: str | None = None) -> Path:
+        """Start (or complete) the lab; return the admin kubeconfig.
+
+        When a lab that was not running fails to come up, whatever this call started
+        (control plane, nodes, namespaces, taps, routes) is taken down again before the
+        error is raised, so nothing of it answers on the lab's fixed ports afterwards.
+        A lab that ran before the call is left as it was: others may be using it.
+        """
         require_root()
         if ipvs_nodes > nodes:
             raise LabError(f"--ipvs-nodes {ipvs_nodes} is more than --nodes {nodes}")
@@ -145,9 +153,23 @@ class Lab:
                 f"the lab in {self.state_dir} runs with nodes {state['nodes']}; "
                 f"run `svcproxy lab down --state-dir {self.state_dir}` first to change them"
             )
+        # Before anything is written or started: a port held by another lab (or anyone)
+        # fails here, with nothing of this lab to take down and the other one untouched.
+        controlplane.check_ports(self.state_dir)
         bin_dir = ensure_toolchain(say)
         state = {"nodes": wanted, "bin_dir": str(bin_dir), "svcproxy": svcproxy,
                  "created": state["created"] if state else time.time()}
+        fresh = not self.alive()
+        try:
+            return self._bring_up(state, svcproxy, kube_proxy, say)
+        except BaseException as exc:  # Ctrl-C too: its processes must not outlive it either
+            if fresh:
+                self._roll_back(exc, say)
+            raise
+
+    def _bring_up(self, state: dict[str, Any], svcproxy: bool, kube_proxy: str | None,
+                  say: Say) -> Path:
+        """The steps of :meth:`up` that change the machine, each idempotent."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=1))
         OWNER_FILE.write_text(f"{self.state_dir}\n")
@@ -156,7 +178,7 @@ class Lab:
             d.mkdir(parents=True, exist_ok=True)
         network.ensure_bridge()
         pki = Pki(ctx.pki_dir)
-        pki.ensure([node_name(n["index"]) for n in wanted])
+        pki.ensure([node_name(n["index"]) for n in state["nodes"]])
         controlplane.start(ctx, pki, say)
         lab_nodes = self.nodes(state)
         for node in lab_nodes:
@@ -170,6 +192,16 @@ class Lab:
         if svcproxy:
             self.start_svcproxy(ctx, lab_nodes, say)
         return self.admin_kubeconfig
+
+    def _roll_back(self, exc: BaseException, say: Say) -> None:
+        """Take down the lab whose first ``up`` failed with ``exc``; the caller re-raises it."""
+        first = next(iter(str(exc).splitlines()), "")
+        say(f"lab up failed ({type(exc).__name__}: {first}); taking down what it started")
+        try:
+            self.down(say)
+        except Exception as err:  # the original error is the one to raise
+            say(f"taking the failed lab down failed too ({type(err).__name__}: {err}); "
+                f"run `svcproxy lab down --state-dir {self.state_dir}`")
 
     def start_kube_proxy(self, mode: str, say: Say = say_stderr) -> None:
         """Run the real kube-proxy in ``mode`` on every node (not restarted if running)."""
@@ -266,6 +298,24 @@ class Lab:
         say(f"a dead lab from {owner} left things behind; cleaning them up")
         Lab(owner).down(say)
 
+    def _running_owner(self) -> Path | None:
+        """The state folder of another lab that runs and holds the machine's one slot, if any.
+
+        The owner file names it; failing that (the file removed by hand), the lab whose
+        API server listens on 6443 does.
+        """
+        try:
+            owner: Path | None = Path(OWNER_FILE.read_text().strip())
+        except OSError:
+            owner = None
+        if owner is not None and owner != self.state_dir and Lab(owner).alive():
+            return owner
+        for pid in controlplane.listeners(API_PORT):
+            lab = controlplane.lab_of(pid)
+            if lab is not None and lab != self.state_dir:
+                return lab
+        return None
+
     def wait_nodes_ready(self, nodes: list[LabNode], say: Say, timeout: float = 120) -> None:
         api = KubeApi(self.admin_kubeconfig)
         names = {n.name for n in nodes}
@@ -325,12 +375,18 @@ class Lab:
     # --- down / status ----------------------------------------------------------
 
     def down(self, say: Say = say_stderr) -> None:
-        """Stop everything and remove every namespace, link and route; safe to repeat."""
+        """Stop everything and remove every namespace, link and route; safe to repeat.
+
+        While another lab runs (see :meth:`_running_owner`), only this lab's own processes
+        and files go: the namespaces, links and routes have fixed names and are that
+        lab's now. (A fixture tearing down a lab whose ``up`` was refused lands here.)
+        """
         require_root()
         state = self.load()
         pid_dir = self.state_dir / "pids"
+        other = self._running_owner()
         terminate(pid_dir / "operator.pid")
-        if state is not None:
+        if state is not None and other is None:
             for node in self.nodes(state):
                 say(f"removing {node.name}")
                 node.destroy()
@@ -341,7 +397,10 @@ class Lab:
             controlplane.stop(self.context(state))
         for component in controlplane.COMPONENTS:
             terminate(pid_dir / f"{component}.pid")
-        network.sweep()
+        if other is None:
+            network.sweep()
+        else:
+            say(f"another lab runs from {other}: its namespaces, links and routes stay")
         for sub in ("etcd", "nodes", "pids"):
             shutil.rmtree(self.state_dir / sub, ignore_errors=True)
         self.state_file.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ and waits for the API server's ``/readyz``; :func:`stop` stops them all.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -49,6 +50,101 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def check_ports(state_dir: Path, ports: dict[str, tuple[int, ...]] = PORTS) -> None:
+    """Refuse to start while some process holds a port of a component this lab does not run.
+
+    Every component is checked before the first one starts: a lab half up beside another
+    (its etcd started, its API server's port taken) would leave processes behind, and its
+    clients would reach the other lab's API server ("x509: certificate signed by unknown
+    authority"). The message names the holder's pid and, for a lab's, its state folder.
+    """
+    for component, component_ports in ports.items():
+        pid = read_pid(state_dir / "pids" / f"{component}.pid")
+        if pid is not None and pid_alive(pid):
+            continue
+        for port in component_ports:
+            if not port_free(port):
+                raise ControlPlaneError(
+                    f"port {port} (for {component}) is taken by {port_holder(port, state_dir)}"
+                )
+
+
+def port_holder(port: int, state_dir: Path) -> str:
+    """Who listens on ``port``, and what to do about it, for the error message."""
+    pids = listeners(port)
+    if not pids:
+        return (f"another process: find it with `ss -ltnp 'sport = :{port}'` and stop it, or run "
+                "`svcproxy lab down` with the --state-dir of the lab that owns it")
+    pid = pids[0]
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        name = "?"
+    lab = lab_of(pid)
+    if lab is None:
+        return f"pid {pid} ({name}), which is no lab's: stop it"
+    if lab == state_dir.resolve():
+        return (f"pid {pid} ({name}) of this lab, in {lab}, which its pid files no longer "
+                f"name: stop it with `kill {pid}`")
+    return (f"pid {pid} ({name}) of another lab, in {lab}: run "
+            f"`svcproxy lab down --state-dir {lab}` first")
+
+
+def listeners(port: int) -> list[int]:
+    """Pids of the processes holding a listening TCP socket (IPv4 or IPv6) on ``port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN; field 9 the inode.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    found: list[int] = []
+    if not inodes:
+        return found
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    found.append(int(proc.name))
+                    break
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def lab_of(pid: int) -> Path | None:
+    """The state folder of the lab that process ``pid`` belongs to, from its command line.
+
+    Every lab process names a file in its folder (``--data-dir=<state>/etcd``,
+    ``--client-ca-file=<state>/pki/ca.crt``, ``--state-dir <state>/nodes/...``); the
+    folder is the first parent holding ``lab.json`` or ``pki/admin.kubeconfig`` (``down``
+    removes the first and keeps the second).
+    """
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for arg in args:
+        value = arg.split("=", 1)[-1]
+        if not value.startswith("/"):
+            continue
+        for parent in Path(value).parents:
+            if (parent / "lab.json").is_file() or (parent / "pki" / "admin.kubeconfig").is_file():
+                return parent
+    return None
 
 
 def _argv(ctx: LabContext, component: str, pki: Pki) -> list[str]:
@@ -156,17 +252,11 @@ def _started(
 
 def start(ctx: LabContext, pki: Pki, say: Callable[[str], None]) -> None:
     """Start every component that is not running, in order; return when the API is ready."""
+    check_ports(ctx.state_dir)
     for component in COMPONENTS:
         log = ctx.log_dir / f"{component}.log"
         if running(ctx, component):
             continue
-        for port in PORTS[component]:
-            if not port_free(port):
-                raise ControlPlaneError(
-                    f"port {port} (for {component}) is taken by another process: find it with "
-                    f"`ss -ltnp 'sport = :{port}'` and stop it, or run `svcproxy lab down` "
-                    "with the --state-dir of the lab that owns it"
-                )
         say(f"starting {component}")
         pid = spawn(_argv(ctx, component, pki), log, pid_file(ctx, component))
 

@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 import pytest
 from waiting import wait_until
 
-from svcproxy_lab import traffic
+from svcproxy_lab import controlplane, traffic
 from svcproxy_lab.cluster import Lab as LabCluster
+from svcproxy_lab.node import API_PORT
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -167,11 +168,12 @@ def lab() -> Iterator[Lab]:
     # A lab already running there (another session, SVCPROXY_E2E_KEEP_LAB) is reused
     # and left running: whoever started it takes it down.
     started = not LabCluster(state).alive()
-    handle.up()
-    handle.owned = started
-    handle.nodes = ["node-1", "node-2", "node-3"]
-    _SESSION["lab"] = handle
     try:
+        # Inside the try: a `lab up` killed by its timeout cannot undo what it started.
+        handle.up()
+        handle.owned = started
+        handle.nodes = ["node-1", "node-2", "node-3"]
+        _SESSION["lab"] = handle
         yield handle
     finally:
         _SESSION.pop("lab", None)
@@ -199,6 +201,28 @@ def lab_slot() -> Iterator[None]:
         yield
     finally:
         handle.up()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a test of the session's lab at once, saying why, when that lab is not running.
+
+    A module with a lab of its own that could not hand the slot back (``lab_slot``) leaves
+    the session's lab down, and the tests after it (and their module fixtures, such as a
+    helm release) would talk to whatever holds port 6443 with the wrong certificates
+    ("x509: certificate signed by unknown authority"), far from the cause. This hook runs
+    before the item's fixtures are set up.
+    """
+    names = getattr(item, "fixturenames", ())
+    if "lab" not in names or "lab_slot" in names:
+        return
+    handle = _SESSION.get("lab")
+    if handle is None or handle.state_dir is None or LabCluster(handle.state_dir).alive():
+        return
+    holder = ("free" if controlplane.port_free(API_PORT)
+              else f"taken by {controlplane.port_holder(API_PORT, handle.state_dir)}")
+    pytest.fail(f"the session's lab in {handle.state_dir} is not running (a module before this "
+                f"one may have failed to hand the lab slot back; see its errors); "
+                f"port {API_PORT} is {holder}", pytrace=False)
 
 
 @pytest.fixture

@@ -395,15 +395,17 @@ def system_lab(state_dir: Path = STATE, nodes: tuple[str, ...] = NODES,
         pytest.skip("the lab needs root")
     # Another engineer's lab may hold the machine's one slot: wait for it if asked to.
     patience = time.monotonic() + float(os.environ.get("SVCPROXY_E2E_WAIT_FOR_LAB", "0"))
-    while True:
-        proc = _cli("up", "--nodes", str(len(nodes)), *up_args, state_dir=state_dir)
-        if "another lab" not in proc.stderr.lower() or time.monotonic() > patience:
-            break
-        time.sleep(5)
-    if proc.returncode != 0 and "another lab" in proc.stderr.lower():
-        pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
-    assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
+    refused = False  # another lab holds the machine's slot: nothing here to take down
     try:
+        while True:
+            proc = _cli("up", "--nodes", str(len(nodes)), *up_args, state_dir=state_dir)
+            if "another lab" not in proc.stderr.lower() or time.monotonic() > patience:
+                break
+            time.sleep(5)
+        refused = proc.returncode != 0 and "another lab" in proc.stderr.lower()
+        if refused:
+            pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
+        assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
         lab = SystemLab(state_dir)
 
         def agents_ready() -> bool:
@@ -416,7 +418,8 @@ def system_lab(state_dir: Path = STATE, nodes: tuple[str, ...] = NODES,
         wait_for("a Ready ProxyNode from every agent", agents_ready, 120)
         yield lab
     finally:
-        if not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
+        # After a failed up too: one killed by the timeout cannot undo what it started.
+        if not refused and not os.environ.get("SVCPROXY_E2E_KEEP_LAB"):
             _cli("down", timeout=300, state_dir=state_dir)
 
 

@@ -103,11 +103,13 @@ class AgentLab:
 
 @pytest.fixture(scope="module")
 def alab(lab_slot: None) -> Iterator[AgentLab]:
-    proc = cli("up", "--nodes", "3", "--ipvs-nodes", "2", "--no-svcproxy")
-    if proc.returncode != 0 and "another lab" in proc.stderr.lower():
-        pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
-    assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
+    refused = False  # another lab holds the machine's slot: nothing here to take down
     try:
+        proc = cli("up", "--nodes", "3", "--ipvs-nodes", "2", "--no-svcproxy")
+        refused = proc.returncode != 0 and "another lab" in proc.stderr.lower()
+        if refused:
+            pytest.skip(f"another lab runs on this machine: {proc.stderr.strip()[-300:]}")
+        assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
         lab = AgentLab()
         lab.kubectl("apply", "-f", str(REPO / "crds"))
         wait_for("the CRDs", lambda: lab.kubectl("get", "pvs", "-A", check=False) is not None
@@ -116,7 +118,9 @@ def alab(lab_slot: None) -> Iterator[AgentLab]:
             lab.nodes[name].start_process("agent", lab.agent_argv(lab.nodes[name]))
         yield lab
     finally:
-        cli("down", timeout=300)
+        # After a failed up too: one killed by the timeout cannot undo what it started.
+        if not refused:
+            cli("down", timeout=300)
 
 
 def _pods(lab: AgentLab) -> dict[str, str]:

@@ -32,12 +32,12 @@ def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def small_lab(lab: Lab, lab_slot: None) -> Iterator[Path]:
-    proc = lab_cli("up", "--nodes", "1", "--no-svcproxy")
-    assert proc.returncode == 0, proc.stderr
     try:
+        proc = lab_cli("up", "--nodes", "1", "--no-svcproxy")
+        assert proc.returncode == 0, proc.stderr
         yield Path(proc.stdout.strip().splitlines()[-1])
     finally:
-        lab_cli("down")
+        lab_cli("down")  # after a failed up too: one killed by the timeout undoes nothing
 
 
 def test_a_lab_of_its_own_runs_while_the_session_lab_steps_aside(

@@ -1,7 +1,9 @@
 """``svcproxy lab down`` leaves no process, namespace, interface, route or mount behind.
 
 The test takes the session's lab down, checks the machine, runs ``down`` a
-second time, then brings the lab back up so later tests still have one.
+second time, checks that a failed ``up`` (a taken port; a node that cannot be
+made) leaves nothing either, then brings the lab back up so later tests still
+have one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from svcproxy_lab import network
+from svcproxy_lab import controlplane, network
 from svcproxy_lab.node import pid_alive, read_pid
 
 if TYPE_CHECKING:
@@ -88,6 +90,25 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
     assert proc.returncode == 1
     assert "port 2379 (for etcd) is taken" in proc.stderr
     lab.down()
+
+    # A step failing after the control plane and node-1 are up (node-2's namespace name
+    # taken by a plain file, which no `ip` command can enter): up takes all of it down.
+    bogus = Path("/run/netns/svcp-node-2")
+    bogus.touch()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "svcproxy.cli", "lab", "up", "--no-svcproxy",
+             "--state-dir", str(state)], capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        bogus.unlink(missing_ok=True)
+    assert proc.returncode == 1
+    assert "starting the lab kubelet on node-1" in proc.stderr  # it got that far
+    assert "taking down what it started" in proc.stderr
+    assert "network setup failed" in proc.stderr and "svcp-node-2" in proc.stderr
+    assert _lab_processes(state) == []
+    assert network.leftovers() == []
+    assert controlplane.port_free(6443)
+    assert not (state / "lab.json").exists()
 
     lab.up()  # later tests still get a lab
     assert "node-1" in lab.kubectl("get", "nodes")

@@ -4,8 +4,8 @@ The session fixture ``kind`` runs ``hack/kind.sh up`` (images built here, the 3-
 cluster created or reused, the chart installed with ``--wait``) and hands tests a small
 kubectl wrapper. Nothing here starts an operator or agent process: every svcproxy
 component under test is a container from hack/images.sh. The machine's state before the
-cluster existed is recorded, so the teardown test can check that ``kind.sh down``
-restores it.
+cluster existed (Docker running and the images built) is recorded, so the teardown test
+can check that ``kind.sh down`` restores it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ def _toolchain_path() -> str:
 def kind() -> Iterator[Kind]:
     os.environ["PATH"] = f"{_toolchain_path()}:{os.environ['PATH']}"
     subprocess.run(["bash", str(REPO / "hack/docker.sh")], check=True)
-    before = None if kind_running() else machine_state()
+    before = None
+    if not kind_running():
+        # The images first (kind.sh up builds them too; warm that takes seconds): on a
+        # fresh machine the first `docker build` puts a container on docker0, which then
+        # gets its IPv6 link-local routes. They are Docker's, there as long as dockerd
+        # runs, not something of kind.sh's that down should remove.
+        subprocess.run(["bash", str(REPO / "hack/images.sh")], check=True,
+                       stdout=subprocess.DEVNULL)
+        before = machine_state()
     proc = subprocess.run(["bash", str(REPO / "hack/kind.sh"), "up"], stdout=subprocess.PIPE,
                           text=True, check=False)
     if proc.returncode != 0:
