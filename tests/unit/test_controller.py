@@ -300,6 +300,8 @@ def test_status_shows_cluster_policies_with_their_counts_and_problem_rows() -> N
     assert row == ["default", "iptables", "-", "True", "-", "4", "12", "10", "1", "0", "1", "0"]
     assert any(line.split()[:4] == ["shop", "cart", "ClusterServiceProxyPolicy/default", "Conflicted"]
                for line in lines)
+    services = statuscmd.render([], [], [], [cluster], namespace="other").split("SERVICES")[1]
+    assert "cart" not in services.split("PROGRAMS")[0]  # -n other: shop's rows are not asked for
     assert "CLUSTER POLICIES" not in statuscmd.render([], [], [])
 
 

@@ -37,13 +37,18 @@ def _cond(obj: JSON, type_: str) -> str:
     return "-"
 
 
+def _mode_scheduler(spec: JSON) -> list[str]:
+    """MODE and SCHEDULER cells of either policy kind (the API's defaults when unset)."""
+    mode = spec.get("mode", "ipvs")
+    return [mode, (spec.get("ipvs") or {}).get("scheduler", "-" if mode == "iptables" else "rr")]
+
+
 def _policy_row(p: JSON) -> list[str]:
     meta, spec, status = p["metadata"], p.get("spec") or {}, p.get("status") or {}
     return [
         meta.get("namespace", ""),
         meta["name"],
-        spec.get("mode", "ipvs"),
-        (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
+        *_mode_scheduler(spec),
         _cond(p, "Accepted"),
         _cond(p, "Programmed"),
         _cond(p, "Conflicted"),
@@ -73,8 +78,7 @@ def _cluster_row(p: JSON) -> list[str]:
     summary = status.get("summary") or {}
     return [
         p["metadata"]["name"],
-        spec.get("mode", "ipvs"),
-        (spec.get("ipvs") or {}).get("scheduler", "-" if spec.get("mode") == "iptables" else "rr"),
+        *_mode_scheduler(spec),
         _cond(p, "Accepted"),
         _cond(p, "Programmed"),
         str(summary.get("namespaces", 0)),
@@ -87,7 +91,7 @@ def _cluster_row(p: JSON) -> list[str]:
     ]
 
 
-def _problem_rows(p: JSON) -> list[list[str]]:
+def _problem_rows(p: JSON, namespace: str | None) -> list[list[str]]:
     # A cluster policy keeps rows only for Services that need a look (status.problems).
     return [
         [
@@ -100,6 +104,7 @@ def _problem_rows(p: JSON) -> list[list[str]]:
             (row.get("message") or "")[:80],
         ]
         for row in (p.get("status") or {}).get("problems") or []
+        if namespace is None or row.get("namespace") == namespace
     ]
 
 
@@ -129,12 +134,17 @@ def _node_row(n: JSON) -> list[str]:
 
 
 def render(
-    policies: list[JSON], programs: list[JSON], nodes: list[JSON], cluster_policies: list[JSON] | None = None
+    policies: list[JSON],
+    programs: list[JSON],
+    nodes: list[JSON],
+    cluster_policies: list[JSON] | None = None,
+    namespace: str | None = None,
 ) -> str:
-    """The tables (pure); the cluster policies' only when there are any."""
+    """The tables (pure); the cluster policies' only when there are any, their problem rows
+    only of ``namespace`` when one is given."""
     prow = [_policy_row(p) for p in policies]
     srow = [row for p in policies for row in _service_rows(p)]
-    srow += [row for p in cluster_policies or [] for row in _problem_rows(p)]
+    srow += [row for p in cluster_policies or [] for row in _problem_rows(p, namespace)]
     parts = [] if not cluster_policies else [
         "CLUSTER POLICIES\n"
         + _table(
@@ -190,16 +200,8 @@ def run(args: argparse.Namespace) -> int:
         nodes: list[JSON] = node_list.get("items", [])
         cluster_list: Any = custom.list_cluster_custom_object(group, version, "clusterserviceproxypolicies")
         cluster: list[JSON] = cluster_list.get("items", [])
-        if args.namespace:  # its rows in other namespaces are not asked for
-            cluster = [
-                {**c, "status": {**(c.get("status") or {}), "problems": [
-                    row for row in (c.get("status") or {}).get("problems") or []
-                    if row.get("namespace") == args.namespace
-                ]}}
-                for c in cluster
-            ]
     except Exception as err:
         print(f"svcproxy status: cannot read the cluster: {err}", file=sys.stderr)
         return 1
-    sys.stdout.write(render(policies, programs, nodes, cluster))
+    sys.stdout.write(render(policies, programs, nodes, cluster, args.namespace))
     return 0
