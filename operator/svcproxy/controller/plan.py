@@ -133,12 +133,14 @@ def read_namespace(
     raw_policy: JSON | None,
     kubeconfig: str | None,
     cluster_policies: list[JSON] | None = None,
+    api: Any = None,
 ) -> NamespaceView:
     """What the planner needs from the cluster, with the file's policy (if namespaced) in place
-    and ``cluster_policies`` (stand-ins) beside the namespace's own."""
+    and ``cluster_policies`` (stand-ins) beside the namespace's own; ``api``: a client to
+    reuse (one is made from ``kubeconfig`` otherwise)."""
     from svcproxy.controller import cliclient
 
-    api = cliclient.api_client(kubeconfig)
+    api = api if api is not None else cliclient.api_client(kubeconfig)
     core, discovery, custom = cliclient.core(api), cliclient.discovery(api), cliclient.custom(api)
     services = _items(core.list_namespaced_service(namespace), api)
     slices = _items(discovery.list_namespaced_endpoint_slice(namespace), api)
@@ -170,9 +172,10 @@ def read_namespace(
     )
 
 
-def read_cluster(raw_policy: JSON, kubeconfig: str | None) -> list[NamespaceView]:
-    """One view per namespace the file's cluster policy selects, with the stored cluster
-    policies (the file's in place of the stored one) planned beside each namespace's own."""
+def read_cluster(raw_policy: JSON, kubeconfig: str | None, only: str | None = None) -> list[NamespaceView]:
+    """One view per namespace the file's cluster policy selects (``only``: just that one, if
+    selected), with the stored cluster policies (the file's in place of the stored one)
+    planned beside each namespace's own."""
     from svcproxy.controller import cliclient
 
     api = cliclient.api_client(kubeconfig)
@@ -184,10 +187,9 @@ def read_cluster(raw_policy: JSON, kubeconfig: str | None) -> list[NamespaceView
         raise ValueError(parsed[0].error)
     views = []
     for ns in _items(core.list_namespace(), api):
-        labels = ns["metadata"].get("labels") or {}
-        if selects_namespace(mine, labels):
-            stand_ins = for_namespace(parsed, labels)
-            views.append(read_namespace(ns["metadata"]["name"], None, kubeconfig, stand_ins))
+        name, labels = ns["metadata"]["name"], ns["metadata"].get("labels") or {}
+        if (only is None or name == only) and selects_namespace(mine, labels):
+            views.append(read_namespace(name, None, kubeconfig, for_namespace(parsed, labels), api))
     return views
 
 
@@ -220,12 +222,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_cluster(args: argparse.Namespace, raw: JSON, name: str) -> int:
     try:
-        views = read_cluster(raw, args.kubeconfig)
+        views = read_cluster(raw, args.kubeconfig, args.namespace)
     except Exception as err:
         print(f"svcproxy plan: cannot read the cluster: {err}", file=sys.stderr)
         return 1
-    if args.namespace:
-        views = [v for v in views if v.namespace == args.namespace]
     if not views:
         sys.stdout.write("# the policy selects no namespace\n")
         return 0
