@@ -141,7 +141,7 @@ HANDBACK_WAIT_SECONDS = 15.0
 HANDBACK_POLL_SECONDS = 0.5
 
 
-async def _handed_back(step: Callable[[], Awaitable[list[str]]], wait: float, what: str) -> None:
+async def _handed_back(step: Callable[[], Awaitable[list[str]]], wait: float) -> None:
     """Run ``step`` (reconcile, return the Services still owned) until it returns none, for
     at most ``wait`` seconds; then a TemporaryError naming the rest (kopf retries)."""
     loop = asyncio.get_running_loop()
@@ -152,7 +152,8 @@ async def _handed_back(step: Callable[[], Awaitable[list[str]]], wait: float, wh
             return
         if loop.time() >= deadline:
             shown = ", ".join(owned[:10]) + (f" and {len(owned) - 10} more" if len(owned) > 10 else "")
-            raise kopf.TemporaryError(f"handing {shown} back to kube-proxy before removing {what}", delay=1)
+            message = f"handing {shown} back to kube-proxy before removing the program"
+            raise kopf.TemporaryError(message, delay=1)
         await asyncio.sleep(HANDBACK_POLL_SECONDS)
 
 
@@ -171,7 +172,7 @@ async def withdraw_cluster(
                 raise kopf.TemporaryError(f"could not reconcile namespace {namespace}; retrying", delay=2)
         return list(reconciler.owned_by_cluster(name))
 
-    await _handed_back(step, wait, "the program")
+    await _handed_back(step, wait)
     logging.getLogger("svcproxy.operator").info(
         "every Service handed back; cluster policy can go", extra={"k8s_ref": {"namespace": "", "name": name}}
     )
@@ -190,7 +191,7 @@ async def withdraw(
             raise kopf.TemporaryError("could not reconcile the namespace; retrying", delay=2)
         return list(reconciler.still_owned(namespace, name))
 
-    await _handed_back(step, wait, "the program")
+    await _handed_back(step, wait)
     logging.getLogger("svcproxy.operator").info(
         "every Service handed back; policy can go", extra={"k8s_ref": {"namespace": namespace, "name": name}}
     )
