@@ -163,12 +163,12 @@ class AddressBook:
     # ---- Nodes -------------------------------------------------------------------------
     def set_node(self, name: str, nets: tuple[Network, ...]) -> bool:
         """True when the address space changed; :meth:`take_narrowed` says whether it lost any."""
-        before = self.nodes.get(name)
-        if before is None:
-            departed = self.departed.pop(name, None)
-            before = departed[0] if departed is not None else None
-        if before == nets and name in self.nodes:
+        departed = self.departed.pop(name, None)
+        current = self.nodes.get(name)
+        if current == nets:
             return False
+        # A Node back from departure is compared with the networks it left with.
+        before = current if current is not None else departed[0] if departed is not None else None
         if before is not None and not set(before) <= set(nets):
             self._narrowed = True  # programs accepted before may reach outside the space now
         self.nodes[name] = nets
