@@ -78,16 +78,23 @@ download() {
   (cd "$dir" && apt-get download -qq "$@" 2>&1 | grep -v -i 'unsandboxed' >&2 || true)
 }
 
+# candidate [APT-ARGS...]: the user-mode-linux version apt would take ("" when none).
+candidate() {
+  local v
+  v=$(apt-cache "$@" policy user-mode-linux 2>/dev/null | awk '/Candidate:/ {print $2}')
+  [ "$v" = "(none)" ] || echo "$v"
+}
+
 # The machine's own suite.
 own() {
   local version dest work deb
-  version=$(apt-cache policy user-mode-linux 2>/dev/null | awk '/Candidate:/ {print $2}')
-  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+  version=$(candidate)
+  if [ -z "$version" ]; then
     log "user-mode-linux not in the package lists; running apt-get update"
     apt-get update -qq
-    version=$(apt-cache policy user-mode-linux 2>/dev/null | awk '/Candidate:/ {print $2}')
+    version=$(candidate)
   fi
-  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+  if [ -z "$version" ]; then
     log "apt cannot find user-mode-linux in this machine's sources (/etc/apt/sources.list*)"
     return 1
   fi
@@ -118,12 +125,13 @@ unstable() {
   apt=(-o "Dir::Etc::sourcelist=$lists/sources.list" -o "Dir::Etc::sourceparts=-"
        -o "Dir::State::Lists=$lists/lists" -o "Dir::Cache=$lists/cache")
   # The lists are read only here; refresh them when a day old (sid moves, old debs go).
-  if [ -z "$(find "$lists/lists" -name '*_Packages' -mmin -1440 2>/dev/null)" ]; then
+  # apt keeps them compressed (..._Packages.lz4): match any suffix, or every run updates.
+  if [ -z "$(find "$lists/lists" -name '*_Packages*' -mmin -1440 2>/dev/null)" ]; then
     log "reading Debian unstable's package lists from $mirror"
     apt-get "${apt[@]}" update -qq || die "apt-get update of Debian unstable ($mirror sid) failed."
   fi
-  version=$(apt-cache "${apt[@]}" policy user-mode-linux | awk '/Candidate:/ {print $2}')
-  [ -n "$version" ] && [ "$version" != "(none)" ] || die "Debian unstable has no user-mode-linux package."
+  version=$(candidate "${apt[@]}")
+  [ -n "$version" ] || die "Debian unstable has no user-mode-linux package."
   dest="$root/uml/${version//:/_}-sid"
   if ! [ -f "$dest/.complete" ]; then
     log "unpacking user-mode-linux $version (Debian unstable) and its glibc into $dest"
