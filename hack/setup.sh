@@ -2,14 +2,16 @@
 # Installs what the tests and the demo need on a fresh Debian machine, and is
 # quick when everything is already there:
 #   - Debian packages (Python's venv, a C compiler for the pause binary, network
-#     tools, netfilter, ipvsadm, UML helpers, mmdebstrap for the kind images);
+#     tools, netfilter, ipvsadm, UML helpers, mmdebstrap for the kind images,
+#     and what building a UML kernel needs where no packaged one serves);
 #   - Go, when this machine has none at least as new as the one build.sh pins:
 #     Debian's backported Go (bookworm-backports, added as an apt source if
 #     absent), with which build.sh fetches the pinned release from the Go module
 #     proxy (GOTOOLCHAIN);
 #   - the lab's Kubernetes, etcd, helm and kubeconform binaries, built from Go
 #     modules into a cache folder keyed by version (minutes when cold);
-#   - the user-mode-linux kernel with IPVS, unpacked into the same cache.
+#   - the user-mode-linux kernel with IPVS and NAT, unpacked or built into the
+#     same cache (toolchain/uml.sh).
 # Usage: hack/setup.sh            all of it (as root)
 #        hack/setup.sh packages   only the Debian packages: what `make venv` needs
 #                                 first; needs root only when something is missing
@@ -29,7 +31,7 @@ if [ "$mode" = all ] && ! is_root; then
 fi
 
 packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc
-  gcc libc6-dev mmdebstrap)
+  gcc libc6-dev make flex bison bc xz-utils mmdebstrap)
 # One dpkg-query for all of them: the packages not installed (unknown ones print nothing).
 installed=$(dpkg-query -W -f='${Package} ${Status}\n' "${packages[@]}" 2>/dev/null \
   | awk '/ install ok installed$/ {print $1}' || true)

@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Unpacks a Debian user-mode-linux kernel (linux.uml, with IPVS and every
-# scheduler as modules) into a cache folder keyed by the package version,
-# without installing it system-wide, and checks that it boots on this host.
-# Called by hack/setup.sh; the lab's UML guests (lab/svcproxy_lab/uml.py) read
-# the folder it prints.
+# Provides a user-mode-linux kernel (linux.uml) with IPVS, every scheduler and
+# IPv4 NAT in a cache folder, without installing anything system-wide, and
+# checks that it boots on this host. Called by hack/setup.sh; the lab's UML
+# guests (lab/svcproxy_lab/uml.py) read the folder it prints.
 #
-# Which kernel: the machine's own suite's package first (Debian 12: 6.1). Some
-# hosts cannot run it: on one 6.18 host with AMX, UML 6.1 (and 6.12) died
-# starting init ("userspace - ptrace set fp regs failed, errno = 14"), while
-# 7.2 boots. Then Debian unstable's package is used, with that suite's glibc
-# beside it (the host's is too old for it) and its ELF interpreter and library
-# path pointed there by patchelf. Each kernel is boot-checked once per host
-# kernel release (a marker in its folder).
+# Which kernel: the machine's own suite's user-mode-linux package (Debian 12:
+# 6.1), unpacked, when it boots here and its config has IPv4 NAT. Otherwise one
+# built from Debian unstable's linux-source: `make ARCH=um defconfig` plus
+# uml.config beside this script, keyed by the source version and a hash of
+# uml.config. Why: on one 6.18 host with AMX, UML 6.1 and 6.12 died starting
+# init ("userspace - ptrace set fp regs failed, errno = 14"); Debian's 7.2um1
+# boots there but has no IPv4/IPv6 NAT, so masquerade cannot be programmed.
+# The build takes 5-8 minutes on 2 cores, once per cache. Each kernel is
+# boot-checked once per host kernel release (a marker in its folder).
 #
 # Usage: uml.sh [CACHE_ROOT]   (default: ${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy)
-# Quick when a checked version is already unpacked. Prints the folder on its last line:
+# Quick when a checked kernel is already there. Prints the folder on its last line:
 #   <folder>/usr/bin/linux.uml, <folder>/usr/lib/uml/modules/<kernel version>/
-# SVCPROXY_UML_SUITE=sid forces the unstable kernel (to try it on any host).
+# SVCPROXY_UML_BUILD=1 skips the package and builds (to try the build on any host).
 set -euo pipefail
 
 root=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/svcproxy}
+here=$(cd "$(dirname "$0")" && pwd)
 log() { printf '[uml %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { echo "uml.sh: $*" >&2; exit 2; }
 
@@ -110,12 +112,39 @@ own() {
     finish "$dest"
     rm -rf "$work"
   fi
-  boots "$dest" && echo "$dest"
+  has_nat "$dest" && boots "$dest" && echo "$dest"
 }
 
-# Debian unstable's kernel, with that suite's glibc beside it.
-unstable() {
-  local mirror lists apt version dest work libdir
+# has_nat DIR: the unpacked package's kernel config has IPv4 NAT, in nft or in
+# x_tables (the agent takes whichever the kernel has).
+has_nat() {
+  local cfg=$1/usr/share/doc/user-mode-linux/config.gz
+  [ -f "$cfg" ] || { log "$(basename "$1") carries no config.gz; assuming it has NAT"; return 0; }
+  if zgrep -q '^CONFIG_IP_NF_NAT=[ym]' "$cfg" ||
+     { zgrep -q '^CONFIG_NF_TABLES_IPV4=y' "$cfg" && zgrep -q '^CONFIG_NFT_NAT=[ym]' "$cfg"; }; then
+    return 0
+  fi
+  log "$(basename "$1") has no IPv4 NAT (neither CONFIG_IP_NF_NAT nor nft's)"
+  return 1
+}
+
+# build: a kernel from Debian unstable's linux-source with uml.config.
+build() {
+  local mirror lists apt version pkg hash dest work src tool kver line missing=()
+  for tool in make gcc flex bison bc xz depmod; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  [ ${#missing[@]} -eq 0 ] ||
+    die "building the UML kernel needs ${missing[*]}; run hack/setup.sh packages (as root) or install flex bison bc xz-utils kmod."
+  hash=$(sha256sum "$here/uml.config" | cut -c1-12)
+  # A kernel built earlier from this uml.config serves, whatever unstable now holds:
+  # a newer source would mean an 8-minute build in the middle of some test run.
+  for dest in "$root"/uml/built-*-"$hash"; do
+    if [ -f "$dest/.complete" ] && boots "$dest"; then
+      echo "$dest"
+      return 0
+    fi
+  done
   mirror=$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' /etc/apt/sources.list.d/*.sources \
     /etc/apt/sources.list 2>/dev/null || true)
   mirror=${mirror:-http://deb.debian.org/debian}
@@ -130,33 +159,51 @@ unstable() {
     log "reading Debian unstable's package lists from $mirror"
     apt-get "${apt[@]}" update -qq || die "apt-get update of Debian unstable ($mirror sid) failed."
   fi
-  version=$(candidate "${apt[@]}")
-  [ -n "$version" ] || die "Debian unstable has no user-mode-linux package."
-  dest="$root/uml/${version//:/_}-sid"
+  version=$(apt-cache "${apt[@]}" policy linux-source 2>/dev/null | awk '/Candidate:/ {print $2}')
+  pkg=$(apt-cache "${apt[@]}" depends linux-source 2>/dev/null | awk '/Depends: linux-source-/ {print $2; exit}')
+  [ -n "$version" ] && [ "$version" != "(none)" ] && [ -n "$pkg" ] ||
+    die "Debian unstable has no linux-source package (its lists: $lists)."
+  dest="$root/uml/built-${version//:/_}-$hash"
   if ! [ -f "$dest/.complete" ]; then
-    log "unpacking user-mode-linux $version (Debian unstable) and its glibc into $dest"
-    work=$(mktemp -d "$root/uml/.download.XXXXXX")
-    download "$work" "${apt[@]}" "user-mode-linux=$version" libc6
-    command -v patchelf >/dev/null || download "$work" patchelf
-    unpack "$dest" "$work"/user-mode-linux_*.deb "$work"/libc6_*.deb
-    local patchelf
-    patchelf=$(command -v patchelf || true)
-    if [ -z "$patchelf" ]; then
-      mkdir -p "$work/pe" && dpkg-deb -x "$work"/patchelf_*.deb "$work/pe"
-      patchelf="$work/pe/usr/bin/patchelf"
+    log "building a UML kernel from $pkg $version with uml.config into $dest (5-8 min)"
+    work=$(mktemp -d "$root/uml/.build.XXXXXX")
+    download "$work" "${apt[@]}" "$pkg=$version"
+    ls "$work/${pkg}_"*.deb >/dev/null 2>&1 || die "apt-get download $pkg=$version produced no .deb; check access to $mirror."
+    dpkg-deb --fsys-tarfile "$work/${pkg}_"*.deb | tar -x -C "$work" --wildcards './usr/src/linux-source-*.tar.xz'
+    tar -xJf "$work"/usr/src/linux-source-*.tar.xz -C "$work"
+    src=$(ls -d "$work"/linux-source-*/ | head -n1)
+    (
+      cd "$src"
+      make ARCH=um defconfig
+      ./scripts/kconfig/merge_config.sh -m .config "$here/uml.config"
+      make ARCH=um olddefconfig
+    ) > "$work/config.log" 2>&1 || die "configuring the UML kernel failed; see $work/config.log"
+    # olddefconfig silently drops what the fragment asks for and Kconfig refuses.
+    while read -r line; do
+      grep -qx "$line" "$src/.config" || die "uml.config asks for $line but $pkg $version's Kconfig dropped it (renamed, or a dependency missing); fix uml.config."
+    done < <(grep -E '^CONFIG_' "$here/uml.config")
+    rm -rf "$dest.tmp"
+    mkdir -p "$dest.tmp/usr/bin" "$dest.tmp/mods"
+    if ! make -C "$src" ARCH=um -j"$(nproc)" linux modules > "$work/build.log" 2>&1 ||
+       ! make -C "$src" ARCH=um modules_install INSTALL_MOD_PATH="$dest.tmp/mods" >> "$work/build.log" 2>&1; then
+      die "building the UML kernel failed; the end of $work/build.log: $(tail -n 5 "$work/build.log")"
     fi
-    # The final folder's path, not .tmp's: the interpreter path is absolute.
-    libdir="$dest/usr/lib/x86_64-linux-gnu"
-    [ -x "$dest.tmp/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ] || die "libc6 of Debian unstable has no ld-linux-x86-64.so.2."
-    "$patchelf" --set-interpreter "$libdir/ld-linux-x86-64.so.2" --set-rpath "$libdir" "$dest.tmp/usr/bin/linux.uml"
+    install -m 755 "$src/linux" "$dest.tmp/usr/bin/linux.uml"
+    kver=$(ls "$dest.tmp/mods/lib/modules")
+    mkdir -p "$dest.tmp/usr/lib/uml/modules" "$dest.tmp/usr/share/doc/user-mode-linux"
+    mv "$dest.tmp/mods/lib/modules/$kver" "$dest.tmp/usr/lib/uml/modules/$kver"
+    # Links into the build tree, which goes away below.
+    rm -f "$dest.tmp/usr/lib/uml/modules/$kver/build" "$dest.tmp/usr/lib/uml/modules/$kver/source"
+    rm -rf "$dest.tmp/mods"
+    # The same place as the package's: what has_nat and a reader look for.
+    gzip -c "$src/.config" > "$dest.tmp/usr/share/doc/user-mode-linux/config.gz"
     finish "$dest"
     rm -rf "$work"
   fi
   boots "$dest" && echo "$dest"
 }
 
-if [ "${SVCPROXY_UML_SUITE:-}" != sid ] && own; then
+if [ -z "${SVCPROXY_UML_BUILD:-}" ] && own; then
   exit 0
 fi
-log "trying Debian unstable's user-mode-linux"
-unstable || die "no user-mode-linux kernel boots on this host (kernel $host); see the lines above."
+build || die "the UML kernel built here does not boot on this host (kernel $host); see the lines above."
