@@ -36,9 +36,10 @@ ADDRESSES = service_addresses(SERVICE)
 REALS = [{"address": "10.244.1.5", "port": 8080}]
 
 
-def _with(address: str, port: int, *, kind: str = "NodePort", protocol: str = "TCP") -> DesiredProgram:
+def _with(address: str, port: int, *, kind: str = "NodePort", protocol: str = "TCP",
+          mode: str = "iptables") -> DesiredProgram:
     extra: dict[str, Any] = {"address": address, "addressType": kind, "port": port, "protocol": protocol,
-                             "mode": "iptables", "realServers": REALS}
+                             "mode": mode, "realServers": REALS}
     return pvs("web", reals=REALS, extra_vs=[extra])
 
 
@@ -103,3 +104,10 @@ def test_loopback_is_never_a_trusted_virtual_ip() -> None:
 def test_a_node_port_address_without_its_type_never_reaches_the_check(address: str, kind: str) -> None:
     with pytest.raises(ValidationError, match="goes with addressType NodePort"):
         _with(address, 30080, kind=kind)
+
+
+@pytest.mark.parametrize("mode", ["ipvs", "userspace"])
+def test_a_node_port_in_another_mode_is_refused(mode: str) -> None:
+    refusal = refusal_of(_with("0.0.0.0", 30080, mode=mode), ADDRESSES, SPACE)
+    assert refusal is not None and refusal.reason == FOREIGN_NODE_PORT
+    assert f"asks for mode {mode}" in refusal.message and "iptables mode only" in refusal.message

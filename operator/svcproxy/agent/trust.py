@@ -289,9 +289,9 @@ def refusal_of(
             " only for an existing Service with the same name and namespace (it is, as soon as the"
             " Service shows up)",
         )
-    for servers in program.by_mode.values():
+    for mode, servers in program.by_mode.items():
         for vs in servers:
-            refusal = _virtual_ip_refusal(vs, owner, addresses, node_ports)
+            refusal = _virtual_ip_refusal(vs, owner, addresses, node_ports, mode)
             if refusal is not None:
                 return refusal
             for rs in vs.real_servers:
@@ -307,11 +307,17 @@ def refusal_of(
 
 
 def _virtual_ip_refusal(
-    vs: VirtualServer, owner: str, addresses: frozenset[str], node_ports: range
+    vs: VirtualServer, owner: str, addresses: frozenset[str], node_ports: range, mode: str
 ) -> Refusal | None:
     """Why one virtual server's address (or node port) is not its Service's, or None."""
     address = normalised(vs.address)
     if address is not None and ipaddress.ip_address(address).is_unspecified:
+        if mode != "iptables":  # the operator never compiles one: other modes would misread it
+            return Refusal(
+                FOREIGN_NODE_PORT,
+                f"node port {vs.port}/{vs.protocol} of {owner} asks for mode {mode}: node ports"
+                " are served in iptables mode only: check who wrote this ProxyVirtualServer",
+            )
         if vs.port not in node_ports:
             return Refusal(
                 FOREIGN_NODE_PORT,
