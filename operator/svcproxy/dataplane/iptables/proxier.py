@@ -31,7 +31,7 @@ from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
-from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, keep_rules, names_only
+from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     BlockingProxier,
@@ -418,7 +418,7 @@ class IptablesProxier(BlockingProxier):
     def _jump_chains(self, v6: bool) -> dict[str, list[str]]:
         """SVCPROXY-SERVICES and SVCPROXY-NODEPORTS as saved (a chain that is missing is
         not in the result), from one iptables-save."""
-        saved = self._nf[v6].read(("nat",), rules.PREFIX, keep_rules, lambda c: c in rules.JUMP_CHAINS)
+        saved = self._nf[v6].read(("nat",), rules.PREFIX, _jump_rules, _is_jump_chain)
         return saved["nat"].chains
 
     def _reject_lines(
@@ -452,6 +452,16 @@ class IptablesProxier(BlockingProxier):
             nf.restore(f"*filter\n:{rules.NO_ENDPOINTS} - [0:0]\nCOMMIT\n")
         nf.ensure_jumps(rules.FILTER_JUMPS)
         return {rules.same_rule(line) for line in chains.get(rules.NO_ENDPOINTS, [])}
+
+
+def _is_jump_chain(name: str) -> bool:
+    return name in rules.JUMP_CHAINS
+
+
+def _jump_rules(name: str, lines: list[str]) -> list[str]:
+    """A scan fold keeping the jump chains' rules; the per-service chains (folded too, not
+    kept) cost no copy."""
+    return list(lines) if name in rules.JUMP_CHAINS else []
 
 
 def create(config: object) -> IptablesProxier:
