@@ -129,6 +129,11 @@ def case_the_iptables_proxiers_rules_read_back_as_written(nf: NetfilterKernel) -
         VirtualServer.create("TCP", "10.96.7.1", 83, [], owner="ns/empty"),
         VirtualServer.create("TCP", "fd00:96::7:1", 80, [RealServer("fd00:244::2", 8080)],
                              persistence=60, owner="ns/six"),
+        VirtualServer.create("TCP", "0.0.0.0", 30080, reals(1, 1), owner="ns/nodeport"),
+        VirtualServer.create("UDP", "0.0.0.0", 30053, [], owner="ns/nodeport-empty"),
+        VirtualServer.create("TCP", "::", 30080, [RealServer("fd00:244::2", 8080)], owner="ns/nodeport6"),
+        VirtualServer.create("TCP", "::", 30081, [], owner="ns/nodeport6-empty"),
+        VirtualServer.create("TCP", "192.0.2.7", 80, reals(1), owner="ns/external"),
     ]
     p = IptablesProxier(nf, nf.family(True))
     table = make_table(servers)

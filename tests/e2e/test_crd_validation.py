@@ -180,3 +180,28 @@ def test_kubectl_explain_reads_well(crds: Lab) -> None:
     assert "schedulerFlags" in text
     short = crds.kubectl("explain", "pvs.spec.virtualServers.realServers.weight")
     assert "drains" in short
+
+
+def _program(address: str, address_type: str, port: int) -> dict[str, Any]:
+    vs = {"address": address, "addressType": address_type, "port": port, "mode": "iptables"}
+    return {
+        "apiVersion": "svcproxy.io/v1alpha1",
+        "kind": "ProxyVirtualServer",
+        "metadata": {"name": "np"},
+        "spec": {"service": {"name": "np"}, "policy": {"name": "p"}, "mode": "iptables",
+                 "virtualServers": [vs]},
+    }
+
+
+def test_node_port_address_goes_with_its_address_type_only(crds: Lab, namespace: str) -> None:
+    """The CEL rule on a program's virtual servers: 0.0.0.0 / :: mean a node port and
+    nothing else (agents read them so)."""
+    for address, kind in (("0.0.0.0", "ClusterIP"), ("10.96.0.10", "NodePort"), ("::", "ExternalIP")):
+        result = _apply(crds, namespace, _program(address, kind, 30080))
+        assert result.returncode != 0, (address, kind)
+        assert "goes with addressType NodePort, and only with it" in result.stderr, result.stderr
+        assert "spec.virtualServers[0].address" in result.stderr, result.stderr
+    ok = _apply(crds, namespace, _program("0.0.0.0", "NodePort", 30080))
+    assert ok.returncode == 0, ok.stderr
+    stored = json.loads(crds.kubectl("get", "pvs", "np", "-n", namespace, "-o", "json"))
+    assert stored["spec"]["virtualServers"][0]["addressType"] == "NodePort"

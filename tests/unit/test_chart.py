@@ -136,6 +136,18 @@ def test_extra_pod_cidrs_reach_the_agent(helm: Path) -> None:
         "--extra-pod-cidr=192.168.0.0/16", "--extra-pod-cidr=fd00:99::/48"]
 
 
+def test_the_node_port_range_reaches_the_agent(helm: Path) -> None:
+    for sets, want in (((), "--node-port-range=30000-32767"),
+                       (("--set", "agent.nodePortRange=20000-22767"), "--node-port-range=20000-22767")):
+        out = helm_template(helm, *sets)
+        assert out.returncode == 0, out.stderr
+        ds = next(d for d in documents(out.stdout) if d["kind"] == "DaemonSet")
+        args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert [a for a in args if a.startswith("--node-port-range")] == [want]
+    bad = helm_template(helm, "--set", "agent.nodePortRange=lots")
+    assert bad.returncode != 0 and "nodePortRange" in bad.stderr
+
+
 def test_rbac_grants_the_agent_nothing_but_programs_proxynodes_and_reads_for_checks(
         rendered: dict[tuple[str, str], JSON]) -> None:
     role = rendered[("ClusterRole", "svcproxy-agent")]

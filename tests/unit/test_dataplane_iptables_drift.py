@@ -26,6 +26,7 @@ SAVED_NAT = """\
 :POSTROUTING ACCEPT [0:0]
 :FOREIGN - [0:0]
 :SVCPROXY-MARK-MASQ - [0:0]
+:SVCPROXY-NODEPORTS - [0:0]
 :SVCPROXY-POSTROUTING - [0:0]
 :SVCPROXY-PORTALS - [0:0]
 :SVCPROXY-SEP-26HHBASMW6DBEKD - [0:0]
@@ -35,7 +36,9 @@ SAVED_NAT = """\
 :SVCPROXY-SVC-CXMCI6VQD5OEHXA - [0:0]
 :SVCPROXY-SVC-DUAEMUXPFNXIVFA - [0:0]
 -A PREROUTING -m comment --comment svcproxy-services -j SVCPROXY-SERVICES
+-A PREROUTING -m comment --comment svcproxy-nodeports -m addrtype --dst-type LOCAL -j SVCPROXY-NODEPORTS
 -A OUTPUT -m comment --comment svcproxy-services -j SVCPROXY-SERVICES
+-A OUTPUT -m comment --comment svcproxy-nodeports -m addrtype --dst-type LOCAL -j SVCPROXY-NODEPORTS
 -A POSTROUTING -m comment --comment svcproxy-postrouting -j SVCPROXY-POSTROUTING
 -A FOREIGN -d 192.0.2.1/32 -j RETURN
 -A SVCPROXY-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000

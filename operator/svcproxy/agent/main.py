@@ -36,7 +36,7 @@ from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
 from svcproxy.agent.tracker import ChangeTracker
-from svcproxy.agent.trust import AddressBook, network
+from svcproxy.agent.trust import AddressBook, network, port_range
 from svcproxy.agent.watch import ListWatch, NodeWatch, PvsWatch, ServiceWatch, _describe
 from svcproxy.base import MODES, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities
@@ -96,6 +96,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where real servers may also be, besides every Node's spec.podCIDRs and"
                         " addresses: for a CNI that does not allocate Pods from the Nodes' podCIDRs"
                         " (repeatable; a program with a real server outside all of them is refused)")
+    parser.add_argument("--node-port-range", default="30000-32767", metavar="FIRST-LAST",
+                        help="the cluster's --service-node-port-range: a program's node port outside"
+                        " it is refused (default 30000-32767)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated proxy modes this agent may run (default: all);"
                         " Services asking for another run in iptables mode, or fail if that is off")
@@ -281,8 +284,9 @@ def prepare(args: argparse.Namespace) -> tuple[dict[Mode, Proxier], dict[Mode, M
 def _agent(
     args: argparse.Namespace, usable: dict[Mode, Proxier], unusable: dict[Mode, ModeCapabilities]
 ) -> Agent:
-    """The agent the flags describe; ValueError for a bad --extra-pod-cidr."""
+    """The agent the flags describe; ValueError for a bad --extra-pod-cidr or --node-port-range."""
     extra = tuple(network(c) for c in args.extra_pod_cidr or ())
+    node_ports = port_range(args.node_port_range)
     return Agent(
         usable,
         node_name=args.node_name,
@@ -294,7 +298,7 @@ def _agent(
         agent_version=version(),
         kernel_release=os.uname().release,
         unavailable=unusable,
-        guard=AddressBook(extra=extra),
+        guard=AddressBook(extra=extra, node_ports=node_ports),
     )
 
 
@@ -339,7 +343,7 @@ async def amain(
         try:
             agent = _agent(args, usable, unusable)
         except ValueError as err:
-            log.error("bad --extra-pod-cidr: %s", err)
+            log.error("bad flag: %s", err)
             return 2
         if args.cleanup:
             return await _cleanup(agent)

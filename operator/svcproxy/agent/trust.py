@@ -3,6 +3,8 @@
 Defense in depth behind the chart's admission policy (only the operator writes
 ProxyVirtualServers): a program whose virtual IPs are not its Service's addresses
 (``spec.clusterIPs``, ``spec.externalIPs``, ``status.loadBalancer.ingress[].ip``), or
+whose node-port virtual servers (address 0.0.0.0 or ::) are not its Service's
+``spec.ports[].nodePort`` or lie outside the cluster's node-port range, or
 whose real servers are outside every Node's ``spec.podCIDRs``, every Node address
 (``status.addresses``: a hostNetwork Pod uses its node's) and the agent's
 ``--extra-pod-cidr``\\ s, is refused whole. :class:`AddressBook` keeps what the checks
@@ -24,11 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcproxy.agent.convert import DesiredProgram
+from svcproxy.dataplane.table import VirtualServer
 
 FOREIGN_VIP = "ForeignVIP"
+FOREIGN_NODE_PORT = "ForeignNodePort"
 FOREIGN_REAL_SERVER = "ForeignRealServer"
 UNKNOWN_SERVICE = "UnknownService"
-REFUSAL_REASONS = (FOREIGN_VIP, FOREIGN_REAL_SERVER, UNKNOWN_SERVICE)
+REFUSAL_REASONS = (FOREIGN_VIP, FOREIGN_NODE_PORT, FOREIGN_REAL_SERVER, UNKNOWN_SERVICE)
+# kube-apiserver's default --service-node-port-range.
+DEFAULT_NODE_PORTS = range(30000, 32768)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,8 +65,34 @@ def network(text: str) -> Network:
         raise ValueError(f"{text!r} is not a CIDR (e.g. 10.244.0.0/16 or fd00:10:244::/56): {err}") from err
 
 
+def port_range(text: str) -> range:
+    """"FIRST-LAST" (as kube-apiserver's --service-node-port-range) as a range; ValueError
+    saying what is wrong."""
+    first, sep, last = text.strip().partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        low, high = 0, -1
+    if not sep or not 1 <= low <= high <= 65535:
+        raise ValueError(f"--node-port-range {text!r} is not FIRST-LAST within 1-65535 (e.g. 30000-32767)")
+    return range(low, high + 1)
+
+
+def node_port_key(protocol: str, port: int) -> str:
+    """How a node port sits among a Service's addresses (never an IP address's spelling)."""
+    return f"nodePort {protocol}/{port}"
+
+
+def _special(address: str) -> bool:
+    """An address that makes no sense as a virtual IP: unspecified (the node-port form),
+    loopback, link-local or multicast (the API server refuses such externalIPs too)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast
+
+
 def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
-    """A Service's addresses that a program may use as virtual IPs."""
+    """A Service's addresses that a program may use as virtual IPs, and its node ports
+    (as :func:`node_port_key`: one set, so the watches keep one value per Service)."""
     spec = obj.get("spec") or {}
     raw: list[Any] = list(spec.get("clusterIPs") or [spec.get("clusterIP")])
     raw += spec.get("externalIPs") or []
@@ -68,7 +100,12 @@ def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
         if isinstance(ingress, Mapping):
             raw.append(ingress.get("ip"))
     found = (normalised(a) for a in raw if isinstance(a, str) and a and a != "None")
-    return frozenset(a for a in found if a is not None)
+    out = {a for a in found if a is not None and not _special(a)}
+    for port in spec.get("ports") or []:
+        number = port.get("nodePort") if isinstance(port, Mapping) else None
+        if isinstance(number, int) and not isinstance(number, bool):
+            out.add(node_port_key(str(port.get("protocol") or "TCP"), number))
+    return frozenset(out)
 
 
 def node_networks(obj: Mapping[str, Any]) -> tuple[Network, ...]:
@@ -134,6 +171,7 @@ class AddressBook:
 
     extra: tuple[Network, ...] = ()
     departed_grace: float = 300.0
+    node_ports: range = DEFAULT_NODE_PORTS
     services: dict[str, frozenset[str]] = field(default_factory=dict)
     nodes: dict[str, tuple[Network, ...]] = field(default_factory=dict)
     departed: dict[str, tuple[tuple[Network, ...], float]] = field(default_factory=dict)
@@ -225,7 +263,7 @@ class AddressBook:
         if (seen is not None and seen.program is program and seen.addresses is addresses
                 and seen.nodes_version == self.nodes_version):
             return seen.refusal
-        refusal = refusal_of(program, addresses, self.space())
+        refusal = refusal_of(program, addresses, self.space(), self.node_ports)
         self._verdicts[program.owner] = _Verdict(program, addresses, self.nodes_version, refusal)
         return refusal
 
@@ -235,10 +273,14 @@ class AddressBook:
 
 
 def refusal_of(
-    program: DesiredProgram, addresses: frozenset[str] | None, space: NetworkSet
+    program: DesiredProgram,
+    addresses: frozenset[str] | None,
+    space: NetworkSet,
+    node_ports: range = DEFAULT_NODE_PORTS,
 ) -> Refusal | None:
     """The check itself: every virtual IP one of ``addresses`` (None: the Service is
-    unknown), every real server in ``space``."""
+    unknown), every node port (address 0.0.0.0 or ::) one of the Service's and in
+    ``node_ports``, every real server in ``space``."""
     owner = program.owner
     if addresses is None:
         return Refusal(
@@ -247,16 +289,11 @@ def refusal_of(
             " only for an existing Service with the same name and namespace (it is, as soon as the"
             " Service shows up)",
         )
-    for servers in program.by_mode.values():
+    for mode, servers in program.by_mode.items():
         for vs in servers:
-            if normalised(vs.address) not in addresses:
-                have = ", ".join(sorted(addresses)) or "none"
-                return Refusal(
-                    FOREIGN_VIP,
-                    f"virtual IP {vs.address} is not an address of the Service {owner} (it has:"
-                    f" {have}); a program may only use its Service's clusterIPs, externalIPs and"
-                    " load-balancer IPs: check who wrote this ProxyVirtualServer",
-                )
+            refusal = _virtual_ip_refusal(vs, owner, addresses, node_ports, mode)
+            if refusal is not None:
+                return refusal
             for rs in vs.real_servers:
                 if rs.address not in space:
                     return Refusal(
@@ -266,4 +303,43 @@ def refusal_of(
                         " who wrote this ProxyVirtualServer, or add the CNI's Pod range with"
                         " --extra-pod-cidr (chart value agent.extraPodCIDRs)",
                     )
+    return None
+
+
+def _virtual_ip_refusal(
+    vs: VirtualServer, owner: str, addresses: frozenset[str], node_ports: range, mode: str
+) -> Refusal | None:
+    """Why one virtual server's address (or node port) is not its Service's, or None."""
+    address = normalised(vs.address)
+    if address is not None and ipaddress.ip_address(address).is_unspecified:
+        if mode != "iptables":  # the operator never compiles one: other modes would misread it
+            return Refusal(
+                FOREIGN_NODE_PORT,
+                f"node port {vs.port}/{vs.protocol} of {owner} asks for mode {mode}: node ports"
+                " are served in iptables mode only: check who wrote this ProxyVirtualServer",
+            )
+        if vs.port not in node_ports:
+            return Refusal(
+                FOREIGN_NODE_PORT,
+                f"node port {vs.port}/{vs.protocol} of {owner} is outside this agent's node-port"
+                f" range {node_ports.start}-{node_ports.stop - 1} (--node-port-range): check who"
+                " wrote this ProxyVirtualServer, or give the agent the cluster's"
+                " --service-node-port-range",
+            )
+        if node_port_key(vs.protocol, vs.port) not in addresses:
+            return Refusal(
+                FOREIGN_NODE_PORT,
+                f"node port {vs.port}/{vs.protocol} is not a nodePort of the Service {owner}: check"
+                " who wrote this ProxyVirtualServer",
+            )
+        return None
+    if address is None or address not in addresses:
+        have = ", ".join(sorted(a for a in addresses if not a.startswith("nodePort "))) or "none"
+        why = " (loopback, link-local and multicast never are)" if address and _special(address) else ""
+        return Refusal(
+            FOREIGN_VIP,
+            f"virtual IP {vs.address} is not an address of the Service {owner} (it has:"
+            f" {have}){why}; a program may only use its Service's clusterIPs, externalIPs and"
+            " load-balancer IPs: check who wrote this ProxyVirtualServer",
+        )
     return None

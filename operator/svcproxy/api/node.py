@@ -46,7 +46,7 @@ class ModeInEffect(ApiModel):
     """Why they differ (e.g. IPVS is not available in this kernel)."""
 
 
-RefusalReason = Literal["ForeignVIP", "ForeignRealServer", "UnknownService"]
+RefusalReason = Literal["ForeignVIP", "ForeignNodePort", "ForeignRealServer", "UnknownService"]
 """Why an agent refused a ProxyVirtualServer (see ``SyncError.reason``)."""
 
 
@@ -63,7 +63,8 @@ class SyncError(ApiModel):
     """When it last happened (RFC 3339); for a refusal, since when it is refused."""
     reason: RefusalReason | None = None
     """Set when the agent refused the program as untrusted (nothing of it is programmed):
-    ForeignVIP (a virtual IP that is not its Service's address), ForeignRealServer (a real
+    ForeignVIP (a virtual IP that is not its Service's address), ForeignNodePort (a node
+    port that is not its Service's, or outside the node-port range), ForeignRealServer (a real
     server outside every Pod CIDR and node address), UnknownService (no such Service)."""
 
 

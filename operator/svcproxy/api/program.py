@@ -13,13 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
-from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, ObjectMeta
+from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, CelRule, ObjectMeta
 from svcproxy.api.policy import Scheduler, SchedulerFlag
 from svcproxy.base import Mode
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
 IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
+# The address of a node-port virtual server: every local address of the node, per family.
+NODE_PORT_ADDRESSES = ("0.0.0.0", "::")
 
 
 class RealServerSpec(ApiModel):
@@ -51,11 +53,12 @@ class VirtualServerSpec(ApiModel):
     protocol: Protocol = "TCP"
     """Transport protocol."""
     address: IPAddress
-    """The virtual IP (a ClusterIP today; the shape allows external and load-balancer IPs)."""
+    """The virtual IP: a ClusterIP, an external IP, a load-balancer ingress IP, or for a
+    node port 0.0.0.0 (IPv4) or :: (IPv6), meaning the node's own addresses."""
     address_type: AddressType = "ClusterIP"
     """Where the virtual IP comes from."""
     port: int = Field(ge=1, le=65535)
-    """The virtual port."""
+    """The virtual port (the node port for addressType NodePort)."""
     mode: Mode = "ipvs"
     """Proxy mode for this virtual server."""
     scheduler: Scheduler | None = None
@@ -67,6 +70,18 @@ class VirtualServerSpec(ApiModel):
     real_servers: list[RealServerSpec] = Field(default_factory=list)
     """Real servers in canonical order (sorted by address and port): every node adds
     them in this order so hashing schedulers agree across nodes."""
+
+    cel_rules = (
+        # Agents read 0.0.0.0 / :: as "a node port"; any other pairing would be misread.
+        CelRule(
+            rule="(self.address == '0.0.0.0' || self.address == '::') == "
+            "(has(self.addressType) && self.addressType == 'NodePort')",
+            message="address 0.0.0.0 or :: goes with addressType NodePort, and only with it"
+            " (a node port is served on the node's own addresses; every other virtual IP is one address)",
+            check=lambda s: (s.address in NODE_PORT_ADDRESSES) == (s.address_type == "NodePort"),
+            field_path=".address",
+        ),
+    )
 
 
 class ObjectRef(ApiModel):

@@ -4,7 +4,11 @@
 ServiceProxyPolicy, the Service object and its EndpointSlices (plain dicts as
 the API server returns them) into a :class:`ProxyVirtualServerSpec`, or a
 :class:`NotProxied` saying why the Service cannot be proxied (ExternalName,
-headless, no ClusterIP yet, no ports). ``pod_labels`` maps Pod name -> labels
+headless, no ClusterIP yet, no ports, or what svcproxy does not serve yet). Each
+Service port is served on its ClusterIPs, its externalIPs and (type LoadBalancer)
+its VIP-mode ingress IPs, and its nodePort on 0.0.0.0 / :: (address type
+NodePort: the node's own addresses); the last three only in iptables mode (other
+modes leave such Services to kube-proxy). ``pod_labels`` maps Pod name -> labels
 in the Service's namespace so the policy's ``weights`` can match Pods without
 this module doing I/O. Called by the operator's reconciler and by
 ``svcproxy plan``; the output is identical for any order of the slices and of
@@ -22,6 +26,8 @@ from typing import Any, NamedTuple, cast
 
 from svcproxy.api.policy import Scheduler, SchedulerFlag, ServiceProxyPolicy
 from svcproxy.api.program import (
+    NODE_PORT_ADDRESSES,
+    AddressType,
     ObjectRef,
     ProgramSummary,
     Protocol,
@@ -119,16 +125,18 @@ def not_proxied(service: JSON) -> NotProxied | None:
         return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
     # Taking a Service from kube-proxy takes all of it: what svcproxy cannot serve yet
     # would go dark, so such Services stay with kube-proxy, and the status says why.
-    kind = spec.get("type") or "ClusterIP"
-    if kind in ("NodePort", "LoadBalancer"):
+    if spec.get("externalTrafficPolicy") == "Local":
         return NotProxied(
             "Unsupported",
-            f"type {kind}: svcproxy proxies ClusterIPs only; kube-proxy keeps this Service "
-            "(its node ports would stop working otherwise)",
+            "externalTrafficPolicy: Local is not supported yet (it would send node-port and"
+            " load-balancer traffic to remote Pods and lose the client address); kube-proxy keeps"
+            " this Service",
         )
-    if spec.get("externalIPs"):
+    if spec.get("loadBalancerSourceRanges"):
         return NotProxied(
-            "Unsupported", "spec.externalIPs is set: svcproxy proxies ClusterIPs only; kube-proxy keeps it"
+            "Unsupported",
+            "spec.loadBalancerSourceRanges is not supported yet (svcproxy would not filter by"
+            " client address); kube-proxy keeps this Service",
         )
     if spec.get("internalTrafficPolicy") == "Local":
         return NotProxied(
@@ -139,8 +147,75 @@ def not_proxied(service: JSON) -> NotProxied | None:
     return None
 
 
+def external_surface(service: JSON) -> str:
+    """What the Service offers beyond its ClusterIPs ("" when nothing): node ports,
+    external IPs, load-balancer IPs, in words for a status message."""
+    spec = service.get("spec") or {}
+    kind = spec.get("type") or "ClusterIP"
+    parts = [f"type {kind}"] if kind in ("NodePort", "LoadBalancer") else []
+    if spec.get("externalIPs"):
+        parts.append("spec.externalIPs")
+    return " and ".join(parts)
+
+
+def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None:
+    """Node ports, external and load-balancer IPs are served in iptables mode only:
+    in another mode the Service stays with kube-proxy rather than lose them."""
+    surface = external_surface(service)
+    mode = policy.spec.mode
+    if not surface or mode == "iptables":
+        return None
+    return NotProxied(
+        "Unsupported",
+        f"{surface}: svcproxy serves node ports, external IPs and load-balancer IPs in"
+        f" iptables mode only, and the policy's mode is {mode}; kube-proxy keeps this Service",
+    )
+
+
+def _special(address: str) -> bool:
+    """Not usable as a virtual IP: unspecified, loopback, link-local or multicast (the
+    API server refuses such externalIPs; load-balancer IPs are checked here)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True
+    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast
+
+
+def external_ips(service: JSON) -> list[tuple[str, AddressType]]:
+    """spec.externalIPs, then for type LoadBalancer the VIP-mode ingress IPs (ipMode
+    Proxy entries are reached through the load balancer, not at that IP: skipped, as
+    kube-proxy does), each with its address type; normalised, without repeats."""
+    spec = service.get("spec") or {}
+    raw: list[tuple[Any, AddressType]] = [(ip, "ExternalIP") for ip in spec.get("externalIPs") or []]
+    if spec.get("type") == "LoadBalancer":
+        ingress = ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        raw += [
+            (entry.get("ip"), "LoadBalancerIP")
+            for entry in ingress
+            if isinstance(entry, dict) and entry.get("ipMode") != "Proxy"
+        ]
+    out: dict[str, AddressType] = {}
+    for ip, kind in raw:
+        if isinstance(ip, str) and not _special(ip):
+            out.setdefault(ipaddress.ip_address(ip).compressed, kind)
+    return list(out.items())
+
+
+def node_port_addresses(service: JSON) -> list[str]:
+    """0.0.0.0 and/or :: for the Service's ipFamilies (else its ClusterIPs' families)
+    when it is of type NodePort or LoadBalancer; else none."""
+    spec = service.get("spec") or {}
+    if spec.get("type") not in ("NodePort", "LoadBalancer"):
+        return []
+    families = [f for f in spec.get("ipFamilies") or [] if f in ("IPv4", "IPv6")]
+    if not families:
+        families = ["IPv6" if _family(ip) == 6 else "IPv4" for ip in virtual_ips(service)]
+    return [NODE_PORT_ADDRESSES[f == "IPv6"] for f in dict.fromkeys(families)]
+
+
 def virtual_ips(service: JSON) -> list[str]:
-    """The Service's ClusterIPs (dual-stack aware); external IPs may join later."""
+    """The Service's ClusterIPs (dual-stack aware)."""
     spec = service.get("spec") or {}
     ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
     return [ip for ip in ips if isinstance(ip, str) and ip and ip != "None"]
@@ -289,6 +364,18 @@ def summarize(virtual_servers: list[VirtualServerSpec]) -> ProgramSummary:
     return ProgramSummary(vips=vips, endpoints=f"{len(ready)}/{len(every)}")
 
 
+def _addresses(service: JSON, port: JSON, number: int) -> list[tuple[str, AddressType, int]]:
+    """The (address, type, virtual port) triples one Service port is served on: every
+    ClusterIP, external and load-balancer IP at ``number``, and its nodePort (if any)
+    on 0.0.0.0 and/or ::."""
+    out: list[tuple[str, AddressType, int]] = [(vip, "ClusterIP", number) for vip in virtual_ips(service)]
+    out += [(ip, kind, number) for ip, kind in external_ips(service)]
+    node_port = port.get("nodePort")
+    if isinstance(node_port, int) and not isinstance(node_port, bool) and 1 <= node_port <= 65535:
+        out += [(any_ip, "NodePort", node_port) for any_ip in node_port_addresses(service)]
+    return out
+
+
 def _virtual_servers(
     policy: ServiceProxyPolicy,
     service: JSON,
@@ -298,9 +385,10 @@ def _virtual_servers(
     flags: list[str],
     persistence: int,
 ) -> list[VirtualServerSpec]:
-    """One virtual server per usable Service port x VIP, with its real servers."""
+    """One virtual server per usable Service port x address, with its real servers."""
     spec = policy.spec
     servers: list[VirtualServerSpec] = []
+    seen: set[tuple[str, int, str]] = set()
     for port in service["spec"]["ports"]:
         if not isinstance(port, dict):
             continue
@@ -309,29 +397,32 @@ def _virtual_servers(
         if not isinstance(number, int) or not 1 <= number <= 65535 or protocol not in PROTOCOLS:
             continue
         name = str(port.get("name") or "")
-        for vip in virtual_ips(service):
-            # Built without validation (per Service port x VIP): port and protocol are
+        reals: dict[int, list[RealServerSpec]] = {}  # per family: the same for every address
+        for address, kind, vport in _addresses(service, port, number):
+            if (address, vport, protocol) in seen:
+                continue  # an external IP that is also a ClusterIP, say: served once
+            seen.add((address, vport, protocol))
+            family = _family(address)
+            if family not in reals:
+                reals[family] = _candidates(
+                    policy, slices=slices, port_name=name, protocol=protocol, family=family,
+                    pod_labels=pod_labels,
+                )
+            # Built without validation (per Service port x address): port and protocol are
             # checked above, the rest comes from the validated policy and Service.
             servers.append(
                 VirtualServerSpec.model_construct(
                     _VIRTUAL_SERVER_FIELDS,
                     port_name=name,
                     protocol=cast(Protocol, protocol),
-                    address=vip,
-                    address_type="ClusterIP",
-                    port=number,
+                    address=address,
+                    address_type=kind,
+                    port=vport,
                     mode=spec.mode,
                     scheduler=cast(Scheduler | None, spec.scheduler),
                     scheduler_flags=cast(list[SchedulerFlag], flags),
                     persistence_timeout_seconds=persistence,
-                    real_servers=_candidates(
-                        policy,
-                        slices=slices,
-                        port_name=name,
-                        protocol=protocol,
-                        family=_family(vip),
-                        pod_labels=pod_labels,
-                    ),
+                    real_servers=reals[family],
                 )
             )
     return servers
@@ -348,7 +439,7 @@ def compile_program(
     ``slices`` are the Service's EndpointSlices (any order); ``pod_labels`` maps
     Pod names to labels for weight selection (Pods missing from it weigh 1).
     """
-    why = not_proxied(service)
+    why = not_proxied(service) or mode_refusal(policy, service)
     if why is not None:
         return why
     spec = policy.spec

@@ -88,8 +88,9 @@ def _interned(value: Any) -> Any:
 
 
 def service_summary(service: JSON) -> JSON:
-    """The part of a Service the planner reads: its spec and a few metadata fields; not
-    managedFields, annotations (kubectl's last-applied copy) or status. Repeated strings
+    """The part of a Service the planner reads: its spec, a few metadata fields and its
+    load-balancer ingress; not managedFields, annotations (kubectl's last-applied copy)
+    or the rest of its status. Repeated strings
     are interned, and port lists equal to another Service's are shared."""
     meta = service.get("metadata") or {}
     # Labels and the namespace repeat across Services; names, uids and versions do not (and
@@ -105,6 +106,10 @@ def service_summary(service: JSON) -> JSON:
                 spec[key] = _shared((key, json.dumps(spec[key], sort_keys=True)), spec[key])
     if "spec" in service:
         out["spec"] = spec
+    # Of the status only the load-balancer ingress IPs: compile serves them as VIPs.
+    ingress = ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress")
+    if isinstance(ingress, list) and ingress:
+        out["status"] = {"loadBalancer": {"ingress": _interned(ingress)}}
     return out
 
 

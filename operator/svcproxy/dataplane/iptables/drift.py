@@ -8,8 +8,8 @@ is per chain, on normalised rule text: iptables-save quotes some comments
 (``"ns/name"``) and prints the statistic match's probability as the kernel
 holds it (a 31-bit fraction: ``0.33333333333`` is read back as
 ``0.33333333349``), so both sides are normalised before comparing.
-``SVCPROXY-SERVICES`` and ``SVCPROXY-NO-ENDPOINTS`` hold one independent rule
-per service (disjoint matches), so they are compared as multisets and
+``SVCPROXY-SERVICES``, ``SVCPROXY-NODEPORTS`` and ``SVCPROXY-NO-ENDPOINTS`` hold one
+independent rule per service (disjoint matches), so they are compared as multisets and
 repaired rule by rule, never flushed, and are kept as rules; every other
 chain is compared in order (the probability chain depends on it) and
 rewritten whole when it differs, so of those only a digest of the normalised
@@ -35,7 +35,7 @@ from svcproxy.dataplane.table import VirtualServer
 # A chain as read back: its normalised rules (the multiset chains) or their digest.
 Chain = list[str] | bytes
 # Chains compared as multisets, rule by rule: kept whole (10k rules each at 10k Services).
-MULTISET = frozenset({rules.SERVICES, rules.NO_ENDPOINTS})
+MULTISET = frozenset({*rules.JUMP_CHAINS, rules.NO_ENDPOINTS})
 # The per-service chains (rules.service_chain, rules.endpoint_chain): 110k at 10k Services.
 PER_SERVICE = ("SVCPROXY-SVC-", "SVCPROXY-SEP-")
 _MASK = (1 << 128) - 1
@@ -62,7 +62,8 @@ def normalise(line: str) -> str:
 
 
 def jump_owner(line: str) -> str | None:
-    """The owner ("ns/name") a SVCPROXY-SERVICES jump or NO-ENDPOINTS rule names in its comment."""
+    """The owner ("ns/name") a jump (SVCPROXY-SERVICES, -NODEPORTS) or NO-ENDPOINTS rule
+    names in its comment."""
     match = _COMMENT.search(line)
     return match.group(1).replace('"', "") if match else None
 
@@ -207,14 +208,24 @@ class FullPlan:
     add_jumps: set[str] = field(default_factory=set)  # normalised jumps to append (of dirty services)
     base: bool = False  # rewrite SVCPROXY-MARK-MASQ and SVCPROXY-POSTROUTING
     declare_services: bool = False  # SVCPROXY-SERVICES is missing
+    declare_nodeports: bool = False  # SVCPROXY-NODEPORTS is missing
     delete_jumps: list[str] = field(default_factory=list)  # "-D SVCPROXY-SERVICES ..." lines
     stale: list[str] = field(default_factory=list)  # owned chains nobody needs
     filter_rules: list[str] | None = None  # the whole NO_ENDPOINTS chain, when it differs
 
     @property
     def empty(self) -> bool:
-        return not (self.dirty or self.base or self.declare_services or self.delete_jumps
-                    or self.stale or self.filter_rules is not None)
+        return not (self.dirty or self.base or self.declare_services or self.declare_nodeports
+                    or self.delete_jumps or self.stale or self.filter_rules is not None)
+
+    def declares(self, chain: str) -> bool:
+        """The first batch declares ``chain``: a jump chain only when missing (a declaration
+        flushes it), the others when the base chains are rewritten."""
+        if chain == rules.SERVICES:
+            return self.declare_services
+        if chain == rules.NODEPORTS:
+            return self.declare_nodeports
+        return self.base
 
 
 def plan_full(
@@ -244,7 +255,9 @@ def plan_full(
     plan = FullPlan()
     plan.base = rewrite_all or _base_differs(nat)
     plan.declare_services = rules.SERVICES not in nat
+    plan.declare_nodeports = rules.NODEPORTS not in nat
     have_jumps = Counter(multiset(nat, rules.SERVICES) or ())
+    have_jumps.update(multiset(nat, rules.NODEPORTS) or ())
     # Jumps read back that no desired service wants; a dict sharing the read-back's strings
     # (a set of the desired jumps would be one new string per Service).
     unwanted = dict(have_jumps)
@@ -313,6 +326,7 @@ def without_owners(
         add_jumps={j for j in plan.add_jumps if jump_owner(j) not in owners},
         base=plan.base,
         declare_services=plan.declare_services,
+        declare_nodeports=plan.declare_nodeports,
         delete_jumps=[j for j in plan.delete_jumps if jump_owner(j) not in owners],
         stale=[c for c in plan.stale if c not in keep],
         filter_rules=None if plan.filter_rules is None else filter_rules,

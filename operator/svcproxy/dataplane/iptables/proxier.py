@@ -9,7 +9,8 @@ chains, with ``iptables-restore --noflush`` (nothing at all in the steady
 state). The first full sync after start, or one whose read-back does not
 parse, rewrites every chain this mode owns, in batches of whole services
 (see ``_full``). A partial sync rewrites only the changed services' chains
-and adds/removes their single jump rule in ``SVCPROXY-SERVICES``, against an
+and adds/removes their single jump rule in ``SVCPROXY-SERVICES`` (node ports:
+``SVCPROXY-NODEPORTS``), against an
 in-memory mirror (the agent's cost is independent of the number of services;
 the kernel's commit is not). Services with no ready endpoint get a REJECT
 rule in the filter chain ``SVCPROXY-NO-ENDPOINTS``. Other chains and tables
@@ -345,10 +346,7 @@ class IptablesProxier(BlockingProxier):
         declare, body = self._service_lines(part)
         text = ["*nat"]
         if first:
-            base = [c for c in rules.BASE_CHAINS if c != rules.SERVICES or plan.declare_services]
-            if not plan.base:
-                base = [c for c in base if c == rules.SERVICES]
-            text += [f":{c} - [0:0]" for c in base]
+            text += [f":{c} - [0:0]" for c in rules.BASE_CHAINS if plan.declares(c)]
         text += declare
         if last:
             text += [f":{c} - [0:0]" for c in plan.stale]
@@ -370,14 +368,18 @@ class IptablesProxier(BlockingProxier):
         if not changed and not gone:
             return
         present: set[str] = set()
-        base: list[str] = []
+        base: list[str] = []  # declarations of missing base chains
+        base_rules: list[str] = []
         filter_present: set[str] | None = None  # None: the mirror knows the filter rules
         if not self._synced:
             # Partial sync before any full one (agent restart): adopt, never flush.
-            saved = self._nf[v6].chains("nat", rules.SERVICES)
-            present = {rules.same_rule(line) for line in saved.get(rules.SERVICES, ())}
+            saved = self._jump_chains(v6)
+            present = {rules.same_rule(line) for c in rules.JUMP_CHAINS for line in saved.get(c, ())}
             if rules.SERVICES not in saved:
-                base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS] + rules.base_rules()
+                base = [f":{c} - [0:0]" for c in rules.BASE_CHAINS]
+                base_rules = rules.base_rules()
+            elif rules.NODEPORTS not in saved:  # written by a version without node ports
+                base = [f":{rules.NODEPORTS} - [0:0]"]
             filter_present = self._adopt_filter(v6)
         rejects = self._reject_lines(changed, gone, have, filter_present)
         declare, body = self._service_lines(changed)
@@ -398,10 +400,10 @@ class IptablesProxier(BlockingProxier):
             drop += rules.chains_of(vs)
         text = [
             "*nat",
-            *base[: len(rules.BASE_CHAINS)],
+            *base,
             *declare,
             *[f":{c} - [0:0]" for c in drop],
-            *base[len(rules.BASE_CHAINS) :],
+            *base_rules,
             *jumps,
             *body,
             *[f"-X {c}" for c in drop],
@@ -412,6 +414,12 @@ class IptablesProxier(BlockingProxier):
         self._nf[v6].restore("\n".join(text) + "\n")
         if base:
             self._nf[v6].ensure_jumps(rules.JUMPS)
+
+    def _jump_chains(self, v6: bool) -> dict[str, list[str]]:
+        """SVCPROXY-SERVICES and SVCPROXY-NODEPORTS as saved (a chain that is missing is
+        not in the result), from one iptables-save."""
+        saved = self._nf[v6].read(("nat",), rules.PREFIX, _jump_rules, _is_jump_chain)
+        return saved["nat"].chains
 
     def _reject_lines(
         self,
@@ -444,6 +452,16 @@ class IptablesProxier(BlockingProxier):
             nf.restore(f"*filter\n:{rules.NO_ENDPOINTS} - [0:0]\nCOMMIT\n")
         nf.ensure_jumps(rules.FILTER_JUMPS)
         return {rules.same_rule(line) for line in chains.get(rules.NO_ENDPOINTS, [])}
+
+
+def _is_jump_chain(name: str) -> bool:
+    return name in rules.JUMP_CHAINS
+
+
+def _jump_rules(name: str, lines: list[str]) -> list[str]:
+    """A scan fold keeping the jump chains' rules; the per-service chains (folded too, not
+    kept) cost no copy."""
+    return list(lines) if name in rules.JUMP_CHAINS else []
 
 
 def create(config: object) -> IptablesProxier:

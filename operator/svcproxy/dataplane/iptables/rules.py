@@ -11,6 +11,13 @@ jumps to a ``SVCPROXY-SEP-<hash>`` chain that DNATs. ClientIP affinity uses
 outside the cluster CIDRs, and hairpin traffic, is marked and masqueraded
 in ``SVCPROXY-POSTROUTING``. Draining endpoints (weight 0) get no new
 connections; established ones continue through conntrack.
+
+A node-port virtual server (address 0.0.0.0 or ::, see :func:`is_node_port`) is
+matched in ``SVCPROXY-NODEPORTS`` instead, by protocol and port only; that chain
+is jumped to from nat PREROUTING and OUTPUT for destinations local to the node
+(``-m addrtype --dst-type LOCAL``, as kube-proxy's KUBE-NODEPORTS), and its
+traffic is always marked for masquerade, so replies come back through this node.
+External and load-balancer IPs are plain VIPs in ``SVCPROXY-SERVICES``.
 """
 
 from __future__ import annotations
@@ -23,13 +30,21 @@ from svcproxy.dataplane.table import RealServer, VirtualServer, VSKey
 
 PREFIX = "SVCPROXY-"
 SERVICES = "SVCPROXY-SERVICES"
+NODEPORTS = "SVCPROXY-NODEPORTS"
 MARK_MASQ = "SVCPROXY-MARK-MASQ"
 POSTROUTING = "SVCPROXY-POSTROUTING"
 MASQ_MARK = "0x4000"
-BASE_CHAINS = (SERVICES, MARK_MASQ, POSTROUTING)
+BASE_CHAINS = (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING)
+# The chains holding one jump per virtual server: never flushed, repaired rule by rule.
+JUMP_CHAINS = (SERVICES, NODEPORTS)
 # Chains this mode owns (the userspace mode owns SVCPROXY-PORTALS, ipvs SVCPROXY-IPVS-*).
-OWNED_PREFIXES = ("SVCPROXY-SERVICES", "SVCPROXY-SVC-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING)
+OWNED_PREFIXES = ("SVCPROXY-SERVICES", NODEPORTS, "SVCPROXY-SVC-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING)
+# ensure_jumps inserts each missing jump at the top, in this order: the node ports end
+# up after the services (as kube-proxy's KUBE-NODEPORTS comes last).
+_NODEPORTS_JUMP = f"-m comment --comment svcproxy-nodeports -m addrtype --dst-type LOCAL -j {NODEPORTS}"
 JUMPS = (
+    Jump("nat", "PREROUTING", _NODEPORTS_JUMP),
+    Jump("nat", "OUTPUT", _NODEPORTS_JUMP),
     Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-services -j {SERVICES}"),
     Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-services -j {SERVICES}"),
     Jump("nat", "POSTROUTING", f"-m comment --comment svcproxy-postrouting -j {POSTROUTING}"),
@@ -92,8 +107,20 @@ def base_rules() -> list[str]:
     ]
 
 
+def is_node_port(vs: VirtualServer) -> bool:
+    """``vs`` is a node port: served on every local address (0.0.0.0 or ::, normalised)."""
+    return vs.address in ("0.0.0.0", "::")
+
+
 def service_jump(vs: VirtualServer) -> str:
+    """The one rule sending ``vs``'s traffic to its service chain, in SVCPROXY-SERVICES
+    (by VIP) or, for a node port, SVCPROXY-NODEPORTS (by port)."""
     proto = vs.protocol.lower()
+    if is_node_port(vs):
+        return (
+            f"-A {NODEPORTS} -p {proto} -m comment --comment {vs.owner or '-'}"
+            f" -m {proto} --dport {vs.port} -j {service_chain(vs.key)}"
+        )
     return (
         f"-A {SERVICES} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
         f" -m {proto} --dport {vs.port} -j {service_chain(vs.key)}"
@@ -113,6 +140,11 @@ def reject_rule(vs: VirtualServer) -> str | None:
         return None
     proto = vs.protocol.lower()
     icmp = "icmp6-port-unreachable" if IPFamily.is_v6(vs.address) else "icmp-port-unreachable"
+    if is_node_port(vs):
+        return (
+            f"-A {NO_ENDPOINTS} -p {proto} -m comment --comment {vs.owner or '-'} -m addrtype"
+            f" --dst-type LOCAL -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
+        )
     return (
         f"-A {NO_ENDPOINTS} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
         f" -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
@@ -128,11 +160,14 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     """Rules of the service chain and its endpoint chains (the chains are declared by the caller)."""
     svc = service_chain(vs.key)
     proto = vs.protocol.lower()
-    match = f"-d {_host(vs.address)} -p {proto} -m {proto} --dport {vs.port}"
+    node_port = is_node_port(vs)
+    match = f"-p {proto} -m {proto} --dport {vs.port}"
+    if not node_port:
+        match = f"-d {_host(vs.address)} {match}"
     rules: list[str] = []
     v6 = IPFamily.is_v6(vs.address)
     cidrs = [c for c in cluster_cidrs if IPFamily.is_v6(c) == v6]
-    if masquerade_all or not cidrs:
+    if masquerade_all or not cidrs or node_port:  # node ports: replies must come back here
         rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
     else:
         rules += [f"-A {svc} ! -s {cidr} {match} -j {MARK_MASQ}" for cidr in cidrs[:1]]
