@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,31 @@ def kernel_paths(root: Path) -> tuple[Path, Path]:
 
 # The guest mounts fresh tmpfs on these, hiding whatever the host keeps there.
 _TMPFS_IN_GUEST = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
+
+
+def kernel_schedulers(modules: Path) -> frozenset[str]:
+    """The IPVS schedulers of the kernel whose modules folder is ``modules``: loadable
+    (``ip_vs_<name>.ko``, a packaged kernel) or built in (``modules.builtin``, the
+    kernel uml.sh builds). The FTP helper and SIP persistence engine are not schedulers."""
+    names = {p.name[len("ip_vs_"):-len(".ko")] for p in modules.rglob("ip_vs_*.ko")}
+    for builtin in modules.glob("*/modules.builtin"):
+        names |= set(re.findall(r"/ip_vs_(\w+)\.ko$", builtin.read_text(), re.M))
+    return frozenset(names - {"ftp", "pe_sip"})
+
+
+def scheduler_probe(schedulers: Sequence[str]) -> str:
+    """A guest shell script proving each scheduler: load it, make a TCP virtual server
+    10.99.0.<i>:80 with it (the kernel refuses a scheduler it lacks), print
+    ``ipvsadm -Ln`` and clear the table. :func:`probed_schedulers` reads the output."""
+    lines = ["set -e", "modprobe ip_vs"]
+    for i, name in enumerate(schedulers):
+        lines += [f"modprobe ip_vs_{name}", f"ipvsadm -A -t 10.99.0.{i + 1}:80 -s {name}"]
+    return "\n".join([*lines, "ipvsadm -Ln", "ipvsadm -C", ""])
+
+
+def probed_schedulers(table: str) -> frozenset[str]:
+    """The schedulers of the probe's virtual servers in ``ipvsadm -Ln`` output."""
+    return frozenset(re.findall(r"^TCP\s+10\.99\.0\.\d+:80 (\w+)", table, re.M))
 
 
 def _covered_code_paths() -> list[Path]:

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from svcproxy_lab.uml import UmlGuest, booted_guest, kernel_dir, kernel_paths, umid_pids
+from svcproxy_lab.uml import (
+    UmlGuest,
+    booted_guest,
+    kernel_dir,
+    kernel_paths,
+    kernel_schedulers,
+    probed_schedulers,
+    scheduler_probe,
+    umid_pids,
+)
 
 pytestmark = [
     pytest.mark.uml,
@@ -144,22 +153,11 @@ def test_long_lived_process_logs_to_state_dir_and_stops(guest: UmlGuest) -> None
 
 
 def test_every_ipvs_scheduler_module_loads_and_schedules(guest: UmlGuest) -> None:
-    # A packaged kernel has them as modules, the kernel uml.sh builds has them built in.
     _, modules = kernel_paths(kernel_dir())
-    present = {p.name[len("ip_vs_"):-len(".ko")] for p in modules.rglob("ip_vs_*.ko")}
-    for builtin in modules.glob("*/modules.builtin"):
-        present |= set(re.findall(r"/ip_vs_(\w+)\.ko$", builtin.read_text(), re.M))
-    present -= {"ftp", "pe_sip"}  # an application helper and a persistence engine
+    present = kernel_schedulers(modules)
     assert present >= SCHEDULERS, f"the UML kernel lacks {SCHEDULERS - present}"
-    run_ok(guest, ["modprobe", "ip_vs"])
-    for i, sched in enumerate(sorted(present)):
-        run_ok(guest, ["modprobe", f"ip_vs_{sched}"])
-        # The kernel takes a virtual server with it only when the scheduler is there.
-        run_ok(guest, ["ipvsadm", "-A", "-t", f"10.99.0.{i + 1}:80", "-s", sched])
-    table = run_ok(guest, ["ipvsadm", "-Ln"])
-    scheduled = set(re.findall(r"^TCP\s+10\.99\.0\.\d+:80 (\w+)", table, re.M))
-    run_ok(guest, ["ipvsadm", "-C"])
-    assert scheduled == present, table
+    table = run_ok(guest, ["sh", "-c", scheduler_probe(sorted(present))])
+    assert probed_schedulers(table) == present, table
 
 
 def test_ipvs_nat_service_carries_traffic_between_guest_namespaces(guest: UmlGuest) -> None:

@@ -31,7 +31,14 @@ from waiting import wait_until
 from svcproxy_lab import network
 from svcproxy_lab.cluster import Lab as LabCluster
 from svcproxy_lab.node import LabContext
-from svcproxy_lab.uml import UmlNode, kernel_dir, kernel_paths
+from svcproxy_lab.uml import (
+    UmlNode,
+    kernel_dir,
+    kernel_paths,
+    kernel_schedulers,
+    probed_schedulers,
+    scheduler_probe,
+)
 
 pytestmark = [
     pytest.mark.uml,
@@ -157,13 +164,10 @@ def test_uml_nodes_are_ready_and_labelled(uml_lab: UmlLab) -> None:
 def test_uml_node_loads_ip_vs_and_every_scheduler(uml_lab: UmlLab) -> None:
     node = uml_lab.node(2)
     _, modules = kernel_paths(kernel_dir())
-    present = {p.name[len("ip_vs_"):-len(".ko")] for p in modules.rglob("ip_vs_*.ko")}
-    present -= {"ftp", "pe_sip"}
+    present = kernel_schedulers(modules)
     assert present >= SCHEDULERS
-    run_ok(node, ["modprobe", "ip_vs"])
-    run_ok(node, ["sh", "-ec", "".join(f"modprobe ip_vs_{s}\n" for s in sorted(present))])
-    loaded = run_ok(node, ["cat", "/proc/modules"])
-    assert {s for s in present if re.search(rf"^ip_vs_{s} ", loaded, re.M)} == present
+    table = run_ok(node, ["sh", "-c", scheduler_probe(sorted(present))])
+    assert probed_schedulers(table) == present, table
 
 
 def pod(name: str, node: str) -> dict[str, Any]:
