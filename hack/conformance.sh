@@ -105,7 +105,7 @@ if [ "$dry_run" = 0 ] && [ "$mode" != none ]; then
     while :; do
       echo "# t=$(date +%s.%N)"
       k get ns -l e2e-run -o name | sed 's/^/ns /'
-      k get svc -A --no-headers -o 'custom-columns=NS:.metadata.namespace,NAME:.metadata.name,TYPE:.spec.type,PROXY:.metadata.labels.service\.kubernetes\.io/service-proxy-name' | sed 's/^/svc /'
+      k get svc -A --no-headers -o 'custom-columns=NS:.metadata.namespace,NAME:.metadata.name,TYPE:.spec.type,PROXY:.metadata.labels.service\.kubernetes\.io/service-proxy-name,CLUSTERIP:.spec.clusterIP' | sed 's/^/svc /'
       k get pvs -A --no-headers -o 'custom-columns=NS:.metadata.namespace,NAME:.metadata.name' | sed 's/^/pvs /'
       sleep 1
     done

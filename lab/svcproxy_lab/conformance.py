@@ -172,16 +172,19 @@ class ServiceSeen:
 def parse_samples(text: str) -> dict[str, ServiceSeen]:
     """The sampler's lines -> Service ("namespace/name") -> what was seen of it.
 
-    Lines: ``ns NAME`` (a namespace of the specs), ``svc NS NAME TYPE PROXY``,
+    Lines: ``ns NAME`` (a namespace of the specs), ``svc NS NAME TYPE PROXY [CLUSTERIP]``,
     ``pvs NS NAME``; ``# t=...`` starts a sample. Only Services in the specs' namespaces
-    (as seen in the same sample) count."""
+    (as seen in the same sample) count. A ClusterIP of ``None`` makes the type
+    ``headless``: no proxy serves those, so they are not kube-proxy's either."""
     seen: dict[str, ServiceSeen] = {}
     programs: set[str] = set()
     namespaces: set[str] = set()
     rows: list[list[str]] = []
 
     def flush() -> None:
-        for ns, name, type_, proxy in rows:
+        for ns, name, type_, proxy, cluster_ip in rows:
+            if cluster_ip == "None":
+                type_ = "headless"
             if ns in namespaces:
                 entry = seen.setdefault(f"{ns}/{name}", ServiceSeen(set()))
                 entry.types.add(type_)
@@ -202,7 +205,7 @@ def parse_samples(text: str) -> dict[str, ServiceSeen]:
         elif parts[0] == "ns" and len(parts) >= 2:
             namespaces.add(parts[1].removeprefix("namespace/"))
         elif parts[0] == "svc" and len(parts) >= 5:
-            rows.append(parts[1:5])
+            rows.append([*parts[1:5], parts[5] if len(parts) >= 6 else ""])
         elif parts[0] == "pvs" and len(parts) >= 3:
             programs.add(f"{parts[1]}/{parts[2]}")
     flush()
@@ -218,10 +221,14 @@ def handover_summary(seen: dict[str, ServiceSeen]) -> list[str]:
         by_type.setdefault("/".join(sorted(entry.types)), []).append(entry)
     programmed = sum(e.programmed for e in seen.values())
     handed = sum(e.handed for e in seen.values())
+    headless = sum("headless" in e.types for e in seen.values())
+    rest = " the rest were served by kube-proxy alone"
+    if headless:
+        rest = f" {headless} were headless (no proxy serves those), the rest served by kube-proxy alone"
     lines = [
         f"- handover: of the {len(seen)} Services the specs created (sampled every second), svcproxy"
         f" programmed {programmed} and took {handed} over from kube-proxy before they were deleted;"
-        " the rest were served by kube-proxy alone",
+        + rest,
         "",
         "| Service type | created | programmed by svcproxy | taken over from kube-proxy |",
         "| --- | ---: | ---: | ---: |",

@@ -152,6 +152,8 @@ pvs default kubernetes
 # t=3.0
 svc dns-2 test-service ClusterIP <none>
 pvs dns-2 test-service
+svc dns-2 hl ClusterIP <none> None
+ns namespace/dns-2
 """
 
 
@@ -159,14 +161,17 @@ def test_handover_counts_only_the_specs_services_and_what_svcproxy_did_with_them
     seen = parse_samples(SAMPLES)
     # default/kubernetes is not a spec's (its namespace has no e2e-run label); a spec's
     # Service once seen counts as programmed when its program shows up in a later sample.
-    assert set(seen) == {"services-1/web", "services-1/np", "dns-2/test-service"}
+    assert set(seen) == {"services-1/web", "services-1/np", "dns-2/test-service", "dns-2/hl"}
+    assert seen["dns-2/hl"].types == {"headless"} and not seen["dns-2/hl"].programmed
     assert seen["services-1/web"].programmed and seen["services-1/web"].handed
     assert not seen["services-1/np"].programmed
     assert seen["dns-2/test-service"].programmed and not seen["dns-2/test-service"].handed
     lines = handover_summary(seen)
-    assert "of the 3 Services the specs created" in lines[0]
+    assert "of the 4 Services the specs created" in lines[0]
+    assert "1 were headless (no proxy serves those)" in lines[0]
     assert "programmed 2 and took 1 over" in lines[0]
     assert "| ClusterIP | 2 | 2 | 1 |" in lines and "| NodePort | 1 | 0 | 0 |" in lines
+    assert "| headless | 1 | 0 | 0 |" in lines
     assert handover_summary({})[0].endswith("no Service of the specs was seen by the sampler")
 
 
