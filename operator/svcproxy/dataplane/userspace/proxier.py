@@ -242,9 +242,9 @@ class UserspaceProxier:
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
             await self._open_or_update(want, ops, errors)
-            gone = [self._portals[k] for k in mine - set(want)]
-            kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             gone_keys = mine - set(want)
+            gone = [self._portals[k] for k in gone_keys]
+            kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             for v6 in (False, True):
                 fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
                 fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
@@ -261,7 +261,7 @@ class UserspaceProxier:
                     err.owner = err.owner or next(
                         (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
-            for key in mine - set(want):
+            for key in gone_keys:
                 portal = self._portals.pop(key)
                 self._mirror.drop(key)
                 await self._close(portal)
