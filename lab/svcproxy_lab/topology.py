@@ -47,6 +47,7 @@ class Topology:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     backends: list[str] = field(default_factory=list)  # backend addresses
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ipv6: list[str] = field(default_factory=list)  # the backends' IPv6 addresses, once enabled
 
     @property
     def node(self) -> str:
@@ -116,7 +117,10 @@ class Topology:
     def enable_ipv6(self) -> list[str]:
         """IPv6 beside IPv4: client fd00:99::2 reaches fd00:96::/112 via the node
         (fd00:99::1), backends fd00:244:9::2, ::3, ... on the node's bridge; returns the
-        backends' IPv6 addresses (same order as ``backends``)."""
+        backends' IPv6 addresses (same order as ``backends``). Once per topology: later
+        calls return the same addresses."""
+        if self.ipv6:
+            return list(self.ipv6)
         in_ns(self.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         in_ns(self.client, "ip", "-6", "addr", "add", "fd00:99::2/64", "dev", f"c{self.tag}", "nodad")
         in_ns(self.client, "ip", "-6", "route", "add", "fd00:96::/112", "via", "fd00:99::1")
@@ -128,7 +132,8 @@ class Topology:
             in_ns(self.backend_ns(i), "ip", "-6", "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
             in_ns(self.backend_ns(i), "ip", "-6", "route", "add", "fd00:99::/64", "via", "fd00:244:9::1")
             out.append(addr)
-        return out
+        self.ipv6 = out
+        return list(out)
 
     def connect_error(self, vip: str, port: int, *, udp: bool = False) -> str:
         """How one TCP connect (or UDP request) from the client netns ends (see burst.py)."""

@@ -15,6 +15,11 @@ Mode = Literal["ipvs", "iptables", "userspace"]
 
 MODES: tuple[Mode, ...] = ("ipvs", "iptables", "userspace")
 
+EXTERNAL_MODES: tuple[Mode, ...] = ("iptables", "userspace")
+"""The modes that serve node ports, external IPs and load-balancer IPs. The operator
+compiles such Services only under these (others leave them to kube-proxy) and the
+agent's trust check refuses a node port asking for any other mode."""
+
 
 def is_mode(text: str) -> TypeGuard[Mode]:
     """True when ``text`` names a proxy mode (narrows it to :data:`Mode`)."""

@@ -1,4 +1,6 @@
-"""userspace mode on the host kernel: the proxier runs in the node netns, traffic from the client netns."""
+"""userspace mode on the host kernel: the proxier runs in the node netns, traffic from the
+client netns (no default route): ClusterIPs, node ports on the node's address, external
+and load-balancer IPs, TCP and UDP, IPv4 and IPv6."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from svcproxy_lab.topology import Topology, in_ns
+from svcproxy_lab.topology import CLIENT, Topology, in_ns
 
 VIP = "10.96.6.10"
 DRIVER = Path(__file__).with_name("us_driver.py")
@@ -157,3 +159,56 @@ def test_full_sync_reads_beside_partial_syncs_and_puts_jumps_back(topo: Topology
     saved = in_ns(topo.node, "iptables-save", "-t", "nat").stdout
     assert jumps[0] in saved.splitlines(), saved
     assert sorted(set(topo.ask(VIP, 80, 4))) == ["be0", "be1"]
+
+
+NODE_IP = "10.99.0.1"  # the node's address on the client's link
+EXTERNAL_IP, LB_IP = "192.0.2.7", "198.51.100.3"  # TEST-NET: routed via the node in the client netns only
+NAMES = {"be0", "be1", "be2"}
+
+
+def at(topo: Topology, address: str, port: int, *, protocol: str = "TCP", owner: str = "ns/web",
+       backends: list[str] | None = None) -> dict[str, Any]:
+    """A portal on ``address`` (0.0.0.0 / :: for a node port) to every backend."""
+    return {"protocol": protocol, "address": address, "port": port, "scheduler": "rr",
+            "persistence": 0, "owner": owner,
+            "reals": [[a, 8080, 1] for a in (backends if backends is not None else topo.backends)]}
+
+
+def test_node_port_external_and_load_balancer_ips_reach_the_backends(topo: Topology, driver: Driver) -> None:
+    for net in (f"{EXTERNAL_IP}/32", f"{LB_IP}/32"):
+        in_ns(topo.client, "ip", "route", "replace", net, "via", NODE_IP)
+    driver.sync(at(topo, VIP, 80), at(topo, EXTERNAL_IP, 80), at(topo, LB_IP, 80),
+                at(topo, "0.0.0.0", 30080), at(topo, "0.0.0.0", 30053, protocol="UDP"),
+                at(topo, "0.0.0.0", 30081, owner="ns/none", backends=[]))
+    assert set(topo.ask(NODE_IP, 30080, 6)) == NAMES  # round robin over the three
+    assert set(topo.ask(NODE_IP, 30053, 6, udp=True)) == NAMES
+    assert set(topo.ask(EXTERNAL_IP, 80, 6)) == NAMES
+    assert set(topo.ask(LB_IP, 80, 6)) == NAMES
+    assert set(topo.ask(VIP, 80, 6)) == NAMES
+    assert topo.connect_error(NODE_IP, 80) == "ECONNREFUSED"  # only the node port is taken
+    assert topo.connect_error(NODE_IP, 30081) == "ECONNREFUSED"  # no ready backend: refused
+    # From the node itself (nat OUTPUT), to its own address and to loopback.
+    for address in (NODE_IP, "127.0.0.1"):
+        out = in_ns(topo.node, sys.executable, "-m", CLIENT, address, "30080", "6", "tcp").stdout
+        assert set(out.split()) == NAMES, (address, out)
+    saved = in_ns(topo.node, "iptables-save", "-t", "nat").stdout.splitlines()
+    assert sum(line.startswith("-A SVCPROXY-PORTALS-NODEPORTS ") for line in saved) == 3, saved
+    # The node port follows a partial sync: its backends change, then it goes.
+    driver.sync(at(topo, "0.0.0.0", 30080, backends=topo.backends[:1]), only=["ns/web"])
+    assert set(topo.ask(NODE_IP, 30080, 4)) == {"be0"}
+    # Withdrawn with its owner: nothing captures it, and the node has no route there.
+    assert topo.connect_error(EXTERNAL_IP, 80) == "ENETUNREACH"
+    driver.sync(at(topo, VIP, 80, owner="ns/other"))
+    assert topo.connect_error(NODE_IP, 30080) == "ECONNREFUSED"
+    assert set(topo.ask(VIP, 80, 3)) == NAMES
+
+
+def test_ipv6_node_port_and_external_ip_reach_the_backends(topo: Topology, driver: Driver) -> None:
+    v6 = topo.enable_ipv6()
+    in_ns(topo.client, "ip", "-6", "route", "replace", "2001:db8::7/128", "via", "fd00:99::1")
+    driver.sync(at(topo, "::", 30080, backends=v6), at(topo, "::", 30053, protocol="UDP", backends=v6),
+                at(topo, "2001:db8::7", 80, backends=v6))
+    assert set(topo.ask("fd00:99::1", 30080, 6)) == NAMES
+    assert set(topo.ask("fd00:99::1", 30053, 6, udp=True)) == NAMES
+    assert set(topo.ask("2001:db8::7", 80, 6)) == NAMES
+    assert "SVCPROXY-PORTALS-NODEPORTS" in in_ns(topo.node, "ip6tables-save", "-t", "nat").stdout

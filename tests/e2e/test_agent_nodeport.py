@@ -1,4 +1,5 @@
-"""Node ports through real agents on the lab's netns nodes (iptables mode, issue #14).
+"""Node ports through real agents on the lab's netns nodes (iptables and userspace modes,
+issue #14).
 
 A Service of type NodePort (the API server allocates the node port) and a program
 written by hand as the operator would compile it: its ClusterIP and its node port on
@@ -34,14 +35,14 @@ def _node_port_service(lab: Lab, namespace: str, app: str) -> dict[str, Any]:
 
 
 def _program(lab: Lab, namespace: str, svc: dict[str, Any], pods: list[dict[str, Any]], *,
-             node_port: int, h: str) -> None:
+             node_port: int, h: str, mode: str) -> None:
     app = svc["metadata"]["name"]
     reals = sorted(({"address": p["status"]["podIP"], "port": 80, "podName": p["metadata"]["name"],
                      "nodeName": p["spec"]["nodeName"]} for p in pods), key=lambda r: r["address"])
-    common = {"protocol": "TCP", "mode": "iptables", "realServers": reals}
+    common = {"protocol": "TCP", "mode": mode, "realServers": reals}
     lab.apply({"apiVersion": "svcproxy.io/v1alpha1", "kind": "ProxyVirtualServer",
                "metadata": {"name": app},
-               "spec": {"service": {"name": app}, "policy": {"name": "e2e"}, "mode": "iptables",
+               "spec": {"service": {"name": app}, "policy": {"name": "e2e"}, "mode": mode,
                         "contentHash": h,
                         "virtualServers": [
                             {"address": "0.0.0.0", "addressType": "NodePort", "port": node_port, **common},
@@ -62,15 +63,16 @@ def _refused_port(lab: Lab, address: str, port: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize("mode", ["iptables", "userspace"])
 def test_node_port_answers_on_every_nodes_address(
-    lab: Lab, agents: dict[str, LabNode], namespace: str
+    lab: Lab, agents: dict[str, LabNode], namespace: str, mode: str
 ) -> None:
     nodes = list(agents)
     pods = _echo_pods(lab, namespace, "np", 2)
     svc = _node_port_service(lab, namespace, "np")
     node_port = int(svc["spec"]["ports"][0]["nodePort"])
     want = {p["metadata"]["name"] for p in pods}
-    _program(lab, namespace, svc, pods, node_port=node_port, h="np-1")
+    _program(lab, namespace, svc, pods, node_port=node_port, h="np-1", mode=mode)
     _wait_applied(lab, nodes, f"{namespace}/np", "np-1")
     addresses = _node_addresses(lab, nodes)
     assert len(addresses) == len(nodes), addresses
@@ -82,7 +84,7 @@ def test_node_port_answers_on_every_nodes_address(
 
     # Not the Service's node port: refused whole, nothing of it in any kernel.
     other = node_port + 1 if node_port < 32767 else node_port - 1
-    _program(lab, namespace, svc, pods, node_port=other, h="np-bad")
+    _program(lab, namespace, svc, pods, node_port=other, h="np-bad", mode=mode)
     _wait_refused(lab, nodes, f"{namespace}/np", "ForeignNodePort", "is not a nodePort")
     for name, lab_node in agents.items():
         text = "\n".join(_owned_rules(lab_node))
@@ -90,7 +92,7 @@ def test_node_port_answers_on_every_nodes_address(
     assert wait_until("the node port closed", lambda: _refused_port(lab, addresses[0], node_port) or None)
 
     # Back to the honest program, then withdrawn: the port closes again.
-    _program(lab, namespace, svc, pods, node_port=node_port, h="np-2")
+    _program(lab, namespace, svc, pods, node_port=node_port, h="np-2", mode=mode)
     _wait_applied(lab, nodes, f"{namespace}/np", "np-2")
     assert wait_until("answers again", lambda: _answers_at(lab, addresses[-1], node_port, 6) <= want or None)
     lab.kubectl("delete", "pvs", "np", "-n", namespace)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from svcproxy.dataplane.nffake import FakeNetfilter
 
 
-def _matches(words: list[str], dst: str, port: int, proto: str) -> bool:
-    """Destination, protocol and port; source matches (masquerade marks) are taken as met."""
+def _matches(words: list[str], dst: str, port: int, proto: str, local: frozenset[str] | None) -> bool:
+    """Destination, protocol and port, and ``--dst-type LOCAL`` when ``local`` (the node's
+    addresses) is given; source matches (masquerade marks) are taken as met."""
     for i, word in enumerate(words[:-1]):
         value = words[i + 1]
         ok = True
@@ -22,26 +23,29 @@ def _matches(words: list[str], dst: str, port: int, proto: str) -> bool:
             ok = value == proto
         elif word == "--dport":
             ok = int(value) == port
+        elif word == "--dst-type" and local is not None:
+            ok = (dst in local) == (value == "LOCAL")
         if not ok:
             return False
     return True
 
 
 def trace(nf: FakeNetfilter, dst: str, port: int, proto: str = "tcp", *,
-          table: str = "nat", chain: str = "PREROUTING") -> set[str]:
+          table: str = "nat", chain: str = "PREROUTING", local: frozenset[str] | None = None) -> set[str]:
     """Where a new connection to ``dst:port`` can go: "IP:PORT" (DNAT),
-    "redirect:PORT", "reject"; empty when no rule of ours takes it."""
-    out, _ = _walk(nf, table, chain, dst=dst, port=port, proto=proto, depth=0)
+    "redirect:PORT", "reject"; empty when no rule of ours takes it. ``local``: the
+    node's addresses, for ``-m addrtype`` (None: such matches are taken as met)."""
+    out, _ = _walk(nf, table, chain, dst=dst, port=port, proto=proto, local=local, depth=0)
     return out
 
 
 def _walk(nf: FakeNetfilter, table: str, chain: str, *, dst: str, port: int, proto: str,
-          depth: int) -> tuple[set[str], bool]:
+          local: frozenset[str] | None, depth: int) -> tuple[set[str], bool]:
     assert depth < 20, "a loop in the rules"
     found: set[str] = set()
     for line in nf.rules(table, chain):
         words = line.split()[2:]
-        if not _matches(words, dst, port, proto):
+        if not _matches(words, dst, port, proto, local):
             continue
         maybe = "statistic" in words or "--rcheck" in words
         target = words[words.index("-j") + 1] if "-j" in words else ""
@@ -55,7 +59,7 @@ def _walk(nf: FakeNetfilter, table: str, chain: str, *, dst: str, port: int, pro
             found.add("reject")
             done = True
         elif target in nf.tables.get(table, {}):
-            sub, done = _walk(nf, table, target, dst=dst, port=port, proto=proto,
+            sub, done = _walk(nf, table, target, dst=dst, port=port, proto=proto, local=local,
                               depth=depth + 1)
             found |= sub
         else:

@@ -106,8 +106,22 @@ def test_a_node_port_address_without_its_type_never_reaches_the_check(address: s
         _with(address, 30080, kind=kind)
 
 
-@pytest.mark.parametrize("mode", ["ipvs", "userspace"])
-def test_a_node_port_in_another_mode_is_refused(mode: str) -> None:
-    refusal = refusal_of(_with("0.0.0.0", 30080, mode=mode), ADDRESSES, SPACE)
+def test_a_node_port_in_ipvs_mode_is_refused() -> None:
+    refusal = refusal_of(_with("0.0.0.0", 30080, mode="ipvs"), ADDRESSES, SPACE)
     assert refusal is not None and refusal.reason == FOREIGN_NODE_PORT
-    assert f"asks for mode {mode}" in refusal.message and "iptables mode only" in refusal.message
+    assert "asks for mode ipvs" in refusal.message
+    assert "iptables and userspace modes only" in refusal.message
+
+
+@pytest.mark.parametrize(("address", "port", "kind"), [
+    ("0.0.0.0", 30080, "NodePort"), ("::", 30080, "NodePort"),
+    ("192.0.2.7", 80, "ExternalIP"), ("198.51.100.3", 80, "LoadBalancerIP")])
+def test_userspace_node_ports_and_external_ips_are_trusted(address: str, port: int, kind: str) -> None:
+    assert refusal_of(_with(address, port, kind=kind, mode="userspace"), ADDRESSES, SPACE) is None
+
+
+def test_userspace_node_ports_are_checked_like_iptables_ones() -> None:
+    other = refusal_of(_with("0.0.0.0", 30081, mode="userspace"), ADDRESSES, SPACE)
+    assert other is not None and other.reason == FOREIGN_NODE_PORT and "is not a nodePort" in other.message
+    low = refusal_of(_with("0.0.0.0", 30080, mode="userspace"), ADDRESSES, SPACE, range(31000, 32000))
+    assert low is not None and low.reason == FOREIGN_NODE_PORT and "outside" in low.message

@@ -1,5 +1,6 @@
 """compile_program for what a Service offers beyond its ClusterIPs: external IPs,
-load-balancer ingress IPs and node ports (iptables mode), and what stays refused."""
+load-balancer ingress IPs and node ports (iptables and userspace modes), and what stays
+refused (ipvs mode, and the fields no mode serves yet)."""
 
 from __future__ import annotations
 
@@ -106,21 +107,39 @@ def test_compiled_node_port_program_passes_the_api_models_rules() -> None:
         "NodePort", "ClusterIP", "ExternalIP", "LoadBalancerIP"]
 
 
-@pytest.mark.parametrize("mode", ["ipvs", "userspace"])
 @pytest.mark.parametrize(
     ("kind", "external", "words"),
     [("NodePort", None, "type NodePort"), ("LoadBalancer", None, "type LoadBalancer"),
      ("ClusterIP", ["192.0.2.7"], "spec.externalIPs")],
 )
-def test_other_modes_leave_external_surfaces_to_kube_proxy(
-    mode: str, kind: str, external: list[str] | None, words: str
+def test_ipvs_mode_leaves_external_surfaces_to_kube_proxy(
+    kind: str, external: list[str] | None, words: str
 ) -> None:
     svc = service(type_=kind, ports=[PORTS[0]])
     if external:
         svc["spec"]["externalIPs"] = external
-    why = compile_program(policy(spec={"services": ["web"], "mode": mode}), svc, SLICES)
+    why = compile_program(policy(spec={"services": ["web"], "mode": "ipvs"}), svc, SLICES)
     assert isinstance(why, NotProxied) and why.reason == "Unsupported"
-    assert words in why.message and f"mode is {mode}" in why.message and "kube-proxy keeps" in why.message
+    assert words in why.message and "mode is ipvs" in why.message and "kube-proxy keeps" in why.message
+    assert "iptables and userspace modes only" in why.message
+
+
+def test_userspace_mode_serves_node_ports_external_and_load_balancer_ips() -> None:
+    svc = _load_balancer([{"ip": "198.51.100.3"}], ipFamilies=["IPv4"])
+    svc["spec"]["externalIPs"] = ["192.0.2.7"]
+    prog = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
+    assert [(r[0], r[1], r[2]) for r in _rows(prog)] == [
+        ("NodePort", "0.0.0.0", 30080),
+        ("ClusterIP", "10.96.0.10", 80),
+        ("ExternalIP", "192.0.2.7", 80),
+        ("LoadBalancerIP", "198.51.100.3", 80),
+    ]
+    assert isinstance(prog, ProxyVirtualServerSpec)
+    assert {vs.mode for vs in prog.virtual_servers} == {"userspace"}
+    # The policy's own words, not the mode, decide what stays refused.
+    svc["spec"]["externalTrafficPolicy"] = "Local"
+    why = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
+    assert isinstance(why, NotProxied) and "externalTrafficPolicy: Local" in why.message
 
 
 @pytest.mark.parametrize(

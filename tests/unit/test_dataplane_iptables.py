@@ -45,7 +45,8 @@ def test_chain_names_fit_the_kernel_limit_and_are_stable() -> None:
     assert all(len(n) <= 28 and n.startswith("SVCPROXY-") for n in names)
     assert names == rules.chains_of(vs())
     assert all(rules.owned_chain(n) for n in names)
-    assert not rules.owned_chain("SVCPROXY-PORTALS")  # the userspace mode's chain
+    assert not rules.owned_chain("SVCPROXY-PORTALS")  # the userspace mode's chains
+    assert not rules.owned_chain("SVCPROXY-PORTALS-NODEPORTS")
 
 
 def test_chain_hash_is_the_name_running_kernels_already_carry() -> None:

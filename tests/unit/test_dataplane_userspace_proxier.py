@@ -14,7 +14,7 @@ from nftrace import trace
 from svcproxy.dataplane.nffake import FakeNetfilter
 from svcproxy.dataplane.proxier import ModeUnavailableError, SyncResult, UnsupportedError
 from svcproxy.dataplane.table import RealServer, Table, VirtualServer, make_table
-from svcproxy.dataplane.userspace.proxier import CHAIN, JUMPS, UserspaceProxier
+from svcproxy.dataplane.userspace.proxier import CHAIN, JUMPS, NODEPORTS_JUMP, UserspaceProxier
 
 VIP, VIP6 = "10.96.6.10", "fd00:96::6:10"
 
@@ -76,7 +76,7 @@ async def test_no_ready_backend_goes_to_the_refusing_port_and_back(
     assert refused != listener
     await ok(p, make_table([svc()]), {"ns/tcp80"})
     assert trace(nf, VIP, 80) == listener
-    assert len(nf.rules("nat", CHAIN)) == 1
+    assert len(nf.rules("nat", CHAIN)) == 2  # the portal and the node-port jump
 
 
 async def test_a_full_sync_puts_back_a_deleted_jump_and_rewrites_the_chain(
@@ -107,7 +107,7 @@ async def test_ipv6_portals_go_to_ip6tables_only(env: tuple[FakeNetfilter, Users
     assert trace(nf.family(True), VIP6, 80) and trace(nf, VIP6, 80) == set()
     assert trace(nf.family(True), VIP, 80) == set()
     await ok(p, make_table([svc()]))
-    assert nf.family(True).rules("nat", CHAIN) == []
+    assert nf.family(True).rules("nat", CHAIN) == [NODEPORTS_JUMP]
 
 
 async def test_sctp_is_refused_with_what_to_use(env: tuple[FakeNetfilter, UserspaceProxier]) -> None:
@@ -115,7 +115,7 @@ async def test_sctp_is_refused_with_what_to_use(env: tuple[FakeNetfilter, Usersp
     result = await p.sync(make_table([svc(protocol="SCTP")]))
     assert result.failed_owners == {"ns/sctp80"}
     assert isinstance(result.errors[0], UnsupportedError) and "ipvs or iptables" in str(result.errors[0])
-    assert nf.rules("nat", CHAIN) == []
+    assert nf.rules("nat", CHAIN) == [NODEPORTS_JUMP]
 
 
 async def test_cleanup_removes_the_chain_and_jumps_and_keeps_foreign_rules(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
@@ -243,19 +244,20 @@ def test_services_that_need_more_than_a_cluster_ip_stay_with_kube_proxy() -> Non
     assert back.unlabel == ["np"] and back.label == []
 
 
-def test_node_ports_and_external_ips_are_taken_in_iptables_mode_only() -> None:
+@pytest.mark.parametrize("mode", ["iptables", "userspace"])
+def test_node_ports_and_external_ips_are_taken_in_iptables_and_userspace_modes(mode: str) -> None:
     node_port = service("np", type_="NodePort", ports=[{"name": "", "port": 80, "nodePort": 30080}])
     external = service("ext")
     external["spec"]["externalIPs"] = ["192.0.2.10"]
     names = {"services": ["np", "ext"]}
-    plan = plan_namespace(view([policy_obj("p", {**names, "mode": "iptables"})], [node_port, external]))
+    plan = plan_namespace(view([policy_obj("p", {**names, "mode": mode})], [node_port, external]))
     assert sorted(plan.writes) == ["ext", "np"]
     types = {vs.address_type for w in plan.writes.values() for vs in w.virtual_servers}
     assert types == {"ClusterIP", "NodePort", "ExternalIP"}
-    plan = plan_namespace(view([policy_obj("p", {**names, "mode": "userspace"})], [node_port, external]))
+    plan = plan_namespace(view([policy_obj("p", {**names, "mode": "ipvs"})], [node_port, external]))
     assert plan.writes == {}
     rows = {r["name"]: r for r in plan.statuses["p"]["services"]}
-    assert all("mode is userspace" in rows[n]["message"] for n in ("np", "ext")), rows
+    assert all("mode is ipvs" in rows[n]["message"] for n in ("np", "ext")), rows
 
 
 def test_service_handed_to_another_proxy_is_left_alone() -> None:

@@ -10,10 +10,11 @@ is a :class:`Route` (requested, effective, reason) that the ProxyNode
 report lists. Called by :class:`svcproxy.agent.agent.Agent`.
 
 Node ports, external and load-balancer IPs need no routing of their own: the
-operator compiles them only into iptables-mode programs (other modes leave such
-Services to kube-proxy), iptables never falls back, and the trust check refuses a
-node port asking for another mode. So no mode is handed a virtual server it cannot
-serve, and none is silently dropped.
+operator compiles them only into programs whose mode serves them (iptables or
+userspace; ipvs leaves such Services to kube-proxy), the trust check refuses a node
+port asking for another mode, iptables never falls back, and userspace falls back to
+iptables only. So no mode is handed a virtual server it cannot serve, and none is
+silently dropped.
 """
 
 from __future__ import annotations

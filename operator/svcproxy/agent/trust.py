@@ -4,7 +4,8 @@ Defense in depth behind the chart's admission policy (only the operator writes
 ProxyVirtualServers): a program whose virtual IPs are not its Service's addresses
 (``spec.clusterIPs``, ``spec.externalIPs``, ``status.loadBalancer.ingress[].ip``), or
 whose node-port virtual servers (address 0.0.0.0 or ::) are not its Service's
-``spec.ports[].nodePort`` or lie outside the cluster's node-port range, or
+``spec.ports[].nodePort``, lie outside the cluster's node-port range or ask for a mode
+that serves no node ports (ipvs; see ``svcproxy.base.EXTERNAL_MODES``), or
 whose real servers are outside every Node's ``spec.podCIDRs``, every Node address
 (``status.addresses``: a hostNetwork Pod uses its node's) and the agent's
 ``--extra-pod-cidr``\\ s, is refused whole. :class:`AddressBook` keeps what the checks
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcproxy.agent.convert import DesiredProgram
+from svcproxy.base import EXTERNAL_MODES
 from svcproxy.dataplane.table import VirtualServer
 
 FOREIGN_VIP = "ForeignVIP"
@@ -312,11 +314,12 @@ def _virtual_ip_refusal(
     """Why one virtual server's address (or node port) is not its Service's, or None."""
     address = normalised(vs.address)
     if address is not None and ipaddress.ip_address(address).is_unspecified:
-        if mode != "iptables":  # the operator never compiles one: other modes would misread it
+        if mode not in EXTERNAL_MODES:  # the operator never compiles one: it would be misread
             return Refusal(
                 FOREIGN_NODE_PORT,
                 f"node port {vs.port}/{vs.protocol} of {owner} asks for mode {mode}: node ports"
-                " are served in iptables mode only: check who wrote this ProxyVirtualServer",
+                f" are served in {' and '.join(EXTERNAL_MODES)} modes only: check who wrote this"
+                " ProxyVirtualServer",
             )
         if vs.port not in node_ports:
             return Refusal(

@@ -7,8 +7,9 @@ the API server returns them) into a :class:`ProxyVirtualServerSpec`, or a
 headless, no ClusterIP yet, no ports, or what svcproxy does not serve yet). Each
 Service port is served on its ClusterIPs, its externalIPs and (type LoadBalancer)
 its VIP-mode ingress IPs, and its nodePort on 0.0.0.0 / :: (address type
-NodePort: the node's own addresses); the last three only in iptables mode (other
-modes leave such Services to kube-proxy). ``pod_labels`` maps Pod name -> labels
+NodePort: the node's own addresses); the last three only in the modes of
+:data:`~svcproxy.base.EXTERNAL_MODES` (iptables, userspace; ipvs leaves such
+Services to kube-proxy). ``pod_labels`` maps Pod name -> labels
 in the Service's namespace so the policy's ``weights`` can match Pods without
 this module doing I/O. Called by the operator's reconciler and by
 ``svcproxy plan``; the output is identical for any order of the slices and of
@@ -35,7 +36,7 @@ from svcproxy.api.program import (
     RealServerSpec,
     VirtualServerSpec,
 )
-from svcproxy.base import IPFamily
+from svcproxy.base import EXTERNAL_MODES, IPFamily
 
 JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -159,16 +160,18 @@ def external_surface(service: JSON) -> str:
 
 
 def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None:
-    """Node ports, external and load-balancer IPs are served in iptables mode only:
-    in another mode the Service stays with kube-proxy rather than lose them."""
+    """Node ports, external and load-balancer IPs are served in the modes of
+    :data:`EXTERNAL_MODES` only: in another mode the Service stays with kube-proxy
+    rather than lose them."""
     surface = external_surface(service)
     mode = policy.spec.mode
-    if not surface or mode == "iptables":
+    if not surface or mode in EXTERNAL_MODES:
         return None
     return NotProxied(
         "Unsupported",
         f"{surface}: svcproxy serves node ports, external IPs and load-balancer IPs in"
-        f" iptables mode only, and the policy's mode is {mode}; kube-proxy keeps this Service",
+        f" {' and '.join(EXTERNAL_MODES)} modes only, and the policy's mode is {mode};"
+        " kube-proxy keeps this Service",
     )
 
 

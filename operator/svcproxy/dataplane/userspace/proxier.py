@@ -8,6 +8,21 @@ PREROUTING and OUTPUT), written with the netfilter adapter. New connections
 ask a :class:`~svcproxy.dataplane.userspace.balancer.Balancer` for backends
 and try them in turn, so a refused connect moves on to the next backend. A
 changed virtual server keeps its listener; only its balancer is updated.
+
+Node ports, external and load-balancer IPs. An external or LB IP is a VIP like a
+ClusterIP: one REDIRECT rule in the portal chain. A node port (address 0.0.0.0 or
+``::``) gets its own listener too and a REDIRECT rule matched by protocol and port in
+``SVCPROXY-PORTALS-NODEPORTS``, which the portal chain's last rule enters for
+destinations local to the node (``-m addrtype --dst-type LOCAL``). Captured by
+netfilter rather than by binding ``0.0.0.0:<nodePort>``: it is how this mode already
+captures every portal, so the no-endpoint refusal (the rule points at the refusing
+port), node-local clients (nat OUTPUT) and the handover with other modes and
+kube-proxy (a rule swapped in one restore; no port that another process may hold
+bound) work the same; the listener's own port stays private. The node-port chain is
+entered after every VIP rule (VIP rules are inserted at the top of the portal chain,
+the jump stays last), so an external IP that is a node address wins over a node port
+with the same number, as in kube-proxy. No masquerade is needed: the agent itself
+connects to the backend, which answers the agent.
 """
 
 from __future__ import annotations
@@ -36,6 +51,12 @@ from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend,
 
 MODE: Mode = "userspace"
 CHAIN = "SVCPROXY-PORTALS"
+NODEPORTS = "SVCPROXY-PORTALS-NODEPORTS"  # under CHAIN's name: cleanup's prefix removes both
+# The portal chain's last rule, always present: into the node ports, for local destinations.
+NODEPORTS_JUMP = (
+    f"-A {CHAIN} -m comment --comment svcproxy-portals-nodeports -m addrtype --dst-type LOCAL"
+    f" -j {NODEPORTS}"
+)
 JUMPS = (
     Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
     Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
@@ -60,13 +81,37 @@ def _v6(vs: VirtualServer) -> bool:
     return IPFamily.is_v6(vs.address)
 
 
+def is_node_port(vs: VirtualServer) -> bool:
+    """``vs`` is a node port: served on every local address (0.0.0.0 or ::, normalised)."""
+    return vs.address in ("0.0.0.0", "::")
+
+
 def _rule(vs: VirtualServer, port: int) -> str:
+    """The REDIRECT rule of one portal: by VIP in the portal chain, or for a node port by
+    protocol and port in the node-port chain."""
     proto = vs.protocol.lower()
+    what = (f"-m comment --comment {vs.owner or '-'} -m {proto} --dport {vs.port}"
+            f" -j REDIRECT --to-ports {port}")
+    if is_node_port(vs):
+        return f"-A {NODEPORTS} -p {proto} {what}"
     host = f"{vs.address}/{128 if _v6(vs) else 32}"
-    return (
-        f"-A {CHAIN} -d {host} -p {proto} -m comment --comment {vs.owner or '-'}"
-        f" -m {proto} --dport {vs.port} -j REDIRECT --to-ports {port}"
-    )
+    return f"-A {CHAIN} -d {host} -p {proto} {what}"
+
+
+def _added(rule: str) -> str:
+    """How a partial sync adds ``rule``: VIP rules at the top of the portal chain (ahead
+    of its last rule, the jump into the node ports), node-port rules appended."""
+    head = f"-A {CHAIN} "
+    return f"-I {CHAIN} 1 {rule[len(head):]}" if rule.startswith(head) else rule
+
+
+def full_chains(rules: list[str]) -> str:
+    """The nat restore input rewriting both chains: VIP rules, the node-port jump last,
+    then the node-port rules."""
+    vips = [r for r in rules if r.startswith(f"-A {CHAIN} ")]
+    ports = [r for r in rules if not r.startswith(f"-A {CHAIN} ")]
+    lines = [f":{CHAIN} - [0:0]", f":{NODEPORTS} - [0:0]", *vips, NODEPORTS_JUMP, *ports]
+    return "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
 
 
 def _wanted(
@@ -94,7 +139,7 @@ def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int,
     for p in kept:
         if p.rule != rules[id(p)]:
             lines += ["-D" + p.rule[2:]] if p.rule else []
-            lines.append(rules[id(p)])
+            lines.append(_added(rules[id(p)]))
     lines += ["-D" + p.rule[2:] for p in gone if p.rule]
     return lines
 
@@ -116,6 +161,10 @@ class UserspaceProxier:
         # ip6tables, made on first use (its probe runs subprocesses): IPv6 VIPs only.
         self._nf6 = netfilter6
         self._v6_used = False
+        # Families whose chains this proxier wrote whole: until then, a partial sync of
+        # that family writes it whole too (the chains may not exist yet: the first IPv6
+        # portal, say, comes in a partial sync).
+        self._declared: set[bool] = set()
         backend, reason = self._nf.backend()
         self._timeout = connect_timeout
         self._clock = clock
@@ -193,21 +242,26 @@ class UserspaceProxier:
                 mine |= {k for k in want if k in self._portals}
             ops: dict[str, int] = {}
             await self._open_or_update(want, ops, errors)
-            gone = [self._portals[k] for k in mine - set(want)]
+            gone_keys = mine - set(want)
+            gone = [self._portals[k] for k in gone_keys]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             for v6 in (False, True):
                 fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
                 fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
                 if v6 and not (fam_kept or fam_gone or self._v6_used):
                     continue  # no IPv6 VIP ever: leave ip6tables alone
+                full = only is None or v6 not in self._declared
+                if full and only is not None:  # the whole family, from every portal of it
+                    fam_kept = [self._portals[k] for k in sorted(self._portals)
+                                if k not in gone_keys and _v6(self._portals[k].balancer.vs) == v6]
                 try:
-                    await self._write_rules(v6, fam_kept, fam_gone, full=only is None,
+                    await self._write_rules(v6, fam_kept, fam_gone, full=full,
                                             present=(present or {}).get(v6))
                 except DataplaneError as err:
                     err.owner = err.owner or next(
                         (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
-            for key in mine - set(want):
+            for key in gone_keys:
                 portal = self._portals.pop(key)
                 self._mirror.drop(key)
                 await self._close(portal)
@@ -258,6 +312,8 @@ class UserspaceProxier:
         for p in kept:
             p.rule = rules[id(p)]
         self._v6_used = self._v6_used or v6
+        if full:
+            self._declared.add(v6)
 
     def _netfilter(self, v6: bool) -> NetfilterKernel:
         if not v6:
@@ -291,7 +347,7 @@ class UserspaceProxier:
 
     @staticmethod
     def _write_full(nf: NetfilterKernel, body: list[str], present: Collection[str] | None = None) -> None:
-        nf.restore("*nat\n:" + CHAIN + " - [0:0]\n" + "\n".join(body) + "\nCOMMIT\n")
+        nf.restore(full_chains(body))
         nf.ensure_jumps(JUMPS, present)
 
     async def cleanup(self) -> SyncResult:
@@ -301,6 +357,7 @@ class UserspaceProxier:
                 await self._close(portal)
             self._portals.clear()
             self._mirror.clear()
+            self._declared.clear()
             errors: tuple[DataplaneError, ...] = ()
             if self._caps.available:
                 try:
