@@ -8,7 +8,9 @@ headless, no ClusterIP yet, no ports, or what svcproxy does not serve yet). Each
 Service port is served on its ClusterIPs, its externalIPs and (type LoadBalancer)
 its VIP-mode ingress IPs, and its nodePort on 0.0.0.0 / :: (address type
 NodePort: the node's own addresses); the last three only in iptables mode (other
-modes leave such Services to kube-proxy). ``pod_labels`` maps Pod name -> labels
+modes leave such Services to kube-proxy), as are the traffic policies Local: each
+virtual server then says ``trafficPolicy: Local`` and every agent keeps only its own
+node's endpoints (real servers carry ``nodeName``). ``pod_labels`` maps Pod name -> labels
 in the Service's namespace so the policy's ``weights`` can match Pods without
 this module doing I/O. Called by the operator's reconciler and by
 ``svcproxy plan``; the output is identical for any order of the slices and of
@@ -65,6 +67,7 @@ _VIRTUAL_SERVER_FIELDS = {
     "scheduler_flags",
     "persistence_timeout_seconds",
     "real_servers",
+    "traffic_policy",
 }
 
 
@@ -125,24 +128,11 @@ def not_proxied(service: JSON) -> NotProxied | None:
         return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
     # Taking a Service from kube-proxy takes all of it: what svcproxy cannot serve yet
     # would go dark, so such Services stay with kube-proxy, and the status says why.
-    if spec.get("externalTrafficPolicy") == "Local":
-        return NotProxied(
-            "Unsupported",
-            "externalTrafficPolicy: Local is not supported yet (it would send node-port and"
-            " load-balancer traffic to remote Pods and lose the client address); kube-proxy keeps"
-            " this Service",
-        )
     if spec.get("loadBalancerSourceRanges"):
         return NotProxied(
             "Unsupported",
             "spec.loadBalancerSourceRanges is not supported yet (svcproxy would not filter by"
             " client address); kube-proxy keeps this Service",
-        )
-    if spec.get("internalTrafficPolicy") == "Local":
-        return NotProxied(
-            "Unsupported",
-            "internalTrafficPolicy: Local is not supported yet (it would reach remote Pods); "
-            "kube-proxy keeps this Service",
         )
     return None
 
@@ -155,11 +145,38 @@ def external_surface(service: JSON) -> str:
     parts = [f"type {kind}"] if kind in ("NodePort", "LoadBalancer") else []
     if spec.get("externalIPs"):
         parts.append("spec.externalIPs")
+    if external_policy_local(service):
+        parts.append("externalTrafficPolicy: Local")
+    if internal_policy_local(service):
+        parts.append("internalTrafficPolicy: Local")
     return " and ".join(parts)
 
 
+def external_policy_local(service: JSON) -> bool:
+    """externalTrafficPolicy Local, which (as for kube-proxy) counts only for types
+    NodePort and LoadBalancer: their node ports, external and load-balancer IPs then
+    reach only the node's own endpoints."""
+    spec = service.get("spec") or {}
+    return spec.get("type") in ("NodePort", "LoadBalancer") and spec.get("externalTrafficPolicy") == "Local"
+
+
+def internal_policy_local(service: JSON) -> bool:
+    """internalTrafficPolicy Local: the ClusterIPs reach only the node's own endpoints."""
+    return (service.get("spec") or {}).get("internalTrafficPolicy") == "Local"
+
+
+def health_check_node_port(service: JSON) -> int | None:
+    """spec.healthCheckNodePort when externalTrafficPolicy is Local (the API server
+    allocates one for type LoadBalancer), else None."""
+    port = (service.get("spec") or {}).get("healthCheckNodePort")
+    if not external_policy_local(service) or isinstance(port, bool) or not isinstance(port, int):
+        return None
+    return port if 1 <= port <= 65535 else None
+
+
 def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None:
-    """Node ports, external and load-balancer IPs are served in iptables mode only:
+    """Node ports, external and load-balancer IPs and the traffic policies Local are
+    served in iptables mode only:
     in another mode the Service stays with kube-proxy rather than lose them."""
     surface = external_surface(service)
     mode = policy.spec.mode
@@ -167,8 +184,9 @@ def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None
         return None
     return NotProxied(
         "Unsupported",
-        f"{surface}: svcproxy serves node ports, external IPs and load-balancer IPs in"
-        f" iptables mode only, and the policy's mode is {mode}; kube-proxy keeps this Service",
+        f"{surface}: svcproxy serves node ports, external IPs, load-balancer IPs and"
+        f" traffic policies Local in iptables mode only, and the policy's mode is {mode};"
+        " kube-proxy keeps this Service",
     )
 
 
@@ -350,6 +368,13 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
         mode="json",
         include={"mode", "scheduler", "scheduler_flags", "persistence_timeout_seconds", "virtual_servers"},
     )
+    # The fields added with the traffic policies count only when set, so a program
+    # without them keeps the hash it had before they existed (no re-apply on upgrade).
+    for vs in program["virtualServers"]:
+        if vs.get("trafficPolicy") == "Cluster":
+            del vs["trafficPolicy"]
+    if spec.health_check_node_port is not None:
+        program["healthCheckNodePort"] = spec.health_check_node_port
     text = json.dumps(program, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -398,6 +423,8 @@ def _virtual_servers(
             continue
         name = str(port.get("name") or "")
         reals: dict[int, list[RealServerSpec]] = {}  # per family: the same for every address
+        local = {"ClusterIP": internal_policy_local(service)}
+        external = external_policy_local(service)
         for address, kind, vport in _addresses(service, port, number):
             if (address, vport, protocol) in seen:
                 continue  # an external IP that is also a ClusterIP, say: served once
@@ -423,6 +450,7 @@ def _virtual_servers(
                     scheduler_flags=cast(list[SchedulerFlag], flags),
                     persistence_timeout_seconds=persistence,
                     real_servers=reals[family],
+                    traffic_policy="Local" if local.get(kind, external) else "Cluster",
                 )
             )
     return servers
@@ -462,6 +490,7 @@ def compile_program(
         scheduler_flags=flags,
         persistence_timeout_seconds=persistence,
         virtual_servers=servers,
+        health_check_node_port=health_check_node_port(service),
         summary=summarize(servers),
     )
     return program.model_copy(update={"content_hash": content_hash(program)})
