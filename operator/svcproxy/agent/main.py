@@ -155,6 +155,7 @@ class AgentProcess:
             on_delete=agent.delete,
             on_restart=lambda reason: agent.metrics.watch_restarts.labels(reason).inc(),
         )
+        self.watch.node_name = args.node_name
         # What programs are checked against (svcproxy.agent.trust): Services and Nodes,
         # kept as addresses only. The first sync waits for these lists too.
         self.guards: list[ListWatch[Any]] = []
