@@ -3,6 +3,7 @@ pure functions, then real sockets on loopback: open, count change, close, confli
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -10,6 +11,7 @@ import socket
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.convert import DesiredProgram
 from svcproxy.agent.healthcheck import Check, HealthServer, answer, response
+from svcproxy.agent.main import AgentProcess
 
 
 def free_port() -> int:
@@ -99,3 +101,35 @@ def test_the_agent_offers_checks_of_the_programs_it_serves() -> None:
     agent.upsert(DesiredProgram("ns/plain", "h2", {}))
     agent.upsert(DesiredProgram("ns/bad", "h3", {}, "cannot program", health_check_port=32101))
     assert agent.health_checks() == {"ns/web": (32100, 2)}
+
+
+def test_the_agent_process_follows_syncs_with_its_listeners() -> None:
+    async def run() -> None:
+        port = free_port()
+        agent = Agent({}, node_name="node-1")
+        args = argparse.Namespace(node_name="node-1")
+        proc = AgentProcess(args, agent, api=None)  # type: ignore[arg-type]  # no API call is made here
+        assert proc.watch.node_name == "node-1"  # the PVS watch picks this node's endpoints
+        proc.health.host = "127.0.0.1"
+        task = asyncio.create_task(proc.health_loop())
+        agent.upsert(DesiredProgram("ns/web", "h1", {}, health_check_port=port, local_endpoints=1))
+        assert agent.on_synced is not None
+        agent.on_synced(None)  # type: ignore[arg-type]
+        for _ in range(100):
+            if port in proc.health.servers:
+                break
+            await asyncio.sleep(0.01)
+        # Before the first full sync the agent is not healthy: 503 even with an endpoint.
+        status, _, body = await _get(port)
+        assert status == 503 and body["serviceProxyHealthy"] is False and body["localEndpoints"] == 1
+        agent.delete("ns/web")
+        agent.on_synced(None)  # type: ignore[arg-type]
+        for _ in range(100):
+            if not proc.health.servers:
+                break
+            await asyncio.sleep(0.01)
+        assert proc.health.servers == {}
+        task.cancel()
+        await proc.health.close()
+
+    asyncio.run(run())
