@@ -135,3 +135,25 @@ def test_a_node_gaining_its_first_local_endpoint_is_a_partial_sync() -> None:
     sync(p, make_table([vs("0.0.0.0", 30080, "")]), {"ns/web"})  # back to Cluster
     assert trace(nf, NODE_IP, 30080, src=OUTSIDE) == {"masq", f"{LOCAL}:8080", f"{REMOTE}:8080"}
     assert not any(c.startswith("SVCPROXY-CLU-") for c in nf.tables["nat"])
+
+
+def test_a_steady_full_sync_reads_the_cluster_chains_as_sums_once() -> None:
+    """SVCPROXY-CLU- chains are per-service chains: summed like SVC and SEP, so the steady
+    state's read-back matches at once (no second read of the groups)."""
+    nf, p = setup()
+    table = make_table([vs("0.0.0.0", 30080, "external"), vs("192.0.2.7", 80, "external", persistence=30)])
+    sync(p, table)
+    reads = []
+    observe = p._observe
+
+    def counted(v6: bool, reader: object) -> object:
+        reads.append(reader)
+        return observe(v6, reader)  # type: ignore[arg-type]
+
+    p._observe = counted  # type: ignore[method-assign]
+    sync(p, table)
+    assert p.last_full.restores == 0 and len(reads) == 1
+    nf.tables["nat"][rules.cluster_chain(table[next(iter(table))].key)].rules.clear()  # drift by hand
+    sync(p, table)
+    assert p.last_full.dirty_services == 1
+    assert trace(nf, NODE_IP, 30080, src=Source("10.244.1.9")) == {f"{LOCAL}:8080", f"{REMOTE}:8080"}
