@@ -25,8 +25,9 @@ ADDRESS_PORT = 8081  # be0's second echo server: answers "<name> <client-ip>:<cl
 
 
 def server(topo: Topology, address: str, port: int, policy: LocalPolicy, *, local: tuple[int, ...] = (0,),
-           target: int = 8080, owner: str = "ns/web") -> VirtualServer:
-    reals = [RealServer(a, target, local=i in local) for i, a in enumerate(topo.backends)]
+           target: int = 8080, owner: str = "ns/web", only: tuple[int, ...] | None = None) -> VirtualServer:
+    reals = [RealServer(a, target, local=i in local) for i, a in enumerate(topo.backends)
+             if only is None or i in only]
     return VirtualServer.create("TCP", address, port, reals, owner=owner, local_policy=policy)
 
 
@@ -45,7 +46,7 @@ def test_local_policies_reach_only_this_nodes_endpoints_and_keep_the_client(topo
     table = make_table([
         server(topo, "0.0.0.0", 30080, "external"),
         server(topo, "0.0.0.0", 30081, "external", target=ADDRESS_PORT, owner="ns/address"),
-        server(topo, "0.0.0.0", 30082, "", target=ADDRESS_PORT, owner="ns/cluster"),
+        server(topo, "0.0.0.0", 30082, "", target=ADDRESS_PORT, owner="ns/cluster", only=(0,)),
         server(topo, "0.0.0.0", 30083, "external", local=(), owner="ns/elsewhere"),
         server(topo, "10.96.5.20", 80, "internal", local=(1,), owner="ns/itp"),
         server(topo, "10.96.5.21", 80, "internal", local=(), owner="ns/itp-elsewhere"),
