@@ -12,8 +12,9 @@ report lists. Called by :class:`svcproxy.agent.agent.Agent`.
 Node ports, external and load-balancer IPs need no routing of their own: the
 operator compiles them only into iptables-mode programs (other modes leave such
 Services to kube-proxy), iptables never falls back, and the trust check refuses a
-node port asking for another mode. So no mode is handed a virtual server it cannot
-serve, and none is silently dropped.
+node port asking for another mode; likewise a trafficPolicy Local in another mode is
+a spec error (:mod:`svcproxy.agent.convert`). So no mode is handed a virtual server it
+cannot serve, and none is silently dropped.
 """
 
 from __future__ import annotations
