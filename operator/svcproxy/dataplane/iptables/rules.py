@@ -32,6 +32,7 @@ none on this node, the filter chain drops the traffic (REJECT is for no endpoint
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from svcproxy.base import IPFamily
 from svcproxy.dataplane.nfkernel import Jump
@@ -157,11 +158,11 @@ def _ready(vs: VirtualServer) -> list[RealServer]:
     return [r for r in vs.real_servers if r.weight > 0]
 
 
-def _chained(vs: VirtualServer) -> list[RealServer]:
+def _chained(vs: VirtualServer) -> Sequence[RealServer]:
     """The real servers with an endpoint chain: all, except under "internal" (local only)."""
     if vs.local_policy == "internal":
         return [r for r in vs.real_servers if r.local]
-    return list(vs.real_servers)
+    return vs.real_servers  # no copy: this runs for every service of a full sync
 
 
 def reject_rule(vs: VirtualServer) -> str | None:
