@@ -183,11 +183,9 @@ def parse_samples(text: str) -> dict[str, ServiceSeen]:
 
     def flush() -> None:
         for ns, name, type_, proxy, cluster_ip in rows:
-            if cluster_ip == "None":
-                type_ = "headless"
             if ns in namespaces:
                 entry = seen.setdefault(f"{ns}/{name}", ServiceSeen(set()))
-                entry.types.add(type_)
+                entry.types.add("headless" if cluster_ip == "None" else type_)
                 entry.handed |= proxy == "svcproxy"
         for key in programs:
             if key in seen:

@@ -20,6 +20,11 @@ EXTERNAL_MODES: tuple[Mode, ...] = ("iptables", "userspace")
 compiles such Services only under these (others leave them to kube-proxy) and the
 agent's trust check refuses a node port asking for any other mode."""
 
+LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables",)
+"""The modes that serve externalTrafficPolicy and internalTrafficPolicy Local (only
+this node's endpoints). The operator compiles such Services only under these, and
+the agent refuses a virtual server with trafficPolicy Local in any other mode."""
+
 
 def is_mode(text: str) -> TypeGuard[Mode]:
     """True when ``text`` names a proxy mode (narrows it to :data:`Mode`)."""

@@ -121,6 +121,9 @@ def case_the_iptables_proxiers_rules_read_back_as_written(nf: NetfilterKernel) -
     def reals(*weights: int) -> list[RealServer]:
         return [RealServer(f"10.244.7.{i + 2}", 8080, w) for i, w in enumerate(weights)]
 
+    def local(*weights: int) -> list[RealServer]:  # the first on this node
+        return [RealServer(f"10.244.7.{i + 2}", 8080, w, local=i == 0) for i, w in enumerate(weights)]
+
     servers = [
         VirtualServer.create("TCP", "10.96.7.1", 80, reals(1, 1, 1), owner="ns/even"),
         VirtualServer.create("TCP", "10.96.7.1", 81, reals(3, 2, 7), owner="ns/weighted"),
@@ -134,6 +137,15 @@ def case_the_iptables_proxiers_rules_read_back_as_written(nf: NetfilterKernel) -
         VirtualServer.create("TCP", "::", 30080, [RealServer("fd00:244::2", 8080)], owner="ns/nodeport6"),
         VirtualServer.create("TCP", "::", 30081, [], owner="ns/nodeport6-empty"),
         VirtualServer.create("TCP", "192.0.2.7", 80, reals(1), owner="ns/external"),
+        # Traffic policies Local: a local and a remote endpoint, and none local (DROP).
+        VirtualServer.create("TCP", "0.0.0.0", 30082, local(1, 1), persistence=60, owner="ns/etp",
+                             local_policy="external"),
+        VirtualServer.create("TCP", "198.51.100.3", 80, reals(1), owner="ns/etp-none",
+                             local_policy="external"),
+        VirtualServer.create("TCP", "::", 30082, [RealServer("fd00:244::2", 8080, local=True)],
+                             owner="ns/etp6", local_policy="external"),
+        VirtualServer.create("TCP", "10.96.7.2", 80, local(1, 1), owner="ns/itp", local_policy="internal"),
+        VirtualServer.create("TCP", "10.96.7.3", 80, reals(1), owner="ns/itp-none", local_policy="internal"),
     ]
     p = IptablesProxier(nf, nf.family(True))
     table = make_table(servers)

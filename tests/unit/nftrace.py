@@ -8,12 +8,26 @@ can end up (every branch of a ``statistic`` or ``recent`` match is taken).
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
+
 from svcproxy.dataplane.nffake import FakeNetfilter
 
 
-def _matches(words: list[str], dst: str, port: int, proto: str, local: frozenset[str] | None) -> bool:
-    """Destination, protocol and port, and ``--dst-type LOCAL`` when ``local`` (the node's
-    addresses) is given; source matches (masquerade marks) are taken as met."""
+@dataclass(frozen=True)
+class Source:
+    """The sender, when a trace should check source matches: its address, and whether
+    it is one of the node's own (``-m addrtype --src-type LOCAL``)."""
+
+    address: str
+    local: bool = False
+
+
+def _matches(words: list[str], dst: str, port: int, proto: str, *, local: frozenset[str] | None,
+             src: Source | None) -> bool:
+    """Destination, protocol and port; ``--dst-type LOCAL`` only with ``local`` (the
+    node's addresses) and source matches only with ``src`` (else taken as met, e.g.
+    masquerade marks)."""
     for i, word in enumerate(words[:-1]):
         value = words[i + 1]
         ok = True
@@ -25,27 +39,34 @@ def _matches(words: list[str], dst: str, port: int, proto: str, local: frozenset
             ok = int(value) == port
         elif word == "--dst-type" and local is not None:
             ok = (dst in local) == (value == "LOCAL")
+        elif word == "-s" and src is not None:
+            ok = ipaddress.ip_address(src.address) in ipaddress.ip_network(value, strict=False)
+            ok = ok != (i > 0 and words[i - 1] == "!")
+        elif word == "--src-type" and src is not None:
+            ok = (value == "LOCAL") == src.local
         if not ok:
             return False
     return True
 
 
 def trace(nf: FakeNetfilter, dst: str, port: int, proto: str = "tcp", *,
-          table: str = "nat", chain: str = "PREROUTING", local: frozenset[str] | None = None) -> set[str]:
+          table: str = "nat", chain: str = "PREROUTING", local: frozenset[str] | None = None,
+          src: Source | None = None) -> set[str]:
     """Where a new connection to ``dst:port`` can go: "IP:PORT" (DNAT),
-    "redirect:PORT", "reject"; empty when no rule of ours takes it. ``local``: the
-    node's addresses, for ``-m addrtype`` (None: such matches are taken as met)."""
-    out, _ = _walk(nf, table, chain, dst=dst, port=port, proto=proto, local=local, depth=0)
+    "redirect:PORT", "reject", "drop"; empty when no rule of ours takes it. ``local``:
+    the node's addresses, for ``-m addrtype --dst-type`` (None: taken as met). With
+    ``src``, source matches are checked and "masq" says the masquerade mark was set."""
+    out, _ = _walk(nf, table, chain, dst=dst, port=port, proto=proto, local=local, src=src, depth=0)
     return out
 
 
 def _walk(nf: FakeNetfilter, table: str, chain: str, *, dst: str, port: int, proto: str,
-          local: frozenset[str] | None, depth: int) -> tuple[set[str], bool]:
+          local: frozenset[str] | None, src: Source | None, depth: int) -> tuple[set[str], bool]:
     assert depth < 20, "a loop in the rules"
     found: set[str] = set()
     for line in nf.rules(table, chain):
         words = line.split()[2:]
-        if not _matches(words, dst, port, proto, local):
+        if not _matches(words, dst, port, proto, local=local, src=src):
             continue
         maybe = "statistic" in words or "--rcheck" in words
         target = words[words.index("-j") + 1] if "-j" in words else ""
@@ -58,12 +79,19 @@ def _walk(nf: FakeNetfilter, table: str, chain: str, *, dst: str, port: int, pro
         elif target == "REJECT":
             found.add("reject")
             done = True
+        elif target == "DROP":
+            found.add("drop")
+            done = True
+        elif target == "SVCPROXY-MARK-MASQ" and src is not None:
+            found.add("masq")
+            done = False
         elif target in nf.tables.get(table, {}):
             sub, done = _walk(nf, table, target, dst=dst, port=port, proto=proto, local=local,
+                              src=src,
                               depth=depth + 1)
             found |= sub
         else:
-            done = target in ("ACCEPT", "DROP", "RETURN")
+            done = target in ("ACCEPT", "RETURN")
             if target == "RETURN":
                 return found, False
         if done and not maybe:

@@ -5,6 +5,7 @@ the node-port range, on 0.0.0.0 / :: with addressType NodePort."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from svcproxy.agent.trust import (
     FOREIGN_NODE_PORT,
     FOREIGN_VIP,
     AddressBook,
+    health_check_key,
     node_networks,
     node_port_key,
     port_range,
@@ -125,3 +127,18 @@ def test_userspace_node_ports_are_checked_like_iptables_ones() -> None:
     assert other is not None and other.reason == FOREIGN_NODE_PORT and "is not a nodePort" in other.message
     low = refusal_of(_with("0.0.0.0", 30080, mode="userspace"), ADDRESSES, SPACE, range(31000, 32000))
     assert low is not None and low.reason == FOREIGN_NODE_PORT and "outside" in low.message
+
+
+def test_a_health_check_port_is_trusted_only_as_the_services_own() -> None:
+    service = {**SERVICE, "spec": {**SERVICE["spec"], "healthCheckNodePort": 32100}}
+    addresses = service_addresses(service)
+    assert health_check_key(32100) in addresses and health_check_key(32100) not in ADDRESSES
+    program = pvs("web", reals=REALS)
+    assert refusal_of(replace(program, health_check_port=32100), addresses, SPACE) is None
+    for port, have in ((32101, addresses), (32100, ADDRESSES)):
+        refusal = refusal_of(replace(program, health_check_port=port), have, SPACE)
+        assert refusal is not None and refusal.reason == FOREIGN_NODE_PORT
+        assert f"health-check port {port}" in refusal.message
+    # The Service's own, but outside the agent's node-port range.
+    refusal = refusal_of(replace(program, health_check_port=32100), addresses, SPACE, range(30000, 31000))
+    assert refusal is not None and refusal.reason == FOREIGN_NODE_PORT

@@ -142,19 +142,12 @@ def test_userspace_mode_serves_node_ports_external_and_load_balancer_ips() -> No
     assert isinstance(why, NotProxied) and "externalTrafficPolicy: Local" in why.message
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "words"),
-    [("externalTrafficPolicy", "Local", "externalTrafficPolicy: Local"),
-     ("loadBalancerSourceRanges", ["203.0.113.0/24"], "loadBalancerSourceRanges"),
-     ("internalTrafficPolicy", "Local", "internalTrafficPolicy: Local")],
-)
-def test_traffic_policies_and_source_ranges_stay_refused(field: str, value: Any, words: str) -> None:
-    svc = _load_balancer([{"ip": "198.51.100.3"}], **{field: value})
+def test_source_ranges_stay_refused() -> None:
+    svc = _load_balancer([{"ip": "198.51.100.3"}], loadBalancerSourceRanges=["203.0.113.0/24"])
     why = compile_program(policy(spec=IPTABLES), svc, SLICES)
     assert isinstance(why, NotProxied) and why.reason == "Unsupported", why
-    assert words in why.message and "kube-proxy keeps" in why.message
-    # The default policies (Cluster, no ranges) are served.
-    svc["spec"][field] = "Cluster" if isinstance(value, str) else []
+    assert "loadBalancerSourceRanges" in why.message and "kube-proxy keeps" in why.message
+    svc["spec"]["loadBalancerSourceRanges"] = []
     assert isinstance(compile_program(policy(spec=IPTABLES), svc, SLICES), ProxyVirtualServerSpec)
 
 

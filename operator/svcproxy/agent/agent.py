@@ -484,6 +484,15 @@ class Agent:
         """Every mode's cleanup (``svcproxy agent --cleanup``)."""
         return [await p.cleanup() for p in self.proxiers.values()]
 
+    def health_checks(self) -> dict[str, tuple[int, int]]:
+        """owner -> (healthCheckNodePort, ready local endpoints) of the programs this node
+        serves (not refused, no error): what :mod:`svcproxy.agent.healthcheck` answers."""
+        return {
+            owner: (p.health_check_port, p.local_endpoints)
+            for owner, p in self.programs.items()
+            if p.health_check_port and not p.error and owner not in self.refused
+        }
+
     def snapshot(self, *, watch_live: bool) -> AgentSnapshot:
         vs = rs = 0
         for proxier in self.proxiers.values():

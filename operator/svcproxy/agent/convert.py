@@ -7,6 +7,13 @@ by the mode they ask for. The agent's router then decides the mode each
 group really runs in. Endpoint rules: ready endpoints take traffic with
 their weight; serving endpoints that terminate are drained (weight 0, no new
 connections, existing ones continue); endpoints that neither are left out.
+
+A virtual server with ``trafficPolicy: Local`` keeps every real server, each marked
+``local`` when its ``nodeName`` is this agent's node: the iptables rules send outside
+traffic only to those (:mod:`svcproxy.dataplane.iptables.rules`). Such a program is
+one for all nodes; only the agent knows which endpoints are its own, so the node name
+is given to :func:`to_program`. The program's ``healthCheckNodePort`` and this node's
+count of ready local endpoints feed :mod:`svcproxy.agent.healthcheck`.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from svcproxy.api.program import ProxyVirtualServer, RealServerSpec, VirtualServerSpec
-from svcproxy.base import Mode
-from svcproxy.dataplane.table import RealServer, VirtualServer
+from svcproxy.base import LOCAL_POLICY_MODES, Mode
+from svcproxy.dataplane.table import LocalPolicy, RealServer, VirtualServer
 
 
 @dataclass(frozen=True)
@@ -26,12 +33,15 @@ class DesiredProgram:
     ``by_mode``: requested mode -> virtual servers (owner set, reals in
     canonical order). ``error``: set when the object cannot be programmed
     at all (then ``by_mode`` is empty and the owner is reported, not applied).
+    ``health_check_port``/``local_endpoints``: what the health-check server answers.
     """
 
     owner: str
     content_hash: str
     by_mode: Mapping[Mode, tuple[VirtualServer, ...]] = field(default_factory=dict)
     error: str = ""
+    health_check_port: int | None = None  # the Service's healthCheckNodePort
+    local_endpoints: int = 0  # ready endpoints on this node (for the health check)
 
     @property
     def virtual_server_count(self) -> int:
@@ -42,20 +52,35 @@ def owner_of(namespace: str | None, name: str) -> str:
     return f"{namespace or ''}/{name}"
 
 
-def real_server(rs: RealServerSpec) -> RealServer | None:
+def real_server(rs: RealServerSpec, local: bool = False) -> RealServer | None:
     """The kernel's view of one endpoint, or None when it takes no traffic at all."""
     if rs.ready and not rs.terminating:
-        return RealServer(rs.address, rs.port, rs.weight)
+        return RealServer(rs.address, rs.port, rs.weight, local=local)
     if rs.serving:
         # Terminating but still answering: keep existing connections, send no new ones.
-        return RealServer(rs.address, rs.port, 0)
+        return RealServer(rs.address, rs.port, 0, local=local)
     return None
 
 
-def virtual_server(vs: VirtualServerSpec, owner: str) -> VirtualServer:
+def local_policy(vs: VirtualServerSpec) -> LocalPolicy:
+    """How ``vs``'s trafficPolicy Local is served: "" (Cluster), "internal" for a
+    ClusterIP (internalTrafficPolicy), "external" for the others."""
+    if vs.traffic_policy != "Local":
+        return ""
+    if vs.mode not in LOCAL_POLICY_MODES:
+        raise ValueError(
+            f"trafficPolicy Local is served in {' and '.join(LOCAL_POLICY_MODES)} mode only, not {vs.mode}"
+        )
+    return "internal" if vs.address_type == "ClusterIP" else "external"
+
+
+def virtual_server(vs: VirtualServerSpec, owner: str, node_name: str = "") -> VirtualServer:
+    """``vs`` as the data plane takes it; under a traffic policy Local, real servers on
+    ``node_name`` are marked local."""
+    policy = local_policy(vs)
     reals: dict[tuple[str, int], RealServer] = {}
     for api_rs in vs.real_servers:
-        rs = real_server(api_rs)
+        rs = real_server(api_rs, bool(policy) and bool(node_name) and api_rs.node_name == node_name)
         if rs is None:
             continue
         old = reals.get(rs.key)
@@ -71,21 +96,35 @@ def virtual_server(vs: VirtualServerSpec, owner: str) -> VirtualServer:
         flags=vs.scheduler_flags,
         persistence=vs.persistence_timeout_seconds,
         owner=owner,
+        local_policy=policy,
     )
 
 
-def to_program(pvs: ProxyVirtualServer) -> DesiredProgram:
-    """The agent's form of one ProxyVirtualServer (never raises for bad content)."""
+def local_endpoints(pvs: ProxyVirtualServer, node_name: str) -> int:
+    """Ready endpoints (distinct addresses) of the program on ``node_name``."""
+    if not node_name:
+        return 0
+    return len({rs.address for vs in pvs.spec.virtual_servers for rs in vs.real_servers
+                if rs.node_name == node_name and rs.ready and not rs.terminating})
+
+
+def to_program(pvs: ProxyVirtualServer, node_name: str = "") -> DesiredProgram:
+    """The agent's form of one ProxyVirtualServer on the node ``node_name`` (never raises
+    for bad content)."""
     owner = owner_of(pvs.metadata.namespace, pvs.metadata.name)
     by_mode: dict[Mode, list[VirtualServer]] = {}
     seen: set[tuple[str, str, int]] = set()
     try:
         for api_vs in pvs.spec.virtual_servers:
-            vs = virtual_server(api_vs, owner)
+            vs = virtual_server(api_vs, owner, node_name)
             if vs.key in seen:
                 raise ValueError(f"{vs.key} is listed twice: list each VIP:port/protocol once")
             seen.add(vs.key)
             by_mode.setdefault(api_vs.mode, []).append(vs)
     except ValueError as err:
         return DesiredProgram(owner, pvs.spec.content_hash, {}, f"cannot program {owner}: {err}")
-    return DesiredProgram(owner, pvs.spec.content_hash, {m: tuple(v) for m, v in by_mode.items()})
+    port = pvs.spec.health_check_node_port
+    return DesiredProgram(
+        owner, pvs.spec.content_hash, {m: tuple(v) for m, v in by_mode.items()},
+        health_check_port=port, local_endpoints=local_endpoints(pvs, node_name) if port else 0,
+    )

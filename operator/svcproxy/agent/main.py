@@ -32,6 +32,7 @@ from svcproxy.agent import logs
 from svcproxy.agent.agent import Agent
 from svcproxy.agent.apiclient import ApiClient, ConfigError, load_incluster, load_kubeconfig
 from svcproxy.agent.convert import DesiredProgram
+from svcproxy.agent.healthcheck import HealthServer
 from svcproxy.agent.kube import ProxyNodeWriter
 from svcproxy.agent.metrics import Metrics
 from svcproxy.agent.report import ReportThrottle, build_status
@@ -155,6 +156,7 @@ class AgentProcess:
             on_delete=agent.delete,
             on_restart=lambda reason: agent.metrics.watch_restarts.labels(reason).inc(),
         )
+        self.watch.node_name = args.node_name
         # What programs are checked against (svcproxy.agent.trust): Services and Nodes,
         # kept as addresses only. The first sync waits for these lists too.
         self.guards: list[ListWatch[Any]] = []
@@ -165,9 +167,17 @@ class AgentProcess:
             self._guard_watch(NodeWatch, agent.nodes_listed, agent.node_changed, agent.node_deleted)
         self.writer = ProxyNodeWriter(api, args.node_name, ReportThrottle(1.0))
         self.report_wake = asyncio.Event()
+        # The Services' healthCheckNodePorts (externalTrafficPolicy Local), on every address.
+        self.health = HealthServer(healthy=lambda: self.healthy()[0])
+        self.health_wake = asyncio.Event()
+
         # Every sync wakes the report, also the partial syncs a full sync runs inside
         # itself: their changes should not wait for the full sync to end to be reported.
-        agent.on_synced = lambda _outcome: self.report_wake.set()
+        def synced(_outcome: object) -> None:
+            self.report_wake.set()
+            self.health_wake.set()
+
+        agent.on_synced = synced
 
     def _guard_watch(self, kind: type[ListWatch[Any]], on_list: Callable[[Iterable[Any]], None],
                      on_upsert: Callable[[Any], None], on_delete: Callable[[str], None]) -> None:
@@ -208,6 +218,13 @@ class AgentProcess:
         for listed in self.guards_listed:  # a program is checked against complete lists only
             await listed.wait()
         await self.agent.run_forever(after_full=trim_heap)
+
+    async def health_loop(self) -> None:
+        """Keep the health-check listeners as the synced programs ask."""
+        while True:
+            await self.health_wake.wait()
+            self.health_wake.clear()
+            await self.health.update(self.agent.health_checks())
 
     async def report_loop(self) -> None:
         while True:
@@ -318,7 +335,7 @@ async def _serve(proc: AgentProcess, modes: list[str], unavailable: list[str]) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loops = [proc.watch.run(), *(w.run() for w in proc.guards), proc.sync_loop(), proc.report_loop(),
-             proc.writer.watch(proc.report_wake.set)]
+             proc.health_loop(), proc.writer.watch(proc.report_wake.set)]
     tasks = [asyncio.create_task(c) for c in loops]
     log.info("agent started", extra={"modes": modes, "unavailable": unavailable})
     stopper = asyncio.create_task(stop.wait())
@@ -331,6 +348,7 @@ async def _serve(proc: AgentProcess, modes: list[str], unavailable: list[str]) -
     for task in [*tasks, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    await proc.health.close()
     for runner in runners:
         await runner.cleanup()
     return rc

@@ -5,7 +5,8 @@ ProxyVirtualServers): a program whose virtual IPs are not its Service's addresse
 (``spec.clusterIPs``, ``spec.externalIPs``, ``status.loadBalancer.ingress[].ip``), or
 whose node-port virtual servers (address 0.0.0.0 or ::) are not its Service's
 ``spec.ports[].nodePort``, lie outside the cluster's node-port range or ask for a mode
-that serves no node ports (ipvs; see ``svcproxy.base.EXTERNAL_MODES``), or
+that serves no node ports (ipvs; see ``svcproxy.base.EXTERNAL_MODES``), whose
+health-check port is not the Service's ``spec.healthCheckNodePort`` (in that range), or
 whose real servers are outside every Node's ``spec.podCIDRs``, every Node address
 (``status.addresses``: a hostNetwork Pod uses its node's) and the agent's
 ``--extra-pod-cidr``\\ s, is refused whole. :class:`AddressBook` keeps what the checks
@@ -85,6 +86,11 @@ def node_port_key(protocol: str, port: int) -> str:
     return f"nodePort {protocol}/{port}"
 
 
+def health_check_key(port: int) -> str:
+    """How a Service's healthCheckNodePort sits among its addresses."""
+    return f"healthCheckNodePort {port}"
+
+
 def _special(address: str) -> bool:
     """An address that makes no sense as a virtual IP: unspecified (the node-port form),
     loopback, link-local or multicast (the API server refuses such externalIPs too)."""
@@ -93,8 +99,9 @@ def _special(address: str) -> bool:
 
 
 def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
-    """A Service's addresses that a program may use as virtual IPs, and its node ports
-    (as :func:`node_port_key`: one set, so the watches keep one value per Service)."""
+    """A Service's addresses that a program may use as virtual IPs, its node ports (as
+    :func:`node_port_key`) and its health-check port (:func:`health_check_key`): one set,
+    so the watches keep one value per Service."""
     spec = obj.get("spec") or {}
     raw: list[Any] = list(spec.get("clusterIPs") or [spec.get("clusterIP")])
     raw += spec.get("externalIPs") or []
@@ -107,6 +114,9 @@ def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
         number = port.get("nodePort") if isinstance(port, Mapping) else None
         if isinstance(number, int) and not isinstance(number, bool):
             out.add(node_port_key(str(port.get("protocol") or "TCP"), number))
+    health = spec.get("healthCheckNodePort")
+    if isinstance(health, int) and not isinstance(health, bool):
+        out.add(health_check_key(health))
     return frozenset(out)
 
 
@@ -281,8 +291,8 @@ def refusal_of(
     node_ports: range = DEFAULT_NODE_PORTS,
 ) -> Refusal | None:
     """The check itself: every virtual IP one of ``addresses`` (None: the Service is
-    unknown), every node port (address 0.0.0.0 or ::) one of the Service's and in
-    ``node_ports``, every real server in ``space``."""
+    unknown), every node port (address 0.0.0.0 or ::) and the health-check port the
+    Service's and in ``node_ports``, every real server in ``space``."""
     owner = program.owner
     if addresses is None:
         return Refusal(
@@ -290,6 +300,14 @@ def refusal_of(
             f"the Service {owner} is not known to this agent: a ProxyVirtualServer is programmed"
             " only for an existing Service with the same name and namespace (it is, as soon as the"
             " Service shows up)",
+        )
+    health = program.health_check_port
+    if health is not None and (health not in node_ports or health_check_key(health) not in addresses):
+        return Refusal(
+            FOREIGN_NODE_PORT,
+            f"health-check port {health} of {owner} is not the Service's healthCheckNodePort in"
+            f" this agent's node-port range {node_ports.start}-{node_ports.stop - 1}: check who"
+            " wrote this ProxyVirtualServer",
         )
     for mode, servers in program.by_mode.items():
         for vs in servers:

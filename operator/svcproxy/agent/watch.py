@@ -41,12 +41,13 @@ class ExpiredError(Exception):
     """The resourceVersion is too old (410 Gone): list again."""
 
 
-def parse(obj: dict[str, Any]) -> DesiredProgram:
-    """One object from the API -> a DesiredProgram (one with an error when it does not parse)."""
+def parse(obj: dict[str, Any], node_name: str = "") -> DesiredProgram:
+    """One object from the API -> a DesiredProgram for the node ``node_name`` (one with an
+    error when it does not parse)."""
     meta = obj.get("metadata") or {}
     owner = owner_of(meta.get("namespace"), meta.get("name", ""))
     try:
-        return to_program(ProxyVirtualServer.parse(obj))
+        return to_program(ProxyVirtualServer.parse(obj), node_name)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -189,13 +190,15 @@ class ListWatch(Generic[T]):
 
 
 class PvsWatch(ListWatch[DesiredProgram]):
-    """ProxyVirtualServers in all namespaces -> the agent's programs."""
+    """ProxyVirtualServers in all namespaces -> the agent's programs for ``node_name``
+    (set after construction; it picks the local endpoints of traffic policies Local)."""
 
     path = PATH
     kind = "ProxyVirtualServer"
+    node_name = ""
 
     def parse_object(self, obj: dict[str, Any]) -> DesiredProgram:
-        return parse(obj)
+        return parse(obj, self.node_name)
 
 
 class ServiceWatch(ListWatch[tuple[str, frozenset[str]]]):

@@ -19,6 +19,7 @@ from svcproxy.base import Mode
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
+TrafficPolicy = Literal["Cluster", "Local"]
 IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
 # The address of a node-port virtual server: every local address of the node, per family.
 NODE_PORT_ADDRESSES = ("0.0.0.0", "::")
@@ -70,6 +71,10 @@ class VirtualServerSpec(ApiModel):
     real_servers: list[RealServerSpec] = Field(default_factory=list)
     """Real servers in canonical order (sorted by address and port): every node adds
     them in this order so hashing schedulers agree across nodes."""
+    traffic_policy: TrafficPolicy = "Cluster"
+    """Which real servers new connections go to: Cluster, all of them; Local, only those
+    whose nodeName is the agent's node, keeping the client address (the Service's
+    internalTrafficPolicy for a ClusterIP, its externalTrafficPolicy for the others)."""
 
     cel_rules = (
         # Agents read 0.0.0.0 / :: as "a node port"; any other pairing would be misread.
@@ -121,6 +126,9 @@ class ProxyVirtualServerSpec(ApiModel):
     """ClientIP affinity timeout; 0 means no affinity."""
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
     """One entry per service port and virtual IP."""
+    health_check_node_port: int | None = Field(default=None, ge=1, le=65535)
+    """The Service's healthCheckNodePort (externalTrafficPolicy Local): every agent answers
+    HTTP on it, 200 while its node has a ready local endpoint, else 503."""
     content_hash: str = ""
     """Hash of everything above: agents report it once applied."""
     summary: ProgramSummary = Field(default_factory=ProgramSummary)

@@ -9,7 +9,10 @@ Service port is served on its ClusterIPs, its externalIPs and (type LoadBalancer
 its VIP-mode ingress IPs, and its nodePort on 0.0.0.0 / :: (address type
 NodePort: the node's own addresses); the last three only in the modes of
 :data:`~svcproxy.base.EXTERNAL_MODES` (iptables, userspace; ipvs leaves such
-Services to kube-proxy). ``pod_labels`` maps Pod name -> labels
+Services to kube-proxy). The traffic policies Local only in iptables mode
+(:data:`~svcproxy.base.LOCAL_POLICY_MODES`): each virtual server then says
+``trafficPolicy: Local`` and every agent keeps only its own node's endpoints (real
+servers carry ``nodeName``). ``pod_labels`` maps Pod name -> labels
 in the Service's namespace so the policy's ``weights`` can match Pods without
 this module doing I/O. Called by the operator's reconciler and by
 ``svcproxy plan``; the output is identical for any order of the slices and of
@@ -36,7 +39,7 @@ from svcproxy.api.program import (
     RealServerSpec,
     VirtualServerSpec,
 )
-from svcproxy.base import EXTERNAL_MODES, IPFamily
+from svcproxy.base import EXTERNAL_MODES, LOCAL_POLICY_MODES, IPFamily
 
 JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -66,6 +69,7 @@ _VIRTUAL_SERVER_FIELDS = {
     "scheduler_flags",
     "persistence_timeout_seconds",
     "real_servers",
+    "traffic_policy",
 }
 
 
@@ -126,24 +130,11 @@ def not_proxied(service: JSON) -> NotProxied | None:
         return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
     # Taking a Service from kube-proxy takes all of it: what svcproxy cannot serve yet
     # would go dark, so such Services stay with kube-proxy, and the status says why.
-    if spec.get("externalTrafficPolicy") == "Local":
-        return NotProxied(
-            "Unsupported",
-            "externalTrafficPolicy: Local is not supported yet (it would send node-port and"
-            " load-balancer traffic to remote Pods and lose the client address); kube-proxy keeps"
-            " this Service",
-        )
     if spec.get("loadBalancerSourceRanges"):
         return NotProxied(
             "Unsupported",
             "spec.loadBalancerSourceRanges is not supported yet (svcproxy would not filter by"
             " client address); kube-proxy keeps this Service",
-        )
-    if spec.get("internalTrafficPolicy") == "Local":
-        return NotProxied(
-            "Unsupported",
-            "internalTrafficPolicy: Local is not supported yet (it would reach remote Pods); "
-            "kube-proxy keeps this Service",
         )
     return None
 
@@ -159,19 +150,53 @@ def external_surface(service: JSON) -> str:
     return " and ".join(parts)
 
 
+def local_policies(service: JSON) -> str:
+    """The traffic policies Local the Service sets ("" when none), in words."""
+    parts = ["externalTrafficPolicy: Local"] if external_policy_local(service) else []
+    if internal_policy_local(service):
+        parts.append("internalTrafficPolicy: Local")
+    return " and ".join(parts)
+
+
+def external_policy_local(service: JSON) -> bool:
+    """externalTrafficPolicy Local, which (as for kube-proxy) counts only for types
+    NodePort and LoadBalancer: their node ports, external and load-balancer IPs then
+    reach only the node's own endpoints."""
+    spec = service.get("spec") or {}
+    return spec.get("type") in ("NodePort", "LoadBalancer") and spec.get("externalTrafficPolicy") == "Local"
+
+
+def internal_policy_local(service: JSON) -> bool:
+    """internalTrafficPolicy Local: the ClusterIPs reach only the node's own endpoints."""
+    return (service.get("spec") or {}).get("internalTrafficPolicy") == "Local"
+
+
+def health_check_node_port(service: JSON) -> int | None:
+    """spec.healthCheckNodePort when externalTrafficPolicy is Local (the API server
+    allocates one for type LoadBalancer), else None."""
+    port = (service.get("spec") or {}).get("healthCheckNodePort")
+    if not external_policy_local(service) or isinstance(port, bool) or not isinstance(port, int):
+        return None
+    return port if 1 <= port <= 65535 else None
+
+
 def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None:
     """Node ports, external and load-balancer IPs are served in the modes of
-    :data:`EXTERNAL_MODES` only: in another mode the Service stays with kube-proxy
-    rather than lose them."""
-    surface = external_surface(service)
+    :data:`EXTERNAL_MODES`, the traffic policies Local in :data:`LOCAL_POLICY_MODES`:
+    in another mode the Service stays with kube-proxy rather than lose them. The
+    message names everything the policy's mode lacks."""
     mode = policy.spec.mode
-    if not surface or mode in EXTERNAL_MODES:
+    lacking = [
+        f"{what} (served in {' and '.join(modes)} {'modes' if len(modes) > 1 else 'mode'} only)"
+        for what, modes in ((external_surface(service), EXTERNAL_MODES),
+                            (local_policies(service), LOCAL_POLICY_MODES))
+        if what and mode not in modes
+    ]
+    if not lacking:
         return None
     return NotProxied(
         "Unsupported",
-        f"{surface}: svcproxy serves node ports, external IPs and load-balancer IPs in"
-        f" {' and '.join(EXTERNAL_MODES)} modes only, and the policy's mode is {mode};"
-        " kube-proxy keeps this Service",
+        f"{' and '.join(lacking)}, and the policy's mode is {mode}; kube-proxy keeps this Service",
     )
 
 
@@ -353,6 +378,13 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
         mode="json",
         include={"mode", "scheduler", "scheduler_flags", "persistence_timeout_seconds", "virtual_servers"},
     )
+    # The fields added with the traffic policies count only when set, so a program
+    # without them keeps the hash it had before they existed (no re-apply on upgrade).
+    for vs in program["virtualServers"]:
+        if vs.get("trafficPolicy") == "Cluster":
+            del vs["trafficPolicy"]
+    if spec.health_check_node_port is not None:
+        program["healthCheckNodePort"] = spec.health_check_node_port
     text = json.dumps(program, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -401,6 +433,8 @@ def _virtual_servers(
             continue
         name = str(port.get("name") or "")
         reals: dict[int, list[RealServerSpec]] = {}  # per family: the same for every address
+        local = {"ClusterIP": internal_policy_local(service)}
+        external = external_policy_local(service)
         for address, kind, vport in _addresses(service, port, number):
             if (address, vport, protocol) in seen:
                 continue  # an external IP that is also a ClusterIP, say: served once
@@ -426,6 +460,7 @@ def _virtual_servers(
                     scheduler_flags=cast(list[SchedulerFlag], flags),
                     persistence_timeout_seconds=persistence,
                     real_servers=reals[family],
+                    traffic_policy="Local" if local.get(kind, external) else "Cluster",
                 )
             )
     return servers
@@ -465,6 +500,7 @@ def compile_program(
         scheduler_flags=flags,
         persistence_timeout_seconds=persistence,
         virtual_servers=servers,
+        health_check_node_port=health_check_node_port(service),
         summary=summarize(servers),
     )
     return program.model_copy(update={"content_hash": content_hash(program)})

@@ -45,6 +45,12 @@ Forward = Literal["masq", "local", "tunnel", "route", "bypass"]
 FORWARD_METHODS: tuple[Forward, ...] = ("masq", "local", "tunnel", "route", "bypass")
 # ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
 DEFAULT_AFFINITY_SECONDS = 10800
+# A traffic policy Local as the iptables mode serves it: "" none (every endpoint);
+# "internal" (internalTrafficPolicy on a ClusterIP): only this node's endpoints;
+# "external" (externalTrafficPolicy on a node port, external or LB IP): outside
+# clients reach only this node's endpoints with their address kept, while the node
+# itself and its Pods reach every endpoint, as through kube-proxy.
+LocalPolicy = Literal["", "internal", "external"]
 
 
 def normalize_address(address: str) -> str:
@@ -79,13 +85,15 @@ class RealServer:
     NAT (``masq``), the only method that works for a Service proxy (the backend answers
     the node, which undoes the translation); other values come from reading back a
     kernel where someone changed it (``ipvsadm -e ... -g``), and differ from the desired
-    real server, so the next full sync edits it back.
+    real server, so the next full sync edits it back. ``local``: the endpoint runs on
+    this node (set only under a traffic policy Local, see :data:`LocalPolicy`).
     """
 
     address: str
     port: int
     weight: int = 1
     forward: Forward = "masq"
+    local: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", normalize_address(self.address))
@@ -128,7 +136,8 @@ class VirtualServer:
     kernel holds that svcproxy never makes, as a reader spells them (e.g.
     ``ops``, ``netmask 255.255.255.0``, ``pe sip``); empty in desired tables,
     so a virtual server read back with any differs (:meth:`same_service`) and
-    is updated, which sends every setting and so clears them.
+    is updated, which sends every setting and so clears them. ``local_policy``: see
+    :data:`LocalPolicy` (iptables mode only).
     """
 
     protocol: Protocol
@@ -140,6 +149,7 @@ class VirtualServer:
     owner: str = ""
     real_servers: tuple[RealServer, ...] = ()
     other: frozenset[str] = NO_FLAGS
+    local_policy: LocalPolicy = ""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -156,6 +166,8 @@ class VirtualServer:
             raise ValueError(
                 f"unknown scheduler flags {sorted(unknown)}: use {sorted(SCHEDULER_FLAGS)}"
             )
+        if self.local_policy not in ("", "internal", "external"):
+            raise ValueError(f"local policy {self.local_policy!r} is not '', 'internal' or 'external'")
         keys = [r.key for r in self.real_servers]
         if len(keys) != len(set(keys)):
             raise ValueError(f"{self.key}: the same real server is listed twice")
@@ -172,9 +184,11 @@ class VirtualServer:
         flags: Iterable[str] = (),
         persistence: int = 0,
         owner: str = "",
+        local_policy: LocalPolicy = "",
     ) -> VirtualServer:
         """A virtual server with its real servers in canonical order (for desired tables)."""
         return cls(
+            local_policy=local_policy,
             protocol=protocol,
             address=address,
             port=port,

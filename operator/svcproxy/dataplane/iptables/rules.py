@@ -18,11 +18,21 @@ is jumped to from nat PREROUTING and OUTPUT for destinations local to the node
 (``-m addrtype --dst-type LOCAL``, as kube-proxy's KUBE-NODEPORTS), and its
 traffic is always marked for masquerade, so replies come back through this node.
 External and load-balancer IPs are plain VIPs in ``SVCPROXY-SERVICES``.
+
+Traffic policies Local (``VirtualServer.local_policy``, real servers marked ``local``):
+"internal" (a ClusterIP) picks among the node's own endpoints only, masquerading as
+for any ClusterIP. "external" (node port, external or LB IP) picks among the node's
+own endpoints without the masquerade mark, so the backend sees the client's address;
+traffic from the cluster CIDRs (Pods) and from the node itself is first sent to a
+``SVCPROXY-CLU-<hash>`` chain choosing among every endpoint, the node's own traffic
+marked for masquerade (as kube-proxy's KUBE-EXT chain does). With ready endpoints but
+none on this node, the filter chain drops the traffic (REJECT is for no endpoints).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from svcproxy.base import IPFamily
 from svcproxy.dataplane.nfkernel import Jump
@@ -38,7 +48,9 @@ BASE_CHAINS = (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING)
 # The chains holding one jump per virtual server: never flushed, repaired rule by rule.
 JUMP_CHAINS = (SERVICES, NODEPORTS)
 # Chains this mode owns (the userspace mode owns SVCPROXY-PORTALS, ipvs SVCPROXY-IPVS-*).
-OWNED_PREFIXES = ("SVCPROXY-SERVICES", NODEPORTS, "SVCPROXY-SVC-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING)
+OWNED_PREFIXES = (
+    "SVCPROXY-SERVICES", NODEPORTS, "SVCPROXY-SVC-", "SVCPROXY-CLU-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING,
+)
 # ensure_jumps inserts each missing jump at the top, in this order: the node ports end
 # up after the services (as kube-proxy's KUBE-NODEPORTS comes last).
 _NODEPORTS_JUMP = f"-m comment --comment svcproxy-nodeports -m addrtype --dst-type LOCAL -j {NODEPORTS}"
@@ -84,6 +96,11 @@ def _hash(text: str) -> str:
 
 def service_chain(key: VSKey) -> str:
     return f"SVCPROXY-SVC-{_hash(str(key))}"
+
+
+def cluster_chain(key: VSKey) -> str:
+    """The chain choosing among every endpoint of an "external" local-policy server."""
+    return f"SVCPROXY-CLU-{_hash(str(key))}"
 
 
 def endpoint_chain(key: VSKey, real: RealServer) -> str:
@@ -133,27 +150,70 @@ def same_rule(line: str) -> str:
     return line.replace('"', "")
 
 
+def _ready(vs: VirtualServer) -> list[RealServer]:
+    """The real servers new connections from outside go to: ready ones, and under a
+    traffic policy Local only this node's."""
+    if vs.local_policy:
+        return [r for r in vs.real_servers if r.weight > 0 and r.local]
+    return [r for r in vs.real_servers if r.weight > 0]
+
+
+def _chained(vs: VirtualServer) -> Sequence[RealServer]:
+    """The real servers with an endpoint chain: all, except under "internal" (local only)."""
+    if vs.local_policy == "internal":
+        return [r for r in vs.real_servers if r.local]
+    return vs.real_servers  # no copy: this runs for every service of a full sync
+
+
 def reject_rule(vs: VirtualServer) -> str | None:
-    """The filter rule refusing ``vs`` while it has no ready endpoint (else None), spelled
+    """The filter rule refusing ``vs`` while it has no ready endpoint (REJECT) or, under
+    a traffic policy Local, none on this node (DROP, as kube-proxy), else None; spelled
     as iptables-save prints it."""
-    if any(r.weight > 0 for r in vs.real_servers):
+    if _ready(vs):
         return None
     proto = vs.protocol.lower()
     icmp = "icmp6-port-unreachable" if IPFamily.is_v6(vs.address) else "icmp-port-unreachable"
+    target = f"REJECT --reject-with {icmp}"
+    if any(r.weight > 0 for r in vs.real_servers):
+        target = "DROP"
     if is_node_port(vs):
         return (
             f"-A {NO_ENDPOINTS} -p {proto} -m comment --comment {vs.owner or '-'} -m addrtype"
-            f" --dst-type LOCAL -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
+            f" --dst-type LOCAL -m {proto} --dport {vs.port} -j {target}"
         )
     return (
         f"-A {NO_ENDPOINTS} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
-        f" -m {proto} --dport {vs.port} -j REJECT --reject-with {icmp}"
+        f" -m {proto} --dport {vs.port} -j {target}"
     )
 
 
 def chains_of(vs: VirtualServer) -> list[str]:
     """The per-service and per-endpoint chains ``vs`` uses."""
-    return [service_chain(vs.key), *(endpoint_chain(vs.key, r) for r in vs.real_servers)]
+    cluster = [cluster_chain(vs.key)] if vs.local_policy == "external" else []
+    return [service_chain(vs.key), *cluster, *(endpoint_chain(vs.key, r) for r in _chained(vs))]
+
+
+def _pick(chain: str, vs: VirtualServer, ready: list[RealServer], seps: dict[tuple[str, int], str],
+          mask: str) -> list[str]:
+    """Rules of ``chain`` choosing one of ``ready`` (affinity first, then weighted random)."""
+    rules: list[str] = []
+    if vs.persistence:
+        for real in ready:
+            sep = seps[real.key]
+            rules.append(
+                f"-A {chain} -m recent --rcheck --seconds {vs.persistence} --reap --name {sep}"
+                f" --mask {mask} --rsource -j {sep}"
+            )
+    remaining = sum(r.weight for r in ready)
+    for index, real in enumerate(ready):
+        sep = seps[real.key]
+        if index == len(ready) - 1:
+            rules.append(f"-A {chain} -j {sep}")
+        else:
+            probability = real.weight / remaining
+            rules.append(f"-A {chain} -m statistic --mode random --probability {probability:.11f} -j {sep}")
+        remaining -= real.weight
+    return rules
 
 
 def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool) -> list[str]:
@@ -166,43 +226,36 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
         match = f"-d {_host(vs.address)} {match}"
     rules: list[str] = []
     v6 = IPFamily.is_v6(vs.address)
+    mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if v6 else "255.255.255.255"
     cidrs = [c for c in cluster_cidrs if IPFamily.is_v6(c) == v6]
-    if masquerade_all or not cidrs or node_port:  # node ports: replies must come back here
-        rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
+    seps = {r.key: endpoint_chain(vs.key, r) for r in _chained(vs)}
+    if vs.local_policy == "external":
+        # Pods and the node itself reach every endpoint (the node's traffic masqueraded);
+        # everyone else only this node's endpoints, unmasqueraded: the client address stays.
+        cluster = cluster_chain(vs.key)
+        rules += [f"-A {svc} -s {cidr} -j {cluster}" for cidr in cidrs]
+        rules += [f"-A {svc} -m addrtype --src-type LOCAL -j {MARK_MASQ}",
+                  f"-A {svc} -m addrtype --src-type LOCAL -j {cluster}"]
+        rules += _pick(svc, vs, _ready(vs), seps, mask)
+        rules += _pick(cluster, vs, [r for r in vs.real_servers if r.weight > 0], seps, mask)
     else:
-        rules += [f"-A {svc} ! -s {cidr} {match} -j {MARK_MASQ}" for cidr in cidrs[:1]]
-    ready = [r for r in vs.real_servers if r.weight > 0]
-    seps = {r.key: endpoint_chain(vs.key, r) for r in vs.real_servers}
-    if vs.persistence:
-        for real in ready:
-            sep = seps[real.key]
-            rules.append(
-                f"-A {svc} -m recent --rcheck --seconds {vs.persistence} --reap --name {sep}"
-                f" --mask {'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff' if v6 else '255.255.255.255'}"
-                f" --rsource -j {sep}"
-            )
-    remaining = sum(r.weight for r in ready)
-    for index, real in enumerate(ready):
-        sep = seps[real.key]
-        if index == len(ready) - 1:
-            rules.append(f"-A {svc} -j {sep}")
+        if masquerade_all or not cidrs or node_port:  # node ports: replies must come back here
+            rules.append(f"-A {svc} {match} -j {MARK_MASQ}")
         else:
-            probability = real.weight / remaining
-            rules.append(f"-A {svc} -m statistic --mode random --probability {probability:.11f} -j {sep}")
-        remaining -= real.weight
-    for real in vs.real_servers:
+            rules += [f"-A {svc} ! -s {cidr} {match} -j {MARK_MASQ}" for cidr in cidrs[:1]]
+        rules += _pick(svc, vs, _ready(vs), seps, mask)
+    for real in _chained(vs):
         sep = seps[real.key]
         rules.append(f"-A {sep} -s {_host(real.address)} -j {MARK_MASQ}")  # hairpin
-        recent = ""
-        if vs.persistence:
-            mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if v6 else "255.255.255.255"
-            recent = f" -m recent --set --name {sep} --mask {mask} --rsource"
+        recent = f" -m recent --set --name {sep} --mask {mask} --rsource" if vs.persistence else ""
         rules.append(f"-A {sep} -p {proto}{recent} -m {proto} -j DNAT --to-destination {_dest(real)}")
     return rules
 
 
 def rule_count(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool) -> int:
     """How many rules ``vs`` owns (its jump + :func:`service_rules`), without writing them."""
+    if vs.local_policy:  # rare: counted by writing them
+        return 1 + (reject_rule(vs) is not None) + len(service_rules(vs, cluster_cidrs, masquerade_all))
     del cluster_cidrs, masquerade_all  # one masquerade rule either way (see service_rules)
     ready = sum(1 for r in vs.real_servers if r.weight > 0)
     reject = 0 if ready else 1  # reject_rule

@@ -92,6 +92,7 @@ def _real(address: str, port: int, weight: int, forward: Forward = "masq") -> Re
     object.__setattr__(real, "port", port)
     object.__setattr__(real, "weight", weight)
     object.__setattr__(real, "forward", forward)
+    object.__setattr__(real, "local", False)
     return real
 
 
