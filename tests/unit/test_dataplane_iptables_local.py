@@ -4,13 +4,10 @@ no local endpoint, and a steady full sync reading them back as written."""
 
 from __future__ import annotations
 
-import asyncio
-
 from nftrace import Source, trace
+from proxierkit import iptables_on_fake, sync_ok
 
 from svcproxy.dataplane.iptables import rules
-from svcproxy.dataplane.iptables.proxier import IptablesProxier
-from svcproxy.dataplane.nffake import FakeNetfilter
 from svcproxy.dataplane.table import LocalPolicy, RealServer, VirtualServer, make_table
 
 LOCAL, REMOTE = "10.244.1.2", "10.244.2.2"
@@ -27,14 +24,6 @@ def vs(address: str, port: int, policy: LocalPolicy, *, local: tuple[str, ...] =
         owner=owner, local_policy=policy, persistence=persistence)
 
 
-def setup() -> tuple[FakeNetfilter, IptablesProxier]:
-    nf = FakeNetfilter()
-    return nf, IptablesProxier(nf, nf.family(True), cluster_cidrs=CIDRS)
-
-
-def sync(p: IptablesProxier, table: dict, only: set[str] | None = None) -> None:  # type: ignore[type-arg]
-    result = asyncio.run(p.sync(table, frozenset(only) if only is not None else None))
-    assert result.ok, result.errors
 
 
 def test_external_local_node_port_rules() -> None:
@@ -101,13 +90,13 @@ def test_internal_local_cluster_ip_rules_use_only_local_endpoints() -> None:
 
 
 def test_connections_go_by_their_source() -> None:
-    nf, p = setup()
+    nf, p = iptables_on_fake(cluster_cidrs=CIDRS)
     table = make_table([
         vs("0.0.0.0", 30080, "external"), vs("192.0.2.7", 80, "external"),
         vs("0.0.0.0", 30081, "external", local=(), owner="ns/elsewhere"),
         vs("10.96.0.10", 80, "internal"), vs("10.96.0.11", 80, "internal", local=(), owner="ns/elsewhere"),
     ])
-    sync(p, table)
+    sync_ok(p, table)
     both = {f"{LOCAL}:8080", f"{REMOTE}:8080"}
     for dst, port in ((NODE_IP, 30080), ("192.0.2.7", 80)):
         # From outside: the local endpoint only, no masquerade (the client address stays).
@@ -121,18 +110,18 @@ def test_connections_go_by_their_source() -> None:
     assert trace(nf, "10.96.0.10", 80, src=Source("10.244.1.9")) == {f"{LOCAL}:8080"}
     assert trace(nf, "10.96.0.11", 80, src=Source("10.244.1.9")) == set()
     assert trace(nf, "10.96.0.11", 80, table="filter", chain="FORWARD") == {"drop"}
-    sync(p, table)
+    sync_ok(p, table)
     assert p.last_full.restores == 0  # every rule form read back as written
 
 
 def test_a_node_gaining_its_first_local_endpoint_is_a_partial_sync() -> None:
-    nf, p = setup()
-    sync(p, make_table([vs("0.0.0.0", 30080, "external", local=())]))
+    nf, p = iptables_on_fake(cluster_cidrs=CIDRS)
+    sync_ok(p, make_table([vs("0.0.0.0", 30080, "external", local=())]))
     assert trace(nf, NODE_IP, 30080, table="filter", chain="INPUT") == {"drop"}
-    sync(p, make_table([vs("0.0.0.0", 30080, "external")]), {"ns/web"})
+    sync_ok(p, make_table([vs("0.0.0.0", 30080, "external")]), {"ns/web"})
     assert trace(nf, NODE_IP, 30080, src=OUTSIDE) == {f"{LOCAL}:8080"}
     assert trace(nf, NODE_IP, 30080, table="filter", chain="INPUT") == set()
-    sync(p, make_table([vs("0.0.0.0", 30080, "")]), {"ns/web"})  # back to Cluster
+    sync_ok(p, make_table([vs("0.0.0.0", 30080, "")]), {"ns/web"})  # back to Cluster
     assert trace(nf, NODE_IP, 30080, src=OUTSIDE) == {"masq", f"{LOCAL}:8080", f"{REMOTE}:8080"}
     assert not any(c.startswith("SVCPROXY-CLU-") for c in nf.tables["nat"])
 
@@ -140,9 +129,9 @@ def test_a_node_gaining_its_first_local_endpoint_is_a_partial_sync() -> None:
 def test_a_steady_full_sync_reads_the_cluster_chains_as_sums_once() -> None:
     """SVCPROXY-CLU- chains are per-service chains: summed like SVC and SEP, so the steady
     state's read-back matches at once (no second read of the groups)."""
-    nf, p = setup()
+    nf, p = iptables_on_fake(cluster_cidrs=CIDRS)
     table = make_table([vs("0.0.0.0", 30080, "external"), vs("192.0.2.7", 80, "external", persistence=30)])
-    sync(p, table)
+    sync_ok(p, table)
     reads = []
     observe = p._observe
 
@@ -151,9 +140,9 @@ def test_a_steady_full_sync_reads_the_cluster_chains_as_sums_once() -> None:
         return observe(v6, reader)  # type: ignore[arg-type]
 
     p._observe = counted  # type: ignore[method-assign]
-    sync(p, table)
+    sync_ok(p, table)
     assert p.last_full.restores == 0 and len(reads) == 1
     nf.tables["nat"][rules.cluster_chain(table[next(iter(table))].key)].rules.clear()  # drift by hand
-    sync(p, table)
+    sync_ok(p, table)
     assert p.last_full.dirty_services == 1
     assert trace(nf, NODE_IP, 30080, src=Source("10.244.1.9")) == {f"{LOCAL}:8080", f"{REMOTE}:8080"}

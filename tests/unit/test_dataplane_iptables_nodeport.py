@@ -4,13 +4,11 @@ SVCPROXY-NODEPORTS, and adoption of rules an older agent wrote without that chai
 
 from __future__ import annotations
 
-import asyncio
-
 from nftrace import trace
+from proxierkit import iptables_on_fake, sync_ok
 
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.iptables.proxier import IptablesProxier
-from svcproxy.dataplane.nffake import FakeNetfilter
 from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
 
 BACKENDS = ("10.244.1.2", "10.244.1.3")
@@ -27,14 +25,6 @@ def external(address: str = "192.0.2.7") -> VirtualServer:
     return VirtualServer.create("TCP", address, 80, [RealServer(a, 8080) for a in BACKENDS], owner="ns/web")
 
 
-def setup() -> tuple[FakeNetfilter, IptablesProxier]:
-    nf = FakeNetfilter()
-    return nf, IptablesProxier(nf, nf.family(True))
-
-
-def sync(p: IptablesProxier, table: dict, only: set[str] | None = None) -> None:  # type: ignore[type-arg]
-    result = asyncio.run(p.sync(table, frozenset(only) if only is not None else None))
-    assert result.ok, result.errors
 
 
 def test_node_port_rules_match_the_port_on_local_addresses_and_always_masquerade() -> None:
@@ -66,8 +56,8 @@ def test_the_node_ports_chain_is_entered_for_local_destinations_after_the_servic
     jumps = [j.line for j in rules.JUMPS if j.chain == "PREROUTING"]
     assert jumps[0] == ("-A PREROUTING -m comment --comment svcproxy-nodeports -m addrtype --dst-type LOCAL"
                         " -j SVCPROXY-NODEPORTS")
-    nf, p = setup()
-    sync(p, make_table([node_port()]))
+    nf, p = iptables_on_fake()
+    sync_ok(p, make_table([node_port()]))
     prerouting = nf.rules("nat", "PREROUTING")
     assert [r.split("-j ")[-1] for r in prerouting] == ["SVCPROXY-SERVICES", "SVCPROXY-NODEPORTS"]
 
@@ -83,8 +73,8 @@ def test_external_ips_are_plain_vips_in_the_services_chain() -> None:
 
 
 def test_connections_to_a_node_port_and_an_external_ip_reach_the_backends() -> None:
-    nf, p = setup()
-    sync(p, make_table([node_port(), external(), node_port(30081, reals=(), owner="ns/empty")]))
+    nf, p = iptables_on_fake()
+    sync_ok(p, make_table([node_port(), external(), node_port(30081, reals=(), owner="ns/empty")]))
     for chain in ("PREROUTING", "OUTPUT"):
         assert trace(nf, NODE_IP, 30080, chain=chain) == {f"{b}:8080" for b in BACKENDS}
         assert trace(nf, "192.0.2.7", 80, chain=chain) == {f"{b}:8080" for b in BACKENDS}
@@ -94,20 +84,20 @@ def test_connections_to_a_node_port_and_an_external_ip_reach_the_backends() -> N
 
 
 def test_node_port_drift_is_repaired_by_a_full_sync_and_withdrawal_removes_the_jump() -> None:
-    nf, p = setup()
+    nf, p = iptables_on_fake()
     table = make_table([node_port(), external()])
-    sync(p, table)
-    sync(p, table)
+    sync_ok(p, table)
+    sync_ok(p, table)
     assert p.last_full.restores == 0  # steady state: NODEPORTS read back as written
     nf.tables["nat"][rules.NODEPORTS].rules.clear()  # by hand
     assert trace(nf, NODE_IP, 30080) == set()
-    sync(p, table)
+    sync_ok(p, table)
     assert p.last_full.dirty_services == 1 and trace(nf, NODE_IP, 30080) == {f"{b}:8080" for b in BACKENDS}
     nf.restore(f"*nat\n-A {rules.NODEPORTS} -p tcp -m comment --comment ns/gone -m tcp --dport 30999"
                f" -j {rules.MARK_MASQ}\nCOMMIT\n")  # a stale jump
-    sync(p, table)
+    sync_ok(p, table)
     assert not any("30999" in r for r in nf.rules("nat", rules.NODEPORTS))
-    sync(p, make_table([external()]), {"ns/web"})
+    sync_ok(p, make_table([external()]), {"ns/web"})
     assert nf.rules("nat", rules.NODEPORTS) == [] and trace(nf, NODE_IP, 30080) == set()
     assert trace(nf, "192.0.2.7", 80) == {f"{b}:8080" for b in BACKENDS}
 
@@ -115,12 +105,12 @@ def test_node_port_drift_is_repaired_by_a_full_sync_and_withdrawal_removes_the_j
 def test_rules_written_before_node_ports_existed_are_adopted() -> None:
     """An agent of the previous version left SVCPROXY-SERVICES and its jumps but no
     SVCPROXY-NODEPORTS: a first partial sync creates it without flushing the services."""
-    nf, old = setup()
-    sync(old, make_table([external()]))
+    nf, old = iptables_on_fake()
+    sync_ok(old, make_table([external()]))
     nf.restore("*nat\n" + "".join(f"-D {j.chain} {j.rule}\n" for j in rules.JUMPS if "nodeports" in j.rule)
                + f"-X {rules.NODEPORTS}\nCOMMIT\n")
     restarted = IptablesProxier(nf, nf.family(True))
-    sync(restarted, make_table([external(), node_port()]), {"ns/web"})
+    sync_ok(restarted, make_table([external(), node_port()]), {"ns/web"})
     assert trace(nf, NODE_IP, 30080) == {f"{b}:8080" for b in BACKENDS}
     assert trace(nf, "192.0.2.7", 80) == {f"{b}:8080" for b in BACKENDS}
     saved = drift.parse_saved(nf.save(("nat",)), "nat")
@@ -133,8 +123,8 @@ def test_rules_written_before_node_ports_existed_are_adopted() -> None:
 
 
 def test_an_ipv6_node_port_goes_to_ip6tables() -> None:
-    nf, p = setup()
-    sync(p, make_table([node_port(address="::", reals=("fd00:244::2",))]))
+    nf, p = iptables_on_fake()
+    sync_ok(p, make_table([node_port(address="::", reals=("fd00:244::2",))]))
     v6 = nf.family(True)
     assert trace(v6, "fd00:29::11", 30080) == {"[fd00:244::2]:8080"}
     assert nf.rules("nat", rules.NODEPORTS) == []

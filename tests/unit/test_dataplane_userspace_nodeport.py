@@ -7,15 +7,13 @@ arrives in a partial sync), and cleanup of both chains. No traffic is sent here
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from nftrace import trace
+from proxierkit import userspace_env  # noqa: F401 (the fixture env)
+from proxierkit import userspace_ok as ok
 
 from svcproxy.base import IPFamily
 from svcproxy.dataplane.nffake import FakeNetfilter
-from svcproxy.dataplane.proxier import SyncResult
-from svcproxy.dataplane.table import RealServer, Table, VirtualServer, make_table
+from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
 from svcproxy.dataplane.userspace.proxier import (
     CHAIN,
     NODEPORTS,
@@ -38,20 +36,6 @@ def vs(address: str, port: int, protocol: str = "TCP", *, weights: tuple[int, ..
     return VirtualServer.create(protocol, address, port, reals, owner=owner)  # type: ignore[arg-type]
 
 
-@pytest.fixture()
-async def env() -> AsyncIterator[tuple[FakeNetfilter, UserspaceProxier]]:
-    nf = FakeNetfilter()
-    p = UserspaceProxier(nf)
-    try:
-        yield nf, p
-    finally:
-        await p.close()
-
-
-async def ok(p: UserspaceProxier, table: Table, only: set[str] | None = None) -> SyncResult:
-    result = await p.sync(table, frozenset(only) if only is not None else None)
-    assert result.ok, result.errors
-    return result
 
 
 def to(nf: FakeNetfilter, dst: str, port: int, proto: str = "tcp", chain: str = "PREROUTING") -> set[str]:

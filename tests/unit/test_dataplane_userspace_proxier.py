@@ -6,14 +6,14 @@ opened on ephemeral ports but no traffic is sent (that is tests/dataplane/test_u
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 from nftrace import trace
+from proxierkit import userspace_env  # noqa: F401 (the fixture env)
+from proxierkit import userspace_ok as ok
 
 from svcproxy.dataplane.nffake import FakeNetfilter
-from svcproxy.dataplane.proxier import ModeUnavailableError, SyncResult, UnsupportedError
-from svcproxy.dataplane.table import RealServer, Table, VirtualServer, make_table
+from svcproxy.dataplane.proxier import ModeUnavailableError, UnsupportedError
+from svcproxy.dataplane.table import RealServer, VirtualServer, make_table
 from svcproxy.dataplane.userspace.proxier import CHAIN, JUMPS, NODEPORTS_JUMP, UserspaceProxier
 
 VIP, VIP6 = "10.96.6.10", "fd00:96::6:10"
@@ -25,20 +25,6 @@ def svc(port: int = 80, protocol: str = "TCP", weights: tuple[int, ...] = (1, 1)
     return VirtualServer.create(protocol, vip, port, reals, owner=owner or f"ns/{protocol.lower()}{port}")  # type: ignore[arg-type]
 
 
-@pytest.fixture()
-async def env() -> AsyncIterator[tuple[FakeNetfilter, UserspaceProxier]]:
-    nf = FakeNetfilter()
-    p = UserspaceProxier(nf)
-    try:
-        yield nf, p
-    finally:
-        await p.close()
-
-
-async def ok(p: UserspaceProxier, table: Table, only: set[str] | None = None) -> SyncResult:
-    result = await p.sync(table, frozenset(only) if only is not None else None)
-    assert result.ok, result.errors
-    return result
 
 
 def port_of(target: set[str]) -> int:
