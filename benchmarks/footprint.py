@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 from benchmarks._lab import harness
 from benchmarks._lab.harness import BenchLab, KernelWatchers, Population, say
+from benchmarks._report import provenance
 from benchmarks.programming_latency import SYSTEMS, Phase
 
 
@@ -83,8 +82,7 @@ def main() -> int:
     result = {
         "benchmark": "footprint",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "kubernetes": "v1.36.3",
+        "provenance": provenance(),
         "idle_s": args.idle,
         "operator_args": args.operator_args,
         "sizes": [run_size(int(n), args) for n in args.sizes.split(",")],

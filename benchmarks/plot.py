@@ -1,8 +1,9 @@
 """Plots of the lab benchmarks' JSON: programming latency vs number of Services.
 
-Called by ``programming_latency.py --png`` and on its own to redraw from saved results:
+Called on its own to redraw from one saved result (one run: figures of different
+runs are never drawn side by side):
 
-    .venv/bin/python -m benchmarks.plot benchmarks/results/programming_latency-*.json \\
+    .venv/bin/python -m benchmarks.plot benchmarks/results/programming_latency-1000.json \\
         --png benchmarks/programming_latency.png
 
 Each system gets one line for the p50 and a dashed one for the p99 of the
@@ -33,6 +34,14 @@ def points(results: list[dict[str, Any]], change: str) -> dict[str, dict[int, di
     return out
 
 
+def run_label(result: dict[str, Any]) -> str:
+    """The Kubernetes version and CPUs the run recorded (its provenance), for the title."""
+    prov = result.get("provenance") or {}
+    version = prov.get("kubernetes") or result.get("kubernetes") or "Kubernetes version not recorded"
+    cpus = prov.get("cpus") or (result.get("machine") or {}).get("cpus")
+    return f"{version}, {cpus} CPUs" if cpus else str(version)
+
+
 def programming_latency(results: list[dict[str, Any]], png: Path, change: str = "endpoint") -> None:
     import matplotlib
 
@@ -49,7 +58,7 @@ def programming_latency(results: list[dict[str, Any]], png: Path, change: str = 
     ax.set_yscale("log")
     ax.set_xlabel("Services (10 endpoints each), 3 nodes")
     ax.set_ylabel("API write -> kernel on every node (ms)")
-    ax.set_title(f"Programming latency, change: {change} (Kubernetes v1.36.3, 2 CPUs)")
+    ax.set_title(f"Programming latency, change: {change} ({run_label(results[0])})")
     ax.axhline(250, color="grey", linewidth=0.8, linestyle=":")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -61,11 +70,11 @@ def programming_latency(results: list[dict[str, Any]], png: Path, change: str = 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="programming_latency JSON files, oldest first")
+    parser.add_argument("result", help="one programming_latency JSON file (one run)")
     parser.add_argument("--png", required=True)
     parser.add_argument("--change", default="endpoint", choices=("endpoint", "add", "remove", "affinity"))
     args = parser.parse_args()
-    results = [json.loads(Path(p).read_text()) for p in args.results]
+    results = [json.loads(Path(args.result).read_text())]
     programming_latency(results, Path(args.png), args.change)
     print(json.dumps({"png": args.png, "points": points(results, args.change)}, indent=1))
     return 0

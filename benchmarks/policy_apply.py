@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from typing import Any
 
 from benchmarks._lab import harness
 from benchmarks._lab.harness import POLICY_PATH, BenchLab, Population, say
+from benchmarks._report import provenance
 from svcproxy_lab.kubeapi import ApiError
 from svcproxy_lab.stats import summary
 
@@ -142,8 +141,7 @@ def main() -> int:
     result = {
         "benchmark": "policy_apply",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "kubernetes": "v1.36.3",
+        "provenance": provenance(),
         "mode": "iptables (netns nodes)",
         "operator_args": args.operator_args,
         "sizes": run(args),

@@ -31,11 +31,7 @@ Run as root from the repository root, holding the lab lock:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
-import subprocess
 import sys
 import threading
 import time
@@ -59,6 +55,7 @@ from benchmarks._lab.harness import (
     ignore_missing,
     say,
 )
+from benchmarks._report import provenance
 from svcproxy_lab.cluster import LabError
 
 SYSTEMS = ("kube-proxy-iptables", "kube-proxy-nftables", "svcproxy-iptables")
@@ -373,27 +370,6 @@ def detector_lag(result: dict[str, Any]) -> dict[str, Any]:
         mine = [p["seen"] - p["written"] for p in probes if any(a <= p["written"] <= b for a, b in spans)]
         out["by_system"][system] = ls.lag_summary(mine)
     return out
-
-
-def provenance() -> dict[str, Any]:
-    """Versions read from the tools and the checkout, not written down."""
-    def run(*argv: str) -> str:
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)
-        except OSError as exc:
-            return f"unavailable: {exc}"
-        return (proc.stdout or proc.stderr).strip()
-
-    return {
-        "svcproxy": importlib.metadata.version("svcproxy"),
-        "git_head": run("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-        "kernel": platform.release(),
-        "nft": run("nft", "--version"),
-        "iptables": run("iptables", "--version"),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def parse_args() -> argparse.Namespace:

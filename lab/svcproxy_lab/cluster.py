@@ -66,7 +66,7 @@ def ensure_toolchain(say: Say) -> Path:
     """The bin folder of the pinned binaries; builds them first if missing (minutes, cold)."""
     # No Go check here: build.sh finds one (Debian's backported Go too, off PATH), needs
     # none when the cache is filled, and says what to do when it has none.
-    cached = _cached_bin_dir()
+    cached = cached_bin_dir()
     if cached is None:
         say("building the Kubernetes toolchain from Go modules (cold: many minutes)")
     proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True,
@@ -76,7 +76,8 @@ def ensure_toolchain(say: Say) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def _cached_bin_dir() -> Path | None:
+def cached_bin_dir() -> Path | None:
+    """The built toolchain's bin folder for the pinned Kubernetes, or None when not built."""
     key_line = [ln for ln in BUILD_SCRIPT.read_text().splitlines() if ln.startswith("K8S_VERSION=")]
     version = key_line[0].split("=", 1)[1] if key_line else ""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svcproxy/toolchain"
