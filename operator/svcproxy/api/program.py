@@ -71,10 +71,12 @@ class VirtualServerSpec(ApiModel):
     real_servers: list[RealServerSpec] = Field(default_factory=list)
     """Real servers in canonical order (sorted by address and port): every node adds
     them in this order so hashing schedulers agree across nodes."""
-    traffic_policy: TrafficPolicy = "Cluster"
-    """Which real servers new connections go to: Cluster, all of them; Local, only those
-    whose nodeName is the agent's node, keeping the client address (the Service's
-    internalTrafficPolicy for a ClusterIP, its externalTrafficPolicy for the others)."""
+    traffic_policy: TrafficPolicy | None = None
+    """Which real servers new connections go to: Cluster (or left out), all of them;
+    Local, only those whose nodeName is the agent's node, keeping the client address
+    (the Service's internalTrafficPolicy for a ClusterIP, its externalTrafficPolicy for
+    the others). No default in the CRD: during an upgrade an agent that predates the
+    field then refuses only the programs that set it, not every program."""
 
     cel_rules = (
         # Agents read 0.0.0.0 / :: as "a node port"; any other pairing would be misread.

@@ -381,8 +381,8 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
     # The fields added with the traffic policies count only when set, so a program
     # without them keeps the hash it had before they existed (no re-apply on upgrade).
     for vs in program["virtualServers"]:
-        if vs.get("trafficPolicy") == "Cluster":
-            del vs["trafficPolicy"]
+        if vs.get("trafficPolicy") in (None, "Cluster"):
+            vs.pop("trafficPolicy", None)
     if spec.health_check_node_port is not None:
         program["healthCheckNodePort"] = spec.health_check_node_port
     text = json.dumps(program, sort_keys=True, separators=(",", ":"))
@@ -460,7 +460,7 @@ def _virtual_servers(
                     scheduler_flags=cast(list[SchedulerFlag], flags),
                     persistence_timeout_seconds=persistence,
                     real_servers=reals[family],
-                    traffic_policy="Local" if local.get(kind, external) else "Cluster",
+                    traffic_policy="Local" if local.get(kind, external) else None,
                 )
             )
     return servers
