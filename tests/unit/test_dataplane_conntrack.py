@@ -91,7 +91,7 @@ def _run(returncode: int, stderr: str):  # type: ignore[no-untyped-def]
 def test_cleaner_runs_the_tool_in_the_netns_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     calls, run = _run(0, "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n")
     monkeypatch.setattr(conntrack.subprocess, "run", run)
-    cleaner = ConntrackCleaner(netns="node1")
+    cleaner = ConntrackCleaner(netns="node1", netlink=False)
     assert cleaner.clear([ep(B)]) == []
     assert calls[0][:5] == ["ip", "netns", "exec", "node1", "conntrack"]
     assert cleaner.deleted == 2
@@ -100,7 +100,7 @@ def test_cleaner_runs_the_tool_in_the_netns_and_counts(monkeypatch: pytest.Monke
 def test_nothing_matched_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     _, run = _run(1, "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n")
     monkeypatch.setattr(conntrack.subprocess, "run", run)
-    assert ConntrackCleaner().clear([ep(B)]) == []
+    assert ConntrackCleaner(netlink=False).clear([ep(B)]) == []
 
 
 def test_failure_is_logged_with_service_and_node_never_raised(
@@ -108,7 +108,7 @@ def test_failure_is_logged_with_service_and_node_never_raised(
 ) -> None:
     _, run = _run(1, "conntrack v1.4.7 (conntrack-tools): Operation failed: invalid parameters\n")
     monkeypatch.setattr(conntrack.subprocess, "run", run)
-    cleaner = ConntrackCleaner(node="node-a")
+    cleaner = ConntrackCleaner(node="node-a", netlink=False)
     errors = cleaner.clear([ep(B)])
     assert len(errors) == 1 and "ns/dns" in errors[0]
     assert "node-a" in caplog.text and "ns/dns" in caplog.text
@@ -165,3 +165,16 @@ def test_ipvs_proxier_clears_against_what_the_kernel_had() -> None:
     rec.flows.clear()
     assert asyncio.run(restarted.sync(make_table([vs((A, 1), (B, 0))]))).ok
     assert rec.flows == [ep(B)]  # the kernel's read-back is the old table, even after restart
+
+
+def test_unusable_netlink_falls_back_to_the_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, run = _run(0, "conntrack v1.4.7 (conntrack-tools): 1 flow entries have been deleted.\n")
+    monkeypatch.setattr(conntrack.subprocess, "run", run)
+
+    def unusable(self: ConntrackCleaner, flow: StaleFlow) -> int:
+        raise conntrack._NetlinkUnusableError("no ctnetlink")
+
+    monkeypatch.setattr(ConntrackCleaner, "_netlink", unusable)
+    cleaner = ConntrackCleaner()
+    assert cleaner.clear([ep(A), ep(B)]) == []
+    assert len(calls) == 2 and cleaner.deleted == 2 and not cleaner.netlink

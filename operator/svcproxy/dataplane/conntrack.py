@@ -13,16 +13,17 @@ backend left the Service. kube-proxy deletes such entries after each sync
   flows were rejected or lost and their entries would keep them so.
 
 TCP is never touched: a TCP connection to a gone backend is reset and reconnects.
-:func:`stale_flows` is pure; :class:`ConntrackCleaner` is the I/O edge (the
-``conntrack`` tool, in the node's network namespace). Errors are logged with the
+:func:`stale_flows` is pure; :class:`ConntrackCleaner` is the I/O edge (netlink, or
+the ``conntrack`` tool, in the node's network namespace). Errors are logged with the
 owners concerned and never fail a sync.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import shutil
+import socket
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,39 +89,90 @@ def stale_flows(
 
 
 class ConntrackCleaner:
-    """Deletes conntrack entries with the ``conntrack`` tool (conntrack-tools), in
-    network namespace ``netns`` (None: the agent's own, i.e. the node's)."""
+    """Deletes conntrack entries in network namespace ``netns`` (None: the agent's own,
+    i.e. the node's): through netlink (pyroute2's ctnetlink socket: a dump filtered by
+    original destination in the kernel, then one delete per entry whose reply source
+    matches), or with the ``conntrack`` tool (conntrack-tools) when ``netlink`` is off
+    or its socket cannot be opened."""
 
-    def __init__(self, netns: str | None = None, tool: str = "conntrack", node: str = "") -> None:
+    def __init__(
+        self, netns: str | None = None, tool: str = "conntrack", node: str = "", *, netlink: bool = True
+    ) -> None:
         self.netns = netns
         self.tool = tool
         self.node = node or os.uname().nodename
+        self.netlink = netlink
         self.deleted = 0  # entries deleted so far (tests, metrics)
 
     def clear(self, flows: Iterable[StaleFlow]) -> list[str]:
         """Delete the entries of each flow; returns the error messages (also logged)."""
         errors: list[str] = []
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         for flow in flows:
-            argv = [*prefix, self.tool, *flow.argv()]
             try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                errors.append(self._report(flow, str(err)))
-                continue
-            # Exit status 1 with "0 flow entries" only means nothing matched.
-            count = _deleted_count(proc.stderr)
-            if proc.returncode != 0 and count != 0:
-                errors.append(self._report(flow, proc.stderr.strip() or f"exit {proc.returncode}"))
-                continue
-            self.deleted += count or 0
+                self.deleted += self._netlink(flow) if self.netlink else self._tool(flow)
+            except _NetlinkUnusableError as err:
+                log.info("node %s: conntrack netlink unusable (%s): using %s", self.node, err, self.tool)
+                self.netlink = False
+                try:
+                    self.deleted += self._tool(flow)
+                except Exception as tool_err:
+                    errors.append(self._report(flow, str(tool_err)))
+            except Exception as err:
+                errors.append(self._report(flow, f"{type(err).__name__}: {err}"))
         return errors
+
+    def _netlink(self, flow: StaleFlow) -> int:
+        """Delete through ctnetlink; returns how many entries went."""
+        try:
+            from pyroute2 import Conntrack
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+            family = socket.AF_INET6 if IPFamily.is_v6(flow.address) else socket.AF_INET
+            ct = Conntrack(nfgen_family=family, **({"netns": self.netns} if self.netns else {}))
+        except (ImportError, OSError, TimeoutError) as err:
+            raise _NetlinkUnusableError(str(err)) from err
+        proto = _IPPROTO[flow.protocol]
+        orig = NFCTAttrTuple(family=family, proto=proto, dport=flow.port,
+                             daddr=None if flow.address in ANY_ADDRESSES else flow.address)
+        reply = None
+        if flow.real_address:
+            reply = NFCTAttrTuple(family=family, saddr=flow.real_address, sport=flow.real_port)
+        count = 0
+        try:
+            for entry in list(ct.dump_entries(tuple_orig=orig, tuple_reply=reply)):
+                try:
+                    ct.delete(entry)
+                    count += 1
+                except Exception as err:
+                    if getattr(err, "code", None) != errno.ENOENT:
+                        raise
+        finally:
+            ct.close()
+        return count
+
+    def _tool(self, flow: StaleFlow) -> int:
+        """Delete with ``conntrack -D``; returns how many entries went."""
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        proc = subprocess.run([*prefix, self.tool, *flow.argv()], capture_output=True, text=True,
+                              timeout=10, check=False)
+        count = _deleted_count(proc.stderr)
+        # Exit status 1 with "0 flow entries" only means nothing matched.
+        if proc.returncode != 0 and count != 0:
+            raise RuntimeError(proc.stderr.strip() or f"exit {proc.returncode}")
+        return count or 0
 
     def _report(self, flow: StaleFlow, why: str) -> str:
         message = f"conntrack cleanup for {flow.owner or '-'} ({' '.join(flow.argv())}) failed: {why}"
         where = f" in netns {self.netns}" if self.netns else ""
         log.warning("node %s%s: %s", self.node, where, message)
         return message
+
+
+class _NetlinkUnusableError(Exception):
+    """pyroute2's ctnetlink socket cannot be had here: use the tool."""
+
+
+_IPPROTO = {"UDP": socket.IPPROTO_UDP, "SCTP": socket.IPPROTO_SCTP, "TCP": socket.IPPROTO_TCP}
 
 
 def _deleted_count(stderr: str) -> int | None:
@@ -130,10 +182,6 @@ def _deleted_count(stderr: str) -> int | None:
         if "deleted." in words and words and words[0].isdigit():
             return int(words[0])
     return None
-
-
-def available(tool: str = "conntrack") -> bool:
-    return shutil.which(tool) is not None
 
 
 def clear_stale(
