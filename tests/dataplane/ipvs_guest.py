@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -143,6 +144,7 @@ def run(topo: Topology) -> None:
                                              owner=services[4].owner))
     # ipvsadm -g/-i keep the service's port for the real server: one with equal ports.
     drift_steps(topo, proxier, table, vs("10.96.7.17", "rr", port=8080))
+    udp_flow_steps(topo, proxier, vs("10.96.7.18", "rr", protocol="UDP", port=53, owner="ns/flow"))
     # A second, restarted proxier adopts everything: a full sync does nothing.
     again = build_proxier("ipvs", DataplaneConfig(cluster_cidrs=("10.244.0.0/16",)))
     record("restart", again.sync_blocking(table))  # type: ignore[attr-defined]
@@ -157,6 +159,32 @@ def run(topo: Topology) -> None:
     out["svcproxy0_after_cleanup"] = subprocess.run(
         ["ip", "link", "show", "svcproxy0"], capture_output=True, text=True, check=False
     ).returncode
+
+
+def udp_flow_steps(topo: Topology, proxier: Any, udp: VirtualServer) -> None:
+    """A UDP flow from one source port, pinned to a backend; that backend is removed
+    (a partial sync): who answered from 1 s after the sync began (conntrack cleanup,
+    IPVS expire_nodest_conn)."""
+    only = frozenset({udp.owner})
+    proxier.sync_blocking(make_table([udp]), only)
+    flow = subprocess.Popen(["ip", "netns", "exec", topo.client, sys.executable, "-m",
+                             "svcproxy_lab.udpflow", udp.address, "53", "5"],
+                            stdout=subprocess.PIPE, text=True)
+    assert flow.stdout is not None
+    flow.stdout.readline()
+    first = [flow.stdout.readline().split()[1] for _ in range(10)]
+    pinned = first[-1]
+    index = int(pinned[2:]) if pinned.startswith("be") else 0
+    removed_at = time.time()
+    gone = udp.with_reals([r for r in udp.real_servers if r.address != topo.backends[index]])
+    record("udp_flow", proxier.sync_blocking(make_table([gone]), only))
+    answers = [line.split() for line in flow.stdout]
+    flow.wait()
+    out["udp_flow"] = {"first": first, "pinned": pinned,
+                       "late": [n for t, n in answers if float(t) > removed_at + 1.0],
+                       "deleted": getattr(proxier.conntrack, "deleted", None),
+                       "netlink": getattr(proxier.conntrack, "netlink", None)}
+    proxier.sync_blocking({}, only)
 
 
 def full_sync_steps(topo: Topology, proxier: Any, table: dict[Any, VirtualServer],

@@ -201,3 +201,10 @@ def test_service_settings_changed_by_hand_are_repaired_by_a_full_sync(observed: 
     assert observed["results"]["drift_full"]["ops"] == {
         "update_real_server": 1, "update_virtual_server": 2
     }
+
+
+def test_udp_flow_moves_off_a_removed_real_server_within_a_second(observed: dict[str, Any]) -> None:
+    flow = observed["udp_flow"]
+    assert len(set(flow["first"])) == 1 and flow["pinned"].startswith("be"), flow
+    assert len(flow["late"]) >= 20, flow
+    assert set(flow["late"]) <= {"be0", "be1", "be2"} - {flow["pinned"]}, flow

@@ -4,8 +4,8 @@ The agent (``svcproxy.agent``) holds one :class:`Proxier` per mode in use
 (``ipvs``, ``iptables``, ``userspace``; built by
 :func:`svcproxy.dataplane.modes.build_proxier`), hands each the part of the
 desired table that runs in that mode and reads back a :class:`SyncResult`.
-No mode imports another; they share only this module, ``capabilities``, ``table``, ``mirror``
-and the netfilter adapter (the ipvs mode also ``diff``).
+No mode imports another; they share only this module, ``capabilities``, ``table``, ``mirror``,
+``conntrack`` and the netfilter adapter (the ipvs mode also ``diff``).
 
 Contract of :meth:`Proxier.sync`:
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
+from svcproxy.dataplane.conntrack import ConntrackCleaner, clear_stale
 from svcproxy.dataplane.iptables import drift, rules
 from svcproxy.dataplane.mirror import Mirror
 from svcproxy.dataplane.nfkernel import NetfilterKernel, SavedTable, names_only
@@ -78,12 +79,16 @@ class IptablesProxier(BlockingProxier):
         *,
         cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
         masquerade_all: bool = False,
+        conntrack: ConntrackCleaner | None = None,
     ) -> None:
         super().__init__()
         if netfilter is None:  # the real tools (``create``); unit tests pass a fake
             from svcproxy.dataplane.netfilter import Netfilter
 
             netfilter = Netfilter()
+            conntrack = conntrack or ConntrackCleaner()
+        # Deletes the UDP/SCTP entries a sync leaves stale (None: never, e.g. a fake kernel).
+        self.conntrack = conntrack
         self._nf = {False: netfilter, True: netfilter6 or netfilter.family(True)}
         backend, reason = netfilter.backend()
         self._cidrs = cluster_cidrs
@@ -157,6 +162,7 @@ class IptablesProxier(BlockingProxier):
         ops: dict[str, int] = defaultdict(int)
         if only is None:
             self.last_full = FullStats()
+        known = self._synced  # the mirror holds what the kernel had: stale flows are known
         for v6 in (False, True):
             tables = self._family(v6, desired, only, touched)
             if tables is None:
@@ -177,6 +183,8 @@ class IptablesProxier(BlockingProxier):
                 errors.append(err)
                 failed |= {v.owner for v in want.values()} | {v.owner for v in have.values()}
                 continue
+            if known:
+                clear_stale(self.conntrack, have, want)
             for key, vs in want.items():
                 old = have.get(key)
                 if old is None:

@@ -53,6 +53,7 @@ def create(config: object) -> IpvsProxier:
     if missing:
         return IpvsProxier(AbsentIpvs(missing), _LazyAddresses(), interface=interface,
                            unprepare=nodesetup.unprepare)
+    from svcproxy.dataplane.conntrack import ConntrackCleaner
     from svcproxy.dataplane.ipvs.addresses import NetlinkAddresses
     from svcproxy.dataplane.ipvs.netlink import NetlinkIpvs
 
@@ -62,4 +63,5 @@ def create(config: object) -> IpvsProxier:
         interface=interface,
         prepare=lambda: nodesetup.prepare(config),
         unprepare=nodesetup.unprepare,
+        conntrack=ConntrackCleaner(),
     )

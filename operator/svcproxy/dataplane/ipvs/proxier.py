@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from svcproxy.base import Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
+from svcproxy.dataplane.conntrack import ConntrackCleaner, clear_stale
 from svcproxy.dataplane.diff import Operation, OpKind, apply_one, count_kinds, diff
 from svcproxy.dataplane.ipvs.kernel import AddressKernel, Failure, IpvsKernel
 from svcproxy.dataplane.mirror import Mirror
@@ -84,8 +85,11 @@ class IpvsProxier(BlockingProxier):
         interface: str = "svcproxy0",
         prepare: Callable[[], list[DataplaneError]] | None = None,
         unprepare: Callable[[], None] | None = None,
+        conntrack: ConntrackCleaner | None = None,
     ) -> None:
         super().__init__()
+        # Deletes the UDP/SCTP entries a sync leaves stale (None: never, e.g. a fake kernel).
+        self.conntrack = conntrack
         self._kernel = kernel
         self._addresses = addresses
         self._interface = interface
@@ -272,6 +276,7 @@ class IpvsProxier(BlockingProxier):
             self._reset_mirror()
             self._replace({}, view.kept)
         self._replace(view.have, applied)
+        clear_stale(self.conntrack, view.have, applied)  # view.have: kernel or mirror, as it was
         present = {**view.kept, **applied} if view.kept else applied
         errors.extend(self._sync_vips(present, set(view.have) - set(applied), full=full))
         return done
