@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from svcproxy.agent.convert import virtual_server
+from svcproxy.api.program import RealServerSpec, VirtualServerSpec
 from svcproxy_lab.topology import CLIENT, Topology, in_ns
 
 VIP = "10.96.6.10"
@@ -97,6 +99,20 @@ def test_wrr_follows_weights_and_draining_gets_nothing(topo: Topology, driver: D
     driver.sync(svc(topo, [0, 1, 2], port=83, scheduler="wrr", weights=[3, 1, 0]))
     names = topo.ask(VIP, 83, 8)
     assert sorted(names) == ["be0"] * 6 + ["be1"] * 2, names
+
+
+def test_serving_terminating_backends_answer_when_none_is_ready(topo: Topology, driver: Driver) -> None:
+    """Weights from the agent's conversion (kube-proxy's rule): all terminating -> used."""
+    def weights(states: list[bool]) -> list[int]:  # True = ready, False = serving-terminating
+        reals = [RealServerSpec(address=a, port=8080, ready=r, terminating=not r)
+                 for a, r in zip(topo.backends, states, strict=True)]
+        spec = VirtualServerSpec(address=VIP, port=85, mode="userspace", real_servers=reals)
+        return [r.weight for r in virtual_server(spec, "ns/tcp85").real_servers]
+
+    driver.sync(svc(topo, [0, 1, 2], port=85, weights=weights([False, False, False])))
+    assert set(topo.ask(VIP, 85, 9)) == {"be0", "be1", "be2"}
+    driver.sync(svc(topo, [0, 1, 2], port=85, weights=weights([False, True, False])))
+    assert topo.ask(VIP, 85, 6) == ["be1"] * 6
 
 
 def test_tcp_service_without_ready_backend_refuses(topo: Topology, driver: Driver) -> None:

@@ -115,7 +115,7 @@ def test_endpoint_conditions_ready_terminating_not_serving() -> None:
     ]
     rs = _program(compile_program(policy(), service(), slices)).virtual_servers[0].real_servers
     assert [(r.address, r.weight, r.ready, r.terminating) for r in rs] == [
-        ("10.244.1.4", 0, False, True),
+        ("10.244.1.4", 1, False, True),  # serving-terminating: kept, weight kept (agent decides)
         ("10.244.1.5", 1, True, False),
         ("10.244.1.6", 1, True, False),
     ]
@@ -136,7 +136,7 @@ def test_target_port_resolved_by_port_name_per_slice() -> None:
     assert [(r.address, r.port) for r in rs] == [("10.244.1.2", 8080), ("10.244.2.2", 9090)]
 
 
-def test_weights_first_match_by_pod_labels_only_for_ready() -> None:
+def test_weights_first_match_by_pod_labels_terminating_too() -> None:
     pol = policy(
         spec={
             "services": ["web"],
@@ -167,7 +167,7 @@ def test_weights_first_match_by_pod_labels_only_for_ready() -> None:
         ("10.244.1.2", 5, "canary-1"),
         ("10.244.1.3", 3, "stable-1"),
         ("10.244.1.4", 1, "unknown"),
-        ("10.244.1.5", 0, "canary-2"),
+        ("10.244.1.5", 5, "canary-2"),  # kept for when no endpoint is ready
     ]
 
 

@@ -79,7 +79,7 @@ def test_each_serving_endpoint_once_per_port_and_none_not_serving(eps: dict[str,
         for rs in vs.real_servers:
             cond = eps[rs.address]
             if cond.get("terminating"):
-                assert rs.weight == 0 and not rs.ready
+                assert rs.weight == 1 and not rs.ready and rs.terminating  # the agent drains it
             else:
                 assert rs.weight == 1 and rs.ready
         keys = [tuple(int(x) for x in r.address.split(".")) for r in vs.real_servers]

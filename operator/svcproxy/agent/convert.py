@@ -4,9 +4,11 @@ The watch (:mod:`svcproxy.agent.watch`) parses each object once into the
 pydantic model; :func:`to_program` turns it into a :class:`DesiredProgram`: the
 owner ("namespace/name"), its content hash and its virtual servers grouped
 by the mode they ask for. The agent's router then decides the mode each
-group really runs in. Endpoint rules: ready endpoints take traffic with
-their weight; serving endpoints that terminate are drained (weight 0, no new
-connections, existing ones continue); endpoints that neither are left out.
+group really runs in. Endpoint rules (kube-proxy's, per traffic scope, see
+:func:`usable_endpoints`): ready endpoints take new connections with their weight;
+when none is ready, the serving-terminating ones do instead; serving endpoints that
+terminate otherwise drain (weight 0, existing connections continue); endpoints that
+neither are left out. Every mode reads only the weights, so each gets the rule here.
 
 A virtual server with ``trafficPolicy: Local`` keeps every real server, each marked
 ``local`` when its ``nodeName`` is this agent's node: the iptables rules send outside
@@ -21,7 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from svcproxy.api.program import ProxyVirtualServer, RealServerSpec, VirtualServerSpec
+from svcproxy.api.program import (
+    ProxyVirtualServer,
+    RealServerSpec,
+    VirtualServerSpec,
+    is_ready,
+    usable_endpoints,
+)
 from svcproxy.base import LOCAL_POLICY_MODES, Mode
 from svcproxy.dataplane.table import LocalPolicy, RealServer, VirtualServer
 
@@ -52,14 +60,19 @@ def owner_of(namespace: str | None, name: str) -> str:
     return f"{namespace or ''}/{name}"
 
 
-def real_server(rs: RealServerSpec, local: bool = False) -> RealServer | None:
-    """The kernel's view of one endpoint, or None when it takes no traffic at all."""
-    if rs.ready and not rs.terminating:
-        return RealServer(rs.address, rs.port, rs.weight, local=local)
-    if rs.serving:
-        # Terminating but still answering: keep existing connections, send no new ones.
-        return RealServer(rs.address, rs.port, 0, local=local)
-    return None
+def real_server(rs: RealServerSpec, local: bool = False, usable: bool | None = None,
+                cluster_drain: bool = False) -> RealServer | None:
+    """The kernel's view of one endpoint, or None when it takes no traffic at all.
+
+    ``usable``: it takes new connections (:func:`~svcproxy.api.program.usable_endpoints`,
+    the choice per scope); None means "if ready".
+    A serving endpoint that is not usable drains (weight 0: existing connections only)."""
+    if not is_ready(rs) and not rs.serving:
+        return None
+    if usable is None:
+        usable = is_ready(rs)
+    return RealServer(rs.address, rs.port, rs.weight if usable else 0, local=local,
+                      cluster_drain=cluster_drain and usable)
 
 
 def local_policy(vs: VirtualServerSpec) -> LocalPolicy:
@@ -78,9 +91,16 @@ def virtual_server(vs: VirtualServerSpec, owner: str, node_name: str = "") -> Vi
     """``vs`` as the data plane takes it; under a traffic policy Local, real servers on
     ``node_name`` are marked local."""
     policy = local_policy(vs)
+    specs = vs.real_servers
+    marks = [bool(policy) and bool(node_name) and rs.node_name == node_name for rs in specs]
+    cluster, mine = usable_endpoints(specs, marks)
     reals: dict[tuple[str, int], RealServer] = {}
-    for api_rs in vs.real_servers:
-        rs = real_server(api_rs, bool(policy) and bool(node_name) and api_rs.node_name == node_name)
+    for api_rs, local in zip(specs, marks, strict=True):
+        key = (api_rs.address, api_rs.port)
+        # A local endpoint follows the local scope's choice; if only that scope uses it,
+        # the cluster scope (external policy's cluster chain) still drains it.
+        usable = key in mine if local else key in cluster
+        rs = real_server(api_rs, local, usable, cluster_drain=local and key not in cluster)
         if rs is None:
             continue
         old = reals.get(rs.key)
@@ -105,7 +125,7 @@ def local_endpoints(pvs: ProxyVirtualServer, node_name: str) -> int:
     if not node_name:
         return 0
     return len({rs.address for vs in pvs.spec.virtual_servers for rs in vs.real_servers
-                if rs.node_name == node_name and rs.ready and not rs.terminating})
+                if rs.node_name == node_name and is_ready(rs)})
 
 
 def to_program(pvs: ProxyVirtualServer, node_name: str = "") -> DesiredProgram:

@@ -9,6 +9,7 @@ program they applied.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
@@ -33,7 +34,9 @@ class RealServerSpec(ApiModel):
     port: int = Field(ge=1, le=65535)
     """The endpoint's port (the Service's targetPort, resolved)."""
     weight: int = Field(default=1, ge=0, le=65535)
-    """IPVS weight; 0 drains: no new connections, existing ones continue."""
+    """IPVS weight from the policy; 0 drains: no new connections, existing ones continue.
+    A serving-terminating endpoint keeps its weight: agents drain it while its scope has
+    a ready endpoint and give it new connections when none is ready (as kube-proxy)."""
     node_name: str | None = None
     """The node the endpoint runs on."""
     pod_name: str | None = None
@@ -43,7 +46,41 @@ class RealServerSpec(ApiModel):
     serving: bool = True
     """The endpoint is serving (ready, or terminating but still answering)."""
     terminating: bool = False
-    """The endpoint is terminating; served endpoints that terminate are drained."""
+    """The endpoint is terminating (see ``weight`` for how serving ones are used)."""
+
+
+EndpointKey = tuple[str, int]
+
+
+def is_ready(rs: RealServerSpec) -> bool:
+    """Takes new connections as kube-proxy's Ready (compile already clears ready when terminating)."""
+    return rs.ready and not rs.terminating
+
+
+def is_serving_terminating(rs: RealServerSpec) -> bool:
+    """Terminating but still answering: used only when its scope has no ready endpoint."""
+    return rs.serving and rs.terminating
+
+
+def _usable(reals: Sequence[RealServerSpec]) -> frozenset[EndpointKey]:
+    ready = frozenset((rs.address, rs.port) for rs in reals if is_ready(rs))
+    if ready:
+        return ready
+    return frozenset((rs.address, rs.port) for rs in reals if is_serving_terminating(rs))
+
+
+def usable_endpoints(
+    reals: Sequence[RealServerSpec], local: Sequence[bool]
+) -> tuple[frozenset[EndpointKey], frozenset[EndpointKey]]:
+    """The endpoints (address, port) taking new connections: (cluster scope, local scope).
+
+    kube-proxy's rule (CategorizeEndpoints), applied to each scope on its own: the ready
+    endpoints; if none is ready, the serving-terminating ones; else none. The cluster
+    scope is every endpoint; the local scope only those with ``local`` set (this node's,
+    under a traffic policy Local). So a node whose own endpoint terminates while another
+    node's is ready sends local-scope traffic to its terminating one, as kube-proxy does.
+    """
+    return _usable(reals), _usable([rs for rs, mine in zip(reals, local, strict=True) if mine])
 
 
 class VirtualServerSpec(ApiModel):

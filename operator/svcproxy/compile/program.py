@@ -344,7 +344,9 @@ def _candidates(
                 continue
             if not ep.ready and not (ep.serving and ep.terminating):
                 continue  # not serving: no traffic, not even draining
-            weight = endpoint_weight(policy, pod_labels.get(ep.pod) if ep.pod else None) if ep.ready else 0
+            # Serving-terminating endpoints keep their weight: the agent drains them while
+            # the scope has a ready endpoint and uses them as ready when it has none.
+            weight = endpoint_weight(policy, pod_labels.get(ep.pod) if ep.pod else None)
             # Built without validation: every value comes from API-validated objects or was
             # range-checked above (the port), and this runs once per endpoint.
             rs = RealServerSpec.model_construct(

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from svcproxy.api.clusterpolicy import ClusterServiceProxyPolicy
 from svcproxy.api.policy import ServiceProxyPolicy
-from svcproxy.api.program import ProxyVirtualServerSpec
+from svcproxy.api.program import ProxyVirtualServerSpec, usable_endpoints
 from svcproxy.base import IPFamily
 from svcproxy.compile.cluster import (
     CLUSTER_PREFIX,
@@ -61,10 +61,15 @@ def format_program(namespace: str, spec: ProxyVirtualServerSpec) -> str:
         lines.append(f"{vs.protocol:<4} {host}:{vs.port} {sched}{flags}{persist}")
         if not vs.real_servers:
             lines.append("  (no endpoints: connections are refused)")
+        # As a node serves the cluster scope: terminating endpoints drain, unless none is ready.
+        usable, _ = usable_endpoints(vs.real_servers, [False] * len(vs.real_servers))
         for rs in vs.real_servers:
             rhost = IPFamily.bracketed(rs.address)
-            state = "ready" if rs.ready else "draining" if rs.terminating else "not-ready"
-            lines.append(f"  -> {f'{rhost}:{rs.port}':<28} {'Masq':<7} {rs.weight:<7} {state}")
+            used = (rs.address, rs.port) in usable
+            state = ("ready" if rs.ready else ("serving-terminating" if used else "draining")
+                     if rs.terminating else "not-ready")
+            weight = rs.weight if used else 0
+            lines.append(f"  -> {f'{rhost}:{rs.port}':<28} {'Masq':<7} {weight:<7} {state}")
     return "\n".join(lines)
 
 

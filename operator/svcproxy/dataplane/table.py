@@ -87,6 +87,10 @@ class RealServer:
     kernel where someone changed it (``ipvsadm -e ... -g``), and differ from the desired
     real server, so the next full sync edits it back. ``local``: the endpoint runs on
     this node (set only under a traffic policy Local, see :data:`LocalPolicy`).
+    ``cluster_drain``: under a traffic policy Local, a local serving-terminating endpoint
+    that takes the node's local-scope traffic (no local endpoint is ready) while the
+    cluster scope, which has ready endpoints elsewhere, sends it none (kube-proxy's rule:
+    :func:`svcproxy.api.program.usable_endpoints`).
     """
 
     address: str
@@ -94,6 +98,7 @@ class RealServer:
     weight: int = 1
     forward: Forward = "masq"
     local: bool = False
+    cluster_drain: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", normalize_address(self.address))

@@ -27,6 +27,9 @@ traffic from the cluster CIDRs (Pods) and from the node itself is first sent to 
 ``SVCPROXY-CLU-<hash>`` chain choosing among every endpoint, the node's own traffic
 marked for masquerade (as kube-proxy's KUBE-EXT chain does). With ready endpoints but
 none on this node, the filter chain drops the traffic (REJECT is for no endpoints).
+Which endpoints take new connections in each scope (ready ones, else serving-terminating
+ones) is decided by the agent's conversion: weight 0 drains, and ``cluster_drain`` keeps
+a local endpoint out of the cluster chain only.
 """
 
 from __future__ import annotations
@@ -237,7 +240,8 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
         rules += [f"-A {svc} -m addrtype --src-type LOCAL -j {MARK_MASQ}",
                   f"-A {svc} -m addrtype --src-type LOCAL -j {cluster}"]
         rules += _pick(svc, vs, _ready(vs), seps, mask)
-        rules += _pick(cluster, vs, [r for r in vs.real_servers if r.weight > 0], seps, mask)
+        rules += _pick(cluster, vs, [r for r in vs.real_servers if r.weight > 0 and not r.cluster_drain],
+                       seps, mask)
     else:
         if masquerade_all or not cidrs or node_port:  # node ports: replies must come back here
             rules.append(f"-A {svc} {match} -j {MARK_MASQ}")

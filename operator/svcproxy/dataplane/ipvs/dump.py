@@ -93,6 +93,7 @@ def _real(address: str, port: int, weight: int, forward: Forward = "masq") -> Re
     object.__setattr__(real, "weight", weight)
     object.__setattr__(real, "forward", forward)
     object.__setattr__(real, "local", False)
+    object.__setattr__(real, "cluster_drain", False)
     return real
 
 
