@@ -196,7 +196,8 @@ class SystemLab:
 
     def ready_pods(self, namespace: str, selector: str) -> dict[str, str]:
         """Ready Pods that are not terminating: name -> Pod IP."""
-        items = self.get("pods", "-n", namespace, "-l", selector)["items"]
+        # kubectl prints nothing for an empty list with --ignore-not-found (no Pods yet).
+        items = (self.get("pods", "-n", namespace, "-l", selector) or {}).get("items") or []
         return {p["metadata"]["name"]: p["status"]["podIP"] for p in items
                 if not p["metadata"].get("deletionTimestamp")
                 and any(c["type"] == "Ready" and c["status"] == "True"
@@ -205,7 +206,7 @@ class SystemLab:
     def wait_ready_pods(self, namespace: str, selector: str, n: int) -> dict[str, str]:
         def check() -> dict[str, str] | None:
             pods = self.ready_pods(namespace, selector)
-            items = self.get("pods", "-n", namespace, "-l", selector)["items"]
+            items = (self.get("pods", "-n", namespace, "-l", selector) or {}).get("items") or []
             return pods if len(pods) == n and len(items) == n else None
         return wait_for(f"exactly {n} Ready Pods {selector} in {namespace}", check, 120)
 
