@@ -58,11 +58,11 @@ mkdir -p "$results"
 apply_mode() {
   local kubeconfig=$1
   [ "$mode" = none ] && { log "MODE=none: no svcproxy policy, kube-proxy (nftables) proxies every Service"; return 0; }
-  # HOOK(cspp): the cluster-wide default policy. It selects the namespaces e2e.test creates
+  # The cluster-wide default policy. It selects the namespaces e2e.test creates
   # (each carries the label e2e-run), so the specs' Services go to svcproxy while the
   # cluster's own (kubernetes, kube-dns) stay with kube-proxy.
   if ! "$kubectl_bin" --kubeconfig "$kubeconfig" get crd clusterserviceproxypolicies.svcproxy.io >/dev/null 2>&1; then
-    echo "conformance.sh: MODE=$mode needs the ClusterServiceProxyPolicy CRD, which this chart does not install yet (branch cspp); run MODE=none for the kube-proxy baseline." >&2
+    echo "conformance.sh: MODE=$mode needs the ClusterServiceProxyPolicy CRD, which the installed chart lacks (is the chart older than this checkout?); run MODE=none for the kube-proxy baseline." >&2
     exit 2
   fi
   log "MODE=$mode: applying the ClusterServiceProxyPolicy conformance-default"
