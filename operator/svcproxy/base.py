@@ -8,6 +8,7 @@ and tell IPv4 from IPv6 the same way.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import Literal, TypeGuard
 
 Mode = Literal["ipvs", "iptables", "userspace"]
@@ -19,6 +20,10 @@ EXTERNAL_MODES: tuple[Mode, ...] = ("iptables", "userspace")
 """The modes that serve node ports, external IPs and load-balancer IPs. The operator
 compiles such Services only under these (others leave them to kube-proxy) and the
 agent's trust check refuses a node port asking for any other mode."""
+
+NODE_PORT_ADDRESSES: tuple[str, str] = ("0.0.0.0", "::")
+"""The address of a node-port virtual server (IPv4, IPv6): every local address of the
+node. The operator compiles node ports with it; every mode and the agent read it so."""
 
 LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables",)
 """The modes that serve externalTrafficPolicy and internalTrafficPolicy Local (only
@@ -63,3 +68,14 @@ class IPFamily(enum.Enum):
     def host_prefix(self) -> int:
         """Prefix length of a single host: 32 or 128."""
         return 128 if self is IPFamily.V6 else 32
+
+
+def unusable_as_vip(address: str) -> bool:
+    """Not an address a Service can be reached at: malformed, unspecified (the node-port
+    form), loopback, link-local or multicast. The API server refuses such externalIPs;
+    the operator also skips such load-balancer IPs and the agent never trusts them."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True
+    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast

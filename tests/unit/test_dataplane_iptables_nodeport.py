@@ -31,7 +31,7 @@ def test_node_port_rules_match_the_port_on_local_addresses_and_always_masquerade
     vs = node_port()
     svc = rules.service_chain(vs.key)
     seps = [rules.endpoint_chain(vs.key, r) for r in vs.real_servers]
-    assert rules.is_node_port(vs) and not rules.is_node_port(external())
+    assert vs.is_node_port and not external().is_node_port
     assert rules.service_jump(vs) == (
         f"-A SVCPROXY-NODEPORTS -p tcp -m comment --comment ns/web -m tcp --dport 30080 -j {svc}")
     assert rules.service_rules(vs, CIDRS, False) == [

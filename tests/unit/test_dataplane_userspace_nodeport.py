@@ -20,7 +20,6 @@ from svcproxy.dataplane.userspace.proxier import (
     NODEPORTS_JUMP,
     UserspaceProxier,
     full_chains,
-    is_node_port,
 )
 
 NODE_IP, NODE_IP6 = "172.29.0.11", "fd00:29::11"
@@ -44,7 +43,7 @@ def to(nf: FakeNetfilter, dst: str, port: int, proto: str = "tcp", chain: str = 
 
 def test_node_port_rules_match_protocol_and_port_in_their_own_chain() -> None:
     node_port, external = vs("0.0.0.0", 30080), vs(EXTERNAL_IP, 80)
-    assert is_node_port(node_port) and is_node_port(vs("::", 30080)) and not is_node_port(external)
+    assert node_port.is_node_port and vs("::", 30080).is_node_port and not external.is_node_port
     text = full_chains([
         f"-A {NODEPORTS} -p tcp -m comment --comment ns/web -m tcp --dport 30080 -j REDIRECT --to-ports 4001",
         f"-A {CHAIN} -d 192.0.2.7/32 -p tcp -m comment --comment ns/web -m tcp --dport 80"

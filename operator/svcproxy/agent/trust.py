@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcproxy.agent.convert import DesiredProgram
-from svcproxy.base import EXTERNAL_MODES
+from svcproxy.base import EXTERNAL_MODES, NODE_PORT_ADDRESSES, unusable_as_vip
 from svcproxy.dataplane.table import VirtualServer
 
 FOREIGN_VIP = "ForeignVIP"
@@ -91,13 +91,6 @@ def health_check_key(port: int) -> str:
     return f"healthCheckNodePort {port}"
 
 
-def _special(address: str) -> bool:
-    """An address that makes no sense as a virtual IP: unspecified (the node-port form),
-    loopback, link-local or multicast (the API server refuses such externalIPs too)."""
-    ip = ipaddress.ip_address(address)
-    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast
-
-
 def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
     """A Service's addresses that a program may use as virtual IPs, its node ports (as
     :func:`node_port_key`) and its health-check port (:func:`health_check_key`): one set,
@@ -109,7 +102,7 @@ def service_addresses(obj: Mapping[str, Any]) -> frozenset[str]:
         if isinstance(ingress, Mapping):
             raw.append(ingress.get("ip"))
     found = (normalised(a) for a in raw if isinstance(a, str) and a and a != "None")
-    out = {a for a in found if a is not None and not _special(a)}
+    out = {a for a in found if a is not None and not unusable_as_vip(a)}
     for port in spec.get("ports") or []:
         number = port.get("nodePort") if isinstance(port, Mapping) else None
         if isinstance(number, int) and not isinstance(number, bool):
@@ -331,7 +324,7 @@ def _virtual_ip_refusal(
 ) -> Refusal | None:
     """Why one virtual server's address (or node port) is not its Service's, or None."""
     address = normalised(vs.address)
-    if address is not None and ipaddress.ip_address(address).is_unspecified:
+    if address in NODE_PORT_ADDRESSES:
         if mode not in EXTERNAL_MODES:  # the operator never compiles one: it would be misread
             return Refusal(
                 FOREIGN_NODE_PORT,
@@ -356,7 +349,8 @@ def _virtual_ip_refusal(
         return None
     if address is None or address not in addresses:
         have = ", ".join(sorted(a for a in addresses if not a.startswith("nodePort "))) or "none"
-        why = " (loopback, link-local and multicast never are)" if address and _special(address) else ""
+        special = address is not None and unusable_as_vip(address)
+        why = " (loopback, link-local and multicast never are)" if special else ""
         return Refusal(
             FOREIGN_VIP,
             f"virtual IP {vs.address} is not an address of the Service {owner} (it has:"

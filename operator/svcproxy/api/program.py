@@ -16,14 +16,12 @@ from pydantic import Field, StringConstraints
 
 from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, CelRule, ObjectMeta
 from svcproxy.api.policy import Scheduler, SchedulerFlag
-from svcproxy.base import Mode
+from svcproxy.base import NODE_PORT_ADDRESSES, Mode
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
 TrafficPolicy = Literal["Cluster", "Local"]
 IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
-# The address of a node-port virtual server: every local address of the node, per family.
-NODE_PORT_ADDRESSES = ("0.0.0.0", "::")
 
 
 class RealServerSpec(ApiModel):

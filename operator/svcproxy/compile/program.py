@@ -30,7 +30,6 @@ from typing import Any, NamedTuple, cast
 
 from svcproxy.api.policy import Scheduler, SchedulerFlag, ServiceProxyPolicy
 from svcproxy.api.program import (
-    NODE_PORT_ADDRESSES,
     AddressType,
     ObjectRef,
     ProgramSummary,
@@ -39,7 +38,13 @@ from svcproxy.api.program import (
     RealServerSpec,
     VirtualServerSpec,
 )
-from svcproxy.base import EXTERNAL_MODES, LOCAL_POLICY_MODES, IPFamily
+from svcproxy.base import (
+    EXTERNAL_MODES,
+    LOCAL_POLICY_MODES,
+    NODE_PORT_ADDRESSES,
+    IPFamily,
+    unusable_as_vip,
+)
 
 JSON = dict[str, Any]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -200,16 +205,6 @@ def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None
     )
 
 
-def _special(address: str) -> bool:
-    """Not usable as a virtual IP: unspecified, loopback, link-local or multicast (the
-    API server refuses such externalIPs; load-balancer IPs are checked here)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return True
-    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast
-
-
 def external_ips(service: JSON) -> list[tuple[str, AddressType]]:
     """spec.externalIPs, then for type LoadBalancer the VIP-mode ingress IPs (ipMode
     Proxy entries are reached through the load balancer, not at that IP: skipped, as
@@ -225,7 +220,7 @@ def external_ips(service: JSON) -> list[tuple[str, AddressType]]:
         ]
     out: dict[str, AddressType] = {}
     for ip, kind in raw:
-        if isinstance(ip, str) and not _special(ip):
+        if isinstance(ip, str) and not unusable_as_vip(ip):
             out.setdefault(ipaddress.ip_address(ip).compressed, kind)
     return list(out.items())
 

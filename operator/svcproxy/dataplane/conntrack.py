@@ -28,14 +28,13 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from svcproxy.base import IPFamily
+from svcproxy.base import NODE_PORT_ADDRESSES, IPFamily
 from svcproxy.dataplane.table import VirtualServer, VSKey
 
 log = logging.getLogger(__name__)
 
 # Protocols whose flows have no end the kernel sees (TCP resets instead).
 CLEARED_PROTOCOLS = frozenset({"UDP", "SCTP"})
-ANY_ADDRESSES = frozenset({"0.0.0.0", "::"})  # a node port: any local address
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -55,7 +54,7 @@ class StaleFlow:
         """``conntrack -D`` arguments selecting these entries."""
         args = ["-D", "-f", "ipv6" if IPFamily.is_v6(self.address) else "ipv4",
                 "-p", self.protocol.lower()]
-        if self.address not in ANY_ADDRESSES:
+        if self.address not in NODE_PORT_ADDRESSES:
             args += ["--orig-dst", self.address]
         args += ["--orig-port-dst", str(self.port)]
         if self.real_address:
@@ -133,7 +132,7 @@ class ConntrackCleaner:
             raise _NetlinkUnusableError(str(err)) from err
         proto = _IPPROTO[flow.protocol]
         orig = NFCTAttrTuple(family=family, proto=proto, dport=flow.port,
-                             daddr=None if flow.address in ANY_ADDRESSES else flow.address)
+                             daddr=None if flow.address in NODE_PORT_ADDRESSES else flow.address)
         reply = None
         if flow.real_address:
             reply = NFCTAttrTuple(family=family, saddr=flow.real_address, sport=flow.real_port)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from svcproxy.base import IPFamily
+from svcproxy.base import NODE_PORT_ADDRESSES, IPFamily
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
@@ -155,6 +155,11 @@ class VirtualServer:
     real_servers: tuple[RealServer, ...] = ()
     other: frozenset[str] = NO_FLAGS
     local_policy: LocalPolicy = ""
+
+    @property
+    def is_node_port(self) -> bool:
+        """Served on every local address of the node (0.0.0.0 or ::, normalised)."""
+        return self.address in NODE_PORT_ADDRESSES
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

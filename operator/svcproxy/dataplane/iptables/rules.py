@@ -12,7 +12,7 @@ outside the cluster CIDRs, and hairpin traffic, is marked and masqueraded
 in ``SVCPROXY-POSTROUTING``. Draining endpoints (weight 0) get no new
 connections; established ones continue through conntrack.
 
-A node-port virtual server (address 0.0.0.0 or ::, see :func:`is_node_port`) is
+A node-port virtual server (address 0.0.0.0 or ::, see ``VirtualServer.is_node_port``) is
 matched in ``SVCPROXY-NODEPORTS`` instead, by protocol and port only; that chain
 is jumped to from nat PREROUTING and OUTPUT for destinations local to the node
 (``-m addrtype --dst-type LOCAL``, as kube-proxy's KUBE-NODEPORTS), and its
@@ -127,16 +127,11 @@ def base_rules() -> list[str]:
     ]
 
 
-def is_node_port(vs: VirtualServer) -> bool:
-    """``vs`` is a node port: served on every local address (0.0.0.0 or ::, normalised)."""
-    return vs.address in ("0.0.0.0", "::")
-
-
 def service_jump(vs: VirtualServer) -> str:
     """The one rule sending ``vs``'s traffic to its service chain, in SVCPROXY-SERVICES
     (by VIP) or, for a node port, SVCPROXY-NODEPORTS (by port)."""
     proto = vs.protocol.lower()
-    if is_node_port(vs):
+    if vs.is_node_port:
         return (
             f"-A {NODEPORTS} -p {proto} -m comment --comment {vs.owner or '-'}"
             f" -m {proto} --dport {vs.port} -j {service_chain(vs.key)}"
@@ -179,7 +174,7 @@ def reject_rule(vs: VirtualServer) -> str | None:
     target = f"REJECT --reject-with {icmp}"
     if any(r.weight > 0 for r in vs.real_servers):
         target = "DROP"
-    if is_node_port(vs):
+    if vs.is_node_port:
         return (
             f"-A {NO_ENDPOINTS} -p {proto} -m comment --comment {vs.owner or '-'} -m addrtype"
             f" --dst-type LOCAL -m {proto} --dport {vs.port} -j {target}"
@@ -223,7 +218,7 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     """Rules of the service chain and its endpoint chains (the chains are declared by the caller)."""
     svc = service_chain(vs.key)
     proto = vs.protocol.lower()
-    node_port = is_node_port(vs)
+    node_port = vs.is_node_port
     match = f"-p {proto} -m {proto} --dport {vs.port}"
     if not node_port:
         match = f"-d {_host(vs.address)} {match}"

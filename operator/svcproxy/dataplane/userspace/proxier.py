@@ -81,18 +81,13 @@ def _v6(vs: VirtualServer) -> bool:
     return IPFamily.is_v6(vs.address)
 
 
-def is_node_port(vs: VirtualServer) -> bool:
-    """``vs`` is a node port: served on every local address (0.0.0.0 or ::, normalised)."""
-    return vs.address in ("0.0.0.0", "::")
-
-
 def _rule(vs: VirtualServer, port: int) -> str:
     """The REDIRECT rule of one portal: by VIP in the portal chain, or for a node port by
     protocol and port in the node-port chain."""
     proto = vs.protocol.lower()
     what = (f"-m comment --comment {vs.owner or '-'} -m {proto} --dport {vs.port}"
             f" -j REDIRECT --to-ports {port}")
-    if is_node_port(vs):
+    if vs.is_node_port:
         return f"-A {NODEPORTS} -p {proto} {what}"
     host = f"{vs.address}/{128 if _v6(vs) else 32}"
     return f"-A {CHAIN} -d {host} -p {proto} {what}"
