@@ -113,9 +113,11 @@ commit=$(git rev-parse HEAD)
 git clone -q --no-checkout "$(git rev-parse --path-format=absolute --git-common-dir)" "$work/clone"
 git -C "$work/clone" checkout -q --detach "$commit"
 
+# /dev/shm exec, unlike Docker's default: UML guests execute their memory from it.
 # /var/lib/docker and /var/lib/containerd on volumes: overlay on overlay is refused, and the
 # kind suite runs an engine inside. /lib/modules so modprobe finds the host kernel's modules.
-docker run -d --name "$cname" --hostname fresh --privileged --network host --shm-size 2g \
+docker run -d --name "$cname" --hostname fresh --privileged --network host \
+  --tmpfs /dev/shm:rw,nosuid,nodev,exec,size=4g \
   -v /lib/modules:/lib/modules:ro -v /var/lib/docker -v /var/lib/containerd \
   --ulimit nofile=16384:16384 "$image" \
   bash -c 'trap "exit 0" TERM; while :; do sleep 3600 & wait; done' >/dev/null

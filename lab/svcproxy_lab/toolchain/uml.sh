@@ -203,6 +203,12 @@ build() {
   boots "$dest" && echo "$dest"
 }
 
+# UML keeps guest memory in a file under /dev/shm and executes from it; on a noexec mount every
+# kernel fails its boot probe, so say so instead of marking good kernels as failing here.
+if awk '$2 == "/dev/shm" && $4 ~ /(^|,)noexec(,|$)/ {found=1} END {exit !found}' /proc/mounts; then
+  die "/dev/shm is mounted noexec, and UML guests execute their memory from it: remount it (mount -o remount,exec /dev/shm), or in a container give it --tmpfs /dev/shm:rw,exec"
+fi
+
 if [ -z "${SVCPROXY_UML_BUILD:-}" ] && own; then
   exit 0
 fi
