@@ -30,7 +30,9 @@ if [ "$mode" = all ] && ! is_root; then
   exit 2
 fi
 
-packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc
+# mount: the UML guests' init mounts /proc and the rest with it, and bookworm does not count
+# it as Essential (a bare rootfs lacks it).
+packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc mount
   gcc libc6-dev make flex bison bc xz-utils mmdebstrap)
 # One dpkg-query for all of them: the packages not installed (unknown ones print nothing).
 installed=$(dpkg-query -W -f='${Package} ${Status}\n' "${packages[@]}" 2>/dev/null \
