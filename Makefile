@@ -72,7 +72,13 @@ conformance: venv host-deps
 # the cluster, and its last test deletes it again. The kind suite runs in a pytest session
 # of its own, after the e2e session's lab is down: its teardown test compares the machine
 # before and after, and the lab's links and rules must not be part of that picture.
+# The machine has one lab (fixed addresses), and `make demo` leaves its lab up to look
+# around: the tests take it down first rather than fail on "another lab runs".
+DEMO_STATE := $(HOME)/.cache/svcproxy/labs/demo
 test: venv host-deps lint typecheck
+	@if [ -f $(DEMO_STATE)/lab.json ]; then \
+	  echo "make test: taking the demo's lab down first (one lab per machine)"; \
+	  $(BIN)/svcproxy lab down --state-dir $(DEMO_STATE); fi
 	@rc=0; $(BIN)/pytest -q tests --ignore=tests/kind $(PYTEST_ARGS) || rc=1; \
 	  $(BIN)/pytest -q tests/kind $(PYTEST_ARGS) || rc=1; exit $$rc
 

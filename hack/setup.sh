@@ -31,8 +31,8 @@ if [ "$mode" = all ] && ! is_root; then
 fi
 
 # mount: the UML guests' init mounts /proc and the rest with it, and bookworm does not count
-# it as Essential (a bare rootfs lacks it).
-packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc mount
+# it as Essential (a bare rootfs lacks it). git: hack/images.sh lists its sources with it.
+packages=(iproute2 iptables nftables ipvsadm ipset conntrack kmod busybox-static slirp procps psmisc mount git
   gcc libc6-dev make flex bison bc xz-utils mmdebstrap)
 # One dpkg-query for all of them: the packages not installed (unknown ones print nothing).
 installed=$(dpkg-query -W -f='${Package} ${Status}\n' "${packages[@]}" 2>/dev/null \
