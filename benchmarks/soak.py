@@ -385,6 +385,11 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.minutes <= 0 or args.rate <= 0 or args.steady < 1 or args.replicas < 1:
         p.error("--minutes, --rate, --steady and --replicas must be positive")
+    try:  # before the lab comes up: a run too short for its faults fails at once
+        plan.fault_schedule(args.seed, args.minutes * 60, ["node-1", "node-2", "node-3"],
+                            args.fault_every)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 

@@ -61,9 +61,9 @@ def fault_schedule(seed: int, duration: float, nodes: Sequence[str],
     count = max(len(FAULT_KINDS), round((last - first) / mean_gap))
     slot = (last - first) / count
     if slot / 2 < MIN_FAULT_GAP:
-        raise ValueError(f"{duration:.0f} s leave {slot:.1f} s per fault for {count} faults: "
-                         f"raise --minutes (one fault of each kind needs slots of "
-                         f"{2 * MIN_FAULT_GAP:.0f} s) or --fault-every")
+        fix = "raise --minutes" if count == len(FAULT_KINDS) else "raise --fault-every"
+        raise ValueError(f"{duration:.0f} s leave {slot:.1f} s per fault for {count} faults "
+                         f"(at least {2 * MIN_FAULT_GAP:.0f} s each, one of each kind): {fix}")
     rng = random.Random(f"faults:{seed}")
     extra = rng.choices(list(FAULT_WEIGHTS), weights=list(FAULT_WEIGHTS.values()),
                         k=count - len(FAULT_KINDS))
