@@ -57,7 +57,7 @@ from svcproxy_lab.node import uml_available
 
 DEFAULT_STATE = Path("/tmp/svcproxy-soak-lab")
 LOG_MARKS = {"tracebacks": "Traceback", "relists_410": "resourceVersion expired",
-             "watch_failures": "watch failed", "starts": "--- "}
+             "watch_failures": "watch failed"}
 
 
 def ipvs_nodes(arg: int) -> int:
