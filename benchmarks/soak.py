@@ -90,19 +90,24 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, poll: float =
 
 
 def settle(soak: SoakLab, timeout: float) -> dict[str, Any]:
-    """Wait until the operator has a program for every selected Service and none else, every
-    policy is observed with no Service Pending, and every node reports every program
-    applied: twice in a row, 3 s apart (a write between the two polls restarts the count)."""
+    """Wait until no Pod is starting or terminating, the operator has a program for every
+    selected Service and none else, every policy is observed with no Service Pending, and
+    every node reports every program applied: 3 polls in a row, 3 s apart, with the same
+    programs (a change in between restarts the count)."""
     last: dict[str, Any] = {}
-    streak = [0]
+    seen: list[dict[str, str]] = []
 
     def settled() -> bool:
         programs = soak.programs()
+        pods = report.pods_pending(soak.pods())
         nodes = report.pending_programs(programs, soak.reports())
         operator = report.operator_pending(plan.NAMESPACE, programs, soak.services(), soak.policies())
-        last.update(nodes=nodes, operator=operator)
-        streak[0] = streak[0] + 1 if not nodes and not operator else 0
-        return streak[0] >= 2
+        last.update(pods=pods, nodes=nodes, operator=operator)
+        if pods or nodes or operator or (seen and seen[-1] != programs):
+            seen.clear()
+        if not (pods or nodes or operator):
+            seen.append(programs)
+        return len(seen) >= 3
 
     took = wait_for(settled, timeout, "the operator and every node to settle", poll=3.0)
     return {"settled": took is not None, "seconds": took, "pending": last}
@@ -252,6 +257,7 @@ def set_up(run: Run) -> list[dict[str, Any]]:
 
 def leak_check(soak: SoakLab, node: str, timeout: float) -> dict[str, Any]:
     """The node's objects as the soak left them vs after ``agent --cleanup`` and a fresh sync."""
+    programs = soak.programs()
     before = report.kernel_objects(soak.dump(node))
     last = (soak.reports().get(node) or {}).get("lastSyncTime")
     error = soak.cleanup_agent(node)
@@ -265,8 +271,11 @@ def leak_check(soak: SoakLab, node: str, timeout: float) -> dict[str, Any]:
 
     took = wait_for(fresh, timeout, f"the fresh agent on {node} to apply every program")
     out = report.leak_diff(before, report.kernel_objects(soak.dump(node)))
+    now = soak.programs()
+    # A program that changed in between makes both dumps right and different: say so.
+    changed = sorted(k for k in programs.keys() | now.keys() if programs.get(k) != now.get(k))
     return {**out, "cleanup_error": error, "left_after_cleanup": sorted(left.elements()),
-            "fresh_sync_settled_s": took}
+            "fresh_sync_settled_s": took, "programs_changed_during_check": changed}
 
 
 def log_offsets(soak: SoakLab) -> dict[str, int]:

@@ -122,12 +122,13 @@ def _ipvs_lines(text: str) -> list[str]:
 
 
 def _address_lines(text: str) -> list[str]:
-    """Addresses of ``ip -o addr show dev svcproxy0`` (the IPVS VIPs)."""
+    """Addresses of ``ip -o addr show dev svcproxy0`` (the IPVS VIPs); not the IPv6
+    link-local one, which the kernel derives from each new link's random MAC."""
     out = []
     for line in text.splitlines():
         words = line.split()
         for i, word in enumerate(words[:-1]):
-            if word in ("inet", "inet6"):
+            if word in ("inet", "inet6") and not words[i + 1].lower().startswith("fe80:"):
                 out.append(f"svcproxy0 {word} {words[i + 1]}")
     return out
 
@@ -195,6 +196,22 @@ def pending_programs(programs: Mapping[str, str],
         if late or stale:
             out[node] = late + stale
     return out
+
+
+def pods_pending(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Pods still changing their Services' endpoints: terminating, or neither Ready nor
+    failed (a churn step's new Pods and deleted ones take seconds to settle)."""
+    out = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])
+        if pod["metadata"].get("deletionTimestamp"):
+            out.append(f"Pod terminating: {name}")
+        elif not ready and status.get("phase") not in ("Failed", "Succeeded"):
+            out.append(f"Pod not ready: {name}")
+    return sorted(out)
 
 
 def selects(spec: Mapping[str, Any], name: str, labels: Mapping[str, str]) -> bool:

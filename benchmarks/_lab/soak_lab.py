@@ -180,6 +180,10 @@ class SoakLab:
         return {s["metadata"]["name"]: dict(s["metadata"].get("labels") or {})
                 for s in _live(self.api.get(SVC_PATH)["items"])}
 
+    def pods(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.api.get(POD_PATH)["items"]
+        return items
+
     def policies(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.api.get(POLICY_PATH)["items"]
         return items

@@ -240,7 +240,8 @@ COMMIT
 COMMIT
 """
 IPVS = "-A -t 10.96.0.13:80 -s rr\n-a -t 10.96.0.13:80 -r 10.244.2.5:80 -m -w 1\n"
-ADDR = ("7: svcproxy0    inet 10.96.0.13/32 scope global svcproxy0\\       valid_lft forever\n")
+ADDR = ("7: svcproxy0    inet 10.96.0.13/32 scope global svcproxy0\\       valid_lft forever\n"
+        "7: svcproxy0    inet6 fe80::b841:ecff:fe90:5217/64 scope link \\       valid_lft forever\n")
 LISTEN = ("tcp   LISTEN 0 128    0.0.0.0:9101   0.0.0.0:*\n"
           "tcp   LISTEN 0 128    0.0.0.0:41234  0.0.0.0:*\n"
           "udp   UNCONN 0 0      0.0.0.0:50000  0.0.0.0:*\n")
@@ -314,6 +315,21 @@ def test_the_operator_is_settled_when_programs_match_what_policies_select() -> N
         "policy not observed at its generation: churn-p3", "Pending in churn-p3: churn-2",
         "policy being deleted: churn-p4",
     ]
+
+
+def pod(name: str, *, ready: bool, phase: str = "Running", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    return {"metadata": meta, "status": {"phase": phase, "conditions": [
+        {"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_pods_are_settled_when_ready_or_finished_and_none_terminates() -> None:
+    assert report.pods_pending([pod("a", ready=True), pod("b", ready=False, phase="Failed")]) == []
+    assert report.pods_pending([pod("c", ready=False, phase="Pending"),
+                                pod("d", ready=True, deleting=True)]) == [
+        "Pod not ready: c", "Pod terminating: d"]
 
 
 # --- requests -----------------------------------------------------------------------------------
