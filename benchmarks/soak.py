@@ -325,12 +325,16 @@ def soak(run: Run, result: dict[str, Any]) -> None:
     result["timeline"]["churn_end"] = round(time.time(), 3)
     for th in threads:
         th.join(timeout=300)
+    say("churn stopped; waiting for the operator and every node to settle")
     result["settle"] = settle(sk, args.settle_timeout)
     result["timeline"]["settled"] = round(time.time(), 3)
     result["clients_finished"] = sk.stop_clients(args.timeout + 30)
     run.supervisor.stop.set()
     run.supervisor.thread.join(timeout=30)
-    result["leak_check"] = {n: leak_check(sk, n, args.settle_timeout) for n in sk.nodes}
+    result["leak_check"] = {}
+    for n in sk.nodes:
+        say(f"leak check on {n}: dump, agent --cleanup, fresh sync, dump")
+        result["leak_check"][n] = leak_check(sk, n, args.settle_timeout)
     result["timeline"]["end"] = round(time.time(), 3)
     result["logs"] = log_counts(sk, offsets)
 
