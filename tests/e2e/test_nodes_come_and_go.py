@@ -158,7 +158,7 @@ def test_a_node_leaves_and_a_new_one_of_that_name_joins(nlab: SystemLab) -> None
             lab.kubectl("delete", "node", LEAVING)
             held = wait_for(f"the garbage collector to delete {LEAVING}'s ProxyNode",
                             lambda: (o := lab.get("proxynode", LEAVING))
-                            and o["metadata"].get("deletionTimestamp") and o)
+                            and o["metadata"].get("deletionTimestamp") and o, 120)
             # The report of a Node that is gone is still there, and does not count.
             status = wait_count(lab, 2, 2, programmed=True)
             assert "on 2/2 nodes" in {c["type"]: c for c in status["conditions"]}[
