@@ -92,7 +92,12 @@ def wait(what: str, check: Callable[[], bool], timeout: float, poll: float) -> f
 def settle(api: KubeApi, n: int, pods: int, nodes: int, timeout: float) -> dict[str, str]:
     """Every Service's program with all Pods, Programmed on ``nodes``: owner -> contentHash."""
     def ready() -> bool:
-        items = api.get(f"{API}/namespaces/{NAMESPACE}/proxyvirtualservers")["items"]
+        try:
+            items = api.get(f"{API}/namespaces/{NAMESPACE}/proxyvirtualservers")["items"]
+        except ApiError as exc:
+            if exc.status not in (404, 429):  # the CRDs are served a moment after they are applied
+                raise
+            return False
         full = [p for p in items
                 if sum(len(vs["realServers"]) for vs in p["spec"]["virtualServers"]) == pods]
         return len(full) == n and programmed(api.get_or_none(f"{POLICY_PATH}/{POLICY}"),
@@ -160,7 +165,7 @@ def _create_policy(api: KubeApi) -> None:
             api.create(POLICY_PATH, body)
             return
         except ApiError as exc:
-            if exc.status != 404 or time.monotonic() > deadline:
+            if exc.status not in (404, 429) or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
 
