@@ -3,8 +3,9 @@
 Dispatched from ``svcproxy/cli.py`` (``svcproxy lab ...``) or run on its own as
 ``svcproxy-lab ...`` (:func:`main`). Subcommands: ``up`` (idempotent; prints
 the KUBECONFIG path on its last stdout line), ``down``, ``status``,
-``exec NODE [--client] -- CMD``, ``client NODE`` and ``kubelet`` (the lab
-kubelet itself, started by ``up`` inside each node). Every subcommand takes
+``exec NODE [--client] -- CMD``, ``client NODE``, ``stop-node NODE [--wipe]`` and
+``start-node NODE [--no-agent]`` (one node leaving and joining), and ``kubelet`` (the
+lab kubelet itself, started by ``up`` inside each node). Every subcommand takes
 ``--state-dir``; progress and errors go to stderr.
 """
 
@@ -48,6 +49,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     cl = add("client", "create (if needed) and print the client namespace behind a node")
     cl.add_argument("node", help="node-N or N")
+    stop = add("stop-node", "stop a node's agent and kubelet (its Node object and Pods stay)")
+    stop.add_argument("node", help="node-N")
+    stop.add_argument("--wipe", action="store_true",
+                      help="also destroy the node (Pods, kernel state) and its kubelet's state, "
+                           "so that start-node brings up a new machine of that name")
+    start = add("start-node", "start a node's kubelet, wait for its Node to be Ready, then its agent")
+    start.add_argument("node", help="node-N")
+    start.add_argument("--no-agent", action="store_true", help="start the kubelet only")
     from svcproxy_lab import kubelet
 
     kubelet.configure(sub.add_parser("kubelet", help="the lab kubelet (started by `lab up`)"))
@@ -121,6 +130,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.lab_command == "status":
         print(lab.status())
         return 0 if lab.alive() else 1
+    if args.lab_command == "stop-node":
+        lab.stop_node(args.node, wipe=args.wipe)
+        return 0
+    if args.lab_command == "start-node":
+        lab.start_node(args.node, agent=not args.no_agent)
+        return 0
     if args.lab_command == "client":
         guest = _guest_node(lab, _index(args.node))
         if guest is not None:  # a guest node: its client namespace lives inside the guest

@@ -1,7 +1,8 @@
 """Bringing a whole lab up and down: toolchain, network, PKI, control plane, nodes, svcproxy.
 
-Called by ``cli.py`` (``svcproxy lab up|down|status``) and by the e2e
-fixture through that command. A lab is described by ``<state>/lab.json``
+Called by ``cli.py`` (``svcproxy lab up|down|status|stop-node|start-node``) and by
+the e2e fixture through that command; e2e tests of nodes that leave and join call
+:meth:`Lab.stop_node` and :meth:`Lab.start_node` directly. A lab is described by ``<state>/lab.json``
 (node kinds and count); processes by pid files in ``<state>/pids``. Only one
 lab runs per machine because the address plan and namespace names are
 fixed; ``/run/svcproxy-lab.owner`` names the state folder of the running one.
@@ -369,9 +370,56 @@ class Lab:
         for node in nodes:
             if not _process_alive(node, "agent"):
                 say(f"starting the svcproxy agent on {node.name}")
-                node.start_process("agent", [ctx.python, "-m", "svcproxy.cli", "agent",
-                                             "--kubeconfig", str(ctx.kubeconfig("admin-node")),
-                                             "--node-name", node.name])
+                node.start_process("agent", self.agent_argv(ctx, node))
+
+    def agent_argv(self, ctx: LabContext, node: LabNode) -> list[str]:
+        return [ctx.python, "-m", "svcproxy.cli", "agent",
+                "--kubeconfig", str(ctx.kubeconfig("admin-node")), "--node-name", node.name]
+
+    # --- one node leaving and joining -------------------------------------------
+
+    def node(self, name: str) -> tuple[LabNode, LabContext, dict[str, Any]]:
+        """Node ``name`` of the running lab, the lab's context and state; LabError naming
+        the nodes it has."""
+        state = self._running_state()
+        nodes = {n.name: n for n in self.nodes(state)}
+        if name not in nodes:
+            raise LabError(f"the lab in {self.state_dir} has no node {name!r}; it has {sorted(nodes)}")
+        return nodes[name], self.context(state), state
+
+    def stop_node(self, name: str, *, wipe: bool = False, say: Say = say_stderr) -> None:
+        """Stop node ``name``'s agent, then its kubelet. Its Node object stays (the caller
+        deletes it, or it goes NotReady when its Lease runs out) and its Pods keep running
+        for the next kubelet to adopt. With ``wipe`` the node is destroyed too (its Pods,
+        client namespace and kernel state; a guest is shut down) and the kubelet's state
+        folder removed: :meth:`start_node` then brings up a new machine of that name."""
+        node, ctx, _ = self.node(name)
+        for process in ("agent", "kubelet"):
+            node.stop_process(process)
+        say(f"stopped the agent and the kubelet on {name}")
+        if wipe:
+            node.destroy()
+            shutil.rmtree(ctx.node_state_dir(name), ignore_errors=True)
+            say(f"removed {name} and its kubelet's state")
+
+    def start_node(self, name: str, *, agent: bool = True, say: Say = say_stderr) -> None:
+        """Bring node ``name`` back: (re)create it, start its kubelet (which registers the
+        Node again if it was deleted) and wait until the Node is Ready; then, when the lab
+        runs svcproxy and ``agent`` is true, start its agent, as a DaemonSet would."""
+        node, ctx, state = self.node(name)
+        node.create(ctx)
+        if not _process_alive(node, "kubelet"):
+            say(f"starting the lab kubelet on {name}")
+            node.start_process("kubelet", self.kubelet_argv(ctx, node))
+        self.wait_nodes_ready([node], say)
+        if agent and state.get("svcproxy"):
+            self.start_agent(name, say=say)
+
+    def start_agent(self, name: str, *, say: Say = say_stderr) -> None:
+        """Start node ``name``'s agent (again, if one runs)."""
+        node, ctx, _ = self.node(name)
+        say(f"starting the svcproxy agent on {name}")
+        node.start_process("agent", self.agent_argv(ctx, node))
 
     # --- down / status ----------------------------------------------------------
 

@@ -242,9 +242,10 @@ class SystemLab:
         return wait_for(f"policy {namespace}/{name} Programmed for its generation", check, timeout)
 
     def wait_applied(self, namespace: str, service: str, reals: set[str] | None = None,
-                     timeout: float = 60) -> dict[str, Any]:
+                     timeout: float = 60, nodes: tuple[str, ...] = NODES) -> dict[str, Any]:
         """The Service's program (optionally with exactly ``reals`` ready real servers)
-        reported at its contentHash by every node's agent; returns the program."""
+        reported at its contentHash by the agent of every node in ``nodes``; returns the
+        program."""
         def check() -> dict[str, Any] | None:
             pvs = self.get("pvs", service, "-n", namespace)
             if not pvs:
@@ -254,11 +255,11 @@ class SystemLab:
             if reals is not None and ready != reals:
                 return None
             want = pvs["spec"]["contentHash"]
-            for node in NODES:
+            for node in nodes:
                 if self.proxynode(node).get("applied", {}).get(f"{namespace}/{service}") != want:
                     return None
             return dict(pvs)
-        return wait_for(f"{namespace}/{service} applied on every node"
+        return wait_for(f"{namespace}/{service} applied on {', '.join(nodes)}"
                         + (f" with real servers {sorted(reals)}" if reals is not None else ""),
                         check, timeout)
 

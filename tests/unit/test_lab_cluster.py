@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from svcproxy_lab import cluster, controlplane, network
-from svcproxy_lab.cluster import Lab
+from svcproxy_lab.cluster import Lab, LabError
 from svcproxy_lab.controlplane import ControlPlaneError
 from svcproxy_lab.node import LabContext, node_name, pid_alive, read_pid, spawn, terminate
 
@@ -40,6 +40,7 @@ class Machine:
     calls: list[str] = field(default_factory=list)
     created: list[int] = field(default_factory=list)
     destroyed: list[int] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # "node-2 agent", in order
     fail_create: set[int] = field(default_factory=set)
     pids: list[int] = field(default_factory=list)
     said: list[str] = field(default_factory=list)
@@ -89,6 +90,7 @@ class FakeNode:
         return pid is not None and pid_alive(pid)
 
     def stop_process(self, name: str, sig: int = 15) -> None:
+        self._machine.stopped.append(f"{self.name} {name}")
         terminate(self._pid_file(name))
 
     def destroy(self) -> None:
@@ -301,3 +303,78 @@ def test_a_port_check_skips_what_this_lab_runs_and_names_a_stray_of_its_own(
     (other / "pids" / "etcd.pid").unlink()
     with pytest.raises(ControlPlaneError, match=rf"of this lab, in {other}, .*`kill {proc.pid}`"):
         controlplane.check_ports(other, {"etcd": (port,)})
+
+
+@pytest.fixture
+def running(machine: Machine, monkeypatch: pytest.MonkeyPatch) -> Lab:
+    """A running 3-node lab with svcproxy: the operator left out, one agent per node."""
+    def agents(self: Lab, ctx: LabContext, nodes: list[Any], say: Any) -> None:
+        for node in nodes:
+            node.start_process("agent", self.agent_argv(ctx, node))
+
+    monkeypatch.setattr(Lab, "start_svcproxy", agents)
+    lab = Lab(machine.tmp / "lab")
+    lab.up(3, 0, svcproxy=True, say=machine.say)
+    return lab
+
+
+def _alive(lab: Lab, process: str) -> list[str]:
+    """The nodes whose ``process`` (agent, kubelet) runs."""
+    pids = lab.state_dir / "pids"
+    return [n for n in ("node-1", "node-2", "node-3")
+            if (pid := read_pid(pids / f"{n}-{process}.pid")) is not None and pid_alive(pid)]
+
+
+def test_a_stopped_node_keeps_its_machine_and_comes_back_with_kubelet_then_agent(
+    machine: Machine, running: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = running
+    kubelet_state = lab.state_dir / "nodes" / "node-2" / "pods"
+    kubelet_state.mkdir(parents=True)
+    running.stop_node("node-2", say=machine.say)
+
+    assert machine.stopped == ["node-2 agent", "node-2 kubelet"]
+    assert _alive(lab, "agent") == _alive(lab, "kubelet") == ["node-1", "node-3"]
+    assert machine.destroyed == []
+    assert kubelet_state.is_dir()  # its Pods stay for the next kubelet to adopt
+
+    waited: list[list[str]] = []
+
+    def ready(self: Lab, nodes: list[Any], say: Any) -> None:
+        waited.append([n.name for n in nodes])
+        assert _alive(self, "agent") == ["node-1", "node-3"], "the agent started before Ready"
+
+    monkeypatch.setattr(Lab, "wait_nodes_ready", ready)
+    lab.start_node("node-2", say=machine.say)
+    assert waited == [["node-2"]]
+    assert machine.created[-1] == 2
+    assert _alive(lab, "agent") == _alive(lab, "kubelet") == ["node-1", "node-2", "node-3"]
+
+
+def test_a_wiped_node_is_a_new_machine_and_its_agent_waits_to_be_started(
+    machine: Machine, running: Lab
+) -> None:
+    lab = running
+    kubelet_state = lab.state_dir / "nodes" / "node-3" / "pods"
+    kubelet_state.mkdir(parents=True)
+    lab.stop_node("node-3", wipe=True, say=machine.say)
+
+    assert machine.destroyed == [3]
+    assert not kubelet_state.parent.exists()
+    assert _alive(lab, "kubelet") == ["node-1", "node-2"]
+
+    lab.start_node("node-3", agent=False, say=machine.say)
+    assert _alive(lab, "kubelet") == ["node-1", "node-2", "node-3"]
+    assert _alive(lab, "agent") == ["node-1", "node-2"]
+    lab.start_agent("node-3", say=machine.say)
+    assert _alive(lab, "agent") == ["node-1", "node-2", "node-3"]
+
+
+def test_a_node_the_lab_does_not_have_is_named_with_those_it_has(
+    machine: Machine, running: Lab
+) -> None:
+    with pytest.raises(LabError, match=r"has no node 'node-9'; it has \['node-1', 'node-2', 'node-3'\]"):
+        running.stop_node("node-9", say=machine.say)
+    running.down(say=machine.say)
+    with pytest.raises(LabError, match=r"no running lab .*: run `svcproxy lab up` first"):
+        running.start_node("node-1", say=machine.say)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_compile_helpers import endpoint, endpoint_slice, policy_obj, proxy_node, service
 
 from svcproxy.api import HANDOVER_LABEL, ProxyNode
-from svcproxy.compile.planner import NamespacePlan, NamespaceView, plan_namespace
+from svcproxy.compile.planner import NamespacePlan, NamespaceView, PlanMemo, plan_namespace
 
 JSON = dict[str, Any]
 
@@ -130,6 +130,36 @@ def test_a_report_from_a_node_that_is_gone_does_not_count() -> None:
     assert plan.label == ["web"]
     assert conditions(plan, "p")["Programmed"] == ("True", "Programmed")
     assert plan.statuses["p"]["programmed"] == "1/1"
+
+
+def test_a_node_that_leaves_and_one_that_joins_move_the_count_through_one_memo() -> None:
+    """What tests/e2e/test_nodes_come_and_go.py does to the cluster, pass by pass, with the
+    operator's memo kept between passes: each pass says what a pass without it says."""
+    first = plan_namespace(view([policy_obj("p")]))
+    digest = first.writes["web"].content_hash
+    done = {"ns/web": digest}
+    three = frozenset({"node-1", "node-2", "node-3"})
+    staying = [proxy_node("node-1", done), proxy_node("node-2", done)]
+    steps = [
+        ("all three report", three, [*staying, proxy_node("node-3", done)], "3/3", True),
+        # Deleted: its ProxyNode waits for the garbage collector and does not count.
+        ("node-3's Node deleted", three - {"node-3"}, [*staying, proxy_node("node-3", done)], "2/2", True),
+        ("its ProxyNode collected", three - {"node-3"}, staying, "2/2", True),
+        # A new Node of that name is Ready before its agent reports: it counts.
+        ("node-3 Ready, no report", three, staying, "2/3", False),
+        ("its agent reports an empty table", three, [*staying, proxy_node("node-3")], "2/3", False),
+        ("its agent applied the program", three, [*staying, proxy_node("node-3", done)], "3/3", True),
+    ]
+    memo = PlanMemo()
+    for what, expected, reports, count, programmed in steps:
+        now = replace(view([policy_obj("p")], programs=stored(first), nodes=reports), expected_nodes=expected)
+        plan = plan_namespace(now, memo)
+        assert plan.statuses == plan_namespace(now).statuses, what
+        status = plan.statuses["p"]
+        assert status["programmed"] == count, what
+        assert conditions(plan, "p")["Programmed"][0] == ("True" if programmed else "False"), what
+        row = status["services"][0]
+        assert f"{row['nodesProgrammed']}/{row['nodesTotal']}" == count, what
 
 
 def test_no_agents_means_not_programmed() -> None:

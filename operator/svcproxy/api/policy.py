@@ -228,7 +228,8 @@ class PolicyServiceStatus(ApiModel):
     nodes_programmed: int = 0
     """Nodes whose agent reports the current program of this Service."""
     nodes_total: int = 0
-    """Nodes with a running agent."""
+    """Nodes that should run an agent: Ready and matching the agents' node selector,
+    whether or not their agent has reported yet."""
     message: str = ""
     """Why the Service is in this state."""
 
@@ -248,7 +249,8 @@ class ServiceProxyPolicyStatus(ApiModel):
     services: list[PolicyServiceStatus] = Field(default_factory=list)
     """One row per selected Service."""
     programmed: str | None = None
-    """Nodes that programmed every selected Service, over nodes in total (e.g. 3/3)."""
+    """Nodes that programmed every selected Service, over the Nodes that should run an agent
+    (e.g. 2/3: one Ready Node has not applied them, or its agent has not reported)."""
 
 
 class ServiceProxyPolicy(ApiModel):
