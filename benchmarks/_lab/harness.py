@@ -38,7 +38,13 @@ ENDPOINTS = 10
 PORT = 80
 TARGET_PORT = 8080
 VIP_BASE = ipaddress.IPv4Address("10.96.16.0")  # clear of 10.96.0.1 (kubernetes) and DNS
-ADDRESS_BASE = ipaddress.IPv4Address("10.244.16.1")  # endpoints never get traffic
+# Endpoints never get traffic. They lie in no Node's Pod CIDR (10.244.N.0/24) and the agents
+# refuse real servers that are neither Pod nor Node addresses, so the agents are told (their
+# --extra-pod-cidr) that this network holds Pods too; 512k addresses, never reused in a run.
+ENDPOINT_NETWORK = ipaddress.IPv4Network("10.248.0.0/13")
+ADDRESS_BASE = ENDPOINT_NETWORK.network_address + 1
+ADDRESS_SPAN = ENDPOINT_NETWORK.num_addresses - 2
+AGENT_ARGS = ("--extra-pod-cidr", str(ENDPOINT_NETWORK))
 READER = Path(__file__).resolve().parent / "kernel_watch.py"
 DEFAULT_STATE = Path("/tmp/svcproxy-bench-lab")
 
@@ -58,6 +64,8 @@ class AddressPool:
         self.next = 0
 
     def take(self, n: int = 1) -> list[str]:
+        if self.next + n > ADDRESS_SPAN:
+            raise RuntimeError(f"the benchmark used all {ADDRESS_SPAN} endpoint addresses")
         out = [str(ADDRESS_BASE + self.next + k) for k in range(n)]
         self.next += n
         return out
@@ -132,7 +140,7 @@ class BenchLab:
     always call ``down()`` (a ``with`` does)."""
 
     def __init__(self, state_dir: Path = DEFAULT_STATE, nodes: int = 3, ipvs_nodes: int = 0) -> None:
-        self.lab = Lab(state_dir)
+        self.lab = Lab(state_dir, agent_args=AGENT_ARGS)
         self.node_count = nodes
         self.ipvs_nodes = ipvs_nodes  # the last ones are UML guests with IPVS
         self.api: KubeApi | None = None

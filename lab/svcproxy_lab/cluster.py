@@ -91,9 +91,11 @@ def cached_bin_dir() -> Path | None:
 class Lab:
     """One lab, described by its state folder."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, agent_args: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir.resolve()
         self.state_file = self.state_dir / "lab.json"
+        # Extra agent flags (benchmarks: --extra-pod-cidr for endpoints outside the Pod CIDRs).
+        self.agent_args = agent_args
 
     # --- state ----------------------------------------------------------------
 
@@ -374,7 +376,8 @@ class Lab:
 
     def agent_argv(self, ctx: LabContext, node: LabNode) -> list[str]:
         return [ctx.python, "-m", "svcproxy.cli", "agent",
-                "--kubeconfig", str(ctx.kubeconfig("admin-node")), "--node-name", node.name]
+                "--kubeconfig", str(ctx.kubeconfig("admin-node")), "--node-name", node.name,
+                *self.agent_args]
 
     # --- one node leaving and joining -------------------------------------------
 
