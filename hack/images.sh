@@ -114,7 +114,12 @@ root_image "$reg/pause:$PAUSE_VERSION" pause
 # agnhost, with the porter's test certificate from the k8s.io/kubernetes module.
 agn=$work/agnhost
 eval "$(bash "$toolchain" --go-env)"   # the Go build.sh builds with, maybe off PATH
-porter=$(cd lab/svcproxy_lab/toolchain/kubernetes && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost/porter
+# `go mod download`, not `go list -m`: the module cache may have been cleaned since the
+# binaries were built and cached, and `go list -m` then prints an empty directory.
+k8s_dir=$(cd lab/svcproxy_lab/toolchain/kubernetes && GOFLAGS=-mod=mod go mod download -json k8s.io/kubernetes \
+  | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+[ -d "$k8s_dir" ] || { echo "images.sh: cannot get the k8s.io/kubernetes module source" >&2; exit 1; }
+porter=$k8s_dir/test/images/agnhost/porter
 agn_key=$(hash_of "$kind_bin/agnhost" "$kind_bin/coredns" "$porter/localhost.crt" hack/images/agnhost.Dockerfile; key_of svcproxy-base/tools:bookworm)
 if stale "$reg/e2e-test-images/agnhost:2.63.0" "$agn_key"; then
   mkdir -p "$agn"

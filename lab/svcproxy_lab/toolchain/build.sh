@@ -150,7 +150,9 @@ build kind "$kind_bin/coredns" github.com/coredns/coredns "-s -w"
 if [ ! -x "$kind_bin/pause" ]; then
   # pause.c is upstream's, read from the module cache the kubernetes build filled.
   use_go
-  src=$(cd "$here/kubernetes" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+  # download, not list: the module cache may have been cleaned since the last build.
+  src=$(cd "$here/kubernetes" && GOFLAGS=-mod=mod go mod download -json k8s.io/kubernetes \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c
   gcc -Os -Wall -static -DVERSION="v$PAUSE_VERSION" -o "$kind_bin/pause.tmp" "$src"
   strip "$kind_bin/pause.tmp" && mv "$kind_bin/pause.tmp" "$kind_bin/pause"
   log "built pause $PAUSE_VERSION"
