@@ -142,15 +142,6 @@ def test_userspace_mode_serves_node_ports_external_and_load_balancer_ips() -> No
     assert isinstance(why, NotProxied) and "externalTrafficPolicy: Local" in why.message
 
 
-def test_source_ranges_stay_refused() -> None:
-    svc = _load_balancer([{"ip": "198.51.100.3"}], loadBalancerSourceRanges=["203.0.113.0/24"])
-    why = compile_program(policy(spec=IPTABLES), svc, SLICES)
-    assert isinstance(why, NotProxied) and why.reason == "Unsupported", why
-    assert "loadBalancerSourceRanges" in why.message and "kube-proxy keeps" in why.message
-    svc["spec"]["loadBalancerSourceRanges"] = []
-    assert isinstance(compile_program(policy(spec=IPTABLES), svc, SLICES), ProxyVirtualServerSpec)
-
-
 @pytest.mark.parametrize(
     ("address", "kind", "ok"),
     [("0.0.0.0", "NodePort", True), ("::", "NodePort", True), ("10.96.0.10", "ClusterIP", True),

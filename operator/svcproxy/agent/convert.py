@@ -91,6 +91,8 @@ def virtual_server(vs: VirtualServerSpec, owner: str, node_name: str = "") -> Vi
     """``vs`` as the data plane takes it; under a traffic policy Local, real servers on
     ``node_name`` are marked local."""
     policy = local_policy(vs)
+    if vs.load_balancer_source_ranges is not None:  # served by the data plane in the next change
+        raise ValueError("loadBalancerSourceRanges are not filtered by this agent yet")
     specs = vs.real_servers
     marks = [bool(policy) and bool(node_name) and rs.node_name == node_name for rs in specs]
     cluster, mine = usable_endpoints(specs, marks)
