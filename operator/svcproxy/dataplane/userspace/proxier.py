@@ -123,6 +123,11 @@ def _wanted(
                 f"{key}: the userspace mode proxies TCP and UDP only;"
                 " use ipvs or iptables mode for SCTP", owner=vs.owner))
             continue
+        if vs.source_ranges is not None:
+            errors.append(UnsupportedError(
+                f"{key}: loadBalancerSourceRanges are not filtered in userspace mode yet;"
+                " use iptables mode", owner=vs.owner))
+            continue
         want[key] = vs
     return want, errors
 
