@@ -23,6 +23,10 @@ entered after every VIP rule (VIP rules are inserted at the top of the portal ch
 the jump stays last), so an external IP that is a node address wins over a node port
 with the same number, as in kube-proxy. No masquerade is needed: the agent itself
 connects to the backend, which answers the agent.
+
+Source ranges of a load-balancer IP are matched by the portal's REDIRECT rules (one
+per range, one for the node itself) and the rest dropped in the filter chain
+``SVCPROXY-PORTALS-FIREWALL``; the rule text is ``portals.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.mirror import Mirror
-from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
+from svcproxy.dataplane.nfkernel import NetfilterKernel, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     DataplaneError,
@@ -48,19 +52,24 @@ from svcproxy.dataplane.proxier import (
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend, Balancer
+from svcproxy.dataplane.userspace.portals import (
+    CHAIN,
+    FILTER_JUMPS,
+    FIREWALL,
+    JUMPS,
+    NODEPORTS,
+    NODEPORTS_JUMP,
+    PortalRules,
+    changed_lines,
+    full_chains,
+    full_filter,
+    portal_rules,
+)
+
+__all__ = ["CHAIN", "FIREWALL", "MODE", "NODEPORTS", "NODEPORTS_JUMP", "UserspaceProxier", "create",
+           "full_chains"]
 
 MODE: Mode = "userspace"
-CHAIN = "SVCPROXY-PORTALS"
-NODEPORTS = "SVCPROXY-PORTALS-NODEPORTS"  # under CHAIN's name: cleanup's prefix removes both
-# The portal chain's last rule, always present: into the node ports, for local destinations.
-NODEPORTS_JUMP = (
-    f"-A {CHAIN} -m comment --comment svcproxy-portals-nodeports -m addrtype --dst-type LOCAL"
-    f" -j {NODEPORTS}"
-)
-JUMPS = (
-    Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
-    Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
-)
 UDP_IDLE_SECONDS = 30.0
 
 
@@ -70,43 +79,11 @@ class _Portal:
     port: int
     server: asyncio.AbstractServer | None = None
     udp: asyncio.DatagramTransport | None = None
-    rule: str = ""  # the REDIRECT rule now in the kernel for it ("" = none yet)
-
-
-def _no_ready_backend(vs: VirtualServer) -> bool:
-    return not any(r.weight > 0 for r in vs.real_servers)
+    rules: PortalRules | None = None  # its rules now in the kernel (None = none yet)
 
 
 def _v6(vs: VirtualServer) -> bool:
     return IPFamily.is_v6(vs.address)
-
-
-def _rule(vs: VirtualServer, port: int) -> str:
-    """The REDIRECT rule of one portal: by VIP in the portal chain, or for a node port by
-    protocol and port in the node-port chain."""
-    proto = vs.protocol.lower()
-    what = (f"-m comment --comment {vs.owner or '-'} -m {proto} --dport {vs.port}"
-            f" -j REDIRECT --to-ports {port}")
-    if vs.is_node_port:
-        return f"-A {NODEPORTS} -p {proto} {what}"
-    host = f"{vs.address}/{128 if _v6(vs) else 32}"
-    return f"-A {CHAIN} -d {host} -p {proto} {what}"
-
-
-def _added(rule: str) -> str:
-    """How a partial sync adds ``rule``: VIP rules at the top of the portal chain (ahead
-    of its last rule, the jump into the node ports), node-port rules appended."""
-    head = f"-A {CHAIN} "
-    return f"-I {CHAIN} 1 {rule[len(head):]}" if rule.startswith(head) else rule
-
-
-def full_chains(rules: list[str]) -> str:
-    """The nat restore input rewriting both chains: VIP rules, the node-port jump last,
-    then the node-port rules."""
-    vips = [r for r in rules if r.startswith(f"-A {CHAIN} ")]
-    ports = [r for r in rules if not r.startswith(f"-A {CHAIN} ")]
-    lines = [f":{CHAIN} - [0:0]", f":{NODEPORTS} - [0:0]", *vips, NODEPORTS_JUMP, *ports]
-    return "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
 
 
 def _wanted(
@@ -123,25 +100,8 @@ def _wanted(
                 f"{key}: the userspace mode proxies TCP and UDP only;"
                 " use ipvs or iptables mode for SCTP", owner=vs.owner))
             continue
-        if vs.source_ranges is not None:
-            errors.append(UnsupportedError(
-                f"{key}: loadBalancerSourceRanges are not filtered in userspace mode yet;"
-                " use iptables mode", owner=vs.owner))
-            continue
         want[key] = vs
     return want, errors
-
-
-def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int, str]) -> list[str]:
-    """A partial sync's restore lines: new portals, portals whose target changed, and
-    the rules of portals that went."""
-    lines: list[str] = []
-    for p in kept:
-        if p.rule != rules[id(p)]:
-            lines += ["-D" + p.rule[2:]] if p.rule else []
-            lines.append(_added(rules[id(p)]))
-    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
-    return lines
 
 
 class UserspaceProxier:
@@ -213,7 +173,9 @@ class UserspaceProxier:
             present: dict[bool, set[str]] = {}
             for v6 in families:
                 with contextlib.suppress(DataplaneError):  # the write reads again and reports
-                    present[v6] = self._netfilter(v6).jumps("nat")
+                    saved = self._netfilter(v6).read(("nat", "filter"), None, names_only)
+                    # One set for both tables: their jumps differ by their comments.
+                    present[v6] = saved["nat"].jumps | saved["filter"].jumps
             return present
 
         present, _ = await read_beside(read, between, self._nf.read_beside_for)
@@ -227,7 +189,7 @@ class UserspaceProxier:
         only: frozenset[str] | None = None,
         present: Mapping[bool, Collection[str]] | None = None,
     ) -> SyncResult:
-        """``present``: the jump rules of the nat table, read by :meth:`sync_full`."""
+        """``present``: the jump rules of the nat and filter tables, read by :meth:`sync_full`."""
         start = time.monotonic()
         async with self._lock:
             if not self._caps.available:
@@ -299,18 +261,22 @@ class UserspaceProxier:
         full: bool,
         present: Collection[str] | None,
     ) -> None:
-        """One family's REDIRECT rules: the whole chain (full) or the rules that changed."""
+        """One family's rules: the whole chains (full) or the rules that changed."""
         nf = self._netfilter(v6)
-        rules = {id(p): self._rule_for(p) for p in kept}
+        rules = {id(p): self._rules_for(p) for p in kept}
         if full:
-            await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in kept], present)
+            nat = [line for p in kept for line in rules[id(p)].nat]
+            drops = [rules[id(p)].drop for p in kept if rules[id(p)].drop]
+            await asyncio.to_thread(self._write_full, nf, nat, drops, present)
         else:
-            lines = _changed_lines(kept, gone, rules)
-            if lines:
-                text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+            pairs = [(p.rules, rules[id(p)]) for p in kept] + [(p.rules, None) for p in gone]
+            lines, drops = changed_lines(pairs)
+            text = ("*nat\n" + "\n".join(lines) + "\nCOMMIT\n") if lines else ""
+            text += ("*filter\n" + "\n".join(drops) + "\nCOMMIT\n") if drops else ""
+            if text:
                 await asyncio.to_thread(nf.restore, text)
         for p in kept:
-            p.rule = rules[id(p)]
+            p.rules = rules[id(p)]
         self._v6_used = self._v6_used or v6
         if full:
             self._declared.add(v6)
@@ -322,11 +288,9 @@ class UserspaceProxier:
             self._nf6 = self._nf.family(True)
         return self._nf6
 
-    def _rule_for(self, portal: _Portal) -> str:
+    def _rules_for(self, portal: _Portal) -> PortalRules:
         vs = portal.balancer.vs
-        if _no_ready_backend(vs):
-            return _rule(vs, self._refuse_port(_v6(vs), vs.protocol))
-        return _rule(vs, portal.port)
+        return portal_rules(vs, portal.port, lambda: self._refuse_port(_v6(vs), vs.protocol))
 
     def _refuse_port(self, v6: bool, protocol: str) -> int:
         sock = self._refusers.get((v6, protocol))
@@ -346,9 +310,11 @@ class UserspaceProxier:
         return port
 
     @staticmethod
-    def _write_full(nf: NetfilterKernel, body: list[str], present: Collection[str] | None = None) -> None:
-        nf.restore(full_chains(body))
+    def _write_full(nf: NetfilterKernel, body: list[str], drops: list[str],
+                    present: Collection[str] | None = None) -> None:
+        nf.restore(full_chains(body) + full_filter(drops))
         nf.ensure_jumps(JUMPS, present)
+        nf.ensure_jumps(FILTER_JUMPS, present)
 
     async def cleanup(self) -> SyncResult:
         async with self._lock:
@@ -362,10 +328,12 @@ class UserspaceProxier:
             if self._caps.available:
                 try:
                     await asyncio.to_thread(self._nf.remove, "nat", CHAIN, JUMPS)
+                    await asyncio.to_thread(self._nf.remove, "filter", FIREWALL, FILTER_JUMPS)
                 except DataplaneError as err:
                     errors = (err,)
                 with contextlib.suppress(DataplaneError):  # no ip6tables nat: nothing of ours
                     await asyncio.to_thread(self._netfilter(True).remove, "nat", CHAIN, JUMPS)
+                    await asyncio.to_thread(self._netfilter(True).remove, "filter", FIREWALL, FILTER_JUMPS)
             ops = {"delete_virtual_server": count} if count else {}
             return SyncResult(MODE, True, ops, errors)
 
