@@ -30,7 +30,7 @@ SOURCE_RANGE_MODES: tuple[Mode, ...] = ("iptables", "userspace")
 operator compiles such Services only under these, and the agent refuses a virtual
 server carrying source ranges in any other mode."""
 
-LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables",)
+LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables", "userspace")
 """The modes that serve externalTrafficPolicy and internalTrafficPolicy Local (only
 this node's endpoints). The operator compiles such Services only under these, and
 the agent refuses a virtual server with trafficPolicy Local in any other mode."""

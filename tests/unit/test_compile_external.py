@@ -136,10 +136,12 @@ def test_userspace_mode_serves_node_ports_external_and_load_balancer_ips() -> No
     ]
     assert isinstance(prog, ProxyVirtualServerSpec)
     assert {vs.mode for vs in prog.virtual_servers} == {"userspace"}
-    # The policy's own words, not the mode, decide what stays refused.
+    # externalTrafficPolicy Local too: every address but the ClusterIP says so.
     svc["spec"]["externalTrafficPolicy"] = "Local"
-    why = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
-    assert isinstance(why, NotProxied) and "externalTrafficPolicy: Local" in why.message
+    local = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
+    assert isinstance(local, ProxyVirtualServerSpec)
+    assert [(vs.address_type, vs.traffic_policy) for vs in local.virtual_servers] == [
+        ("NodePort", "Local"), ("ClusterIP", None), ("ExternalIP", "Local"), ("LoadBalancerIP", "Local")]
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def test_cluster_policies_keep_the_hash_they_had_before_the_fields_existed() -> 
     assert plain.content_hash == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("mode", ["ipvs", "userspace"])
+@pytest.mark.parametrize("mode", ["ipvs"])
 @pytest.mark.parametrize(
     ("svc", "words"),
     [(service(ports=[PORT]) | {}, "internalTrafficPolicy: Local"),

@@ -92,7 +92,7 @@ def local_policy(vs: VirtualServerSpec) -> LocalPolicy:
         return ""
     if vs.mode not in LOCAL_POLICY_MODES:
         raise ValueError(
-            f"trafficPolicy Local is served in {' and '.join(LOCAL_POLICY_MODES)} mode only, not {vs.mode}"
+            f"trafficPolicy Local is served in {' and '.join(LOCAL_POLICY_MODES)} modes only, not {vs.mode}"
         )
     return "internal" if vs.address_type == "ClusterIP" else "external"
 

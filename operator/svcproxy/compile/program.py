@@ -12,7 +12,7 @@ NodePort: the node's own addresses); the last three only in the modes of
 Services to kube-proxy). spec.loadBalancerSourceRanges travel on the load-balancer
 IPs' virtual servers (normalised, every family: each agent keeps those of the
 address's family), only in the modes of :data:`~svcproxy.base.SOURCE_RANGE_MODES`.
-The traffic policies Local only in iptables mode
+The traffic policies Local only in iptables and userspace modes
 (:data:`~svcproxy.base.LOCAL_POLICY_MODES`): each virtual server then says
 ``trafficPolicy: Local`` and every agent keeps only its own node's endpoints (real
 servers carry ``nodeName``). ``pod_labels`` maps Pod name -> labels

@@ -45,7 +45,7 @@ Forward = Literal["masq", "local", "tunnel", "route", "bypass"]
 FORWARD_METHODS: tuple[Forward, ...] = ("masq", "local", "tunnel", "route", "bypass")
 # ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
 DEFAULT_AFFINITY_SECONDS = 10800
-# A traffic policy Local as the iptables mode serves it: "" none (every endpoint);
+# A traffic policy Local as the iptables and userspace modes serve it: "" none (every endpoint);
 # "internal" (internalTrafficPolicy on a ClusterIP): only this node's endpoints;
 # "external" (externalTrafficPolicy on a node port, external or LB IP): outside
 # clients reach only this node's endpoints with their address kept, while the node
@@ -158,7 +158,7 @@ class VirtualServer:
     ``ops``, ``netmask 255.255.255.0``, ``pe sip``); empty in desired tables,
     so a virtual server read back with any differs (:meth:`same_service`) and
     is updated, which sends every setting and so clears them. ``local_policy``: see
-    :data:`LocalPolicy` (iptables mode only). ``source_ranges``: see :data:`SourceRanges`
+    :data:`LocalPolicy` (iptables and userspace modes). ``source_ranges``: see :data:`SourceRanges`
     (iptables and userspace modes; never on a node port).
     """
 

@@ -11,12 +11,22 @@ LOCAL``); what no rule takes is left with the VIP as its destination, and a DROP
 filter chain ``SVCPROXY-PORTALS-FIREWALL`` (jumped to from INPUT, FORWARD and OUTPUT)
 matches only such packets: a redirected one is addressed to the node's listener port.
 With no usable endpoint at all every client is refused, as in the iptables mode.
+
+Traffic policies Local (``VirtualServer.local_policy``) with the iptables mode's
+meaning, chosen by source here too (:func:`scopes` gives each listener's endpoints):
+"internal" (a ClusterIP) has one listener choosing among this node's endpoints only;
+"external" (node port, external or LB IP) a second one for them: connections from the
+cluster CIDRs (Pods) and from the node itself go to the portal's listener, which
+chooses among every endpoint, all others to the local one. With endpoints but none on
+this node the traffic the local scope would take is dropped. Unlike the iptables mode
+the backend never sees the client's address: the agent itself connects to it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from svcproxy.base import IPFamily
 from svcproxy.dataplane.nfkernel import Jump
@@ -52,6 +62,34 @@ def _usable(vs: VirtualServer) -> bool:
     return any(r.weight > 0 for r in vs.real_servers)
 
 
+def _local_usable(vs: VirtualServer) -> bool:
+    return any(r.weight > 0 and r.local for r in vs.real_servers)
+
+
+def scopes(vs: VirtualServer) -> tuple[VirtualServer, VirtualServer | None]:
+    """The endpoints each listener of ``vs`` chooses among, as virtual servers for their
+    balancers: (the portal's listener, the local listener of an "external" policy or
+    None). "internal": this node's only; "external": every endpoint for the first (but
+    ``cluster_drain`` ones drained), this node's for the second."""
+    if vs.local_policy == "internal":
+        return vs.with_reals(r for r in vs.real_servers if r.local), None
+    if vs.local_policy == "external":
+        cluster = vs.with_reals(replace(r, weight=0) if r.cluster_drain else r for r in vs.real_servers)
+        return cluster, vs.with_reals(r for r in vs.real_servers if r.local)
+    return vs, None
+
+
+def _within(source: str, cidr: str) -> str | None:
+    """Where the source match ``source`` ("" every client) and ``cidr`` meet: the smaller
+    network (two networks either nest or are disjoint), or None."""
+    if not source:
+        return cidr
+    a, b = ipaddress.ip_network(source), ipaddress.ip_network(cidr)
+    if a.version != b.version or not a.overlaps(b):
+        return None
+    return source if a.prefixlen >= b.prefixlen else cidr
+
+
 def _head(vs: VirtualServer, chain: str, *, src: str = "", match: str = "") -> str:
     """``-A <chain> [-s SRC] [-d VIP] -p <proto> -m comment ... [MATCH]``, in the order
     iptables-save prints a rule's parts."""
@@ -79,15 +117,38 @@ def _drop(vs: VirtualServer) -> str:
 _LOCAL = "-m addrtype --src-type LOCAL"
 
 
-def portal_rules(vs: VirtualServer, port: int, refuse_port: Callable[[], int]) -> PortalRules:
-    """The rules of ``vs``, listening on ``port``; ``refuse_port()`` is the port that
-    refuses (asked for only when needed: the proxier binds it on first use)."""
+Source = tuple[str, str]  # a rule's source: (-s network or "", match or "")
+
+
+def portal_rules(vs: VirtualServer, port: int, refuse_port: Callable[[], int], *,
+                 local_port: int | None = None, cluster_cidrs: Sequence[str] = ()) -> PortalRules:
+    """The rules of ``vs``, listening on ``port`` (and, under an "external" policy, on
+    ``local_port`` for outside clients; Pods are told by ``cluster_cidrs``);
+    ``refuse_port()`` is the port that refuses (asked for only when needed: the proxier
+    binds it on first use)."""
     if not _usable(vs):
         return PortalRules((_redirect(vs, refuse_port()),))
-    if vs.source_ranges is None:
-        return PortalRules((_redirect(vs, port),))
-    ranges = [_redirect(vs, port, src=cidr) for cidr in vs.source_ranges]
-    return PortalRules((*ranges, _redirect(vs, port, match=_LOCAL)), _drop(vs))
+    allowed: list[Source] = [("", "")]  # every client
+    if vs.source_ranges is not None:
+        allowed = [(cidr, "") for cidr in vs.source_ranges] + [("", _LOCAL)]
+    firewall = _drop(vs) if vs.source_ranges is not None else ""
+    if vs.local_policy == "internal" and not _local_usable(vs):
+        return PortalRules((), _drop(vs))
+    if vs.local_policy != "external":
+        return PortalRules(tuple(_redirect(vs, port, src=s, match=m) for s, m in allowed), firewall)
+    family = IPFamily.of(vs.address)
+    # Pods (the allowed part of the cluster CIDRs) and the node go to every endpoint.
+    cluster: list[Source] = []
+    for src, match in allowed:
+        for cidr in cluster_cidrs if not match else ():
+            if IPFamily.of(cidr) is family and (both := _within(src, cidr)) is not None:
+                cluster.append((both, ""))
+    cluster = list(dict.fromkeys([*cluster, ("", _LOCAL)]))
+    nat = [_redirect(vs, port, src=s, match=m) for s, m in cluster]
+    if local_port is None or not _local_usable(vs):
+        return PortalRules(tuple(nat), _drop(vs))  # outside clients: none here
+    nat += [_redirect(vs, local_port, src=s) for s, m in allowed if not m]
+    return PortalRules(tuple(nat), firewall)
 
 
 def added(rule: str) -> list[str]:

@@ -26,7 +26,11 @@ connects to the backend, which answers the agent.
 
 Source ranges of a load-balancer IP are matched by the portal's REDIRECT rules (one
 per range, one for the node itself) and the rest dropped in the filter chain
-``SVCPROXY-PORTALS-FIREWALL``; the rule text is ``portals.py``.
+``SVCPROXY-PORTALS-FIREWALL``. Traffic policies Local: the portal's balancer keeps only
+this node's endpoints ("internal"), or the portal gets a second listener for outside
+clients that does ("external"; Pods and the node keep the first, which has them all).
+The agent connects to the backend, so the client address is not kept. The rule text
+and each listener's endpoints: ``portals.py``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from svcproxy.dataplane.userspace.portals import (
     full_chains,
     full_filter,
     portal_rules,
+    scopes,
 )
 
 __all__ = ["CHAIN", "FIREWALL", "MODE", "NODEPORTS", "NODEPORTS_JUMP", "UserspaceProxier", "create",
@@ -74,11 +79,18 @@ UDP_IDLE_SECONDS = 30.0
 
 
 @dataclass
-class _Portal:
+class _Listener:
     balancer: Balancer
     port: int
     server: asyncio.AbstractServer | None = None
     udp: asyncio.DatagramTransport | None = None
+
+
+@dataclass
+class _Portal:
+    vs: VirtualServer  # as the table asks for it (the balancers hold their scopes of it)
+    main: _Listener
+    local: _Listener | None = None  # outside clients of an "external" traffic policy Local
     rules: PortalRules | None = None  # its rules now in the kernel (None = none yet)
 
 
@@ -112,6 +124,7 @@ class UserspaceProxier:
         *,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
     ) -> None:
         if netfilter is None:  # the real tools (``create``); unit tests pass a fake
             from svcproxy.dataplane.netfilter import Netfilter
@@ -128,6 +141,7 @@ class UserspaceProxier:
         backend, reason = self._nf.backend()
         self._timeout = connect_timeout
         self._clock = clock
+        self._cidrs = cluster_cidrs  # Pods: clients of every endpoint under an external policy
         self._portals: dict[VSKey, _Portal] = {}
         self._lock = asyncio.Lock()
         # Ports that refuse, so a Service with no ready backend is refused at once (as
@@ -208,20 +222,20 @@ class UserspaceProxier:
             gone = [self._portals[k] for k in gone_keys]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             for v6 in (False, True):
-                fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
-                fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
+                fam_kept = [p for p in kept if _v6(p.vs) == v6]
+                fam_gone = [p for p in gone if _v6(p.vs) == v6]
                 if v6 and not (fam_kept or fam_gone or self._v6_used):
                     continue  # no IPv6 VIP ever: leave ip6tables alone
                 full = only is None or v6 not in self._declared
                 if full and only is not None:  # the whole family, from every portal of it
                     fam_kept = [self._portals[k] for k in sorted(self._portals)
-                                if k not in gone_keys and _v6(self._portals[k].balancer.vs) == v6]
+                                if k not in gone_keys and _v6(self._portals[k].vs) == v6]
                 try:
                     await self._write_rules(v6, fam_kept, fam_gone, full=full,
                                             present=(present or {}).get(v6))
                 except DataplaneError as err:
                     err.owner = err.owner or next(
-                        (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
+                        (p.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
             for key in gone_keys:
                 portal = self._portals.pop(key)
@@ -235,22 +249,24 @@ class UserspaceProxier:
     async def _open_or_update(
         self, want: Mapping[VSKey, VirtualServer], ops: dict[str, int], errors: list[DataplaneError]
     ) -> None:
-        """A listener for each new portal; a changed one keeps its listener, gets a new
-        balancer state."""
+        """Listeners for each new portal; a changed one keeps its listeners, gets new
+        balancer states (and gains or loses the local listener with an external policy)."""
         for key, vs in want.items():
             portal = self._portals.get(key)
-            if portal is None:
-                try:
+            try:
+                if portal is None:
                     self._portals[key] = await self._open(vs)
-                    self._mirror.put(key, vs)
-                except OSError as err:
-                    errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                    op = "add_virtual_server"
+                elif portal.vs != vs:
+                    await self._update(portal, vs)
+                    op = "update_virtual_server"
+                else:
                     continue
-                ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
-            elif portal.balancer.vs != vs:
-                portal.balancer.update(vs)
-                self._mirror.put(key, vs)
-                ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+            except OSError as err:
+                errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                continue
+            self._mirror.put(key, vs)
+            ops[op] = ops.get(op, 0) + 1
 
     async def _write_rules(
         self,
@@ -289,8 +305,10 @@ class UserspaceProxier:
         return self._nf6
 
     def _rules_for(self, portal: _Portal) -> PortalRules:
-        vs = portal.balancer.vs
-        return portal_rules(vs, portal.port, lambda: self._refuse_port(_v6(vs), vs.protocol))
+        vs = portal.vs
+        local = portal.local.port if portal.local is not None else None
+        return portal_rules(vs, portal.main.port, lambda: self._refuse_port(_v6(vs), vs.protocol),
+                            local_port=local, cluster_cidrs=self._cidrs)
 
     def _refuse_port(self, v6: bool, protocol: str) -> int:
         sock = self._refusers.get((v6, protocol))
@@ -349,6 +367,30 @@ class UserspaceProxier:
     # Listeners.
 
     async def _open(self, vs: VirtualServer) -> _Portal:
+        main, local = scopes(vs)
+        portal = _Portal(vs, await self._listen(main))
+        if local is not None:
+            try:
+                portal.local = await self._listen(local)
+            except OSError:
+                await self._close(portal)
+                raise
+        return portal
+
+    async def _update(self, portal: _Portal, vs: VirtualServer) -> None:
+        main, local = scopes(vs)
+        if local is not None and portal.local is None:
+            portal.local = await self._listen(local)
+        elif local is None and portal.local is not None:
+            await self._close_listener(portal.local)
+            portal.local = None
+        elif local is not None and portal.local is not None:
+            portal.local.balancer.update(local)
+        portal.main.balancer.update(main)
+        portal.vs = vs
+
+    async def _listen(self, vs: VirtualServer) -> _Listener:
+        """A listener on an ephemeral port choosing among ``vs``'s real servers."""
         balancer = Balancer(vs, clock=self._clock)
         loop = asyncio.get_running_loop()
         # IPv6 VIPs get an IPv6 listener (asyncio binds "::" IPv6-only).
@@ -358,20 +400,26 @@ class UserspaceProxier:
                 lambda r, w: self._serve_tcp(balancer, r, w), host, 0, family=family
             )
             port = server.sockets[0].getsockname()[1]
-            return _Portal(balancer, port, server=server)
+            return _Listener(balancer, port, server=server)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _UdpPortal(balancer), local_addr=(host, 0), family=family
         )
         port = transport.get_extra_info("sockname")[1]
-        return _Portal(balancer, port, udp=transport)
+        return _Listener(balancer, port, udp=transport)
 
     async def _close(self, portal: _Portal) -> None:
-        if portal.server is not None:
-            portal.server.close()
+        await self._close_listener(portal.main)
+        if portal.local is not None:
+            await self._close_listener(portal.local)
+
+    @staticmethod
+    async def _close_listener(listener: _Listener) -> None:
+        if listener.server is not None:
+            listener.server.close()
             with contextlib.suppress(Exception):
-                await portal.server.wait_closed()
-        if portal.udp is not None:
-            portal.udp.close()
+                await listener.server.wait_closed()
+        if listener.udp is not None:
+            listener.udp.close()
 
     async def _serve_tcp(
         self, balancer: Balancer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -466,4 +514,4 @@ class _UdpUpstream(asyncio.DatagramProtocol):
 
 def create(config: object) -> UserspaceProxier:
     """The real-kernel proxier (called by ``modes.build_proxier``)."""
-    return UserspaceProxier()
+    return UserspaceProxier(cluster_cidrs=tuple(getattr(config, "cluster_cidrs", ("10.244.0.0/16",))))
