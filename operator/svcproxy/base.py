@@ -25,7 +25,12 @@ NODE_PORT_ADDRESSES: tuple[str, str] = ("0.0.0.0", "::")
 """The address of a node-port virtual server (IPv4, IPv6): every local address of the
 node. The operator compiles node ports with it; every mode and the agent read it so."""
 
-LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables",)
+SOURCE_RANGE_MODES: tuple[Mode, ...] = ("iptables", "userspace")
+"""The modes that filter load-balancer IPs by spec.loadBalancerSourceRanges. The
+operator compiles such Services only under these, and the agent refuses a virtual
+server carrying source ranges in any other mode."""
+
+LOCAL_POLICY_MODES: tuple[Mode, ...] = ("iptables", "userspace")
 """The modes that serve externalTrafficPolicy and internalTrafficPolicy Local (only
 this node's endpoints). The operator compiles such Services only under these, and
 the agent refuses a virtual server with trafficPolicy Local in any other mode."""

@@ -146,6 +146,14 @@ def case_the_iptables_proxiers_rules_read_back_as_written(nf: NetfilterKernel) -
                              owner="ns/etp6", local_policy="external"),
         VirtualServer.create("TCP", "10.96.7.2", 80, local(1, 1), owner="ns/itp", local_policy="internal"),
         VirtualServer.create("TCP", "10.96.7.3", 80, reals(1), owner="ns/itp-none", local_policy="internal"),
+        # Source ranges: a firewall chain, with and without ranges of the family, Local behind one.
+        VirtualServer.create("TCP", "198.51.100.4", 80, reals(1, 1), owner="ns/lbsrc",
+                             source_ranges=("203.0.113.0/24", "10.0.0.0/8")),
+        VirtualServer.create("TCP", "198.51.100.5", 80, reals(1), owner="ns/lbsrc-closed", source_ranges=()),
+        VirtualServer.create("TCP", "198.51.100.6", 80, local(1, 1), owner="ns/lbsrc-etp",
+                             local_policy="external", source_ranges=("203.0.113.0/24",)),
+        VirtualServer.create("TCP", "2001:db8::6", 80, [RealServer("fd00:244::2", 8080)], owner="ns/lbsrc6",
+                             source_ranges=("2001:db8:1::/48",)),
     ]
     p = IptablesProxier(nf, nf.family(True))
     table = make_table(servers)

@@ -205,3 +205,25 @@ def test_node_port_address_goes_with_its_address_type_only(crds: Lab, namespace:
     assert ok.returncode == 0, ok.stderr
     stored = json.loads(crds.kubectl("get", "pvs", "np", "-n", namespace, "-o", "json"))
     assert stored["spec"]["virtualServers"][0]["addressType"] == "NodePort"
+
+
+def test_source_ranges_are_cidrs_on_load_balancer_ips_only(crds: Lab, namespace: str) -> None:
+    """The schema's ``format: cidr`` and the CEL rule tying loadBalancerSourceRanges to
+    addressType LoadBalancerIP, as the real API server applies them."""
+    def program(kind: str, ranges: list[str]) -> dict[str, Any]:
+        obj = _program("198.51.100.3", kind, 80)
+        obj["metadata"]["name"] = "lbsrc"
+        obj["spec"]["virtualServers"][0]["loadBalancerSourceRanges"] = ranges
+        return obj
+
+    not_cidr = _apply(crds, namespace, program("LoadBalancerIP", ["203.0.113.0/24", "a.b.c.d/8"]))
+    assert not_cidr.returncode != 0 and "loadBalancerSourceRanges[1]" in not_cidr.stderr, not_cidr.stderr
+    assert "cidr" in not_cidr.stderr, not_cidr.stderr
+    elsewhere = _apply(crds, namespace, program("ExternalIP", ["203.0.113.0/24"]))
+    assert elsewhere.returncode != 0, elsewhere.stderr
+    assert "goes with addressType LoadBalancerIP only" in elsewhere.stderr, elsewhere.stderr
+    ok = _apply(crds, namespace, program("LoadBalancerIP", ["203.0.113.0/24", "2001:db8::/32"]))
+    assert ok.returncode == 0, ok.stderr
+    stored = json.loads(crds.kubectl("get", "pvs", "lbsrc", "-n", namespace, "-o", "json"))
+    ranges = stored["spec"]["virtualServers"][0]["loadBalancerSourceRanges"]
+    assert ranges == ["203.0.113.0/24", "2001:db8::/32"]

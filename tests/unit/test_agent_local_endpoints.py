@@ -64,4 +64,4 @@ def test_a_hand_written_local_policy_in_another_mode_is_an_error() -> None:
     wire = program(externalTrafficPolicy="Local").model_dump(by_alias=True, mode="json")
     wire["spec"]["virtualServers"][0]["mode"] = "ipvs"
     prog = to_program(ProxyVirtualServer.parse(wire), "node-1")
-    assert prog.by_mode == {} and "iptables mode only, not ipvs" in prog.error
+    assert prog.by_mode == {} and "iptables and userspace modes only, not ipvs" in prog.error

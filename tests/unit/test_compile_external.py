@@ -136,19 +136,12 @@ def test_userspace_mode_serves_node_ports_external_and_load_balancer_ips() -> No
     ]
     assert isinstance(prog, ProxyVirtualServerSpec)
     assert {vs.mode for vs in prog.virtual_servers} == {"userspace"}
-    # The policy's own words, not the mode, decide what stays refused.
+    # externalTrafficPolicy Local too: every address but the ClusterIP says so.
     svc["spec"]["externalTrafficPolicy"] = "Local"
-    why = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
-    assert isinstance(why, NotProxied) and "externalTrafficPolicy: Local" in why.message
-
-
-def test_source_ranges_stay_refused() -> None:
-    svc = _load_balancer([{"ip": "198.51.100.3"}], loadBalancerSourceRanges=["203.0.113.0/24"])
-    why = compile_program(policy(spec=IPTABLES), svc, SLICES)
-    assert isinstance(why, NotProxied) and why.reason == "Unsupported", why
-    assert "loadBalancerSourceRanges" in why.message and "kube-proxy keeps" in why.message
-    svc["spec"]["loadBalancerSourceRanges"] = []
-    assert isinstance(compile_program(policy(spec=IPTABLES), svc, SLICES), ProxyVirtualServerSpec)
+    local = compile_program(policy(spec={"services": ["web"], "mode": "userspace"}), svc, SLICES)
+    assert isinstance(local, ProxyVirtualServerSpec)
+    assert [(vs.address_type, vs.traffic_policy) for vs in local.virtual_servers] == [
+        ("NodePort", "Local"), ("ClusterIP", None), ("ExternalIP", "Local"), ("LoadBalancerIP", "Local")]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,10 @@ traffic only to those (:mod:`svcproxy.dataplane.iptables.rules`). Such a program
 one for all nodes; only the agent knows which endpoints are its own, so the node name
 is given to :func:`to_program`. The program's ``healthCheckNodePort`` and this node's
 count of ready local endpoints feed :mod:`svcproxy.agent.healthcheck`.
+
+A load-balancer IP's ``loadBalancerSourceRanges`` become the virtual server's
+``source_ranges`` (:func:`source_ranges`: this address's family only), which the
+iptables and userspace modes filter new connections by.
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ from svcproxy.api.program import (
     is_ready,
     usable_endpoints,
 )
-from svcproxy.base import LOCAL_POLICY_MODES, Mode
-from svcproxy.dataplane.table import LocalPolicy, RealServer, VirtualServer
+from svcproxy.base import LOCAL_POLICY_MODES, SOURCE_RANGE_MODES, IPFamily, Mode
+from svcproxy.dataplane.table import (
+    LocalPolicy,
+    RealServer,
+    SourceRanges,
+    VirtualServer,
+    normalize_network,
+)
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,29 @@ def local_policy(vs: VirtualServerSpec) -> LocalPolicy:
         return ""
     if vs.mode not in LOCAL_POLICY_MODES:
         raise ValueError(
-            f"trafficPolicy Local is served in {' and '.join(LOCAL_POLICY_MODES)} mode only, not {vs.mode}"
+            f"trafficPolicy Local is served in {' and '.join(LOCAL_POLICY_MODES)} modes only, not {vs.mode}"
         )
     return "internal" if vs.address_type == "ClusterIP" else "external"
+
+
+def source_ranges(vs: VirtualServerSpec) -> SourceRanges:
+    """The networks new connections to ``vs`` may come from (besides the node itself), as
+    kube-proxy reads loadBalancerSourceRanges: only those of the address's family, and a
+    /0 of it means every client (None: no filter). Ranges of the other family only give
+    ``()``: nobody but the node (kube-proxy would leave that address open)."""
+    ranges = vs.load_balancer_source_ranges
+    if ranges is None:
+        return None
+    if vs.mode not in SOURCE_RANGE_MODES:
+        raise ValueError(
+            f"loadBalancerSourceRanges are filtered in {' and '.join(SOURCE_RANGE_MODES)} modes only,"
+            f" not {vs.mode}"
+        )
+    family = IPFamily.of(vs.address)
+    mine = [normalize_network(r) for r in ranges if IPFamily.of(r) is family]
+    if any(r.endswith("/0") for r in mine):
+        return None
+    return tuple(mine)
 
 
 def virtual_server(vs: VirtualServerSpec, owner: str, node_name: str = "") -> VirtualServer:
@@ -117,6 +147,7 @@ def virtual_server(vs: VirtualServerSpec, owner: str, node_name: str = "") -> Vi
         persistence=vs.persistence_timeout_seconds,
         owner=owner,
         local_policy=policy,
+        source_ranges=source_ranges(vs),
     )
 
 

@@ -13,8 +13,9 @@ Node ports, external and load-balancer IPs need no routing of their own: the
 operator compiles them only into programs whose mode serves them (iptables or
 userspace; ipvs leaves such Services to kube-proxy), the trust check refuses a node
 port asking for another mode, iptables never falls back, and userspace falls back to
-iptables only. Likewise the traffic policies Local are compiled for iptables only and
-are a spec error in another mode (:mod:`svcproxy.agent.convert`). So no mode is
+iptables only. Likewise source ranges and the traffic policies Local (iptables and
+userspace) are compiled only for the modes that serve them and are a spec error in
+another mode (:mod:`svcproxy.agent.convert`). So no mode is
 handed a virtual server it cannot serve, and none is silently dropped.
 """
 

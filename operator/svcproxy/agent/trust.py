@@ -9,7 +9,10 @@ that serves no node ports (ipvs; see ``svcproxy.base.EXTERNAL_MODES``), whose
 health-check port is not the Service's ``spec.healthCheckNodePort`` (in that range), or
 whose real servers are outside every Node's ``spec.podCIDRs``, every Node address
 (``status.addresses``: a hostNetwork Pod uses its node's) and the agent's
-``--extra-pod-cidr``\\ s, is refused whole. :class:`AddressBook` keeps what the checks
+``--extra-pod-cidr``\\ s, is refused whole. A load-balancer IP's source ranges are
+data, not addresses: they never make a virtual IP or a real server trusted (a VIP inside
+one is still foreign) and need not lie in any space; they only narrow who reaches a VIP
+that is already its Service's. :class:`AddressBook` keeps what the checks
 need and nothing more (Service owner -> frozenset of addresses, Node name -> its
 networks; never whole objects: the agent's memory budget is per node) and
 :meth:`AddressBook.check` says why a program is refused, or None. A Node that leaves

@@ -9,12 +9,13 @@ program they applied.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
-from svcproxy.api.common import API_VERSION, LENIENT, ApiModel, CelRule, ObjectMeta
+from svcproxy.api.common import API_VERSION, LENIENT, UNIQUE, ApiModel, CelRule, ObjectMeta
 from svcproxy.api.policy import Scheduler, SchedulerFlag
 from svcproxy.base import NODE_PORT_ADDRESSES, Mode
 
@@ -22,6 +23,26 @@ Protocol = Literal["TCP", "UDP", "SCTP"]
 AddressType = Literal["ClusterIP", "ExternalIP", "LoadBalancerIP", "NodePort"]
 TrafficPolicy = Literal["Cluster", "Local"]
 IPAddress = Annotated[str, StringConstraints(min_length=2, max_length=45)]
+
+
+def _cidr(text: str) -> str:
+    # As the API server's ``format: cidr`` (Go's net.ParseCIDR): host bits may be set,
+    # the prefix length may not be left out.
+    try:
+        if "/" not in text:
+            raise ValueError("the prefix length is missing")
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as err:
+        raise ValueError(f"{text!r} is not a CIDR (e.g. 203.0.113.0/24 or 2001:db8::/32): {err}") from err
+    return text
+
+
+CIDR = Annotated[
+    str, StringConstraints(min_length=4, max_length=43), AfterValidator(_cidr),
+    Field(json_schema_extra={"format": "cidr"}),
+]
+"""An IPv4 or IPv6 network, checked by the schema's ``format: cidr`` (no CEL cost: the
+lists holding it are nested in the unbounded list of virtual servers)."""
 
 
 class RealServerSpec(ApiModel):
@@ -112,6 +133,15 @@ class VirtualServerSpec(ApiModel):
     (the Service's internalTrafficPolicy for a ClusterIP, its externalTrafficPolicy for
     the others). No default in the CRD: during an upgrade an agent that predates the
     field then refuses only the programs that set it, not every program."""
+    load_balancer_source_ranges: Annotated[list[CIDR], UNIQUE] | None = Field(
+        default=None, min_length=1, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """The Service's spec.loadBalancerSourceRanges, on its load-balancer IPs only: new
+    connections to this virtual IP are taken only from these networks (those of the
+    address's family; a /0 of it takes every client) and from the node itself; others are
+    dropped. Left out: no filter. Never on a ClusterIP, external IP or node port (as
+    kube-proxy). Like trafficPolicy, no default: an agent that predates it refuses the
+    programs that set it rather than serve them unfiltered."""
 
     cel_rules = (
         # Agents read 0.0.0.0 / :: as "a node port"; any other pairing would be misread.
@@ -122,6 +152,14 @@ class VirtualServerSpec(ApiModel):
             " (a node port is served on the node's own addresses; every other virtual IP is one address)",
             check=lambda s: (s.address in NODE_PORT_ADDRESSES) == (s.address_type == "NodePort"),
             field_path=".address",
+        ),
+        CelRule(
+            rule="!has(self.loadBalancerSourceRanges) || "
+            "(has(self.addressType) && self.addressType == 'LoadBalancerIP')",
+            message="loadBalancerSourceRanges goes with addressType LoadBalancerIP only (kube-proxy"
+            " filters load-balancer IPs by source, never ClusterIPs, external IPs or node ports)",
+            check=lambda s: s.load_balancer_source_ranges is None or s.address_type == "LoadBalancerIP",
+            field_path=".loadBalancerSourceRanges",
         ),
     )
 

@@ -9,7 +9,10 @@ Service port is served on its ClusterIPs, its externalIPs and (type LoadBalancer
 its VIP-mode ingress IPs, and its nodePort on 0.0.0.0 / :: (address type
 NodePort: the node's own addresses); the last three only in the modes of
 :data:`~svcproxy.base.EXTERNAL_MODES` (iptables, userspace; ipvs leaves such
-Services to kube-proxy). The traffic policies Local only in iptables mode
+Services to kube-proxy). spec.loadBalancerSourceRanges travel on the load-balancer
+IPs' virtual servers (normalised, every family: each agent keeps those of the
+address's family), only in the modes of :data:`~svcproxy.base.SOURCE_RANGE_MODES`.
+The traffic policies Local only in iptables and userspace modes
 (:data:`~svcproxy.base.LOCAL_POLICY_MODES`): each virtual server then says
 ``trafficPolicy: Local`` and every agent keeps only its own node's endpoints (real
 servers carry ``nodeName``). ``pod_labels`` maps Pod name -> labels
@@ -42,6 +45,7 @@ from svcproxy.base import (
     EXTERNAL_MODES,
     LOCAL_POLICY_MODES,
     NODE_PORT_ADDRESSES,
+    SOURCE_RANGE_MODES,
     IPFamily,
     unusable_as_vip,
 )
@@ -75,6 +79,7 @@ _VIRTUAL_SERVER_FIELDS = {
     "persistence_timeout_seconds",
     "real_servers",
     "traffic_policy",
+    "load_balancer_source_ranges",
 }
 
 
@@ -133,15 +138,33 @@ def not_proxied(service: JSON) -> NotProxied | None:
         return NotProxied("NoClusterIP", "the Service has no ClusterIP yet")
     if not isinstance(spec.get("ports"), list) or not spec["ports"]:
         return NotProxied("NoPorts", "the Service has no ports: add spec.ports to proxy it")
-    # Taking a Service from kube-proxy takes all of it: what svcproxy cannot serve yet
-    # would go dark, so such Services stay with kube-proxy, and the status says why.
-    if spec.get("loadBalancerSourceRanges"):
-        return NotProxied(
-            "Unsupported",
-            "spec.loadBalancerSourceRanges is not supported yet (svcproxy would not filter by"
-            " client address); kube-proxy keeps this Service",
-        )
+    try:
+        source_ranges(service)
+    except ValueError as err:
+        # Served unfiltered it would be open to every client: kube-proxy keeps it.
+        return NotProxied("Unsupported", f"{err}; kube-proxy keeps this Service")
     return None
+
+
+def source_ranges(service: JSON) -> list[str]:
+    """spec.loadBalancerSourceRanges of a type LoadBalancer Service, normalised (the
+    network address, IPv6 compressed; no repeats; spaces trimmed, which the API server
+    lets through), in the Service's order; [] when it sets none or is of another type
+    (only load-balancer IPs are filtered). ValueError naming an entry that is no CIDR."""
+    spec = service.get("spec") or {}
+    raw = spec.get("loadBalancerSourceRanges") or []
+    if spec.get("type") != "LoadBalancer" or not isinstance(raw, list):
+        return []
+    out: dict[str, None] = {}
+    for i, text in enumerate(raw):
+        try:
+            out[str(ipaddress.ip_network(str(text).strip(), strict=False))] = None
+        except ValueError as err:
+            raise ValueError(
+                f"spec.loadBalancerSourceRanges[{i}] {text!r} is not a CIDR svcproxy reads"
+                f" (e.g. 203.0.113.0/24 or 2001:db8::/32): {err}"
+            ) from err
+    return list(out)
 
 
 def external_surface(service: JSON) -> str:
@@ -187,13 +210,15 @@ def health_check_node_port(service: JSON) -> int | None:
 
 def mode_refusal(policy: ServiceProxyPolicy, service: JSON) -> NotProxied | None:
     """Node ports, external and load-balancer IPs are served in the modes of
-    :data:`EXTERNAL_MODES`, the traffic policies Local in :data:`LOCAL_POLICY_MODES`:
-    in another mode the Service stays with kube-proxy rather than lose them. The
-    message names everything the policy's mode lacks."""
+    :data:`EXTERNAL_MODES`, source ranges in :data:`SOURCE_RANGE_MODES`, the traffic
+    policies Local in :data:`LOCAL_POLICY_MODES`: in another mode the Service stays with
+    kube-proxy rather than lose them. The message names everything the policy's mode lacks."""
     mode = policy.spec.mode
+    ranges = "spec.loadBalancerSourceRanges" if source_ranges(service) else ""
     lacking = [
         f"{what} (served in {' and '.join(modes)} {'modes' if len(modes) > 1 else 'mode'} only)"
         for what, modes in ((external_surface(service), EXTERNAL_MODES),
+                            (ranges, SOURCE_RANGE_MODES),
                             (local_policies(service), LOCAL_POLICY_MODES))
         if what and mode not in modes
     ]
@@ -375,11 +400,13 @@ def content_hash(spec: ProxyVirtualServerSpec) -> str:
         mode="json",
         include={"mode", "scheduler", "scheduler_flags", "persistence_timeout_seconds", "virtual_servers"},
     )
-    # The fields added with the traffic policies count only when set, so a program
-    # without them keeps the hash it had before they existed (no re-apply on upgrade).
+    # The fields added with the traffic policies and source ranges count only when set, so
+    # a program without them keeps the hash it had before they existed (no re-apply on upgrade).
     for vs in program["virtualServers"]:
         if vs.get("trafficPolicy") in (None, "Cluster"):
             vs.pop("trafficPolicy", None)
+        if vs.get("loadBalancerSourceRanges") is None:
+            vs.pop("loadBalancerSourceRanges", None)
     if spec.health_check_node_port is not None:
         program["healthCheckNodePort"] = spec.health_check_node_port
     text = json.dumps(program, sort_keys=True, separators=(",", ":"))
@@ -432,6 +459,7 @@ def _virtual_servers(
         reals: dict[int, list[RealServerSpec]] = {}  # per family: the same for every address
         local = {"ClusterIP": internal_policy_local(service)}
         external = external_policy_local(service)
+        ranges = source_ranges(service) or None
         for address, kind, vport in _addresses(service, port, number):
             if (address, vport, protocol) in seen:
                 continue  # an external IP that is also a ClusterIP, say: served once
@@ -458,6 +486,7 @@ def _virtual_servers(
                     persistence_timeout_seconds=persistence,
                     real_servers=reals[family],
                     traffic_policy="Local" if local.get(kind, external) else None,
+                    load_balancer_source_ranges=ranges if kind == "LoadBalancerIP" else None,
                 )
             )
     return servers

@@ -45,12 +45,16 @@ Forward = Literal["masq", "local", "tunnel", "route", "bypass"]
 FORWARD_METHODS: tuple[Forward, ...] = ("masq", "local", "tunnel", "route", "bypass")
 # ClientIP affinity default of Kubernetes (Service.spec.sessionAffinityConfig).
 DEFAULT_AFFINITY_SECONDS = 10800
-# A traffic policy Local as the iptables mode serves it: "" none (every endpoint);
+# A traffic policy Local as the iptables and userspace modes serve it: "" none (every endpoint);
 # "internal" (internalTrafficPolicy on a ClusterIP): only this node's endpoints;
 # "external" (externalTrafficPolicy on a node port, external or LB IP): outside
 # clients reach only this node's endpoints with their address kept, while the node
 # itself and its Pods reach every endpoint, as through kube-proxy.
 LocalPolicy = Literal["", "internal", "external"]
+# Source ranges of a load-balancer IP (kube-proxy's firewall): None, no filter; else new
+# connections only from these networks (of the address's family; () none at all) and
+# from the node itself.
+SourceRanges = tuple[str, ...] | None
 
 
 def normalize_address(address: str) -> str:
@@ -59,6 +63,18 @@ def normalize_address(address: str) -> str:
         return str(ipaddress.ip_address(address))
     except ValueError as err:
         raise ValueError(f"{address!r} is not an IP address: give an IPv4 or IPv6 address") from err
+
+
+def normalize_network(text: str, family: IPFamily | None = None) -> str:
+    """The one spelling of a network (its network address, IPv6 compressed); ValueError
+    when it is not a CIDR, or not of ``family``."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError as err:
+        raise ValueError(f"{text!r} is not a CIDR: give e.g. 203.0.113.0/24 or 2001:db8::/32") from err
+    if family is not None and net.version != family.value:
+        raise ValueError(f"source range {text} is not IPv{family.value} like the address it filters")
+    return str(net)
 
 
 def address_sort_key(address: str) -> tuple[int, bytes]:
@@ -142,7 +158,8 @@ class VirtualServer:
     ``ops``, ``netmask 255.255.255.0``, ``pe sip``); empty in desired tables,
     so a virtual server read back with any differs (:meth:`same_service`) and
     is updated, which sends every setting and so clears them. ``local_policy``: see
-    :data:`LocalPolicy` (iptables mode only).
+    :data:`LocalPolicy` (iptables and userspace modes). ``source_ranges``: see :data:`SourceRanges`
+    (iptables and userspace modes; never on a node port).
     """
 
     protocol: Protocol
@@ -155,6 +172,7 @@ class VirtualServer:
     real_servers: tuple[RealServer, ...] = ()
     other: frozenset[str] = NO_FLAGS
     local_policy: LocalPolicy = ""
+    source_ranges: SourceRanges = None
 
     @property
     def is_node_port(self) -> bool:
@@ -181,6 +199,12 @@ class VirtualServer:
         keys = [r.key for r in self.real_servers]
         if len(keys) != len(set(keys)):
             raise ValueError(f"{self.key}: the same real server is listed twice")
+        if self.source_ranges is not None:
+            if self.is_node_port:
+                raise ValueError(f"{self.key}: source ranges filter load-balancer IPs, never node ports")
+            family = IPFamily.of(self.address)
+            nets = tuple(dict.fromkeys(normalize_network(n, family) for n in self.source_ranges))
+            object.__setattr__(self, "source_ranges", nets)
 
     @classmethod
     def create(
@@ -195,10 +219,12 @@ class VirtualServer:
         persistence: int = 0,
         owner: str = "",
         local_policy: LocalPolicy = "",
+        source_ranges: SourceRanges = None,
     ) -> VirtualServer:
         """A virtual server with its real servers in canonical order (for desired tables)."""
         return cls(
             local_policy=local_policy,
+            source_ranges=source_ranges,
             protocol=protocol,
             address=address,
             port=port,

@@ -36,9 +36,9 @@ from svcproxy.dataplane.table import VirtualServer
 Chain = list[str] | bytes
 # Chains compared as multisets, rule by rule: kept whole (10k rules each at 10k Services).
 MULTISET = frozenset({*rules.JUMP_CHAINS, rules.NO_ENDPOINTS})
-# The per-service chains (rules.service_chain, rules.cluster_chain, rules.endpoint_chain):
-# 110k at 10k Services. Every prefix has the same length (see group).
-PER_SERVICE = ("SVCPROXY-SVC-", "SVCPROXY-SEP-", "SVCPROXY-CLU-")
+# The per-service chains (rules.service_chain, rules.cluster_chain, rules.firewall_chain,
+# rules.endpoint_chain): 110k at 10k Services. Every prefix has the same length (see group).
+PER_SERVICE = ("SVCPROXY-SVC-", "SVCPROXY-SEP-", "SVCPROXY-CLU-", "SVCPROXY-FWL-")
 _MASK = (1 << 128) - 1
 
 _PROBABILITY = re.compile(r"--probability (\S+)")

@@ -396,7 +396,8 @@ class IptablesProxier(BlockingProxier):
         drop: list[str] = []
         for vs in changed:
             old = have.get(vs.key)
-            if old is None or old.owner != vs.owner:
+            # The jump changes with the owner, and with source ranges coming or going.
+            if old is None or rules.service_jump(old) != rules.service_jump(vs):
                 if old is not None:
                     jumps.append("-D" + rules.service_jump(old)[2:])
                 if rules.same_rule(rules.service_jump(vs)) not in present:

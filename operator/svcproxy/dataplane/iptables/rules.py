@@ -30,6 +30,14 @@ none on this node, the filter chain drops the traffic (REJECT is for no endpoint
 Which endpoints take new connections in each scope (ready ones, else serving-terminating
 ones) is decided by the agent's conversion: weight 0 drains, and ``cluster_drain`` keeps
 a local endpoint out of the cluster chain only.
+
+Source ranges (``VirtualServer.source_ranges``, a load-balancer IP's
+loadBalancerSourceRanges), as kube-proxy's KUBE-FW chain: the IP's jump in
+``SVCPROXY-SERVICES`` leads to a ``SVCPROXY-FWL-<hash>`` chain that sends only
+connections from those networks, and from the node itself (``-m addrtype --src-type
+LOCAL``), on to the service chain; the others leave it without DNAT and meet a DROP in
+``SVCPROXY-NO-ENDPOINTS``, which only packets still addressed to the VIP reach. With no
+endpoint at all that rule is the REJECT, for every client (as kube-proxy).
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ BASE_CHAINS = (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING)
 JUMP_CHAINS = (SERVICES, NODEPORTS)
 # Chains this mode owns (the userspace mode owns SVCPROXY-PORTALS, ipvs SVCPROXY-IPVS-*).
 OWNED_PREFIXES = (
-    "SVCPROXY-SERVICES", NODEPORTS, "SVCPROXY-SVC-", "SVCPROXY-CLU-", "SVCPROXY-SEP-", MARK_MASQ, POSTROUTING,
+    "SVCPROXY-SERVICES", NODEPORTS, "SVCPROXY-SVC-", "SVCPROXY-CLU-", "SVCPROXY-FWL-", "SVCPROXY-SEP-",
+    MARK_MASQ, POSTROUTING,
 )
 # ensure_jumps inserts each missing jump at the top, in this order: the node ports end
 # up after the services (as kube-proxy's KUBE-NODEPORTS comes last).
@@ -106,6 +115,16 @@ def cluster_chain(key: VSKey) -> str:
     return f"SVCPROXY-CLU-{_hash(str(key))}"
 
 
+def firewall_chain(key: VSKey) -> str:
+    """The chain letting only a load-balancer IP's source ranges (and the node) through."""
+    return f"SVCPROXY-FWL-{_hash(str(key))}"
+
+
+def _entry(vs: VirtualServer) -> str:
+    """The chain ``vs``'s jump leads to: its firewall chain when it has source ranges."""
+    return firewall_chain(vs.key) if vs.source_ranges is not None else service_chain(vs.key)
+
+
 def endpoint_chain(key: VSKey, real: RealServer) -> str:
     return f"SVCPROXY-SEP-{_hash(f'{key}>{real.address}:{real.port}')}"
 
@@ -138,7 +157,7 @@ def service_jump(vs: VirtualServer) -> str:
         )
     return (
         f"-A {SERVICES} -d {_host(vs.address)} -p {proto} -m comment --comment {vs.owner or '-'}"
-        f" -m {proto} --dport {vs.port} -j {service_chain(vs.key)}"
+        f" -m {proto} --dport {vs.port} -j {_entry(vs)}"
     )
 
 
@@ -165,9 +184,9 @@ def _chained(vs: VirtualServer) -> Sequence[RealServer]:
 
 def reject_rule(vs: VirtualServer) -> str | None:
     """The filter rule refusing ``vs`` while it has no ready endpoint (REJECT) or, under
-    a traffic policy Local, none on this node (DROP, as kube-proxy), else None; spelled
-    as iptables-save prints it."""
-    if _ready(vs):
+    a traffic policy Local, none on this node (DROP, as kube-proxy), or dropping what its
+    source ranges kept from DNAT (DROP), else None; spelled as iptables-save prints it."""
+    if _ready(vs) and vs.source_ranges is None:
         return None
     proto = vs.protocol.lower()
     icmp = "icmp6-port-unreachable" if IPFamily.is_v6(vs.address) else "icmp-port-unreachable"
@@ -188,7 +207,8 @@ def reject_rule(vs: VirtualServer) -> str | None:
 def chains_of(vs: VirtualServer) -> list[str]:
     """The per-service and per-endpoint chains ``vs`` uses."""
     cluster = [cluster_chain(vs.key)] if vs.local_policy == "external" else []
-    return [service_chain(vs.key), *cluster, *(endpoint_chain(vs.key, r) for r in _chained(vs))]
+    firewall = [firewall_chain(vs.key)] if vs.source_ranges is not None else []
+    return [service_chain(vs.key), *firewall, *cluster, *(endpoint_chain(vs.key, r) for r in _chained(vs))]
 
 
 def _pick(chain: str, vs: VirtualServer, ready: list[RealServer], seps: dict[tuple[str, int], str],
@@ -227,6 +247,12 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
     mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if v6 else "255.255.255.255"
     cidrs = [c for c in cluster_cidrs if IPFamily.is_v6(c) == v6]
     seps = {r.key: endpoint_chain(vs.key, r) for r in _chained(vs)}
+    if vs.source_ranges is not None:
+        # Only the ranges and the node itself reach the service chain (kube-proxy lets the
+        # node in when a range holds its IP; here always: its own traffic is trusted).
+        fw = firewall_chain(vs.key)
+        rules += [f"-A {fw} -s {cidr} -j {svc}" for cidr in vs.source_ranges]
+        rules.append(f"-A {fw} -m addrtype --src-type LOCAL -j {svc}")
     if vs.local_policy == "external":
         # Pods and the node itself reach every endpoint (the node's traffic masqueraded);
         # everyone else only this node's endpoints, unmasqueraded: the client address stays.
@@ -253,7 +279,7 @@ def service_rules(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_
 
 def rule_count(vs: VirtualServer, cluster_cidrs: tuple[str, ...], masquerade_all: bool) -> int:
     """How many rules ``vs`` owns (its jump + :func:`service_rules`), without writing them."""
-    if vs.local_policy:  # rare: counted by writing them
+    if vs.local_policy or vs.source_ranges is not None:  # rare: counted by writing them
         return 1 + (reject_rule(vs) is not None) + len(service_rules(vs, cluster_cidrs, masquerade_all))
     del cluster_cidrs, masquerade_all  # one masquerade rule either way (see service_rules)
     ready = sum(1 for r in vs.real_servers if r.weight > 0)

@@ -23,6 +23,14 @@ entered after every VIP rule (VIP rules are inserted at the top of the portal ch
 the jump stays last), so an external IP that is a node address wins over a node port
 with the same number, as in kube-proxy. No masquerade is needed: the agent itself
 connects to the backend, which answers the agent.
+
+Source ranges of a load-balancer IP are matched by the portal's REDIRECT rules (one
+per range, one for the node itself) and the rest dropped in the filter chain
+``SVCPROXY-PORTALS-FIREWALL``. Traffic policies Local: the portal's balancer keeps only
+this node's endpoints ("internal"), or the portal gets a second listener for outside
+clients that does ("external"; Pods and the node keep the first, which has them all).
+The agent connects to the backend, so the client address is not kept. The rule text
+and each listener's endpoints: ``portals.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from dataclasses import dataclass
 from svcproxy.base import IPFamily, Mode
 from svcproxy.dataplane.capabilities import ModeCapabilities, ModeCounts
 from svcproxy.dataplane.mirror import Mirror
-from svcproxy.dataplane.nfkernel import Jump, NetfilterKernel
+from svcproxy.dataplane.nfkernel import NetfilterKernel, names_only
 from svcproxy.dataplane.proxier import (
     Between,
     DataplaneError,
@@ -48,65 +56,46 @@ from svcproxy.dataplane.proxier import (
 )
 from svcproxy.dataplane.table import Table, VirtualServer, VSKey
 from svcproxy.dataplane.userspace.balancer import USERSPACE_SCHEDULERS, Backend, Balancer
+from svcproxy.dataplane.userspace.portals import (
+    CHAIN,
+    FILTER_JUMPS,
+    FIREWALL,
+    JUMPS,
+    NODEPORTS,
+    NODEPORTS_JUMP,
+    PortalRules,
+    changed_lines,
+    full_chains,
+    full_filter,
+    portal_rules,
+    scopes,
+)
+
+__all__ = ["CHAIN", "FIREWALL", "MODE", "NODEPORTS", "NODEPORTS_JUMP", "UserspaceProxier", "create",
+           "full_chains"]
 
 MODE: Mode = "userspace"
-CHAIN = "SVCPROXY-PORTALS"
-NODEPORTS = "SVCPROXY-PORTALS-NODEPORTS"  # under CHAIN's name: cleanup's prefix removes both
-# The portal chain's last rule, always present: into the node ports, for local destinations.
-NODEPORTS_JUMP = (
-    f"-A {CHAIN} -m comment --comment svcproxy-portals-nodeports -m addrtype --dst-type LOCAL"
-    f" -j {NODEPORTS}"
-)
-JUMPS = (
-    Jump("nat", "PREROUTING", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
-    Jump("nat", "OUTPUT", f"-m comment --comment svcproxy-portals -j {CHAIN}"),
-)
 UDP_IDLE_SECONDS = 30.0
 
 
 @dataclass
-class _Portal:
+class _Listener:
     balancer: Balancer
     port: int
     server: asyncio.AbstractServer | None = None
     udp: asyncio.DatagramTransport | None = None
-    rule: str = ""  # the REDIRECT rule now in the kernel for it ("" = none yet)
 
 
-def _no_ready_backend(vs: VirtualServer) -> bool:
-    return not any(r.weight > 0 for r in vs.real_servers)
+@dataclass
+class _Portal:
+    vs: VirtualServer  # as the table asks for it (the balancers hold their scopes of it)
+    main: _Listener
+    local: _Listener | None = None  # outside clients of an "external" traffic policy Local
+    rules: PortalRules | None = None  # its rules now in the kernel (None = none yet)
 
 
 def _v6(vs: VirtualServer) -> bool:
     return IPFamily.is_v6(vs.address)
-
-
-def _rule(vs: VirtualServer, port: int) -> str:
-    """The REDIRECT rule of one portal: by VIP in the portal chain, or for a node port by
-    protocol and port in the node-port chain."""
-    proto = vs.protocol.lower()
-    what = (f"-m comment --comment {vs.owner or '-'} -m {proto} --dport {vs.port}"
-            f" -j REDIRECT --to-ports {port}")
-    if vs.is_node_port:
-        return f"-A {NODEPORTS} -p {proto} {what}"
-    host = f"{vs.address}/{128 if _v6(vs) else 32}"
-    return f"-A {CHAIN} -d {host} -p {proto} {what}"
-
-
-def _added(rule: str) -> str:
-    """How a partial sync adds ``rule``: VIP rules at the top of the portal chain (ahead
-    of its last rule, the jump into the node ports), node-port rules appended."""
-    head = f"-A {CHAIN} "
-    return f"-I {CHAIN} 1 {rule[len(head):]}" if rule.startswith(head) else rule
-
-
-def full_chains(rules: list[str]) -> str:
-    """The nat restore input rewriting both chains: VIP rules, the node-port jump last,
-    then the node-port rules."""
-    vips = [r for r in rules if r.startswith(f"-A {CHAIN} ")]
-    ports = [r for r in rules if not r.startswith(f"-A {CHAIN} ")]
-    lines = [f":{CHAIN} - [0:0]", f":{NODEPORTS} - [0:0]", *vips, NODEPORTS_JUMP, *ports]
-    return "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
 
 
 def _wanted(
@@ -127,18 +116,6 @@ def _wanted(
     return want, errors
 
 
-def _changed_lines(kept: list[_Portal], gone: list[_Portal], rules: Mapping[int, str]) -> list[str]:
-    """A partial sync's restore lines: new portals, portals whose target changed, and
-    the rules of portals that went."""
-    lines: list[str] = []
-    for p in kept:
-        if p.rule != rules[id(p)]:
-            lines += ["-D" + p.rule[2:]] if p.rule else []
-            lines.append(_added(rules[id(p)]))
-    lines += ["-D" + p.rule[2:] for p in gone if p.rule]
-    return lines
-
-
 class UserspaceProxier:
     def __init__(
         self,
@@ -147,6 +124,7 @@ class UserspaceProxier:
         *,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",),
     ) -> None:
         if netfilter is None:  # the real tools (``create``); unit tests pass a fake
             from svcproxy.dataplane.netfilter import Netfilter
@@ -163,6 +141,7 @@ class UserspaceProxier:
         backend, reason = self._nf.backend()
         self._timeout = connect_timeout
         self._clock = clock
+        self._cidrs = cluster_cidrs  # Pods: clients of every endpoint under an external policy
         self._portals: dict[VSKey, _Portal] = {}
         self._lock = asyncio.Lock()
         # Ports that refuse, so a Service with no ready backend is refused at once (as
@@ -208,7 +187,9 @@ class UserspaceProxier:
             present: dict[bool, set[str]] = {}
             for v6 in families:
                 with contextlib.suppress(DataplaneError):  # the write reads again and reports
-                    present[v6] = self._netfilter(v6).jumps("nat")
+                    saved = self._netfilter(v6).read(("nat", "filter"), None, names_only)
+                    # One set for both tables: their jumps differ by their comments.
+                    present[v6] = saved["nat"].jumps | saved["filter"].jumps
             return present
 
         present, _ = await read_beside(read, between, self._nf.read_beside_for)
@@ -222,7 +203,7 @@ class UserspaceProxier:
         only: frozenset[str] | None = None,
         present: Mapping[bool, Collection[str]] | None = None,
     ) -> SyncResult:
-        """``present``: the jump rules of the nat table, read by :meth:`sync_full`."""
+        """``present``: the jump rules of the nat and filter tables, read by :meth:`sync_full`."""
         start = time.monotonic()
         async with self._lock:
             if not self._caps.available:
@@ -241,20 +222,20 @@ class UserspaceProxier:
             gone = [self._portals[k] for k in gone_keys]
             kept = [self._portals[k] for k in sorted(want) if k in self._portals]
             for v6 in (False, True):
-                fam_kept = [p for p in kept if _v6(p.balancer.vs) == v6]
-                fam_gone = [p for p in gone if _v6(p.balancer.vs) == v6]
+                fam_kept = [p for p in kept if _v6(p.vs) == v6]
+                fam_gone = [p for p in gone if _v6(p.vs) == v6]
                 if v6 and not (fam_kept or fam_gone or self._v6_used):
                     continue  # no IPv6 VIP ever: leave ip6tables alone
                 full = only is None or v6 not in self._declared
                 if full and only is not None:  # the whole family, from every portal of it
                     fam_kept = [self._portals[k] for k in sorted(self._portals)
-                                if k not in gone_keys and _v6(self._portals[k].balancer.vs) == v6]
+                                if k not in gone_keys and _v6(self._portals[k].vs) == v6]
                 try:
                     await self._write_rules(v6, fam_kept, fam_gone, full=full,
                                             present=(present or {}).get(v6))
                 except DataplaneError as err:
                     err.owner = err.owner or next(
-                        (p.balancer.vs.owner for p in fam_kept + fam_gone), None)
+                        (p.vs.owner for p in fam_kept + fam_gone), None)
                     errors.append(err)
             for key in gone_keys:
                 portal = self._portals.pop(key)
@@ -268,22 +249,24 @@ class UserspaceProxier:
     async def _open_or_update(
         self, want: Mapping[VSKey, VirtualServer], ops: dict[str, int], errors: list[DataplaneError]
     ) -> None:
-        """A listener for each new portal; a changed one keeps its listener, gets a new
-        balancer state."""
+        """Listeners for each new portal; a changed one keeps its listeners, gets new
+        balancer states (and gains or loses the local listener with an external policy)."""
         for key, vs in want.items():
             portal = self._portals.get(key)
-            if portal is None:
-                try:
+            try:
+                if portal is None:
                     self._portals[key] = await self._open(vs)
-                    self._mirror.put(key, vs)
-                except OSError as err:
-                    errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                    op = "add_virtual_server"
+                elif portal.vs != vs:
+                    await self._update(portal, vs)
+                    op = "update_virtual_server"
+                else:
                     continue
-                ops["add_virtual_server"] = ops.get("add_virtual_server", 0) + 1
-            elif portal.balancer.vs != vs:
-                portal.balancer.update(vs)
-                self._mirror.put(key, vs)
-                ops["update_virtual_server"] = ops.get("update_virtual_server", 0) + 1
+            except OSError as err:
+                errors.append(DataplaneError(f"{key}: cannot listen: {err}", owner=vs.owner))
+                continue
+            self._mirror.put(key, vs)
+            ops[op] = ops.get(op, 0) + 1
 
     async def _write_rules(
         self,
@@ -294,18 +277,22 @@ class UserspaceProxier:
         full: bool,
         present: Collection[str] | None,
     ) -> None:
-        """One family's REDIRECT rules: the whole chain (full) or the rules that changed."""
+        """One family's rules: the whole chains (full) or the rules that changed."""
         nf = self._netfilter(v6)
-        rules = {id(p): self._rule_for(p) for p in kept}
+        rules = {id(p): self._rules_for(p) for p in kept}
         if full:
-            await asyncio.to_thread(self._write_full, nf, [rules[id(p)] for p in kept], present)
+            nat = [line for p in kept for line in rules[id(p)].nat]
+            drops = [rules[id(p)].drop for p in kept if rules[id(p)].drop]
+            await asyncio.to_thread(self._write_full, nf, nat, drops, present)
         else:
-            lines = _changed_lines(kept, gone, rules)
-            if lines:
-                text = "*nat\n" + "\n".join(lines) + "\nCOMMIT\n"
+            pairs = [(p.rules, rules[id(p)]) for p in kept] + [(p.rules, None) for p in gone]
+            lines, drops = changed_lines(pairs)
+            text = ("*nat\n" + "\n".join(lines) + "\nCOMMIT\n") if lines else ""
+            text += ("*filter\n" + "\n".join(drops) + "\nCOMMIT\n") if drops else ""
+            if text:
                 await asyncio.to_thread(nf.restore, text)
         for p in kept:
-            p.rule = rules[id(p)]
+            p.rules = rules[id(p)]
         self._v6_used = self._v6_used or v6
         if full:
             self._declared.add(v6)
@@ -317,11 +304,11 @@ class UserspaceProxier:
             self._nf6 = self._nf.family(True)
         return self._nf6
 
-    def _rule_for(self, portal: _Portal) -> str:
-        vs = portal.balancer.vs
-        if _no_ready_backend(vs):
-            return _rule(vs, self._refuse_port(_v6(vs), vs.protocol))
-        return _rule(vs, portal.port)
+    def _rules_for(self, portal: _Portal) -> PortalRules:
+        vs = portal.vs
+        local = portal.local.port if portal.local is not None else None
+        return portal_rules(vs, portal.main.port, lambda: self._refuse_port(_v6(vs), vs.protocol),
+                            local_port=local, cluster_cidrs=self._cidrs)
 
     def _refuse_port(self, v6: bool, protocol: str) -> int:
         sock = self._refusers.get((v6, protocol))
@@ -341,9 +328,11 @@ class UserspaceProxier:
         return port
 
     @staticmethod
-    def _write_full(nf: NetfilterKernel, body: list[str], present: Collection[str] | None = None) -> None:
-        nf.restore(full_chains(body))
+    def _write_full(nf: NetfilterKernel, body: list[str], drops: list[str],
+                    present: Collection[str] | None = None) -> None:
+        nf.restore(full_chains(body) + full_filter(drops))
         nf.ensure_jumps(JUMPS, present)
+        nf.ensure_jumps(FILTER_JUMPS, present)
 
     async def cleanup(self) -> SyncResult:
         async with self._lock:
@@ -357,10 +346,12 @@ class UserspaceProxier:
             if self._caps.available:
                 try:
                     await asyncio.to_thread(self._nf.remove, "nat", CHAIN, JUMPS)
+                    await asyncio.to_thread(self._nf.remove, "filter", FIREWALL, FILTER_JUMPS)
                 except DataplaneError as err:
                     errors = (err,)
                 with contextlib.suppress(DataplaneError):  # no ip6tables nat: nothing of ours
                     await asyncio.to_thread(self._netfilter(True).remove, "nat", CHAIN, JUMPS)
+                    await asyncio.to_thread(self._netfilter(True).remove, "filter", FIREWALL, FILTER_JUMPS)
             ops = {"delete_virtual_server": count} if count else {}
             return SyncResult(MODE, True, ops, errors)
 
@@ -376,6 +367,30 @@ class UserspaceProxier:
     # Listeners.
 
     async def _open(self, vs: VirtualServer) -> _Portal:
+        main, local = scopes(vs)
+        portal = _Portal(vs, await self._listen(main))
+        if local is not None:
+            try:
+                portal.local = await self._listen(local)
+            except OSError:
+                await self._close(portal)
+                raise
+        return portal
+
+    async def _update(self, portal: _Portal, vs: VirtualServer) -> None:
+        main, local = scopes(vs)
+        if local is not None and portal.local is None:
+            portal.local = await self._listen(local)
+        elif local is None and portal.local is not None:
+            await self._close_listener(portal.local)
+            portal.local = None
+        elif local is not None and portal.local is not None:
+            portal.local.balancer.update(local)
+        portal.main.balancer.update(main)
+        portal.vs = vs
+
+    async def _listen(self, vs: VirtualServer) -> _Listener:
+        """A listener on an ephemeral port choosing among ``vs``'s real servers."""
         balancer = Balancer(vs, clock=self._clock)
         loop = asyncio.get_running_loop()
         # IPv6 VIPs get an IPv6 listener (asyncio binds "::" IPv6-only).
@@ -385,20 +400,26 @@ class UserspaceProxier:
                 lambda r, w: self._serve_tcp(balancer, r, w), host, 0, family=family
             )
             port = server.sockets[0].getsockname()[1]
-            return _Portal(balancer, port, server=server)
+            return _Listener(balancer, port, server=server)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _UdpPortal(balancer), local_addr=(host, 0), family=family
         )
         port = transport.get_extra_info("sockname")[1]
-        return _Portal(balancer, port, udp=transport)
+        return _Listener(balancer, port, udp=transport)
 
     async def _close(self, portal: _Portal) -> None:
-        if portal.server is not None:
-            portal.server.close()
+        await self._close_listener(portal.main)
+        if portal.local is not None:
+            await self._close_listener(portal.local)
+
+    @staticmethod
+    async def _close_listener(listener: _Listener) -> None:
+        if listener.server is not None:
+            listener.server.close()
             with contextlib.suppress(Exception):
-                await portal.server.wait_closed()
-        if portal.udp is not None:
-            portal.udp.close()
+                await listener.server.wait_closed()
+        if listener.udp is not None:
+            listener.udp.close()
 
     async def _serve_tcp(
         self, balancer: Balancer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -493,4 +514,4 @@ class _UdpUpstream(asyncio.DatagramProtocol):
 
 def create(config: object) -> UserspaceProxier:
     """The real-kernel proxier (called by ``modes.build_proxier``)."""
-    return UserspaceProxier()
+    return UserspaceProxier(cluster_cidrs=tuple(getattr(config, "cluster_cidrs", ("10.244.0.0/16",))))
