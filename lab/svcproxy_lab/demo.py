@@ -14,7 +14,8 @@ Services and policies, a clients x Pods grid per Service with a verdict (see
 ``demoview.py``), and ``kubectl get spp,pvs,pn``; it writes
 ``demo-out/clients-x-pods.png`` and ``demo-out/demo.json``, and exits non-zero if a
 request failed. Called by the CLI (``make demo``); checked by ``tests/e2e/test_demo.py``.
-What it runs is ``demoplan.py``; its steps through kubectl are ``demosteps.py``.
+What it runs is ``demoplan.py``, the steps it shares with the kind demo ``demosteps.py``;
+``--kind`` hands over to ``demokind.py`` (the same on the kind cluster, by DNS name).
 """
 
 from __future__ import annotations
@@ -110,12 +111,19 @@ def drive(outcomes: list[Outcome], vips: dict[str, str]) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", action="store_true",
+                        help="run on the kind cluster (`make kind-up`) instead of a lab: the "
+                             "chart's own Pods, clients in Pods, requests by DNS name")
     parser.add_argument("--state-dir", type=Path,
-                        default=Path.home() / ".cache" / "svcproxy" / "labs" / "demo")
+                        default=Path.home() / ".cache" / "svcproxy" / "labs" / "demo",
+                        help="the lab's state folder (not used with --kind)")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--requests", type=int,
-                        help=f"new connections per client address per Service (default {REQUESTS})")
-    parser.add_argument("--down", action="store_true", help="tear the lab down at the end")
+                        help=f"new connections per client per Service (default {REQUESTS} per "
+                             "client address on the lab, 30 per client Pod on kind)")
+    parser.add_argument("--down", action="store_true",
+                        help="tear the lab down at the end (with --kind: delete the demo's "
+                             "namespace; the cluster stays)")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Lab, Path, Kubectl, dict[str, Any]]:
@@ -134,6 +142,10 @@ def prepare(args: argparse.Namespace) -> tuple[Lab, Path, Kubectl, dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind:
+        from svcproxy_lab import demokind
+
+        return demokind.run(args)
     Clock.reset()
     requests = args.requests or REQUESTS
     try:
