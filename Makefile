@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e test-kind images kind-up kind-down conformance demo clean
+.PHONY: all venv host-deps toolchain lint typecheck crds test test-unit test-dataplane test-e2e test-kind images kind-up kind-down conformance demo demo-kind clean
 
 all: test
 
@@ -84,6 +84,10 @@ test: venv host-deps lint typecheck
 
 demo: venv host-deps
 	$(BIN)/svcproxy demo
+
+# The same demo on the kind cluster of `make kind-up` (it says so and stops when there is none).
+demo-kind: venv
+	$(BIN)/svcproxy demo --kind
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -7,6 +7,8 @@
 #   hack/kind.sh down   delete the cluster and everything "up" made (network, routes, files)
 #   hack/kind.sh load IMAGE...
 #                       load images built here into every node of the running cluster
+#   hack/kind.sh chart  helm upgrade --install --wait the chart again, with the images "up"
+#                       last loaded (what `svcproxy demo --kind` runs first)
 # The nodes sit on an internal Docker network: no default route, no masquerade, so no
 # traffic from the cluster can leave the machine. The root namespace gets blackhole routes
 # for the cluster's Pod and Service ranges while the cluster exists, and talks only to the
@@ -134,14 +136,28 @@ NFT
   log "loading images"
   kind load docker-image --name "$cluster" "svcproxy-operator:$tag" "svcproxy-agent:$tag" \
     registry.k8s.io/e2e-test-images/agnhost:2.63.0 >&2
+  install_chart "$tag"
+  echo "$kubeconfig"
+}
+
+# install_chart TAG: the chart with the operator and agent images of that tag, all Pods ready.
+install_chart() {
   log "installing the chart"
   helm --kubeconfig "$kubeconfig" upgrade --install "$release" charts/svcproxy \
     --namespace "$chart_ns" --create-namespace --wait --timeout 5m \
     --set operator.image.repository=svcproxy-operator --set agent.image.repository=svcproxy-agent \
-    --set image.tag="$tag" --set image.pullPolicy=Never >&2
+    --set image.tag="$1" --set image.pullPolicy=Never >&2
   # helm --wait counts a DaemonSet ready with maxUnavailable Pods missing: wait for all.
   kube -n "$chart_ns" rollout status ds/"$release"-agent --timeout=180s >&2
   kube -n "$chart_ns" rollout status deploy/"$release"-operator --timeout=180s >&2
+}
+
+# The chart again on the running cluster, without building or loading anything.
+chart() {
+  toolchain
+  nodes 2>/dev/null | grep -q . && [ -s "$kubeconfig" ] && [ -s "$state/image-tag" ] \
+    || { echo "kind.sh: the cluster $cluster is not up; run hack/kind.sh up (make kind-up) first" >&2; exit 1; }
+  install_chart "$(cat "$state/image-tag")"
   echo "$kubeconfig"
 }
 
@@ -170,5 +186,6 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   load) shift; [ $# -gt 0 ] || { echo "usage: hack/kind.sh load IMAGE..." >&2; exit 2; }; load "$@" ;;
-  *) echo "usage: hack/kind.sh up|down|load IMAGE..." >&2; exit 2 ;;
+  chart) chart ;;
+  *) echo "usage: hack/kind.sh up|down|chart|load IMAGE..." >&2; exit 2 ;;
 esac

@@ -1,11 +1,13 @@
 """What the demo shows: the table of policies, a clients x Pods grid per Service, verdicts.
 
-Pure functions over the counts ``demo.py`` collected (no cluster, no network), so
-that the demo's output and its e2e test (``tests/e2e/test_demo.py``) read the same
-numbers: :func:`verdict` says in one line what each scheduler did (sh pinned each
-client to one Pod, wrr followed the weights, rr spread evenly), :func:`grid` draws
-one Service's requests as a bar per client row and Pod column, and :func:`plot`
-writes the same grids as one PNG (matplotlib, from the bench extra).
+Pure functions over the counts a demo collected (``demo.py`` on the lab, ``demokind.py``
+on kind; no cluster, no network here), so that the demo's output and its tests
+(``tests/e2e/test_demo.py``, ``tests/kind/test_kind_demo.py``) read the same numbers:
+:func:`verdict` says in one line what each scheduler did (sh pinned each client to one
+Pod, wrr followed the weights, rr spread evenly), :func:`grid` draws one Service's
+requests as a bar per client row and Pod column, and :func:`plot` writes the same grids
+as one PNG (matplotlib, from the bench extra). :meth:`Outcome.add` counts one client's
+answers into its row.
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ class Outcome:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)  # table row: mode, scheduler, ...
+
+    def add(self, client: str, answers: Sequence[str | None]) -> None:
+        """One client's answers in order: a Pod's name, or None for a failed request.
+
+        Requests the client did not report at all count as failed too.
+        """
+        row = self.grid.setdefault(client, Counter())
+        self.failed += max(self.requests - len(answers), 0)
+        for pod in answers:
+            if pod is None:
+                self.failed += 1
+            else:
+                row[pod] += 1
 
     def column(self, pod: str) -> int:
         return sum(row.get(pod, 0) for row in self.grid.values())

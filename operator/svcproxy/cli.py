@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("svcproxy.agent.main", "run the node agent"),
     "plan": ("svcproxy.controller.plan", "show what a policy would program, without writing"),
     "status": ("svcproxy.controller.statuscmd", "show policies, programs and node reports"),
-    "demo": ("svcproxy_lab.demo", "run the demo on a lab: policies applied, traffic shown (dev)"),
+    "demo": ("svcproxy_lab.demo", "run the demo on a lab or (--kind) on kind: policies, traffic (dev)"),
 }
 # Subcommands from the lab distribution, which a release (wheel, image) does not carry.
 LAB_PACKAGE = "svcproxy_lab"

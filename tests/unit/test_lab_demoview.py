@@ -85,3 +85,11 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "out" / "grid.png"
     demoview.plot([outcome("even", {"a": dict.fromkeys(PODS, 2)})], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_add_counts_answers_per_pod_and_failures_with_missing_requests() -> None:
+    o = outcome("even", {}, requests=4)
+    o.add("a", [PODS[0], PODS[1], None, PODS[0]])
+    o.add("b", [PODS[2]])  # three requests the client never reported
+    assert o.grid == {"a": Counter({PODS[0]: 2, PODS[1]: 1}), "b": Counter({PODS[2]: 1})}
+    assert o.failed == 1 + 3 and o.answered() == 4
