@@ -35,6 +35,7 @@ from svcproxy_lab.demosteps import (
     Kubectl,
     apply_policies,
     deploy,
+    exit_status,
     outcome_for,
     say,
     show,
@@ -175,7 +176,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"tear down: {cli} lab down --state-dir {args.state_dir}")
     if args.down:
         lab.down(say)
-    for o in outcomes:
-        for err in o.errors[:3]:
-            say(f"failed request ({o.name}): {err}")
-    return 1 if any(o.failed for o in outcomes) else 0
+    return exit_status(outcomes)

@@ -43,6 +43,7 @@ from svcproxy_lab.demosteps import (
     Kubectl,
     apply_policies,
     deploy,
+    exit_status,
     outcome_for,
     say,
     show,
@@ -267,7 +268,4 @@ def run(args: argparse.Namespace) -> int:
     if args.down:
         kubectl("delete", "namespace", NAMESPACE, "--wait=false")
         say(f"deleting namespace {NAMESPACE} (the cluster stays: make kind-down deletes it)")
-    for o in outcomes:
-        for err in o.errors[:3]:
-            say(f"failed request ({o.name}): {err}")
-    return 1 if any(o.failed or o.errors for o in outcomes) else 0
+    return exit_status(outcomes)

@@ -5,7 +5,8 @@ cluster comes from and how the clients send their traffic; everything between is
 here: progress lines (:func:`say`), deploying the workload of ``demoplan``,
 applying the five policies at once, waiting until each is Programmed on every
 node, the empty :class:`~svcproxy_lab.demoview.Outcome` of each Service, and
-:func:`show` (table, grids, picture, ``demo.json``, ``kubectl get spp,pvs,pn``).
+:func:`show` (table, grids, picture, ``demo.json``, ``kubectl get spp,pvs,pn``) and
+:func:`exit_status`.
 """
 
 from __future__ import annotations
@@ -166,3 +167,11 @@ def show(outcomes: list[Outcome], kubectl: Kubectl, out: Path, *, namespace: str
     print(f"\npictures: {out / 'clients-x-pods.png'}; numbers: {out / 'demo.json'}")
     print(f"\n$ kubectl -n {namespace} get spp,pvs,pn")
     print(kubectl("-n", namespace, "get", "spp,pvs,pn").rstrip())
+
+
+def exit_status(outcomes: list[Outcome]) -> int:
+    """Says the first errors of each Service; 1 if any request failed or went astray."""
+    for o in outcomes:
+        for err in o.errors[:3]:
+            say(f"failed request ({o.name}): {err}")
+    return 1 if any(o.failed or o.errors for o in outcomes) else 0
